@@ -1,0 +1,119 @@
+"""CPU implementations of the qc:: linear ops, on the fast paths measured on this 2-core x86 CPU.
+
+- w8a8: activations are quantized to int8 and multiplied with `torch._int_mm` (int8 × int8 → int32,
+  exact); the epilogue applies s_x · s_w in float32 exactly as the oracle does, so results are bit-equal
+  to reference.linear_w8a8.
+- weight-only: `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` are only fast with bf16 activations
+  (30–60× slower in fp32), so they are used through prepacked ops that the CPU target's prepack lowering
+  inserts when a model runs in bf16. With fp32 activations qc::linear_woq keeps the oracle's exact
+  semantics (dequantize once per call, fp32 GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qcompiler.kernels import reference
+from qcompiler.kernels.packing import default_zero, load_weight_codes
+
+_INT4PACK_GROUPS = (256, 128, 64, 32)
+
+
+@torch.library.register_kernel("qc::linear_w8a8", "cpu")
+def linear_w8a8_cpu(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    x_scale: Tensor | None,
+    x_zero: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x_scale is None:
+        qx, sx = reference.quantize_act_dynamic(x2)
+    else:
+        zero = x_zero if x_zero is not None else torch.zeros((), dtype=torch.float32)
+        qx, sx = reference.quantize_act_static(x2, x_scale, zero), x_scale
+    acc = torch._int_mm(qx, qweight.t())
+    if x_zero is not None and x_scale is not None:
+        # (q_x - z)·q_wᵀ = q_x·q_wᵀ - z·Σ_k q_w[n, k]; both terms are exact integers.
+        acc = acc - x_zero.to(torch.int32) * qweight.to(torch.int32).sum(dim=1)
+    y = acc.float() * sx.float() * w_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+# ------------------------------------------------------------------ prepacked weight-only (bf16)
+
+
+def int4pack_group(group_size: int) -> int | None:
+    """The int4pack kernel supports groups of 32..256; a larger logical group is split into equal ones."""
+    for g in _INT4PACK_GROUPS:
+        if group_size % g == 0:
+            return g
+    return None
+
+
+def prepack_int4(
+    qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, k: int
+) -> tuple[Tensor, Tensor, int, int]:
+    """Canonical int4 storage -> (packed, scales_and_zeros [K'/g', N, 2] bf16, g', K').
+
+    The kernel computes ŵ = (u - 8)·s + m per group; with ŵ = (u - z)·s we set m = (8 - z)·s.
+    K is zero-padded to K' (a multiple of the logical group); padded columns meet zero activations.
+    """
+    kernel_group = int4pack_group(group_size)
+    if kernel_group is None:
+        raise ValueError(f"group size {group_size} is not a multiple of 32; no int4pack layout")
+    u = load_weight_codes(qweight, 4, k).to(torch.int32)
+    n = u.shape[0]
+    n_groups = scale.shape[1]
+    k_pad = n_groups * group_size
+    u = torch.nn.functional.pad(u, (0, k_pad - k), value=8)
+    z = zero.float() if zero is not None else torch.full_like(scale.float(), default_zero(4))
+    m = (8.0 - z) * scale.float()
+    reps = group_size // kernel_group
+    s_rep = scale.float().repeat_interleave(reps, dim=1)
+    m_rep = m.repeat_interleave(reps, dim=1)
+    scales_and_zeros = torch.stack([s_rep.t(), m_rep.t()], dim=-1).contiguous().to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
+    del n
+    return packed, scales_and_zeros, kernel_group, k_pad
+
+
+@torch.library.custom_op("qc::linear_int4pack_cpu", mutates_args=())
+def linear_int4pack_cpu(
+    x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Tensor | None, kernel_group: int, k_pad: int
+) -> Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    if k_pad != shape[-1]:
+        x2 = torch.nn.functional.pad(x2, (0, k_pad - shape[-1]))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, kernel_group, scales_and_zeros)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+@linear_int4pack_cpu.register_fake
+def _linear_int4pack_cpu_fake(x, packed, scales_and_zeros, bias, kernel_group, k_pad):
+    return x.new_empty((*x.shape[:-1], scales_and_zeros.shape[1]))
+
+
+@torch.library.custom_op("qc::linear_int8pack_cpu", mutates_args=())
+def linear_int8pack_cpu(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """Symmetric per-channel int8 weights [N, K] with scale [N]; bf16 activations."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scale.to(torch.bfloat16))
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+@linear_int8pack_cpu.register_fake
+def _linear_int8pack_cpu_fake(x, qweight, scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))

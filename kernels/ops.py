@@ -1,0 +1,87 @@
+"""The quantized ops, declared once (torch.library, namespace `qc`).
+
+Each op's default implementation is the pure-torch oracle in reference.py; devices register faster
+kernels for the same schema (cpu/ here; cuda/ and ascend/ by later targets). A fake (meta) implementation
+lets torch.export / FakeTensor tracing see the ops without running them.
+
+Ops:
+  qc::linear_woq        weight-only int8/int4 linear (int4 packed two per byte), group scales, zero points
+  qc::linear_w8a8       int8 × int8 → int32 linear, per-token (dynamic) or per-tensor (static) activation
+                        scale × per-channel weight scale epilogue
+  qc::linear_int4pack_cpu / qc::linear_int8pack_cpu
+                        CPU-prepacked weight-only variants (bf16 activations), produced by the CPU
+                        target's prepack lowering from qc::linear_woq; never stored on disk
+  qc::fake_quant_act    per-tensor static activation fake-quantization (simulation in the fake-quant graph)
+  qc::fake_quant_act_per_token   dynamic symmetric per-token fake-quantization
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qcompiler.kernels import reference
+
+
+@torch.library.custom_op("qc::linear_woq", mutates_args=())
+def linear_woq(
+    x: Tensor,
+    qweight: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    return reference.linear_woq(x, qweight, scale, zero, bias, bits, group_size, in_features)
+
+
+@linear_woq.register_fake
+def _linear_woq_fake(x, qweight, scale, zero, bias, bits, group_size, in_features):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("qc::linear_w8a8", mutates_args=())
+def linear_w8a8(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    x_scale: Tensor | None,
+    x_zero: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    return reference.linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias)
+
+
+@linear_w8a8.register_fake
+def _linear_w8a8_fake(x, qweight, w_scale, x_scale, x_zero, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("qc::fake_quant_act", mutates_args=())
+def fake_quant_act(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+@fake_quant_act.register_fake
+def _fake_quant_act_fake(x, scale, zero, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qc::fake_quant_act_per_token", mutates_args=())
+def fake_quant_act_per_token(x: Tensor, bits: int) -> Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
+    q = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax)
+    return (q * scale).to(x.dtype)
+
+
+@fake_quant_act_per_token.register_fake
+def _fake_quant_act_per_token_fake(x, bits):
+    return torch.empty_like(x)
+
+
+# The CPU kernels register themselves on import (they override the oracle for CPU tensors).
+from qcompiler.kernels.cpu import linear as _cpu_linear  # noqa: E402,F401

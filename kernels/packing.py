@@ -1,0 +1,48 @@
+"""Storage layouts for quantized weights in our own artefact (the portable, canonical form).
+
+int8 weights: int8 [N, K] (symmetric codes) or uint8 [N, K] (asymmetric codes with uint8 zero points).
+int4 weights: uint8 [N, ceil(K / 2)], two unsigned codes u ∈ [0, 15] per byte, column 2i in the low
+nibble and 2i+1 in the high nibble (the order MatMulNBits and compressed-tensors also use along K).
+Symmetric int4 codes q ∈ [-8, 7] are stored as u = q + 8 (so the implicit zero point is 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """[N, K] integer codes in [0, 15] -> uint8 [N, ceil(K/2)], low nibble first."""
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) > 15):
+        raise ValueError("pack_int4 expects unsigned 4-bit codes in [0, 15]")
+    n, k = u.shape
+    u = u.to(torch.uint8)
+    if k % 2:
+        u = torch.nn.functional.pad(u, (0, 1))
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K/2)] -> uint8 codes [N, K] in [0, 15]."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def store_weight_codes(q: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """int32 codes from numerics.quantize_weight -> the storage tensor described above."""
+    if bits == 4:
+        return pack_int4(q + 8 if symmetric else q)
+    return q.to(torch.int8 if symmetric else torch.uint8)
+
+
+def load_weight_codes(stored: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Storage tensor -> unsigned-or-signed codes as float32, [N, K] (int4: unsigned 0..15)."""
+    if bits == 4:
+        return unpack_int4(stored, k).float()
+    return stored.float()
+
+
+def default_zero(bits: int) -> float:
+    """The implicit zero point of symmetric storage (int4 is stored offset by +8)."""
+    return 8.0 if bits == 4 else 0.0

@@ -1,0 +1,76 @@
+"""The pure-torch oracle: the exact semantics of every `qc::` op, in float32. Every fast implementation
+(CPU here, Triton/Ascend later) is tested against these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompiler.kernels.packing import default_zero, load_weight_codes
+
+
+def dequantize(
+    qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, group_size: int, k: int
+) -> torch.Tensor:
+    """ŵ[n, j] = (q[n, j] - z[n, j // g]) · s[n, j // g], float32 [N, K]."""
+    q = load_weight_codes(qweight, bits, k)
+    s = scale.float().repeat_interleave(group_size, dim=1)[:, :k]
+    z = zero.float().repeat_interleave(group_size, dim=1)[:, :k] if zero is not None else default_zero(bits)
+    return (q - z) * s
+
+
+def linear_woq(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """Weight-only quantized linear: y = x · ŵᵀ + b, computed in float32, returned in x.dtype."""
+    w = dequantize(qweight, scale, zero, bits, group_size, in_features)
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def quantize_act_static(x: torch.Tensor, x_scale: torch.Tensor, x_zero: torch.Tensor) -> torch.Tensor:
+    """int8 codes of x with one per-tensor scale and zero point (zero in [-128, 127])."""
+    return torch.clamp(torch.round(x.float() / x_scale) + x_zero, -128, 127).to(torch.int8)
+
+
+def quantize_act_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: codes [M, K] and fp32 scales [M, 1] (scale = absmax / 127)."""
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(1e-12)
+    q = torch.clamp(torch.round(x.float() / scale), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def linear_w8a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    w_scale: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    x_zero: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """int8 × int8 linear. Activations static per-tensor (x_scale, x_zero) or, when x_scale is None,
+    dynamic symmetric per-token. Weights symmetric per-channel int8 [N, K] with w_scale [N].
+
+    y = s_x · s_w ⊙ ((q_x - z_x) · q_wᵀ) + b, where the integer product is exact (int32 accumulation
+    is emulated here in float64, exact for K < 2^37 / 2^14).
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x_scale is None:
+        qx, sx = quantize_act_dynamic(x2)
+        zx: torch.Tensor | float = 0.0
+    else:
+        qx, sx = quantize_act_static(x2, x_scale, x_zero if x_zero is not None else torch.zeros(())), x_scale
+        zx = x_zero.double() if x_zero is not None else 0.0
+    acc = (qx.double() - zx) @ qweight.double().t()
+    y = acc.float() * sx.float() * w_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype)

@@ -1,0 +1,72 @@
+"""fold_norm: fold a norm's elementwise weight into the linears it feeds.
+
+    y = (h ⊙ m)·Wᵀ = h·(W·diag(m))ᵀ      so      W' = W·diag(m),  m' = 1   (γ' = 1 − c for m = γ + c)
+
+Exact in real arithmetic. It is the prerequisite of rotation-based smoothing (a rotation commutes with an
+RMSNorm only once the norm has no weight). Refused when the norm output also feeds something other than
+the group's linears (that consumer would see a changed value).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qcompiler.calib.stats import Stats
+from qcompiler.ir.analysis import NormGroup, analyze_block, norm_multiplier_value
+from qcompiler.ir.graph import get_tensor, set_tensor, skip_passthrough
+from qcompiler.pm.base import Pass, PassContext, PassResult
+from qcompiler.pm.rewrite import MATCH, MatchResult, fail
+
+
+def check_norm_group(gm: fx.GraphModule, group: NormGroup) -> MatchResult:
+    """The norm output must reach nothing but the group's linears (through value-preserving casts)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    mul = nodes[group.mul_node]
+    frontier, linears = list(mul.users), set(group.linears)
+    while frontier:
+        u = frontier.pop()
+        if u.name in linears:
+            continue
+        if skip_passthrough(u) is not u or u.target in (torch.ops.aten.to.dtype, torch.ops.aten.type_as.default):
+            frontier.extend(u.users)
+            continue
+        return fail(f"norm output '{group.mul_node}' also feeds '{u.name}' ({u.target}), not only linears")
+    if not group.linears:
+        return fail(f"norm '{group.weight}' feeds no linear")
+    return MATCH
+
+
+def scale_norm(gm: fx.GraphModule, group: NormGroup, divide_by: torch.Tensor) -> None:
+    """m' = m / s, written back as γ' = (γ + c) / s − c in γ's dtype."""
+    gamma = get_tensor(gm, group.weight)
+    m = norm_multiplier_value(gm, group) / divide_by
+    set_tensor(gm, group.weight, (m - group.offset).to(gamma.dtype))
+
+
+def scale_linear_inputs(gm: fx.GraphModule, weight_attr: str, multiply_by: torch.Tensor) -> None:
+    w = get_tensor(gm, weight_attr)
+    set_tensor(gm, weight_attr, (w.float() * multiply_by[None, :]).to(w.dtype))
+
+
+@dataclass(frozen=True)
+class FoldNormWeight(Pass):
+    name = "fold_norm"
+    summary = "fold norm weights into the following linears (W' = W·diag(γ), γ' = 1)"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        analysis = analyze_block(gm)
+        folded, rejected = [], {}
+        for group in analysis.norm_groups:
+            m = check_norm_group(gm, group)
+            if not m:
+                rejected[group.weight] = m.reason
+                continue
+            mult = norm_multiplier_value(gm, group)
+            for lin in group.linears:
+                scale_linear_inputs(gm, analysis.linears[lin].weight, mult)
+            scale_norm(gm, group, mult)
+            folded.append(group.weight)
+        return PassResult(gm, bool(folded), {"folded": folded, "rejected": rejected})

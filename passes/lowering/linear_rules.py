@@ -1,0 +1,181 @@
+"""Lowering rules for quantized linears → `qc::` kernel ops (shared by every target that uses these ops).
+
+  linear(x, ŵ) with weight grid meta                 → qc::linear_woq(x, qweight, scale, zero, bias, bits, g, K)
+  linear(fake_quant_act(x), ŵ) with int8 channel grid → qc::linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias)
+  linear(fake_quant_act_per_token(x), ŵ)              → qc::linear_w8a8(x, qweight, w_scale, None, None, bias)
+
+Each rewrite writes the integer tensors into the graph module and a RECORD (op, scheme, tensor names)
+in the new node's meta; `emit_linear_op` rebuilds the same node from a record when a saved model loads.
+Stored static activation zero points are in the signed int8 domain the kernel uses (z_u − 128 for an
+asymmetric [0, 255] grid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import LINEAR, get_attr_node, get_tensor, is_call, module_path, set_tensor
+from qcompiler.kernels.packing import store_weight_codes
+from qcompiler.numerics import quantize_weight
+from qcompiler.pm.rewrite import MATCH, MatchResult, RewriteRule, fail
+
+FQ_STATIC = torch.ops.qc.fake_quant_act.default
+FQ_DYNAMIC = torch.ops.qc.fake_quant_act_per_token.default
+
+
+def _module_attr(node: fx.Node) -> str:
+    w = str(node.args[1].target)  # type: ignore[union-attr]
+    return w[: -len(".weight")] if w.endswith(".weight") else w
+
+
+def _bias_node(node: fx.Node) -> fx.Node | None:
+    b = node.args[2] if len(node.args) > 2 else None
+    return b if isinstance(b, fx.Node) else None
+
+
+def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant, w: torch.Tensor) -> dict[str, Any]:
+    return {
+        "op": op,
+        "path": node.meta.get(qmeta.PATH) or module_path(node),
+        "role": node.meta.get(qmeta.ROLE),
+        "in_features": int(w.shape[1]),
+        "out_features": int(w.shape[0]),
+        "weights": dataclasses.asdict(wq.args),
+        "group_size": wq.group_size,
+        "fused_from": node.meta.get(qmeta.FUSED_FROM),
+        "bias": str(_bias_node(node).target) if _bias_node(node) is not None else None,  # type: ignore[union-attr]
+    }
+
+
+def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: dict[str, Any]) -> fx.Node:
+    """Replace linear `node` by the kernel op `record` describes, reading tensors by the record's names."""
+    t = record["tensors"]
+    graph = gm.graph
+
+    def attr(key: str) -> fx.Node | None:
+        return get_attr_node(gm, t[key], node) if t.get(key) else None
+
+    bias = get_attr_node(gm, record["bias"], node) if record.get("bias") else None
+    with graph.inserting_before(node):
+        if record["op"] == "linear_woq":
+            w = record["weights"]
+            new = graph.call_function(
+                torch.ops.qc.linear_woq.default,
+                (x, attr("qweight"), attr("scale"), attr("zero"), bias, w["bits"], record["group_size"],
+                 record["in_features"]),
+            )
+        elif record["op"] == "linear":  # a float layer the description must still name (e.g. fused)
+            new = graph.call_function(LINEAR, (x, attr("weight"), bias) if bias is not None else (x, attr("weight")))
+        elif record["op"] == "linear_w8a8":
+            new = graph.call_function(
+                torch.ops.qc.linear_w8a8.default,
+                (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), attr("input_zero"), bias),
+            )
+        else:
+            raise ValueError(f"unknown lowered op '{record['op']}' for layer '{record['path']}'")
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", qmeta.PATH, qmeta.ROLE)})
+    new.meta[qmeta.RECORD] = record
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    return new
+
+
+class WeightOnlyLinearRule:
+    name = "linear_woq"
+
+    def matches(self, node: fx.Node) -> bool:
+        return is_call(node, LINEAR) and qmeta.WQ in node.meta
+
+    def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
+        x = node.args[0]
+        if isinstance(x, fx.Node) and is_call(x, {FQ_STATIC, FQ_DYNAMIC}):
+            return fail("input activations are quantized: not a weight-only pattern")
+        return MATCH
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
+        w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+        base = _module_attr(node)
+        q = quantize_weight(w, wq.scale, wq.zero, wq.args)
+        set_tensor(gm, base + ".qweight", store_weight_codes(q, wq.args.bits, wq.args.symmetric))
+        set_tensor(gm, base + ".scale", wq.scale.float().contiguous())
+        tensors = {"qweight": base + ".qweight", "scale": base + ".scale"}
+        if wq.zero is not None:
+            set_tensor(gm, base + ".zero", wq.zero.to(torch.uint8).contiguous())
+            tensors["zero"] = base + ".zero"
+        record = _record_base(node, "linear_woq", wq, w)
+        record.update({"activations": None, "tensors": tensors})
+        emit_linear_op(gm, node, node.args[0], record)  # type: ignore[arg-type]
+
+
+class W8A8LinearRule:
+    name = "linear_w8a8"
+
+    def matches(self, node: fx.Node) -> bool:
+        x = node.args[0] if is_call(node, LINEAR) else None
+        return qmeta.WQ in node.meta and isinstance(x, fx.Node) and is_call(x, {FQ_STATIC, FQ_DYNAMIC})
+
+    def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
+        args = node.meta[qmeta.WQ].args
+        if args.bits != 8 or not args.symmetric or args.granularity != "channel":
+            return fail(f"int8 GEMM needs symmetric per-channel int8 weights, got {args.describe()}")
+        x = node.args[0]
+        if x.meta.get(qmeta.ACT_FQ, {}).get("bits", 8) != 8:  # type: ignore[union-attr]
+            return fail("int8 GEMM needs 8-bit activations")
+        return MATCH
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
+        w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+        fq: fx.Node = node.args[0]  # type: ignore[assignment]
+        info = fq.meta[qmeta.ACT_FQ]
+        base = _module_attr(node)
+        q = quantize_weight(w, wq.scale, None, wq.args)
+        set_tensor(gm, base + ".qweight", q.to(torch.int8).contiguous())
+        set_tensor(gm, base + ".weight_scale", wq.scale.reshape(-1).float().contiguous())
+        tensors = {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"}
+        activations: dict[str, Any] = {"bits": 8, "dynamic": info["dynamic"]}
+        if not info["dynamic"]:
+            zero = get_tensor(gm, info["zero"]).float()
+            if info["qmin"] == 0:  # asymmetric [0, 255] grid -> signed int8 domain
+                zero = zero - 128.0
+            tensors["input_scale"] = info["scale"]
+            activations.update({"granularity": "tensor", "symmetric": info["qmin"] != 0})
+            if bool((zero != 0).any()):
+                set_tensor(gm, info["zero"], zero.reshape(()))
+                tensors["input_zero"] = info["zero"]
+        else:
+            activations.update({"granularity": "token", "symmetric": True})
+        record = _record_base(node, "linear_w8a8", wq, w)
+        record.update({"activations": activations, "tensors": tensors})
+        x = fq.args[0]
+        emit_linear_op(gm, node, x, record)  # type: ignore[arg-type]
+        if not fq.users:
+            gm.graph.erase_node(fq)
+
+
+def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Describe a float linear whose structure differs from the source model (fused) so it can reload."""
+    w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+    node.meta[qmeta.RECORD] = {
+        "op": "linear",
+        "path": node.meta.get(qmeta.PATH) or module_path(node),
+        "role": node.meta.get(qmeta.ROLE),
+        "in_features": int(w.shape[1]),
+        "out_features": int(w.shape[0]),
+        "weights": None,
+        "group_size": None,
+        "fused_from": node.meta.get(qmeta.FUSED_FROM),
+        "bias": str(_bias_node(node).target) if _bias_node(node) is not None else None,  # type: ignore[union-attr]
+        "activations": None,
+        "tensors": {"weight": str(node.args[1].target)},  # type: ignore[union-attr]
+    }
+
+
+def linear_rules() -> list[RewriteRule]:
+    return [W8A8LinearRule(), WeightOnlyLinearRule()]  # type: ignore[list-item]

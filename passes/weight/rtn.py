@@ -1,0 +1,82 @@
+"""rtn: round-to-nearest weight quantization, with min-max or MSE-searched clipping.
+
+For every weight linear of the block (minus the scheme's ignore list): compute the grid (scale s, zero z per
+output channel or per group of K, ragged last group allowed), then replace W by ŵ = (q − z)·s in the graph
+and record (s, z, args) in node.meta so lowering can emit integer kernels. `clip=mse` searches a per-group
+range shrink ratio r ∈ [0.5, 1] minimising ‖W − ŵ‖² (see numerics.mse_clip_search).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import fx
+
+from qcompiler.calib.stats import Stats
+from qcompiler.ir import qmeta
+from qcompiler.ir.analysis import LinearInfo, analyze_block
+from qcompiler.ir.graph import get_tensor, set_tensor
+from qcompiler.numerics import (
+    dequantize_weight,
+    group_size_of,
+    mse_clip_search,
+    quantize_weight,
+    weight_qparams,
+)
+from qcompiler.pm.base import Pass, PassContext, PassResult
+from qcompiler.schemes import QuantArgs, QuantScheme
+
+
+def is_ignored(info: LinearInfo, scheme: QuantScheme) -> bool:
+    return any(info.role == pat or info.path == pat or info.path.endswith("." + pat) or info.path.endswith(pat)
+               for pat in scheme.ignore)
+
+
+def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None) -> QuantArgs:
+    args = scheme.weights
+    changes: dict[str, object] = {}
+    if bits is not None:
+        changes["bits"] = bits
+    if group_size is not None:
+        changes.update(
+            {"granularity": "group", "group_size": group_size} if group_size > 0
+            else {"granularity": "channel", "group_size": None}
+        )
+    if symmetric is not None:
+        changes["symmetric"] = symmetric
+    return dataclasses.replace(args, **changes) if changes else args  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RTN(Pass):
+    name = "rtn"
+    summary = "round-to-nearest weight quantization (min-max or MSE-searched clipping)"
+    bits: int | None = None  # None: from the scheme
+    group_size: int | None = None  # None: from the scheme; 0 or -1: per channel
+    symmetric: bool | None = None
+    clip: Literal["minmax", "mse"] = "minmax"
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        args = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
+        analysis = analyze_block(gm)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        done, skipped = [], {}
+        for name, info in analysis.linears.items():
+            node = nodes[name]
+            if is_ignored(info, ctx.scheme):
+                skipped[info.path] = "ignored by the scheme"
+                continue
+            if qmeta.WQ in node.meta:
+                skipped[info.path] = "already quantized"
+                continue
+            w = get_tensor(gm, info.weight)
+            ratio = mse_clip_search(w, args) if self.clip == "mse" else 1.0
+            scale, zero = weight_qparams(w, args, ratio)
+            q = quantize_weight(w, scale, zero, args)
+            gs = group_size_of(args, w.shape[1])
+            set_tensor(gm, info.weight, dequantize_weight(q, scale, zero, gs).to(w.dtype))
+            node.meta[qmeta.WQ] = qmeta.WeightQuant(args=args, scale=scale, zero=zero, group_size=gs)
+            done.append(info.path)
+        return PassResult(gm, bool(done), {"quantized": len(done), "weights": args.describe(), "skipped": skipped})

@@ -1,0 +1,1 @@
+"""Calibration: statistics requests, the collector that fills them, and calibration/evaluation text."""

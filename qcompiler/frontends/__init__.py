@@ -1,0 +1,1 @@
+"""Frontends: model sources imported into the FX IR (Hugging Face checkpoints here; ONNX later)."""

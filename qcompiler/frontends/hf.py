@@ -1,0 +1,319 @@
+"""Hugging Face checkpoint frontend: lazy weights, a weightless model skeleton, per-block FX graphs.
+
+A model is never materialised whole. The skeleton is built with parameters on the meta device (buffers such
+as RoPE frequencies are real); embeddings, final norm and head are loaded from the safetensors; each decoder
+block is traced with `torch.export.export(..., strict=False)` on meta tensors (no weights needed) and only
+then filled with its own tensors, read lazily from the (possibly sharded) safetensors files.
+
+Block inputs are captured by running the model's own prologue up to the first block (a forward pre-hook
+that stops the run), so RoPE, embedding scaling (Gemma) and masks come from the model's code, not from
+per-architecture tables.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from safetensors import safe_open
+from torch import fx
+from torch.export import Dim
+
+from qcompiler.errors import ModelLoadError, TraceError
+from qcompiler.ir.graph import ADAPTER_PREFIX, aten, get_tensor, set_tensor
+
+
+class Checkpoint:
+    """A folder with config.json and safetensors weights (one file or an index of shards), read lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ModelLoadError(f"model folder '{self.path}' does not exist (pass a Hugging Face checkpoint folder or 'demo')")
+        if not (self.path / "config.json").is_file():
+            raise ModelLoadError(f"'{self.path}' has no config.json; is it a Hugging Face checkpoint folder?")
+        index = self.path / "model.safetensors.index.json"
+        self.weight_map: dict[str, str] = {}
+        if index.is_file():
+            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise ModelLoadError(
+                    f"'{self.path}' has no *.safetensors weights; convert .bin/.gguf weights to safetensors first"
+                )
+            for f in files:
+                with safe_open(str(f), framework="pt") as h:
+                    for k in h.keys():
+                        self.weight_map[k] = f.name
+        missing = {f for f in set(self.weight_map.values()) if not (self.path / f).is_file()}
+        if missing:
+            raise ModelLoadError(f"'{self.path}': shard(s) {sorted(missing)} named by the index are missing")
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ModelLoadError(f"tensor '{name}' is not in the checkpoint '{self.path}'")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(self.path / file), framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.path))
+        except (ValueError, KeyError) as e:
+            raise ModelLoadError(f"'{self.path}/config.json': {e}") from e
+
+
+def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal-LM module with meta parameters; non-block weights (embeddings, norms, head) loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = ckpt.config()
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"'{ckpt.path}/config.json': architecture '{config.model_type}' is not a causal language model "
+            "that transformers knows; supported families include llama, qwen2, qwen3, mistral, gemma"
+        )
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.eval()
+    prefix, _ = find_blocks(model)
+    for name, param in list(model.named_parameters()):
+        if name.startswith(prefix + "."):
+            continue
+        if name in ckpt:
+            _assign(model, name, ckpt.tensor(name).to(dtype))
+    model.tie_weights()
+    for name, param in model.named_parameters():
+        if not name.startswith(prefix + ".") and param.is_meta:
+            raise ModelLoadError(f"'{ckpt.path}': weight '{name}' is missing from the checkpoint")
+    return model
+
+
+def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, leaf = name.split(".")
+    mod = module
+    for p in path:
+        mod = getattr(mod, p)
+    mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+
+
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The decoder blocks: the ModuleList holding the most parameters (found structurally, not by name)."""
+    best: tuple[int, str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            size = sum(p.numel() for p in mod.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, mod)
+    if best is None:
+        raise ModelLoadError(f"{model.__class__.__name__}: no list of decoder blocks found")
+    return best[1], best[2]
+
+
+# ------------------------------------------------------------------------------------------ block inputs
+
+
+@dataclass
+class BlockCall:
+    """How the model calls a block: flat tensor kwargs (by key order) and the constants that go with them."""
+
+    keys: tuple[str, ...]
+    spec: pytree.TreeSpec
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_block_inputs(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor]
+) -> tuple[BlockCall, list[tuple[torch.Tensor, ...]]]:
+    """Run the model's prologue on each batch of input ids; return the first block's flat inputs."""
+    _, blocks = find_blocks(model)
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    call: BlockCall | None = None
+    flat_inputs = []
+    for hidden, kwargs in captured:
+        kw = {k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)}
+        flat, spec = pytree.tree_flatten(kw)
+        if call is None:
+            call = BlockCall(keys=tuple(kw), spec=spec)
+        flat_inputs.append((hidden, *flat))
+    if call is None:
+        raise ModelLoadError("no calibration batches: cannot capture block inputs")
+    return call, flat_inputs
+
+
+def _is_tensor_tree(v: object) -> bool:
+    if v is None:
+        return False
+    leaves = pytree.tree_leaves(v)
+    return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def flatten_block_kwargs(call: BlockCall, kwargs: dict) -> list[torch.Tensor]:
+    kw = {k: kwargs.get(k) for k in call.keys}
+    flat, spec = pytree.tree_flatten(kw)
+    if spec != call.spec:
+        raise ValueError(
+            f"the model called a block with inputs {sorted(k for k, v in kwargs.items() if v is not None)} "
+            f"but the block was compiled for {list(call.keys)} (padding masks are not supported: "
+            "evaluate unpadded windows)"
+        )
+    return flat
+
+
+# ------------------------------------------------------------------------------------------ tracing
+
+
+class BlockAdapter(torch.nn.Module):
+    """Gives a decoder block a flat, tensors-only signature so its exported graph has plain placeholders."""
+
+    def __init__(self, block: torch.nn.Module, call: BlockCall):
+        super().__init__()
+        self.block = block
+        self._call = call
+
+    def forward(self, hidden: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+        kwargs = pytree.tree_unflatten(list(flat), self._call.spec)
+        out = self.block(hidden, **kwargs, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _dynamic_shapes(example: tuple[torch.Tensor, ...]) -> tuple:
+    batch, seq = example[0].shape[0], example[0].shape[1]
+    b, s = Dim("batch", min=1), Dim("seq", min=2)
+
+    def dims(t: torch.Tensor) -> dict[int, Dim]:
+        d: dict[int, Dim] = {}
+        for i, size in enumerate(t.shape):
+            if size == seq:
+                d[i] = s
+            elif size == batch and i == 0:
+                d[i] = b
+        return d
+
+    return (dims(example[0]), tuple(dims(t) for t in example[1:]))
+
+
+def trace_block(
+    block: torch.nn.Module, call: BlockCall, example: tuple[torch.Tensor, ...], name: str
+) -> fx.GraphModule:
+    """Export one block (weights may be on the meta device) to an ATen FX GraphModule.
+
+    The example must have batch ≠ seq and seq > 2 so that the two dims are told apart and kept dynamic.
+    """
+    adapter = BlockAdapter(block, call).eval()
+    meta_example = tuple(t.to("meta") for t in example)
+    try:
+        ep = torch.export.export(
+            adapter, meta_example, dynamic_shapes=_dynamic_shapes(example), strict=False
+        )
+    except Exception as e:  # torch raises many types here; report the op it names
+        op = _failing_op(e)
+        raise TraceError(name, op, str(e).strip().splitlines()[0][:300]) from e
+    gm = ep.module()
+    _strip_export_asserts(gm)
+    return gm
+
+
+def _failing_op(e: Exception) -> str:
+    text = str(e)
+    for marker in ("aten.", "torch.ops.", "call_function", "Could not run '"):
+        i = text.find(marker)
+        if i >= 0:
+            return text[i : i + 60].split()[0].strip("'\",()")
+    return type(e).__name__
+
+
+def _strip_export_asserts(gm: fx.GraphModule) -> None:
+    """Drop dtype/shape assertion nodes (they pin float32 and block bf16 runs and rewrites)."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in (
+            aten._assert_tensor_metadata.default,
+            aten._assert_scalar.default,
+            aten.sym_constrain_range_for_size.default,
+        ):
+            gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def fill_block(gm: fx.GraphModule, block_prefix: str, source: Any, block: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every get_attr of a traced block its real tensor: from `source` (a Checkpoint, by checkpoint
+    name) or from the module's real buffers. Targets the graph reads but the module lacks are created."""
+    real_buffers = {k: v for k, v in block.named_buffers() if not v.is_meta}
+    targets = dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr")
+    for target in targets:
+        local = target.removeprefix(ADAPTER_PREFIX)
+        full = f"{block_prefix}.{local}"
+        if full in source:
+            value = source.tensor(full)
+            if value.is_floating_point() and _is_float_weight(local):
+                value = value.to(dtype)
+        elif local in real_buffers:
+            value = real_buffers[local]
+        else:
+            try:
+                current = get_tensor(gm, target)
+            except AttributeError:
+                current = None
+            if current is not None and not current.is_meta:
+                continue
+            raise ModelLoadError(f"block '{block_prefix}': tensor '{full}' is not in '{getattr(source, 'path', source)}'")
+        set_tensor(gm, target, value)
+
+
+def _is_float_weight(local: str) -> bool:
+    """Model weights follow the run dtype; quantization parameters (scales, zero points) stay fp32."""
+    return local.endswith((".weight", ".bias"))
+
+
+def checkpoint_name(block_prefix: str, target: str) -> str:
+    return f"{block_prefix}.{target.removeprefix(ADAPTER_PREFIX)}"
+
+
+__all__ = [
+    "Checkpoint",
+    "BlockCall",
+    "build_skeleton",
+    "find_blocks",
+    "capture_block_inputs",
+    "flatten_block_kwargs",
+    "trace_block",
+    "fill_block",
+    "checkpoint_name",
+    "get_tensor",
+]

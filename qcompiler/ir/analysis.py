@@ -1,0 +1,285 @@
+"""Block analysis: roles of linears, norm→linear groups and attention inputs, read from the graph.
+
+Nothing here looks at module *names*: a linear is `k` because its output flows (through views, RoPE,
+per-head norms) into the key operand of attention, `down` because its input is act(gate) ⊙ up, and so on.
+Module paths from `nn_module_stack` only name things for reports and checkpoints.
+
+Norm detection: a norm's output is h ⊙ m where m is an elementwise function of a 1-D weight γ. We recognise
+m = γ (Llama/Qwen/Mistral RMSNorm, LayerNorm's affine weight) and m = γ + c (Gemma's (1 + γ)); the norm's
+"multiplier" is what smoothing/folding passes rescale: m' = m / s  ⇔  γ' = (γ + c) / s − c.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+from qcompiler.ir.graph import (
+    ACTIVATION_OPS,
+    LINEAR,
+    MATMUL_OPS,
+    PASSTHROUGH,
+    SDPA_OPS,
+    SOFTMAX_OPS,
+    aten,
+    bias_attr,
+    get_tensor,
+    is_call,
+    linear_nodes,
+    module_path,
+    skip_passthrough,
+    weight_attr,
+)
+
+GELU_TANH_LIKE = {aten.gelu.default, aten.silu.default, aten.relu.default}
+
+
+@dataclass
+class LinearInfo:
+    node: str
+    path: str  # module path inside the block, e.g. "self_attn.q_proj"
+    weight: str  # get_attr target of the weight
+    bias: str | None
+    in_features: int
+    out_features: int
+    role: str = "linear"  # q k v o gate up down linear (fused: e.g. "qkv")
+
+
+@dataclass
+class NormGroup:
+    """A norm whose output feeds linears directly: the unit SmoothQuant and norm folding act on."""
+
+    mul_node: str  # the h ⊙ m node
+    weight: str  # get_attr target of γ
+    offset: float  # c in m = γ + c
+    linears: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttentionInfo:
+    node: str
+    q: list[str]
+    k: list[str]
+    v: list[str]
+    o: list[str]
+
+
+@dataclass
+class BlockAnalysis:
+    linears: dict[str, LinearInfo]
+    norm_groups: list[NormGroup]
+    attention: list[AttentionInfo]
+    shared_input_groups: list[list[str]]  # linears reading the same tensor (fusion candidates)
+
+    def by_role(self, role: str) -> list[LinearInfo]:
+        return [li for li in self.linears.values() if li.role == role]
+
+
+def _norm_multiplier(node: fx.Node) -> tuple[str, float] | None:
+    """If `node` computes m = γ or m = γ + c from a 1-D get_attr γ, return (γ target, c)."""
+    node = skip_passthrough(node)
+    offset = 0.0
+    if is_call(node, aten.add.Tensor) and isinstance(node.args[1], int | float):
+        offset = float(node.args[1])
+        node = skip_passthrough(node.args[0])  # type: ignore[arg-type]
+    if node.op == "get_attr":
+        return str(node.target), offset
+    return None
+
+
+def find_norm(gm: fx.GraphModule, x: fx.Node) -> NormGroup | None:
+    """The norm (h ⊙ m) that produces the linear input `x`, if any."""
+    prod = skip_passthrough(x)
+    if not is_call(prod, aten.mul.Tensor):
+        return None
+    for operand in prod.args:
+        if not isinstance(operand, fx.Node):
+            continue
+        mult = _norm_multiplier(operand)
+        if mult is None:
+            continue
+        w = get_tensor(gm, mult[0])
+        if w.dim() == 1:
+            return NormGroup(mul_node=prod.name, weight=mult[0], offset=mult[1])
+    return None
+
+
+def _producers_until_linear(start: fx.Node) -> list[fx.Node]:
+    """Linears reached walking backwards from `start` without passing through a linear."""
+    found: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = [start]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, LINEAR):
+            found.append(n)
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        stack.extend(a for a in n.all_input_nodes)
+    return sorted(found, key=lambda n: n.name)
+
+
+def _consumers_until_linear(start: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+    stack = list(start.users)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_call(n, LINEAR):
+            found.append(n)
+            continue
+        # Stop at the residual add: the first linear after attention is the output projection.
+        stack.extend(n.users)
+    return found
+
+
+def _attention(gm: fx.GraphModule) -> list[AttentionInfo]:
+    result = []
+    for n in gm.graph.nodes:
+        q = k = v = None
+        if is_call(n, SDPA_OPS):
+            q, k, v = n.args[0], n.args[1], n.args[2]
+            out = n
+        elif is_call(n, SOFTMAX_OPS):
+            # eager attention: matmul(q, kᵀ) -> (scale, mask) -> softmax -> matmul(p, v)
+            scores = [m for m in _ancestors(n, MATMUL_OPS)]
+            probs_users = [m for m in _descendants(n, MATMUL_OPS)]
+            if not scores or not probs_users:
+                continue
+            q, k = scores[0].args[0], scores[0].args[1]
+            pv = probs_users[0]
+            v = pv.args[1]
+            out = pv
+        else:
+            continue
+        o_nodes = _consumers_until_linear(out)
+        result.append(
+            AttentionInfo(
+                node=n.name,
+                q=[x.name for x in _producers_until_linear(q)],  # type: ignore[arg-type]
+                k=[x.name for x in _producers_until_linear(k)],  # type: ignore[arg-type]
+                v=[x.name for x in _producers_until_linear(v)],  # type: ignore[arg-type]
+                o=sorted(x.name for x in o_nodes),
+            )
+        )
+    return result
+
+
+def _ancestors(n: fx.Node, targets: set) -> list[fx.Node]:
+    out, stack, seen = [], list(n.all_input_nodes), set()
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if is_call(m, targets):
+            out.append(m)
+            continue
+        stack.extend(m.all_input_nodes)
+    return out
+
+
+def _descendants(n: fx.Node, targets: set) -> list[fx.Node]:
+    out, stack, seen = [], list(n.users), set()
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if is_call(m, targets):
+            out.append(m)
+            continue
+        stack.extend(m.users)
+    return out
+
+
+def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
+    """down = linear(act(gate) ⊙ up); a non-gated MLP: down = linear(act(up))."""
+    for lin in linear_nodes(gm):
+        x = skip_passthrough(lin.args[0])  # type: ignore[arg-type]
+        if is_call(x, aten.mul.Tensor):
+            a, b = (skip_passthrough(t) if isinstance(t, fx.Node) else t for t in x.args[:2])
+            for act, other in ((a, b), (b, a)):
+                if isinstance(act, fx.Node) and (is_call(act, ACTIVATION_OPS) or _is_gelu_tanh(act)):
+                    gate = skip_passthrough(act.args[0])  # type: ignore[arg-type]
+                    up = other
+                    if is_call(gate, LINEAR) and isinstance(up, fx.Node) and is_call(up, LINEAR):
+                        roles.setdefault(gate.name, "gate")
+                        roles.setdefault(up.name, "up")
+                        roles.setdefault(lin.name, "down")
+        elif is_call(x, ACTIVATION_OPS) or _is_gelu_tanh(x):
+            src = skip_passthrough(x.args[0])  # type: ignore[arg-type]
+            if is_call(src, LINEAR):
+                roles.setdefault(src.name, "up")
+                roles.setdefault(lin.name, "down")
+
+
+def _is_gelu_tanh(n: fx.Node) -> bool:
+    return is_call(n, aten.gelu.default) or (is_call(n, aten.tanh.default))
+
+
+def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
+    roles: dict[str, str] = {}
+    attention = _attention(gm)
+    for att in attention:
+        for role in ("q", "k", "v", "o"):
+            for name in getattr(att, role):
+                roles.setdefault(name, role)
+    _mlp_roles(gm, roles)
+
+    linears: dict[str, LinearInfo] = {}
+    for lin in linear_nodes(gm):
+        w_attr = weight_attr(lin)
+        if w_attr is None:
+            continue  # a linear on a computed weight is not a weight layer
+        w = get_tensor(gm, w_attr)
+        linears[lin.name] = LinearInfo(
+            node=lin.name,
+            path=lin.meta.get("qc.path") or module_path(lin),
+            weight=w_attr,
+            bias=bias_attr(lin),
+            in_features=int(w.shape[1]),
+            out_features=int(w.shape[0]),
+            role=lin.meta.get("qc.role", roles.get(lin.name, "linear")),
+        )
+
+    # norm -> linear groups; networkx gives the bipartite norm/linear structure and its components.
+    nodes = {n.name: n for n in gm.graph.nodes}
+    g = nx.Graph()
+    norms: dict[str, NormGroup] = {}
+    for name in linears:
+        norm = find_norm(gm, nodes[name].args[0])  # type: ignore[arg-type]
+        if norm is not None:
+            norms.setdefault(norm.mul_node, norm)
+            g.add_edge(("norm", norm.mul_node), ("linear", name))
+    groups = []
+    for comp in nx.connected_components(g):
+        norm_keys = [k for kind, k in comp if kind == "norm"]
+        for key in norm_keys:
+            ng = norms[key]
+            ng.linears = sorted(k for kind, k in comp if kind == "linear")
+            groups.append(ng)
+
+    by_input: dict[fx.Node, list[str]] = defaultdict(list)
+    for name in linears:
+        by_input[nodes[name].args[0]].append(name)  # type: ignore[index]
+    shared = [sorted(v, key=list(linears).index) for v in by_input.values() if len(v) > 1]
+    return BlockAnalysis(linears=linears, norm_groups=groups, attention=attention, shared_input_groups=shared)
+
+
+def norm_multiplier_value(gm: fx.GraphModule, group: NormGroup) -> torch.Tensor:
+    return get_tensor(gm, group.weight).float() + group.offset
+
+
+__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm", "PASSTHROUGH"]

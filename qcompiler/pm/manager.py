@@ -1,0 +1,50 @@
+"""PassManager: runs passes in order on one block graph, collecting statistics, linting and dumping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import fx
+
+from qcompiler.calib.stats import collect_stats
+from qcompiler.errors import PassError
+from qcompiler.pm.base import Pass, PassContext, PassResult
+
+
+@dataclass
+class PassManager:
+    passes: Sequence[Pass]
+    dump_dir: Path | None = None  # write each graph before/after every pass as readable code
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        for i, p in enumerate(self.passes):
+            t0 = time.perf_counter()
+            requests = p.stat_requests(gm, ctx)
+            stats = collect_stats(gm, requests, ctx.calib) if requests else collect_stats(gm, [], [])
+            self._dump(gm, ctx, i, p, "before")
+            result = p.run(gm, ctx, stats)
+            if not isinstance(result, PassResult):
+                raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not PassResult")
+            gm = result.graph_module
+            try:
+                gm.graph.lint()
+            except Exception as e:
+                raise PassError(f"pass '{p.name}' left an invalid graph in block '{ctx.block}': {e}") from e
+            if result.modified:
+                gm.recompile()
+            self._dump(gm, ctx, i, p, "after")
+            if result.details:
+                ctx.report.setdefault(p.name, {}).update(result.details)
+            self.timings[p.name] = self.timings.get(p.name, 0.0) + time.perf_counter() - t0
+        return gm
+
+    def _dump(self, gm: fx.GraphModule, ctx: PassContext, i: int, p: Pass, when: str) -> None:
+        if self.dump_dir is None:
+            return
+        d = Path(self.dump_dir) / ctx.block
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:02d}-{p.name}-{when}.txt").write_text(str(gm.graph))

@@ -1,0 +1,110 @@
+"""Loading a quantized artefact back into a runnable model (the `reference` target's runtime).
+
+The Hugging Face model class provides embeddings, RoPE, masks, final norm and head; each decoder block is
+replaced by its lowered FX graph, rebuilt from the artefact description: trace the block skeleton on meta
+tensors, re-fuse the recorded groups, emit the recorded kernel op for every quantized layer, then read the
+tensors the graph needs from the artefact. The original float weights are never read.
+
+With dtype=torch.bfloat16 the CPU prepack lowering swaps weight-only ops for torch's int4/int8 CPU kernels
+(fast only with bf16 activations); in float32 the ops keep the oracle's exact semantics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from qcompiler.errors import ArtifactError
+from qcompiler.export.artifact import read_description
+from qcompiler.frontends.hf import (
+    BlockCall,
+    Checkpoint,
+    build_skeleton,
+    capture_block_inputs,
+    fill_block,
+    find_blocks,
+    flatten_block_kwargs,
+    trace_block,
+)
+from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call, module_path, set_tensor
+from qcompiler.passes.fusion.fuse_linears import fuse_group
+from qcompiler.passes.lowering.linear_rules import emit_linear_op
+
+
+class CompiledBlock(torch.nn.Module):
+    """Calls a block's FX graph with the model's keyword arguments (flattened as at trace time)."""
+
+    def __init__(self, gm: fx.GraphModule, call: BlockCall, original: torch.nn.Module):
+        super().__init__()
+        self.gm = gm
+        self._call = call
+        for attr in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(original, attr):
+                setattr(self, attr, getattr(original, attr))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.gm(hidden_states, *flatten_block_kwargs(self._call, kwargs))
+
+
+def _local(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A record with block-local paths and graph attribute names (the inverse of the writer's mapping)."""
+    rec = dict(record)
+    rec["path"] = record["path"].removeprefix(prefix + ".")
+    rec["tensors"] = {k: "block." + v.removeprefix(prefix + ".") for k, v in record["tensors"].items()}
+    if record.get("bias"):
+        rec["bias"] = "block." + record["bias"].removeprefix(prefix + ".")
+    if record.get("fused_from"):
+        rec["fused_from"] = [dict(m, path=m["path"].removeprefix(prefix + ".")) for m in record["fused_from"]]
+    return rec
+
+
+def rebuild_block(gm: fx.GraphModule, records: list[dict[str, Any]], block: str) -> None:
+    """Apply the recorded structure (fusions, kernel ops) to a freshly traced float block graph."""
+    linears = {module_path(n): n for n in gm.graph.nodes if is_call(n, LINEAR)}
+    for rec in records:
+        if rec.get("fused_from"):
+            paths = [m["path"] for m in rec["fused_from"]]
+            missing = [p for p in paths if p not in linears]
+            if missing:
+                raise ArtifactError(f"block '{block}': fused layer '{rec['path']}' names unknown linears {missing}")
+            fused = fuse_group(gm, [linears[p] for p in paths], paths, [m["role"] for m in rec["fused_from"]])
+            linears[rec["path"]] = fused
+    for rec in records:
+        node = linears.get(rec["path"])
+        if node is None:
+            raise ArtifactError(f"block '{block}': layer '{rec['path']}' is not in the traced block")
+        for target in rec["tensors"].values():  # placeholders until fill_block reads the artefact
+            set_tensor(gm, target, torch.empty(0, device="meta"))
+        emit_linear_op(gm, node, node.args[0], rec)  # type: ignore[arg-type]
+    gm.graph.eliminate_dead_code()
+
+
+def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The quantized causal LM in `out`, ready to call like any transformers model (`model(ids).logits`)."""
+    desc = read_description(out)
+    ckpt = Checkpoint(out)
+    model = build_skeleton(ckpt, dtype=dtype)
+    prefix, blocks = find_blocks(model)
+    if len(blocks) != desc["blocks"]["count"] or prefix != desc["blocks"]["prefix"]:
+        raise ArtifactError(f"'{out}': config.json describes {len(blocks)} blocks, the description {desc['blocks']}")
+    call, probe = capture_block_inputs(model, [torch.zeros((2, 17), dtype=torch.long)])
+    by_block: dict[str, list[dict[str, Any]]] = {}
+    for path, rec in desc["layers"].items():
+        block = path[: len(prefix) + 1 + path[len(prefix) + 1 :].index(".")]
+        by_block.setdefault(block, []).append(_local(rec, block))
+    for i, block in enumerate(blocks):
+        name = f"{prefix}.{i}"
+        gm = trace_block(block, call, probe[0], name)
+        rebuild_block(gm, by_block.get(name, []), name)
+        fill_block(gm, name, ckpt, block, dtype)
+        eliminate_dead_attrs(gm)
+        if dtype == torch.bfloat16:
+            from qcompiler.passes.lowering.cpu_prepack import prepack_for_cpu
+
+            prepack_for_cpu(gm)
+        blocks[i] = CompiledBlock(gm, call, block)
+    model.qcompiler_description = desc  # type: ignore[assignment]
+    return model

@@ -1,0 +1,139 @@
+"""Quantization schemes: frozen, validated dataclasses with the industry's preset names.
+
+A scheme says *what* numbers a layer ends up with; passes say *how* they are found (RTN, SmoothQuant, ...)
+and targets say *whether* they can run them.
+
+Weight quantization of a row w (one output channel, length K) with group size g splits K into
+ceil(K / g) groups; the last group is shorter when g does not divide K (handled everywhere, never padded
+in the stored tensors). Symmetric: q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1), w ≈ q·s.
+Asymmetric: q = clamp(round(w / s) + z, 0, 2^b - 1), w ≈ (q - z)·s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qcompiler.errors import SchemeError
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How one tensor (weights or activations) is quantized."""
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Granularity = "channel"
+    group_size: int | None = None  # only for granularity == "group"
+    dynamic: bool = False  # activations: scales computed at run time (per token) instead of calibrated
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise SchemeError(f"bits={self.bits} is not supported; use 4 or 8")
+        if self.granularity == "group":
+            if self.group_size is None or self.group_size <= 0:
+                raise SchemeError("granularity 'group' needs a positive group_size (e.g. 64 or 128)")
+        elif self.group_size is not None:
+            raise SchemeError(f"group_size is only valid with granularity 'group', not '{self.granularity}'")
+        if self.granularity == "token" and not self.dynamic:
+            raise SchemeError("per-token activation quantization is dynamic by nature: set dynamic=True")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def describe(self) -> str:
+        g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A layer's quantization: weight args and optional activation args (None = weight-only)."""
+
+    name: str
+    weights: QuantArgs
+    activations: QuantArgs | None = None
+    # Linears left in float (matched against role or the checkpoint name suffix); lm_head by convention.
+    ignore: tuple[str, ...] = field(default=("lm_head",))
+
+    def __post_init__(self) -> None:
+        if self.weights.granularity == "token":
+            raise SchemeError(f"scheme '{self.name}': weights cannot be quantized per token")
+        if self.activations is not None:
+            if self.activations.granularity not in ("tensor", "token"):
+                raise SchemeError(
+                    f"scheme '{self.name}': activations must be per-tensor (static) or per-token (dynamic)"
+                )
+            if self.activations.bits != 8:
+                raise SchemeError(f"scheme '{self.name}': only 8-bit activations are implemented so far")
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activations is None
+
+    def with_weights(self, **changes: object) -> QuantScheme:
+        return dataclasses.replace(self, weights=dataclasses.replace(self.weights, **changes))  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        a = self.activations.describe() if self.activations else "float"
+        return f"{self.name}: weights {self.weights.describe()}, activations {a}"
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> QuantScheme:
+        acts = d.get("activations")
+        return QuantScheme(
+            name=d["name"],
+            weights=QuantArgs(**d["weights"]),
+            activations=QuantArgs(**acts) if acts else None,
+            ignore=tuple(d.get("ignore", ("lm_head",))),
+        )
+
+
+PRESETS: dict[str, QuantScheme] = {
+    "w8a16": QuantScheme("w8a16", QuantArgs(bits=8, granularity="channel")),
+    "w4a16": QuantScheme("w4a16", QuantArgs(bits=4, granularity="group", group_size=128)),
+    "w8a8": QuantScheme(
+        "w8a8",
+        QuantArgs(bits=8, granularity="channel"),
+        QuantArgs(bits=8, granularity="tensor", symmetric=True, dynamic=False),
+    ),
+    "w8a8_dynamic": QuantScheme(
+        "w8a8_dynamic",
+        QuantArgs(bits=8, granularity="channel"),
+        QuantArgs(bits=8, granularity="token", symmetric=True, dynamic=True),
+    ),
+}
+
+# Named in the design but built by later issues; listed so that users get a clear refusal, not "unknown".
+PLANNED = ("w4a8", "w4a4", "w8a8c8", "w4a8c8", "w8a8s", "w16a16s", "fp8")
+
+
+def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
+    """Look up a preset by name, optionally overriding the weight group size / symmetry."""
+    key = name.lower().replace("-", "_")
+    if key not in PRESETS:
+        if key in PLANNED:
+            raise SchemeError(
+                f"scheme '{name}' is planned but not implemented yet; available: {', '.join(PRESETS)}"
+            )
+        raise SchemeError(f"unknown scheme '{name}'; available: {', '.join(PRESETS)}")
+    scheme = PRESETS[key]
+    if group_size is not None:
+        if group_size <= 0:
+            scheme = scheme.with_weights(granularity="channel", group_size=None)
+        else:
+            scheme = scheme.with_weights(granularity="group", group_size=group_size)
+    if symmetric is not None:
+        scheme = scheme.with_weights(symmetric=symmetric)
+    return scheme

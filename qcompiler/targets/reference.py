@@ -1,0 +1,31 @@
+"""The `reference` target: the CPU, through the qc:: ops (torch's int8 GEMM / int4 CPU kernels).
+
+It runs every preset scheme whose weights are int4/int8 and whose activations, when quantized, are int8
+with symmetric per-channel int8 weights (what the int8 GEMM epilogue supports). It fuses linears that share
+an input (one GEMM for q/k/v and one for gate/up).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qcompiler.passes.lowering.linear_rules import linear_rules
+from qcompiler.pm.rewrite import RewriteRule
+from qcompiler.schemes import QuantScheme
+from qcompiler.targets.base import Target, register_target
+
+
+@register_target("reference")
+class ReferenceTarget(Target):
+    description = "pure CPU (torch): qc::linear_woq (int4/int8 weight-only), qc::linear_w8a8 (int8 GEMM)"
+    fuse_shared_input_linears = True
+
+    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        if scheme.activations is not None:
+            w = scheme.weights
+            if w.bits != 8 or not w.symmetric or w.granularity != "channel":
+                return "activation quantization needs symmetric per-channel int8 weights"
+        return None
+
+    def lowering_rules(self) -> Sequence[RewriteRule]:
+        return linear_rules()

@@ -1,0 +1,68 @@
+"""Tiny real-architecture models built from configs in code (random weights), with a byte-level tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=259, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    if family == "qwen2":
+        common["use_sliding_window"] = False
+    if family == "gemma":
+        common["hidden_activation"] = "gelu_pytorch_tanh"
+    common.update(overrides)
+    return AutoConfig.for_model(family, **common)
+
+
+def make_tiny_model(path: Path, family: str = "llama", seed: int = 0, outliers: bool = True, **overrides) -> Path:
+    """Save a random tiny model of `family` to `path`. With `outliers`, some hidden channels get large
+    norm weights, reproducing the activation outliers that make SmoothQuant matter in real LLMs."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif "norm" in name:
+                p.normal_(0 if family == "gemma" else 1.0, 0.1)
+                if outliers:
+                    p[:3] = p[:3] * 12.0 + (12.0 if family == "gemma" else 0.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    byte_tokenizer().save_pretrained(str(path))
+    return path
+
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. " * 3
+    + "Quantization maps real numbers onto a small grid of integers; calibration picks the grid. " * 3
+    + "Every block of a decoder is traced, transformed by passes and lowered to kernels. " * 3
+) * 8
