@@ -18,9 +18,8 @@ Ops:
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from qcompiler.kernels import reference
+from torch import Tensor
 
 
 @torch.library.custom_op("qc::linear_woq", mutates_args=())

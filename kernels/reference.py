@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import torch
-
 from qcompiler.kernels.packing import default_zero, load_weight_codes
 
 

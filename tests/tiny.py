@@ -50,11 +50,11 @@ def make_tiny_model(path: Path, family: str = "llama", seed: int = 0, outliers: 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08)
+                p.normal_(0, 0.05)
             elif "norm" in name:
                 p.normal_(0 if family == "gemma" else 1.0, 0.1)
                 if outliers:
-                    p[:3] = p[:3] * 12.0 + (12.0 if family == "gemma" else 0.0)
+                    p[:3] = p[:3] * 8.0 + (8.0 if family == "gemma" else 0.0)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), safe_serialization=True)
     byte_tokenizer().save_pretrained(str(path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 import torch
 from torch import fx
 

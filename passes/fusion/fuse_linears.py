@@ -51,7 +51,7 @@ def check_group(gm: fx.GraphModule, nodes: list[fx.Node]) -> MatchResult:
 def fuse_group(gm: fx.GraphModule, nodes: list[fx.Node], paths: list[str], roles: list[str]) -> fx.Node:
     weights = [get_tensor(gm, str(n.args[1].target)) for n in nodes]  # type: ignore[union-attr]
     biases = []
-    for n, w in zip(nodes, weights, strict=True):
+    for n in nodes:
         b = n.args[2] if len(n.args) > 2 else None
         biases.append(get_tensor(gm, str(b.target)) if isinstance(b, fx.Node) else None)
     parent = paths[0].rsplit(".", 1)[0] if "." in paths[0] else ""

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 import torch
+from qcompiler.kernels.packing import store_weight_codes
 from torch import fx
 
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, get_attr_node, get_tensor, is_call, module_path, set_tensor
-from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import quantize_weight
 from qcompiler.pm.rewrite import MATCH, MatchResult, RewriteRule, fail
 
@@ -47,6 +48,7 @@ def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant, w: torch.Tensor)
         "out_features": int(w.shape[0]),
         "weights": dataclasses.asdict(wq.args),
         "group_size": wq.group_size,
+        "weight_sqnr_db": None if wq.weight_sqnr_db is None else round(wq.weight_sqnr_db, 2),
         "fused_from": node.meta.get(qmeta.FUSED_FROM),
         "bias": str(_bias_node(node).target) if _bias_node(node) is not None else None,  # type: ignore[union-attr]
     }

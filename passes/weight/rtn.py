@@ -23,6 +23,7 @@ from qcompiler.numerics import (
     group_size_of,
     mse_clip_search,
     quantize_weight,
+    sqnr_db,
     weight_qparams,
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
@@ -76,7 +77,10 @@ class RTN(Pass):
             scale, zero = weight_qparams(w, args, ratio)
             q = quantize_weight(w, scale, zero, args)
             gs = group_size_of(args, w.shape[1])
-            set_tensor(gm, info.weight, dequantize_weight(q, scale, zero, gs).to(w.dtype))
-            node.meta[qmeta.WQ] = qmeta.WeightQuant(args=args, scale=scale, zero=zero, group_size=gs)
+            w_hat = dequantize_weight(q, scale, zero, gs).to(w.dtype)
+            set_tensor(gm, info.weight, w_hat)
+            node.meta[qmeta.WQ] = qmeta.WeightQuant(
+                args=args, scale=scale, zero=zero, group_size=gs, weight_sqnr_db=sqnr_db(w, w_hat)
+            )
             done.append(info.path)
         return PassResult(gm, bool(done), {"quantized": len(done), "weights": args.describe(), "skipped": skipped})

@@ -49,7 +49,7 @@ class Checkpoint:
                 )
             for f in files:
                 with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():
+                    for k in h.keys():  # noqa: SIM118 (safe_open is not a mapping)
                         self.weight_map[k] = f.name
         missing = {f for f in set(self.weight_map.values()) if not (self.path / f).is_file()}
         if missing:
@@ -93,7 +93,7 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torc
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.eval()
     prefix, _ = find_blocks(model)
-    for name, param in list(model.named_parameters()):
+    for name, _ in list(model.named_parameters()):
         if name.startswith(prefix + "."):
             continue
         if name in ckpt:

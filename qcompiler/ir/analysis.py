@@ -11,6 +11,7 @@ m = γ (Llama/Qwen/Mistral RMSNorm, LayerNorm's affine weight) and m = γ + c (G
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -204,6 +205,18 @@ def _descendants(n: fx.Node, targets: set) -> list[fx.Node]:
     return out
 
 
+def _source_linear(n: object) -> fx.Node | None:
+    """The linear producing `n`, looking through casts and through the split of a fused linear."""
+    if not isinstance(n, fx.Node):
+        return None
+    n = skip_passthrough(n)
+    if n.op == "call_function" and n.target is operator.getitem:
+        n = n.args[0]  # type: ignore[assignment]
+        if is_call(n, aten.split_with_sizes.default):
+            n = n.args[0]  # type: ignore[assignment]
+    return n if is_call(n, LINEAR) else None
+
+
 def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
     """down = linear(act(gate) ⊙ up); a non-gated MLP: down = linear(act(up))."""
     for lin in linear_nodes(gm):
@@ -212,15 +225,14 @@ def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
             a, b = (skip_passthrough(t) if isinstance(t, fx.Node) else t for t in x.args[:2])
             for act, other in ((a, b), (b, a)):
                 if isinstance(act, fx.Node) and (is_call(act, ACTIVATION_OPS) or _is_gelu_tanh(act)):
-                    gate = skip_passthrough(act.args[0])  # type: ignore[arg-type]
-                    up = other
-                    if is_call(gate, LINEAR) and isinstance(up, fx.Node) and is_call(up, LINEAR):
+                    gate, up = _source_linear(act.args[0]), _source_linear(other)
+                    if gate is not None and up is not None:
                         roles.setdefault(gate.name, "gate")
                         roles.setdefault(up.name, "up")
                         roles.setdefault(lin.name, "down")
         elif is_call(x, ACTIVATION_OPS) or _is_gelu_tanh(x):
-            src = skip_passthrough(x.args[0])  # type: ignore[arg-type]
-            if is_call(src, LINEAR):
+            src = _source_linear(x.args[0])
+            if src is not None:
                 roles.setdefault(src.name, "up")
                 roles.setdefault(lin.name, "down")
 

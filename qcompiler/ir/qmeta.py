@@ -27,3 +27,4 @@ class WeightQuant:
     scale: torch.Tensor  # [N, G] fp32
     zero: torch.Tensor | None  # [N, G] (asymmetric) or None
     group_size: int  # effective group length along K (K for per-channel)
+    weight_sqnr_db: float | None = None  # 10·log10(‖W‖² / ‖W − ŵ‖²) of the weight the pass quantized

