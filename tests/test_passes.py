@@ -272,3 +272,19 @@ def test_pass_manager_dumps_ir_before_and_after(tiny_llama, tmp_path):
     files = sorted(p.name for p in (tmp_path / "model.layers.0").iterdir())
     assert files == ["00-rtn-after.txt", "00-rtn-before.txt", "01-lower-after.txt", "01-lower-before.txt"]
     assert "qc.linear_woq" in (tmp_path / "model.layers.0" / "01-lower-after.txt").read_text()
+
+
+def test_act_quant_percentile_observer_clips_below_the_full_range(tiny_llama):
+    gm, inputs = traced_block(tiny_llama)
+    ctx = context(inputs, "w8a8")
+    gm_minmax = apply(gm, ctx, "rtn,act_quant")
+    full = {n.args[0].name: get_tensor(gm_minmax, n.args[1].target).clone()
+            for n in gm_minmax.graph.nodes if is_call(n, qc.fake_quant_act.default)}
+    gm2, inputs2 = traced_block(tiny_llama)
+    ctx2 = context(inputs2, "w8a8")
+    gm2 = apply(gm2, ctx2, "rtn,act_quant{observer=percentile,percentile=99.0}")
+    clipped = {n.args[0].name: get_tensor(gm2, n.args[1].target)
+               for n in gm2.graph.nodes if is_call(n, qc.fake_quant_act.default)}
+    assert set(clipped) == set(full) and len(full) == 4  # distinct linear inputs: qkv, o, gate+up, down
+    # the 99th percentile of |x| is below max |x| for every observed input
+    assert all(float(clipped[k]) < float(full[k]) for k in full)
