@@ -20,7 +20,7 @@ from torch import fx
 
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, is_call, set_tensor
+from qcompiler.ir.graph import LINEAR, is_call, linear_module_attr, set_tensor
 from qcompiler.numerics import act_qparams_from_range
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
@@ -28,10 +28,6 @@ from qcompiler.pm.base import Pass, PassContext, PassResult
 def _targets(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_call(n, LINEAR) and qmeta.WQ in n.meta]
 
-
-def _module_attr(node: fx.Node) -> str:
-    w = str(node.args[1].target)  # type: ignore[union-attr]
-    return w[: -len(".weight")] if w.endswith(".weight") else w
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class InsertActQuant(Pass):
         for lin in _targets(gm):
             x = lin.args[0]
             assert isinstance(x, fx.Node)
-            base = _module_attr(lin)
+            base = linear_module_attr(lin)
             with gm.graph.inserting_before(lin):
                 if acts.dynamic:
                     fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_per_token.default, (x, acts.bits))

@@ -21,17 +21,21 @@ from qcompiler.kernels.packing import store_weight_codes
 from torch import fx
 
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, get_attr_node, get_tensor, is_call, module_path, set_tensor
+from qcompiler.ir.graph import (
+    LINEAR,
+    get_attr_node,
+    get_tensor,
+    is_call,
+    linear_module_attr,
+    module_path,
+    set_tensor,
+)
 from qcompiler.numerics import quantize_weight
 from qcompiler.pm.rewrite import MATCH, MatchResult, RewriteRule, fail
 
 FQ_STATIC = torch.ops.qc.fake_quant_act.default
 FQ_DYNAMIC = torch.ops.qc.fake_quant_act_per_token.default
 
-
-def _module_attr(node: fx.Node) -> str:
-    w = str(node.args[1].target)  # type: ignore[union-attr]
-    return w[: -len(".weight")] if w.endswith(".weight") else w
 
 
 def _bias_node(node: fx.Node) -> fx.Node | None:
@@ -102,7 +106,7 @@ class WeightOnlyLinearRule:
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
         wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
         w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
-        base = _module_attr(node)
+        base = linear_module_attr(node)
         q = quantize_weight(w, wq.scale, wq.zero, wq.args)
         set_tensor(gm, base + ".qweight", store_weight_codes(q, wq.args.bits, wq.args.symmetric))
         set_tensor(gm, base + ".scale", wq.scale.float().contiguous())
@@ -136,7 +140,7 @@ class W8A8LinearRule:
         w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
         fq: fx.Node = node.args[0]  # type: ignore[assignment]
         info = fq.meta[qmeta.ACT_FQ]
-        base = _module_attr(node)
+        base = linear_module_attr(node)
         q = quantize_weight(w, wq.scale, None, wq.args)
         set_tensor(gm, base + ".qweight", q.to(torch.int8).contiguous())
         set_tensor(gm, base + ".weight_scale", wq.scale.reshape(-1).float().contiguous())

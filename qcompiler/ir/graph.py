@@ -112,6 +112,13 @@ def weight_attr(linear: fx.Node) -> str | None:
     return None
 
 
+def linear_module_attr(linear: fx.Node) -> str:
+    """The attribute prefix of a linear's weight ("block.self_attn.q_proj" for "...q_proj.weight"); the
+    quantization tensors of that layer are stored beside it."""
+    w = str(linear.args[1].target)  # type: ignore[union-attr]
+    return w.removesuffix(".weight")
+
+
 def bias_attr(linear: fx.Node) -> str | None:
     b = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
     if isinstance(b, fx.Node) and b.op == "get_attr":
