@@ -18,8 +18,9 @@ Ops:
 from __future__ import annotations
 
 import torch
-from qcompiler.kernels import reference
 from torch import Tensor
+
+from qcompiler.kernels import reference
 
 
 @torch.library.custom_op("qc::linear_woq", mutates_args=())

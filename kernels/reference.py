@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import torch
+
 from qcompiler.kernels.packing import default_zero, load_weight_codes
 
 

@@ -1,10 +1,10 @@
-import qcompiler.kernels  # noqa: F401
 import torch
+
+import qcompiler.kernels  # noqa: F401
+from qcompiler import numerics as nm
 from qcompiler.kernels import reference
 from qcompiler.kernels.cpu.linear import prepack_int4
 from qcompiler.kernels.packing import pack_int4, store_weight_codes, unpack_int4
-
-from qcompiler import numerics as nm
 from qcompiler.schemes import QuantArgs
 
 qc = torch.ops.qc

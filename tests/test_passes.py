@@ -1,10 +1,10 @@
 """Each pass three ways: graph structure after it, numerics against the reference, and a negative case."""
 
 import pytest
-import qcompiler.kernels  # noqa: F401
 import torch
 from blocks import context, rel_err, run, traced_block
 
+import qcompiler.kernels  # noqa: F401
 from qcompiler.calib.stats import collect_stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta

@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from qcompiler.kernels import reference
 from qcompiler.kernels.packing import default_zero, load_weight_codes
-from torch import Tensor
 
 _INT4PACK_GROUPS = (256, 128, 64, 32)
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 import torch
 from torch import fx
 
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, is_call, linear_module_attr, set_tensor
@@ -27,7 +27,6 @@ from qcompiler.pm.base import Pass, PassContext, PassResult
 
 def _targets(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_call(n, LINEAR) and qmeta.WQ in n.meta]
-
 
 
 @dataclass(frozen=True)

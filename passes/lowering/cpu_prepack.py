@@ -10,12 +10,12 @@ asymmetric or grouped int8) keep qc::linear_woq, which stays exact. A runtime lo
 
 from __future__ import annotations
 
-import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 import torch
-from qcompiler.kernels.cpu.linear import int4pack_group, prepack_int4
 from torch import fx
 
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.ir.graph import eliminate_dead_attrs, get_tensor, is_call, set_tensor
+from qcompiler.kernels.cpu.linear import int4pack_group, prepack_int4
 
 WOQ = torch.ops.qc.linear_woq.default
 

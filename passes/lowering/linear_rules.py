@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 import torch
-from qcompiler.kernels.packing import store_weight_codes
 from torch import fx
 
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import (
     LINEAR,
@@ -30,12 +29,12 @@ from qcompiler.ir.graph import (
     module_path,
     set_tensor,
 )
+from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import quantize_weight
 from qcompiler.pm.rewrite import MATCH, MatchResult, RewriteRule, fail
 
 FQ_STATIC = torch.ops.qc.fake_quant_act.default
 FQ_DYNAMIC = torch.ops.qc.fake_quant_act_per_token.default
-
 
 
 def _bias_node(node: fx.Node) -> fx.Node | None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompiler.passes.lowering.linear_rules import record_float_linear
 from torch import fx
 
 from qcompiler.calib.stats import Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call
+from qcompiler.passes.lowering.linear_rules import record_float_linear
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.pm.rewrite import apply_rules
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
 from torch import fx
 
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir.analysis import analyze_block
 from qcompiler.ir.graph import get_tensor
 from qcompiler.numerics import smooth_scales
+from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
 
