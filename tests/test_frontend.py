@@ -85,3 +85,20 @@ def test_untraceable_block_error_names_block_and_op():
     with pytest.raises(TraceError, match="model.layers.7") as e:
         trace_block(DataDependentBlock(), BlockCall(keys=(), spec=spec), (torch.randn(2, 17, 8),), "model.layers.7")
     assert e.value.block == "model.layers.7" and e.value.op
+
+
+def test_roles_with_eager_attention_matmul_softmax_matmul():
+    """Without SDPA the graph has matmul(q, kᵀ) → softmax → matmul(p, v); the roles are found the same."""
+    from tiny import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    call, inputs = capture_block_inputs(model, [torch.randint(3, 250, (2, 17))])
+    gm = trace_block(model.model.layers[0].to("meta"), call, inputs[0], "model.layers.0")
+    assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+    a = analyze_block(gm)
+    assert sorted(li.role for li in a.linears.values()) == sorted(["q", "k", "v", "o", "gate", "up", "down"])
+    by_role = {li.role: li.path for li in a.linears.values()}
+    assert (by_role["q"], by_role["k"], by_role["v"], by_role["o"]) == (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")

@@ -16,7 +16,7 @@ from torch import fx
 
 from qcompiler.calib.stats import Stats
 from qcompiler.ir.analysis import NormGroup, analyze_block, norm_multiplier_value
-from qcompiler.ir.graph import get_tensor, set_tensor, skip_passthrough
+from qcompiler.ir.graph import PASSTHROUGH, get_tensor, is_call, set_tensor
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.pm.rewrite import MATCH, MatchResult, fail
 
@@ -30,7 +30,7 @@ def check_norm_group(gm: fx.GraphModule, group: NormGroup) -> MatchResult:
         u = frontier.pop()
         if u.name in linears:
             continue
-        if skip_passthrough(u) is not u or u.target in (torch.ops.aten.to.dtype, torch.ops.aten.type_as.default):
+        if is_call(u, PASSTHROUGH):
             frontier.extend(u.users)
             continue
         return fail(f"norm output '{group.mul_node}' also feeds '{u.name}' ({u.target}), not only linears")

@@ -231,7 +231,8 @@ def _dynamic_shapes(example: tuple[torch.Tensor, ...]) -> tuple:
 def trace_block(
     block: torch.nn.Module, call: BlockCall, example: tuple[torch.Tensor, ...], name: str
 ) -> fx.GraphModule:
-    """Export one block (weights may be on the meta device) to an ATen FX GraphModule.
+    """Export one block to an ATen FX GraphModule. The example is traced on the meta device, so the block's
+    parameters must be meta too (as the skeleton's are); `fill_block` gives the graph its real tensors.
 
     The example must have batch ≠ seq and seq > 2 so that the two dims are told apart and kept dynamic.
     """

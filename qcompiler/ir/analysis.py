@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -23,7 +24,6 @@ from qcompiler.ir.graph import (
     ACTIVATION_OPS,
     LINEAR,
     MATMUL_OPS,
-    PASSTHROUGH,
     SDPA_OPS,
     SOFTMAX_OPS,
     aten,
@@ -35,8 +35,6 @@ from qcompiler.ir.graph import (
     skip_passthrough,
     weight_attr,
 )
-
-GELU_TANH_LIKE = {aten.gelu.default, aten.silu.default, aten.relu.default}
 
 
 @dataclass
@@ -109,39 +107,21 @@ def find_norm(gm: fx.GraphModule, x: fx.Node) -> NormGroup | None:
     return None
 
 
-def _producers_until_linear(start: fx.Node) -> list[fx.Node]:
-    """Linears reached walking backwards from `start` without passing through a linear."""
+def _nearest(starts: Iterable[fx.Node], targets: object, upstream: bool) -> list[fx.Node]:
+    """Nodes calling `targets` reached from `starts` (inclusive) walking inputs (upstream) or users
+    (downstream), without walking through a found node. Depth-first, in a deterministic order."""
     found: list[fx.Node] = []
     seen: set[fx.Node] = set()
-    stack = [start]
+    stack = list(starts)
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if is_call(n, LINEAR):
+        if is_call(n, targets):
             found.append(n)
             continue
-        if n.op in ("placeholder", "get_attr"):
-            continue
-        stack.extend(a for a in n.all_input_nodes)
-    return sorted(found, key=lambda n: n.name)
-
-
-def _consumers_until_linear(start: fx.Node) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-    stack = list(start.users)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_call(n, LINEAR):
-            found.append(n)
-            continue
-        # Stop at the residual add: the first linear after attention is the output projection.
-        stack.extend(n.users)
+        stack.extend(n.all_input_nodes if upstream else n.users)
     return found
 
 
@@ -154,8 +134,8 @@ def _attention(gm: fx.GraphModule) -> list[AttentionInfo]:
             out = n
         elif is_call(n, SOFTMAX_OPS):
             # eager attention: matmul(q, kᵀ) -> (scale, mask) -> softmax -> matmul(p, v)
-            scores = [m for m in _ancestors(n, MATMUL_OPS)]
-            probs_users = [m for m in _descendants(n, MATMUL_OPS)]
+            scores = _nearest(n.all_input_nodes, MATMUL_OPS, upstream=True)
+            probs_users = _nearest(n.users, MATMUL_OPS, upstream=False)
             if not scores or not probs_users:
                 continue
             q, k = scores[0].args[0], scores[0].args[1]
@@ -164,45 +144,17 @@ def _attention(gm: fx.GraphModule) -> list[AttentionInfo]:
             out = pv
         else:
             continue
-        o_nodes = _consumers_until_linear(out)
+        def producers(x: fx.Node) -> list[str]:
+            return sorted(p.name for p in _nearest([x], LINEAR, upstream=True))
+
+        # The first linears after attention are the output projection (the walk stops at them).
+        o_nodes = _nearest(out.users, LINEAR, upstream=False)
         result.append(
             AttentionInfo(
-                node=n.name,
-                q=[x.name for x in _producers_until_linear(q)],  # type: ignore[arg-type]
-                k=[x.name for x in _producers_until_linear(k)],  # type: ignore[arg-type]
-                v=[x.name for x in _producers_until_linear(v)],  # type: ignore[arg-type]
-                o=sorted(x.name for x in o_nodes),
+                node=n.name, q=producers(q), k=producers(k), v=producers(v), o=sorted(x.name for x in o_nodes)
             )
         )
     return result
-
-
-def _ancestors(n: fx.Node, targets: set) -> list[fx.Node]:
-    out, stack, seen = [], list(n.all_input_nodes), set()
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        if is_call(m, targets):
-            out.append(m)
-            continue
-        stack.extend(m.all_input_nodes)
-    return out
-
-
-def _descendants(n: fx.Node, targets: set) -> list[fx.Node]:
-    out, stack, seen = [], list(n.users), set()
-    while stack:
-        m = stack.pop()
-        if m in seen:
-            continue
-        seen.add(m)
-        if is_call(m, targets):
-            out.append(m)
-            continue
-        stack.extend(m.users)
-    return out
 
 
 def _source_linear(n: object) -> fx.Node | None:
@@ -224,21 +176,17 @@ def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
         if is_call(x, aten.mul.Tensor):
             a, b = (skip_passthrough(t) if isinstance(t, fx.Node) else t for t in x.args[:2])
             for act, other in ((a, b), (b, a)):
-                if isinstance(act, fx.Node) and (is_call(act, ACTIVATION_OPS) or _is_gelu_tanh(act)):
+                if isinstance(act, fx.Node) and is_call(act, ACTIVATION_OPS):
                     gate, up = _source_linear(act.args[0]), _source_linear(other)
                     if gate is not None and up is not None:
                         roles.setdefault(gate.name, "gate")
                         roles.setdefault(up.name, "up")
                         roles.setdefault(lin.name, "down")
-        elif is_call(x, ACTIVATION_OPS) or _is_gelu_tanh(x):
+        elif is_call(x, ACTIVATION_OPS):
             src = _source_linear(x.args[0])
             if src is not None:
                 roles.setdefault(src.name, "up")
                 roles.setdefault(lin.name, "down")
-
-
-def _is_gelu_tanh(n: fx.Node) -> bool:
-    return is_call(n, aten.gelu.default) or (is_call(n, aten.tanh.default))
 
 
 def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
@@ -294,4 +242,4 @@ def norm_multiplier_value(gm: fx.GraphModule, group: NormGroup) -> torch.Tensor:
     return get_tensor(gm, group.weight).float() + group.offset
 
 
-__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm", "PASSTHROUGH"]
+__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm"]

@@ -30,7 +30,7 @@ SDPA_OPS = {
 }
 SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int}
 MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
-ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default}
+ACTIVATION_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default, aten.tanh.default}
 
 
 def is_call(node: fx.Node, targets: object) -> bool:

@@ -23,8 +23,7 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
-            requests = p.stat_requests(gm, ctx)
-            stats = collect_stats(gm, requests, ctx.calib) if requests else collect_stats(gm, [], [])
+            stats = collect_stats(gm, p.stat_requests(gm, ctx), ctx.calib)
             self._dump(gm, ctx, i, p, "before")
             result = p.run(gm, ctx, stats)
             if not isinstance(result, PassResult):
