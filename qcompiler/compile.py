@@ -29,6 +29,7 @@ from qcompiler.frontends.hf import (
     checkpoint_name,
     fill_block,
     find_blocks,
+    probe_block_inputs,
     trace_block,
 )
 from qcompiler.ir import qmeta
@@ -39,8 +40,6 @@ from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import format_pipeline, make_pass
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target, get_target
-
-PROBE_SHAPE = (2, 17)  # batch ≠ seq, both unlikely to equal a model dimension: keeps both dims dynamic
 
 
 def default_pipeline(scheme: QuantScheme, target: Target) -> list[Pass]:
@@ -128,7 +127,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
     batches = calib_data.calibration_batches(tokenizer, texts, cfg.num_samples, cfg.seq_len, cfg.batch_size)
     call, inputs = capture_block_inputs(model, batches)
-    _, probe = capture_block_inputs(model, [torch.zeros(PROBE_SHAPE, dtype=torch.long)])
+    _, probe = probe_block_inputs(model)
     log(f"quantizing {cfg.model} ({len(blocks)} blocks) as {cfg.scheme.describe()} for target '{target.name}'")
     log(f"pipeline: {format_pipeline(passes)}")
     log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens")
@@ -141,7 +140,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
         bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not cfg.progress, unit="block")
         for i, block in bar:
             name = f"{prefix}.{i}"
-            gm = trace_block(block, call, probe[0], name)
+            gm = trace_block(block, call, probe, name)
             fill_block(gm, name, ckpt, block, torch.float32)
             float_gm = copy.deepcopy(gm)
             ctx = PassContext(block=name, scheme=cfg.scheme, target=target, calib=inputs)
@@ -150,9 +149,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             # Per-layer output error on the first calibration batch, then propagate all batches.
             y_float, float_outs = _linear_outputs(float_gm, inputs[0])
             y_quant, quant_outs = _linear_outputs(gm, inputs[0])
-            with torch.no_grad():
-                source = gm if cfg.propagate == "quantized" else float_gm
-                inputs = [(source(*args), *args[1:]) for args in inputs]
+            source, first = (gm, y_quant) if cfg.propagate == "quantized" else (float_gm, y_float)
+            with torch.no_grad():  # batch 0 already ran above
+                inputs = [(first, *inputs[0][1:])] + [(source(*args), *args[1:]) for args in inputs[1:]]
             del float_gm
             for n in gm.graph.nodes:
                 rec = n.meta.get(qmeta.RECORD)

@@ -23,10 +23,10 @@ from qcompiler.frontends.hf import (
     BlockCall,
     Checkpoint,
     build_skeleton,
-    capture_block_inputs,
     fill_block,
     find_blocks,
     flatten_block_kwargs,
+    probe_block_inputs,
     trace_block,
 )
 from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call, module_path, set_tensor
@@ -90,14 +90,14 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32) -> torch
     prefix, blocks = find_blocks(model)
     if len(blocks) != desc["blocks"]["count"] or prefix != desc["blocks"]["prefix"]:
         raise ArtifactError(f"'{out}': config.json describes {len(blocks)} blocks, the description {desc['blocks']}")
-    call, probe = capture_block_inputs(model, [torch.zeros((2, 17), dtype=torch.long)])
+    call, probe = probe_block_inputs(model)
     by_block: dict[str, list[dict[str, Any]]] = {}
     for path, rec in desc["layers"].items():
         block = path[: len(prefix) + 1 + path[len(prefix) + 1 :].index(".")]
         by_block.setdefault(block, []).append(_local(rec, block))
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}"
-        gm = trace_block(block, call, probe[0], name)
+        gm = trace_block(block, call, probe, name)
         rebuild_block(gm, by_block.get(name, []), name)
         fill_block(gm, name, ckpt, block, dtype)
         eliminate_dead_attrs(gm)

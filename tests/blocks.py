@@ -12,6 +12,7 @@ from qcompiler.frontends.hf import (
     capture_block_inputs,
     fill_block,
     find_blocks,
+    probe_block_inputs,
     trace_block,
 )
 from qcompiler.pm.base import PassContext
@@ -26,9 +27,9 @@ def traced_block(model_dir: Path, index: int = 0, seq: int = 24, n_batches: int 
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(3, 250, (2, seq), generator=g) for _ in range(n_batches)]
     call, inputs = capture_block_inputs(model, batches)
-    _, probe = capture_block_inputs(model, [torch.zeros((2, 17), dtype=torch.long)])
+    _, probe = probe_block_inputs(model)
     name = f"{prefix}.{index}"
-    gm = trace_block(blocks[index], call, probe[0], name)
+    gm = trace_block(blocks[index], call, probe, name)
     fill_block(gm, name, ckpt, blocks[index], torch.float32)
     return gm, inputs
 

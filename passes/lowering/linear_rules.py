@@ -42,18 +42,20 @@ def _bias_node(node: fx.Node) -> fx.Node | None:
     return b if isinstance(b, fx.Node) else None
 
 
-def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant, w: torch.Tensor) -> dict[str, Any]:
+def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.Tensor) -> dict[str, Any]:
+    """The description of one layer (op, shape, scheme, fusion); rules add activations and tensor names."""
+    bias = _bias_node(node)
     return {
         "op": op,
         "path": node.meta.get(qmeta.PATH) or module_path(node),
         "role": node.meta.get(qmeta.ROLE),
         "in_features": int(w.shape[1]),
         "out_features": int(w.shape[0]),
-        "weights": dataclasses.asdict(wq.args),
-        "group_size": wq.group_size,
-        "weight_sqnr_db": None if wq.weight_sqnr_db is None else round(wq.weight_sqnr_db, 2),
+        "weights": dataclasses.asdict(wq.args) if wq else None,
+        "group_size": wq.group_size if wq else None,
+        "weight_sqnr_db": round(wq.weight_sqnr_db, 2) if wq and wq.weight_sqnr_db is not None else None,
         "fused_from": node.meta.get(qmeta.FUSED_FROM),
-        "bias": str(_bias_node(node).target) if _bias_node(node) is not None else None,  # type: ignore[union-attr]
+        "bias": str(bias.target) if bias is not None else None,
     }
 
 
@@ -166,20 +168,10 @@ class W8A8LinearRule:
 
 def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
     """Describe a float linear whose structure differs from the source model (fused) so it can reload."""
-    w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
-    node.meta[qmeta.RECORD] = {
-        "op": "linear",
-        "path": node.meta.get(qmeta.PATH) or module_path(node),
-        "role": node.meta.get(qmeta.ROLE),
-        "in_features": int(w.shape[1]),
-        "out_features": int(w.shape[0]),
-        "weights": None,
-        "group_size": None,
-        "fused_from": node.meta.get(qmeta.FUSED_FROM),
-        "bias": str(_bias_node(node).target) if _bias_node(node) is not None else None,  # type: ignore[union-attr]
-        "activations": None,
-        "tensors": {"weight": str(node.args[1].target)},  # type: ignore[union-attr]
-    }
+    weight = str(node.args[1].target)  # type: ignore[union-attr]
+    record = _record_base(node, "linear", None, get_tensor(gm, weight))
+    record.update({"activations": None, "tensors": {"weight": weight}})
+    node.meta[qmeta.RECORD] = record
 
 
 def linear_rules() -> list[RewriteRule]:

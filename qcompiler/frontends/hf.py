@@ -176,6 +176,17 @@ def capture_block_inputs(
     return call, flat_inputs
 
 
+# The example a block is traced with: batch ≠ seq and neither likely to equal a model dimension, so both dims
+# are told apart and stay dynamic in the exported graph.
+PROBE_SHAPE = (2, 17)
+
+
+def probe_block_inputs(model: torch.nn.Module) -> tuple[BlockCall, tuple[torch.Tensor, ...]]:
+    """How `model` calls its blocks, and one example of the first block's inputs to trace with."""
+    call, inputs = capture_block_inputs(model, [torch.zeros(PROBE_SHAPE, dtype=torch.long)])
+    return call, inputs[0]
+
+
 def _is_tensor_tree(v: object) -> bool:
     if v is None:
         return False
@@ -312,6 +323,7 @@ __all__ = [
     "build_skeleton",
     "find_blocks",
     "capture_block_inputs",
+    "probe_block_inputs",
     "flatten_block_kwargs",
     "trace_block",
     "fill_block",
