@@ -34,6 +34,7 @@ from qcompiler.frontends.hf import (
 )
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, is_call, module_path, tensor_attrs
+from qcompiler.memory import release_free_memory
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
@@ -109,6 +110,29 @@ def _linear_outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple
     return y, outputs
 
 
+def _describe_layers(gm: fx.GraphModule, block: str, layer_sqnr: dict[str, float]) -> dict[str, Any]:
+    """The artefact description of a lowered block's layers: records with checkpoint names and each member's
+    output SQNR."""
+    layers = {}
+    for n in gm.graph.nodes:
+        rec = n.meta.get(qmeta.RECORD)
+        if rec is None:
+            continue
+        members = rec.get("fused_from") or [{"path": rec["path"]}]
+        rec = copy.deepcopy(rec)
+        rec["output_sqnr_db"] = {
+            f"{block}.{m['path']}": round(layer_sqnr[m["path"]], 2) for m in members if m["path"] in layer_sqnr
+        }
+        rec["path"] = f"{block}.{rec['path']}"
+        for m in rec.get("fused_from") or []:
+            m["path"] = f"{block}.{m['path']}"
+        rec["tensors"] = {k: checkpoint_name(block, v) for k, v in rec["tensors"].items()}
+        if rec.get("bias"):
+            rec["bias"] = checkpoint_name(block, rec["bias"])
+        layers[rec["path"]] = rec
+    return layers
+
+
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     target = get_target(cfg.target)
@@ -149,34 +173,21 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             # Per-layer output error on the first calibration batch, then propagate all batches.
             y_float, float_outs = _linear_outputs(float_gm, inputs[0])
             y_quant, quant_outs = _linear_outputs(gm, inputs[0])
+            layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+            block_reports[name] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
+            del float_outs, quant_outs  # every layer's output of batch 0, twice: free before propagating
             source, first = (gm, y_quant) if cfg.propagate == "quantized" else (float_gm, y_float)
             with torch.no_grad():  # batch 0 already ran above
                 inputs = [(first, *inputs[0][1:])] + [(source(*args), *args[1:]) for args in inputs[1:]]
-            del float_gm
-            for n in gm.graph.nodes:
-                rec = n.meta.get(qmeta.RECORD)
-                if rec is None:
-                    continue
-                members = rec.get("fused_from") or [{"path": rec["path"]}]
-                rec = copy.deepcopy(rec)
-                rec["output_sqnr_db"] = {
-                    f"{name}.{m['path']}": round(sqnr_db(float_outs[m["path"]], quant_outs[m["path"]]), 2)
-                    for m in members
-                    if m["path"] in float_outs and m["path"] in quant_outs
-                }
-                rec["path"] = f"{name}.{rec['path']}"
-                for m in rec.get("fused_from") or []:
-                    m["path"] = f"{name}.{m['path']}"
-                rec["tensors"] = {k: checkpoint_name(name, v) for k, v in rec["tensors"].items()}
-                if rec.get("bias"):
-                    rec["bias"] = checkpoint_name(name, rec["bias"])
-                layers[rec["path"]] = rec
-            block_reports[name] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
+            del float_gm, y_float, y_quant, first
+            layers.update(_describe_layers(gm, name, layer_sqnr))
             writer.add_tensors(
                 f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
             )
             bar.set_postfix(sqnr=f"{block_reports[name]['output_sqnr_db']:.1f}dB")
             del gm
+            ckpt.release()
+            release_free_memory()
 
         rest = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(prefix + ".")}
         writer.add_tensors("rest.safetensors", rest)
