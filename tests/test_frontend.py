@@ -102,3 +102,16 @@ def test_roles_with_eager_attention_matmul_softmax_matmul():
     by_role = {li.role: li.path for li in a.linears.values()}
     assert (by_role["q"], by_role["k"], by_role["v"], by_role["o"]) == (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def test_checkpoint_release_keeps_tensors_already_read_valid(tiny_llama):
+    ckpt = Checkpoint(tiny_llama)
+    name = "model.layers.1.mlp.up_proj.weight"
+    t = ckpt.tensor(name)
+    copy = t.clone()
+    ckpt.release()
+    import gc
+
+    gc.collect()
+    assert torch.equal(t, copy)  # still readable after the memory maps are closed
+    assert torch.equal(ckpt.tensor(name), copy)  # and the checkpoint reopens lazily
