@@ -19,7 +19,7 @@ from torch import fx
 from qcompiler.calib.stats import Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block
-from qcompiler.ir.graph import LINEAR, aten, delete_tensor, get_tensor, set_tensor
+from qcompiler.ir.graph import LINEAR, aten, delete_tensor, get_tensor, linear_module_attr, set_tensor
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.pm.rewrite import MATCH, MatchResult, fail
 
@@ -58,8 +58,7 @@ def fuse_group(gm: fx.GraphModule, nodes: list[fx.Node], paths: list[str], roles
     leaf = fused_leaf_name([p.rsplit(".", 1)[-1] for p in paths])
     path = f"{parent}.{leaf}" if parent else leaf
     # q's weight attr is "block.self_attn.q_proj.weight": keep its parent, swap the module name
-    base = str(nodes[0].args[1].target)  # type: ignore[union-attr]
-    module_attr = base[: -len(".weight")] if base.endswith(".weight") else base
+    module_attr = linear_module_attr(nodes[0])
     fused_attr = module_attr.rsplit(".", 1)[0] + "." + leaf if "." in module_attr else leaf
     set_tensor(gm, fused_attr + ".weight", torch.cat(weights, dim=0))
     has_bias = any(b is not None for b in biases)
