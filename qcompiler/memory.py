@@ -4,6 +4,9 @@ glibc's allocator keeps memory freed by one block's tensors (hundreds of MB of a
 in fragments) for reuse instead of returning it, so RSS grows to a high-water mark well above what is live.
 After each block the driver collects garbage and asks glibc to trim its heaps; on other C libraries this
 is only the garbage collection.
+
+Cost and gain, measured on the demo model (w8a16, 30 blocks, this 2-core machine): about 0.2 s per block
+(the full garbage collection walks every live Python object), peak RSS 2.0-2.2 GB -> 1.2-1.3 GB.
 """
 
 from __future__ import annotations
