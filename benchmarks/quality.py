@@ -31,6 +31,16 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Not getrusage's ru_maxrss: Linux carries that across fork+exec, so a
+    child would report the (large) parent's peak. VmHWM belongs to the address space exec created."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # not Linux
+
+
 def quantize_one(name: str, out: Path) -> dict:
     """Runs in a child process so that its peak RSS is the quantization's own."""
     from qcompiler.compile import QuantizeConfig, quantize
@@ -48,7 +58,7 @@ def quantize_one(name: str, out: Path) -> dict:
     )
     return {
         "quantize_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "pipeline": desc["pipeline"],
     }
 
