@@ -111,6 +111,7 @@ def test_cli_quant_eval_inspect(tiny_llama, tmp_path, calib_text, capsys):
     assert main(["eval", str(out), "--text", str(text), "--seq-len", "64", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["float"]["tokens"] == r["quantized"]["tokens"] > 0 and r["quantized"]["seq_len"] == 64
+    assert r["quantized"]["tokenizer"] == tiny_llama.name  # named after the source model, not the output folder
     assert abs(r["ppl_increase_pct"]) < 10 and r["size_ratio"] < 1
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out

@@ -40,8 +40,7 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     texts = calib_data.read_texts(text) if text else calib_data.default_texts("eval")
     ids = evaluation_windows(tokenizer, texts, seq_len, max_tokens)
-    tok_name = tokenizer.name_or_path if not str(tokenizer.name_or_path).startswith("/") else Path(
-        desc["source_model"]).name
+    tok_name = Path(desc["source_model"]).name  # the artefact carries the source model's tokenizer
     result: dict[str, Any] = {
         "artefact": str(out),
         "scheme": desc["scheme"]["name"],
