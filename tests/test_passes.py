@@ -288,3 +288,23 @@ def test_act_quant_percentile_observer_clips_below_the_full_range(tiny_llama):
     assert set(clipped) == set(full) and len(full) == 4  # distinct linear inputs: qkv, o, gate+up, down
     # the 99th percentile of |x| is below max |x| for every observed input
     assert all(float(clipped[k]) < float(full[k]) for k in full)
+
+
+def test_cpu_prepack_takes_int4_and_symmetric_int8_and_keeps_what_it_cannot_run(tiny_llama):
+    from qcompiler.passes.lowering.cpu_prepack import prepack_for_cpu
+
+    cases = [
+        (get_scheme("w4a16", group_size=32), {"int4pack": 7, "int8pack": 0, "kept": 0}),
+        (get_scheme("w8a16"), {"int4pack": 0, "int8pack": 7, "kept": 0}),
+        # negative cases: no CPU kernel for asymmetric int8 or a group that is not a multiple of 32
+        (get_scheme("w8a16", symmetric=False), {"int4pack": 0, "int8pack": 0, "kept": 7}),
+        (get_scheme("w4a16", group_size=48), {"int4pack": 0, "int8pack": 0, "kept": 7}),
+    ]
+    for scheme, expected in cases:
+        gm, inputs = traced_block(tiny_llama)
+        gm = apply(gm, context(inputs, scheme), "rtn,lower")
+        exact = run(gm, inputs)
+        assert prepack_for_cpu(gm) == expected, scheme.describe()
+        assert count(gm, qc.linear_woq.default) == expected["kept"]
+        # kept layers stay exact; prepacked ones round activations to bf16 (a few 2^-8 relative)
+        assert rel_err(run(gm, inputs), exact) < (1e-6 if expected["kept"] else 3e-2)
