@@ -4,7 +4,12 @@ from qcompiler.passes.activation.insert_act_quant import InsertActQuant
 from qcompiler.passes.fusion.fold_norm_weight import FoldNormWeight
 from qcompiler.passes.fusion.fuse_linears import FuseSharedInputLinears
 from qcompiler.passes.lowering.lower_linears import LowerLinears
+from qcompiler.passes.smoothing.awq import AWQ
 from qcompiler.passes.smoothing.smoothquant import SmoothQuant
+from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.rtn import RTN
 
-__all__ = ["InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "LowerLinears", "SmoothQuant", "RTN"]
+__all__ = [
+    "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "LowerLinears", "SmoothQuant",
+    "RTN",
+]

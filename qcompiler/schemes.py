@@ -12,6 +12,7 @@ Asymmetric: q = clamp(round(w / s) + z, 0, 2^b - 1), w ≈ (q - z)·s.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -54,15 +55,30 @@ class QuantArgs:
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
 
 
+def layer_matches(pattern: str, name: str, role: str) -> bool:
+    """A layer pattern is a graph role ("down", "qkv"), a glob on the checkpoint name
+    ("model.layers.0.*"), or a checkpoint name / dotted suffix of one ("mlp.down_proj", "lm_head")."""
+    if pattern == role:
+        return True
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
 @dataclass(frozen=True)
 class QuantScheme:
-    """A layer's quantization: weight args and optional activation args (None = weight-only)."""
+    """A layer's quantization: weight args and optional activation args (None = weight-only).
+
+    Mixed precision: `overrides` maps layer patterns (see `layer_matches`) to another scheme or to None
+    (float), first match wins; `ignore` patterns stay float and are checked first.
+    """
 
     name: str
     weights: QuantArgs
     activations: QuantArgs | None = None
     # Linears left in float (matched against role or the checkpoint name suffix); lm_head by convention.
     ignore: tuple[str, ...] = field(default=("lm_head",))
+    overrides: tuple[tuple[str, QuantScheme | None], ...] = ()
 
     def __post_init__(self) -> None:
         if self.weights.granularity == "token":
@@ -79,12 +95,34 @@ class QuantScheme:
     def weight_only(self) -> bool:
         return self.activations is None
 
+    def for_layer(self, name: str, role: str) -> QuantScheme | None:
+        """The scheme of the layer with checkpoint name `name` and graph role `role`; None = float."""
+        if any(layer_matches(p, name, role) for p in self.ignore):
+            return None
+        for pattern, scheme in self.overrides:
+            if layer_matches(pattern, name, role):
+                return scheme
+        return self
+
+    def with_overrides(self, overrides: list[tuple[str, QuantScheme | None]]) -> QuantScheme:
+        for _, s in overrides:
+            if s is not None and s.overrides:
+                raise SchemeError(f"an override scheme cannot have overrides of its own ('{s.name}')")
+        return dataclasses.replace(self, overrides=self.overrides + tuple(overrides))
+
+    def all_schemes(self) -> list[QuantScheme]:
+        """This scheme and every override scheme (what a target must be able to run)."""
+        return [self] + [s for _, s in self.overrides if s is not None]
+
     def with_weights(self, **changes: object) -> QuantScheme:
         return dataclasses.replace(self, weights=dataclasses.replace(self.weights, **changes))  # type: ignore[arg-type]
 
     def describe(self) -> str:
         a = self.activations.describe() if self.activations else "float"
-        return f"{self.name}: weights {self.weights.describe()}, activations {a}"
+        text = f"{self.name}: weights {self.weights.describe()}, activations {a}"
+        if self.overrides:
+            text += "; overrides " + ", ".join(f"{p}={s.name if s else 'float'}" for p, s in self.overrides)
+        return text
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -97,6 +135,9 @@ class QuantScheme:
             weights=QuantArgs(**d["weights"]),
             activations=QuantArgs(**acts) if acts else None,
             ignore=tuple(d.get("ignore", ("lm_head",))),
+            overrides=tuple(
+                (str(p), QuantScheme.from_dict(o) if o else None) for p, o in d.get("overrides", ())
+            ),
         )
 
 
@@ -137,3 +178,16 @@ def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | No
     if symmetric is not None:
         scheme = scheme.with_weights(symmetric=symmetric)
     return scheme
+
+
+def parse_override(text: str) -> tuple[str, QuantScheme | None]:
+    """'PATTERN=SCHEME' (a preset name, or 'float') -> (pattern, scheme or None)."""
+    if "=" not in text:
+        raise SchemeError(f"override '{text}' must look like PATTERN=SCHEME, e.g. 'down=w8a16' or "
+                          "'model.layers.0.*=float'")
+    pattern, name = (t.strip() for t in text.rsplit("=", 1))
+    if not pattern:
+        raise SchemeError(f"override '{text}' has an empty layer pattern")
+    if name.lower() in ("float", "none", "fp", "bf16", "fp16"):
+        return pattern, None
+    return pattern, get_scheme(name)

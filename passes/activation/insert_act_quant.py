@@ -3,8 +3,9 @@
 Static (per-tensor, calibrated): observe the linear input X over the calibration set, then
     s = max(|min X|, |max X|) / 127 (symmetric) or (max − min) / 255 with zero point z (asymmetric),
     X̂ = (clamp(round(X / s) + z, qmin, qmax) − z)·s                           [qc::fake_quant_act]
-with observer `minmax` (the full range) or `percentile` (|X| range clipped at the p-th percentile, which
-ignores rare outliers). Dynamic (per token): s_t = max_k |X_tk| / 127 at run time
+with observer `minmax` (the full range), `percentile` (|X| range clipped at the p-th percentile, which
+ignores rare outliers), `mse` or `kl` (thresholds searched on a histogram of |X|, calib/observers.py;
+symmetric grids only). Dynamic (per token): s_t = max_k |X_tk| / 127 at run time
                                                                               [qc::fake_quant_act_per_token]
 The graph stays a runnable fake-quantized model; lowering fuses each pair into an int8 GEMM.
 """
@@ -18,37 +19,56 @@ import torch
 from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
+from qcompiler.calib.observers import threshold
 from qcompiler.calib.stats import StatRequest, Stats
+from qcompiler.errors import SchemeError
 from qcompiler.ir import qmeta
+from qcompiler.ir.analysis import analyze_block
 from qcompiler.ir.graph import LINEAR, is_call, linear_module_attr, set_tensor
 from qcompiler.numerics import act_qparams_from_range
 from qcompiler.pm.base import Pass, PassContext, PassResult
+from qcompiler.schemes import QuantArgs
 
 
-def _targets(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if is_call(n, LINEAR) and qmeta.WQ in n.meta]
+def _targets(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[fx.Node, QuantArgs]]:
+    """Weight-quantized linears whose layer scheme quantizes activations, with those activation args."""
+    infos = analyze_block(gm).linears
+    out = []
+    for n in gm.graph.nodes:
+        if is_call(n, LINEAR) and qmeta.WQ in n.meta and n.name in infos:
+            scheme = ctx.layer_scheme(infos[n.name])
+            if scheme is not None and scheme.activations is not None:
+                out.append((n, scheme.activations))
+    return out
 
 
 @dataclass(frozen=True)
 class InsertActQuant(Pass):
     name = "act_quant"
     summary = "insert activation fake-quant (static per-tensor with observers, or dynamic per-token)"
-    observer: Literal["minmax", "percentile"] = "minmax"
+    observer: Literal["minmax", "percentile", "mse", "kl"] = "minmax"
     percentile: float = 99.99
 
+    def _kind(self) -> str:
+        return {"minmax": "minmax", "percentile": "percentile"}.get(self.observer, "histogram")
+
     def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
-        acts = ctx.scheme.activations
-        if acts is None or acts.dynamic:
-            return []
-        kind = "minmax" if self.observer == "minmax" else "percentile"
-        return [StatRequest(n.args[0].name, kind, self.percentile) for n in _targets(gm)]  # type: ignore[union-attr]
+        reqs = []
+        for n, acts in _targets(gm, ctx):
+            if acts.dynamic:
+                continue
+            if self._kind() == "histogram" and not acts.symmetric:
+                raise SchemeError(f"act_quant observer '{self.observer}' searches a symmetric threshold; "
+                                  f"layer '{n.name}' has asymmetric activations: use minmax or percentile")
+            reqs.append(StatRequest(n.args[0].name, self._kind(), self.percentile))  # type: ignore[arg-type,union-attr]
+        return reqs
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
-        acts = ctx.scheme.activations
-        if acts is None:
-            return PassResult(gm, False, {"skipped": f"scheme {ctx.scheme.name} is weight-only"})
+        targets = _targets(gm, ctx)
+        if not targets:
+            return PassResult(gm, False, {"skipped": "no layer of this block quantizes activations"})
         inserted = 0
-        for lin in _targets(gm):
+        for lin, acts in targets:
             x = lin.args[0]
             assert isinstance(x, fx.Node)
             base = linear_module_attr(lin)
@@ -57,11 +77,14 @@ class InsertActQuant(Pass):
                     fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_per_token.default, (x, acts.bits))
                     fq.meta[qmeta.ACT_FQ] = {"dynamic": True, "bits": acts.bits}
                 else:
+                    value = stats[StatRequest(x.name, self._kind(), self.percentile)]  # type: ignore[arg-type]
                     if self.observer == "minmax":
-                        lo, hi = stats[StatRequest(x.name, "minmax", self.percentile)]
+                        lo, hi = value
+                    elif self.observer == "percentile":
+                        lo, hi = -value, value
                     else:
-                        p = stats[StatRequest(x.name, "percentile", self.percentile)]
-                        lo, hi = -p, p
+                        t = torch.tensor(threshold(value, self.observer, acts.bits))
+                        lo, hi = -t, t
                     scale, zero = act_qparams_from_range(lo, hi, acts)
                     set_tensor(gm, base + ".input_scale", scale.reshape(()))
                     set_tensor(gm, base + ".input_zero", zero.reshape(()))
@@ -76,4 +99,4 @@ class InsertActQuant(Pass):
                     }
             lin.replace_input_with(x, fq)
             inserted += 1
-        return PassResult(gm, inserted > 0, {"inserted": inserted, "activations": acts.describe()})
+        return PassResult(gm, inserted > 0, {"inserted": inserted, "observer": self.observer})

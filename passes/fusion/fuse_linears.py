@@ -117,6 +117,11 @@ class FuseSharedInputLinears(Pass):
                 rejected[",".join(group)] = m.reason
                 continue
             infos = [analysis.linears[g] for g in group]
+            schemes = [ctx.layer_scheme(i) for i in infos]
+            if any(s != schemes[0] for s in schemes[1:]):
+                names = ", ".join(f"{i.path}={s.name if s else 'float'}" for i, s in zip(infos, schemes, strict=True))
+                rejected[",".join(group)] = f"members have different schemes ({names})"
+                continue
             node = fuse_group(gm, members, [i.path for i in infos], [i.role for i in infos])
             fused.append(node.meta[qmeta.PATH])
         gm.graph.eliminate_dead_code()

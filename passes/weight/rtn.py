@@ -1,9 +1,11 @@
-"""rtn: round-to-nearest weight quantization, with min-max or MSE-searched clipping.
+"""rtn: round-to-nearest weight quantization, with min-max, MSE-searched or activation-aware clipping.
 
 For every weight linear of the block (minus the scheme's ignore list): compute the grid (scale s, zero z per
 output channel or per group of K, ragged last group allowed), then replace W by ŵ = (q − z)·s in the graph
 and record (s, z, args) in node.meta so lowering can emit integer kernels. `clip=mse` searches a per-group
-range shrink ratio r ∈ [0.5, 1] minimising ‖W − ŵ‖² (see numerics.mse_clip_search).
+range shrink ratio r ∈ [0.5, 1] minimising ‖W − ŵ‖² (see numerics.mse_clip_search); `clip=awq` minimises
+each group's *output* error δ·H_JJ·δᵀ instead, with H = XᵀX/T of the layer's calibration inputs (AWQ's
+auto-clip; see algorithms/awq.activation_aware_clip). Each layer uses its own scheme (mixed precision).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import fx
 
-from qcompiler.calib.stats import Stats
+from qcompiler.algorithms.awq import activation_aware_clip
+from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo, analyze_block
 from qcompiler.ir.graph import get_tensor, set_tensor
@@ -30,9 +34,17 @@ from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs, QuantScheme
 
 
-def is_ignored(info: LinearInfo, scheme: QuantScheme) -> bool:
-    return any(info.role == pat or info.path == pat or info.path.endswith("." + pat) or info.path.endswith(pat)
-               for pat in scheme.ignore)
+def layer_weight_args(
+    ctx: PassContext, info: LinearInfo, bits: int | None, group_size: int | None, symmetric: bool | None
+) -> QuantArgs | None:
+    """A layer's weight args: None for a float layer; a per-layer override's own weights as they are;
+    otherwise the scheme's weights with the pass's options applied."""
+    scheme = ctx.layer_scheme(info)
+    if scheme is None:
+        return None
+    if scheme is not ctx.scheme:
+        return scheme.weights
+    return weight_args(scheme, bits, group_size, symmetric)
 
 
 def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None) -> QuantArgs:
@@ -57,23 +69,37 @@ class RTN(Pass):
     bits: int | None = None  # None: from the scheme
     group_size: int | None = None  # None: from the scheme; 0 or -1: per channel
     symmetric: bool | None = None
-    clip: Literal["minmax", "mse"] = "minmax"
+    clip: Literal["minmax", "mse", "awq"] = "minmax"
+
+    def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
+        if self.clip != "awq":
+            return []
+        nodes = {n.name: n for n in gm.graph.nodes}
+        return [StatRequest(nodes[name].args[0].name, "hessian")  # type: ignore[union-attr]
+                for name, info in analyze_block(gm).linears.items()
+                if qmeta.WQ not in nodes[name].meta and ctx.layer_scheme(info) is not None]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
-        args = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
         analysis = analyze_block(gm)
         nodes = {n.name: n for n in gm.graph.nodes}
         done, skipped = [], {}
         for name, info in analysis.linears.items():
             node = nodes[name]
-            if is_ignored(info, ctx.scheme):
-                skipped[info.path] = "ignored by the scheme"
+            args = layer_weight_args(ctx, info, self.bits, self.group_size, self.symmetric)
+            if args is None:
+                skipped[info.path] = "float (ignored or overridden by the scheme)"
                 continue
             if qmeta.WQ in node.meta:
                 skipped[info.path] = "already quantized"
                 continue
             w = get_tensor(gm, info.weight)
-            ratio = mse_clip_search(w, args) if self.clip == "mse" else 1.0
+            if self.clip == "mse":
+                ratio: torch.Tensor | float = mse_clip_search(w, args)
+            elif self.clip == "awq":
+                h, tokens = stats[StatRequest(node.args[0].name, "hessian")]  # type: ignore[union-attr]
+                ratio = activation_aware_clip(w, (h / tokens).float(), args)
+            else:
+                ratio = 1.0
             scale, zero = weight_qparams(w, args, ratio)
             q = quantize_weight(w, scale, zero, args)
             gs = group_size_of(args, w.shape[1])
@@ -83,4 +109,5 @@ class RTN(Pass):
                 args=args, scale=scale, zero=zero, group_size=gs, weight_sqnr_db=sqnr_db(w, w_hat)
             )
             done.append(info.path)
-        return PassResult(gm, bool(done), {"quantized": len(done), "weights": args.describe(), "skipped": skipped})
+        default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
+        return PassResult(gm, bool(done), {"quantized": len(done), "weights": default.describe(), "skipped": skipped})

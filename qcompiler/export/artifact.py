@@ -74,17 +74,22 @@ class ArtifactWriter:
             tokenizer.save_pretrained(str(self.tmp))
         desc = {"format": FORMAT, "version": VERSION, **description}
         (self.tmp / DESCRIPTION).write_text(json.dumps(desc, indent=1, default=str))
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{self.tmp.name.rsplit('-', 1)[-1]}")
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.out
+        return publish(self.tmp, self.out)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def publish(complete: Path, out: Path) -> Path:
+    """Move a complete artefact folder to `out` by renames (same file system), replacing an earlier one."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{complete.name.rsplit('-', 1)[-1]}")
+        out.rename(old)
+    complete.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def read_description(out: str | Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class LinearInfo:
     in_features: int
     out_features: int
     role: str = "linear"  # q k v o gate up down linear (fused: e.g. "qkv")
+    fused_from: list[dict] | None = None  # members of a fused linear: {"path", "out_features", "role"}
 
 
 @dataclass
@@ -189,6 +190,23 @@ def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
                 roles.setdefault(lin.name, "down")
 
 
+def up_down_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(up, down) linear pairs of gated MLPs, down = linear(act(gate) ⊙ up): down's input is linear in up's
+    output, channel by channel, so up's output rows and down's input columns can trade a scale."""
+    pairs = []
+    for lin in linear_nodes(gm):
+        x = skip_passthrough(lin.args[0])  # type: ignore[arg-type]
+        if not is_call(x, aten.mul.Tensor):
+            continue
+        a, b = (skip_passthrough(t) if isinstance(t, fx.Node) else t for t in x.args[:2])
+        for act, other in ((a, b), (b, a)):
+            if isinstance(act, fx.Node) and is_call(act, ACTIVATION_OPS) and isinstance(other, fx.Node):
+                up = other if is_call(other, LINEAR) else None
+                if up is not None and _source_linear(act.args[0]) is not None:
+                    pairs.append((up.name, lin.name))
+    return pairs
+
+
 def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
     roles: dict[str, str] = {}
     attention = _attention(gm)
@@ -212,6 +230,7 @@ def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
             in_features=int(w.shape[1]),
             out_features=int(w.shape[0]),
             role=lin.meta.get("qc.role", roles.get(lin.name, "linear")),
+            fused_from=lin.meta.get("qc.fused_from"),
         )
 
     # norm -> linear groups; networkx gives the bipartite norm/linear structure and its components.
@@ -242,4 +261,4 @@ def norm_multiplier_value(gm: fx.GraphModule, group: NormGroup) -> torch.Tensor:
     return get_tensor(gm, group.weight).float() + group.offset
 
 
-__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm"]
+__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm", "up_down_pairs"]

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
-from qcompiler.calib.stats import StatRequest, Stats
+from qcompiler.calib.stats import StatRequest, Stats, StatsCache, collect_stats
 from qcompiler.errors import PipelineError
 from qcompiler.schemes import QuantScheme
 
 if TYPE_CHECKING:
+    from qcompiler.ir.analysis import LinearInfo
     from qcompiler.targets.base import Target
 
 
@@ -32,6 +33,20 @@ class PassContext:
     target: Target
     calib: Sequence[tuple[torch.Tensor, ...]] = ()  # flat block inputs, one tuple per batch
     report: dict[str, Any] = field(default_factory=dict)  # per-pass facts for the user-facing report
+    stats_cache: StatsCache | None = None  # statistics on disk, reused when graph + inputs are unchanged
+    calib_digest: str | None = None  # digest of `calib` (computed once per block by the driver)
+
+    def statistics(self, gm: fx.GraphModule, requests: Sequence[StatRequest]) -> Stats:
+        """Run the calibration batches through `gm` (or read the cache) to fill `requests`. Passes that need
+        statistics of an intermediate state (GPTQ's sequential stages) call this themselves."""
+        return collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest)
+
+    def layer_scheme(self, info: LinearInfo) -> QuantScheme | None:
+        """The scheme of one linear (None: kept in float) after the scheme's ignore list and overrides.
+        A fused linear takes its first member's (fusion only joins members with equal schemes)."""
+        members = info.fused_from or [{"path": info.path, "role": info.role}]
+        m = members[0]
+        return self.scheme.for_layer(f"{self.block}.{m['path']}", m["role"])
 
 
 @dataclass(frozen=True)

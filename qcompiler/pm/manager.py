@@ -9,7 +9,6 @@ from pathlib import Path
 
 from torch import fx
 
-from qcompiler.calib.stats import collect_stats
 from qcompiler.errors import PassError
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
@@ -23,7 +22,7 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
-            stats = collect_stats(gm, p.stat_requests(gm, ctx), ctx.calib)
+            stats = ctx.statistics(gm, p.stat_requests(gm, ctx))
             self._dump(gm, ctx, i, p, "before")
             result = p.run(gm, ctx, stats)
             if not isinstance(result, PassResult):

@@ -4,9 +4,12 @@ YAML recipe forms:
     passes: "smoothquant{alpha=0.5},rtn{bits=4}"
 or
     passes:
-      - smoothquant: {alpha: 0.5}
-      - rtn: {bits: 4, group_size: 64}
+      - awq
+      - gptq: {act_order: true}
       - lower
+    overrides:                       # optional per-layer schemes (mixed precision), first match wins
+      down: w8a16                    #   by graph role
+      "model.layers.0.*": float      #   by checkpoint-name glob ("float" keeps the layer unquantized)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 import re
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +98,16 @@ def parse_pipeline(text: str) -> list[Pass]:
     return passes
 
 
-def load_recipe(path: str | Path) -> list[Pass]:
+@dataclass
+class Recipe:
+    passes: list[Pass] | None  # None: the scheme's default pipeline
+    overrides: list[tuple[str, Any]] = field(default_factory=list)  # (pattern, QuantScheme | None)
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    from qcompiler.errors import SchemeError
+    from qcompiler.schemes import parse_override
+
     p = Path(path)
     if not p.is_file():
         raise PipelineError(f"recipe file '{p}' does not exist")
@@ -102,6 +115,32 @@ def load_recipe(path: str | Path) -> list[Pass]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise PipelineError(f"recipe '{p}' is not valid YAML: {e}") from e
+    overrides = []
+    if isinstance(data, dict):
+        unknown = set(data) - {"passes", "overrides"}
+        if unknown:
+            raise PipelineError(f"recipe '{p}': unknown keys {sorted(unknown)}; a recipe has 'passes' and 'overrides'")
+        raw = data.get("overrides") or {}
+        if not isinstance(raw, dict):
+            raise PipelineError(f"recipe '{p}': 'overrides' maps layer patterns to scheme names")
+        for pattern, scheme in raw.items():
+            try:
+                overrides.append(parse_override(f"{pattern}={scheme}"))
+            except SchemeError as e:
+                raise PipelineError(f"recipe '{p}': override {pattern!r}: {e}") from e
+        if "passes" not in data:
+            return Recipe(None, overrides)
+    return Recipe(_recipe_passes(p, data), overrides)
+
+
+def load_recipe(path: str | Path) -> list[Pass]:
+    passes = read_recipe(path).passes
+    if passes is None:
+        raise PipelineError(f"recipe '{path}' has no 'passes'")
+    return passes
+
+
+def _recipe_passes(p: Path, data: Any) -> list[Pass]:
     items = data.get("passes") if isinstance(data, dict) else data
     if isinstance(items, str):
         return parse_pipeline(items)

@@ -1,0 +1,1 @@
+"""Quantization algorithms as pure tensor functions (GPTQ, AWQ): no graphs, unit-tested directly."""

@@ -1,0 +1,115 @@
+"""AWQ (Lin et al., 2024) and activation-aware clipping as pure tensor functions.
+
+Scale search. For linears W_1..W_n reading the same input X [T, K] (q/k/v, gate/up; or one linear fed by
+another: o after v, down after up) a per-input-channel scale s > 0 gives the identical float function
+    X·W_iᵀ = (X·diag(s)⁻¹)·(W_i·diag(s))ᵀ
+but a different quantization error, since salient input channels (large mean |X|) get finer steps. AWQ
+tries s(α) = mean|X|^α / mean|Ŵ|^(1−α) (Ŵ: |W| normalised by each group's max, averaged over rows),
+normalised to geometric mean 1, on a grid α ∈ {0, 1/n, ..., (n−1)/n}, plus s = 1, and keeps the s that
+minimises the output error over the calibration tokens. That error is exact and needs no replay of the
+tokens: with H = XᵀX / T and Δ_i = W_i − Q(W_i·diag(s))·diag(s)⁻¹,
+    (1/T)·Σ_t ‖x_t·Δ_iᵀ‖² = tr(Δ_i H Δ_iᵀ),
+so the search is one [N, K]×[K, K] product per candidate.
+
+Activation-aware clipping. For each group of K (columns J) and output row n, find the range shrink r that
+minimises the output error of that group's partial product, δ_nJ H_JJ δ_nJᵀ (δ = w − Q_r(w)): the block-
+diagonal part of tr(ΔHΔᵀ), the same criterion as AutoAWQ's auto_clip, computed from H instead of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qcompiler.numerics import fake_quant_weight, group_size_of, to_groups
+from qcompiler.schemes import QuantArgs
+
+
+@dataclass
+class AWQResult:
+    scales: torch.Tensor  # [K] multiply the weights' input channels, divide the producer's output
+    alpha: float | None  # the chosen α, or None when s = 1 (no scaling) was best
+    loss: float  # tr(ΔHΔᵀ) summed over the group's linears, at the chosen s
+    loss_unscaled: float  # the same at s = 1
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W − Ŵ)·H·(W − Ŵ)ᵀ): mean squared output error for inputs with second moment H."""
+    d = w.float() - w_hat.float()
+    return float(((d @ h) * d).sum())
+
+
+def normalized_weight_mean(ws: Sequence[torch.Tensor], args: QuantArgs) -> torch.Tensor:
+    """Per input channel mean over rows of |W| / max|W in its group| (the weights concatenated by rows)."""
+    w = torch.cat([x.float() for x in ws], dim=0)
+    gs = group_size_of(args, w.shape[1])
+    grouped = to_groups(w.abs(), gs)
+    normed = grouped / grouped.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    return normed.reshape(w.shape[0], -1)[:, : w.shape[1]].mean(dim=0)
+
+
+def awq_candidate_scales(x_absmean: torch.Tensor, w_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    s = (x_absmean.float().clamp_min(1e-8).pow(alpha) / (w_mean.float().pow(1.0 - alpha) + 1e-4)).clamp_min(1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def awq_search_scales(
+    ws: Sequence[torch.Tensor],
+    x_absmean: torch.Tensor,
+    h: torch.Tensor,
+    args: QuantArgs,
+    grid: int = 20,
+) -> AWQResult:
+    """Best per-input-channel scales for the linears `ws` ([N_i, K]) reading inputs with mean |x| `x_absmean`
+    [K] and second moment `h` [K, K] (= XᵀX / T)."""
+    h = h.float()
+    w_mean = normalized_weight_mean(ws, args)
+
+    def loss(s: torch.Tensor | None) -> float:
+        total = 0.0
+        for w in ws:
+            wf = w.float()
+            if s is None:
+                total += output_error(wf, fake_quant_weight(wf, args), h)
+            else:
+                total += output_error(wf, fake_quant_weight(wf * s[None, :], args) / s[None, :], h)
+        return total
+
+    base = loss(None)
+    best_s, best_alpha, best = torch.ones_like(x_absmean, dtype=torch.float32), None, base
+    for i in range(grid):
+        alpha = i / grid
+        s = awq_candidate_scales(x_absmean, w_mean, alpha)
+        v = loss(s)
+        if v < best:
+            best_s, best_alpha, best = s, alpha, v
+    return AWQResult(scales=best_s, alpha=best_alpha, loss=best, loss_unscaled=base)
+
+
+def activation_aware_clip(
+    w: torch.Tensor, h: torch.Tensor, args: QuantArgs, grid: int = 20, min_ratio: float = 0.5
+) -> torch.Tensor:
+    """Per-group clip ratio r ∈ [min_ratio, 1] ([N, G]) minimising each group's output error δ H_JJ δᵀ."""
+    w = w.float()
+    n, k = w.shape
+    gs = group_size_of(args, k)
+    g = -(-k // gs)
+    pad = g * gs - k
+    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad))
+    h_blocks = torch.stack([hp[j * gs : (j + 1) * gs, j * gs : (j + 1) * gs] for j in range(g)])  # [G, g, g]
+    wg = to_groups(w, gs)  # [N, G, g]
+    best_err: torch.Tensor | None = None
+    best_ratio = torch.ones(n, g)
+    for i in range(grid + 1):
+        ratio = 1.0 - (1.0 - min_ratio) * i / grid
+        d = wg - to_groups(fake_quant_weight(w, args, ratio), gs)
+        err = torch.einsum("ngi,gij,ngj->ng", d, h_blocks, d)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio

@@ -1,0 +1,171 @@
+"""GPTQ (Frantar et al., 2023) as a pure tensor function: quantize W column by column, pushing each column's
+rounding error onto the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+With H = Σ_t x_tᵀ x_t (the [K, K] input Gram matrix) the layer's output error is tr(ΔHΔᵀ) for Δ = W − Ŵ.
+GPTQ minimises it greedily (Optimal Brain Quantization): with U the upper Cholesky factor of H⁻¹
+(H⁻¹ = UᵀU), for column j in order
+    ŵ_j = Q(w_j),   e_j = (w_j − ŵ_j) / U_jj,   w_{j'} ← w_{j'} − e_j·U_{j j'}   for every j' > j.
+Columns are processed in blocks of B (lazy batch updates: the update of the columns after a block is one
+matrix product E·U[block, rest]).
+
+Options:
+  damp          H += damp·mean(diag H)·I before the inversion (numerical stability; 0.01 is the paper's)
+  act_order     process columns by decreasing diag(H) (the most active inputs first)
+  static_groups group scales/zero points computed once on the original W, before any update. With
+                act_order this keeps groups contiguous in the *original* column order, so the kernels need
+                no g_idx permutation (act_order forces it); without act_order the default computes each
+                group's grid when the sweep reaches it, on the already-updated columns (better error).
+  clip          how a grid is fitted to a group: "minmax" or "mse" (range shrink search, numerics).
+Dead inputs (diag H = 0: the channel never fired in calibration) get W[:, j] = 0, as in the reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from qcompiler.errors import CalibrationError
+from qcompiler.numerics import (
+    dequantize_weight,
+    group_size_of,
+    mse_clip_search,
+    num_groups,
+    quantize_weight,
+    weight_qparams,
+)
+from qcompiler.schemes import QuantArgs
+
+
+@dataclass
+class GPTQResult:
+    w_hat: torch.Tensor  # [N, K] fake-quantized weight (q − z)·s, float32
+    scale: torch.Tensor  # [N, G]
+    zero: torch.Tensor | None  # [N, G] or None (symmetric)
+    group_size: int
+    proxy_loss: float  # tr(ΔHΔᵀ)/tokens after GPTQ (the quantity it minimises)
+    rtn_proxy_loss: float  # the same for min-max round-to-nearest, for comparison
+    damp_used: float
+
+
+def _fit_grid(w: torch.Tensor, args: QuantArgs, clip: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale/zero for a slice w [N, g] that is exactly one group (or all of K for per-channel)."""
+    one_group = QuantArgs(bits=args.bits, symmetric=args.symmetric, granularity="channel")
+    ratio = mse_clip_search(w, one_group) if clip == "mse" else 1.0
+    return weight_qparams(w, one_group, ratio)
+
+
+def _quant_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
+    q = torch.round(w / s)
+    if z is not None:
+        return (torch.clamp(q + z, args.qmin, args.qmax) - z) * s
+    return torch.clamp(q, args.qmin, args.qmax) * s
+
+
+def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, tokens: int) -> float:
+    d = (w.float() - w_hat.float())
+    return float(((d @ hessian.float()) * d).sum() / max(tokens, 1))
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp·mean(diag H); damping grows ×10 if H is singular."""
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(6):
+        d = damp * (10**attempt)
+        L, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return U, d
+    raise CalibrationError(f"GPTQ: the Hessian is not positive definite even with damping {d:g}")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    args: QuantArgs,
+    *,
+    tokens: int = 1,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip: Literal["minmax", "mse"] = "minmax",
+) -> GPTQResult:
+    """Quantize w [N, K] with the input Gram matrix `hessian` [K, K] (summed over `tokens` tokens)."""
+    if args.granularity == "tensor":
+        raise ValueError("GPTQ fits per-channel or per-group grids, not a per-tensor one")
+    n, k = w.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight [N={n}, K={k}]")
+    W = w.detach().float().clone()
+    H = hessian.detach().double().clone() / max(tokens, 1)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    gs = group_size_of(args, k)
+    n_groups = num_groups(k, gs)
+    grouped = gs < k
+    static = static_groups or act_order or not grouped
+    scale = torch.zeros(n, n_groups)
+    zero = None if args.symmetric else torch.zeros(n, n_groups)
+    if static:
+        for g in range(n_groups):
+            s, z = _fit_grid(W[:, g * gs : (g + 1) * gs], args, clip)
+            scale[:, g] = s[:, 0]
+            if zero is not None and z is not None:
+                zero[:, g] = z[:, 0]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    U, damp_used = _inverse_cholesky(H, damp)
+    U = U.float()
+    col_group = perm // gs  # original group of each processed column
+
+    if grouped and not static:
+        block_size = max(block_size // gs, 1) * gs  # a group never straddles two blocks
+    Q = torch.zeros_like(W)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(col_group[col])
+            if not static and col % gs == 0:
+                s, z = _fit_grid(W1[:, i : i + gs], args, clip)
+                scale[:, g] = s[:, 0]
+                if zero is not None and z is not None:
+                    zero[:, g] = z[:, 0]
+            w_col = W1[:, i]
+            q_col = _quant_column(w_col, scale[:, g], None if zero is None else zero[:, g], args)
+            Q1[:, i] = q_col
+            e = (w_col - q_col) / U1[i, i]
+            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            E1[:, i] = e
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    w_hat = Q[:, inv]
+    h_orig = hessian.detach().float()
+    w0 = w.detach().float().clone()
+    w0[:, dead] = 0.0
+    rtn_args = args if grouped else QuantArgs(bits=args.bits, symmetric=args.symmetric, granularity="channel")
+    rtn_scale, rtn_zero = weight_qparams(w0, rtn_args)
+    rtn = dequantize_weight(quantize_weight(w0, rtn_scale, rtn_zero, rtn_args), rtn_scale, rtn_zero, gs)
+    return GPTQResult(
+        w_hat=w_hat,
+        scale=scale,
+        zero=zero,
+        group_size=gs,
+        proxy_loss=proxy_loss(w0, w_hat, h_orig, tokens),
+        rtn_proxy_loss=proxy_loss(w0, rtn, h_orig, tokens),
+        damp_used=damp_used,
+    )
