@@ -128,7 +128,7 @@ def quantize_with_fallback(
             else:
                 lo = mid
         met = hi is not None
-        chosen = hi if hi is not None else max(results, key=lambda kk: -results[kk][1])
+        chosen = hi if hi is not None else min(results, key=lambda kk: results[kk][1])
         path, ppl, _ = results[chosen]
         desc_path = path / DESCRIPTION
         description = json.loads(desc_path.read_text())

@@ -73,7 +73,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
     mean_diag = float(torch.diag(h).mean())
     eye = torch.eye(h.shape[0], dtype=h.dtype)
     for attempt in range(6):
-        d = damp * (10**attempt)
+        d = damp if attempt == 0 else max(damp, 1e-4) * (10**attempt)
         L, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(L)

@@ -76,7 +76,7 @@ def read_texts(path: str | Path) -> list[Sample]:
 
 
 def chat_conversations(text: str, chunk_chars: int = CHAT_CHUNK_CHARS) -> list[list[dict[str, str]]]:
-    """Plain text → user/assistant turn pairs of consecutive paragraph chunks."""
+    """Plain text → user/assistant turn pairs of consecutive paragraph chunks (an odd last chunk: a user turn)."""
     chunks, cur = [], ""
     for para in (x.strip() for x in text.split("\n\n")):
         if not para:
@@ -87,10 +87,13 @@ def chat_conversations(text: str, chunk_chars: int = CHAT_CHUNK_CHARS) -> list[l
         cur = f"{cur}\n\n{para}" if cur else para
     if cur:
         chunks.append(cur)
-    return [
+    convs = [
         [{"role": "user", "content": chunks[i]}, {"role": "assistant", "content": chunks[i + 1]}]
         for i in range(0, len(chunks) - 1, 2)
     ]
+    if len(chunks) % 2:
+        convs.append([{"role": "user", "content": chunks[-1]}])
+    return convs
 
 
 def token_stream(tokenizer, texts: list[Sample], chat_template: bool = False) -> torch.Tensor:

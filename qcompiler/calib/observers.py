@@ -5,9 +5,10 @@ All return a symmetric clipping threshold T for a b-bit grid with step Δ = T / 
   percentile  T = the p-th percentile of |x|
   mse         T minimising the expected squared error Σ_bins n_i·e(c_i, T): values above T are clipped
               (e = (c − T)²), values below are rounded (e = Δ²/12, uniform rounding noise)
-  kl          TensorRT's entropy calibration: T minimising KL(P‖Q) between the clipped distribution P of the
-              first i bins (outliers added to the last) and Q, P merged into 2^(b−1) levels and expanded back
-              over the bins that were non-zero in P
+  kl          TensorRT's entropy calibration: T minimising KL(P‖Q) between P, the first i bins with the
+              clipped outliers added to the last, and Q, the first i bins *without* the outliers merged into
+              2^(b−1) levels and spread back over the bins that are non-zero in P (so Q misses exactly the
+              clipped mass, and clipping costs divergence)
 Bin centres c_i = (i + ½)·R/B for B bins on [0, R].
 """
 
@@ -71,7 +72,7 @@ def hist_kl(h: Hist, bits: int = 8, stride: int = 8) -> float:
         nonzero = p > 0
         # merge the i bins into `levels` levels, then spread each level evenly over its non-zero bins
         level = torch.arange(i) * levels // i
-        sums = torch.zeros(levels, dtype=torch.float64).scatter_add_(0, level, p)
+        sums = torch.zeros(levels, dtype=torch.float64).scatter_add_(0, level, counts[:i])
         nz = torch.zeros(levels, dtype=torch.float64).scatter_add_(0, level, nonzero.double())
         q = torch.where(nonzero, sums[level] / nz[level].clamp_min(1), 0.0)
         ps = p / p.sum()

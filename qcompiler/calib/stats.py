@@ -12,8 +12,9 @@ Statistics (x is the node's output, channels on the last axis, flattened over to
   histogram       counts of |x| in 2048 bins on [0, R] Hist     MSE / KL observers (calib/observers.py)
   hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ, AWQ, activation-aware clipping
 
-The histogram's range R grows by powers of two as larger values arrive, so merging bins stays exact
-(2^k old bins become one new bin). The Hessian is accumulated in float64 from float32 batch products.
+The histogram's range R grows by powers of two as larger values arrive, so old bins merge into new ones
+without re-binning error (2^k old bins become one new bin; only values within float rounding of an
+edge can land one bin over). The Hessian is accumulated in float64 from float32 batch products.
 
 `StatsCache` stores collected statistics on disk under a key of everything they depend on (the graph's
 code and tensors, the calibration inputs, the requests), so a re-run whose earlier passes are unchanged

@@ -1,0 +1,336 @@
+"""gptq, awq, rtn{clip=awq} and act_quant observers on a real traced block; mixed precision, the statistics
+cache, fallback search, calibration data options and the CLI."""
+
+import json
+
+import pytest
+import torch
+from blocks import context, rel_err, run, traced_block
+
+import qcompiler.kernels  # noqa: F401
+from qcompiler.calib.data import chat_conversations, read_texts, token_stream
+from qcompiler.calib.stats import StatsCache
+from qcompiler.cli import main
+from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.errors import CalibrationError, PipelineError, SchemeError
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import LINEAR, get_tensor, is_call, set_tensor, tensor_attrs
+from qcompiler.pm.manager import PassManager
+from qcompiler.pm.pipeline import parse_pipeline, read_recipe
+from qcompiler.schemes import get_scheme, parse_override
+
+W4G32 = get_scheme("w4a16", group_size=32)
+
+
+def apply(gm, ctx, text):
+    return PassManager(parse_pipeline(text)).run(gm, ctx)
+
+
+def block_error(model, pipeline, scheme=W4G32):
+    gm, inputs = traced_block(model, seq=48, n_batches=3)
+    ref = run(gm, inputs)
+    ctx = context(inputs, scheme)
+    gm = apply(gm, ctx, pipeline)
+    return rel_err(run(gm, inputs), ref), gm, ctx
+
+
+# ------------------------------------------------------------------------------------------ gptq
+
+
+def test_gptq_pass_structure_numerics_and_sequential_stages(tiny_llama):
+    err_rtn, _, _ = block_error(tiny_llama, "rtn")
+    err, gm, ctx = block_error(tiny_llama, "gptq")
+    assert err < 0.75 * err_rtn
+    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    assert len(linears) == 7 and all(qmeta.WQ in n.meta for n in linears)
+    rep = ctx.report["gptq"]
+    assert rep["stages"] == 4 and rep["quantized"] == 7  # q/k/v | o | gate/up | down
+    assert all(v["output_error_vs_rtn"] < 1.0 for v in rep["layers"].values())
+    # lowering turns the GPTQ grid into integer kernels that compute exactly the fake-quantized block
+    gm2, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    ctx2 = context(inputs, W4G32)
+    fq = apply(gm2, ctx2, "gptq")
+    expect = run(fq, inputs)
+    lowered = apply(fq, ctx2, "lower")
+    assert rel_err(run(lowered, inputs), expect) < 1e-5
+    assert not any(is_call(n, LINEAR) for n in lowered.graph.nodes)
+
+
+def test_gptq_act_order_and_one_shot_variants(tiny_llama):
+    err_rtn, _, _ = block_error(tiny_llama, "rtn")
+    for pipeline in ("gptq{act_order=true}", "gptq{true_sequential=false}", "fuse_linears{force=true},gptq",
+                     "gptq{clip=mse,damp=0.05}"):
+        err, _, ctx = block_error(tiny_llama, pipeline)
+        assert err < 0.8 * err_rtn, pipeline
+    _, _, ctx = block_error(tiny_llama, "gptq{true_sequential=false}")
+    assert ctx.report["gptq"]["stages"] == 1
+
+
+def test_gptq_negative_cases(tiny_llama):
+    with pytest.raises(PipelineError, match="damp"):
+        parse_pipeline("gptq{damp=1.5}")
+    # already-quantized layers are left alone: gptq after rtn changes nothing
+    gm, inputs = traced_block(tiny_llama)
+    ctx = context(inputs, W4G32)
+    gm = apply(gm, ctx, "rtn")
+    before = {n: get_tensor(gm, n).clone() for n, _ in gm.named_buffers()} | {
+        n: p.detach().clone() for n, p in gm.named_parameters()}
+    gm = apply(gm, ctx, "gptq")
+    assert ctx.report["gptq"]["quantized"] == 0
+    after = dict(gm.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in after)
+
+
+# ------------------------------------------------------------------------------------------ awq
+
+
+def test_awq_preserves_the_float_block_and_reports_its_groups(tiny_llama):
+    gm, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    ref = run(gm, inputs)
+    ctx = context(inputs, W4G32)
+    gm = apply(gm, ctx, "awq")
+    assert rel_err(run(gm, inputs), ref) < 1e-5  # a float identity: only quantization will differ
+    rep = ctx.report["awq"]
+    assert set(rep["groups"]) == {
+        "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj", "mlp.gate_proj,mlp.up_proj", "mlp.up_proj->mlp.down_proj"}
+    assert all(g["output_error_vs_unscaled"] <= 1.0 for g in rep["groups"].values())
+    # tiny llama has GQA (4 heads, 2 kv heads): v -> o cannot trade scales, and says why
+    assert "GQA" in rep["skipped"]["self_attn.v_proj->self_attn.o_proj"]
+
+
+def test_awq_with_clipping_and_with_gptq_beats_rtn(tiny_llama):
+    err_rtn, _, _ = block_error(tiny_llama, "rtn")
+    err_clip, _, _ = block_error(tiny_llama, "rtn{clip=awq}")
+    err_awq, _, _ = block_error(tiny_llama, "awq,rtn{clip=awq}")
+    err_both, _, _ = block_error(tiny_llama, "awq,gptq")
+    assert err_clip < err_rtn and err_awq < err_clip and err_both < err_rtn * 0.75
+
+
+def test_awq_v_to_o_without_gqa(tiny_models):
+    """qwen2's tiny config has as many kv heads as heads... if not, the group is reported as skipped."""
+    gm, inputs = traced_block(tiny_models["gemma"], seq=32)
+    ref = run(gm, inputs)
+    ctx = context(inputs, W4G32)
+    gm = apply(gm, ctx, "awq")
+    rep = ctx.report["awq"]
+    vo = [k for k in list(rep["groups"]) + list(rep["skipped"]) if "->" in k and "o_proj" in k]
+    assert vo, rep  # considered either way
+    assert rel_err(run(gm, inputs), ref) < 1e-4
+
+
+def test_awq_skips_float_and_quantized_layers(tiny_llama):
+    gm, inputs = traced_block(tiny_llama)
+    ctx = context(inputs, W4G32.with_overrides([parse_override("down=float")]))
+    gm = apply(gm, ctx, "awq")
+    assert "mlp.up_proj->mlp.down_proj" in ctx.report["awq"]["skipped"]
+    gm2, inputs2 = traced_block(tiny_llama)
+    ctx2 = context(inputs2, W4G32)
+    gm2 = apply(gm2, ctx2, "rtn,awq")
+    assert not ctx2.report["awq"]["groups"]
+
+
+# ------------------------------------------------------------------------------------------ act observers
+
+
+@pytest.mark.parametrize("observer", ["mse", "kl"])
+def test_act_quant_histogram_observers(tiny_llama, observer):
+    from qcompiler.calib.observers import threshold
+    from qcompiler.calib.stats import StatRequest, collect_stats
+
+    gm, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    ctx = context(inputs, get_scheme("w8a8"))
+    gm = apply(gm, ctx, "rtn")
+    xs = {n.args[0].name for n in gm.graph.nodes if is_call(n, LINEAR)}
+    hists = collect_stats(gm, [StatRequest(x, "histogram") for x in xs], inputs)
+    gm = apply(gm, ctx, f"act_quant{{observer={observer}}}")
+    assert ctx.report["act_quant"]["inserted"] == 7 and ctx.report["act_quant"]["observer"] == observer
+    fq = [n for n in gm.graph.nodes if is_call(n, torch.ops.qc.fake_quant_act.default)]
+    assert len(fq) == 7
+    clipped = 0
+    for n in fq:
+        h = hists[StatRequest(n.args[0].name, "histogram")]
+        t = threshold(h, observer, 8)
+        assert float(get_tensor(gm, n.args[1].target)) == pytest.approx(t / 127, rel=1e-6)
+        clipped += t < threshold(h, "minmax")
+    assert clipped > 0  # these activations have outliers: the search clips some ranges
+
+
+def test_act_quant_histogram_observer_refuses_asymmetric(tiny_llama):
+    from dataclasses import replace
+
+    s = get_scheme("w8a8")
+    asym = replace(s, activations=replace(s.activations, symmetric=False))
+    gm, inputs = traced_block(tiny_llama)
+    with pytest.raises(SchemeError, match="symmetric threshold"):
+        apply(gm, context(inputs, asym), "rtn,act_quant{observer=kl}")
+
+
+# ------------------------------------------------------------------------------------------ mixed precision
+
+
+def _q(model, out, text, scheme=W4G32, **kw):
+    cfg = QuantizeConfig(model=model, scheme=scheme, out=out, calib_texts=[text], num_samples=4, seq_len=48,
+                         batch_size=2, progress=False, **kw)
+    return quantize(cfg, log=lambda s: None)
+
+
+def test_per_layer_overrides_by_role_and_name(tiny_llama, tmp_path, calib_text):
+    scheme = get_scheme("w8a8").with_overrides(
+        [parse_override("down=w4a16"), parse_override("model.layers.1.self_attn.q_proj=float")])
+    d = _q(tiny_llama, tmp_path / "o", calib_text, scheme)
+    layers = d["layers"]
+    for i in (0, 1):
+        down = layers[f"model.layers.{i}.mlp.down_proj"]
+        assert down["op"] == "linear_woq" and down["weights"]["bits"] == 4 and down["group_size"] == 128
+        assert layers[f"model.layers.{i}.mlp.gate_up_proj"]["op"] == "linear_w8a8"
+    assert "model.layers.0.self_attn.qkv_proj" in layers  # layer 0 fuses as usual
+    assert "model.layers.1.self_attn.q_proj" not in layers  # float, not recorded as quantized
+    assert {"model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"} <= set(layers)  # not fused
+    rej = d["block_report"]["model.layers.1"]["passes"]["fuse_linears"]["rejected"]
+    assert any("different schemes" in r for r in rej.values())
+    from qcompiler.runtime import load_quantized
+
+    q = load_quantized(tmp_path / "o")
+    assert torch.isfinite(q(torch.randint(3, 250, (1, 20))).logits).all()
+
+
+def test_override_and_recipe_errors(tmp_path):
+    with pytest.raises(SchemeError, match="PATTERN=SCHEME"):
+        parse_override("down")
+    with pytest.raises(SchemeError, match="unknown scheme"):
+        parse_override("down=w3a16")
+    r = tmp_path / "r.yaml"
+    r.write_text("passes:\n  - awq\n  - gptq: {act_order: true}\noverrides:\n  down: w8a16\n  'model.layers.0.*': float\n")
+    recipe = read_recipe(r)
+    assert [p.name for p in recipe.passes] == ["awq", "gptq"] and recipe.passes[1].act_order
+    assert [(p, s.name if s else None) for p, s in recipe.overrides] == [("down", "w8a16"), ("model.layers.0.*", None)]
+    r.write_text("overrides:\n  down: w9a9\n")
+    with pytest.raises(PipelineError, match="override 'down'"):
+        read_recipe(r)
+    r.write_text("pases: [rtn]\n")
+    with pytest.raises(PipelineError, match="unknown keys"):
+        read_recipe(r)
+
+
+# ------------------------------------------------------------------------------------------ statistics cache
+
+
+def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tmp_path, calib_text):
+    kw = {"algo": "awq+gptq", "stats_cache": tmp_path / "cache", "propagate": "float"}
+    d1 = _q(tiny_llama, tmp_path / "a", calib_text, **kw)
+    d2 = _q(tiny_llama, tmp_path / "b", calib_text, **kw)
+    assert d1["calibration"]["stats_cache"]["misses"] > 0 and d1["calibration"]["stats_cache"]["hits"] == 0
+    assert d2["calibration"]["stats_cache"] == {"hits": d1["calibration"]["stats_cache"]["misses"], "misses": 0}
+    for f in ("block-00000.safetensors", "block-00001.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    # a different pipeline whose first statistics are the same reuses them, and only them
+    d3 = _q(tiny_llama, tmp_path / "c", calib_text, **{**kw, "algo": "awq"})
+    assert d3["calibration"]["stats_cache"]["hits"] == 2  # awq's, per block
+    assert d3["calibration"]["stats_cache"]["misses"] == 2  # rtn{clip=awq} sees scaled weights
+
+
+def test_statistics_cache_key_depends_on_weights_and_inputs(tiny_llama, tmp_path):
+    from qcompiler.calib.stats import StatRequest
+
+    gm, inputs = traced_block(tiny_llama)
+    cache = StatsCache(tmp_path)
+    reqs = [StatRequest(n.name, "absmax_channel") for n in gm.graph.nodes if is_call(n, LINEAR)][:1]
+    k1 = cache.key(gm, reqs, "calib-a")
+    assert cache.key(gm, reqs, "calib-b") != k1
+    name, t = next(iter(tensor_attrs(gm)))
+    set_tensor(gm, name, t * 1.01)
+    assert cache.key(gm, reqs, "calib-a") != k1
+
+
+# ------------------------------------------------------------------------------------------ fallback
+
+
+def test_fallback_search_keeps_the_most_sensitive_layers_float(tiny_llama, tmp_path, calib_text):
+    from qcompiler.fallback import quantize_with_fallback
+
+    cfg = QuantizeConfig(model=tiny_llama, scheme=get_scheme("w4a16", group_size=0), out=tmp_path / "fb",
+                         calib_texts=[calib_text * 3], num_samples=4, seq_len=48, batch_size=2, progress=False)
+    d = quantize_with_fallback(cfg, 1e-6, quantize, validation_count=2, max_trials=4, log=lambda s: None)
+    fb = d["fallback"]
+    trials = {t["float_layers"]: t["increase"] for t in fb["trials"]}
+    assert list(trials)[:2] == [0, 1] and trials[0] > 1e-6  # everything quantized misses a 0.0001 % budget
+    on_disk = json.loads((tmp_path / "fb" / "qcompiler.json").read_text())
+    assert on_disk["fallback"] == fb
+    chosen = fb["chosen_float_layers"]
+    sens = list(fb["sensitivity_sqnr_db"].values())
+    assert chosen == list(fb["sensitivity_sqnr_db"])[: len(chosen)] and sens == sorted(sens)  # least accurate first
+    if fb["met"]:  # the fewest float layers among the trials that met the budget
+        assert trials[len(chosen)] <= 1e-6
+        assert all(inc > 1e-6 for k, inc in trials.items() if k < len(chosen))
+    else:  # an unmet budget is reported, not faked: the search ran out of trials
+        assert len(trials) == 4
+    assert not set(chosen) & set(on_disk["layers"])  # kept float: not in the quantized layer list
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # trial folders cleaned up
+    # a generous budget is met at once with nothing kept float
+    d2 = quantize_with_fallback(
+        cfg.__class__(**{**cfg.__dict__, "out": tmp_path / "fb2"}), 0.5, quantize, validation_count=2,
+        log=lambda s: None)
+    assert d2["fallback"]["met"] and d2["fallback"]["chosen_float_layers"] == []
+
+
+def test_fallback_refuses_a_bad_budget_and_too_little_text(tiny_llama, tmp_path, calib_text):
+    from qcompiler.fallback import quantize_with_fallback
+
+    cfg = QuantizeConfig(model=tiny_llama, scheme=W4G32, out=tmp_path / "x", calib_texts=[calib_text],
+                         num_samples=4, seq_len=48, batch_size=2, progress=False)
+    with pytest.raises(CalibrationError, match="positive"):
+        quantize_with_fallback(cfg, 0.0, quantize)
+    with pytest.raises(CalibrationError, match="validation windows"):
+        quantize_with_fallback(cfg, 0.01, quantize, validation_count=500)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ calibration data
+
+
+def test_calibration_jsonl_chat_messages_and_template(tmp_path):
+    from tiny import byte_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = byte_tokenizer()
+    f = tmp_path / "c.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                 + "\n" + json.dumps({"text": "plain"}) + "\n")
+    samples = read_texts(f)
+    assert isinstance(samples[0], list) and samples[1] == "plain"
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    ids = token_stream(tok, samples)
+    assert tok.decode(ids.tolist()).startswith("<user>hi</user><assistant>yo</assistant>")
+    convs = chat_conversations("a\n\nb\n\nc\n\nd", chunk_chars=1)
+    assert convs == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                     [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]]
+    templated = tok.decode(token_stream(tok, ["a\n\nb"], chat_template=True).tolist())
+    assert templated.startswith("<user>a\n\nb</user>")  # one chunk: a lone user turn
+    tok.chat_template = None
+    with pytest.raises(CalibrationError, match="chat template"):
+        token_stream(tok, samples)
+    f.write_text('{"txt": 1}\n')
+    with pytest.raises(CalibrationError, match=r"c.jsonl:1"):
+        read_texts(f)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_algo_override_and_errors(tiny_llama, tmp_path, calib_text, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(calib_text)
+    base = ["quant", "--model", str(tiny_llama), "--calib-text", str(text), "--num-samples", "4",
+            "--seq-len", "48", "--batch-size", "2", "--no-progress"]
+    assert main(base + ["--scheme", "w4a16", "--group-size", "32", "--algo", "awq+gptq", "--override",
+                        "down=w8a16", "--out", str(tmp_path / "o")]) == 0
+    d = json.loads((tmp_path / "o" / "qcompiler.json").read_text())
+    assert d["pipeline"] == "awq,fuse_linears,gptq,lower"
+    assert d["layers"]["model.layers.0.mlp.down_proj"]["weights"]["bits"] == 8
+    assert main(base + ["--scheme", "w4a16", "--override", "down", "--out", str(tmp_path / "p")]) == 2
+    assert main(base + ["--scheme", "w4a16", "--fallback", "auto", "--max-ppl-increase", "lots",
+                        "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "PATTERN=SCHEME" in err and "percentage" in err
+    assert not (tmp_path / "p").exists()

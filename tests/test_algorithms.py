@@ -1,0 +1,197 @@
+"""The maths of GPTQ, AWQ, activation-aware clipping and the histogram observers, as pure functions."""
+
+import pytest
+import torch
+
+from qcompiler.algorithms.awq import (
+    activation_aware_clip,
+    awq_candidate_scales,
+    awq_search_scales,
+    output_error,
+)
+from qcompiler.algorithms.gptq import gptq_quantize
+from qcompiler.calib.observers import hist_kl, hist_minmax, hist_mse, hist_percentile, threshold
+from qcompiler.calib.stats import Hist
+from qcompiler.errors import CalibrationError
+from qcompiler.numerics import (
+    dequantize_weight,
+    fake_quant_weight,
+    mse_clip_search,
+    quantize_weight,
+    weight_qparams,
+)
+from qcompiler.schemes import QuantArgs
+
+G32 = QuantArgs(bits=4, granularity="group", group_size=32)
+ARGS = [
+    G32,
+    QuantArgs(bits=4, symmetric=False, granularity="group", group_size=32),
+    QuantArgs(bits=4, granularity="channel"),
+    QuantArgs(bits=8, granularity="channel"),
+]
+
+
+def correlated_inputs(t: int = 2048, k: int = 96, rank: int = 12, seed: int = 0) -> torch.Tensor:
+    """Low-rank plus noise, with a few salient channels: what LLM activations look like to GPTQ/AWQ."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, rank, generator=g) @ torch.randn(rank, k, generator=g) + 0.1 * torch.randn(t, k, generator=g)
+    x[:, :3] *= 8.0
+    return x
+
+
+def weight(n: int = 40, k: int = 96, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def on_grid(w_hat, scale, zero, args, k):
+    q = quantize_weight(w_hat, scale, zero, args)
+    gs = args.group_size if args.granularity == "group" else k
+    assert int(q.min()) >= args.qmin and int(q.max()) <= args.qmax
+    return torch.equal(dequantize_weight(q, scale, zero, gs), w_hat)
+
+
+# ------------------------------------------------------------------------------------------ GPTQ
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_the_output_error_and_stays_on_its_grid(args, act_order):
+    x = correlated_inputs()
+    w = weight()
+    h = x.T.double() @ x.double()
+    r = gptq_quantize(w, h, args, tokens=x.shape[0], act_order=act_order)
+    assert r.proxy_loss < 0.5 * r.rtn_proxy_loss  # correlated inputs: GPTQ's error feedback pays off
+    # The stored grid reproduces ŵ exactly: the kernels compute what the pass measured (no g_idx needed,
+    # even with act_order, because groups stay contiguous in the original column order).
+    assert on_grid(r.w_hat, r.scale, r.zero, args, w.shape[1])
+    # and the reported loss is the real output error on the calibration tokens
+    direct = float(((x @ (w - r.w_hat).T) ** 2).sum() / x.shape[0])
+    assert r.proxy_loss == pytest.approx(direct, rel=1e-3)
+
+
+def test_gptq_with_an_isotropic_hessian_is_round_to_nearest():
+    """H = c·I: no correlations to exploit, so every error update is zero and GPTQ reduces to RTN."""
+    w = weight()
+    for args in (G32, QuantArgs(bits=4, granularity="channel")):
+        r = gptq_quantize(w, 5.0 * torch.eye(96, dtype=torch.float64), args, tokens=1, damp=0.0)
+        assert torch.equal(r.w_hat, fake_quant_weight(w, args))
+
+
+def test_gptq_ragged_groups_dead_inputs_and_damping():
+    x = correlated_inputs(k=70)
+    x[:, 5] = 0.0  # a channel that never fires
+    w = weight(k=70)
+    h = x.T.double() @ x.double()
+    r = gptq_quantize(w, h, G32, tokens=x.shape[0])
+    assert r.scale.shape == (40, 3)  # 32 + 32 + 6
+    assert torch.all(r.w_hat[:, 5] == 0)
+    assert on_grid(r.w_hat, r.scale, r.zero, G32, 70)
+    v = torch.randn(70, 1, dtype=torch.float64)
+    r2 = gptq_quantize(w, v @ v.T, G32, tokens=1, damp=0.0)  # rank 1: undamped Cholesky fails
+    assert r2.damp_used > 0 and torch.isfinite(r2.w_hat).all()
+    with pytest.raises(CalibrationError, match="not positive definite"):
+        gptq_quantize(w, -torch.eye(70, dtype=torch.float64), G32)
+
+
+def test_gptq_static_groups_fit_the_original_weights():
+    x = correlated_inputs()
+    w = weight()
+    h = x.T.double() @ x.double()
+    r = gptq_quantize(w, h, G32, tokens=x.shape[0], static_groups=True)
+    scale, _ = weight_qparams(w, G32)
+    torch.testing.assert_close(r.scale, scale)
+    lazy = gptq_quantize(w, h, G32, tokens=x.shape[0])
+    assert not torch.equal(lazy.scale, scale)  # default: grids fitted on the updated columns
+
+
+def test_gptq_refuses_bad_input():
+    w = weight()
+    with pytest.raises(ValueError, match="Hessian shape"):
+        gptq_quantize(w, torch.eye(95), G32)
+    with pytest.raises(ValueError, match="per-tensor"):
+        gptq_quantize(w, torch.eye(96), QuantArgs(bits=8, granularity="tensor"))
+
+
+# ------------------------------------------------------------------------------------------ AWQ
+
+
+def test_awq_scales_reduce_the_exact_output_error():
+    x = correlated_inputs()
+    ws = [weight(seed=2), weight(n=24, seed=3)]
+    h = (x.T @ x) / x.shape[0]
+    r = awq_search_scales(ws, x.abs().mean(0), h, G32)
+    assert r.alpha is not None and r.loss < 0.9 * r.loss_unscaled
+    # the loss is the real output error of the scaled-and-quantized weights on the calibration tokens
+    direct = sum(
+        float(((x @ (w - fake_quant_weight(w * r.scales, G32) / r.scales).T) ** 2).sum()) / x.shape[0] for w in ws
+    )
+    assert r.loss == pytest.approx(direct, rel=1e-3)
+
+
+def test_awq_keeps_unit_scales_when_no_candidate_helps():
+    w = torch.zeros(8, 64)
+    w[:, ::2] = 0.5  # already on every grid: any scaling can only add error
+    r = awq_search_scales([w], torch.ones(64), torch.eye(64), G32)
+    assert r.alpha is None and torch.equal(r.scales, torch.ones(64))
+
+
+def test_awq_candidate_scales_are_normalised():
+    s = awq_candidate_scales(torch.rand(50) + 0.1, torch.rand(50) + 0.1, 0.5)
+    assert float(s.max() * s.min()) == pytest.approx(1.0, rel=1e-5) and bool((s > 0).all())
+
+
+def test_activation_aware_clip_minimises_each_groups_output_error():
+    x = correlated_inputs(k=70)
+    w = weight(k=70)
+    h = (x.T @ x) / x.shape[0]
+    ratio = activation_aware_clip(w, h, G32)
+    assert ratio.shape == (40, 3) and bool(((ratio >= 0.5) & (ratio <= 1.0)).all())
+    clipped = fake_quant_weight(w, G32, ratio)
+    assert output_error(w, clipped, h) < output_error(w, fake_quant_weight(w, G32), h)
+    # with H = I the criterion is the weight MSE: the same choice as the MSE search
+    assert torch.equal(activation_aware_clip(w, torch.eye(70), G32), mse_clip_search(w, G32))
+
+
+# ------------------------------------------------------------------------------------------ observers
+
+
+def heavy_tailed(n: int = 200_000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    x[:20] *= 40.0
+    return x.abs()
+
+
+def test_histogram_range_growth_merges_bins_without_rebinning():
+    x = heavy_tailed()
+    h = Hist(torch.zeros(2048, dtype=torch.float64), 0.0)
+    small, big = x[20:], x[:20]
+    h.add(small)
+    h.add(big)  # forces the range to grow by a power of two: old bins merge exactly
+    assert float(h.counts.sum()) == x.numel()
+    direct = torch.histc(x.double(), bins=2048, min=0.0, max=h.upper)
+    moved = float((h.counts - direct).abs().sum())
+    assert moved <= 1e-4 * x.numel()  # only values within rounding of a bin edge may differ
+
+
+def test_observer_thresholds_order_and_bounds():
+    x = heavy_tailed()
+    h = Hist(torch.zeros(2048, dtype=torch.float64), 0.0)
+    h.add(x)
+    top = hist_minmax(h)
+    assert top >= float(x.max()) and top - float(x.max()) <= h.upper / 2048
+    p = hist_percentile(h, 99.9)
+    assert p == pytest.approx(float(torch.quantile(x[:100_000], 0.999)), rel=0.1)
+    for t in (hist_mse(h, 8), hist_kl(h, 8)):
+        assert 0 < t < top  # rare outliers are clipped
+    assert hist_kl(h, 8) < hist_mse(h, 8)  # KL clips harder than 8-bit MSE on this tail
+    # MSE is what it says: no other threshold on a fine grid has lower expected error
+    c = (torch.arange(2048, dtype=torch.float64) + 0.5) * h.upper / 2048
+
+    def err(t):
+        return float((h.counts * torch.where(c > t, (c - t) ** 2, (t / 127) ** 2 / 12)).sum())
+
+    best = hist_mse(h, 8)
+    assert all(err(best) <= err(t) * (1 + 1e-9) for t in torch.linspace(top / 200, top, 200).tolist())
+    with pytest.raises(ValueError, match="unknown observer"):
+        threshold(h, "entropy")
