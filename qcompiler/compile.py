@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             name = f"{prefix}.{i}"
             gm = trace_block(block, call, probe, name)
             fill_block(gm, name, ckpt, block, torch.float32)
-            float_gm = copy.deepcopy(gm)
+            with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                float_gm = copy.deepcopy(gm)
             ctx = PassContext(
                 block=name, scheme=cfg.scheme, target=target, calib=inputs, stats_cache=cache,
                 calib_digest=digest_tensors([t for b in inputs for t in b]) if cache is not None else None,
