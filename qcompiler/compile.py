@@ -25,6 +25,7 @@ from qcompiler.calib.stats import StatsCache, digest_tensors
 from qcompiler.errors import ModelLoadError, PipelineError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
 from qcompiler.frontends.hf import (
+    BlockTracer,
     Checkpoint,
     build_skeleton,
     capture_block_inputs,
@@ -32,10 +33,9 @@ from qcompiler.frontends.hf import (
     fill_block,
     find_blocks,
     probe_block_inputs,
-    trace_block,
 )
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, is_call, module_path, tensor_attrs
+from qcompiler.ir.graph import LINEAR, drop_tensors, is_call, module_path, tensor_attrs
 from qcompiler.memory import release_free_memory
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
@@ -107,13 +107,16 @@ class QuantizeConfig:
 
 
 def _linear_outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run a block, keeping every weight layer's output by module path (fused outputs split)."""
+    """Run a block, keeping every weight layer's output by module path (fused outputs split), before or
+    after lowering."""
     outputs: dict[str, torch.Tensor] = {}
 
     class Probe(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
             rec = n.meta.get(qmeta.RECORD)
+            if rec is None and is_call(n, LINEAR) and qmeta.FUSED_FROM in n.meta:
+                rec = {"fused_from": n.meta[qmeta.FUSED_FROM]}
             if rec is not None:
                 parts = rec.get("fused_from")
                 if parts:
@@ -181,7 +184,12 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens")
 
     writer = ArtifactWriter(cfg.out)
-    manager = PassManager(passes, dump_dir=cfg.dump_dir)
+    # Lowering runs last and apart: measuring and propagating on the fake-quantized graph before it computes
+    # the same numbers as the kernels (tests check lowered == fake-quantized) with plain float GEMMs.
+    assert passes[-1].name == "lower"
+    transform = PassManager(passes[:-1], dump_dir=cfg.dump_dir)
+    lowering = PassManager(passes[-1:], dump_dir=cfg.dump_dir)
+    tracer = BlockTracer(call, probe)
     cache = StatsCache(Path(cfg.stats_cache)) if cfg.stats_cache is not None else None
     layers: dict[str, Any] = {}
     block_reports: dict[str, Any] = {}
@@ -189,7 +197,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
         bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not cfg.progress, unit="block")
         for i, block in bar:
             name = f"{prefix}.{i}"
-            gm = trace_block(block, call, probe, name)
+            gm = tracer(block, name)
             fill_block(gm, name, ckpt, block, torch.float32)
             with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
                 warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -198,7 +206,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
                 block=name, scheme=cfg.scheme, target=target, calib=inputs, stats_cache=cache,
                 calib_digest=digest_tensors([t for b in inputs for t in b]) if cache is not None else None,
             )
-            gm = manager.run(gm, ctx)
+            gm = transform.run(gm, ctx)
 
             # Per-layer output error on the first calibration batch, then propagate all batches.
             y_float, float_outs = _linear_outputs(float_gm, inputs[0])
@@ -209,12 +217,15 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             source, first = (gm, y_quant) if cfg.propagate == "quantized" else (float_gm, y_float)
             with torch.no_grad():  # batch 0 already ran above
                 inputs = [(first, *inputs[0][1:])] + [(source(*args), *args[1:]) for args in inputs[1:]]
+            drop_tensors(float_gm)
             del float_gm, y_float, y_quant, first
+            gm = lowering.run(gm, ctx)
             layers.update(_describe_layers(gm, name, layer_sqnr))
             writer.add_tensors(
                 f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
             )
             bar.set_postfix(sqnr=f"{block_reports[name]['output_sqnr_db']:.1f}dB")
+            drop_tensors(gm)
             del gm
             ckpt.release()
             release_free_memory()
@@ -237,7 +248,8 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
                 "stats_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
             },
             "quantize_seconds": round(elapsed, 2),
-            "pass_seconds": {k: round(v, 2) for k, v in manager.timings.items()},
+            "pass_seconds": {k: round(v, 2) for k, v in (transform.timings | lowering.timings).items()},
+            "block_exports": tracer.exports,
             "layers": layers,
             "block_report": block_reports,
         }

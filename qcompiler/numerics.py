@@ -189,10 +189,13 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: 10·log10(Σref² / Σ(ref - approx)²)."""
-    ref = reference.double()
-    noise = (ref - approx.double()).pow(2).sum()
-    signal = ref.pow(2).sum()
+    """Signal-to-quantization-noise ratio in dB: 10·log10(Σref² / Σ(ref - approx)²).
+
+    Float32 elementwise, float64 sums (a float64 copy of every activation would cost more than the rest of
+    the measurement)."""
+    ref = reference.float()
+    noise = (ref - approx.float()).pow(2).sum(dtype=torch.float64)
+    signal = ref.pow(2).sum(dtype=torch.float64)
     if noise == 0:
         return float("inf")
     return float(10.0 * torch.log10(signal / noise))

@@ -21,13 +21,13 @@ from qcompiler.errors import ArtifactError
 from qcompiler.export.artifact import read_description
 from qcompiler.frontends.hf import (
     BlockCall,
+    BlockTracer,
     Checkpoint,
     build_skeleton,
     fill_block,
     find_blocks,
     flatten_block_kwargs,
     probe_block_inputs,
-    trace_block,
 )
 from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call, module_path, set_tensor
 from qcompiler.passes.fusion.fuse_linears import fuse_group
@@ -95,9 +95,10 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32) -> torch
     for path, rec in desc["layers"].items():
         block = path[: len(prefix) + 1 + path[len(prefix) + 1 :].index(".")]
         by_block.setdefault(block, []).append(_local(rec, block))
+    tracer = BlockTracer(call, probe)
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}"
-        gm = trace_block(block, call, probe, name)
+        gm = tracer(block, name)
         rebuild_block(gm, by_block.get(name, []), name)
         fill_block(gm, name, ckpt, block, dtype)
         eliminate_dead_attrs(gm)

@@ -12,7 +12,9 @@ per-architecture tables.
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +267,45 @@ def trace_block(
     gm = ep.module()
     _strip_export_asserts(gm)
     return gm
+
+
+_SCALARS = (int, float, str, bool, type(None))
+
+
+def block_signature(block: torch.nn.Module) -> str:
+    """Everything but weight values that decides a block's traced graph: module types, parameter and buffer
+    shapes/dtypes, and the modules' scalar attributes (attention type, sliding window, head counts, ...).
+    The layer index is left out: it only selects a KV-cache slot, and tracing runs without a cache."""
+    parts: list[object] = []
+    for name, mod in block.named_modules():
+        attrs = sorted(
+            (k, repr(v)) for k, v in vars(mod).items()
+            if not k.startswith("_") and k not in ("layer_idx", "training")
+            and (isinstance(v, _SCALARS) or (isinstance(v, tuple) and all(isinstance(x, _SCALARS) for x in v)))
+        )
+        parts.append((name, type(mod).__module__, type(mod).__qualname__, attrs))
+    for name, t in list(block.named_parameters()) + list(block.named_buffers()):
+        parts.append((name, tuple(t.shape), str(t.dtype)))
+    return repr(parts)
+
+
+class BlockTracer:
+    """trace_block with a memo: blocks with equal signatures share one export (a copy of the meta graph),
+    so a 30-block model is exported once or a few times (one per distinct layer type), not 30 times."""
+
+    def __init__(self, call: BlockCall, example: tuple[torch.Tensor, ...]):
+        self.call, self.example = call, example
+        self._graphs: dict[str, fx.GraphModule] = {}
+        self.exports = 0
+
+    def __call__(self, block: torch.nn.Module, name: str) -> fx.GraphModule:
+        key = block_signature(block)
+        if key not in self._graphs:
+            self._graphs[key] = trace_block(block, self.call, self.example, name)
+            self.exports += 1
+        with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return copy.deepcopy(self._graphs[key])
 
 
 def _failing_op(e: Exception) -> str:

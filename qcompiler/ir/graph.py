@@ -143,3 +143,13 @@ def eliminate_dead_attrs(gm: fx.GraphModule) -> None:
         if name not in used:
             delete_tensor(gm, name)
     gm.recompile()
+
+
+def drop_tensors(gm: fx.GraphModule) -> None:
+    """Free a graph module's tensors now. A GraphModule sits in reference cycles (graph ↔ owning module),
+    so `del gm` frees nothing until a full garbage collection; its tensors are the bulk of its memory."""
+    for mod in gm.modules():
+        mod._parameters.clear()
+        mod._buffers.clear()
+        for k in [k for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]:
+            delattr(mod, k)
