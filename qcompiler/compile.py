@@ -133,6 +133,13 @@ def _linear_outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple
     return y, outputs
 
 
+def _first_windows(args: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
+    """The first n samples of a block's inputs: every input batched like the hidden states is sliced
+    (per-sample masks included); shared inputs (rotary tables with batch 1) are kept."""
+    batch = args[0].shape[0]
+    return tuple(t[:n] if t.dim() and t.shape[0] == batch else t for t in args)
+
+
 def _describe_layers(gm: fx.GraphModule, block: str, layer_sqnr: dict[str, float]) -> dict[str, Any]:
     """The artefact description of a lowered block's layers: records with checkpoint names and each member's
     output SQNR."""
@@ -208,17 +215,19 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             )
             gm = transform.run(gm, ctx)
 
-            # Per-layer output error on the first calibration batch, then propagate all batches.
-            y_float, float_outs = _linear_outputs(float_gm, inputs[0])
-            y_quant, quant_outs = _linear_outputs(gm, inputs[0])
+            # Per-layer output error on two calibration windows (enough to rank layers; the fallback search
+            # uses it), then propagate every batch through the quantized (or float) block.
+            probe_args = _first_windows(inputs[0], 2)
+            y_float, float_outs = _linear_outputs(float_gm, probe_args)
+            y_quant, quant_outs = _linear_outputs(gm, probe_args)
             layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
             block_reports[name] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
-            del float_outs, quant_outs  # every layer's output of batch 0, twice: free before propagating
-            source, first = (gm, y_quant) if cfg.propagate == "quantized" else (float_gm, y_float)
-            with torch.no_grad():  # batch 0 already ran above
-                inputs = [(first, *inputs[0][1:])] + [(source(*args), *args[1:]) for args in inputs[1:]]
+            del float_outs, quant_outs, y_float, y_quant
+            source = gm if cfg.propagate == "quantized" else float_gm
+            with torch.no_grad():
+                inputs = [(source(*args), *args[1:]) for args in inputs]
             drop_tensors(float_gm)
-            del float_gm, y_float, y_quant, first
+            del float_gm
             gm = lowering.run(gm, ctx)
             layers.update(_describe_layers(gm, name, layer_sqnr))
             writer.add_tensors(

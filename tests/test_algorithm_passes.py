@@ -334,3 +334,26 @@ def test_cli_algo_override_and_errors(tiny_llama, tmp_path, calib_text, capsys):
     err = capsys.readouterr().err
     assert "PATTERN=SCHEME" in err and "percentage" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_staged_collector_equals_fresh_runs_after_weight_changes(tiny_llama):
+    """GPTQ's true-sequential stages continue one run per batch; the statistics must equal a fresh run of
+    the changed graph, so weights replaced between stages are seen."""
+    from qcompiler.calib.stats import StagedCollector, StatRequest, collect_stats
+
+    gm, inputs = traced_block(tiny_llama, n_batches=2)
+    lins = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    first = [StatRequest(lins[0].args[0].name, "hessian")]
+    last = [StatRequest(lins[-1].args[0].name, "hessian"), StatRequest(lins[-1].args[0].name, "absmax_channel")]
+    staged = StagedCollector(gm, inputs)
+    a = staged.collect(first)
+    torch.testing.assert_close(a[first[0]][0], collect_stats(gm, first, inputs)[first[0]][0])
+    for name, t in list(tensor_attrs(gm)):
+        if name.endswith("proj.weight"):
+            set_tensor(gm, name, t * 0.5)  # every projection changes before the next stage
+    b = staged.collect(last)
+    fresh = collect_stats(gm, last, inputs)
+    torch.testing.assert_close(b[last[0]][0], fresh[last[0]][0])
+    torch.testing.assert_close(b[last[1]], fresh[last[1]])
+    with pytest.raises(CalibrationError, match="already passed"):
+        staged.collect(first)  # stages must come in graph order

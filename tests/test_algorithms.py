@@ -55,11 +55,12 @@ def on_grid(w_hat, scale, zero, args, k):
 
 @pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_beats_rtn_on_the_output_error_and_stays_on_its_grid(args, act_order):
+@pytest.mark.parametrize("clip", ["minmax", "mse", "awq"])
+def test_gptq_beats_rtn_on_the_output_error_and_stays_on_its_grid(args, act_order, clip):
     x = correlated_inputs()
     w = weight()
     h = x.T.double() @ x.double()
-    r = gptq_quantize(w, h, args, tokens=x.shape[0], act_order=act_order)
+    r = gptq_quantize(w, h, args, tokens=x.shape[0], act_order=act_order, clip=clip)
     assert r.proxy_loss < 0.5 * r.rtn_proxy_loss  # correlated inputs: GPTQ's error feedback pays off
     # The stored grid reproduces ŵ exactly: the kernels compute what the pass measured (no g_idx needed,
     # even with act_order, because groups stay contiguous in the original column order).

@@ -4,7 +4,8 @@ Called by benchmarks/quality.py with that environment's python (never imported b
 calibration and evaluation token ids the parent wrote (so both tools see identical tokens), quantizes,
 and evaluates perplexity with the model as llm-compressor leaves it in memory (its fake-quantized
 forward), using the same loop as qcompiler.eval.perplexity. The float model's perplexity is computed by
-the same code first: the parent checks it equals its own, which proves the evaluation is identical.
+the same code afterwards (peak RSS is read before any evaluation): the parent checks it equals its own,
+which proves the evaluation is identical.
 
     python llmcompressor_run.py MODEL_DIR IDS.pt CONFIG   (CONFIG: gptq-g64 | gptq-channel | awq-g64 |
                                                           sq-gptq-w8a8)
@@ -76,7 +77,6 @@ def main() -> None:
     calib, evalw = data["calib"], data["eval"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    float_ppl = perplexity(model, evalw)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     t0 = time.perf_counter()
     try:
@@ -88,6 +88,8 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     rss = peak_rss_mb()
     ppl = perplexity(model.eval(), evalw)
+    del model
+    float_ppl = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), evalw)
     print(json.dumps({"ppl": ppl, "float_ppl": float_ppl, "quantize_s": round(seconds, 2), "peak_rss_mb": rss,
                       "version": llmcompressor.__version__, "torch": torch.__version__}))
 

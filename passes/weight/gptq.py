@@ -3,7 +3,7 @@
 For every weight linear (its own scheme; float layers skipped) with input Gram matrix H = Σ_t x_tᵀx_t
 collected on calibration data, W is quantized column by column and each column's rounding error is pushed
 onto the remaining columns through H⁻¹ (algorithms/gptq.py has the maths and the options: group size,
-act_order with static groups, damping, symmetric/asymmetric, min-max or MSE grids).
+act_order with static groups, damping, symmetric/asymmetric, min-max, MSE or activation-aware grids).
 
 true_sequential: linears are processed in stages by input (q/k/v, then o, then gate/up, then down), and the
 Hessian of a stage is collected with the earlier stages already quantized, so o_proj compensates the error
@@ -20,7 +20,7 @@ from typing import Literal
 from torch import fx
 
 from qcompiler.algorithms.gptq import gptq_quantize
-from qcompiler.calib.stats import StatRequest, Stats
+from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo, analyze_block
 from qcompiler.ir.graph import get_tensor, set_tensor
@@ -39,9 +39,11 @@ class GPTQ(Pass):
     symmetric: bool | None = None
     block_size: int = 128
     damp: float = 0.01
-    act_order: bool = False
+    # Defaults are the best measured on the demo model (w4a16 g64, 4k eval tokens: minmax 35.0, act_order
+    # 30.3, act_order + activation-aware grids 26.6 ppl; RTN with MSE clipping 32.2).
+    act_order: bool = True
     static_groups: bool = False
-    clip: Literal["minmax", "mse"] = "minmax"
+    clip: Literal["minmax", "mse", "awq"] = "awq"
     true_sequential: bool = True
 
     def __post_init__(self) -> None:
@@ -70,9 +72,11 @@ class GPTQ(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         layers: dict[str, dict[str, float]] = {}
         stages = self._stages(gm, ctx)
+        # One run per batch through the block, paused at each stage (instead of one run per stage).
+        staged = StagedCollector(gm, ctx.calib) if len(stages) > 1 else None
         for stage in stages:
             requests = [StatRequest(node.args[0].name, "hessian") for node, _, _ in stage]  # type: ignore[union-attr]
-            hessians = ctx.statistics(gm, requests)
+            hessians = ctx.statistics(gm, requests, staged)
             for (node, info, args), req in zip(stage, requests, strict=True):
                 h, tokens = hessians[req]
                 w = get_tensor(gm, info.weight)

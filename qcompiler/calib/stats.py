@@ -92,36 +92,16 @@ class _AllSeen(Exception):
     """Raised inside a run once every requested node has been computed: the rest of the graph is skipped."""
 
 
-class StatCollector(fx.Interpreter):
-    """Runs a GraphModule on calibration batches, accumulating the requested statistics. Each run stops at
-    the last requested node (statistics of an early node, e.g. the q/k/v input, cost a fraction of a
-    block forward)."""
+class Accumulator:
+    """Accumulates the statistics of a set of requests from node values, batch after batch."""
 
-    def __init__(self, gm: fx.GraphModule, requests: Sequence[StatRequest]):
-        super().__init__(gm)
-        self.by_node: dict[str, list[StatRequest]] = {}
-        for r in requests:
-            self.by_node.setdefault(r.node, []).append(r)
-        missing = set(self.by_node) - {n.name for n in gm.graph.nodes}
-        if missing:
-            raise CalibrationError(f"statistics requested for nodes not in the graph: {sorted(missing)}")
+    def __init__(self, requests: Sequence[StatRequest]):
+        self.requests = list(dict.fromkeys(requests))
         self.acc: dict[StatRequest, Any] = {}
         self._samples: dict[StatRequest, list[torch.Tensor]] = {}
         self._gen = torch.Generator().manual_seed(0)
-        self._pending: set[str] = set()
 
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        reqs = self.by_node.get(n.name)
-        if reqs:
-            for req in reqs:
-                self._update(req, out)
-            self._pending.discard(n.name)
-            if not self._pending:
-                raise _AllSeen
-        return out
-
-    def _update(self, req: StatRequest, x: torch.Tensor) -> None:
+    def update(self, req: StatRequest, x: torch.Tensor) -> None:
         x = x.detach().float()
         if not torch.isfinite(x).all():
             raise CalibrationError(f"node '{req.node}' produced NaN/Inf during calibration")
@@ -155,6 +135,53 @@ class StatCollector(fx.Interpreter):
         else:  # pragma: no cover - Literal guards this
             raise ValueError(req.kind)
 
+    def finish(self) -> Stats:
+        for req, samples in self._samples.items():
+            allv = torch.cat(samples)
+            k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
+            self.acc[req] = allv.kthvalue(k).values
+        for req in self.acc:
+            if req.kind == "absmean_channel":
+                total, count = self.acc[req]
+                self.acc[req] = (total / count).float()
+        missing = [r for r in self.requests if r not in self.acc]
+        if missing:
+            raise CalibrationError(f"no calibration data reached nodes {sorted({r.node for r in missing})}")
+        return Stats(dict(self.acc))
+
+
+def _by_node(gm: fx.GraphModule, requests: Sequence[StatRequest]) -> dict[str, list[StatRequest]]:
+    by_node: dict[str, list[StatRequest]] = {}
+    for r in dict.fromkeys(requests):
+        by_node.setdefault(r.node, []).append(r)
+    missing = set(by_node) - {n.name for n in gm.graph.nodes}
+    if missing:
+        raise CalibrationError(f"statistics requested for nodes not in the graph: {sorted(missing)}")
+    return by_node
+
+
+class StatCollector(fx.Interpreter):
+    """Runs a GraphModule on calibration batches, accumulating the requested statistics. Each run stops at
+    the last requested node (statistics of an early node, e.g. the q/k/v input, cost a fraction of a
+    block forward)."""
+
+    def __init__(self, gm: fx.GraphModule, requests: Sequence[StatRequest]):
+        super().__init__(gm)
+        self.by_node = _by_node(gm, requests)
+        self.accumulator = Accumulator(requests)
+        self._pending: set[str] = set()
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        reqs = self.by_node.get(n.name)
+        if reqs:
+            for req in reqs:
+                self.accumulator.update(req, out)
+            self._pending.discard(n.name)
+            if not self._pending:
+                raise _AllSeen
+        return out
+
     def collect(self, batches: Sequence[tuple[torch.Tensor, ...]]) -> Stats:
         if not batches:
             raise CalibrationError("no calibration batches")
@@ -165,15 +192,67 @@ class StatCollector(fx.Interpreter):
                     self.run(*args)
                 except _AllSeen:
                     pass
-        for req, samples in self._samples.items():
-            allv = torch.cat(samples)
-            k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
-            self.acc[req] = allv.kthvalue(k).values
-        for req in self.acc:
-            if req.kind == "absmean_channel":
-                total, count = self.acc[req]
-                self.acc[req] = (total / count).float()
-        return Stats(dict(self.acc))
+        return self.accumulator.finish()
+
+
+class _Resumable(fx.Interpreter):
+    """One batch's run of the graph that can stop after any node and continue later."""
+
+    def __init__(self, gm: fx.GraphModule, args: tuple[torch.Tensor, ...]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.env = {}
+        self.args_iter = iter(args)
+        self.order = list(gm.graph.nodes)
+        self.pos = 0
+
+    def advance(self, targets: set[str], on_value: Any) -> None:
+        """Run nodes until every name in `targets` has been computed, handing each value to `on_value`."""
+        # Weights a pass replaced since the last stop must be read again (get_attr ran at the graph's top).
+        for node in list(self.env):
+            if node.op == "get_attr":
+                self.env[node] = self.fetch_attr(str(node.target))
+        pending = set(targets)
+        while pending and self.pos < len(self.order):
+            node = self.order[self.pos]
+            self.pos += 1
+            if node.op == "output":
+                break
+            self.env[node] = self.run_node(node)
+            if node.name in pending:
+                on_value(node, self.env[node])
+                pending.discard(node.name)
+            for dead in self.user_to_last_uses.get(node, []):
+                del self.env[dead]
+        if pending:
+            raise CalibrationError(
+                f"statistics requested for {sorted(pending)}, which this staged run has already passed "
+                "(stages must be requested in graph order)"
+            )
+
+
+class StagedCollector:
+    """Statistics for passes that change the graph between stages (GPTQ's true-sequential order): each batch
+    runs once through the graph, stopping after the nodes of each stage, so stage k costs only the nodes
+    between stage k−1 and stage k, and sees every weight the pass changed before it."""
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]]):
+        if not batches:
+            raise CalibrationError("no calibration batches")
+        self.gm = gm
+        self.runs = [_Resumable(gm, args) for args in batches]
+
+    def collect(self, requests: Sequence[StatRequest]) -> Stats:
+        by_node = _by_node(self.gm, requests)
+        acc = Accumulator(requests)
+
+        def on_value(node: fx.Node, value: Any) -> None:
+            for req in by_node[node.name]:
+                acc.update(req, value)
+
+        with torch.no_grad():
+            for run in self.runs:
+                run.advance(set(by_node), on_value)
+        return acc.finish()
 
 
 def digest_tensors(tensors: Sequence[tuple[str, torch.Tensor]] | Sequence[torch.Tensor]) -> str:
@@ -230,7 +309,10 @@ def collect_stats(
     batches: Sequence[tuple[torch.Tensor, ...]],
     cache: StatsCache | None = None,
     calib_digest: str | None = None,
+    staged: StagedCollector | None = None,
 ) -> Stats:
+    """Fill `requests` by running `batches` through `gm` (or through `staged`, continuing its runs), or read
+    them from `cache`."""
     if not requests:
         return Stats()
     requests = list(dict.fromkeys(requests))
@@ -240,7 +322,7 @@ def collect_stats(
         hit = cache.load(key, requests)
         if hit is not None:
             return hit
-    stats = StatCollector(gm, requests).collect(batches)
+    stats = staged.collect(requests) if staged is not None else StatCollector(gm, requests).collect(batches)
     if cache is not None and key is not None:
         cache.store(key, stats)
     return stats

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
-from qcompiler.calib.stats import StatRequest, Stats, StatsCache, collect_stats
+from qcompiler.calib.stats import StagedCollector, StatRequest, Stats, StatsCache, collect_stats
 from qcompiler.errors import PipelineError
 from qcompiler.schemes import QuantScheme
 
@@ -36,10 +36,13 @@ class PassContext:
     stats_cache: StatsCache | None = None  # statistics on disk, reused when graph + inputs are unchanged
     calib_digest: str | None = None  # digest of `calib` (computed once per block by the driver)
 
-    def statistics(self, gm: fx.GraphModule, requests: Sequence[StatRequest]) -> Stats:
+    def statistics(
+        self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None
+    ) -> Stats:
         """Run the calibration batches through `gm` (or read the cache) to fill `requests`. Passes that need
-        statistics of an intermediate state (GPTQ's sequential stages) call this themselves."""
-        return collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest)
+        statistics of an intermediate state (GPTQ's sequential stages) call this themselves, with a
+        StagedCollector so that each stage continues the previous one's runs."""
+        return collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest, staged)
 
     def layer_scheme(self, info: LinearInfo) -> QuantScheme | None:
         """The scheme of one linear (None: kept in float) after the scheme's ignore list and overrides.
