@@ -6,9 +6,11 @@ onto the remaining columns through H⁻¹ (algorithms/gptq.py has the maths and 
 act_order with static groups, damping, symmetric/asymmetric, min-max, MSE or activation-aware grids).
 
 true_sequential: linears are processed in stages by input (q/k/v, then o, then gate/up, then down), and the
-Hessian of a stage is collected with the earlier stages already quantized, so o_proj compensates the error
-q/k/v introduced. Linears sharing an input share one Hessian; GPTQ treats rows independently, so a fused
-q/k/v linear gives exactly what quantizing q, k and v one by one would. Like rtn, the graph afterwards holds
+Hessian of a stage is collected with the earlier stages already quantized, so o_proj is fitted to the inputs
+it will really see (q/k/v's error included). One run per calibration batch serves all stages: it pauses
+after each stage's input node (calib.stats.StagedCollector). Linears sharing an input share one Hessian;
+GPTQ treats rows independently, so a fused q/k/v linear gives exactly what quantizing q, k and v one by one
+would. Like rtn, the graph afterwards holds
 ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass and lowering is the same as after rtn.
 """
 
