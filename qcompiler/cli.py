@@ -162,14 +162,17 @@ def _cmd_passes(_: argparse.Namespace) -> int:
 
     for name, cls in registered_passes().items():
         hints = typing.get_type_hints(cls)
-        opts = ", ".join(
-            f"{f.name}: {getattr(hints[f.name], '__name__', str(hints[f.name])).replace('typing.', '')} = {f.default!r}"
-            for f in dataclasses.fields(cls)
-        )
+        opts = ", ".join(f"{f.name}: {_type_name(hints[f.name])} = {f.default!r}" for f in dataclasses.fields(cls))
         print(f"{name:<14} {cls.summary}")
         if opts:
             print(f"{'':<14} options: {opts}")
     return 0
+
+
+def _type_name(t: object) -> str:
+    if typing.get_origin(t) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(t))
+    return getattr(t, "__name__", str(t)).replace("typing.", "")
 
 
 def _cmd_schemes(_: argparse.Namespace) -> int:

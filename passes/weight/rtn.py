@@ -65,7 +65,7 @@ def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, s
 @dataclass(frozen=True)
 class RTN(Pass):
     name = "rtn"
-    summary = "round-to-nearest weight quantization (min-max or MSE-searched clipping)"
+    summary = "round-to-nearest weight quantization (min-max, MSE or activation-aware clipping)"
     bits: int | None = None  # None: from the scheme
     group_size: int | None = None  # None: from the scheme; 0 or -1: per channel
     symmetric: bool | None = None
