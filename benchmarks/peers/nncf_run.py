@@ -12,32 +12,10 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return -1.0
-
-
-def perplexity(model, ids, batch_size: int = 4) -> float:
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, ids.shape[0], batch_size):
-            batch = ids[i : i + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = batch[:, 1:]
-            nll -= float(logp.gather(-1, tgt.unsqueeze(-1)).sum())
-            count += tgt.numel()
-    return math.exp(nll / count)
+from common import peak_rss_mb, perplexity
 
 
 def main() -> None:
@@ -58,7 +36,7 @@ def main() -> None:
     try:
         model = nncf.compress_weights(
             model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group, ratio=1.0,
-            dataset=nncf.Dataset(items) if data_aware else None, subset_size=calib.shape[0],
+            dataset=nncf.Dataset(items), subset_size=calib.shape[0],  # torch models are traced with it
             awq=data_aware or None, scale_estimation=data_aware or None,
         )
     except Exception as e:  # a peer failing on this machine is a result, reported as such

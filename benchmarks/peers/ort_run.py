@@ -20,13 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return -1.0
+from common import peak_rss_mb
 
 
 def export(model_dir: str, out: Path) -> None:
