@@ -92,7 +92,8 @@ def quantize_with_fallback(
 
     def trial(k: int) -> float:
         floats = [name for name, _ in ranking[:k]]
-        scheme = cfg.scheme.with_overrides([(n, None) for n in floats]) if floats else cfg.scheme
+        # first=True: a layer chosen to stay float wins over the user's own overrides (e.g. down=w8a16)
+        scheme = cfg.scheme.with_overrides([(n, None) for n in floats], first=True) if floats else cfg.scheme
         path = work / f"k{k}"
         desc = quantize(dataclasses.replace(cfg, scheme=scheme, out=path), log=lambda _m: None)
         qm = load_quantized(path)

@@ -104,11 +104,13 @@ class QuantScheme:
                 return scheme
         return self
 
-    def with_overrides(self, overrides: list[tuple[str, QuantScheme | None]]) -> QuantScheme:
+    def with_overrides(self, overrides: list[tuple[str, QuantScheme | None]], first: bool = False) -> QuantScheme:
+        """Add overrides after the existing ones (or before them with first=True: they then win)."""
         for _, s in overrides:
             if s is not None and s.overrides:
                 raise SchemeError(f"an override scheme cannot have overrides of its own ('{s.name}')")
-        return dataclasses.replace(self, overrides=self.overrides + tuple(overrides))
+        new = tuple(overrides)
+        return dataclasses.replace(self, overrides=new + self.overrides if first else self.overrides + new)
 
     def all_schemes(self) -> list[QuantScheme]:
         """This scheme and every override scheme (what a target must be able to run)."""

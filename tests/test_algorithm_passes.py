@@ -357,3 +357,13 @@ def test_staged_collector_equals_fresh_runs_after_weight_changes(tiny_llama):
     torch.testing.assert_close(b[last[1]], fresh[last[1]])
     with pytest.raises(CalibrationError, match="already passed"):
         staged.collect(first)  # stages must come in graph order
+
+
+def test_override_order_first_match_wins_and_fallback_floats_come_first():
+    s = get_scheme("w8a8").with_overrides([parse_override("model.layers.0.*=float"), parse_override("down=w8a16")])
+    assert s.for_layer("model.layers.0.mlp.down_proj", "down") is None
+    assert s.for_layer("model.layers.1.mlp.down_proj", "down").name == "w8a16"
+    assert s.for_layer("model.layers.1.mlp.up_proj", "up") is s
+    assert s.for_layer("lm_head", "linear") is None  # the ignore list comes before every override
+    fb = s.with_overrides([("model.layers.1.mlp.down_proj", None)], first=True)
+    assert fb.for_layer("model.layers.1.mlp.down_proj", "down") is None  # fallback's float beats down=w8a16
