@@ -14,11 +14,7 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-
-from common import peak_rss_mb, perplexity
+from common import run_torch_peer
 
 
 def recipe(config: str):
@@ -48,28 +44,18 @@ def main() -> None:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM
 
-    model_dir, ids_path, config = sys.argv[1:4]
-    data = torch.load(ids_path)
-    calib, evalw = data["calib"], data["eval"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    t0 = time.perf_counter()
-    try:
-        oneshot(model=model, dataset=ds, recipe=recipe(config), max_seq_length=calib.shape[1],
-                num_calibration_samples=calib.shape[0], shuffle_calibration_samples=False)
-    except Exception as e:  # a peer failing on this machine is a result, reported as such
-        print(json.dumps({"error": f"{type(e).__name__}: {str(e)[:300]}", "version": llmcompressor.__version__}))
-        return
-    seconds = time.perf_counter() - t0
-    rss = peak_rss_mb()
-    ppl = perplexity(model.eval(), evalw)
-    del model
-    float_ppl = perplexity(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), evalw)
-    print(json.dumps({"ppl": ppl, "float_ppl": float_ppl, "quantize_s": round(seconds, 2), "peak_rss_mb": rss,
-                      "version": llmcompressor.__version__, "torch": torch.__version__}))
+    def prepare(calib, config: str):  # type: ignore[no-untyped-def]
+        ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+
+        def quantize(model):  # type: ignore[no-untyped-def]
+            oneshot(model=model, dataset=ds, recipe=recipe(config), max_seq_length=calib.shape[1],
+                    num_calibration_samples=calib.shape[0], shuffle_calibration_samples=False)
+            return model
+
+        return quantize
+
+    run_torch_peer(llmcompressor.__version__, prepare)
 
 
 if __name__ == "__main__":

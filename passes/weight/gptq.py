@@ -10,8 +10,8 @@ Hessian of a stage is collected with the earlier stages already quantized, so o_
 it will really see (q/k/v's error included). One run per calibration batch serves all stages: it pauses
 after each stage's input node (calib.stats.StagedCollector). Linears sharing an input share one Hessian;
 GPTQ treats rows independently, so a fused q/k/v linear gives exactly what quantizing q, k and v one by one
-would. Like rtn, the graph afterwards holds
-ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass and lowering is the same as after rtn.
+would. Like rtn, the graph afterwards holds ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass
+and lowering is the same as after rtn.
 """
 
 from __future__ import annotations
