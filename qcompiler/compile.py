@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from qcompiler.frontends.hf import (
     probe_block_inputs,
 )
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, drop_tensors, is_call, module_path, tensor_attrs
+from qcompiler.ir.graph import LINEAR, copy_graph, drop_tensors, is_call, module_path, tensor_attrs
 from qcompiler.memory import release_free_memory
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
@@ -206,9 +205,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             name = f"{prefix}.{i}"
             gm = tracer(block, name)
             fill_block(gm, name, ckpt, block, torch.float32)
-            with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-                float_gm = copy.deepcopy(gm)
+            float_gm = copy_graph(gm)
             ctx = PassContext(
                 block=name, scheme=cfg.scheme, target=target, calib=inputs, stats_cache=cache,
                 calib_digest=digest_tensors([t for b in inputs for t in b]) if cache is not None else None,

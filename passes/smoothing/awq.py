@@ -22,11 +22,10 @@ from torch import fx
 
 from qcompiler.algorithms.awq import awq_search_scales
 from qcompiler.calib.stats import StatRequest, Stats
-from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block, up_down_pairs
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
-from qcompiler.passes.weight.rtn import layer_weight_args
+from qcompiler.passes.weight.rtn import layer_weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
 
@@ -64,12 +63,11 @@ class AWQ(Pass):
         groups: list[_Group] = []
         skipped: dict[str, str] = {}
 
+        targets, _ = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)
+        to_quantize = {node.name for node, _, _ in targets}
+
         def quantizable(names: list[str]) -> bool:
-            return all(
-                qmeta.WQ not in nodes[n].meta
-                and layer_weight_args(ctx, analysis.linears[n], self.bits, self.group_size, self.symmetric) is not None
-                for n in names
-            )
+            return all(n in to_quantize for n in names)
 
         for ng in analysis.norm_groups:
             label = ",".join(analysis.linears[n].path for n in ng.linears)

@@ -24,10 +24,10 @@ from torch import fx
 from qcompiler.algorithms.gptq import gptq_quantize
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.ir import qmeta
-from qcompiler.ir.analysis import LinearInfo, analyze_block
+from qcompiler.ir.analysis import LinearInfo
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.numerics import sqnr_db
-from qcompiler.passes.weight.rtn import layer_weight_args, weight_args
+from qcompiler.passes.weight.rtn import weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
 
@@ -56,15 +56,9 @@ class GPTQ(Pass):
 
     def _stages(self, gm: fx.GraphModule, ctx: PassContext) -> list[list[tuple[fx.Node, LinearInfo, QuantArgs]]]:
         """Linears to quantize, grouped by input node, in graph order of that input."""
-        analysis = analyze_block(gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
         order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         by_input: dict[str, list[tuple[fx.Node, LinearInfo, QuantArgs]]] = {}
-        for name, info in analysis.linears.items():
-            node = nodes[name]
-            args = layer_weight_args(ctx, info, self.bits, self.group_size, self.symmetric)
-            if args is None or qmeta.WQ in node.meta:
-                continue
+        for node, info, args in weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)[0]:
             if args.granularity == "tensor":
                 continue  # per-tensor weights are left to rtn
             by_input.setdefault(node.args[0].name, []).append((node, info, args))  # type: ignore[union-attr]

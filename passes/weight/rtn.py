@@ -47,6 +47,25 @@ def layer_weight_args(
     return weight_args(scheme, bits, group_size, symmetric)
 
 
+def weight_targets(
+    gm: fx.GraphModule, ctx: PassContext, bits: int | None, group_size: int | None, symmetric: bool | None
+) -> tuple[list[tuple[fx.Node, LinearInfo, QuantArgs]], dict[str, str]]:
+    """The linears a weight pass quantizes, with their weight args, and the others with the reason why not."""
+    analysis = analyze_block(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    targets, skipped = [], {}
+    for name, info in analysis.linears.items():
+        node = nodes[name]
+        args = layer_weight_args(ctx, info, bits, group_size, symmetric)
+        if args is None:
+            skipped[info.path] = "float (ignored or overridden by the scheme)"
+        elif qmeta.WQ in node.meta:
+            skipped[info.path] = "already quantized"
+        else:
+            targets.append((node, info, args))
+    return targets, skipped
+
+
 def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None) -> QuantArgs:
     args = scheme.weights
     changes: dict[str, object] = {}
@@ -74,24 +93,13 @@ class RTN(Pass):
     def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
         if self.clip != "awq":
             return []
-        nodes = {n.name: n for n in gm.graph.nodes}
-        return [StatRequest(nodes[name].args[0].name, "hessian")  # type: ignore[union-attr]
-                for name, info in analyze_block(gm).linears.items()
-                if qmeta.WQ not in nodes[name].meta and ctx.layer_scheme(info) is not None]
+        targets, _ = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)
+        return [StatRequest(node.args[0].name, "hessian") for node, _, _ in targets]  # type: ignore[union-attr]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
-        analysis = analyze_block(gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        done, skipped = [], {}
-        for name, info in analysis.linears.items():
-            node = nodes[name]
-            args = layer_weight_args(ctx, info, self.bits, self.group_size, self.symmetric)
-            if args is None:
-                skipped[info.path] = "float (ignored or overridden by the scheme)"
-                continue
-            if qmeta.WQ in node.meta:
-                skipped[info.path] = "already quantized"
-                continue
+        targets, skipped = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)
+        done = []
+        for node, info, args in targets:
             w = get_tensor(gm, info.weight)
             if self.clip == "mse":
                 ratio: torch.Tensor | float = mse_clip_search(w, args)

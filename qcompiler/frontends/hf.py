@@ -12,9 +12,7 @@ per-architecture tables.
 
 from __future__ import annotations
 
-import copy
 import json
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from torch import fx
 from torch.export import Dim
 
 from qcompiler.errors import ModelLoadError, TraceError
-from qcompiler.ir.graph import ADAPTER_PREFIX, aten, get_tensor, set_tensor
+from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, set_tensor
 
 
 class Checkpoint:
@@ -303,9 +301,7 @@ class BlockTracer:
         if key not in self._graphs:
             self._graphs[key] = trace_block(block, self.call, self.example, name)
             self.exports += 1
-        with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            return copy.deepcopy(self._graphs[key])
+        return copy_graph(self._graphs[key])
 
 
 def _failing_op(e: Exception) -> str:

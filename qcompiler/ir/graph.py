@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -153,3 +155,10 @@ def drop_tensors(gm: fx.GraphModule) -> None:
         mod._buffers.clear()
         for k in [k for k, v in vars(mod).items() if isinstance(v, torch.Tensor)]:
             delattr(mod, k)
+
+
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of a graph module (its tensors included)."""
+    with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(gm)
