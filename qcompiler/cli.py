@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), or 'demo'")
     q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic (see `qcompile schemes`)")
     q.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
-    q.add_argument("--target", default="reference", help="backend to lower for")
+    q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime")
+    q.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="target option, e.g. accuracy_level=0 or lm_head_bits=8 for onnxruntime (repeatable)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
     q.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
@@ -76,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-float", action="store_true", help="skip the float model")
     e.add_argument("--float-model", type=Path, default=None, help="float checkpoint to compare against (default: the source)")
     e.add_argument("--bf16", action="store_true", help="run in bfloat16 with the CPU int4/int8 kernels (faster)")
+    e.add_argument("--runtime", choices=["auto", "reference", "onnxruntime"], default="auto",
+                   help="run the quantized model with our reference runtime or the exported model.onnx "
+                   "(auto: onnxruntime when the folder has one)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true")
 
@@ -107,14 +112,17 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     budget = _fraction(a.max_ppl_increase)
     from qcompiler.targets import get_target
 
+    target = get_target(a.target)
     for s in scheme.all_schemes():
-        get_target(a.target).validate(s)  # refuse before loading anything
+        target.validate(s)  # refuse before loading anything
+    target.check_options(_key_values(a.target_option))
     model = resolve_model(a.model)
     cfg = QuantizeConfig(
         model=model, scheme=scheme, out=a.out, target=a.target, algo=a.algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
+        target_options=_key_values(a.target_option),
     )
     if a.fallback == "auto":
         from qcompiler.fallback import quantize_with_fallback
@@ -123,6 +131,18 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     else:
         quantize(cfg)
     return 0
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    from qcompiler.errors import PipelineError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PipelineError(f"--target-option '{item}' is not KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _fraction(text: str) -> float:
@@ -145,6 +165,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         a.out, text=a.text, seq_len=a.seq_len, max_tokens=a.max_tokens or None, batch_size=a.batch_size,
         compare_float=not a.no_float, float_model=a.float_model,
         dtype=torch.bfloat16 if a.bf16 else torch.float32, progress=not (a.no_progress or a.json),
+        runtime=a.runtime,
     )
     print(json.dumps(r) if a.json else format_eval(r))
     return 0

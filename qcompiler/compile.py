@@ -100,6 +100,7 @@ class QuantizeConfig:
     propagate: Literal["quantized", "float"] = "quantized"
     chat_template: bool = False  # format calibration samples with the tokenizer's chat template
     stats_cache: Path | None = None  # reuse calibration statistics across runs (see calib.stats.StatsCache)
+    target_options: dict[str, str] = field(default_factory=dict)  # e.g. onnxruntime accuracy_level=0
     dump_dir: Path | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -167,6 +168,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     target = get_target(cfg.target)
     for scheme in cfg.scheme.all_schemes():
         target.validate(scheme)
+    target.check_options(cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
               else default_pipeline(cfg.scheme, target, cfg.algo))
     check_output_dir(cfg.out.absolute())
@@ -177,6 +179,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
         tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"'{cfg.model}': no usable tokenizer files ({e})") from e
+    target.check_model(ckpt.config())
     model = build_skeleton(ckpt)
     prefix, blocks = find_blocks(model)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
@@ -199,7 +202,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     cache = StatsCache(Path(cfg.stats_cache)) if cfg.stats_cache is not None else None
     layers: dict[str, Any] = {}
     block_reports: dict[str, Any] = {}
+    exporter = None
     try:
+        exporter = target.exporter(writer.tmp, model, cfg.target_options)
         bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not cfg.progress, unit="block")
         for i, block in bar:
             name = f"{prefix}.{i}"
@@ -226,6 +231,8 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             drop_tensors(float_gm)
             del float_gm
             gm = lowering.run(gm, ctx)
+            if exporter is not None:
+                exporter.add_block(i, name, gm)
             layers.update(_describe_layers(gm, name, layer_sqnr))
             writer.add_tensors(
                 f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
@@ -242,6 +249,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
         description = {
             "scheme": cfg.scheme.to_dict(),
             "target": target.name,
+            "target_options": dict(cfg.target_options),
             "pipeline": format_pipeline(passes),
             "source_model": str(Path(cfg.model).absolute()),
             "architecture": model.config.model_type,
@@ -259,8 +267,12 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             "layers": layers,
             "block_report": block_reports,
         }
+        if exporter is not None:
+            exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": format_pipeline(passes)})
         out = writer.finish(description, copy_from=Path(cfg.model), tokenizer=tokenizer)
     except BaseException:
+        if exporter is not None:
+            exporter.abort()
         writer.abort()
         raise
     log(f"wrote {out} in {elapsed:.1f} s ({len(layers)} quantized layers)")

@@ -41,3 +41,11 @@ class CalibrationError(QCompilerError):
 
 class ArtifactError(QCompilerError):
     """A quantized output folder is missing, incomplete or of an unknown format version."""
+
+
+class ExportError(QCompilerError):
+    """A graph cannot be written in a target's format (names the block, node and op, and what is supported)."""
+
+
+class UnsupportedOpError(QCompilerError):
+    """An imported model uses operators the frontend has no translation for (lists every one, before any work)."""

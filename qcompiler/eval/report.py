@@ -31,6 +31,7 @@ def evaluate(
     float_model: Path | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -56,7 +57,19 @@ def evaluate(
         result["float"] = perplexity(fm, ids, tok_name, batch_size, progress, "float").to_dict()
         result["float_size_bytes"] = folder_size(src)
         del fm
-    qm = load_quantized(out, dtype=dtype)
+    from qcompiler.targets.onnxruntime.decoder import MODEL_FILE
+
+    if runtime == "auto":
+        runtime = "onnxruntime" if (out / MODEL_FILE).is_file() else "reference"
+    result["runtime"] = runtime
+    if runtime == "onnxruntime":
+        from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
+
+        if dtype != torch.float32:
+            raise ModelLoadError("the ONNX export is float32; drop --bf16 or use --runtime reference")
+        qm: Any = OrtCausalLM(out)
+    else:
+        qm = load_quantized(out, dtype=dtype)
     result["quantized"] = perplexity(qm, ids, tok_name, batch_size, progress, "quantized").to_dict()
     if compare_float:
         f, q = result["float"]["perplexity"], result["quantized"]["perplexity"]
@@ -71,7 +84,7 @@ def format_eval(r: dict[str, Any]) -> str:
         f"artefact   {r['artefact']}  ({r['scheme']}: {r['pipeline']})",
         f"text       {r['text']}",
         f"measured   token-level perplexity, tokenizer {q['tokenizer']}, windows of {q['seq_len']} tokens, "
-        f"{q['tokens']} predicted tokens, {r['dtype']}",
+        f"{q['tokens']} predicted tokens, {r['dtype']}, quantized model run by {r.get('runtime', 'reference')}",
         "",
         f"{'model':<10} {'perplexity':>11} {'size MB':>9} {'eval s':>8}",
     ]

@@ -4,7 +4,11 @@ whether they want fused linears, and which rewrite rules lower quantized pattern
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import fx
 
 from qcompiler.errors import SchemeError
 from qcompiler.schemes import QuantScheme
@@ -38,6 +42,28 @@ class Target:
     def lowering_rules(self) -> Sequence[RewriteRule]:
         raise NotImplementedError
 
+    def check_options(self, options: dict[str, str]) -> None:
+        """Refuse unknown target options (before any work)."""
+        if options:
+            raise SchemeError(f"target '{self.name}' takes no --target-option (got {', '.join(options)})")
+
+    def check_model(self, config: Any) -> None:
+        """Refuse, before any work, a model architecture the target's format cannot express."""
+
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str]) -> BlockExporter | None:
+        """A writer of the target's own format, fed each lowered block (None: our artefact only)."""
+        return None
+
+
+class BlockExporter(Protocol):
+    """Receives lowered blocks in order while the driver runs; writes into the artefact's temporary folder."""
+
+    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None: ...
+
+    def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None: ...
+
+    def abort(self) -> None: ...
+
 
 _TARGETS: dict[str, Callable[[], Target]] = {}
 
@@ -52,7 +78,8 @@ def register_target(name: str) -> Callable[[type[Target]], type[Target]]:
 
 
 def registered_targets() -> dict[str, Callable[[], Target]]:
-    import qcompiler.targets.reference  # noqa: F401  (built-in targets register on import)
+    import qcompiler.targets.onnxruntime  # noqa: F401  (built-in targets register on import)
+    import qcompiler.targets.reference  # noqa: F401
 
     return dict(_TARGETS)
 

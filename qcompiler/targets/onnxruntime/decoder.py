@@ -1,0 +1,292 @@
+"""The whole decoder as one ONNX model with a KV cache, written block by block as the driver lowers them,
+plus `genai_config.json` so onnxruntime-genai generates from the folder.
+
+    input_ids [B, S], attention_mask [B, T], past_key_values.{i}.key/value [B, Hkv, P, D]
+      → Gather(embed) → block 0 … block L−1 → RMSNormalization → lm_head
+      → logits [B, S, V], present.{i}.key/value [B, Hkv, T, D]
+
+Each block is the lowered FX graph emitted rule by rule (emit.py), except its attention core: the nodes from
+the q/k/v projections' outputs (head reshapes, rotary embedding, GQA repetition, scaled dot-product
+attention) to the o projection's input become one com.microsoft::GroupQueryAttention (rotary applied in the
+op from cos/sin caches computed by the model's own rotary module, past/present cache, causal mask from
+seqlens_k = Σ attention_mask − 1 and the total length). The attention pattern is checked on the graph, not
+assumed: a q/k path with anything but reshapes and the rotary arithmetic (e.g. Qwen3's per-head q/k norms)
+is refused with the reason.
+
+The lm_head is quantized by the target's `lm_head_bits` option (RTN, symmetric blocks of 32, MatMulNBits, as
+the onnxruntime-genai builder does for its int4 models) or kept float; a float head tied to the embeddings
+reads the embedding initializer through Gemm(transB=1) instead of storing a transposed copy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from onnx import TensorProto
+from torch import fx
+
+from qcompiler.errors import ExportError
+from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call
+from qcompiler.kernels.packing import store_weight_codes
+from qcompiler.numerics import quantize_weight, weight_qparams
+from qcompiler.schemes import QuantArgs
+from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
+from qcompiler.targets.onnxruntime.emit import W8A8, WOQ, EmitOptions, GraphEmitter, matmulnbits_tensors
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+LINEAR_LIKE = {LINEAR, WOQ, W8A8}
+# ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
+_ATTN_PLUMBING = PASSTHROUGH | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.unsqueeze.default,
+    aten.expand.default, aten.slice.Tensor, aten.neg.default, aten.cat.default, aten.mul.Tensor, aten.add.Tensor,
+    aten.sym_size.int, aten.contiguous.default, aten.permute.default,
+}
+MODEL_FILE = "model.onnx"
+
+
+def _is_linear_like(n: fx.Node) -> bool:
+    return is_call(n, LINEAR_LIKE)
+
+
+def _is_split_projection(n: fx.Node) -> bool:
+    """getitem(split_with_sizes(fused projection), i)."""
+    if not is_call(n, operator.getitem):
+        return False
+    split = n.args[0]
+    return (isinstance(split, fx.Node) and is_call(split, aten.split_with_sizes.default)
+            and isinstance(split.args[0], fx.Node) and _is_linear_like(split.args[0]))
+
+
+def _projection(node: fx.Node, what: str, block: str) -> tuple[fx.Node, set[fx.Node]]:
+    """The projection (linear-like node, or getitem of a split fused projection) feeding `node`, and the
+    placeholders read on the way (rotary tables)."""
+    sources: set[fx.Node] = set()
+    placeholders: set[fx.Node] = set()
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_linear_like(n) or _is_split_projection(n):
+            sources.add(n)
+            continue
+        if n.op == "placeholder":
+            placeholders.add(n)
+            continue
+        if n.op == "get_attr":
+            continue
+        if not is_call(n, _ATTN_PLUMBING):
+            raise ExportError(
+                f"{block}: the {what} path into attention contains '{n.target}' (node '{n.name}'); the ONNX Runtime "
+                "decoder export supports projections followed by head reshapes and rotary embedding only "
+                "(per-head q/k norms, as in Qwen3, are not supported yet)"
+            )
+        stack.extend(n.all_input_nodes)
+    if len(sources) != 1:
+        raise ExportError(f"{block}: the {what} input of attention comes from {len(sources)} projections, expected 1")
+    return sources.pop(), placeholders
+
+
+def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
+    """The input of the o projection: the node after the attention output's transpose/reshape plumbing."""
+    n = sdpa
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            raise ExportError(f"{block}: attention output '{n.name}' has {len(users)} users; expected a chain to o_proj")
+        u = users[0]
+        if _is_linear_like(u):
+            return n
+        if not is_call(u, _ATTN_PLUMBING):
+            raise ExportError(f"{block}: unexpected op '{u.target}' between attention and o_proj (node '{u.name}')")
+        n = u
+
+
+def check_decoder_config(cfg: Any) -> None:
+    """Refuse an architecture or shape the decoder export cannot express, naming the fix."""
+    arch = cfg.model_type
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(
+            f"the ONNX Runtime decoder export supports {', '.join(SUPPORTED_ARCHITECTURES)} models, not '{arch}'; "
+            "use --target reference for this model"
+        )
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    if head_dim % 16:
+        raise ExportError(f"onnxruntime's GroupQueryAttention needs a head size divisible by 16, this model has "
+                          f"{head_dim}; use --target reference for it")
+
+
+class DecoderExporter:
+    """Streams a decoder-only LM into MODEL_FILE in `out_dir` while the driver lowers its blocks."""
+
+    def __init__(self, out_dir: Path, model: torch.nn.Module, options: EmitOptions | None = None,
+                 lm_head_bits: int | None = None):
+        cfg = model.config
+        self.cfg = cfg
+        check_decoder_config(cfg)
+        self.options = options or EmitOptions()
+        self.lm_head_bits = lm_head_bits
+        self.out_dir = Path(out_dir)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
+        self.layers = int(cfg.num_hidden_layers)
+        self.vocab = int(cfg.vocab_size)
+        b = self.b = OnnxBuilder(self.out_dir / MODEL_FILE)
+        ids = b.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+        mask = b.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                b.add_input(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+                            ["batch_size", self.kv_heads, "past_sequence_length", self.head_dim])
+        one = b.const([1], np.int64)
+        total = b.op("ReduceSum", [mask, one], "/mask/reduce_sum", keepdims=0)
+        self.seqlens_k = b.op("Cast", [b.op("Sub", [total, one], "/mask/sub")], "/mask/seqlens_k", to=TensorProto.INT32)
+        t = b.op("Gather", [b.op("Shape", [mask], "/mask/shape"), b.const(1, np.int64)], "/mask/total", axis=0)
+        self.total_len = b.op("Cast", [t], "/mask/total_i32", to=TensorProto.INT32)
+        self.cos, self.sin = self._rotary_caches(model)
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.embedding = inner.embed_tokens.weight
+        self.embedding_name = b.initializer("model.embed_tokens.weight", self.embedding.detach().float())
+        self.hidden = b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens")
+        self.window = -1
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            self.window = int(cfg.sliding_window)
+        self.blocks_done = 0
+
+    def _rotary_caches(self, model: torch.nn.Module) -> tuple[str, str]:
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        n = int(self.cfg.max_position_embeddings)
+        pos = torch.arange(n)[None]
+        with torch.no_grad():
+            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+        if cos.shape[-1] != self.head_dim:
+            raise ExportError(f"partial rotary embedding ({cos.shape[-1]} of {self.head_dim} dims) is not supported")
+        half = self.head_dim // 2
+        if not torch.allclose(cos[0, :, :half], cos[0, :, half:]):
+            raise ExportError("the rotary tables are not in the rotate-half layout GroupQueryAttention expects")
+        return (self.b.initializer("cos_cache", cos[0, :, :half].float().contiguous()),
+                self.b.initializer("sin_cache", sin[0, :, :half].float().contiguous()))
+
+    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
+        if index != self.blocks_done:
+            raise ExportError(f"blocks must be exported in order: got {index}, expected {self.blocks_done}")
+        em = GraphEmitter(self.b, gm, f"/model/layers.{index}", self.options)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        em.env[placeholders[0]] = self.hidden
+        sdpas = [n for n in gm.graph.nodes if is_call(n, SDPA_OPS)]
+        if len(sdpas) != 1:
+            raise ExportError(f"{name}: expected one attention (scaled_dot_product_attention), found {len(sdpas)}")
+        sdpa = sdpas[0]
+        if len(sdpa.args) > 3 and sdpa.args[3] is not None:
+            raise ExportError(f"{name}: attention with an explicit mask tensor is not supported (causal only)")
+        (q, q_ph), (k, k_ph), (v, _) = (_projection(sdpa.args[i], w, name) for i, w in enumerate(("query", "key", "value")))
+        if not q_ph or not k_ph:
+            raise ExportError(f"{name}: no rotary embedding found on the query/key paths (GroupQueryAttention applies it)")
+        qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
+        if (qkv_split[0] is not None and qkv_split[0] is qkv_split[1] is qkv_split[2]
+                and [x.args[1] for x in (q, k, v)] == [0, 1, 2]):
+            packed = qkv_split[0].args[0]  # the fused q|k|v projection, in q, k, v order
+            query, key, value = em.v(packed), "", ""
+        else:
+            query, key, value = em.v(q), em.v(k), em.v(v)
+        scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(self.head_dim)
+        attn = self.b.node(
+            "GroupQueryAttention",
+            [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
+             self.total_len, self.cos, self.sin],
+            f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
+            outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
+            num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=1, rotary_interleaved=0,
+            local_window_size=self.window,
+        )
+        em.env[_attention_output(sdpa, name)] = attn[0]
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        result = out.args[0][0] if isinstance(out.args[0], tuple | list) else out.args[0]
+        (self.hidden,) = em.emit([result])  # type: ignore[assignment]
+        self.blocks_done += 1
+
+    def _lm_head(self, x: str, weight: torch.Tensor) -> str:
+        b = self.b
+        w = weight.detach().float()
+        if self.lm_head_bits is None:
+            if weight is self.embedding:  # tied: share the embedding table, Gemm computes x · Eᵀ on 2-D views
+                flat = b.op("Reshape", [x, b.const([-1, int(w.shape[1])], np.int64)], "/lm_head/flatten")
+                y = b.op("Gemm", [flat, self.embedding_name], "/lm_head/Gemm", transB=1)
+                shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x], "/lm_head/shape"), b.const([0], np.int64),
+                                                         b.const([2], np.int64)], "/lm_head/batch_seq"),
+                                        b.const([int(w.shape[0])], np.int64)], "/lm_head/out_shape", axis=0)
+                return b.node("Reshape", [y, shape], "/lm_head/unflatten", outputs=["logits"])[0]
+            wt = b.initializer("lm_head.weight.T", w.t().contiguous())
+            return b.node("MatMul", [x, wt], "/lm_head/MatMul", outputs=["logits"])[0]
+        args = QuantArgs(bits=self.lm_head_bits, symmetric=True, granularity="group", group_size=32)
+        scale, zero = weight_qparams(w, args)
+        q = store_weight_codes(quantize_weight(w, scale, zero, args), args.bits, True)
+        block, qb, s, _ = matmulnbits_tensors(q, scale, None, args.bits, 32, w.shape[1])
+        return b.node("MatMulNBits", [x, b.initializer("lm_head.MatMulNBits.B", qb), b.initializer("lm_head.MatMulNBits.scales", s)],
+                      "/lm_head/MatMulNBits", domain=MS_DOMAIN, outputs=["logits"], K=int(w.shape[1]), N=int(w.shape[0]),
+                      bits=args.bits, block_size=block, accuracy_level=self.options.accuracy_level)[0]
+
+    def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+        if self.blocks_done != self.layers:
+            raise ExportError(f"only {self.blocks_done} of {self.layers} blocks were exported")
+        b = self.b
+        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        norm = inner.norm
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        h = b.op("RMSNormalization", [self.hidden, b.initializer("model.norm.weight", norm.weight.detach().float())],
+                 "/model/norm", axis=-1, epsilon=eps, stash_type=1)
+        self._lm_head(h, model.get_output_embeddings().weight)
+        b.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", self.vocab])
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                b.add_output(f"present.{i}.{kind}", TensorProto.FLOAT,
+                             ["batch_size", self.kv_heads, "total_sequence_length", self.head_dim])
+        b.finish("qcompiler_decoder", metadata)
+        (self.out_dir / "genai_config.json").write_text(json.dumps(self.genai_config(), indent=2))
+
+    def abort(self) -> None:
+        self.b.abort()
+
+    def genai_config(self) -> dict[str, Any]:
+        cfg = self.cfg
+        eos = cfg.eos_token_id
+        ctx = int(cfg.max_position_embeddings)
+        return {
+            "model": {
+                "bos_token_id": cfg.bos_token_id,
+                "context_length": ctx,
+                "decoder": {
+                    "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                    "filename": MODEL_FILE,
+                    "head_size": self.head_dim,
+                    "hidden_size": cfg.hidden_size,
+                    "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                    "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                                "present_value_names": "present.%d.value"},
+                    "num_attention_heads": self.heads,
+                    "num_hidden_layers": self.layers,
+                    "num_key_value_heads": self.kv_heads,
+                },
+                "eos_token_id": eos,
+                "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos),
+                "type": cfg.model_type,
+                "vocab_size": cfg.vocab_size,
+            },
+            "search": {
+                "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                "max_length": ctx, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+            },
+        }
+

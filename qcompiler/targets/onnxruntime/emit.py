@@ -1,0 +1,360 @@
+"""Lowering a (lowered) FX graph to ONNX Runtime nodes: one emission rule per FX op.
+
+Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
+
+  qc::linear_woq  ŵ = (q − z)·s, group g      → com.microsoft::MatMulNBits (bits 4|8, block = g or a power-of-two
+                                                divisor of g with scales repeated; K padded to whole blocks;
+                                                symmetric codes use the op's default zero point 2^(bits−1))
+  qc::linear_w8a8 dynamic per-token           → s_t = max|x_t|/127; q = round(x/s_t)+128 (uint8);
+                                                MatMulInteger(q, W_int8, zp=128) · s_t · s_w (+ b)
+  qc::linear_w8a8 static per-tensor           → QuantizeLinear/DequantizeLinear on x and on W (QDQ), MatMul;
+                                                onnxruntime fuses the pattern into its int8 GEMM
+  aten.linear (float)                         → MatMul(x, Wᵀ) (+ b)
+  RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23)
+
+Everything else is elementwise/reduction ATen ops with direct ONNX counterparts. Values are emitted on demand
+(only what the requested outputs need), so a caller can pre-bind nodes — the decoder exporter binds an
+attention's output to a GroupQueryAttention node and the rotary/reshape nodes feeding it are never emitted.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from onnx import TensorProto
+from torch import fx
+
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
+from qcompiler.errors import ExportError
+from qcompiler.ir.graph import PASSTHROUGH, aten, get_tensor, is_call, skip_passthrough
+from qcompiler.kernels.packing import load_weight_codes
+from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
+
+WOQ = torch.ops.qc.linear_woq.default
+W8A8 = torch.ops.qc.linear_w8a8.default
+MATMULNBITS_BLOCKS = (256, 128, 64, 32, 16)
+
+
+@dataclass(frozen=True)
+class EmitOptions:
+    # MatMulNBits accuracy_level: 0 = compute in the activation dtype (exact dequantize-then-GEMM);
+    # 4 = quantize activations per block to int8 inside the kernel (onnxruntime's fast CPU path).
+    accuracy_level: int = 4
+
+
+def matmulnbits_block(group_size: int, k: int) -> int | None:
+    """The MatMulNBits block size that reproduces groups of `group_size` along K exactly: a power of two
+    ≥ 16 dividing the group (scales repeat), or, when one group spans the whole row, 128 (or the smallest
+    power of two ≥ K for short rows; K is zero-padded to whole blocks)."""
+    if group_size >= k:
+        return 128 if k >= 128 else max(16, 1 << (k - 1).bit_length())
+    return next((b for b in MATMULNBITS_BLOCKS if group_size % b == 0), None)
+
+
+def matmulnbits_tensors(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                        group_size: int, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Our stored weight (packing.py layout) → MatMulNBits (block, B [N, kb, block·bits/8], scales [N·kb],
+    zero points or None)."""
+    block = matmulnbits_block(group_size, k)
+    if block is None:
+        raise ExportError(f"group size {group_size} has no MatMulNBits block (a power of two ≥ 16 must divide it)")
+    n = qweight.shape[0]
+    kb = -(-k // block)
+    codes = load_weight_codes(qweight, bits, k).to(torch.int32)  # unsigned for int4; int8 may be signed
+    if bits == 8 and qweight.dtype == torch.int8:
+        codes = codes + 128  # symmetric int8 → unsigned with the default zero point 128
+    pad_code = 2 ** (bits - 1) if zero is None else 0
+    codes = torch.nn.functional.pad(codes, (0, kb * block - k), value=pad_code).to(torch.uint8)
+    # group index of each block (blocks never straddle groups by construction)
+    gi = torch.clamp(torch.arange(kb) * block // group_size, max=scale.shape[1] - 1)
+    scales = scale.float()[:, gi].contiguous()
+    if bits == 4:
+        b = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, kb, block // 2)
+    else:
+        b = codes.reshape(n, kb, block)
+    zp = None
+    if zero is not None:
+        z = zero.to(torch.uint8)[:, gi]
+        if bits == 4:
+            if kb % 2:
+                z = torch.nn.functional.pad(z, (0, 1), value=8)
+            z = z[:, 0::2] | (z[:, 1::2] << 4)
+        zp = z.contiguous().numpy().reshape(-1)
+    return block, b.contiguous().numpy(), scales.numpy().reshape(-1), zp
+
+
+def match_rms_norm(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Tensor, float] | None:
+    """γ ⊙ cast(x · rsqrt(mean(x², −1) + ε)) (γ or γ + c) → (x, effective γ, ε); None if not that shape."""
+    if not is_call(node, aten.mul.Tensor):
+        return None
+    for w_arg, t_arg in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not isinstance(w_arg, fx.Node) or not isinstance(t_arg, fx.Node):
+            continue
+        offset = 0.0
+        w = skip_passthrough(w_arg)
+        if is_call(w, aten.add.Tensor) and isinstance(w.args[1], int | float):
+            offset, w = float(w.args[1]), skip_passthrough(w.args[0])
+        if w.op != "get_attr":
+            continue
+        gamma = get_tensor(gm, str(w.target))
+        t = skip_passthrough(t_arg)
+        if gamma.dim() != 1 or not is_call(t, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in t.args):
+            continue
+        for x1, r in ((t.args[0], t.args[1]), (t.args[1], t.args[0])):
+            if not is_call(r, aten.rsqrt.default):
+                continue
+            a = r.args[0]
+            if not (is_call(a, aten.add.Tensor) and isinstance(a.args[1], float | int)):
+                continue
+            m = a.args[0]
+            if not (is_call(m, aten.mean.dim) and list(m.args[1]) in ([-1], [len(gamma.shape) - 2]) and m.args[2]):
+                continue
+            p = m.args[0]
+            if not (is_call(p, aten.pow.Tensor_Scalar) and p.args[1] == 2):
+                continue
+            x = skip_passthrough(x1)
+            if skip_passthrough(p.args[0]) is not x:
+                continue
+            return x, gamma.float() + offset, float(a.args[1])
+    return None
+
+
+Rule = Callable[["GraphEmitter", fx.Node], "str | list[str]"]
+RULES: dict[Any, Rule] = {}
+
+
+def rule(*targets: Any) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+class GraphEmitter:
+    """Emits the ONNX nodes computing requested values of one FX graph into a builder."""
+
+    def __init__(self, b: OnnxBuilder, gm: fx.GraphModule, scope: str, options: EmitOptions | None = None):
+        self.b, self.gm, self.scope = b, gm, scope
+        self.options = options or EmitOptions()
+        self.env: dict[fx.Node, str | list[str]] = {}
+        self._attrs: dict[str, str] = {}
+        self._norms: dict[fx.Node, tuple[fx.Node, torch.Tensor, float] | None] = {}
+
+    # ---------------------------------------------------------------- values
+    def name(self, node: fx.Node) -> str:
+        return f"{self.scope}/{node.name}"
+
+    def tensor(self, node: fx.Node) -> torch.Tensor:
+        return get_tensor(self.gm, str(node.target))
+
+    def v(self, arg: Any) -> str:
+        """The ONNX value of an FX argument (python scalars become float32 constants)."""
+        if isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                if arg.target not in self._attrs:
+                    self._attrs[arg.target] = self.b.initializer(f"{self.scope}.{arg.target}", self.tensor(arg))
+                return self._attrs[arg.target]
+            if arg not in self.env:
+                self.emit([arg])
+            out = self.env[arg]
+            if isinstance(out, list):
+                raise ExportError(f"{self.scope}: node '{arg.name}' has several outputs and is used as one value")
+            return out
+        if isinstance(arg, bool | int | float):
+            return self.b.const(float(arg))
+        raise ExportError(f"{self.scope}: cannot export argument {arg!r}")
+
+    def norm(self, node: fx.Node) -> tuple[fx.Node, torch.Tensor, float] | None:
+        if node not in self._norms:
+            self._norms[node] = match_rms_norm(node, self.gm)
+        return self._norms[node]
+
+    def deps(self, node: fx.Node) -> list[fx.Node]:
+        m = self.norm(node) if is_call(node, aten.mul.Tensor) else None
+        if m is not None:
+            return [m[0]]
+        return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+    # ---------------------------------------------------------------- driving
+    def emit(self, outputs: list[fx.Node]) -> list[str | list[str]]:
+        needed: set[fx.Node] = set()
+        stack = [o for o in outputs if o not in self.env]
+        while stack:
+            n = stack.pop()
+            if n in needed or n in self.env:
+                continue
+            needed.add(n)
+            stack.extend(d for d in self.deps(n) if d not in self.env)
+        for n in self.gm.graph.nodes:
+            if n in needed and n not in self.env:
+                self.env[n] = self._emit_node(n)
+        return [self.env[o] for o in outputs]
+
+    def _emit_node(self, n: fx.Node) -> str | list[str]:
+        if n.op == "placeholder":
+            raise ExportError(f"{self.scope}: graph input '{n.name}' is used but has no ONNX value bound")
+        if n.op != "call_function":
+            raise ExportError(f"{self.scope}: node '{n.name}' ({n.op} {n.target}) cannot be exported to ONNX")
+        if is_call(n, aten.mul.Tensor) and self.norm(n) is not None:
+            return _rms_norm(self, n)
+        fn = RULES.get(n.target)
+        if fn is None:
+            raise ExportError(
+                f"{self.scope}: op '{n.target}' (node '{n.name}') has no ONNX Runtime lowering; supported: "
+                + ", ".join(sorted({str(t) for t in RULES}))
+            )
+        return fn(self, n)
+
+
+# -------------------------------------------------------------------- rules
+def _rms_norm(em: GraphEmitter, n: fx.Node) -> str:
+    x, gamma, eps = em.norm(n)  # type: ignore[misc]
+    g = em.b.initializer(f"{em.scope}.norm_weight", gamma)
+    return em.b.op("RMSNormalization", [em.v(x), g], em.name(n), axis=-1, epsilon=eps, stash_type=1)
+
+
+@rule(*PASSTHROUGH, aten.contiguous.default)
+def _passthrough(em: GraphEmitter, n: fx.Node) -> str:
+    dtype = n.kwargs.get("dtype") or next((a for a in n.args[1:] if isinstance(a, torch.dtype)), None)
+    if dtype not in (None, torch.float32):
+        raise ExportError(f"{em.scope}: node '{n.name}' casts to {dtype}; the ONNX export is float32 only")
+    return em.v(n.args[0])
+
+
+def _binary(op: str) -> Rule:
+    def emit(em: GraphEmitter, n: fx.Node) -> str:
+        if n.kwargs.get("alpha", 1) != 1:
+            raise ExportError(f"{em.scope}: node '{n.name}' has alpha != 1")
+        return em.b.op(op, [em.v(n.args[0]), em.v(n.args[1])], em.name(n))
+
+    return emit
+
+
+def _unary(op: str) -> Rule:
+    def emit(em: GraphEmitter, n: fx.Node) -> str:
+        return em.b.op(op, [em.v(n.args[0])], em.name(n))
+
+    return emit
+
+
+for _t, _op in ((aten.add.Tensor, "Add"), (aten.sub.Tensor, "Sub"), (aten.mul.Tensor, "Mul"),
+                (aten.div.Tensor, "Div")):
+    RULES[_t] = _binary(_op)
+for _t, _op in ((aten.neg.default, "Neg"), (aten.sigmoid.default, "Sigmoid"), (aten.tanh.default, "Tanh"),
+                (aten.relu.default, "Relu"), (aten.exp.default, "Exp"), (aten.sqrt.default, "Sqrt")):
+    RULES[_t] = _unary(_op)
+
+
+@rule(aten.rsqrt.default)
+def _rsqrt(em: GraphEmitter, n: fx.Node) -> str:
+    return em.b.op("Reciprocal", [em.b.op("Sqrt", [em.v(n.args[0])], em.name(n) + "/sqrt")], em.name(n))
+
+
+@rule(aten.pow.Tensor_Scalar)
+def _pow(em: GraphEmitter, n: fx.Node) -> str:
+    return em.b.op("Pow", [em.v(n.args[0]), em.b.const(float(n.args[1]))], em.name(n))
+
+
+@rule(aten.mean.dim)
+def _mean(em: GraphEmitter, n: fx.Node) -> str:
+    keep = int(bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)))
+    axes = em.b.const(list(n.args[1]), np.int64)
+    return em.b.op("ReduceMean", [em.v(n.args[0]), axes], em.name(n), keepdims=keep)
+
+
+@rule(aten.silu.default)
+def _silu(em: GraphEmitter, n: fx.Node) -> str:
+    x = em.v(n.args[0])
+    return em.b.op("Mul", [x, em.b.op("Sigmoid", [x], em.name(n) + "/sigmoid")], em.name(n))
+
+
+@rule(aten.gelu.default)
+def _gelu(em: GraphEmitter, n: fx.Node) -> str:
+    approx = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
+    return em.b.op("Gelu", [em.v(n.args[0])], em.name(n), approximate=approx)
+
+
+@rule(aten.split_with_sizes.default)
+def _split(em: GraphEmitter, n: fx.Node) -> list[str]:
+    sizes = list(n.args[1])
+    axis = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    return em.b.node("Split", [em.v(n.args[0]), em.b.const(sizes, np.int64)], em.name(n), n_out=len(sizes), axis=axis)
+
+
+@rule(operator.getitem)
+def _getitem(em: GraphEmitter, n: fx.Node) -> str:
+    src = n.args[0]
+    assert isinstance(src, fx.Node)
+    if src not in em.env:
+        em.emit([src])
+    outs = em.env[src]
+    if not isinstance(outs, list):
+        raise ExportError(f"{em.scope}: node '{n.name}' indexes a single-output value")
+    return outs[n.args[1]]
+
+
+def _bias(em: GraphEmitter, y: str, bias: fx.Node | None, name: str) -> str:
+    return y if bias is None else em.b.op("Add", [y, em.v(bias)], name + "/bias")
+
+
+@rule(aten.linear.default)
+def _linear(em: GraphEmitter, n: fx.Node) -> str:
+    w = em.tensor(n.args[1])
+    wt = em.b.initializer(f"{em.scope}.{n.args[1].target}.T", w.float().t().contiguous())
+    y = em.b.op("MatMul", [em.v(n.args[0]), wt], em.name(n))
+    return _bias(em, y, n.args[2] if len(n.args) > 2 else None, em.name(n))
+
+
+@rule(WOQ)
+def _linear_woq(em: GraphEmitter, n: fx.Node) -> str:
+    x, qw, scale, zero, bias, bits, g, k = n.args
+    block, b, s, zp = matmulnbits_tensors(em.tensor(qw), em.tensor(scale), em.tensor(zero) if zero else None,
+                                          bits, g, k)
+    base = f"{em.scope}.{str(qw.target).removesuffix('.qweight')}"
+    inputs = [em.v(x), em.b.initializer(base + ".MatMulNBits.B", b), em.b.initializer(base + ".MatMulNBits.scales", s)]
+    inputs.append(em.b.initializer(base + ".MatMulNBits.zero_points", zp) if zp is not None else "")
+    if bias is not None:
+        inputs += ["", em.v(bias)]  # g_idx (unused), bias
+    while inputs[-1] == "":
+        inputs.pop()
+    return em.b.op("MatMulNBits", inputs, em.name(n), domain=MS_DOMAIN, K=int(k), N=int(b.shape[0]), bits=int(bits),
+                   block_size=block, accuracy_level=em.options.accuracy_level)
+
+
+@rule(W8A8)
+def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
+    x, qw, w_scale, x_scale, x_zero, bias = n.args
+    name = em.name(n)
+    b = em.b
+    base = f"{em.scope}.{str(qw.target).removesuffix('.qweight')}"
+    q_w = em.tensor(qw)
+    s_w = em.tensor(w_scale).float().reshape(-1)
+    xv = em.v(x)
+    if x_scale is None:  # dynamic symmetric per-token
+        w_t = b.initializer(base + ".W_int8.T", q_w.t().contiguous())
+        amax = b.op("ReduceMax", [b.op("Abs", [xv], name + "/abs"), b.const([-1], np.int64)], name + "/amax", keepdims=1)
+        s_x = b.op("Max", [b.op("Div", [amax, b.const(127.0)], name + "/div"), b.const(1e-12)], name + "/scale")
+        q = b.op("Add", [b.op("Round", [b.op("Div", [xv, s_x], name + "/x_over_s")], name + "/round"),
+                         b.const(128.0)], name + "/shift")
+        q = b.op("Cast", [b.op("Clip", [q, b.const(0.0), b.const(255.0)], name + "/clip")], name + "/u8",
+                 to=TensorProto.UINT8)
+        acc = b.op("MatMulInteger", [q, w_t, b.const(128, np.uint8)], name + "/matmul_integer")
+        y = b.op("Cast", [acc], name + "/acc_f32", to=TensorProto.FLOAT)
+        y = b.op("Mul", [y, b.op("Mul", [s_x, b.initializer(base + ".weight_scale", s_w)], name + "/s_xw")], name)
+        return _bias(em, y, bias, name)
+    # static per-tensor: QDQ on activation and weight
+    z = em.tensor(x_zero).to(torch.int8).reshape(()) if x_zero is not None else torch.zeros((), dtype=torch.int8)
+    s = em.tensor(x_scale).float().reshape(())
+    xs, xz = b.initializer(base + ".input_scale", s), b.initializer(base + ".input_zero", z)
+    xq = b.op("QuantizeLinear", [xv, xs, xz], name + "/quantize_x")
+    xd = b.op("DequantizeLinear", [xq, xs, xz], name + "/dequantize_x")
+    wd = b.op("DequantizeLinear", [b.initializer(base + ".W_int8.T", q_w.t().contiguous()),
+                                   b.initializer(base + ".weight_scale", s_w)], name + "/dequantize_w", axis=1)
+    return _bias(em, b.op("MatMul", [xd, wd], name), bias, name)
