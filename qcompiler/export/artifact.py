@@ -63,9 +63,10 @@ class ArtifactWriter:
             self.weight_map[k] = filename
 
     def finish(self, description: dict[str, Any], copy_from: Path | None, tokenizer: Any | None) -> Path:
-        total = sum((self.tmp / f).stat().st_size for f in set(self.weight_map.values()))
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        if self.weight_map:  # (an ONNX-only artefact has no safetensors)
+            total = sum((self.tmp / f).stat().st_size for f in set(self.weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         if copy_from is not None:
             for name in ("config.json", "generation_config.json"):
                 if (copy_from / name).is_file():

@@ -49,7 +49,7 @@ class PassContext:
         A fused linear takes its first member's (fusion only joins members with equal schemes)."""
         members = info.fused_from or [{"path": info.path, "role": info.role}]
         m = members[0]
-        return self.scheme.for_layer(f"{self.block}.{m['path']}", m["role"])
+        return self.scheme.for_layer(f"{self.block}.{m['path']}" if self.block else m["path"], m["role"])
 
 
 @dataclass(frozen=True)

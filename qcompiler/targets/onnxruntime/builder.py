@@ -38,8 +38,9 @@ def to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 class OnnxBuilder:
-    def __init__(self, model_path: Path):
+    def __init__(self, model_path: Path, opset: int = OPSET):
         self.model_path = Path(model_path)
+        self.opset = opset
         self.data_name = self.model_path.name + ".data"
         self._data = open(self.model_path.parent / self.data_name, "wb")  # noqa: SIM115 (closed in finish)
         self.nodes: list[onnx.NodeProto] = []
@@ -65,6 +66,15 @@ class OnnxBuilder:
             self._names.add(o)
         attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=self.fresh(name), domain=domain, **attrs))
+        return outs
+
+    def copy_node(self, op: str, domain: str, inputs: Sequence[str], name: str, n_out: int,
+                  attributes: Sequence[onnx.AttributeProto]) -> list[str]:
+        """A node of an imported model, written back with its original attributes."""
+        outs = [self.fresh(f"{name}/out{i}") for i in range(n_out)]
+        node = helper.make_node(op, list(inputs), outs, name=self.fresh(name), domain=domain)
+        node.attribute.extend(attributes)
+        self.nodes.append(node)
         return outs
 
     def op(self, op: str, inputs: Sequence[str], name: str, domain: str = "", **attrs: Any) -> str:
@@ -115,7 +125,7 @@ class OnnxBuilder:
         self._data.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+            graph, opset_imports=[helper.make_opsetid("", self.opset), helper.make_opsetid(MS_DOMAIN, 1)],
             producer_name="qcompiler",
         )
         model.ir_version = 10

@@ -31,6 +31,7 @@ from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.errors import ExportError
+from qcompiler.frontends.onnx import ONNX_META
 from qcompiler.ir.graph import PASSTHROUGH, aten, get_tensor, is_call, skip_passthrough
 from qcompiler.kernels.packing import load_weight_codes
 from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
@@ -172,6 +173,8 @@ class GraphEmitter:
         raise ExportError(f"{self.scope}: cannot export argument {arg!r}")
 
     def norm(self, node: fx.Node) -> tuple[fx.Node, torch.Tensor, float] | None:
+        if self.b.opset < 23:  # RMSNormalization is opset 23; older graphs keep the decomposed norm
+            return None
         if node not in self._norms:
             self._norms[node] = match_rms_norm(node, self.gm)
         return self._norms[node]
@@ -202,6 +205,8 @@ class GraphEmitter:
             raise ExportError(f"{self.scope}: graph input '{n.name}' is used but has no ONNX value bound")
         if n.op != "call_function":
             raise ExportError(f"{self.scope}: node '{n.name}' ({n.op} {n.target}) cannot be exported to ONNX")
+        if ONNX_META in n.meta:
+            return _imported_node(self, n)
         if is_call(n, aten.mul.Tensor) and self.norm(n) is not None:
             return _rms_norm(self, n)
         fn = RULES.get(n.target)
@@ -214,6 +219,14 @@ class GraphEmitter:
 
 
 # -------------------------------------------------------------------- rules
+def _imported_node(em: GraphEmitter, n: fx.Node) -> str | list[str]:
+    meta = n.meta[ONNX_META]
+    inputs = ["" if a is None else em.v(a) for a in n.args]
+    outs = em.b.copy_node(meta["op_type"], meta["domain"], inputs, f"{em.scope}/{meta['name'] or n.name}",
+                          meta["outputs"], meta["attributes"])
+    return outs if meta["outputs"] > 1 else outs[0]
+
+
 def _rms_norm(em: GraphEmitter, n: fx.Node) -> str:
     x, gamma, eps = em.norm(n)  # type: ignore[misc]
     g = em.b.initializer(f"{em.scope}.norm_weight", gamma)
@@ -248,7 +261,8 @@ for _t, _op in ((aten.add.Tensor, "Add"), (aten.sub.Tensor, "Sub"), (aten.mul.Te
                 (aten.div.Tensor, "Div")):
     RULES[_t] = _binary(_op)
 for _t, _op in ((aten.neg.default, "Neg"), (aten.sigmoid.default, "Sigmoid"), (aten.tanh.default, "Tanh"),
-                (aten.relu.default, "Relu"), (aten.exp.default, "Exp"), (aten.sqrt.default, "Sqrt")):
+                (aten.relu.default, "Relu"), (aten.exp.default, "Exp"), (aten.sqrt.default, "Sqrt"),
+                (aten.reciprocal.default, "Reciprocal")):
     RULES[_t] = _unary(_op)
 
 
@@ -265,6 +279,8 @@ def _pow(em: GraphEmitter, n: fx.Node) -> str:
 @rule(aten.mean.dim)
 def _mean(em: GraphEmitter, n: fx.Node) -> str:
     keep = int(bool(n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)))
+    if em.b.opset < 18:  # axes became an input in opset 18
+        return em.b.op("ReduceMean", [em.v(n.args[0])], em.name(n), keepdims=keep, axes=list(n.args[1]))
     axes = em.b.const(list(n.args[1]), np.int64)
     return em.b.op("ReduceMean", [em.v(n.args[0]), axes], em.name(n), keepdims=keep)
 
@@ -339,7 +355,9 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
     xv = em.v(x)
     if x_scale is None:  # dynamic symmetric per-token
         w_t = b.initializer(base + ".W_int8.T", q_w.t().contiguous())
-        amax = b.op("ReduceMax", [b.op("Abs", [xv], name + "/abs"), b.const([-1], np.int64)], name + "/amax", keepdims=1)
+        absx = b.op("Abs", [xv], name + "/abs")
+        amax = (b.op("ReduceMax", [absx, b.const([-1], np.int64)], name + "/amax", keepdims=1) if b.opset >= 18
+                else b.op("ReduceMax", [absx], name + "/amax", keepdims=1, axes=[-1]))
         s_x = b.op("Max", [b.op("Div", [amax, b.const(127.0)], name + "/div"), b.const(1e-12)], name + "/scale")
         q = b.op("Add", [b.op("Round", [b.op("Div", [xv, s_x], name + "/x_over_s")], name + "/round"),
                          b.const(128.0)], name + "/shift")

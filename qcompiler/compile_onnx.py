@@ -1,0 +1,199 @@
+"""The ONNX path: ONNX model → FX IR (frontends/onnx.py) → the same pass pipeline → ONNX Runtime model.
+
+The imported graph is one "block": calibrated on the given inputs (an .npz of arrays keyed by input name,
+or generated ones: token windows from the default corpus when a tokenizer sits beside the model, standard
+normal data otherwise), transformed, measured (output SQNR against the float graph), lowered, and emitted
+with the original graph inputs and outputs (names, types, symbolic shapes) and opset. Nodes the passes did
+not touch are written back as they were imported.
+
+    OUT/model.onnx, OUT/model.onnx.data, OUT/qcompiler.json (scheme, pipeline, per-layer records and errors)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import fx
+
+from qcompiler.errors import CalibrationError, ModelLoadError
+from qcompiler.export.artifact import ArtifactWriter, check_output_dir
+from qcompiler.frontends.onnx import ImportedModel, import_onnx, load_onnx
+from qcompiler.ir.graph import copy_graph
+from qcompiler.numerics import sqnr_db
+from qcompiler.pm.base import PassContext
+from qcompiler.pm.manager import PassManager
+from qcompiler.pm.pipeline import format_pipeline
+from qcompiler.targets.base import get_target
+from qcompiler.targets.onnxruntime.builder import OnnxBuilder
+from qcompiler.targets.onnxruntime.emit import EmitOptions, GraphEmitter
+
+MODEL_FILE = "model.onnx"
+_NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
+                np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
+
+
+def _dims(vi: onnx.ValueInfoProto, batch: int, seq_len: int) -> list[int]:
+    dims = []
+    for i, d in enumerate(vi.type.tensor_type.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(d.dim_value)
+        else:
+            dims.append(batch if i == 0 else seq_len)
+    return dims
+
+
+def _embedding_rows(model: onnx.ModelProto, name: str) -> int | None:
+    """The vocabulary size of an int input that indexes an embedding table (Gather on an initializer)."""
+    init = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == name and n.input[0] in init:
+            return int(init[n.input[0]].dims[0])
+    return None
+
+
+def calibration_inputs(model: onnx.ModelProto, imported: ImportedModel, path: Path, num_samples: int,
+                       seq_len: int, batch_size: int, inputs_file: Path | None) -> list[tuple[torch.Tensor, ...]]:
+    names = [vi.name for vi in imported.inputs]
+    if inputs_file is not None:
+        data = np.load(inputs_file)
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise CalibrationError(f"'{inputs_file}' lacks arrays for graph inputs {missing} (it has {list(data.keys())})")
+        arrays = [torch.from_numpy(np.asarray(data[n])) for n in names]
+        total = arrays[0].shape[0]
+        return [tuple(a[i:i + batch_size] for a in arrays) for i in range(0, min(total, num_samples), batch_size)]
+    tokens = None
+    if any(vi.type.tensor_type.elem_type == onnx.TensorProto.INT64 for vi in imported.inputs) and \
+            (path.parent / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        from qcompiler.calib import data as calib_data
+
+        tok = AutoTokenizer.from_pretrained(str(path.parent))
+        tokens = calib_data.calibration_batches(tok, calib_data.default_texts("calib"), num_samples, seq_len, batch_size)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for bi in range(-(-num_samples // batch_size)):
+        b = min(batch_size, num_samples - bi * batch_size)
+        row = []
+        for vi in imported.inputs:
+            shape = _dims(vi, b, seq_len)
+            et = vi.type.tensor_type.elem_type
+            if et == onnx.TensorProto.FLOAT:
+                row.append(torch.randn(shape, generator=g))
+            elif et == onnx.TensorProto.INT64 and "mask" in vi.name:
+                row.append(torch.ones(shape, dtype=torch.int64))
+            elif et == onnx.TensorProto.INT64 and "position" in vi.name:
+                row.append(torch.arange(shape[-1]).expand(shape).clone())
+            elif et == onnx.TensorProto.INT64:
+                if tokens is not None:
+                    row.append(tokens[bi][:, : shape[-1]] if len(shape) == 2 else tokens[bi])
+                else:
+                    hi = _embedding_rows(model, vi.name) or 2
+                    row.append(torch.randint(0, hi, shape, generator=g))
+            else:
+                raise CalibrationError(f"cannot generate calibration data for input '{vi.name}' (element type {et}); "
+                                       "pass --calib-inputs FILE.npz")
+        batches.append(tuple(row))
+    return batches
+
+
+def _outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        y = gm(*args)
+    return list(y) if isinstance(y, tuple | list) else [y]
+
+
+def export_graph(gm: fx.GraphModule, imported: ImportedModel, path: Path, options: EmitOptions,
+                 metadata: dict[str, str]) -> onnx.ModelProto:
+    """Emit a (lowered) imported graph with the original inputs, outputs and opset."""
+    b = OnnxBuilder(path, opset=max(imported.opset, 13))
+    try:
+        em = GraphEmitter(b, gm, "", options)
+        for ph, vi in zip([n for n in gm.graph.nodes if n.op == "placeholder"], imported.inputs, strict=True):
+            b.inputs.append(vi)
+            b.fresh(vi.name)
+            em.env[ph] = vi.name
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        results = out_node.args[0] if isinstance(out_node.args[0], tuple | list) else (out_node.args[0],)
+        values = em.emit(list(results))
+        for vi, v in zip(imported.outputs, values, strict=True):
+            b.node("Identity", [v], f"output/{vi.name}", outputs=[vi.name])  # type: ignore[list-item]
+            b.outputs.append(vi)
+        return b.finish("qcompiler_" + path.stem, metadata)
+    except BaseException:
+        b.abort()
+        raise
+
+
+def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`cfg` is a compile.QuantizeConfig whose `model` is an .onnx file."""
+    from qcompiler.compile import _describe_layers, _linear_outputs, complete_pipeline, default_pipeline
+
+    t0 = time.perf_counter()
+    target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
+    if target.name != "onnxruntime":
+        raise ModelLoadError(f"an ONNX model can only be lowered for target 'onnxruntime', not '{cfg.target}'")
+    for scheme in cfg.scheme.all_schemes():
+        target.validate(scheme)
+    target.check_options(cfg.target_options)
+    options = EmitOptions(accuracy_level=int(cfg.target_options.get("accuracy_level", "4")))
+    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
+              else default_pipeline(cfg.scheme, target, cfg.algo))
+    path = Path(cfg.model)
+    model = load_onnx(path)
+    imported = import_onnx(model, path)  # unsupported operators are reported here, before any output exists
+    check_output_dir(Path(cfg.out).absolute())
+    calib = calibration_inputs(model, imported, path, cfg.num_samples, cfg.seq_len, cfg.batch_size,
+                               cfg.extra.get("calib_inputs"))
+    del model
+    log(f"quantizing {path} (imported: {sum(1 for n in imported.gm.graph.nodes if n.op == 'call_function')} nodes) "
+        f"as {cfg.scheme.describe()} for target 'onnxruntime'")
+    log(f"pipeline: {format_pipeline(passes)}")
+    gm = imported.gm
+    float_gm = copy_graph(gm)
+    ctx = PassContext(block="", scheme=cfg.scheme, target=target, calib=calib)
+    transform = PassManager(passes[:-1], dump_dir=cfg.dump_dir)
+    lowering = PassManager(passes[-1:], dump_dir=cfg.dump_dir)
+    gm = transform.run(gm, ctx)
+    probe = calib[0]
+    y_float, float_outs = _linear_outputs(float_gm, probe)
+    y_quant, quant_outs = _linear_outputs(gm, probe)
+    layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+    outs_f = y_float if isinstance(y_float, tuple | list) else [y_float]
+    outs_q = y_quant if isinstance(y_quant, tuple | list) else [y_quant]
+    out_sqnr = {vi.name: round(sqnr_db(f.float(), q.float()), 2) for vi, f, q in zip(imported.outputs, outs_f, outs_q, strict=True)
+                if f.is_floating_point()}
+    gm = lowering.run(gm, ctx)
+    writer = ArtifactWriter(cfg.out)
+    try:
+        export_graph(gm, imported, writer.tmp / MODEL_FILE, options,
+                     {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": format_pipeline(passes)})
+        layers = _describe_layers(gm, None, layer_sqnr)
+        elapsed = time.perf_counter() - t0
+        description = {
+            "scheme": cfg.scheme.to_dict(),
+            "target": target.name,
+            "target_options": dict(cfg.target_options),
+            "pipeline": format_pipeline(passes),
+            "source_model": str(path.absolute()),
+            "architecture": "onnx",
+            "onnx_model": MODEL_FILE,
+            "calibration": {"batches": len(calib), "inputs": str(cfg.extra.get("calib_inputs") or "generated")},
+            "quantize_seconds": round(elapsed, 2),
+            "output_sqnr_db": out_sqnr,
+            "layers": layers,
+        }
+        out = writer.finish(description, copy_from=None, tokenizer=None)
+    except BaseException:
+        writer.abort()
+        raise
+    log(f"wrote {out} in {elapsed:.1f} s ({sum(1 for r in layers.values() if r['op'] != 'linear')} quantized layers; "
+        f"output SQNR {out_sqnr} dB)")
+    return description

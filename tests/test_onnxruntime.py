@@ -1,0 +1,212 @@
+"""The onnxruntime target: MatMulNBits packing against an independent reading of the format, the exported
+decoder (structure, onnx.checker, logits vs our reference runtime, KV cache, genai generation) and refusals."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from tiny import TEXT, make_tiny_model
+
+from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.errors import ExportError, SchemeError
+from qcompiler.kernels import reference
+from qcompiler.kernels.packing import store_weight_codes
+from qcompiler.numerics import quantize_weight, weight_qparams
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import QuantArgs, get_scheme
+from qcompiler.targets.onnxruntime.emit import matmulnbits_block, matmulnbits_tensors
+from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
+
+
+# ------------------------------------------------------------------ MatMulNBits layout
+def _unpack_matmulnbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int, block: int,
+                        k: int) -> np.ndarray:
+    """Dequantize MatMulNBits tensors as FORMATS.md describes them (written independently of the packer):
+    B [N, kb, block·bits/8] low bits first along K, scales [N·kb], zero points packed per row, default 2^(bits−1)."""
+    n, kb, _ = b.shape
+    if bits == 4:
+        codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, kb * block)
+    else:
+        codes = b.reshape(n, kb * block)
+    if zp is None:
+        z = np.full((n, kb), 2 ** (bits - 1))
+    elif bits == 4:
+        per_row = (kb + 1) // 2
+        zb = zp.reshape(n, per_row)
+        z = np.stack([zb & 0x0F, zb >> 4], axis=-1).reshape(n, per_row * 2)[:, :kb]
+    else:
+        z = zp.reshape(n, kb)
+    s = scales.reshape(n, kb)
+    w = (codes.reshape(n, kb, block).astype(np.float64) - z[:, :, None]) * s[:, :, None]
+    return w.reshape(n, kb * block)[:, :k]
+
+
+@pytest.mark.parametrize("bits,symmetric,group,k", [(4, True, 32, 70), (4, False, 32, 70), (4, False, 16, 96),
+                                                    (8, True, 64, 130), (8, False, 32, 64), (4, True, None, 70),
+                                                    (4, False, 96, 200)])
+def test_matmulnbits_tensors_match_an_independent_unpacker_and_onnxruntime(bits, symmetric, group, k):
+    torch.manual_seed(0)
+    n = 33
+    w = torch.randn(n, k)
+    args = QuantArgs(bits=bits, symmetric=symmetric, granularity="group" if group else "channel", group_size=group)
+    scale, zero = weight_qparams(w, args)
+    stored = store_weight_codes(quantize_weight(w, scale, zero, args), bits, symmetric)
+    g = group or k
+    ref_w = reference.dequantize(stored, scale, zero, bits, g, k)
+    block, b, s, zp = matmulnbits_tensors(stored, scale, zero, bits, g, k)
+    assert block == matmulnbits_block(g, k) and block >= 16 and block & (block - 1) == 0
+    assert b.shape == (n, -(-k // block), block * bits // 8) and b.dtype == np.uint8
+    assert (zp is None) == symmetric
+    np.testing.assert_allclose(_unpack_matmulnbits(b, s, zp, bits, block, k), ref_w.double().numpy(), rtol=0, atol=1e-6)
+
+    # the same tensors through onnxruntime's kernel (float compute) equal our reference linear
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])]
+    inits = [onnx.numpy_helper.from_array(b, "B"), onnx.numpy_helper.from_array(s, "scales")]
+    names = ["x", "B", "scales"]
+    if zp is not None:
+        inits.append(onnx.numpy_helper.from_array(zp, "zp"))
+        names.append("zp")
+    node = helper.make_node("MatMulNBits", names, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    x = torch.randn(3, k)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x.numpy()})[0]
+    expect = reference.linear_woq(x, stored, scale, zero, None, bits, g, k)
+    torch.testing.assert_close(torch.from_numpy(y), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_group_sizes_without_a_power_of_two_block_are_refused_by_the_target():
+    from qcompiler.targets.base import get_target
+
+    t = get_target("onnxruntime")
+    assert matmulnbits_block(24, 96) is None
+    assert "power of two" in (t.unsupported_reason(get_scheme("w4a16", group_size=24)) or "")
+    assert t.unsupported_reason(get_scheme("w4a16", group_size=96)) is None  # blocks of 32, scales repeated
+    with pytest.raises(SchemeError, match="lm_head_bits"):
+        t.check_options({"lm_head_bits": "3"})
+
+
+# ------------------------------------------------------------------ the exported decoder
+@pytest.fixture(scope="module")
+def tiny32(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ort_models")
+    return {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2")}
+
+
+def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
+    s = get_scheme(scheme, group_size=32) if scheme.startswith("w4") else get_scheme(scheme)
+    return quantize(QuantizeConfig(model=model, scheme=s, out=out, target="onnxruntime", calib_texts=[TEXT],
+                                   num_samples=4, seq_len=32, batch_size=2, progress=False, target_options=opts),
+                    log=lambda _: None)
+
+
+@pytest.mark.parametrize("family,scheme", [("llama", "w4a16"), ("qwen2", "w4a16"), ("llama", "w8a16"),
+                                           ("llama", "w8a8_dynamic"), ("qwen2", "w8a8")])
+def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family, scheme):
+    out = tmp_path / "q"
+    _quantize(tiny32[family], out, scheme, accuracy_level="0", lm_head_bits="float")
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+    layers = 2
+    assert ops["GroupQueryAttention"] == layers
+    assert ops["RMSNormalization"] == 2 * layers + 1
+    if scheme.endswith("a16"):  # fused qkv, o, fused gate|up, down per block
+        assert ops["MatMulNBits"] == 4 * layers
+    elif scheme == "w8a8_dynamic":
+        assert ops["MatMulInteger"] == 4 * layers and ops["MatMulNBits"] == 0
+    else:
+        assert ops["QuantizeLinear"] == 4 * layers
+    ids = torch.randint(3, 250, (2, 24))
+    ref = load_quantized(out)(input_ids=ids).logits
+    m = OrtCausalLM(out)
+    got = m(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
+    # prefill 16 tokens, then decode one token at a time through the KV cache
+    _, past = m.run(ids[:, :16].numpy())
+    steps = []
+    for t in range(16, 24):
+        logits, past = m.run(ids[:, t:t + 1].numpy(), past)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), got[:, 16:].numpy(), rtol=1e-4, atol=2e-4)
+
+
+def test_accuracy_level_4_and_quantized_head_stay_close_and_shrink_the_file(tiny32, tmp_path):
+    exact, fast = tmp_path / "exact", tmp_path / "fast"
+    _quantize(tiny32["llama"], exact, "w4a16", accuracy_level="0", lm_head_bits="float")
+    _quantize(tiny32["llama"], fast, "w4a16")  # defaults: accuracy_level 4, int8 head
+    ids = torch.randint(3, 250, (1, 24))
+    a, b = OrtCausalLM(exact)(ids).logits, OrtCausalLM(fast)(ids).logits
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 0.05  # int8 activations inside MatMulNBits + int8 head: small, not zero
+    ops = Counter(n.op_type for n in onnx.load(str(fast / "model.onnx"), load_external_data=False).graph.node)
+    assert ops["MatMulNBits"] == 4 * 2 + 1 and ops["Gemm"] == 0
+    assert (fast / "model.onnx.data").stat().st_size < (exact / "model.onnx.data").stat().st_size
+
+
+def test_onnxruntime_genai_generates_the_same_greedy_tokens(tiny32, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    out = tmp_path / "q"
+    _quantize(tiny32["llama"], out, "w4a16", accuracy_level="0", lm_head_bits="float")
+    model = og.Model(str(out))
+    prompt = [1, 40, 41, 42, 43, 44]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    genai_tokens = list(gen.get_sequence(0))
+    # greedy decoding with our reference runtime
+    ref = load_quantized(out)
+    ids = torch.tensor([prompt])
+    while ids.shape[1] < len(genai_tokens):
+        nxt = ref(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        if int(nxt) == 2:  # eos
+            break
+    assert genai_tokens == ids[0].tolist()
+
+
+def test_unsupported_models_are_refused_before_anything_is_written(tmp_path, tiny_models, monkeypatch):
+    from qcompiler.targets.onnxruntime import decoder
+
+    out = tmp_path / "q"
+    with pytest.raises(ExportError, match="head size divisible by 16"):
+        _quantize(tiny_models["llama"], out, "w4a16")  # head_dim 24
+    with pytest.raises(ExportError, match="not 'gemma'"):
+        _quantize(tiny_models["gemma"], out, "w4a16")
+    # past the architecture list, the attention pattern check itself refuses Qwen3's per-head q/k norms
+    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "qwen3"))
+    with pytest.raises(ExportError, match="q/k norms"):
+        _quantize(make_tiny_model(tmp_path / "qwen3", "qwen3", head_dim=32), out, "w4a16")
+    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_cli_quant_for_onnxruntime_and_eval_through_it(tiny32, tmp_path, capsys):
+    from qcompiler.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    out = tmp_path / "q"
+    assert main(["quant", "--model", str(tiny32["llama"]), "--scheme", "w8a16", "--target", "onnxruntime",
+                 "--target-option", "lm_head_bits=float", "--out", str(out), "--calib-text", str(text),
+                 "--num-samples", "4", "--seq-len", "32", "--no-progress"]) == 0
+    assert (out / "model.onnx").is_file() and (out / "genai_config.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "32", "--max-tokens", "256", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["runtime"] == "onnxruntime"
+    assert r["quantized"]["perplexity"] == pytest.approx(r["float"]["perplexity"], rel=0.05)
+    assert main(["quant", "--model", str(tiny32["llama"]), "--scheme", "w4a16", "--target", "onnxruntime",
+                 "--target-option", "speed=max", "--out", str(tmp_path / "x")]) == 2
