@@ -26,10 +26,11 @@ from qcompiler.export.artifact import ArtifactWriter, check_output_dir
 from qcompiler.frontends.onnx import ImportedModel, import_onnx, load_onnx
 from qcompiler.ir.graph import copy_graph
 from qcompiler.numerics import sqnr_db
-from qcompiler.pm.base import PassContext
+from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import format_pipeline
-from qcompiler.targets.base import get_target
+from qcompiler.schemes import QuantScheme
+from qcompiler.targets.base import Target, get_target
 from qcompiler.targets.onnxruntime.builder import OnnxBuilder
 from qcompiler.targets.onnxruntime.emit import EmitOptions, GraphEmitter
 
@@ -132,9 +133,33 @@ def export_graph(gm: fx.GraphModule, imported: ImportedModel, path: Path, option
         raise
 
 
+def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Target, passes: list[Pass],
+                     calib: list[tuple[torch.Tensor, ...]], dump_dir: Path | None = None
+                     ) -> tuple[fx.GraphModule, dict[str, float], dict[str, float], dict[str, float]]:
+    """Run the pipeline on an imported graph: (lowered graph, per-layer and per-output SQNR in dB against the
+    float graph on the first calibration batch, pass timings)."""
+    from qcompiler.compile import _linear_outputs
+
+    gm = imported.gm
+    float_gm = copy_graph(gm)
+    ctx = PassContext(block="", scheme=scheme, target=target, calib=calib)
+    transform = PassManager(passes[:-1], dump_dir=dump_dir)
+    lowering = PassManager(passes[-1:], dump_dir=dump_dir)
+    gm = transform.run(gm, ctx)
+    y_float, float_outs = _linear_outputs(float_gm, calib[0])
+    y_quant, quant_outs = _linear_outputs(gm, calib[0])
+    layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+    outs_f = y_float if isinstance(y_float, tuple | list) else [y_float]
+    outs_q = y_quant if isinstance(y_quant, tuple | list) else [y_quant]
+    out_sqnr = {vi.name: round(sqnr_db(f.float(), q.float()), 2)
+                for vi, f, q in zip(imported.outputs, outs_f, outs_q, strict=True) if f.is_floating_point()}
+    gm = lowering.run(gm, ctx)
+    return gm, layer_sqnr, out_sqnr, transform.timings | lowering.timings
+
+
 def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`cfg` is a compile.QuantizeConfig whose `model` is an .onnx file."""
-    from qcompiler.compile import _describe_layers, _linear_outputs, complete_pipeline, default_pipeline
+    from qcompiler.compile import _describe_layers, complete_pipeline, default_pipeline
 
     t0 = time.perf_counter()
     target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
@@ -156,21 +181,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
     log(f"quantizing {path} (imported: {sum(1 for n in imported.gm.graph.nodes if n.op == 'call_function')} nodes) "
         f"as {cfg.scheme.describe()} for target 'onnxruntime'")
     log(f"pipeline: {format_pipeline(passes)}")
-    gm = imported.gm
-    float_gm = copy_graph(gm)
-    ctx = PassContext(block="", scheme=cfg.scheme, target=target, calib=calib)
-    transform = PassManager(passes[:-1], dump_dir=cfg.dump_dir)
-    lowering = PassManager(passes[-1:], dump_dir=cfg.dump_dir)
-    gm = transform.run(gm, ctx)
-    probe = calib[0]
-    y_float, float_outs = _linear_outputs(float_gm, probe)
-    y_quant, quant_outs = _linear_outputs(gm, probe)
-    layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
-    outs_f = y_float if isinstance(y_float, tuple | list) else [y_float]
-    outs_q = y_quant if isinstance(y_quant, tuple | list) else [y_quant]
-    out_sqnr = {vi.name: round(sqnr_db(f.float(), q.float()), 2) for vi, f, q in zip(imported.outputs, outs_f, outs_q, strict=True)
-                if f.is_floating_point()}
-    gm = lowering.run(gm, ctx)
+    gm, layer_sqnr, out_sqnr, timings = compile_imported(imported, cfg.scheme, target, passes, calib, cfg.dump_dir)
     writer = ArtifactWriter(cfg.out)
     try:
         export_graph(gm, imported, writer.tmp / MODEL_FILE, options,
@@ -187,6 +198,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
             "onnx_model": MODEL_FILE,
             "calibration": {"batches": len(calib), "inputs": str(cfg.extra.get("calib_inputs") or "generated")},
             "quantize_seconds": round(elapsed, 2),
+            "pass_seconds": {k: round(v, 2) for k, v in timings.items()},
             "output_sqnr_db": out_sqnr,
             "layers": layers,
         }

@@ -383,6 +383,10 @@ def _sanitize(name: str) -> str:
 
 
 def _layer_name(node: onnx.NodeProto) -> str:
+    """A linear's layer name: the torch module scope (dynamo exports), its weight's parameter name
+    (`fc1.weight`, TorchScript exports), else the node name."""
+    if len(node.input) > 1 and node.input[1].endswith(".weight"):
+        return node.input[1].removesuffix(".weight")
     for p in node.metadata_props:
         if p.key == "pkg.torch.onnx.name_scopes":
             scopes = [s.strip(" '\"") for s in p.value.strip("[]").split(",")]

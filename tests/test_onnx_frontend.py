@@ -1,0 +1,206 @@
+"""The ONNX frontend and the ONNX → ONNX path: import (numerics equal onnxruntime's on the float model),
+quantize with the ordinary passes, export, run in onnxruntime; refusals name the operator and node."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+from tiny import make_tiny_model
+
+from qcompiler.compile import QuantizeConfig, default_pipeline
+from qcompiler.compile_onnx import compile_imported, export_graph, quantize_onnx
+from qcompiler.errors import CalibrationError, ModelLoadError, UnsupportedOpError
+from qcompiler.frontends.onnx import import_onnx, load_onnx
+from qcompiler.ir.graph import LINEAR, is_call
+from qcompiler.numerics import sqnr_db
+from qcompiler.schemes import get_scheme
+from qcompiler.targets.base import get_target
+from qcompiler.targets.onnxruntime.emit import EmitOptions
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+        self.fc1 = torch.nn.Linear(32, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.features(x))))
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], dynamo: bool, dynamic: dict) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(module, args, str(path), dynamo=True, input_names=names, output_names=["y"],
+                              dynamic_shapes=dynamic, external_data=False)
+        else:
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=17, input_names=names,
+                              output_names=["y"], dynamic_axes={n: {0: "batch"} for n in names})
+    return path
+
+
+@pytest.fixture(scope="module")
+def cnn_onnx(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cnn")
+    torch.manual_seed(0)
+    m = SmallCNN().eval()
+    with torch.no_grad():
+        m.features[1].running_mean.normal_(0, 0.1)
+        m.features[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 16, 16)
+    return {
+        "legacy": _export(m, (x,), root / "cnn_legacy.onnx", ["x"], False, {}),
+        "dynamo": _export(m, (x,), root / "cnn_dynamo.onnx", ["x"], True, {"x": {0: "batch"}}),
+    }
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, m: torch.nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+class _LogitsWithMask(_LogitsOnly):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def llm_onnx(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("llm")
+    hf = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(root / "hf", "llama", head_dim=32))).eval()
+    ids = torch.randint(3, 250, (1, 16))
+    return {
+        "dynamo": _export(_LogitsOnly(hf), (ids,), root / "llm_dynamo.onnx", ["input_ids"], True,
+                          {"ids": {1: "seq"}}),
+        "legacy": _export(_LogitsWithMask(hf), (ids, torch.ones_like(ids)), root / "llm_legacy.onnx",
+                          ["input_ids", "attention_mask"], False, {}),
+    }
+
+
+def _feeds(path: Path, seq: int = 12) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in ort.InferenceSession(str(path)).get_inputs():
+        shape = [d if isinstance(d, int) else (1 if k == 0 else seq) for k, d in enumerate(i.shape)]
+        if "float" in i.type:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        elif "mask" in i.name:
+            feeds[i.name] = np.ones(shape, np.int64)
+        else:
+            feeds[i.name] = rng.integers(3, 250, shape).astype(np.int64)
+    return feeds
+
+
+def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(str(path)).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("kind", ["cnn:legacy", "cnn:dynamo", "llm:legacy", "llm:dynamo"])
+def test_imported_graph_computes_what_onnxruntime_computes(cnn_onnx, llm_onnx, kind):
+    family, exporter = kind.split(":")
+    path = (cnn_onnx if family == "cnn" else llm_onnx)[exporter]
+    imported = import_onnx(load_onnx(path), path)
+    feeds = _feeds(path)
+    y = imported.gm(*[torch.from_numpy(feeds[vi.name]) for vi in imported.inputs])
+    np.testing.assert_allclose(y.detach().numpy(), _ort(path, feeds), rtol=1e-4, atol=1e-4)
+    linears = [n for n in imported.gm.graph.nodes if is_call(n, LINEAR)]
+    assert len(linears) == (2 if family == "cnn" else 2 * 7 + 1)  # Gemm/MatMul with weights → aten.linear
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16", "w8a8", "w8a8_dynamic"])
+def test_quantized_transformer_export_runs_in_onnxruntime_exactly_as_the_lowered_graph(llm_onnx, tmp_path, scheme):
+    path = llm_onnx["dynamo"]
+    imported = import_onnx(load_onnx(path), path)
+    s = get_scheme(scheme, group_size=32) if scheme.startswith("w4") else get_scheme(scheme)
+    target = get_target("onnxruntime")
+    ids = [torch.randint(3, 250, (1, 16)) for _ in range(4)]
+    feeds = _feeds(path)
+    float_logits = _ort(path, feeds)
+    gm, layer_sqnr, out_sqnr, _ = compile_imported(imported, s, target, default_pipeline(s, target), [(i,) for i in ids])
+    out = tmp_path / "model.onnx"
+    export_graph(gm, imported, out, EmitOptions(accuracy_level=0), {})
+    onnx.checker.check_model(str(out), full_check=True)
+    ops = Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
+    # fused q|k|v, o, fused gate|up, down per block + the head
+    kernel = {"w8a16": "MatMulNBits", "w4a16": "MatMulNBits", "w8a8": "QuantizeLinear", "w8a8_dynamic": "MatMulInteger"}
+    assert ops[kernel[scheme]] == 2 * 4 + 1
+    got = _ort(out, feeds)
+    expect = gm(torch.from_numpy(feeds["input_ids"])).detach().numpy()
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)
+    assert len(layer_sqnr) == 2 * 7 + 1 and out_sqnr["y"] > 5
+    assert sqnr_db(torch.from_numpy(float_logits), torch.from_numpy(got)) > (10 if scheme == "w4a16" else 20)
+
+
+def test_quantize_onnx_cnn_writes_a_complete_folder(cnn_onnx, tmp_path):
+    out = tmp_path / "q"
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32))
+    desc = quantize_onnx(QuantizeConfig(model=cnn_onnx["legacy"], scheme=get_scheme("w8a8"), out=out, num_samples=8,
+                                        batch_size=4, target="onnxruntime", extra={"calib_inputs": calib}),
+                         log=lambda _: None)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "qcompiler.json"]
+    assert set(desc["layers"]) == {"fc1", "fc2"} and all(r["op"] == "linear_w8a8" for r in desc["layers"].values())
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+    assert ops["Conv"] == 2 and ops["QuantizeLinear"] == 2 and ops["Gemm"] == 0
+    feeds = _feeds(cnn_onnx["legacy"])
+    assert sqnr_db(torch.from_numpy(_ort(cnn_onnx["legacy"], feeds)), torch.from_numpy(_ort(out / "model.onnx", feeds))) > 20
+    with pytest.raises(CalibrationError, match="lacks arrays"):
+        np.savez(calib, image=np.zeros((2, 3, 16, 16), np.float32))
+        quantize_onnx(QuantizeConfig(model=cnn_onnx["legacy"], scheme=get_scheme("w8a8"), out=tmp_path / "q2",
+                                     extra={"calib_inputs": calib}), log=lambda _: None)
+    assert not (tmp_path / "q2").exists()
+
+
+def _model_with(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits or [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
+
+
+def test_unsupported_operators_are_all_named_before_any_work(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    model = _model_with([helper.make_node("Relu", ["x"], ["a"], name="ok"),
+                         helper.make_node("FancyNorm", ["a"], ["b"], name="my_norm", domain="custom.ops"),
+                         helper.make_node("NonMaxSuppression", ["b"], ["y"], name="nms")], [x], [y])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "q"
+    with pytest.raises(UnsupportedOpError) as e:
+        quantize_onnx(QuantizeConfig(model=path, scheme=get_scheme("w8a16"), out=out), log=lambda _: None)
+    msg = str(e.value)
+    assert "custom.ops::FancyNorm" in msg and "'my_norm'" in msg and "ai.onnx::NonMaxSuppression" in msg and "'nms'" in msg
+    assert "2 node(s)" in msg and not out.exists()
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_cli_quantizes_an_onnx_file(llm_onnx, tmp_path):
+    from qcompiler.cli import main
+
+    out = tmp_path / "q"
+    assert main(["quant", "--model", str(llm_onnx["dynamo"]), "--scheme", "w4a16", "--group-size", "32",
+                 "--num-samples", "2", "--batch-size", "1", "--seq-len", "16", "--out", str(out)]) == 0
+    feeds = _feeds(llm_onnx["dynamo"])
+    assert _ort(out / "model.onnx", feeds).shape == _ort(llm_onnx["dynamo"], feeds).shape
+    assert main(["quant", "--model", str(llm_onnx["dynamo"]), "--scheme", "w4a16", "--target", "reference",
+                 "--fallback", "auto", "--out", str(tmp_path / "x")]) == 2
