@@ -31,6 +31,7 @@ from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import format_pipeline
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target, get_target
+from qcompiler.targets.onnxruntime import emit_options
 from qcompiler.targets.onnxruntime.builder import OnnxBuilder
 from qcompiler.targets.onnxruntime.emit import EmitOptions, GraphEmitter
 
@@ -168,7 +169,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
     for scheme in cfg.scheme.all_schemes():
         target.validate(scheme)
     target.check_options(cfg.target_options)
-    options = EmitOptions(accuracy_level=int(cfg.target_options.get("accuracy_level", "4")))
+    options = emit_options(cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
               else default_pipeline(cfg.scheme, target, cfg.algo))
     path = Path(cfg.model)

@@ -138,7 +138,7 @@ def test_quantized_transformer_export_runs_in_onnxruntime_exactly_as_the_lowered
     float_logits = _ort(path, feeds)
     gm, layer_sqnr, out_sqnr, _ = compile_imported(imported, s, target, default_pipeline(s, target), [(i,) for i in ids])
     out = tmp_path / "model.onnx"
-    export_graph(gm, imported, out, EmitOptions(accuracy_level=0), {})
+    export_graph(gm, imported, out, EmitOptions(accuracy_level=0, w8a8_dynamic="exact"), {})
     onnx.checker.check_model(str(out), full_check=True)
     ops = Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
     # fused q|k|v, o, fused gate|up, down per block + the head

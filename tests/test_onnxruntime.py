@@ -113,12 +113,13 @@ def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
                                            ("llama", "w8a8_dynamic"), ("qwen2", "w8a8")])
 def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family, scheme):
     out = tmp_path / "q"
-    _quantize(tiny32[family], out, scheme, accuracy_level="0", lm_head_bits="float")
+    _quantize(tiny32[family], out, scheme, accuracy_level="0", lm_head_bits="float", w8a8_dynamic="exact")
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
     layers = 2
     assert ops["GroupQueryAttention"] == layers
-    assert ops["RMSNormalization"] == 2 * layers + 1
+    # the first norm reads the embedding; every later one is fused with the residual add before it
+    assert ops["RMSNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     if scheme.endswith("a16"):  # fused qkv, o, fused gate|up, down per block
         assert ops["MatMulNBits"] == 4 * layers
     elif scheme == "w8a8_dynamic":
@@ -150,6 +151,38 @@ def test_accuracy_level_4_and_quantized_head_stay_close_and_shrink_the_file(tiny
     ops = Counter(n.op_type for n in onnx.load(str(fast / "model.onnx"), load_external_data=False).graph.node)
     assert ops["MatMulNBits"] == 4 * 2 + 1 and ops["Gemm"] == 0
     assert (fast / "model.onnx.data").stat().st_size < (exact / "model.onnx.data").stat().st_size
+
+
+def test_w8a8_dynamic_default_uses_the_int8_matmulnbits_kernel_within_tolerance(tiny32, tmp_path):
+    out = tmp_path / "q"
+    _quantize(tiny32["llama"], out, "w8a8_dynamic", lm_head_bits="float")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 2 and not [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 8 and {a.name: a.i for a in n.attribute}["accuracy_level"] == 4
+               for n in nbits)
+    ids = torch.randint(3, 250, (1, 24))
+    ref = load_quantized(out)(input_ids=ids).logits
+    rel = float((OrtCausalLM(out)(ids).logits - ref).norm() / ref.norm())
+    assert 0 < rel < 0.03  # per-token-per-block activations instead of per-token: close, not equal
+
+
+def test_tied_embedding_shares_the_quantized_head_table(tmp_path):
+    model = make_tiny_model(tmp_path / "tied", "llama", head_dim=32, tie_word_embeddings=True)
+    out = tmp_path / "q"
+    _quantize(model, out, "w8a16", accuracy_level="0")  # int8 head (default) serves the embedding lookup too
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 1  # (the other Gather reads a shape)
+    assert not [t for t in graph.initializer if t.name == "model.embed_tokens.weight"]
+    ids = torch.randint(3, 250, (1, 20))
+    ref = load_quantized(out)(input_ids=ids).logits
+    got = OrtCausalLM(out)(ids).logits
+    assert float((got - ref).norm() / ref.norm()) < 0.02  # only the int8 head/embedding differ from the reference
+    float_head = tmp_path / "f"
+    _quantize(model, float_head, "w8a16", accuracy_level="0", lm_head_bits="float")  # Gemm(transB) on the table
+    assert Counter(n.op_type for n in onnx.load(str(float_head / "model.onnx"), load_external_data=False).graph.node)["Gemm"] == 1
+    torch.testing.assert_close(OrtCausalLM(float_head)(ids).logits, ref, rtol=1e-4, atol=2e-4)
 
 
 def test_onnxruntime_genai_generates_the_same_greedy_tokens(tiny32, tmp_path):

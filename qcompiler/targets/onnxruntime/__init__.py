@@ -7,6 +7,10 @@ qcompiler artefact and an onnxruntime-genai model folder (model.onnx, model.onnx
 Options (`--target-option key=value`):
   accuracy_level  MatMulNBits compute: 4 (default) = int8 activations per block (onnxruntime's fast CPU
                   path, the genai builder's default), 0 = float activations (exactly our dequantize-then-GEMM)
+  w8a8_dynamic    matmulnbits (default): int8 weights × int8 activations in MatMulNBits (bits=8,
+                  accuracy_level=4; activations quantized per token per block of K, onnxruntime's fast CPU
+                  kernel) | exact: per-token quantization in ONNX ops + MatMulInteger (our oracle's numbers,
+                  ~1.4× slower decode on the demo model)
   lm_head_bits    8 (default) | 4 | float: the output projection as MatMulNBits (RTN, symmetric blocks of 32) or
                   float. The head is a fifth of a small model's weights and dominates its decode time; int8
                   blocks of 32 cost ~0.1 % perplexity on the demo model (the genai builder uses int4 here)
@@ -28,12 +32,18 @@ from qcompiler.targets.base import Target, register_target
 from qcompiler.targets.onnxruntime.emit import MATMULNBITS_BLOCKS, EmitOptions
 
 
+def emit_options(options: dict[str, str]) -> EmitOptions:
+    return EmitOptions(accuracy_level=int(options.get("accuracy_level", "4")),
+                       w8a8_dynamic=options.get("w8a8_dynamic", "matmulnbits"))
+
+
 @register_target("onnxruntime")
 class OnnxRuntimeTarget(Target):
     description = ("ONNX Runtime CPU: MatMulNBits (int4/int8 weight-only), MatMulInteger (int8 per-token), "
                    "QDQ (int8 static); exports model.onnx + genai_config.json")
     fuse_shared_input_linears = True
-    options = {"accuracy_level": ("0", "4"), "lm_head_bits": ("float", "8", "4")}
+    options = {"accuracy_level": ("0", "4"), "lm_head_bits": ("float", "8", "4"),
+               "w8a8_dynamic": ("matmulnbits", "exact")}
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         w = scheme.weights
@@ -68,5 +78,4 @@ class OnnxRuntimeTarget(Target):
 
         self.check_options(options)
         head = options.get("lm_head_bits", "8")
-        return DecoderExporter(out_dir, model, EmitOptions(accuracy_level=int(options.get("accuracy_level", "4"))),
-                               lm_head_bits=None if head == "float" else int(head))
+        return DecoderExporter(out_dir, model, emit_options(options), lm_head_bits=None if head == "float" else int(head))

@@ -37,7 +37,14 @@ from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import quantize_weight, weight_qparams
 from qcompiler.schemes import QuantArgs
 from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
-from qcompiler.targets.onnxruntime.emit import W8A8, WOQ, EmitOptions, GraphEmitter, matmulnbits_tensors
+from qcompiler.targets.onnxruntime.emit import (
+    W8A8,
+    WOQ,
+    EmitOptions,
+    GraphEmitter,
+    matmulnbits_tensors,
+    skip_rms_norm,
+)
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
@@ -154,9 +161,8 @@ class DecoderExporter:
         self.total_len = b.op("Cast", [t], "/mask/total_i32", to=TensorProto.INT32)
         self.cos, self.sin = self._rotary_caches(model)
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.embedding = inner.embed_tokens.weight
-        self.embedding_name = b.initializer("model.embed_tokens.weight", self.embedding.detach().float())
-        self.hidden = b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens")
+        self.hidden = self._embedding(ids, model, inner)
+        self.residual: tuple[str, str] | None = None  # the last block's final residual add, fused with the norm
         self.window = -1
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             self.window = int(cfg.sliding_window)
@@ -180,8 +186,8 @@ class DecoderExporter:
         if index != self.blocks_done:
             raise ExportError(f"blocks must be exported in order: got {index}, expected {self.blocks_done}")
         em = GraphEmitter(self.b, gm, f"/model/layers.{index}", self.options)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        em.env[placeholders[0]] = self.hidden
+        hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        self._bind_hidden(em, gm, hidden)
         sdpas = [n for n in gm.graph.nodes if is_call(n, SDPA_OPS)]
         if len(sdpas) != 1:
             raise ExportError(f"{name}: expected one attention (scaled_dot_product_attention), found {len(sdpas)}")
@@ -211,29 +217,75 @@ class DecoderExporter:
         em.env[_attention_output(sdpa, name)] = attn[0]
         out = next(n for n in gm.graph.nodes if n.op == "output")
         result = out.args[0][0] if isinstance(out.args[0], tuple | list) else out.args[0]
-        (self.hidden,) = em.emit([result])  # type: ignore[assignment]
+        if is_call(result, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in result.args[:2]):
+            # the block ends with its residual add: leave it to the next norm (SkipSimplifiedLayerNormalization)
+            self.residual = tuple(em.emit(list(result.args[:2])))  # type: ignore[assignment]
+        else:
+            (self.hidden,) = em.emit([result])  # type: ignore[assignment]
         self.blocks_done += 1
+
+    def _bind_hidden(self, em: GraphEmitter, gm: fx.GraphModule, hidden: fx.Node) -> None:
+        """Bind the block's input. A pending residual add of the previous block is fused with this block's
+        first norm when that norm reads the input directly; otherwise it is materialised as Add."""
+        if self.residual is None:
+            em.env[hidden] = self.hidden
+            return
+        a, b = self.residual
+        self.residual = None
+        norm = next((n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
+                     and em.norm(n)[0] is hidden), None)  # type: ignore[index]
+        if norm is None:
+            em.env[hidden] = self.b.op("Add", [a, b], em.scope + "/residual")
+        else:
+            em.env[norm], em.env[hidden] = skip_rms_norm(em, a, b, norm)
+
+    def _quantized_head(self, weight: torch.Tensor) -> None:
+        """RTN the head into MatMulNBits tensors (symmetric, blocks of 32) once, at the start."""
+        w = weight.detach().float()
+        args = QuantArgs(bits=self.lm_head_bits, symmetric=True, granularity="group", group_size=32)  # type: ignore[arg-type]
+        scale, _ = weight_qparams(w, args)
+        q = store_weight_codes(quantize_weight(w, scale, None, args), args.bits, True)
+        self.head_block, qb, s, _ = matmulnbits_tensors(q, scale, None, args.bits, 32, w.shape[1])
+        self.head_shape = (int(w.shape[0]), int(w.shape[1]))
+        self.head_b = self.b.initializer("lm_head.MatMulNBits.B", qb)
+        self.head_scales = self.b.initializer("lm_head.MatMulNBits.scales", s)
+
+    def _embedding(self, ids: str, model: torch.nn.Module, inner: torch.nn.Module) -> str:
+        """Embedding lookup; a tied embedding with a quantized head reads the head's integer table
+        (com.microsoft::GatherBlockQuantized, same blocks and scales) instead of storing a float copy."""
+        b = self.b
+        self.embedding = inner.embed_tokens.weight
+        head = model.get_output_embeddings()
+        self.tied = head is not None and head.weight is self.embedding
+        if self.lm_head_bits is not None:
+            self._quantized_head(head.weight)
+            if self.tied:
+                n, k = self.head_shape
+                kb = -(-k // self.head_block)
+                data = b.op("Reshape", [self.head_b, b.const([n, -1], np.int64)], "/model/embed_tokens/data")
+                scales = b.op("Reshape", [self.head_scales, b.const([n, kb], np.int64)], "/model/embed_tokens/scales")
+                return b.op("GatherBlockQuantized", [data, ids, scales], "/model/embed_tokens", domain=MS_DOMAIN,
+                            bits=self.lm_head_bits, block_size=self.head_block, gather_axis=0, quantize_axis=1)
+        self.embedding_name = b.initializer("model.embed_tokens.weight", self.embedding.detach().float())
+        return b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens")
 
     def _lm_head(self, x: str, weight: torch.Tensor) -> str:
         b = self.b
+        if self.lm_head_bits is not None:
+            n, k = self.head_shape
+            return b.node("MatMulNBits", [x, self.head_b, self.head_scales], "/lm_head/MatMulNBits", domain=MS_DOMAIN,
+                          outputs=["logits"], K=k, N=n, bits=self.lm_head_bits, block_size=self.head_block,
+                          accuracy_level=self.options.accuracy_level)[0]
         w = weight.detach().float()
-        if self.lm_head_bits is None:
-            if weight is self.embedding:  # tied: share the embedding table, Gemm computes x · Eᵀ on 2-D views
-                flat = b.op("Reshape", [x, b.const([-1, int(w.shape[1])], np.int64)], "/lm_head/flatten")
-                y = b.op("Gemm", [flat, self.embedding_name], "/lm_head/Gemm", transB=1)
-                shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x], "/lm_head/shape"), b.const([0], np.int64),
-                                                         b.const([2], np.int64)], "/lm_head/batch_seq"),
-                                        b.const([int(w.shape[0])], np.int64)], "/lm_head/out_shape", axis=0)
-                return b.node("Reshape", [y, shape], "/lm_head/unflatten", outputs=["logits"])[0]
-            wt = b.initializer("lm_head.weight.T", w.t().contiguous())
-            return b.node("MatMul", [x, wt], "/lm_head/MatMul", outputs=["logits"])[0]
-        args = QuantArgs(bits=self.lm_head_bits, symmetric=True, granularity="group", group_size=32)
-        scale, zero = weight_qparams(w, args)
-        q = store_weight_codes(quantize_weight(w, scale, zero, args), args.bits, True)
-        block, qb, s, _ = matmulnbits_tensors(q, scale, None, args.bits, 32, w.shape[1])
-        return b.node("MatMulNBits", [x, b.initializer("lm_head.MatMulNBits.B", qb), b.initializer("lm_head.MatMulNBits.scales", s)],
-                      "/lm_head/MatMulNBits", domain=MS_DOMAIN, outputs=["logits"], K=int(w.shape[1]), N=int(w.shape[0]),
-                      bits=args.bits, block_size=block, accuracy_level=self.options.accuracy_level)[0]
+        if self.tied:  # share the embedding table: Gemm computes x · Eᵀ on 2-D views
+            flat = b.op("Reshape", [x, b.const([-1, int(w.shape[1])], np.int64)], "/lm_head/flatten")
+            y = b.op("Gemm", [flat, self.embedding_name], "/lm_head/Gemm", transB=1)
+            shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x], "/lm_head/shape"), b.const([0], np.int64),
+                                                     b.const([2], np.int64)], "/lm_head/batch_seq"),
+                                    b.const([int(w.shape[0])], np.int64)], "/lm_head/out_shape", axis=0)
+            return b.node("Reshape", [y, shape], "/lm_head/unflatten", outputs=["logits"])[0]
+        wt = b.initializer("lm_head.weight.T", w.t().contiguous())
+        return b.node("MatMul", [x, wt], "/lm_head/MatMul", outputs=["logits"])[0]
 
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
         if self.blocks_done != self.layers:
@@ -242,8 +294,12 @@ class DecoderExporter:
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         norm = inner.norm
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        h = b.op("RMSNormalization", [self.hidden, b.initializer("model.norm.weight", norm.weight.detach().float())],
-                 "/model/norm", axis=-1, epsilon=eps, stash_type=1)
+        gamma = b.initializer("model.norm.weight", norm.weight.detach().float())
+        if self.residual is not None:
+            h = b.node("SkipSimplifiedLayerNormalization", [*self.residual, gamma], "/model/norm", domain=MS_DOMAIN,
+                       epsilon=eps)[0]
+        else:
+            h = b.op("RMSNormalization", [self.hidden, gamma], "/model/norm", axis=-1, epsilon=eps, stash_type=1)
         self._lm_head(h, model.get_output_embeddings().weight)
         b.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", self.vocab])
         for i in range(self.layers):

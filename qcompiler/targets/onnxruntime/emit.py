@@ -5,12 +5,16 @@ Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
   qc::linear_woq  ŵ = (q − z)·s, group g      → com.microsoft::MatMulNBits (bits 4|8, block = g or a power-of-two
                                                 divisor of g with scales repeated; K padded to whole blocks;
                                                 symmetric codes use the op's default zero point 2^(bits−1))
-  qc::linear_w8a8 dynamic per-token           → s_t = max|x_t|/127; q = round(x/s_t)+128 (uint8);
+  qc::linear_w8a8 dynamic per-token           → MatMulNBits(bits=8, accuracy_level=4): onnxruntime's int8 GEMM,
+                                                activations quantized per token per block of K (default), or
+                                                with w8a8_dynamic=exact: s_t = max|x_t|/127; q = round(x/s_t)+128;
                                                 MatMulInteger(q, W_int8, zp=128) · s_t · s_w (+ b)
   qc::linear_w8a8 static per-tensor           → QuantizeLinear/DequantizeLinear on x and on W (QDQ), MatMul;
                                                 onnxruntime fuses the pattern into its int8 GEMM
   aten.linear (float)                         → MatMul(x, Wᵀ) (+ b)
-  RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23)
+  RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23), or with the residual
+                                                add feeding it, com.microsoft::SkipSimplifiedLayerNormalization
+                                                (normalized output and the sum, one pass over memory)
 
 Everything else is elementwise/reduction ATen ops with direct ONNX counterparts. Values are emitted on demand
 (only what the requested outputs need), so a caller can pre-bind nodes — the decoder exporter binds an
@@ -46,6 +50,10 @@ class EmitOptions:
     # MatMulNBits accuracy_level: 0 = compute in the activation dtype (exact dequantize-then-GEMM);
     # 4 = quantize activations per block to int8 inside the kernel (onnxruntime's fast CPU path).
     accuracy_level: int = 4
+    # w8a8 dynamic: "matmulnbits" = MatMulNBits(bits=8, accuracy_level=4), onnxruntime's int8×int8 CPU kernel,
+    # which quantizes activations per token *per block of K* (finer than our per-token oracle);
+    # "exact" = per-token quantization in ONNX ops + MatMulInteger (our numbers exactly, slower).
+    w8a8_dynamic: str = "matmulnbits"
 
 
 def matmulnbits_block(group_size: int, k: int) -> int | None:
@@ -195,9 +203,19 @@ class GraphEmitter:
                 continue
             needed.add(n)
             stack.extend(d for d in self.deps(n) if d not in self.env)
+        # residual add feeding an RMSNorm → one SkipSimplifiedLayerNormalization (both results kept)
+        skip_norm: dict[fx.Node, fx.Node] = {}
+        for n in needed:
+            m = self.norm(n) if is_call(n, aten.mul.Tensor) else None
+            if m is not None and m[0] in needed and is_call(m[0], aten.add.Tensor) and m[0] not in skip_norm \
+                    and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in m[0].args[:2]):
+                skip_norm[m[0]] = n
         for n in self.gm.graph.nodes:
             if n in needed and n not in self.env:
-                self.env[n] = self._emit_node(n)
+                if n in skip_norm:
+                    self.env[skip_norm[n]], self.env[n] = _skip_rms_norm(self, n, skip_norm[n])
+                else:
+                    self.env[n] = self._emit_node(n)
         return [self.env[o] for o in outputs]
 
     def _emit_node(self, n: fx.Node) -> str | list[str]:
@@ -231,6 +249,20 @@ def _rms_norm(em: GraphEmitter, n: fx.Node) -> str:
     x, gamma, eps = em.norm(n)  # type: ignore[misc]
     g = em.b.initializer(f"{em.scope}.norm_weight", gamma)
     return em.b.op("RMSNormalization", [em.v(x), g], em.name(n), axis=-1, epsilon=eps, stash_type=1)
+
+
+def _skip_rms_norm(em: GraphEmitter, add: fx.Node, norm: fx.Node) -> tuple[str, str]:
+    return skip_rms_norm(em, em.v(add.args[0]), em.v(add.args[1]), norm)
+
+
+def skip_rms_norm(em: GraphEmitter, a: str, b: str, norm: fx.Node) -> tuple[str, str]:
+    """(normalized, sum) of RMSNorm(a + b) as com.microsoft::SkipSimplifiedLayerNormalization."""
+    _, gamma, eps = em.norm(norm)  # type: ignore[misc]
+    g = em.b.initializer(f"{em.scope}.norm_weight", gamma)
+    name = em.name(norm)
+    y, s = em.b.fresh(name + "/out"), em.b.fresh(name + "/sum")
+    em.b.node("SkipSimplifiedLayerNormalization", [a, b, g], name, domain=MS_DOMAIN, outputs=[y, "", "", s], epsilon=eps)
+    return y, s
 
 
 @rule(*PASSTHROUGH, aten.contiguous.default)
@@ -353,6 +385,14 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
     q_w = em.tensor(qw)
     s_w = em.tensor(w_scale).float().reshape(-1)
     xv = em.v(x)
+    if x_scale is None and em.options.w8a8_dynamic == "matmulnbits":
+        k = int(q_w.shape[1])
+        block, bq, sq, _ = matmulnbits_tensors(q_w, s_w.reshape(-1, 1), None, 8, k, k)
+        inputs = [xv, b.initializer(base + ".MatMulNBits.B", bq), b.initializer(base + ".MatMulNBits.scales", sq)]
+        if bias is not None:
+            inputs += ["", "", em.v(bias)]
+        return b.op("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=k, N=int(q_w.shape[0]), bits=8,
+                    block_size=block, accuracy_level=4)
     if x_scale is None:  # dynamic symmetric per-token
         w_t = b.initializer(base + ".W_int8.T", q_w.t().contiguous())
         absx = b.op("Abs", [xv], name + "/abs")

@@ -3,6 +3,7 @@ interface the perplexity loop uses (empty KV cache, full attention mask)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -26,13 +27,19 @@ class OrtCausalLM:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        # KV heads and head size: from the input shapes, or genai_config.json where they are symbolic
+        cfg_path = Path(folder) / "genai_config.json"
+        dec = json.loads(cfg_path.read_text())["model"]["decoder"] if cfg_path.is_file() else {}
+        shape = self.past[0].shape if self.past else [None] * 4
+        self.kv_heads = shape[1] if isinstance(shape[1], int) else int(dec["num_key_value_heads"])
+        self.head_dim = shape[3] if isinstance(shape[3], int) else int(dec["head_size"])
 
     def run(self, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
             mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward: logits and the present KV cache (by past input name)."""
         b = ids.shape[0]
         if past is None:
-            past = {i.name: np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32) for i in self.past}
+            past = {i.name: np.zeros((b, self.kv_heads, 0, self.head_dim), np.float32) for i in self.past}
         p = next(iter(past.values())).shape[2] if past else 0
         if mask is None:
             mask = np.ones((b, p + ids.shape[1]), np.int64)
