@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from qcompiler.calib import data as calib_data
-from qcompiler.errors import ModelLoadError
+from qcompiler.errors import ArtifactError, ModelLoadError
 from qcompiler.eval.perplexity import evaluation_windows, perplexity
 from qcompiler.export.artifact import folder_size, read_description
 
@@ -38,6 +38,11 @@ def evaluate(
     from qcompiler.runtime import load_quantized
 
     desc = read_description(out)
+    if desc.get("architecture") == "onnx":
+        raise ArtifactError(
+            f"'{out}' is an imported ONNX graph, not a causal LM: `qcompile eval` measures perplexity; its "
+            f"qcompiler.json records the output SQNR against the source model ({desc.get('output_sqnr_db')} dB)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     texts = calib_data.read_texts(text) if text else calib_data.default_texts("eval")
     ids = evaluation_windows(tokenizer, texts, seq_len, max_tokens)
@@ -129,6 +134,9 @@ def format_inspect(out: Path) -> str:
         o = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.1f}" for k, v in (r["output_sqnr_db"] or {}).items())
         lines.append(f"{r['layer']:<42} {r['op']:<12} {r['weights']:<12} {r['activations']:<16} {w:>7}  {o}")
     lines.append("")
-    lines.append("block output SQNR dB: " + ", ".join(
-        f"{k.rsplit('.', 1)[-1]}: {v['output_sqnr_db']:.1f}" for k, v in desc["block_report"].items()))
+    if "block_report" in desc:
+        lines.append("block output SQNR dB: " + ", ".join(
+            f"{k.rsplit('.', 1)[-1]}: {v['output_sqnr_db']:.1f}" for k, v in desc["block_report"].items()))
+    else:  # an imported ONNX graph: one graph, its outputs
+        lines.append("model output SQNR dB: " + ", ".join(f"{k}: {v:.1f}" for k, v in desc["output_sqnr_db"].items()))
     return "\n".join(lines)

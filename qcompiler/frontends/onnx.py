@@ -485,14 +485,16 @@ def _translate_linear(node: onnx.NodeProto, attrs: dict, const_value: Callable, 
             return None
     else:
         weight, bias = w.t(), None
-    layer = _sanitize(_layer_name(node))
+    path = _layer_name(node)  # reports and --override globs use it as is (dots kept)
+    # graph attribute names keep the path's hierarchy (fusion names the fused layer after its parent)
+    attr = "w." + ".".join(re.sub(r"[^0-9A-Za-z_]", "_", seg) or "_" for seg in path.split("."))
     x = value(node.input[0])
-    args: list[Any] = [x, attr_node(f"{layer}.weight", weight.contiguous().float())]
+    args: list[Any] = [x, attr_node(f"{attr}.weight", weight.contiguous().float())]
     if bias is not None:
-        args.append(attr_node(f"{layer}.bias", bias.float()))
+        args.append(attr_node(f"{attr}.bias", bias.float()))
     n = graph.call_function(LINEAR, tuple(args))
-    n.meta["nn_module_stack"] = {layer: (layer, "onnx." + node.op_type)}
-    n.meta[qmeta.PATH] = layer
+    n.meta["nn_module_stack"] = {path: (path, "onnx." + node.op_type)}
+    n.meta[qmeta.PATH] = path
     return n
 
 
