@@ -34,7 +34,7 @@ from qcompiler.frontends.hf import (
     probe_block_inputs,
 )
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, copy_graph, drop_tensors, is_call, module_path, tensor_attrs
+from qcompiler.ir.graph import CONV, LINEAR, copy_graph, drop_tensors, is_call, module_path, tensor_attrs
 from qcompiler.memory import release_free_memory
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
@@ -124,7 +124,7 @@ def _linear_outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple
                         outputs[part["path"]] = piece
                 else:
                     outputs[rec["path"]] = out
-            elif is_call(n, LINEAR):
+            elif is_call(n, {LINEAR, CONV}):
                 outputs[n.meta.get(qmeta.PATH) or module_path(n)] = out
             return out
 

@@ -19,7 +19,7 @@ from qcompiler.compile import QuantizeConfig, default_pipeline
 from qcompiler.compile_onnx import compile_imported, export_graph, quantize_onnx
 from qcompiler.errors import CalibrationError, ModelLoadError, UnsupportedOpError
 from qcompiler.frontends.onnx import import_onnx, load_onnx
-from qcompiler.ir.graph import LINEAR, is_call
+from qcompiler.ir.graph import CONV, LINEAR, is_call
 from qcompiler.numerics import sqnr_db
 from qcompiler.schemes import get_scheme
 from qcompiler.targets.base import get_target
@@ -162,16 +162,52 @@ def test_quantize_onnx_cnn_writes_a_complete_folder(cnn_onnx, tmp_path):
                                         batch_size=4, target="onnxruntime", extra={"calib_inputs": calib}),
                          log=lambda _: None)
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "qcompiler.json"]
-    assert set(desc["layers"]) == {"fc1", "fc2"} and all(r["op"] == "linear_w8a8" for r in desc["layers"].values())
+    ops_by_layer = Counter(r["op"] for r in desc["layers"].values())
+    assert ops_by_layer == {"linear_w8a8": 2, "conv_int8": 2} and {"fc1", "fc2"} <= set(desc["layers"])
+    assert all(r["activations"] == {"bits": 8, "dynamic": False, "granularity": "tensor", "symmetric": True}
+               for r in desc["layers"].values())
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
-    assert ops["Conv"] == 2 and ops["QuantizeLinear"] == 2 and ops["Gemm"] == 0
+    assert ops["Conv"] == 2 and ops["QuantizeLinear"] == 4 and ops["Gemm"] == 0
     feeds = _feeds(cnn_onnx["legacy"])
     assert sqnr_db(torch.from_numpy(_ort(cnn_onnx["legacy"], feeds)), torch.from_numpy(_ort(out / "model.onnx", feeds))) > 20
+    # What onnxruntime makes of it: the Q/DQ MatMuls become integer GEMMs; the convolutions, whose outputs are not
+    # re-quantized (our schemes quantize layer inputs only), run as float convolutions on the dequantized int8
+    # kernels (QLinearConv needs a quantized output) — int8 on disk, float speed. Pinned so a change shows.
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out / "model.onnx"), so)
+    fused = Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+    assert fused["QLinearConv"] == 0 and fused["FusedConv"] + fused["Conv"] == 2, fused
     with pytest.raises(CalibrationError, match="lacks arrays"):
         np.savez(calib, image=np.zeros((2, 3, 16, 16), np.float32))
         quantize_onnx(QuantizeConfig(model=cnn_onnx["legacy"], scheme=get_scheme("w8a8"), out=tmp_path / "q2",
                                      extra={"calib_inputs": calib}), log=lambda _: None)
     assert not (tmp_path / "q2").exists()
+
+
+def test_int8_convolutions_export_as_the_lowered_graph_computes(cnn_onnx, tmp_path):
+    path = cnn_onnx["dynamo"]
+    imported = import_onnx(load_onnx(path), path)
+    target = get_target("onnxruntime")
+    feeds = _feeds(path)
+    for scheme, expect_q in (("w8a16", 0), ("w8a8", 4)):
+        s = get_scheme(scheme)
+        calib = [(torch.randn(4, 3, 16, 16),) for _ in range(2)]
+        gm, layer_sqnr, _, _ = compile_imported(import_onnx(load_onnx(path), path), s, target,
+                                                default_pipeline(s, target), calib)
+        out = tmp_path / f"{scheme}.onnx"
+        export_graph(gm, imported, out, EmitOptions(accuracy_level=0), {})
+        ops = Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
+        assert ops["Conv"] == 2 and ops["QuantizeLinear"] == expect_q
+        assert ops["DequantizeLinear"] == 2 + (2 * expect_q if scheme == "w8a8" else 0) - (2 if scheme == "w8a8" else 0)
+        expect = gm(torch.from_numpy(feeds["x"])).detach().numpy()
+        np.testing.assert_allclose(_ort(out, feeds), expect, rtol=1e-3, atol=1e-3)
+        assert len(layer_sqnr) == 4 and min(layer_sqnr.values()) > 20
+    # int4 has no convolution kernel: the convolutions stay float, the report says why
+    s = get_scheme("w4a16", group_size=32)
+    gm, layer_sqnr, _, _ = compile_imported(import_onnx(load_onnx(path), path), s, target, default_pipeline(s, target),
+                                            [(torch.randn(2, 3, 16, 16),)])
+    assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is CONV and "qc.record" in n.meta) == 0
 
 
 def _model_with(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:

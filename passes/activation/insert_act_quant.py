@@ -1,4 +1,4 @@
-"""act_quant: insert activation fake-quantization before every weight-quantized linear.
+"""act_quant: insert activation fake-quantization before every weight-quantized linear (and convolution).
 
 Static (per-tensor, calibrated): observe the linear input X over the calibration set, then
     s = max(|min X|, |max X|) / 127 (symmetric) or (max − min) / 255 with zero point z (asymmetric),
@@ -24,20 +24,23 @@ from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.errors import SchemeError
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block
-from qcompiler.ir.graph import LINEAR, is_call, linear_module_attr, set_tensor
+from qcompiler.ir.graph import CONV, LINEAR, is_call, linear_module_attr, set_tensor
 from qcompiler.numerics import act_qparams_from_range
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
 
 
 def _targets(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[fx.Node, QuantArgs]]:
-    """Weight-quantized linears whose layer scheme quantizes activations, with those activation args."""
+    """Weight-quantized linears (and convolutions, static activations only: per-token scales have no meaning
+    on an NCHW input) whose layer scheme quantizes activations, with those activation args."""
     infos = analyze_block(gm).linears
     out = []
     for n in gm.graph.nodes:
-        if is_call(n, LINEAR) and qmeta.WQ in n.meta and n.name in infos:
+        if is_call(n, {LINEAR, CONV}) and qmeta.WQ in n.meta and n.name in infos:
             scheme = ctx.layer_scheme(infos[n.name])
             if scheme is not None and scheme.activations is not None:
+                if is_call(n, CONV) and scheme.activations.dynamic:
+                    continue
                 out.append((n, scheme.activations))
     return out
 

@@ -21,7 +21,9 @@ from torch import fx
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import (
+    CONV,
     LINEAR,
+    aten,
     get_attr_node,
     get_tensor,
     is_call,
@@ -166,6 +168,48 @@ class W8A8LinearRule:
             gm.graph.erase_node(fq)
 
 
+class ConvRule:
+    """A weight-quantized convolution reads its kernel as ŵ = float(q_int8) · s_w[:, None, …] computed in the
+    graph from the stored codes (there is no `qc::` conv kernel; the ONNX Runtime emitter writes the layer as
+    DequantizeLinear(int8 W) → Conv with the input's fake-quant as QuantizeLinear/DequantizeLinear, which
+    onnxruntime runs as QLinearConv). The float kernel is dropped."""
+
+    name = "conv_int8"
+
+    def matches(self, node: fx.Node) -> bool:
+        return is_call(node, CONV) and qmeta.WQ in node.meta and qmeta.RECORD not in node.meta
+
+    def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
+        args = node.meta[qmeta.WQ].args
+        if args.bits != 8 or not args.symmetric or args.granularity != "channel":
+            return fail(f"convolutions are lowered as symmetric per-channel int8, got {args.describe()}")
+        return MATCH
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
+        w4 = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+        w = w4.reshape(w4.shape[0], -1)
+        base = linear_module_attr(node)
+        set_tensor(gm, base + ".qweight", quantize_weight(w, wq.scale, None, wq.args).to(torch.int8).reshape(w4.shape))
+        set_tensor(gm, base + ".weight_scale", wq.scale.reshape(-1).float().contiguous())
+        with gm.graph.inserting_before(node):
+            codes = gm.graph.call_function(aten._to_copy.default, (get_attr_node(gm, base + ".qweight", node),),
+                                           {"dtype": torch.float32})
+            scale = gm.graph.call_function(aten.view.default, (get_attr_node(gm, base + ".weight_scale", node),
+                                                               [w4.shape[0]] + [1] * (w4.dim() - 1)))
+            kernel = gm.graph.call_function(aten.mul.Tensor, (codes, scale))
+        node.replace_input_with(node.args[1], kernel)  # type: ignore[arg-type]
+        x = node.args[0]
+        fq = x.meta.get(qmeta.ACT_FQ) if isinstance(x, fx.Node) and is_call(x, FQ_STATIC) else None
+        record = _record_base(node, "conv_int8", wq, w)
+        record.update({
+            "activations": None if fq is None else {"bits": 8, "dynamic": False, "granularity": "tensor",
+                                                    "symmetric": fq["qmin"] != 0},
+            "tensors": {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"},
+        })
+        node.meta[qmeta.RECORD] = record
+
+
 def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
     """Describe a float linear whose structure differs from the source model (fused) so it can reload."""
     weight = str(node.args[1].target)  # type: ignore[union-attr]
@@ -175,4 +219,4 @@ def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def linear_rules() -> list[RewriteRule]:
-    return [W8A8LinearRule(), WeightOnlyLinearRule()]  # type: ignore[list-item]
+    return [W8A8LinearRule(), WeightOnlyLinearRule(), ConvRule()]  # type: ignore[list-item]

@@ -1,6 +1,7 @@
 """rtn: round-to-nearest weight quantization, with min-max, MSE-searched or activation-aware clipping.
 
-For every weight linear of the block (minus the scheme's ignore list): compute the grid (scale s, zero z per
+For every weight linear (and convolution, seen as [O, I/groups·kh·kw], per output channel) of the block
+(minus the scheme's ignore list): compute the grid (scale s, zero z per
 output channel or per group of K, ragged last group allowed), then replace W by ŵ = (q − z)·s in the graph
 and record (s, z, args) in node.meta so lowering can emit integer kernels. `clip=mse` searches a per-group
 range shrink ratio r ∈ [0.5, 1] minimising ‖W − ŵ‖² (see numerics.mse_clip_search); `clip=awq` minimises
@@ -48,15 +49,26 @@ def layer_weight_args(
 
 
 def weight_targets(
-    gm: fx.GraphModule, ctx: PassContext, bits: int | None, group_size: int | None, symmetric: bool | None
+    gm: fx.GraphModule, ctx: PassContext, bits: int | None, group_size: int | None, symmetric: bool | None,
+    kinds: tuple[str, ...] = ("linear",),
 ) -> tuple[list[tuple[fx.Node, LinearInfo, QuantArgs]], dict[str, str]]:
-    """The linears a weight pass quantizes, with their weight args, and the others with the reason why not."""
+    """The layers a weight pass quantizes (linears; convolutions too when `kinds` says so), with their weight
+    args, and the others with the reason why not. Convolutions are quantized per output channel."""
     analysis = analyze_block(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     targets, skipped = [], {}
     for name, info in analysis.linears.items():
         node = nodes[name]
         args = layer_weight_args(ctx, info, bits, group_size, symmetric)
+        if info.kind not in kinds:
+            if args is not None:
+                skipped[info.path] = f"{info.kind}: quantized by rtn only"
+            continue
+        if args is not None and info.kind == "conv":
+            if args.bits != 8:
+                skipped[info.path] = "conv: int8 only (no int4 convolution kernel on any target)"
+                continue
+            args = dataclasses.replace(args, granularity="channel", group_size=None, symmetric=True)
         if args is None:
             skipped[info.path] = "float (ignored or overridden by the scheme)"
         elif qmeta.WQ in node.meta:
@@ -97,13 +109,16 @@ class RTN(Pass):
         return [StatRequest(node.args[0].name, "hessian") for node, _, _ in targets]  # type: ignore[union-attr]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
-        targets, skipped = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)
+        targets, skipped = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric, ("linear", "conv"))
         done = []
         for node, info, args in targets:
-            w = get_tensor(gm, info.weight)
-            if self.clip == "mse":
+            w_orig = get_tensor(gm, info.weight)
+            w = w_orig.reshape(w_orig.shape[0], -1)  # a conv kernel as [O, I/groups · kh · kw]
+            # (the activation-aware clip needs the linear's input Hessian: convolutions use MSE clipping)
+            clip = "mse" if info.kind == "conv" and self.clip == "awq" else self.clip
+            if clip == "mse":
                 ratio: torch.Tensor | float = mse_clip_search(w, args)
-            elif self.clip == "awq":
+            elif clip == "awq":
                 h, tokens = stats[StatRequest(node.args[0].name, "hessian")]  # type: ignore[union-attr]
                 ratio = activation_aware_clip(w, (h / tokens).float(), args)
             else:
@@ -112,7 +127,7 @@ class RTN(Pass):
             q = quantize_weight(w, scale, zero, args)
             gs = group_size_of(args, w.shape[1])
             w_hat = dequantize_weight(q, scale, zero, gs).to(w.dtype)
-            set_tensor(gm, info.weight, w_hat)
+            set_tensor(gm, info.weight, w_hat.reshape(w_orig.shape))
             node.meta[qmeta.WQ] = qmeta.WeightQuant(
                 args=args, scale=scale, zero=zero, group_size=gs, weight_sqnr_db=sqnr_db(w, w_hat)
             )

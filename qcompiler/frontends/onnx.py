@@ -1,6 +1,7 @@
 """ONNX frontend: an ONNX model (external data included) → the same FX IR the passes work on.
 
 Translation, node by node, through one op table:
+  * Conv with initializer weights becomes `aten.convolution` (quantized per output channel, int8 only).
   * MatMul(x, B) with a 2-D initializer B and Gemm(A, B[, C]) with initializer weights become
     `aten.linear(x, W[, b])` with W = Bᵀ (or B when transB=1) stored as `<layer>.weight`, so every weight
     pass (RTN, GPTQ, AWQ, SmoothQuant, act_quant, lowering) applies unchanged. The layer is named from the
@@ -31,7 +32,7 @@ from torch import fx
 
 from qcompiler.errors import ModelLoadError, UnsupportedOpError
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, aten, set_tensor
+from qcompiler.ir.graph import CONV, LINEAR, aten, set_tensor
 
 ONNX_META = "onnx"  # node.meta key: {"op_type", "domain", "attributes": [AttributeProto], "outputs": int}
 
@@ -468,9 +469,34 @@ def import_onnx(model: onnx.ModelProto, path: str | Path = "<model>") -> Importe
     return ImportedModel(gm, graph_inputs, list(model.graph.output), opset)
 
 
+def _translate_conv(node: onnx.NodeProto, attrs: dict, const_value: Callable, value: Callable,
+                    attr_node: Callable, graph: fx.Graph) -> fx.Node | None:
+    """Conv with initializer weights and symmetric explicit pads → aten.convolution (a weight layer)."""
+    w = const_value(node.input[1])
+    bias = const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if w is None or not w.is_floating_point() or (len(node.input) > 2 and node.input[2] and bias is None):
+        return None
+    nd = w.dim() - 2
+    pads = list(attrs.get("pads", [0] * 2 * nd))
+    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:nd] != pads[nd:]:
+        return None
+    path = _layer_name(node)
+    attr = "w." + ".".join(re.sub(r"[^0-9A-Za-z_]", "_", seg) or "_" for seg in path.split("."))
+    args: list[Any] = [value(node.input[0]), attr_node(f"{attr}.weight", w.float().contiguous()),
+                       attr_node(f"{attr}.bias", bias.float()) if bias is not None else None,
+                       list(attrs.get("strides", [1] * nd)), pads[:nd], list(attrs.get("dilations", [1] * nd)),
+                       False, [0] * nd, int(attrs.get("group", 1))]
+    n = graph.call_function(CONV, tuple(args))
+    n.meta["nn_module_stack"] = {path: (path, "onnx.Conv")}
+    n.meta[qmeta.PATH] = path
+    return n
+
+
 def _translate_linear(node: onnx.NodeProto, attrs: dict, const_value: Callable, value: Callable,
                       attr_node: Callable, graph: fx.Graph) -> fx.Node | None:
     """MatMul/Gemm with initializer weights → aten.linear (weights stored [N, K])."""
+    if node.op_type == "Conv":
+        return _translate_conv(node, attrs, const_value, value, attr_node, graph)
     if node.op_type not in ("MatMul", "Gemm"):
         return None
     w = const_value(node.input[1])

@@ -22,6 +22,7 @@ from torch import fx
 
 from qcompiler.ir.graph import (
     ACTIVATION_OPS,
+    CONV,
     LINEAR,
     MATMUL_OPS,
     SDPA_OPS,
@@ -47,6 +48,7 @@ class LinearInfo:
     out_features: int
     role: str = "linear"  # q k v o gate up down linear (fused: e.g. "qkv")
     fused_from: list[dict] | None = None  # members of a fused linear: {"path", "out_features", "role"}
+    kind: str = "linear"  # "conv": a convolution, its weight seen as [O, I/groups · prod(kernel)]
 
 
 @dataclass
@@ -217,6 +219,14 @@ def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
     _mlp_roles(gm, roles)
 
     linears: dict[str, LinearInfo] = {}
+    for conv in (n for n in gm.graph.nodes if is_call(n, CONV)):
+        w_attr = weight_attr(conv)
+        if w_attr is not None:
+            w = get_tensor(gm, w_attr)
+            linears[conv.name] = LinearInfo(
+                node=conv.name, path=conv.meta.get("qc.path") or module_path(conv), weight=w_attr,
+                bias=bias_attr(conv), in_features=int(w[0].numel()), out_features=int(w.shape[0]), kind="conv",
+            )
     for lin in linear_nodes(gm):
         w_attr = weight_attr(lin)
         if w_attr is None:
@@ -238,6 +248,8 @@ def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
     g = nx.Graph()
     norms: dict[str, NormGroup] = {}
     for name in linears:
+        if linears[name].kind != "linear":
+            continue
         norm = find_norm(gm, nodes[name].args[0])  # type: ignore[arg-type]
         if norm is not None:
             norms.setdefault(norm.mul_node, norm)
@@ -252,7 +264,8 @@ def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
 
     by_input: dict[fx.Node, list[str]] = defaultdict(list)
     for name in linears:
-        by_input[nodes[name].args[0]].append(name)  # type: ignore[index]
+        if linears[name].kind == "linear":
+            by_input[nodes[name].args[0]].append(name)  # type: ignore[index]
     shared = [sorted(v, key=list(linears).index) for v in by_input.values() if len(v) > 1]
     return BlockAnalysis(linears=linears, norm_groups=groups, attention=attention, shared_input_groups=shared)
 

@@ -16,6 +16,7 @@ aten = torch.ops.aten
 ADAPTER_PREFIX = "block."
 
 LINEAR = aten.linear.default
+CONV = aten.convolution.default  # imported ONNX Conv layers (weights [O, I/groups, *kernel])
 # Ops that pass a tensor through unchanged in value (dtype casts at equal dtype, copies, views of layout).
 PASSTHROUGH = {
     aten.to.dtype,

@@ -13,7 +13,8 @@ seqlens_k = Σ attention_mask − 1 and the total length). The attention pattern
 assumed: a q/k path with anything but reshapes and the rotary arithmetic (e.g. Qwen3's per-head q/k norms)
 is refused with the reason.
 
-The lm_head is quantized by the target's `lm_head_bits` option (RTN, symmetric blocks of 32, MatMulNBits, as
+The lm_head is quantized by the target's `lm_head_bits` option (RTN, symmetric blocks of 32 — MSE-clipped for
+4 bits — MatMulNBits, as
 the onnxruntime-genai builder does for its int4 models) or kept float; a float head tied to the embeddings
 reads the embedding initializer through Gemm(transB=1) instead of storing a transposed copy.
 """
@@ -34,7 +35,7 @@ from torch import fx
 from qcompiler.errors import ExportError
 from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call
 from qcompiler.kernels.packing import store_weight_codes
-from qcompiler.numerics import quantize_weight, weight_qparams
+from qcompiler.numerics import mse_clip_search, quantize_weight, weight_qparams
 from qcompiler.schemes import QuantArgs
 from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
 from qcompiler.targets.onnxruntime.emit import (
@@ -240,10 +241,11 @@ class DecoderExporter:
             em.env[norm], em.env[hidden] = skip_rms_norm(em, a, b, norm)
 
     def _quantized_head(self, weight: torch.Tensor) -> None:
-        """RTN the head into MatMulNBits tensors (symmetric, blocks of 32) once, at the start."""
+        """RTN the head into MatMulNBits tensors (symmetric, blocks of 32) once, at the start; 4-bit ranges are
+        MSE-clipped per block (as `rtn{clip=mse}`)."""
         w = weight.detach().float()
         args = QuantArgs(bits=self.lm_head_bits, symmetric=True, granularity="group", group_size=32)  # type: ignore[arg-type]
-        scale, _ = weight_qparams(w, args)
+        scale, _ = weight_qparams(w, args, mse_clip_search(w, args) if args.bits == 4 else 1.0)
         q = store_weight_codes(quantize_weight(w, scale, None, args), args.bits, True)
         self.head_block, qb, s, _ = matmulnbits_tensors(q, scale, None, args.bits, 32, w.shape[1])
         self.head_shape = (int(w.shape[0]), int(w.shape[1]))

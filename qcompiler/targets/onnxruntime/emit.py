@@ -12,6 +12,9 @@ Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
   qc::linear_w8a8 static per-tensor           → QuantizeLinear/DequantizeLinear on x and on W (QDQ), MatMul;
                                                 onnxruntime fuses the pattern into its int8 GEMM
   aten.linear (float)                         → MatMul(x, Wᵀ) (+ b)
+  aten.convolution with an int8 record        → DequantizeLinear(W_int8, s_w per output channel) → Conv, its input's
+                                                qc::fake_quant_act → QuantizeLinear/DequantizeLinear (QDQ:
+                                                onnxruntime runs the pattern as QLinearConv)
   RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23), or with the residual
                                                 add feeding it, com.microsoft::SkipSimplifiedLayerNormalization
                                                 (normalized output and the sum, one pass over memory)
@@ -36,12 +39,14 @@ from torch import fx
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.errors import ExportError
 from qcompiler.frontends.onnx import ONNX_META
-from qcompiler.ir.graph import PASSTHROUGH, aten, get_tensor, is_call, skip_passthrough
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import CONV, PASSTHROUGH, aten, get_tensor, is_call, skip_passthrough
 from qcompiler.kernels.packing import load_weight_codes
 from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
 
 WOQ = torch.ops.qc.linear_woq.default
 W8A8 = torch.ops.qc.linear_w8a8.default
+FQ_STATIC = torch.ops.qc.fake_quant_act.default
 MATMULNBITS_BLOCKS = (256, 128, 64, 32, 16)
 
 
@@ -188,6 +193,8 @@ class GraphEmitter:
         return self._norms[node]
 
     def deps(self, node: fx.Node) -> list[fx.Node]:
+        if is_call(node, CONV) and qmeta.RECORD in node.meta:  # the kernel comes from the record's int8 tensors
+            return [node.args[0]]  # type: ignore[list-item]
         m = self.norm(node) if is_call(node, aten.mul.Tensor) else None
         if m is not None:
             return [m[0]]
@@ -358,6 +365,38 @@ def _linear(em: GraphEmitter, n: fx.Node) -> str:
     wt = em.b.initializer(f"{em.scope}.{n.args[1].target}.T", w.float().t().contiguous())
     y = em.b.op("MatMul", [em.v(n.args[0]), wt], em.name(n))
     return _bias(em, y, n.args[2] if len(n.args) > 2 else None, em.name(n))
+
+
+@rule(CONV)
+def _conv(em: GraphEmitter, n: fx.Node) -> str:
+    x, w, bias, stride, padding, dilation, transposed, _out_pad, groups = n.args
+    if transposed:
+        raise ExportError(f"{em.scope}: node '{n.name}' is a transposed convolution (not exported)")
+    rec = n.meta.get(qmeta.RECORD)
+    if rec is not None:  # int8 kernel: DequantizeLinear(W_int8, per-output-channel scale) feeds Conv (QDQ)
+        t = rec["tensors"]
+        qw = em.b.initializer(t["qweight"], get_tensor(em.gm, t["qweight"]))
+        ws = em.b.initializer(t["weight_scale"], get_tensor(em.gm, t["weight_scale"]))
+        wv = em.b.op("DequantizeLinear", [qw, ws], em.name(n) + "/dequantize_w", axis=0)
+    else:
+        wv = em.v(w)
+    inputs = [em.v(x), wv] + ([em.v(bias)] if bias is not None else [])
+    return em.b.op("Conv", inputs, em.name(n), strides=list(stride), pads=list(padding) * 2,
+                   dilations=list(dilation), group=int(groups))
+
+
+@rule(FQ_STATIC)
+def _fake_quant_act(em: GraphEmitter, n: fx.Node) -> str:
+    """A static activation fake-quant left in the graph (before an int8 convolution): QuantizeLinear +
+    DequantizeLinear with the same scale and zero point (int8 for [−128, 127], uint8 for [0, 255])."""
+    x, scale, zero, qmin, qmax = n.args
+    if (qmin, qmax) not in ((-128, 127), (0, 255)):
+        raise ExportError(f"{em.scope}: node '{n.name}' fake-quantizes to [{qmin}, {qmax}]; ONNX has 8-bit Q/DQ only")
+    dtype = torch.int8 if qmin < 0 else torch.uint8
+    s = em.b.initializer(str(scale.target), get_tensor(em.gm, str(scale.target)).float().reshape(()))
+    z = em.b.initializer(str(zero.target), get_tensor(em.gm, str(zero.target)).reshape(()).to(dtype))
+    q = em.b.op("QuantizeLinear", [em.v(x), s, z], em.name(n) + "/quantize")
+    return em.b.op("DequantizeLinear", [q, s, z], em.name(n))
 
 
 @rule(WOQ)
