@@ -99,7 +99,7 @@ def test_group_sizes_without_a_power_of_two_block_are_refused_by_the_target():
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ort_models")
-    return {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2")}
+    return {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2", "mistral")}
 
 
 def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
@@ -109,7 +109,7 @@ def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
                     log=lambda _: None)
 
 
-@pytest.mark.parametrize("family,scheme", [("llama", "w4a16"), ("qwen2", "w4a16"), ("llama", "w8a16"),
+@pytest.mark.parametrize("family,scheme", [("llama", "w4a16"), ("qwen2", "w4a16"), ("mistral", "w4a16"), ("llama", "w8a16"),
                                            ("llama", "w8a8_dynamic"), ("qwen2", "w8a8")])
 def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family, scheme):
     out = tmp_path / "q"

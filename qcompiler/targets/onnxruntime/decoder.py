@@ -163,7 +163,8 @@ class DecoderExporter:
         self.cos, self.sin = self._rotary_caches(model)
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.hidden = self._embedding(ids, model, inner)
-        self.residual: tuple[str, str] | None = None  # the last block's final residual add, fused with the norm
+        # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
+        self.residual: tuple[str, str] | None = None
         self.window = -1
         if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
             self.window = int(cfg.sliding_window)
