@@ -41,10 +41,14 @@ _NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch
 
 
 def _dims(vi: onnx.ValueInfoProto, batch: int, seq_len: int) -> list[int]:
+    """Concrete shape for generated inputs. Symbolic dims: batch first, a KV cache's past length 0 (exporters
+    name it past_sequence_length; `past_sequence_length + sequence_length` is then the sequence), else seq_len."""
     dims = []
     for i, d in enumerate(vi.type.tensor_type.shape.dim):
         if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(d.dim_value)
+        elif "past" in d.dim_param and "+" not in d.dim_param:
+            dims.append(0)
         else:
             dims.append(batch if i == 0 else seq_len)
     return dims

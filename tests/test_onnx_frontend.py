@@ -210,6 +210,45 @@ def test_int8_convolutions_export_as_the_lowered_graph_computes(cnn_onnx, tmp_pa
     assert sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is CONV and "qc.record" in n.meta) == 0
 
 
+OPTIMUM = Path(__file__).parent / "data" / "optimum"
+
+
+def _optimum_feeds(path: Path, past: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for i in ort.InferenceSession(str(path)).get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = rng.integers(3, 250, (2, 10)).astype(np.int64)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((2, past + 10), np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(past, past + 10)[None].repeat(2, 0).astype(np.int64)
+        elif i.name == "token_type_ids":
+            feeds[i.name] = np.zeros((2, 10), np.int64)
+        else:  # past_key_values.*: [batch, kv heads, past, head dim]
+            feeds[i.name] = rng.standard_normal((2, i.shape[1], past, i.shape[3])).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("name", ["llama-with-past.onnx", "bert.onnx"])
+def test_optimum_exports_import_exactly_and_quantize(name, tmp_path):
+    path = OPTIMUM / name
+    imported = import_onnx(load_onnx(path), path)
+    feeds = _optimum_feeds(path, past=4 if name.startswith("llama") else 0)
+    expect = ort.InferenceSession(str(path)).run(None, feeds)
+    got = imported.gm(*[torch.from_numpy(feeds[vi.name]) for vi in imported.inputs])
+    got = got if isinstance(got, tuple | list) else [got]
+    for e, g in zip(expect, got, strict=True):
+        np.testing.assert_allclose(g.detach().numpy(), e, rtol=1e-4, atol=1e-4)
+    out = tmp_path / "q"
+    desc = quantize_onnx(QuantizeConfig(model=path, scheme=get_scheme("w8a8_dynamic"), out=out, num_samples=4,
+                                        batch_size=2, seq_len=16), log=lambda _: None)
+    assert len(desc["layers"]) == 2 * 4  # fused q|k|v, o, (fused) MLP; the head is float (default ignore list)
+    assert any(k.startswith(("model.layers.0.", "encoder.layer.0.")) for k in desc["layers"])
+    quantized = ort.InferenceSession(str(out / "model.onnx")).run(None, feeds)  # KV-cache inputs included
+    assert sqnr_db(torch.from_numpy(expect[0]), torch.from_numpy(quantized[0])) > 20
+
+
 def _model_with(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits or [])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])

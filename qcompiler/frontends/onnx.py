@@ -394,7 +394,13 @@ def _layer_name(node: onnx.NodeProto) -> str:
             scopes = [s for s in scopes if s]
             if len(scopes) >= 2:
                 return scopes[-2]
-    return node.name or node.output[0]
+    name = node.name or node.output[0]
+    if name.startswith("/") and name.count("/") > 1:  # TorchScript scope names: /model/layers.0/mlp/up_proj/MatMul
+        parts = name.strip("/").split("/")
+        if parts[-1].split("_")[0] == node.op_type:
+            parts = parts[:-1]
+        return ".".join(parts)
+    return name
 
 
 @dataclass

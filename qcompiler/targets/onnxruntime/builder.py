@@ -81,7 +81,8 @@ class OnnxBuilder:
         return self.node(op, inputs, name, 1, domain, **attrs)[0]
 
     def initializer(self, hint: str, value: torch.Tensor | np.ndarray) -> str:
-        arr = np.ascontiguousarray(to_numpy(value))
+        arr = to_numpy(value)
+        arr = arr if arr.flags.c_contiguous else arr.copy(order="C")  # (np.ascontiguousarray makes 0-d arrays 1-d)
         name = self.fresh(hint)
         if arr.nbytes <= INLINE_BYTES:
             self.initializers.append(onnx.numpy_helper.from_array(arr, name))
