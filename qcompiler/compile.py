@@ -168,6 +168,17 @@ def _describe_layers(gm: fx.GraphModule, block: str | None, layer_sqnr: dict[str
     return layers
 
 
+def description_head(cfg: QuantizeConfig, target: Target, passes: Sequence[Pass]) -> dict[str, Any]:
+    """The fields every artefact description starts with (HF and ONNX paths alike)."""
+    return {
+        "scheme": cfg.scheme.to_dict(),
+        "target": target.name,
+        "target_options": dict(cfg.target_options),
+        "pipeline": format_pipeline(passes),
+        "source_model": str(Path(cfg.model).absolute()),
+    }
+
+
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     target = get_target(cfg.target)
@@ -252,11 +263,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
         writer.add_tensors("rest.safetensors", rest)
         elapsed = time.perf_counter() - t_start
         description = {
-            "scheme": cfg.scheme.to_dict(),
-            "target": target.name,
-            "target_options": dict(cfg.target_options),
-            "pipeline": format_pipeline(passes),
-            "source_model": str(Path(cfg.model).absolute()),
+            **description_head(cfg, target, passes),
             "architecture": model.config.model_type,
             "blocks": {"prefix": prefix, "count": len(blocks)},
             "calibration": {

@@ -164,7 +164,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
 
 def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`cfg` is a compile.QuantizeConfig whose `model` is an .onnx file."""
-    from qcompiler.compile import _describe_layers, complete_pipeline, default_pipeline
+    from qcompiler.compile import _describe_layers, complete_pipeline, default_pipeline, description_head
 
     t0 = time.perf_counter()
     target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
@@ -194,11 +194,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
         layers = _describe_layers(gm, None, layer_sqnr)
         elapsed = time.perf_counter() - t0
         description = {
-            "scheme": cfg.scheme.to_dict(),
-            "target": target.name,
-            "target_options": dict(cfg.target_options),
-            "pipeline": format_pipeline(passes),
-            "source_model": str(path.absolute()),
+            **description_head(cfg, target, passes),
             "architecture": "onnx",
             "onnx_model": MODEL_FILE,
             "calibration": {"batches": len(calib), "inputs": str(cfg.extra.get("calib_inputs") or "generated")},
