@@ -99,7 +99,10 @@ def test_group_sizes_without_a_power_of_two_block_are_refused_by_the_target():
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ort_models")
-    return {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2", "mistral")}
+    models = {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2")}
+    # a sliding window shorter than the test sequences: GroupQueryAttention's local_window_size must match HF's
+    models["mistral"] = make_tiny_model(root / "mistral", "mistral", head_dim=32, sliding_window=8)
+    return models
 
 
 def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:

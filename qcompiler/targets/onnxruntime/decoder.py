@@ -102,6 +102,13 @@ def _projection(node: fx.Node, what: str, block: str) -> tuple[fx.Node, set[fx.N
     return sources.pop(), placeholders
 
 
+def _from_placeholder(node: fx.Node) -> bool:
+    """The node is a block input, possibly sliced or cast (HF passes the model's mask in)."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "placeholder"
+
+
 def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
     """The input of the o projection: the node after the attention output's transpose/reshape plumbing."""
     n = sdpa
@@ -194,8 +201,11 @@ class DecoderExporter:
         if len(sdpas) != 1:
             raise ExportError(f"{name}: expected one attention (scaled_dot_product_attention), found {len(sdpas)}")
         sdpa = sdpas[0]
-        if len(sdpa.args) > 3 and sdpa.args[3] is not None:
-            raise ExportError(f"{name}: attention with an explicit mask tensor is not supported (causal only)")
+        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        if mask is not None and not (isinstance(mask, fx.Node) and _from_placeholder(mask)):
+            raise ExportError(f"{name}: attention with a mask computed inside the block is not supported")
+        # a mask coming from the model (causal, sliding window, padding) is what GroupQueryAttention builds
+        # itself from seqlens_k, the total length and local_window_size
         (q, q_ph), (k, k_ph), (v, _) = (_projection(sdpa.args[i], w, name) for i, w in enumerate(("query", "key", "value")))
         if not q_ph or not k_ph:
             raise ExportError(f"{name}: no rotary embedding found on the query/key paths (GroupQueryAttention applies it)")
