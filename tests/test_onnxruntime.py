@@ -118,6 +118,11 @@ def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family
     out = tmp_path / "q"
     _quantize(tiny32[family], out, scheme, accuracy_level="0", lm_head_bits="float", w8a8_dynamic="exact")
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    # weights live in the page-aligned external data file, never in the protobuf (no 2 GB limit)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    big = [t for t in proto.graph.initializer if int(np.prod(t.dims)) * 4 > 4096]
+    assert big and all(t.data_location == TensorProto.EXTERNAL for t in big)
+    assert all(int(e.value) % 4096 == 0 for t in big for e in t.external_data if e.key == "offset")
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
     layers = 2
     assert ops["GroupQueryAttention"] == layers
