@@ -62,10 +62,16 @@ def cnn_onnx(tmp_path_factory) -> dict[str, Path]:
         m.features[1].running_mean.normal_(0, 0.1)
         m.features[1].running_var.uniform_(0.5, 1.5)
     x = torch.randn(2, 3, 16, 16)
-    return {
+    paths = {
         "legacy": _export(m, (x,), root / "cnn_legacy.onnx", ["x"], False, {}),
         "dynamo": _export(m, (x,), root / "cnn_dynamo.onnx", ["x"], True, {"x": {0: "batch"}}),
     }
+    # the same model with every weight in an external-data file beside it
+    (root / "ext").mkdir()
+    paths["external"] = root / "ext" / "cnn.onnx"
+    onnx.save_model(onnx.load(str(paths["legacy"])), str(paths["external"]), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="cnn.onnx.data", size_threshold=0)
+    return paths
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -115,7 +121,7 @@ def _ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(str(path)).run(None, feeds)[0]
 
 
-@pytest.mark.parametrize("kind", ["cnn:legacy", "cnn:dynamo", "llm:legacy", "llm:dynamo"])
+@pytest.mark.parametrize("kind", ["cnn:legacy", "cnn:dynamo", "cnn:external", "llm:legacy", "llm:dynamo"])
 def test_imported_graph_computes_what_onnxruntime_computes(cnn_onnx, llm_onnx, kind):
     family, exporter = kind.split(":")
     path = (cnn_onnx if family == "cnn" else llm_onnx)[exporter]
