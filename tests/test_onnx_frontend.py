@@ -255,6 +255,50 @@ def test_optimum_exports_import_exactly_and_quantize(name, tmp_path):
     assert sqnr_db(torch.from_numpy(expect[0]), torch.from_numpy(quantized[0])) > 20
 
 
+def _run_single_op(op: str, x: np.ndarray, consts: list[np.ndarray], n_out: int = 1, **attrs) -> np.ndarray:
+    """The first output of one ONNX node run by onnxruntime."""
+    names = [f"c{i}" for i in range(len(consts))]
+    outs = [f"y{i}" for i in range(n_out)]
+    node = helper.make_node(op, ["x", *names], outs, **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                          [onnx.numpy_helper.from_array(c, n) for c, n in zip(consts, names, strict=True)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("op,consts,attrs", [
+    ("Slice", [[0], [2], [0], [1]], {}),
+    ("Slice", [[-1], [-4], [2], [-1]], {}),
+    ("Slice", [[1, 0], [100, -1], [1, 2], [2, 1]], {}),
+    ("Slice", [[4], [-100], [2], [-2]], {}),
+    ("Slice", [[3], [0], [1], [-1]], {}),
+    ("Unsqueeze", [[-1, 0]], {}),
+    ("Squeeze", [], {}),
+    ("Flatten", [], {"axis": 3}),
+    ("Flatten", [], {"axis": -1}),
+    ("Gather", [[-1, 0]], {"axis": 1}),
+    ("Split", [[1, 3]], {"axis": 1}),
+    ("Expand", [[2, 3, 4, 5]], {}),
+    ("Transpose", [], {"perm": [2, 0, 1]}),
+    ("ReduceMax", [], {"axes": [1], "keepdims": 0}),
+    ("CumSum", [1], {}),
+])
+def test_op_implementations_match_onnxruntime(op, consts, attrs):
+    from qcompiler.frontends.onnx import OnnxOp
+
+    x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    if op == "Squeeze":
+        x = x[:, :1]
+    arrays = [np.array(c, np.int64) for c in consts]
+    n_out = 2 if op == "Split" else 1
+    want = _run_single_op(op, x, arrays, n_out, **attrs)
+    got = OnnxOp(op, attrs, n_out)(torch.from_numpy(x), *(torch.from_numpy(a) for a in arrays))
+    got = got[0] if isinstance(got, tuple) else got  # (Split: the first output)
+    assert tuple(got.shape) == want.shape
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
 def _model_with(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits or [])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)])
