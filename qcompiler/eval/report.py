@@ -62,7 +62,7 @@ def evaluate(
         result["float"] = perplexity(fm, ids, tok_name, batch_size, progress, "float").to_dict()
         result["float_size_bytes"] = folder_size(src)
         del fm
-    from qcompiler.targets.onnxruntime.decoder import MODEL_FILE
+    from qcompiler.targets.onnxruntime.builder import MODEL_FILE
 
     if runtime == "auto":
         runtime = "onnxruntime" if (out / MODEL_FILE).is_file() else "reference"

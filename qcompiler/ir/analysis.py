@@ -81,7 +81,7 @@ class BlockAnalysis:
         return [li for li in self.linears.values() if li.role == role]
 
 
-def _norm_multiplier(node: fx.Node) -> tuple[str, float] | None:
+def norm_multiplier(node: fx.Node) -> tuple[str, float] | None:
     """If `node` computes m = γ or m = γ + c from a 1-D get_attr γ, return (γ target, c)."""
     node = skip_passthrough(node)
     offset = 0.0
@@ -101,7 +101,7 @@ def find_norm(gm: fx.GraphModule, x: fx.Node) -> NormGroup | None:
     for operand in prod.args:
         if not isinstance(operand, fx.Node):
             continue
-        mult = _norm_multiplier(operand)
+        mult = norm_multiplier(operand)
         if mult is None:
             continue
         w = get_tensor(gm, mult[0])
@@ -274,4 +274,4 @@ def norm_multiplier_value(gm: fx.GraphModule, group: NormGroup) -> torch.Tensor:
     return get_tensor(gm, group.weight).float() + group.offset
 
 
-__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm", "up_down_pairs"]
+__all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm", "norm_multiplier", "up_down_pairs"]

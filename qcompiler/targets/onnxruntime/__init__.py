@@ -29,7 +29,7 @@ from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target, register_target
-from qcompiler.targets.onnxruntime.emit import MATMULNBITS_BLOCKS, EmitOptions
+from qcompiler.targets.onnxruntime.emit import EmitOptions, dividing_block
 
 
 def emit_options(options: dict[str, str]) -> EmitOptions:
@@ -51,7 +51,7 @@ class OnnxRuntimeTarget(Target):
             if w.bits != 8 or not w.symmetric or w.granularity != "channel":
                 return "activation quantization needs symmetric per-channel int8 weights"
             return None
-        if w.granularity == "group" and not any(w.group_size % b == 0 for b in MATMULNBITS_BLOCKS):  # type: ignore[operator]
+        if w.granularity == "group" and dividing_block(w.group_size) is None:  # type: ignore[arg-type]
             return f"MatMulNBits needs a group size divisible by a power of two ≥ 16, not {w.group_size}"
         if w.granularity == "tensor":
             return "MatMulNBits has no per-tensor weight scale"

@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+MODEL_FILE = "model.onnx"  # the file name every exported folder uses (genai_config.json names it too)
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
 INLINE_BYTES = 1024

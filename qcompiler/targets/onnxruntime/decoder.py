@@ -37,12 +37,14 @@ from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call
 from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import mse_clip_search, quantize_weight, weight_qparams
 from qcompiler.schemes import QuantArgs
-from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
+from qcompiler.targets.onnxruntime.builder import MODEL_FILE, MS_DOMAIN, OnnxBuilder
 from qcompiler.targets.onnxruntime.emit import (
     W8A8,
     WOQ,
     EmitOptions,
     GraphEmitter,
+    matmulnbits_initializers,
+    matmulnbits_node,
     matmulnbits_tensors,
     skip_rms_norm,
 )
@@ -55,7 +57,6 @@ _ATTN_PLUMBING = PASSTHROUGH | {
     aten.expand.default, aten.slice.Tensor, aten.neg.default, aten.cat.default, aten.mul.Tensor, aten.add.Tensor,
     aten.sym_size.int, aten.contiguous.default, aten.permute.default,
 }
-MODEL_FILE = "model.onnx"
 
 
 def _is_linear_like(n: fx.Node) -> bool:
@@ -124,6 +125,11 @@ def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
         n = u
 
 
+def _decoder_body(model: torch.nn.Module) -> Any:
+    """The causal LM's inner model (embeddings, rotary module, blocks, final norm)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
 def check_decoder_config(cfg: Any) -> None:
     """Refuse an architecture or shape the decoder export cannot express, naming the fix."""
     arch = cfg.model_type
@@ -168,8 +174,7 @@ class DecoderExporter:
         t = b.op("Gather", [b.op("Shape", [mask], "/mask/shape"), b.const(1, np.int64)], "/mask/total", axis=0)
         self.total_len = b.op("Cast", [t], "/mask/total_i32", to=TensorProto.INT32)
         self.cos, self.sin = self._rotary_caches(model)
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.hidden = self._embedding(ids, model, inner)
+        self.hidden = self._embedding(ids, model)
         # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
         self.residual: tuple[str, str] | None = None
         self.window = -1
@@ -178,7 +183,7 @@ class DecoderExporter:
         self.blocks_done = 0
 
     def _rotary_caches(self, model: torch.nn.Module) -> tuple[str, str]:
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        inner = _decoder_body(model)
         n = int(self.cfg.max_position_embeddings)
         pos = torch.arange(n)[None]
         with torch.no_grad():
@@ -260,13 +265,13 @@ class DecoderExporter:
         q = store_weight_codes(quantize_weight(w, scale, None, args), args.bits, True)
         self.head_block, qb, s, _ = matmulnbits_tensors(q, scale, None, args.bits, 32, w.shape[1])
         self.head_shape = (int(w.shape[0]), int(w.shape[1]))
-        self.head_b = self.b.initializer("lm_head.MatMulNBits.B", qb)
-        self.head_scales = self.b.initializer("lm_head.MatMulNBits.scales", s)
+        self.head_weights = matmulnbits_initializers(self.b, "lm_head", qb, s, None)
 
-    def _embedding(self, ids: str, model: torch.nn.Module, inner: torch.nn.Module) -> str:
+    def _embedding(self, ids: str, model: torch.nn.Module) -> str:
         """Embedding lookup; a tied embedding with a quantized head reads the head's integer table
         (com.microsoft::GatherBlockQuantized, same blocks and scales) instead of storing a float copy."""
         b = self.b
+        inner = _decoder_body(model)
         self.embedding = inner.embed_tokens.weight
         head = model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.embedding
@@ -275,8 +280,9 @@ class DecoderExporter:
             if self.tied:
                 n, k = self.head_shape
                 kb = -(-k // self.head_block)
-                data = b.op("Reshape", [self.head_b, b.const([n, -1], np.int64)], "/model/embed_tokens/data")
-                scales = b.op("Reshape", [self.head_scales, b.const([n, kb], np.int64)], "/model/embed_tokens/scales")
+                head_b, head_scales, _ = self.head_weights
+                data = b.op("Reshape", [head_b, b.const([n, -1], np.int64)], "/model/embed_tokens/data")
+                scales = b.op("Reshape", [head_scales, b.const([n, kb], np.int64)], "/model/embed_tokens/scales")
                 return b.op("GatherBlockQuantized", [data, ids, scales], "/model/embed_tokens", domain=MS_DOMAIN,
                             bits=self.lm_head_bits, block_size=self.head_block, gather_axis=0, quantize_axis=1)
         self.embedding_name = b.initializer("model.embed_tokens.weight", self.embedding.detach().float())
@@ -286,9 +292,8 @@ class DecoderExporter:
         b = self.b
         if self.lm_head_bits is not None:
             n, k = self.head_shape
-            return b.node("MatMulNBits", [x, self.head_b, self.head_scales], "/lm_head/MatMulNBits", domain=MS_DOMAIN,
-                          outputs=["logits"], K=k, N=n, bits=self.lm_head_bits, block_size=self.head_block,
-                          accuracy_level=self.options.accuracy_level)[0]
+            return matmulnbits_node(b, "/lm_head/MatMulNBits", x, self.head_weights, "", k, n, self.lm_head_bits,
+                                    self.head_block, self.options.accuracy_level, output="logits")
         w = weight.detach().float()
         if self.tied:  # share the embedding table: Gemm computes x · Eᵀ on 2-D views
             flat = b.op("Reshape", [x, b.const([-1, int(w.shape[1])], np.int64)], "/lm_head/flatten")
@@ -304,8 +309,7 @@ class DecoderExporter:
         if self.blocks_done != self.layers:
             raise ExportError(f"only {self.blocks_done} of {self.layers} blocks were exported")
         b = self.b
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        norm = inner.norm
+        norm = _decoder_body(model).norm
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
         gamma = b.initializer("model.norm.weight", norm.weight.detach().float())
         if self.residual is not None:

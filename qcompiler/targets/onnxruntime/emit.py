@@ -40,8 +40,9 @@ import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.errors import ExportError
 from qcompiler.frontends.onnx import ONNX_META
 from qcompiler.ir import qmeta
+from qcompiler.ir.analysis import norm_multiplier
 from qcompiler.ir.graph import CONV, PASSTHROUGH, aten, get_tensor, is_call, skip_passthrough
-from qcompiler.kernels.packing import load_weight_codes
+from qcompiler.kernels.packing import load_weight_codes, pack_int4
 from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
 
 WOQ = torch.ops.qc.linear_woq.default
@@ -61,13 +62,18 @@ class EmitOptions:
     w8a8_dynamic: str = "matmulnbits"
 
 
+def dividing_block(group_size: int) -> int | None:
+    """The largest MatMulNBits block size (a power of two ≥ 16) that divides `group_size`, if any."""
+    return next((b for b in MATMULNBITS_BLOCKS if group_size % b == 0), None)
+
+
 def matmulnbits_block(group_size: int, k: int) -> int | None:
     """The MatMulNBits block size that reproduces groups of `group_size` along K exactly: a power of two
     ≥ 16 dividing the group (scales repeat), or, when one group spans the whole row, 128 (or the smallest
     power of two ≥ K for short rows; K is zero-padded to whole blocks)."""
     if group_size >= k:
         return 128 if k >= 128 else max(16, 1 << (k - 1).bit_length())
-    return next((b for b in MATMULNBITS_BLOCKS if group_size % b == 0), None)
+    return dividing_block(group_size)
 
 
 def matmulnbits_tensors(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
@@ -87,17 +93,14 @@ def matmulnbits_tensors(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.
     # group index of each block (blocks never straddle groups by construction)
     gi = torch.clamp(torch.arange(kb) * block // group_size, max=scale.shape[1] - 1)
     scales = scale.float()[:, gi].contiguous()
-    if bits == 4:
-        b = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, kb, block // 2)
-    else:
-        b = codes.reshape(n, kb, block)
+    b = (pack_int4(codes) if bits == 4 else codes).reshape(n, kb, block * bits // 8)
     zp = None
     if zero is not None:
         z = zero.to(torch.uint8)[:, gi]
         if bits == 4:
-            if kb % 2:
+            if kb % 2:  # a whole byte per row: the unused nibble holds the default zero point
                 z = torch.nn.functional.pad(z, (0, 1), value=8)
-            z = z[:, 0::2] | (z[:, 1::2] << 4)
+            z = pack_int4(z)
         zp = z.contiguous().numpy().reshape(-1)
     return block, b.contiguous().numpy(), scales.numpy().reshape(-1), zp
 
@@ -109,13 +112,10 @@ def match_rms_norm(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Te
     for w_arg, t_arg in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
         if not isinstance(w_arg, fx.Node) or not isinstance(t_arg, fx.Node):
             continue
-        offset = 0.0
-        w = skip_passthrough(w_arg)
-        if is_call(w, aten.add.Tensor) and isinstance(w.args[1], int | float):
-            offset, w = float(w.args[1]), skip_passthrough(w.args[0])
-        if w.op != "get_attr":
+        mult = norm_multiplier(w_arg)  # γ or γ + c, as the block analysis reads norms
+        if mult is None:
             continue
-        gamma = get_tensor(gm, str(w.target))
+        gamma, offset = get_tensor(gm, mult[0]), mult[1]
         t = skip_passthrough(t_arg)
         if gamma.dim() != 1 or not is_call(t, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in t.args):
             continue
@@ -126,7 +126,7 @@ def match_rms_norm(node: fx.Node, gm: fx.GraphModule) -> tuple[fx.Node, torch.Te
             if not (is_call(a, aten.add.Tensor) and isinstance(a.args[1], float | int)):
                 continue
             m = a.args[0]
-            if not (is_call(m, aten.mean.dim) and list(m.args[1]) in ([-1], [len(gamma.shape) - 2]) and m.args[2]):
+            if not (is_call(m, aten.mean.dim) and list(m.args[1]) == [-1] and m.args[2]):
                 continue
             p = m.args[0]
             if not (is_call(p, aten.pow.Tensor_Scalar) and p.args[1] == 2):
@@ -399,20 +399,30 @@ def _fake_quant_act(em: GraphEmitter, n: fx.Node) -> str:
     return em.b.op("DequantizeLinear", [q, s, z], em.name(n))
 
 
+def matmulnbits_node(b: OnnxBuilder, name: str, x: str, weights: tuple[str, str, str], bias: str, k: int, n: int,
+                     bits: int, block: int, accuracy_level: int, output: str | None = None) -> str:
+    """One MatMulNBits node; `weights` = (B, scales, zero points or "") initializer names, `bias` or ""."""
+    inputs = [x, *weights, "", bias]  # (input 4, g_idx, is unused)
+    while inputs[-1] == "":
+        inputs.pop()
+    return b.node("MatMulNBits", inputs, name, domain=MS_DOMAIN, outputs=None if output is None else [output],
+                  K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level)[0]
+
+
+def matmulnbits_initializers(b: OnnxBuilder, base: str, b_data: np.ndarray, scales: np.ndarray,
+                             zero_points: np.ndarray | None) -> tuple[str, str, str]:
+    return (b.initializer(base + ".MatMulNBits.B", b_data), b.initializer(base + ".MatMulNBits.scales", scales),
+            b.initializer(base + ".MatMulNBits.zero_points", zero_points) if zero_points is not None else "")
+
+
 @rule(WOQ)
 def _linear_woq(em: GraphEmitter, n: fx.Node) -> str:
     x, qw, scale, zero, bias, bits, g, k = n.args
     block, b, s, zp = matmulnbits_tensors(em.tensor(qw), em.tensor(scale), em.tensor(zero) if zero else None,
                                           bits, g, k)
-    base = f"{em.scope}.{str(qw.target).removesuffix('.qweight')}"
-    inputs = [em.v(x), em.b.initializer(base + ".MatMulNBits.B", b), em.b.initializer(base + ".MatMulNBits.scales", s)]
-    inputs.append(em.b.initializer(base + ".MatMulNBits.zero_points", zp) if zp is not None else "")
-    if bias is not None:
-        inputs += ["", em.v(bias)]  # g_idx (unused), bias
-    while inputs[-1] == "":
-        inputs.pop()
-    return em.b.op("MatMulNBits", inputs, em.name(n), domain=MS_DOMAIN, K=int(k), N=int(b.shape[0]), bits=int(bits),
-                   block_size=block, accuracy_level=em.options.accuracy_level)
+    weights = matmulnbits_initializers(em.b, f"{em.scope}.{str(qw.target).removesuffix('.qweight')}", b, s, zp)
+    return matmulnbits_node(em.b, em.name(n), em.v(x), weights, "" if bias is None else em.v(bias), int(k),
+                            int(b.shape[0]), int(bits), block, em.options.accuracy_level)
 
 
 @rule(W8A8)
@@ -427,11 +437,8 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
     if x_scale is None and em.options.w8a8_dynamic == "matmulnbits":
         k = int(q_w.shape[1])
         block, bq, sq, _ = matmulnbits_tensors(q_w, s_w.reshape(-1, 1), None, 8, k, k)
-        inputs = [xv, b.initializer(base + ".MatMulNBits.B", bq), b.initializer(base + ".MatMulNBits.scales", sq)]
-        if bias is not None:
-            inputs += ["", "", em.v(bias)]
-        return b.op("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=k, N=int(q_w.shape[0]), bits=8,
-                    block_size=block, accuracy_level=4)
+        return matmulnbits_node(b, name, xv, matmulnbits_initializers(b, base, bq, sq, None),
+                                "" if bias is None else em.v(bias), k, int(q_w.shape[0]), 8, block, accuracy_level=4)
     if x_scale is None:  # dynamic symmetric per-token
         w_t = b.initializer(base + ".W_int8.T", q_w.t().contiguous())
         absx = b.op("Abs", [xv], name + "/abs")
