@@ -133,6 +133,15 @@ def _linear_outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple
     return y, outputs
 
 
+def compare_layers(float_gm: fx.GraphModule, gm: fx.GraphModule, args: tuple[torch.Tensor, ...]
+                   ) -> tuple[Any, Any, dict[str, float]]:
+    """Run the float and the transformed graph on `args`: (float output, transformed output, SQNR in dB of
+    each weight layer's output, by module path)."""
+    y_float, float_outs = _linear_outputs(float_gm, args)
+    y_quant, quant_outs = _linear_outputs(gm, args)
+    return y_float, y_quant, {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+
+
 def _first_windows(args: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:
     """The first n samples of a block's inputs: every input batched like the hidden states is sliced
     (per-sample masks included); shared inputs (rotary tables with batch 1) are kept."""
@@ -140,7 +149,7 @@ def _first_windows(args: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor
     return tuple(t[:n] if t.dim() and t.shape[0] == batch else t for t in args)
 
 
-def _describe_layers(gm: fx.GraphModule, block: str | None, layer_sqnr: dict[str, float]) -> dict[str, Any]:
+def describe_layers(gm: fx.GraphModule, block: str | None, layer_sqnr: dict[str, float]) -> dict[str, Any]:
     """The artefact description of a lowered block's layers: records with checkpoint names and each member's
     output SQNR (block None: a whole imported graph, names as they are)."""
 
@@ -236,11 +245,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             # Per-layer output error on two calibration windows (enough to rank layers; the fallback search
             # uses it), then propagate every batch through the quantized (or float) block.
             probe_args = _first_windows(inputs[0], 2)
-            y_float, float_outs = _linear_outputs(float_gm, probe_args)
-            y_quant, quant_outs = _linear_outputs(gm, probe_args)
-            layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+            y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, probe_args)
             block_reports[name] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
-            del float_outs, quant_outs, y_float, y_quant
+            del y_float, y_quant
             source = gm if cfg.propagate == "quantized" else float_gm
             with torch.no_grad():
                 inputs = [(source(*args), *args[1:]) for args in inputs]
@@ -249,7 +256,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             gm = lowering.run(gm, ctx)
             if exporter is not None:
                 exporter.add_block(i, name, gm)
-            layers.update(_describe_layers(gm, name, layer_sqnr))
+            layers.update(describe_layers(gm, name, layer_sqnr))
             writer.add_tensors(
                 f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
             )

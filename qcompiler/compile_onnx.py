@@ -32,10 +32,9 @@ from qcompiler.pm.pipeline import format_pipeline
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target, get_target
 from qcompiler.targets.onnxruntime import emit_options
-from qcompiler.targets.onnxruntime.builder import OnnxBuilder
+from qcompiler.targets.onnxruntime.builder import MODEL_FILE, OnnxBuilder
 from qcompiler.targets.onnxruntime.emit import EmitOptions, GraphEmitter
 
-MODEL_FILE = "model.onnx"
 _NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
                 np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
 
@@ -143,7 +142,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
                      ) -> tuple[fx.GraphModule, dict[str, float], dict[str, float], dict[str, float]]:
     """Run the pipeline on an imported graph: (lowered graph, per-layer and per-output SQNR in dB against the
     float graph on the first calibration batch, pass timings)."""
-    from qcompiler.compile import _linear_outputs
+    from qcompiler.compile import compare_layers
 
     gm = imported.gm
     float_gm = copy_graph(gm)
@@ -151,9 +150,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
     transform = PassManager(passes[:-1], dump_dir=dump_dir)
     lowering = PassManager(passes[-1:], dump_dir=dump_dir)
     gm = transform.run(gm, ctx)
-    y_float, float_outs = _linear_outputs(float_gm, calib[0])
-    y_quant, quant_outs = _linear_outputs(gm, calib[0])
-    layer_sqnr = {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+    y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])
     outs_f = y_float if isinstance(y_float, tuple | list) else [y_float]
     outs_q = y_quant if isinstance(y_quant, tuple | list) else [y_quant]
     out_sqnr = {vi.name: round(sqnr_db(f.float(), q.float()), 2)
@@ -164,7 +161,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
 
 def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`cfg` is a compile.QuantizeConfig whose `model` is an .onnx file."""
-    from qcompiler.compile import _describe_layers, complete_pipeline, default_pipeline, description_head
+    from qcompiler.compile import complete_pipeline, default_pipeline, describe_layers, description_head
 
     t0 = time.perf_counter()
     target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
@@ -191,7 +188,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
     try:
         export_graph(gm, imported, writer.tmp / MODEL_FILE, options,
                      {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": format_pipeline(passes)})
-        layers = _describe_layers(gm, None, layer_sqnr)
+        layers = describe_layers(gm, None, layer_sqnr)
         elapsed = time.perf_counter() - t0
         description = {
             **description_head(cfg, target, passes),

@@ -374,7 +374,8 @@ def check_supported(model: onnx.ModelProto, path: str | Path) -> None:
             f"(e.g. {examples}). Supported: {', '.join(SUPPORTED_OPS)}. Export the model without these "
             "operators (e.g. torch.onnx.export at a plain opset, without contrib fusions) or open an issue."
         )
-    for sub in (a for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH):
+    sub = next((a for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH), None)
+    if sub is not None:
         raise UnsupportedOpError(f"'{path}': control flow with subgraphs (attribute '{sub.name}') is not supported")
 
 
@@ -459,7 +460,7 @@ def import_onnx(model: onnx.ModelProto, path: str | Path = "<model>") -> Importe
                 raise UnsupportedOpError(f"'{path}': Constant node '{node.name}' without a 'value' tensor")
             consts[node.output[0]] = t
             continue
-        new = _translate_linear(node, attrs, const_value, value, attr_node, graph)
+        new = _translate_weight_layer(node, attrs, const_value, value, attr_node, graph)
         if new is None:
             new = _translate_other(node, attrs, value, const_value, graph)
         outs = list(new) if isinstance(new, list) else [new]
@@ -475,9 +476,10 @@ def import_onnx(model: onnx.ModelProto, path: str | Path = "<model>") -> Importe
     return ImportedModel(gm, graph_inputs, list(model.graph.output), opset)
 
 
-def _translate_conv(node: onnx.NodeProto, attrs: dict, const_value: Callable, value: Callable,
-                    attr_node: Callable, graph: fx.Graph) -> fx.Node | None:
-    """Conv with initializer weights and symmetric explicit pads → aten.convolution (a weight layer)."""
+def _conv_parts(node: onnx.NodeProto, attrs: dict, const_value: Callable
+                ) -> tuple[torch.Tensor, torch.Tensor | None, list[Any]] | None:
+    """Conv with initializer weights and symmetric explicit pads: (kernel, bias, the remaining
+    aten.convolution arguments)."""
     w = const_value(node.input[1])
     bias = const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if w is None or not w.is_floating_point() or (len(node.input) > 2 and node.input[2] and bias is None):
@@ -486,45 +488,53 @@ def _translate_conv(node: onnx.NodeProto, attrs: dict, const_value: Callable, va
     pads = list(attrs.get("pads", [0] * 2 * nd))
     if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:nd] != pads[nd:]:
         return None
-    path = _layer_name(node)
-    attr = "w." + ".".join(re.sub(r"[^0-9A-Za-z_]", "_", seg) or "_" for seg in path.split("."))
-    args: list[Any] = [value(node.input[0]), attr_node(f"{attr}.weight", w.float().contiguous()),
-                       attr_node(f"{attr}.bias", bias.float()) if bias is not None else None,
-                       list(attrs.get("strides", [1] * nd)), pads[:nd], list(attrs.get("dilations", [1] * nd)),
-                       False, [0] * nd, int(attrs.get("group", 1))]
-    n = graph.call_function(CONV, tuple(args))
-    n.meta["nn_module_stack"] = {path: (path, "onnx.Conv")}
-    n.meta[qmeta.PATH] = path
-    return n
+    return w, bias, [list(attrs.get("strides", [1] * nd)), pads[:nd], list(attrs.get("dilations", [1] * nd)),
+                     False, [0] * nd, int(attrs.get("group", 1))]
 
 
-def _translate_linear(node: onnx.NodeProto, attrs: dict, const_value: Callable, value: Callable,
-                      attr_node: Callable, graph: fx.Graph) -> fx.Node | None:
-    """MatMul/Gemm with initializer weights → aten.linear (weights stored [N, K])."""
-    if node.op_type == "Conv":
-        return _translate_conv(node, attrs, const_value, value, attr_node, graph)
-    if node.op_type not in ("MatMul", "Gemm"):
-        return None
+def _linear_parts(node: onnx.NodeProto, attrs: dict, const_value: Callable
+                  ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """MatMul/Gemm with an initializer weight: (W as [N, K], bias)."""
     w = const_value(node.input[1])
     if w is None or w.dim() != 2 or not w.is_floating_point() or const_value(node.input[0]) is not None:
         return None
-    if node.op_type == "Gemm":
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+    if node.op_type == "MatMul":
+        return w.t(), None
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        return None
+    bias = const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if len(node.input) > 2 and node.input[2] and (bias is None or bias.dim() != 1):
+        return None
+    return (w if attrs.get("transB", 0) else w.t()), bias
+
+
+def _translate_weight_layer(node: onnx.NodeProto, attrs: dict, const_value: Callable, value: Callable,
+                            attr_node: Callable, graph: fx.Graph) -> fx.Node | None:
+    """MatMul/Gemm → aten.linear(x, W[, b]) and Conv → aten.convolution(x, W, b, …) with the weights stored
+    as graph attributes named after the layer; None when the node is not such a weight layer."""
+    tail: list[Any] | None = None
+    if node.op_type == "Conv":
+        conv = _conv_parts(node, attrs, const_value)
+        if conv is None:
             return None
-        weight = w if attrs.get("transB", 0) else w.t()
-        bias = const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and (bias is None or bias.dim() != 1):
+        weight, bias, tail = conv
+    elif node.op_type in ("MatMul", "Gemm"):
+        linear = _linear_parts(node, attrs, const_value)
+        if linear is None:
             return None
+        weight, bias = linear
     else:
-        weight, bias = w.t(), None
+        return None
     path = _layer_name(node)  # reports and --override globs use it as is (dots kept)
     # graph attribute names keep the path's hierarchy (fusion names the fused layer after its parent)
     attr = "w." + ".".join(re.sub(r"[^0-9A-Za-z_]", "_", seg) or "_" for seg in path.split("."))
-    x = value(node.input[0])
-    args: list[Any] = [x, attr_node(f"{attr}.weight", weight.contiguous().float())]
-    if bias is not None:
-        args.append(attr_node(f"{attr}.bias", bias.float()))
-    n = graph.call_function(LINEAR, tuple(args))
+    args: list[Any] = [value(node.input[0]), attr_node(f"{attr}.weight", weight.contiguous().float())]
+    b_node = attr_node(f"{attr}.bias", bias.float()) if bias is not None else None
+    if tail is not None:  # convolution: bias slot always present
+        args += [b_node, *tail]
+    elif b_node is not None:
+        args.append(b_node)
+    n = graph.call_function(CONV if tail is not None else LINEAR, tuple(args))
     n.meta["nn_module_stack"] = {path: (path, "onnx." + node.op_type)}
     n.meta[qmeta.PATH] = path
     return n
