@@ -8,6 +8,8 @@ Ops:
   qc::linear_woq        weight-only int8/int4 linear (int4 packed two per byte), group scales, zero points
   qc::linear_w8a8       int8 × int8 → int32 linear, per-token (dynamic) or per-tensor (static) activation
                         scale × per-channel weight scale epilogue
+  qc::linear_fp8        fp8 e4m3 × e4m3 linear, per-tensor or per-channel weight scale, static per-tensor or
+                        dynamic per-token activation scale
   qc::linear_int4pack_cpu / qc::linear_int8pack_cpu
                         CPU-prepacked weight-only variants (bf16 activations), produced by the CPU
                         target's prepack lowering from qc::linear_woq; never stored on disk
@@ -59,6 +61,16 @@ def _linear_w8a8_fake(x, qweight, w_scale, x_scale, x_zero, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@torch.library.custom_op("qc::linear_fp8", mutates_args=())
+def linear_fp8(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    return reference.linear_fp8(x, qweight, w_scale, x_scale, bias)
+
+
+@linear_fp8.register_fake
+def _linear_fp8_fake(x, qweight, w_scale, x_scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
 @torch.library.custom_op("qc::fake_quant_act", mutates_args=())
 def fake_quant_act(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
     q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
@@ -83,5 +95,8 @@ def _fake_quant_act_per_token_fake(x, bits):
     return torch.empty_like(x)
 
 
-# The CPU kernels register themselves on import (they override the oracle for CPU tensors).
+# The CPU kernels register themselves on import (they override the oracle for CPU tensors); the CUDA and
+# Ascend registrations import Triton / torch_npu only when a GPU / NPU tensor first reaches an op.
+from qcompiler.kernels.ascend import dispatch as _ascend_dispatch  # noqa: E402,F401
 from qcompiler.kernels.cpu import linear as _cpu_linear  # noqa: E402,F401
+from qcompiler.kernels.cuda import dispatch as _cuda_dispatch  # noqa: E402,F401

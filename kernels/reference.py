@@ -74,3 +74,31 @@ def linear_w8a8(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_act_fp8(x: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of x [M, K] and their scale: static per-tensor `x_scale`, or (None) dynamic per token
+    with s = absmax / 448 [M, 1]. Values are saturated to ±448 before the (round-to-nearest-even) cast."""
+    if x_scale is None:
+        x_scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    x8 = (x.float() / x_scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, x_scale
+
+
+def linear_fp8(
+    x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, x_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """fp8 e4m3 × e4m3 linear: y = s_x · s_w ⊙ (x8 · w8ᵀ) + b, products accumulated in float32.
+    w8 [N, K] float8_e4m3fn with s_w per tensor (scalar) or per output channel [N]; s_x static per tensor
+    or dynamic per token (x_scale None)."""
+    shape = x.shape
+    x8, sx = quantize_act_fp8(x.reshape(-1, shape[-1]), x_scale)
+    acc = x8.float() @ qweight.float().t()
+    y = acc * sx.float() * w_scale.float().reshape(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype)

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), an .onnx file, or 'demo'")
     q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic (see `qcompile schemes`)")
     q.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
-    q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime")
+    q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime | cuda | ascend")
     q.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
                    help="target option, e.g. accuracy_level=0 or lm_head_bits=8 for onnxruntime (repeatable)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
@@ -117,9 +117,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.targets import get_target
 
     target = get_target(a.target)
-    for s in scheme.all_schemes():
-        target.validate(s)  # refuse before loading anything
-    target.check_options(_key_values(a.target_option))
+    target.check(scheme, _key_values(a.target_option))  # refuse before loading anything
     model = resolve_model(a.model)
     cfg = QuantizeConfig(
         model=model, scheme=scheme, out=a.out, target=a.target, algo=a.algo, passes=passes,

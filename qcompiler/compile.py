@@ -191,9 +191,7 @@ def description_head(cfg: QuantizeConfig, target: Target, passes: Sequence[Pass]
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     target = get_target(cfg.target)
-    for scheme in cfg.scheme.all_schemes():
-        target.validate(scheme)
-    target.check_options(cfg.target_options)
+    target.check(cfg.scheme, cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
               else default_pipeline(cfg.scheme, target, cfg.algo))
     check_output_dir(cfg.out.absolute())
@@ -204,7 +202,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
         tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"'{cfg.model}': no usable tokenizer files ({e})") from e
-    target.check_model(ckpt.config())
+    target.check_model(ckpt.config(), cfg.scheme)
     model = build_skeleton(ckpt)
     prefix, blocks = find_blocks(model)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
@@ -229,7 +227,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     block_reports: dict[str, Any] = {}
     exporter = None
     try:
-        exporter = target.exporter(writer.tmp, model, cfg.target_options)
+        exporter = target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
         bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not cfg.progress, unit="block")
         for i, block in bar:
             name = f"{prefix}.{i}"

@@ -167,9 +167,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
     target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
     if target.name != "onnxruntime":
         raise ModelLoadError(f"an ONNX model can only be lowered for target 'onnxruntime', not '{cfg.target}'")
-    for scheme in cfg.scheme.all_schemes():
-        target.validate(scheme)
-    target.check_options(cfg.target_options)
+    target.check(cfg.scheme, cfg.target_options)
     options = emit_options(cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
               else default_pipeline(cfg.scheme, target, cfg.algo))

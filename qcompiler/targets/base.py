@@ -21,6 +21,7 @@ class Target:
     name: str = ""
     description: str = ""
     fuse_shared_input_linears: bool = False
+    consumer: str = ""  # what loads the output (README matrix); targets writing several formats override consumers()
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         """None when the target can run `scheme`, else why not."""
@@ -42,16 +43,32 @@ class Target:
     def lowering_rules(self) -> Sequence[RewriteRule]:
         raise NotImplementedError
 
+    def check(self, scheme: QuantScheme, options: dict[str, str]) -> None:
+        """Everything refusable before any work: each layer scheme, the options, the output formats."""
+        for s in scheme.all_schemes():
+            self.validate(s)
+        self.check_options(options)
+        self.check_export(scheme, options)
+
+    def check_export(self, scheme: QuantScheme, options: dict[str, str]) -> None:
+        """Refuse a scheme the chosen output format(s) cannot hold (targets that write formats override)."""
+
+    def consumers(self, scheme: QuantScheme) -> list[str]:
+        """Who loads this target's output for `scheme` (empty when the target cannot run it)."""
+        return [self.consumer] if self.unsupported_reason(scheme) is None else []
+
     def check_options(self, options: dict[str, str]) -> None:
         """Refuse unknown target options (before any work)."""
         if options:
             raise SchemeError(f"target '{self.name}' takes no --target-option (got {', '.join(options)})")
 
-    def check_model(self, config: Any) -> None:
-        """Refuse, before any work, a model architecture the target's format cannot express."""
+    def check_model(self, config: Any, scheme: QuantScheme) -> None:
+        """Refuse, before any work, a model (architecture, layer sizes) the target or its format cannot take."""
 
-    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str]) -> BlockExporter | None:
-        """A writer of the target's own format, fed each lowered block (None: our artefact only)."""
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path
+                 ) -> BlockExporter | None:
+        """A writer of the target's own format into `out_dir` (the artefact's temporary folder), fed each lowered
+        block; `source` is the input checkpoint folder (config, tokenizer). None: our artefact only."""
         return None
 
 
@@ -63,6 +80,42 @@ class BlockExporter(Protocol):
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None: ...
 
     def abort(self) -> None: ...
+
+
+def linear_input_sizes(config: Any) -> dict[str, int]:
+    """in_features of a decoder's linears by kind, from a transformers config (attention output, MLP down)."""
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    sizes = {"hidden_size (q/k/v, gate/up)": config.hidden_size}
+    if heads and head_dim:
+        sizes["num_attention_heads × head_dim (o_proj)"] = heads * head_dim
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "moe_intermediate_size", None)
+    if inter:
+        sizes["intermediate_size (down_proj)"] = inter
+    return sizes
+
+
+def refuse_ragged_groups(target: str, consumer: str, config: Any, scheme: QuantScheme) -> None:
+    """Serving kernels and their loaders need the weight group size to divide every layer's input size."""
+    for s in scheme.all_schemes():
+        g = s.weights.group_size
+        if s.weights.granularity != "group" or g is None:
+            continue
+        for what, k in linear_input_sizes(config).items():
+            if k % g:
+                raise SchemeError(
+                    f"target '{target}': group size {g} does not divide {what} = {k}, and {consumer} load only "
+                    f"whole groups; choose a group size dividing {k} (e.g. --group-size {_divisor(k, g)}) or "
+                    "per-channel scales (--group-size 0)"
+                )
+
+
+def _divisor(k: int, g: int) -> int:
+    """The largest power of two ≤ g dividing k (what to suggest instead of g)."""
+    d = 1
+    while d * 2 <= g and k % (d * 2) == 0:
+        d *= 2
+    return d
 
 
 _TARGETS: dict[str, Callable[[], Target]] = {}
@@ -78,7 +131,9 @@ def register_target(name: str) -> Callable[[type[Target]], type[Target]]:
 
 
 def registered_targets() -> dict[str, Callable[[], Target]]:
-    import qcompiler.targets.onnxruntime  # noqa: F401  (built-in targets register on import)
+    import qcompiler.targets.ascend  # noqa: F401  (built-in targets register on import)
+    import qcompiler.targets.cuda  # noqa: F401
+    import qcompiler.targets.onnxruntime  # noqa: F401
     import qcompiler.targets.reference  # noqa: F401
 
     return dict(_TARGETS)

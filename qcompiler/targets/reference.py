@@ -19,6 +19,7 @@ from qcompiler.targets.base import Target, register_target
 class ReferenceTarget(Target):
     description = "pure CPU (torch): qc::linear_woq (int4/int8 weight-only), qc::linear_w8a8 (int8 GEMM)"
     fuse_shared_input_linears = True
+    consumer = "qcompiler runtime (torch CPU)"
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.activations is not None:

@@ -42,6 +42,7 @@ class OnnxRuntimeTarget(Target):
     description = ("ONNX Runtime CPU: MatMulNBits (int4/int8 weight-only), MatMulInteger (int8 per-token), "
                    "QDQ (int8 static); exports model.onnx + genai_config.json")
     fuse_shared_input_linears = True
+    consumer = "onnxruntime, onnxruntime-genai (model.onnx)"
     options = {"accuracy_level": ("0", "4"), "lm_head_bits": ("float", "8", "4"),
                "w8a8_dynamic": ("matmulnbits", "exact")}
 
@@ -68,12 +69,12 @@ class OnnxRuntimeTarget(Target):
                     + "; ".join(f"{n}: {'|'.join(c)}" for n, c in self.options.items())
                 )
 
-    def check_model(self, config: Any) -> None:
+    def check_model(self, config: Any, scheme: QuantScheme) -> None:
         from qcompiler.targets.onnxruntime.decoder import check_decoder_config
 
         check_decoder_config(config)
 
-    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str]) -> Any:
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
         from qcompiler.targets.onnxruntime.decoder import DecoderExporter
 
         self.check_options(options)

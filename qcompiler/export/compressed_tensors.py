@@ -1,0 +1,141 @@
+"""compressed-tensors checkpoints (read by vLLM, SGLang, vllm-ascend partly, and transformers on the CPU).
+
+Per quantized linear, by format:
+  pack-quantized  (weight-only int4/int8)  weight_packed int32 [N, ceil(K·b/32)]: codes offset by +2^(b−1)
+                  into [0, 2^b) and packed densely, element j at bits b·j of the row's bit string (low bits
+                  first); weight_scale [N, G]; weight_shape int64 [2] = (N, K); asymmetric adds
+                  weight_zero_point int32 [ceil(N·b/32), G] (signed zero points, same offset, packed along N)
+  int-quantized   (w8a8)  weight int8 [N, K]; weight_scale [N, 1]; static activations add input_scale [1]
+                  (and input_zero_point int8 [1] when asymmetric)
+config.json gets `quantization_config` with one config group per distinct layer scheme (targets "Linear"
+when one scheme covers every quantized layer, else the layers' names) and the float layers in `ignore`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompiler.errors import ExportError
+from qcompiler.export.layers import ExportLayer
+from qcompiler.schemes import QuantScheme
+
+FORMAT_VERSION = "0.12.0"  # the oldest compressed-tensors release whose loader reads what we write
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned b-bit values [R, C] (b divides 32) -> int32 [R, ceil(C·b/32)], element j of a row at bits
+    b·(j mod 32/b) of word j // (32/b). Computed in int64 and wrapped to int32 (bit 31 is the sign bit)."""
+    per_word = 32 // bits
+    rows, cols = values.shape
+    v = values.to(torch.int64)
+    pad = (-cols) % per_word
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    v = v.reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (v << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _args(layer: ExportLayer) -> dict[str, Any]:
+    return {
+        "num_bits": layer.bits, "type": "int", "symmetric": layer.symmetric,
+        "group_size": layer.group_size, "strategy": "group" if layer.group_size else "channel",
+        "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
+    }
+
+
+def _input_args(layer: ExportLayer) -> dict[str, Any] | None:
+    if layer.act is None:
+        return None
+    if layer.act == "dynamic":
+        return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+                "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
+    return {"num_bits": 8, "type": "int", "symmetric": layer.input_zero is None, "group_size": None,
+            "strategy": "tensor", "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+
+
+class CompressedTensorsFormat:
+    name = "compressed-tensors"
+    folder = "compressed-tensors"
+    shard_prefix = "model"
+    consumers = "vLLM, SGLang, transformers (CPU)"
+
+    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        w = scheme.weights
+        if w.granularity == "tensor":
+            return "per-tensor integer weight scales are not a compressed-tensors integer strategy we write"
+        return None
+
+    def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Scales and biases in the model's dtype (as llm-compressor writes them)."""
+        assert layer.codes is not None and layer.scale is not None and layer.bits is not None
+        out: dict[str, torch.Tensor] = {}
+        if layer.act is None:
+            offset = 2 ** (layer.bits - 1)
+            out["weight_packed"] = pack_int32(layer.codes + offset, layer.bits)
+            out["weight_scale"] = layer.scale.to(dtype)
+            out["weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+            if layer.zero is not None:
+                zp = torch.round(layer.zero).to(torch.int64) + offset
+                out["weight_zero_point"] = pack_int32(zp.t().contiguous(), layer.bits).t().contiguous()
+        else:
+            if layer.bits != 8 or layer.group_size is not None or not layer.symmetric:
+                raise ExportError("int-quantized needs symmetric per-channel int8 weights")
+            out["weight"] = layer.codes.to(torch.int8)
+            out["weight_scale"] = layer.scale.reshape(-1, 1).to(dtype)
+            if layer.act == "static":
+                assert layer.input_scale is not None
+                out["input_scale"] = layer.input_scale.reshape(1).to(dtype)
+                if layer.input_zero is not None:
+                    out["input_zero_point"] = layer.input_zero.reshape(1).round().to(torch.int8)
+        if layer.bias is not None:
+            out["bias"] = layer.bias.to(dtype)
+        return out
+
+    def quantization_config(self, layers: Sequence[ExportLayer], ignore: list[str]) -> dict[str, Any]:
+        groups: dict[tuple[Any, ...], list[ExportLayer]] = {}
+        for layer in layers:
+            groups.setdefault(layer.scheme_key, []).append(layer)
+        formats = {"pack-quantized" if members[0].act is None else "int-quantized" for members in groups.values()}
+        config_groups = {}
+        for i, members in enumerate(groups.values()):
+            first = members[0]
+            config_groups[f"group_{i}"] = {
+                "targets": ["Linear"] if len(groups) == 1 else [m.name for m in members],
+                "weights": _args(first),
+                "input_activations": _input_args(first),
+                "output_activations": None,
+                "format": "pack-quantized" if first.act is None else "int-quantized",
+            }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "quantization_status": "compressed",
+            "config_groups": config_groups,
+            "ignore": sorted(ignore),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": FORMAT_VERSION,
+        }
+
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[ExportLayer],
+               float_tensors: Sequence[str]) -> None:
+        ignore = sorted({n.rsplit(".", 1)[0] for n in float_tensors if is_projection_weight(n)})
+        config["quantization_config"] = self.quantization_config(layers, ignore)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def is_projection_weight(name: str) -> bool:
+    """A float linear's weight (what `ignore` lists): a `.weight` that is neither an embedding nor a norm."""
+    if not name.endswith(".weight"):
+        return False
+    leaf = name.rsplit(".", 2)[-2]
+    return "norm" not in leaf and "embed" not in leaf

@@ -1,0 +1,157 @@
+"""Writing a serving engine's checkpoint format block by block (compressed-tensors, AWQ, GPTQ, msModelSlim).
+
+A `ServingFormat` turns each original layer (export/layers.py) into the tensors its consumer loads; the
+`FormatExporter` streams: every lowered block becomes one safetensors shard as soon as it is finished, the
+embeddings / final norm / head come last, then the index, config.json (with the format's quantization
+config), the tokenizer and the format's description file. The folder OUT/<format.folder>/ is written inside
+the artefact's temporary folder, so it appears complete or not at all (the artefact is renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import save_file
+from torch import fx
+
+from qcompiler.errors import ExportError
+from qcompiler.export.layers import ExportLayer, from_record
+from qcompiler.schemes import QuantScheme
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+class ServingFormat(Protocol):
+    name: str  # as in --target-option format=NAME
+    folder: str  # OUT/<folder>/
+    shard_prefix: str  # <prefix>-00001-of-0000N.safetensors and <prefix>.safetensors.index.json
+    consumers: str  # who loads it (README matrix)
+
+    def unsupported_reason(self, scheme: QuantScheme) -> str | None: ...
+
+    def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Tensor suffix ("weight_packed", ...) -> tensor, for one layer of a model in `dtype`; raises
+        ExportError if the format cannot hold it."""
+        ...
+
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[ExportLayer],
+               float_tensors: Sequence[str]) -> None:
+        """Write config.json (given the source config) and any description file."""
+        ...
+
+
+def source_dtype(config: dict[str, Any]) -> torch.dtype:
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
+
+
+class FormatExporter:
+    """A BlockExporter (targets/base.py) for one ServingFormat."""
+
+    def __init__(self, out_dir: Path, model: torch.nn.Module, fmt: ServingFormat, source: Path):
+        self.fmt = fmt
+        self.folder = out_dir / fmt.folder
+        self.folder.mkdir()
+        self.source = Path(source)
+        self.config = json.loads((self.source / "config.json").read_text())
+        self.dtype = source_dtype(self.config)
+        self.state_names = set(model.state_dict().keys())
+        self.shards: list[tuple[str, list[str]]] = []
+        self.layers: list[ExportLayer] = []
+        self.float_tensors: list[str] = []
+        self.prefix: str | None = None
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(self.folder / name),
+                  metadata={"format": "pt"})
+        self.shards.append((name, list(tensors)))
+
+    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
+        from qcompiler.compile import describe_layers
+        from qcompiler.frontends.hf import checkpoint_name
+        from qcompiler.ir.graph import tensor_attrs
+
+        self.prefix = name.rsplit(".", 1)[0]
+        tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
+        out: dict[str, torch.Tensor] = {}
+        used: set[str] = set()
+        for rec in describe_layers(gm, name, {}).values():
+            used.update(rec["tensors"].values())
+            if rec.get("bias"):
+                used.add(rec["bias"])
+            for layer in from_record(rec, tensors):
+                try:
+                    if layer.bits is None:
+                        assert layer.weight is not None
+                        out[layer.name + ".weight"] = layer.weight.to(self.dtype)
+                        if layer.bias is not None:
+                            out[layer.name + ".bias"] = layer.bias.to(self.dtype)
+                        self.float_tensors.extend(k for k in (layer.name + ".weight", layer.name + ".bias") if k in out)
+                        continue
+                    for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items():
+                        out[f"{layer.name}.{suffix}"] = t
+                except ExportError as e:
+                    raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
+                self.layers.append(layer)
+        for k, v in tensors.items():
+            if k in used:
+                continue
+            if k not in self.state_names:
+                raise ExportError(
+                    f"{self.fmt.name}: block '{name}' holds tensor '{k}' that the model's own layers do not have "
+                    "(a transformation left a graph-only op, e.g. an unfolded smoothing scale); its serving "
+                    f"format cannot express it. Use a pipeline whose scales fold into norms or linears."
+                )
+            out[k] = v.to(self.dtype) if v.is_floating_point() else v
+            self.float_tensors.append(k)
+        self._write(out)
+
+    def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+        rest = {n: p.detach().to(self.dtype) for n, p in model.named_parameters(remove_duplicate=True)
+                if self.prefix is None or not n.startswith(self.prefix + ".")}
+        self._write(rest)
+        self.float_tensors.extend(rest)
+        total = len(self.shards)
+        weight_map: dict[str, str] = {}
+        size = 0
+        for i, (tmp_name, names) in enumerate(self.shards):
+            final = f"{self.fmt.shard_prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
+            (self.folder / tmp_name).rename(self.folder / final)
+            size += (self.folder / final).stat().st_size
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / f"{self.fmt.shard_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for f in TOKENIZER_FILES:
+            if (self.source / f).is_file():
+                shutil.copy2(self.source / f, self.folder / f)
+        config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        self.fmt.finish(self.folder, config, self.layers, self.float_tensors)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Exporters:
+    """Several BlockExporters fed the same blocks (a target writing more than one format)."""
+
+    def __init__(self, exporters: Sequence[Any]):
+        self.exporters = list(exporters)
+
+    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
+        for e in self.exporters:
+            e.add_block(index, name, gm)
+
+    def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+        for e in self.exporters:
+            e.finish(model, metadata)
+
+    def abort(self) -> None:
+        for e in self.exporters:
+            e.abort()

@@ -1,0 +1,107 @@
+"""The serving formats' common view of a quantized layer: one original linear (fused groups split back), its
+integer codes in the signed domain and its scales, independent of how our artefact stores them.
+
+Signed domain (what compressed-tensors, msModelSlim and the kernels' docs use): codes q ∈ [−2^(b−1), 2^(b−1)−1],
+ŵ = (q − z) · s with z the signed zero point (0 when symmetric). Our storage keeps asymmetric codes
+unsigned (u = q + 2^(b−1), z_u = z + 2^(b−1)) and symmetric int4 as u = q + 8; `from_record` undoes that.
+
+Activations: `act` is None (weight-only), "static" (per-tensor input scale and signed int8 zero point, the
+kernel computes q_x = clamp(round(x / s_x) + z_x, −128, 127)) or "dynamic" (symmetric per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qcompiler.errors import ExportError
+from qcompiler.kernels.packing import unpack_int4
+
+
+@dataclass
+class ExportLayer:
+    name: str  # checkpoint module path, e.g. model.layers.0.self_attn.q_proj
+    in_features: int
+    out_features: int
+    bits: int | None  # None: a float layer (weight holds the float matrix)
+    symmetric: bool = True
+    group_size: int | None = None  # None: one scale per output channel
+    codes: torch.Tensor | None = None  # int32 [N, K], signed domain
+    scale: torch.Tensor | None = None  # fp32 [N, G]
+    zero: torch.Tensor | None = None  # fp32 [N, G] signed zero point, None when symmetric
+    act: str | None = None  # None | "static" | "dynamic"
+    input_scale: torch.Tensor | None = None  # fp32 scalar
+    input_zero: torch.Tensor | None = None  # fp32 scalar (signed int8 domain), None when 0
+    bias: torch.Tensor | None = None
+    weight: torch.Tensor | None = None  # float layers only
+
+    @property
+    def scheme_key(self) -> tuple[Any, ...]:
+        """Layers with equal keys share one scheme (one config group, one description type)."""
+        return (self.bits, self.symmetric, self.group_size, self.act,
+                self.act == "static" and self.input_zero is not None)
+
+    def dequantized(self) -> torch.Tensor:
+        """ŵ in float32 [N, K] (for checks and float fallbacks)."""
+        if self.bits is None:
+            assert self.weight is not None
+            return self.weight.float()
+        assert self.codes is not None and self.scale is not None
+        g = self.group_size or self.in_features
+        s = self.scale.repeat_interleave(g, dim=1)[:, : self.in_features]
+        z = self.zero.repeat_interleave(g, dim=1)[:, : self.in_features] if self.zero is not None else 0.0
+        return (self.codes.float() - z) * s
+
+
+def _signed_codes(stored: torch.Tensor, bits: int, symmetric: bool, k: int) -> torch.Tensor:
+    if bits == 4:
+        return unpack_int4(stored, k).to(torch.int32) - 8
+    return stored.to(torch.int32) - (0 if symmetric else 128)
+
+
+def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
+    return [None] * len(sizes) if t is None else list(t.split(sizes, dim=0))
+
+
+def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Iterator[ExportLayer]:
+    """The original layers of one lowered layer `record` (checkpoint tensor names, as in qcompiler.json)."""
+    names = record["tensors"]
+    op = record["op"]
+    parts = record.get("fused_from") or [{"path": record["path"], "out_features": record["out_features"]}]
+    sizes = [p["out_features"] for p in parts]
+    k = record["in_features"]
+    bias = tensors[record["bias"]].float() if record.get("bias") else None
+    if op == "linear":
+        for p, w, b in zip(parts, _split(tensors[names["weight"]], sizes), _split(bias, sizes), strict=True):
+            yield ExportLayer(p["path"], k, p["out_features"], None, weight=w, bias=b)
+        return
+    if op not in ("linear_woq", "linear_w8a8"):
+        raise ExportError(f"layer '{record['path']}': op '{op}' has no serving-format equivalent "
+                          "(only linear layers are exported)")
+    w = record["weights"]
+    bits, symmetric = w["bits"], w["symmetric"]
+    act = None
+    input_scale = input_zero = None
+    if op == "linear_woq":
+        codes = _signed_codes(tensors[names["qweight"]], bits, symmetric, k)
+        scale = tensors[names["scale"]].float()
+        zero = tensors[names["zero"]].float() - 2 ** (bits - 1) if names.get("zero") else None
+        group = record["group_size"] if w["granularity"] == "group" else None
+    else:
+        codes = tensors[names["qweight"]].to(torch.int32)
+        scale = tensors[names["weight_scale"]].float().reshape(-1, 1)
+        zero, group = None, None
+        act = "dynamic" if record["activations"]["dynamic"] else "static"
+        if act == "static":
+            input_scale = tensors[names["input_scale"]].float().reshape(())
+            input_zero = tensors[names["input_zero"]].float().reshape(()) if names.get("input_zero") else None
+    for p, q, s, z, b in zip(parts, _split(codes, sizes), _split(scale, sizes), _split(zero, sizes),
+                             _split(bias, sizes), strict=True):
+        # (shared activation qparams are cloned: every member owns its tensors in the written files)
+        yield ExportLayer(p["path"], k, p["out_features"], bits, symmetric, group, q.contiguous(), s.contiguous(),
+                          None if z is None else z.contiguous(), act,
+                          None if input_scale is None else input_scale.clone(),
+                          None if input_zero is None else input_zero.clone(), b)

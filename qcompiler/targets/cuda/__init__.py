@@ -1,0 +1,92 @@
+"""The `cuda` target: NVIDIA GPUs through our Triton kernels, and the checkpoints CUDA serving engines load.
+
+Lowering is the shared linear rules (kernel ops `qc::linear_woq`, `qc::linear_w8a8`), whose CUDA
+implementations are the Triton GEMMs in kernels/cuda (registered for CUDA tensors; the oracle elsewhere).
+Linears sharing an input are fused (one GEMM for q/k/v, one for gate/up); the exports split them back.
+
+Export (`--target-option format=compressed-tensors[,awq][,gptq]`), each into its own folder of the artefact:
+  OUT/compressed-tensors/  pack-quantized (w4a16, w8a16) / int-quantized (w8a8, w8a8_dynamic): vLLM, SGLang,
+                           transformers on the CPU (`vllm serve OUT/compressed-tensors`)
+  OUT/awq/                 AutoAWQ gemm (int4 groups): LMDeploy TurboMind, vLLM, SGLang
+  OUT/gptq/                GPTQ v1 (int4/int8 weight-only): vLLM, SGLang, TurboMind
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompiler.errors import SchemeError
+from qcompiler.export.autoawq import AwqFormat, GptqFormat
+from qcompiler.export.compressed_tensors import CompressedTensorsFormat
+from qcompiler.export.consumer import Exporters, FormatExporter, ServingFormat
+from qcompiler.passes.lowering.linear_rules import linear_rules
+from qcompiler.pm.rewrite import RewriteRule
+from qcompiler.schemes import QuantScheme
+from qcompiler.targets.base import Target, refuse_ragged_groups, register_target
+
+FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat(), AwqFormat(), GptqFormat())}
+DEFAULT_FORMAT = "compressed-tensors"
+
+
+def chosen_formats(options: dict[str, str], formats: dict[str, ServingFormat], default: str) -> list[ServingFormat]:
+    names = [n.strip() for n in options.get("format", default).split(",") if n.strip()]
+    unknown = [n for n in names if n not in formats]
+    if unknown or not names:
+        raise SchemeError(f"unknown format {unknown or '(empty)'}; formats: {', '.join(formats)} "
+                          "(comma-separated, e.g. format=compressed-tensors,awq)")
+    return [formats[n] for n in names]
+
+
+def refuse_unwritable(target: Target, scheme: QuantScheme, formats: Sequence[ServingFormat]) -> None:
+    for fmt in formats:
+        reason = fmt.unsupported_reason(scheme)
+        if reason is not None:
+            from qcompiler.schemes import PRESETS
+
+            fits = [n for n, s in PRESETS.items() if target.unsupported_reason(s) is None
+                    and fmt.unsupported_reason(s) is None]
+            raise SchemeError(f"target '{target.name}': format '{fmt.name}' cannot hold {scheme.describe()}: "
+                              f"{reason}. It holds: {', '.join(fits) or 'none of the presets'}")
+
+
+@register_target("cuda")
+class CudaTarget(Target):
+    description = ("NVIDIA GPU: Triton int4/int8 weight-only and int8×int8 GEMMs; exports compressed-tensors "
+                   "(vLLM, SGLang), AWQ (LMDeploy), GPTQ")
+    fuse_shared_input_linears = True
+
+    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        if scheme.activations is not None:
+            w = scheme.weights
+            if w.bits != 8 or not w.symmetric or w.granularity != "channel":
+                return "the int8 GEMM needs symmetric per-channel int8 weights"
+        return None
+
+    def lowering_rules(self) -> Sequence[RewriteRule]:
+        return linear_rules()
+
+    def check_options(self, options: dict[str, str]) -> None:
+        unknown = set(options) - {"format"}
+        if unknown:
+            raise SchemeError(f"target 'cuda' has no option {', '.join(sorted(unknown))}; options: "
+                              f"format={'|'.join(FORMATS)} (comma-separated)")
+        chosen_formats(options, FORMATS, DEFAULT_FORMAT)
+
+    def check_export(self, scheme: QuantScheme, options: dict[str, str]) -> None:
+        refuse_unwritable(self, scheme, chosen_formats(options, FORMATS, DEFAULT_FORMAT))
+
+    def check_model(self, config: Any, scheme: QuantScheme) -> None:
+        refuse_ragged_groups(self.name, "compressed-tensors, AWQ and GPTQ", config, scheme)
+
+    def consumers(self, scheme: QuantScheme) -> list[str]:
+        if self.unsupported_reason(scheme) is not None:
+            return []
+        return [f"{f.consumers} ({f.name})" for f in FORMATS.values() if f.unsupported_reason(scheme) is None]
+
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
+        return Exporters([FormatExporter(out_dir, model, f, source)
+                          for f in chosen_formats(options, FORMATS, DEFAULT_FORMAT)])

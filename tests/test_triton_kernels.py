@@ -1,0 +1,89 @@
+"""The Triton kernels (kernels/cuda/triton_linear.py) against the oracle, run on the CPU by Triton's interpreter.
+
+The interpreter must be chosen before Triton compiles anything, so the variable is set before the kernels
+module is imported. Shapes are small and ragged (M, K, N not multiples of the tiles) because the interpreter
+is slow and raggedness is where masks go wrong.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton", reason="the `cuda` extra (triton) is not installed")
+
+import torch  # noqa: E402
+
+from qcompiler import numerics as nm  # noqa: E402
+from qcompiler.kernels import reference  # noqa: E402
+from qcompiler.kernels.cuda import triton_linear  # noqa: E402
+from qcompiler.kernels.packing import store_weight_codes  # noqa: E402
+from qcompiler.schemes import QuantArgs  # noqa: E402
+
+M, K, N = 33, 70, 130
+
+
+def _weights(args: QuantArgs, n: int = N, k: int = K):
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    s, z = nm.weight_qparams(w, args)
+    q = nm.quantize_weight(w, s, z, args)
+    zero = z.to(torch.uint8) if z is not None else None
+    return store_weight_codes(q, args.bits, args.symmetric), s.float(), zero, nm.group_size_of(args, k)
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "group"), [(4, True, 32), (4, False, 48), (8, True, None),
+                                                         (8, False, 64), (4, True, None)])
+def test_woq_gemm_matches_oracle(bits, symmetric, group):
+    args = QuantArgs(bits=bits, symmetric=symmetric, granularity="group" if group else "channel", group_size=group)
+    qw, s, z, gs = _weights(args)
+    x = torch.randn(3, 11, K)
+    bias = torch.randn(N)
+    got = triton_linear.linear_woq(x, qw, s, z, bias, bits, gs, K)
+    want = reference.linear_woq(x, qw, s, z, bias, bits, gs, K)
+    assert got.shape == (3, 11, N)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_woq_gemm_a_wrong_zero_point_is_caught():
+    """Negative control: the comparison above detects a kernel reading the wrong zero points."""
+    args = QuantArgs(bits=4, symmetric=False, granularity="group", group_size=32)
+    qw, s, z, gs = _weights(args)
+    x = torch.randn(M, K)
+    got = triton_linear.linear_woq(x, qw, s, torch.zeros_like(z), None, 4, gs, K)
+    assert not torch.allclose(got, reference.linear_woq(x, qw, s, z, None, 4, gs, K), atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "static_zero"])
+def test_w8a8_gemm_is_exact_against_oracle(mode):
+    qw, s, _, _ = _weights(QuantArgs(bits=8))
+    qw = qw.to(torch.int8)
+    x = torch.randn(M, K) * 2
+    x_scale = None if mode == "dynamic" else torch.tensor(0.03)
+    x_zero = torch.tensor(-5.0) if mode == "static_zero" else None
+    bias = torch.randn(N)
+    got = triton_linear.linear_w8a8(x, qw, s.reshape(-1), x_scale, x_zero, bias)
+    want = reference.linear_w8a8(x, qw, s.reshape(-1), x_scale, x_zero, bias)
+    # The int32 accumulation is exact in both; only the float epilogue's operation order may differ.
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(("w_per_channel", "dynamic"), [(True, True), (False, False), (True, False)])
+def test_fp8_gemm_matches_oracle(w_per_channel, dynamic):
+    torch.manual_seed(1)
+    w = torch.randn(N, K)
+    sw = (w.abs().amax(dim=1) if w_per_channel else w.abs().amax()) / reference.FP8_MAX
+    w8 = (w / (sw[:, None] if w_per_channel else sw)).to(torch.float8_e4m3fn)
+    x = torch.randn(M, K)
+    x_scale = None if dynamic else x.abs().amax() / reference.FP8_MAX
+    got = triton_linear.linear_fp8(x, w8, sw, x_scale, None)
+    want = reference.linear_fp8(x, w8, sw, x_scale, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # and the fp8 linear is a close approximation of the float one (e4m3 has a 3-bit mantissa: ~2^-4)
+    assert (want - x @ w.t()).norm() / (x @ w.t()).norm() < 0.06
+
+
+def test_registered_as_the_cuda_implementation():
+    """The qc:: ops dispatch CUDA tensors to these kernels (checked on the dispatcher's table; no GPU here)."""
+    for op in ("linear_woq", "linear_w8a8", "linear_fp8"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qc::{op}", "CUDA"), op
