@@ -46,3 +46,19 @@ def load_weight_codes(stored: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 def default_zero(bits: int) -> float:
     """The implicit zero point of symmetric storage (int4 is stored offset by +8)."""
     return 8.0 if bits == 4 else 0.0
+
+
+def pack_int4_pairs(q: torch.Tensor, dim: int) -> torch.Tensor:
+    """Signed int4 codes -> int8 with codes 2i (low nibble) and 2i+1 (high nibble) of `dim` in one byte."""
+    q = q.to(torch.int8)
+    if q.shape[dim] % 2:
+        raise ValueError(f"int4 packing needs an even size along dim {dim}, got {tuple(q.shape)}")
+    lo, hi = q.unflatten(dim, (-1, 2)).unbind(dim + 1)
+    return ((hi << 4) | (lo & 0x0F)).to(torch.int8)
+
+
+def unpack_int4_pairs(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of pack_int4_pairs: int8 -> signed int4 codes (int8), size doubled along `dim`."""
+    lo = ((packed << 4).to(torch.int8) >> 4)  # sign-extend the low nibble
+    hi = packed >> 4  # arithmetic shift keeps the sign
+    return torch.stack([lo, hi], dim=dim + 1).flatten(dim, dim + 1)

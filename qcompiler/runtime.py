@@ -82,8 +82,12 @@ def rebuild_block(gm: fx.GraphModule, records: list[dict[str, Any]], block: str)
     gm.graph.eliminate_dead_code()
 
 
-def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The quantized causal LM in `out`, ready to call like any transformers model (`model(ids).logits`)."""
+def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_for: str | None = None) -> torch.nn.Module:
+    """The quantized causal LM in `out`, ready to call like any transformers model (`model(ids).logits`).
+
+    lower_for="npu": every quantized linear runs as the torch_npu calls Ascend uses (emulated off an NPU)."""
+    if lower_for not in (None, "npu"):
+        raise ArtifactError(f"unknown runtime lowering '{lower_for}'; use None or 'npu'")
     desc = read_description(out)
     ckpt = Checkpoint(out)
     model = build_skeleton(ckpt, dtype=dtype)
@@ -102,7 +106,11 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32) -> torch
         rebuild_block(gm, by_block.get(name, []), name)
         fill_block(gm, name, ckpt, block, dtype)
         eliminate_dead_attrs(gm)
-        if dtype == torch.bfloat16:
+        if lower_for == "npu":
+            from qcompiler.passes.lowering.npu_lowering import lower_for_npu
+
+            lower_for_npu(gm, dtype)
+        elif dtype == torch.bfloat16:
             from qcompiler.passes.lowering.cpu_prepack import prepack_for_cpu
 
             prepack_for_cpu(gm)

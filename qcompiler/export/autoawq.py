@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from qcompiler.errors import ExportError
-from qcompiler.export.compressed_tensors import is_projection_weight, pack_int32
-from qcompiler.export.layers import ExportLayer
+from qcompiler.export.compressed_tensors import pack_int32
+from qcompiler.export.layers import ExportLayer, WrittenLayer, is_projection_weight
 from qcompiler.schemes import QuantScheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column AWQ_ORDER[i]
@@ -76,7 +76,7 @@ class AwqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
-    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[ExportLayer],
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
                float_tensors: Sequence[str]) -> None:
         groups = {layer.group_size for layer in layers}
         if len(groups) > 1:
@@ -120,7 +120,7 @@ class GptqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
-    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[ExportLayer],
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
                float_tensors: Sequence[str]) -> None:
         kinds = {(layer.bits, layer.group_size or -1, layer.symmetric) for layer in layers}
         if len(kinds) > 1:

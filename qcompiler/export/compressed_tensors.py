@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from qcompiler.errors import ExportError
-from qcompiler.export.layers import ExportLayer
+from qcompiler.export.layers import ExportLayer, WrittenLayer, is_projection_weight
 from qcompiler.schemes import QuantScheme
 
 FORMAT_VERSION = "0.12.0"  # the oldest compressed-tensors release whose loader reads what we write
@@ -42,7 +42,7 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _args(layer: ExportLayer) -> dict[str, Any]:
+def _args(layer: WrittenLayer) -> dict[str, Any]:
     return {
         "num_bits": layer.bits, "type": "int", "symmetric": layer.symmetric,
         "group_size": layer.group_size, "strategy": "group" if layer.group_size else "channel",
@@ -50,13 +50,13 @@ def _args(layer: ExportLayer) -> dict[str, Any]:
     }
 
 
-def _input_args(layer: ExportLayer) -> dict[str, Any] | None:
+def _input_args(layer: WrittenLayer) -> dict[str, Any] | None:
     if layer.act is None:
         return None
     if layer.act == "dynamic":
         return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
                 "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
-    return {"num_bits": 8, "type": "int", "symmetric": layer.input_zero is None, "group_size": None,
+    return {"num_bits": 8, "type": "int", "symmetric": not layer.static_zero, "group_size": None,
             "strategy": "tensor", "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
 
 
@@ -98,8 +98,8 @@ class CompressedTensorsFormat:
             out["bias"] = layer.bias.to(dtype)
         return out
 
-    def quantization_config(self, layers: Sequence[ExportLayer], ignore: list[str]) -> dict[str, Any]:
-        groups: dict[tuple[Any, ...], list[ExportLayer]] = {}
+    def quantization_config(self, layers: Sequence[WrittenLayer], ignore: list[str]) -> dict[str, Any]:
+        groups: dict[tuple[Any, ...], list[WrittenLayer]] = {}
         for layer in layers:
             groups.setdefault(layer.scheme_key, []).append(layer)
         formats = {"pack-quantized" if members[0].act is None else "int-quantized" for members in groups.values()}
@@ -126,16 +126,8 @@ class CompressedTensorsFormat:
             "version": FORMAT_VERSION,
         }
 
-    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[ExportLayer],
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
                float_tensors: Sequence[str]) -> None:
         ignore = sorted({n.rsplit(".", 1)[0] for n in float_tensors if is_projection_weight(n)})
         config["quantization_config"] = self.quantization_config(layers, ignore)
         (folder / "config.json").write_text(json.dumps(config, indent=2))
-
-
-def is_projection_weight(name: str) -> bool:
-    """A float linear's weight (what `ignore` lists): a `.weight` that is neither an embedding nor a norm."""
-    if not name.endswith(".weight"):
-        return False
-    leaf = name.rsplit(".", 2)[-2]
-    return "norm" not in leaf and "embed" not in leaf

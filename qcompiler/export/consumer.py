@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import fx
 
 from qcompiler.errors import ExportError
-from qcompiler.export.layers import ExportLayer, from_record
+from qcompiler.export.layers import ExportLayer, WrittenLayer, from_record
 from qcompiler.schemes import QuantScheme
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -40,9 +40,9 @@ class ServingFormat(Protocol):
         ExportError if the format cannot hold it."""
         ...
 
-    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[ExportLayer],
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
                float_tensors: Sequence[str]) -> None:
-        """Write config.json (given the source config) and any description file."""
+        """Write config.json (given the source config without quantization_config) and any description file."""
         ...
 
 
@@ -63,7 +63,7 @@ class FormatExporter:
         self.dtype = source_dtype(self.config)
         self.state_names = set(model.state_dict().keys())
         self.shards: list[tuple[str, list[str]]] = []
-        self.layers: list[ExportLayer] = []
+        self.layers: list[WrittenLayer] = []
         self.float_tensors: list[str] = []
         self.prefix: str | None = None
 
@@ -95,11 +95,12 @@ class FormatExporter:
                             out[layer.name + ".bias"] = layer.bias.to(self.dtype)
                         self.float_tensors.extend(k for k in (layer.name + ".weight", layer.name + ".bias") if k in out)
                         continue
-                    for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items():
-                        out[f"{layer.name}.{suffix}"] = t
+                    written = {f"{layer.name}.{suffix}": t
+                               for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
                 except ExportError as e:
                     raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
-                self.layers.append(layer)
+                out.update(written)
+                self.layers.append(layer.written(list(written)))
         for k, v in tensors.items():
             if k in used:
                 continue

@@ -21,6 +21,24 @@ from qcompiler.errors import ExportError
 from qcompiler.kernels.packing import unpack_int4
 
 
+@dataclass(frozen=True)
+class WrittenLayer:
+    """A layer already written by a format: its scheme and tensor names (for config / description files)."""
+
+    name: str
+    bits: int | None
+    symmetric: bool
+    group_size: int | None
+    act: str | None
+    static_zero: bool  # static activations with a non-zero (asymmetric) zero point
+    tensors: tuple[str, ...]
+
+    @property
+    def scheme_key(self) -> tuple[Any, ...]:
+        """Layers with equal keys share one scheme (one config group, one description type)."""
+        return (self.bits, self.symmetric, self.group_size, self.act, self.static_zero)
+
+
 @dataclass
 class ExportLayer:
     name: str  # checkpoint module path, e.g. model.layers.0.self_attn.q_proj
@@ -38,11 +56,10 @@ class ExportLayer:
     bias: torch.Tensor | None = None
     weight: torch.Tensor | None = None  # float layers only
 
-    @property
-    def scheme_key(self) -> tuple[Any, ...]:
-        """Layers with equal keys share one scheme (one config group, one description type)."""
-        return (self.bits, self.symmetric, self.group_size, self.act,
-                self.act == "static" and self.input_zero is not None)
+    def written(self, tensors: list[str]) -> WrittenLayer:
+        """What stays in memory once the layer's tensors are on disk."""
+        return WrittenLayer(self.name, self.bits, self.symmetric, self.group_size, self.act,
+                            self.act == "static" and self.input_zero is not None, tuple(tensors))
 
     def dequantized(self) -> torch.Tensor:
         """ŵ in float32 [N, K] (for checks and float fallbacks)."""
@@ -66,11 +83,14 @@ def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None
     return [None] * len(sizes) if t is None else list(t.split(sizes, dim=0))
 
 
-def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Iterator[ExportLayer]:
-    """The original layers of one lowered layer `record` (checkpoint tensor names, as in qcompiler.json)."""
+def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split: bool = True
+                ) -> Iterator[ExportLayer]:
+    """The original layers of one lowered layer `record` (tensor names as the record has them: checkpoint names
+    in qcompiler.json, graph attributes in a graph). split=False keeps a fused layer whole."""
     names = record["tensors"]
     op = record["op"]
-    parts = record.get("fused_from") or [{"path": record["path"], "out_features": record["out_features"]}]
+    whole = [{"path": record["path"], "out_features": record["out_features"]}]
+    parts = (record.get("fused_from") if split else None) or whole
     sizes = [p["out_features"] for p in parts]
     k = record["in_features"]
     bias = tensors[record["bias"]].float() if record.get("bias") else None
@@ -105,3 +125,12 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Ite
                           None if z is None else z.contiguous(), act,
                           None if input_scale is None else input_scale.clone(),
                           None if input_zero is None else input_zero.clone(), b)
+
+
+def is_projection_weight(name: str) -> bool:
+    """A float linear's weight (what formats list as unquantized layers): a `.weight` that is neither an
+    embedding nor a norm."""
+    if not name.endswith(".weight"):
+        return False
+    leaf = name.rsplit(".", 2)[-2]
+    return "norm" not in leaf and "embed" not in leaf

@@ -1,0 +1,61 @@
+"""The `ascend` target: Huawei Ascend NPUs through torch_npu, and msModelSlim's ascend v1 checkpoints.
+
+Quantization and the artefact use the portable `qc::` ops (like every target); the Ascend specifics are
+  - the export OUT/msmodelslim/ (export/msmodelslim.py), which vllm-ascend (`--quantization ascend`) and MindIE
+    load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, FLOAT fallbacks;
+  - the NPU lowering (passes/lowering/npu_lowering.py): qc:: linears → npu_quantize / npu_dynamic_quant /
+    npu_quant_matmul / npu_weight_quant_batchmatmul, run by `load_quantized(out, lower_for="npu")`, on torch_npu
+    when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere;
+  - loader.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops.
+
+What loads where (vllm-ascend at its 2026-08 head): W8A8, W8A8_DYNAMIC, W8A16 dense in vllm-ascend and MindIE;
+dense W4A16 in MindIE only (vllm-ascend registers W4A16 for MoE experts only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompiler.export.consumer import FormatExporter
+from qcompiler.export.msmodelslim import MsModelSlimFormat
+from qcompiler.passes.lowering.linear_rules import linear_rules
+from qcompiler.pm.rewrite import RewriteRule
+from qcompiler.schemes import QuantScheme
+from qcompiler.targets.base import Target, refuse_ragged_groups, register_target
+
+FORMAT = MsModelSlimFormat()
+
+
+@register_target("ascend")
+class AscendTarget(Target):
+    description = ("Huawei Ascend NPU: npu_quant_matmul (int8×int8, static or per-token), "
+                   "npu_weight_quant_batchmatmul (int8/int4 weight-only); exports msModelSlim ascend v1")
+    fuse_shared_input_linears = True
+
+    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        w = scheme.weights
+        if w.granularity == "tensor":
+            return "the NPU weight-only kernels take per-channel or per-group scales"
+        if scheme.activations is not None and (w.bits != 8 or not w.symmetric or w.granularity != "channel"):
+            return "npu_quant_matmul needs symmetric per-channel int8 weights"
+        return FORMAT.unsupported_reason(scheme)
+
+    def lowering_rules(self) -> Sequence[RewriteRule]:
+        return linear_rules()
+
+    def check_model(self, config: Any, scheme: QuantScheme) -> None:
+        refuse_ragged_groups(self.name, "the NPU kernels and the ascend v1 loaders", config, scheme)
+
+    def consumers(self, scheme: QuantScheme) -> list[str]:
+        if self.unsupported_reason(scheme) is not None:
+            return []
+        if scheme.weight_only and scheme.weights.bits == 4:
+            return ["MindIE (msmodelslim W4A16; vllm-ascend: MoE experts only)"]
+        return ["vllm-ascend, MindIE (msmodelslim)"]
+
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
+        return FormatExporter(out_dir, model, FORMAT, source)

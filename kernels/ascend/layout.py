@@ -1,0 +1,56 @@
+"""From an msModelSlim layer (its type and tensors) to the torch_npu calls that run it, as the Ascend loaders do
+after loading (vllm-ascend `process_weights_after_loading`): weights transposed to [K, N], int4 packed with
+npu_convert_weight_to_int4pack, offsets negated (the kernel adds its offset), scales laid out [G, N].
+
+`prepare` makes the kernel arguments once; `forward` is the call sequence of one linear:
+  W8A8          npu_quantize(x, s_x, z_x) → npu_quant_matmul(·, W, deq_scale, bias=quant_bias)
+  W8A8_DYNAMIC  npu_dynamic_quant(x) → npu_quant_matmul(·, W, s_w, pertoken_scale=s_tok) + bias
+  W8A16, W4A16  npu_weight_quant_batchmatmul(x, W, s, −z, bias, antiquant_group_size)
+Both run through the `qc_npu::` ops: torch_npu's kernels on an NPU, the emulation elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import qcompiler.kernels.ascend.dispatch  # noqa: F401  (registers torch.ops.qc_npu.*)
+from qcompiler.kernels.ascend.npu_ops import npu_convert_weight_to_int4pack
+from qcompiler.kernels.packing import unpack_int4_pairs
+
+npu = torch.ops.qc_npu
+
+
+def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tensor | int | None]:
+    """Kernel arguments for one layer of type `kind` from its msModelSlim tensors `t` (suffix -> tensor)."""
+    bias = t.get("bias")
+    if kind == "W8A8":
+        return {"weight": t["weight"].t().contiguous(), "deq_scale": t["deq_scale"], "quant_bias": t["quant_bias"],
+                "input_scale": t["input_scale"].float(), "input_offset": t["input_offset"].float()}
+    if kind == "W8A8_DYNAMIC":
+        return {"weight": t["weight"].t().contiguous(), "weight_scale": t["weight_scale"].float().flatten(),
+                "bias": bias}
+    if kind in ("W8A16", "W4A16"):
+        grouped = t["weight_scale"].shape[-1] > 1
+        if kind == "W4A16":
+            # msModelSlim packs int4 pairs along N for group scales, along K for channel scales
+            codes = unpack_int4_pairs(t["weight"], dim=0 if grouped else 1).to(torch.int32)
+            weight = npu_convert_weight_to_int4pack(codes.t().contiguous())
+        else:
+            weight = t["weight"].t().contiguous()
+        return {"weight": weight, "antiquant_scale": t["weight_scale"].float().t().contiguous(),
+                "antiquant_offset": (-t["weight_offset"].float()).t().contiguous(), "bias": bias,
+                "group_size": group_size if grouped else 0}
+    raise ValueError(f"layer type '{kind}' has no NPU lowering here (supported: W8A8, W8A8_DYNAMIC, W8A16, W4A16)")
+
+
+def forward(kind: str, x: Tensor, p: dict[str, Tensor | int | None]) -> Tensor:
+    """One linear on x [..., K] (the kernels take any leading dims)."""
+    if kind == "W8A8":
+        q = npu.npu_quantize(x, p["input_scale"], p["input_offset"], True)
+        return npu.npu_quant_matmul(q, p["weight"], p["deq_scale"], None, p["quant_bias"], x.dtype)
+    if kind == "W8A8_DYNAMIC":
+        q, s = npu.npu_dynamic_quant(x)
+        return npu.npu_quant_matmul(q, p["weight"], p["weight_scale"], s, p["bias"], x.dtype)
+    return npu.npu_weight_quant_batchmatmul(x, p["weight"], p["antiquant_scale"], p["antiquant_offset"], p["bias"],
+                                            p["group_size"])

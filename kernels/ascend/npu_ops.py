@@ -1,0 +1,114 @@
+"""Emulation of the torch_npu kernels that Ascend serving (vllm-ascend, MindIE) calls for quantized linears,
+written from their documented semantics so that a graph lowered for the NPU can be checked on the CPU.
+
+  npu_quantize(x, scales, zero_points, div_mode)       q = clamp(round(x / s + z)) (div_mode) or round(x · s + z)
+  npu_dynamic_quant(x, smooth_scales)                  per-token symmetric int8: s = absmax(x ⊙ smooth) / 127
+  npu_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
+      acc = x1 (int8 [M, K]) · x2 (int8 [K, N]) in int32; an int32 bias is added to acc; then
+      y = acc · scale[n] (· pertoken_scale[m]); a float bias is added after scaling. `scale` int64 carries the
+      fp32 bit pattern in its low 32 bits (what npu_trans_quant_param makes for fp16 outputs)
+  npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, bias, antiquant_group_size)
+      y = x · ((w + offset) · scale) + bias with w int8 [K, N] or int4 packed int32 [K, N/8]; scale/offset
+      per channel [N] ([1, N]) or per group [K/g, N]. Note the sign: the offset is ADDED (= −zero point)
+  npu_convert_weight_to_int4pack(w int32 [K, N] in [−8, 7]) → int32 [K, N/8], value n at bits 4·(n mod 8)
+  npu_trans_quant_param(scale) → int64 holding the fp32 bits of scale
+
+Rounding is round-half-to-even here; the NPU's cast rounding mode is not documented, so ties may differ by one
+code (tests derive tolerances from that).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def npu_trans_quant_param(scale: Tensor) -> Tensor:
+    """fp32 scale -> int64 with the fp32 bit pattern in the low 32 bits (no offset)."""
+    bits = scale.float().contiguous().view(torch.int32).to(torch.int64)
+    return bits & 0xFFFFFFFF
+
+
+def decode_scale(scale: Tensor) -> Tensor:
+    """The fp32 value of a quant_matmul scale (int64 bit-pattern encoded, or float)."""
+    if scale.dtype == torch.int64:
+        low = (scale & 0xFFFFFFFF).to(torch.int64)
+        low = torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
+        return low.view(torch.float32)
+    return scale.float()
+
+
+def npu_quantize(x: Tensor, scales: Tensor, zero_points: Tensor | None, div_mode: bool = True) -> Tensor:
+    s = scales.float()
+    v = x.float() / s if div_mode else x.float() * s
+    if zero_points is not None:
+        v = v + zero_points.float()
+    return torch.clamp(torch.round(v), -128, 127).to(torch.int8)
+
+
+def npu_dynamic_quant(x: Tensor, smooth_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    v = x.float() if smooth_scales is None else x.float() * smooth_scales.float()
+    scale = (v.abs().amax(dim=-1) / 127.0).clamp_min(1e-12)
+    q = torch.clamp(torch.round(v / scale.unsqueeze(-1)), -128, 127).to(torch.int8)
+    return q, scale
+
+
+def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, offset: Tensor | None = None,
+                     pertoken_scale: Tensor | None = None, bias: Tensor | None = None,
+                     output_dtype: torch.dtype | None = None) -> Tensor:
+    if x1.dtype != torch.int8 or x2.dtype != torch.int8:
+        raise TypeError(f"npu_quant_matmul takes int8 × int8 operands, got {x1.dtype} × {x2.dtype}")
+    if offset is not None:
+        raise NotImplementedError("npu_quant_matmul offset (int8 requantized output) is not emulated")
+    acc = x1.to(torch.int64) @ x2.to(torch.int64)  # exact; the NPU accumulates in int32 (|acc| < 2^31 here)
+    if bias is not None and bias.dtype == torch.int32:
+        acc = acc + bias.to(torch.int64)
+    y = acc.double() * decode_scale(scale).double()
+    if pertoken_scale is not None:
+        y = y * pertoken_scale.double().reshape(*pertoken_scale.shape, 1)
+    if bias is not None and bias.dtype != torch.int32:
+        y = y + bias.double()
+    if output_dtype is None:
+        output_dtype = torch.bfloat16 if scale.dtype == torch.bfloat16 else torch.float16
+    return y.to(output_dtype)
+
+
+def unpack_int4pack(packed: Tensor, n: int) -> Tensor:
+    """int32 [K, N/8] from npu_convert_weight_to_int4pack -> int32 [K, N] in [−8, 7]."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(packed.shape[0], -1)[:, :n]
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int32)
+
+
+def npu_convert_weight_to_int4pack(weight: Tensor) -> Tensor:
+    if weight.dtype != torch.int32 or weight.shape[-1] % 8:
+        raise ValueError("npu_convert_weight_to_int4pack takes int32 [K, N] with N a multiple of 8")
+    if int(weight.min()) < -8 or int(weight.max()) > 7:
+        raise ValueError("npu_convert_weight_to_int4pack takes values in [-8, 7]")
+    k, n = weight.shape
+    nib = (weight.to(torch.int64) & 0xF).reshape(k, n // 8, 8)
+    words = (nib << (torch.arange(8, dtype=torch.int64) * 4)).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def npu_weight_quant_batchmatmul(x: Tensor, weight: Tensor, antiquant_scale: Tensor,
+                                 antiquant_offset: Tensor | None = None, bias: Tensor | None = None,
+                                 antiquant_group_size: int = 0) -> Tensor:
+    if weight.dtype == torch.int32:  # int4 packed along N
+        w = unpack_int4pack(weight, antiquant_scale.shape[-1]).float()
+    elif weight.dtype == torch.int8:
+        w = weight.float()
+    else:
+        raise TypeError(f"npu_weight_quant_batchmatmul takes int8 or int4-packed int32 weights, got {weight.dtype}")
+    k = w.shape[0]
+    scale = antiquant_scale.float().reshape(-1, w.shape[1])
+    offset = (antiquant_offset.float().reshape(-1, w.shape[1]) if antiquant_offset is not None
+              else torch.zeros_like(scale))
+    if antiquant_group_size:
+        scale = scale.repeat_interleave(antiquant_group_size, dim=0)[:k]
+        offset = offset.repeat_interleave(antiquant_group_size, dim=0)[:k]
+    w_hat = (w + offset) * scale
+    y = x.float() @ w_hat
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

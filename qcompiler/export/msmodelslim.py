@@ -1,0 +1,139 @@
+"""msModelSlim "ascend v1" checkpoints, read by vllm-ascend (`--quantization ascend`) and MindIE.
+
+Files: quant_model_description.json (every tensor name -> its layer type, then the global keys
+model_quant_type, version, metadata, group_size, optional), quant_model_weights-0000i-of-0000N.safetensors with
+quant_model_weights.safetensors.index.json, the source config.json (without quantization_config), tokenizer.
+
+Per layer type (signed codes q, signed zero point z, ŵ = (q − z)·s; weight int8 [N, K]):
+  W8A8          weight; input_scale fp32 [1]; input_offset fp32 [1] (= z_x, the kernel quantizes
+                q_x = round(x / s_x + z_x)); deq_scale = s_x·s_w [N] (the fp32 bits in int64 unless the model is
+                bf16, then fp32); quant_bias int32 [N] = round(b / deq_scale − z_x·Σ_k q[n, k])
+  W8A8_DYNAMIC  weight; weight_scale fp32 [N, 1]; weight_offset fp32 [N, 1] zeros (per-token activations)
+  W8A16         weight; weight_scale fp32 [N, G]; weight_offset fp32 [N, G] = z (the loader negates it: the
+                NPU kernel adds its offset)
+  W4A16         as W8A16 with int4 codes packed two per int8 (low nibble first) along N for group scales
+                ([N/2, K]) and along K for channel scales ([N, K/2]) (msModelSlim's W4A16 packing)
+A float bias is written as `bias` (type FLOAT) in every type. Norms, embeddings, head and float layers: FLOAT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qcompiler.errors import ExportError
+from qcompiler.export.layers import ExportLayer, WrittenLayer, is_projection_weight
+from qcompiler.kernels.ascend.npu_ops import npu_trans_quant_param
+from qcompiler.kernels.packing import pack_int4_pairs
+from qcompiler.schemes import QuantScheme
+
+DESCRIPTION = "quant_model_description.json"
+VERSION = "1.0.0"
+# model_quant_type of a mixed model: the lowest-bit type present (msModelSlim's priority, lowest first)
+PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W4A16", "W4A8_DYNAMIC", "W4A4_DYNAMIC")
+
+
+def layer_type(bits: int | None, act: str | None) -> str:
+    if bits is None:
+        return "FLOAT"
+    if act == "static":
+        return "W8A8"
+    if act == "dynamic":
+        return "W8A8_DYNAMIC"
+    return f"W{bits}A16"
+
+
+def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    """(type, tensor suffix -> tensor) of one quantized layer in the ascend v1 layout."""
+    assert layer.codes is not None and layer.scale is not None and layer.bits is not None
+    kind = layer_type(layer.bits, layer.act)
+    out: dict[str, torch.Tensor] = {}
+    if kind == "W8A8":
+        assert layer.input_scale is not None
+        w = layer.codes.to(torch.int8)
+        x_zero = layer.input_zero if layer.input_zero is not None else torch.zeros(())
+        deq = (layer.input_scale * layer.scale.reshape(-1)).float()
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
+        quant_bias = torch.round(bias.double() / deq.double() - w.double().sum(dim=1) * x_zero.double())
+        out.update(weight=w, quant_bias=quant_bias.to(torch.int32), input_scale=layer.input_scale.reshape(1).float(),
+                   input_offset=x_zero.reshape(1).float(), deq_scale=deq if bf16_model else npu_trans_quant_param(deq))
+    elif kind == "W8A8_DYNAMIC":
+        if not layer.symmetric or layer.group_size is not None:
+            raise ExportError("W8A8_DYNAMIC needs symmetric per-channel int8 weights")
+        out.update(weight=layer.codes.to(torch.int8), weight_scale=layer.scale.reshape(-1, 1).float(),
+                   weight_offset=torch.zeros(layer.out_features, 1))
+    else:
+        zero = layer.zero if layer.zero is not None else torch.zeros_like(layer.scale)
+        if layer.bits == 4:
+            weight = pack_int4_pairs(layer.codes, dim=0 if layer.group_size else 1)
+        else:
+            weight = layer.codes.to(torch.int8)
+        out.update(weight=weight, weight_scale=layer.scale.float(), weight_offset=zero.float())
+    if layer.bias is not None:
+        out["bias"] = layer.bias.float()
+    return kind, out
+
+
+class MsModelSlimFormat:
+    name = "msmodelslim"
+    folder = "msmodelslim"
+    shard_prefix = "quant_model_weights"
+    consumers = "vllm-ascend, MindIE"
+
+    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        for s in scheme.all_schemes():
+            w = s.weights
+            if w.granularity == "tensor":
+                return "ascend v1 has no per-tensor weight scales"
+            if s.activations is not None and (w.bits != 8 or not w.symmetric or w.granularity != "channel"):
+                return "W8A8 / W8A8_DYNAMIC need symmetric per-channel int8 weights"
+        return None
+
+    def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return msmodelslim_tensors(layer, dtype == torch.bfloat16)[1]
+
+    def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
+               float_tensors: Sequence[str]) -> None:
+        description: dict[str, Any] = {}
+        groups = set()
+        for layer in layers:
+            kind = layer_type(layer.bits, layer.act)
+            for name in layer.tensors:
+                description[name] = "FLOAT" if name.endswith(".bias") else kind
+            if layer.bits is not None and layer.act is None and layer.group_size:
+                groups.add(layer.group_size)
+        for name in float_tensors:
+            description[name] = "FLOAT"
+        kinds = {layer.name: layer_type(layer.bits, layer.act) for layer in layers}
+        kinds.update({n.removesuffix(".weight"): "FLOAT" for n in float_tensors if is_projection_weight(n)})
+        check_fused_groups(kinds)
+        types = {layer_type(layer.bits, layer.act) for layer in layers} or {"FLOAT"}
+        if len(groups) > 1:
+            raise ExportError(f"ascend v1 has one global group_size; layers use {sorted(groups)}")
+        description.update({
+            "model_quant_type": max(types, key=PRIORITY.index), "version": VERSION, "metadata": {},
+            "group_size": groups.pop() if groups else 0, "optional": {},
+        })
+        (folder / DESCRIPTION).write_text(json.dumps(description, indent=2))
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# Linears the serving engines fuse into one kernel (one quantization type per group).
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def check_fused_groups(kinds: dict[str, str]) -> None:
+    """`kinds`: linear name -> description type. Members of one fused group must share the type."""
+    seen: dict[str, str] = {}
+    for name, kind in sorted(kinds.items()):
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED_SIBLINGS:
+            if leaf in group:
+                key = f"{parent}.{'/'.join(group)}"
+                if seen.setdefault(key, kind) != kind:
+                    raise ExportError(f"fused group {key} mixes {seen[key]} and {kind} ({name}); vllm-ascend "
+                                      "and MindIE load a fused group with one type: give its members one scheme")

@@ -1,0 +1,77 @@
+"""Load an msModelSlim ascend v1 folder (ours, or msModelSlim's own output) as a runnable model whose quantized
+linears run as the torch_npu calls Ascend serving makes (kernels/ascend/layout.py): what vllm-ascend and MindIE
+do with the folder, on the emulated ops off an NPU. Used to check our exports and to compare with msModelSlim.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from qcompiler.errors import ArtifactError
+from qcompiler.export.msmodelslim import DESCRIPTION
+from qcompiler.kernels.ascend import layout
+
+
+class NpuLinear(torch.nn.Module):
+    """One quantized linear as its NPU call sequence (prepared tensors are buffers)."""
+
+    def __init__(self, kind: str, params: dict[str, torch.Tensor | int | None]):
+        super().__init__()
+        self.kind = kind
+        self.consts = {k: v for k, v in params.items() if not isinstance(v, torch.Tensor)}
+        for k, v in params.items():
+            if isinstance(v, torch.Tensor):
+                self.register_buffer(k, v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = dict(self.consts) | {k: v for k, v in self.named_buffers()}
+        return layout.forward(self.kind, x, params)
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(description, every tensor) of an ascend v1 folder (single file or sharded with an index)."""
+    desc_file = folder / DESCRIPTION
+    if not desc_file.is_file():
+        raise ArtifactError(f"'{folder}' has no {DESCRIPTION}: not an msModelSlim ascend v1 folder")
+    desc = json.loads(desc_file.read_text())
+    index = folder / "quant_model_weights.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["quant_model_weights.safetensors"])
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(folder / f)))
+    undescribed = sorted(set(tensors) - set(desc))
+    if undescribed:
+        raise ArtifactError(f"'{desc_file}' gives no type for tensors {undescribed[:5]}")
+    return desc, tensors
+
+
+def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    desc, tensors = read_folder(folder)
+    config = AutoConfig.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = {name.removesuffix(".weight"): kind for name, kind in desc.items()
+                 if name.endswith(".weight") and isinstance(kind, str) and kind != "FLOAT"}
+    for module_name, kind in quantized.items():
+        prefix = module_name + "."
+        layer_tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        params = layout.prepare(kind, layer_tensors, int(desc.get("group_size") or 0))
+        parent, leaf = module_name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, NpuLinear(kind, params))
+    float_tensors = {k: v.to(dtype) for k, v in tensors.items() if desc.get(k) == "FLOAT"
+                     and k.rsplit(".", 1)[0] not in quantized}
+    missing, unexpected = model.load_state_dict(float_tensors, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)
+               and m.rsplit(".", 1)[0] not in quantized]
+    if missing or unexpected:
+        raise ArtifactError(f"'{folder}': tensors missing {missing[:5]} / not in the model {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
