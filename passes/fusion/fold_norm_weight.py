@@ -56,6 +56,9 @@ class FoldNormWeight(Pass):
     name = "fold_norm"
     summary = "fold norm weights into the following linears (W' = W·diag(γ), γ' = 1)"
 
+    def uses_calibration(self) -> bool:
+        return False
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         analysis = analyze_block(gm)
         folded, rejected = [], {}

@@ -102,6 +102,9 @@ class FuseSharedInputLinears(Pass):
     summary = "merge linears that share one input (q/k/v, gate/up) into one linear + split"
     force: bool = False  # fuse even if the target does not ask for it
 
+    def uses_calibration(self) -> bool:
+        return False
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         if not (self.force or ctx.target.fuse_shared_input_linears):
             return PassResult(gm, False, {"skipped": f"target '{ctx.target.name}' does not fuse linears"})

@@ -26,6 +26,9 @@ class LowerLinears(Pass):
     summary = "lower quantized linears to the target's kernel ops (qc::linear_woq, qc::linear_w8a8, ...)"
     strict: bool = True  # a quantized linear that no rule can lower is an error (never silently float)
 
+    def uses_calibration(self) -> bool:
+        return False
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         report = apply_rules(gm, ctx.target.lowering_rules())
         left = [n.name for n in gm.graph.nodes if is_call(n, LINEAR) and qmeta.WQ in n.meta]

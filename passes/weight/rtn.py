@@ -102,6 +102,9 @@ class RTN(Pass):
     symmetric: bool | None = None
     clip: Literal["minmax", "mse", "awq"] = "minmax"
 
+    def uses_calibration(self) -> bool:
+        return self.clip == "awq"
+
     def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
         if self.clip != "awq":
             return []

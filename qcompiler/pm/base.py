@@ -80,6 +80,12 @@ class Pass:
         """Statistics this pass needs, collected on the current graph before `run` (default: none)."""
         return []
 
+    def uses_calibration(self) -> bool:
+        """Whether this pass may read calibration data (statistics or ctx.calib). When no pass of a pipeline
+        does, the driver propagates only the few windows its error report needs (weight-only RTN is ~2×
+        faster). Conservative default: True."""
+        return True
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         raise NotImplementedError
 

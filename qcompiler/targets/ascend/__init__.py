@@ -54,8 +54,8 @@ class AscendTarget(Target):
         if self.unsupported_reason(scheme) is not None:
             return []
         if scheme.weight_only and scheme.weights.bits == 4:
-            return ["MindIE (msmodelslim W4A16; vllm-ascend: MoE experts only)"]
-        return ["vllm-ascend, MindIE (msmodelslim)"]
+            return ["msmodelslim: MindIE (vllm-ascend: W4A16 for MoE experts only)"]
+        return ["msmodelslim: vllm-ascend, MindIE"]
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
         return FormatExporter(out_dir, model, FORMAT, source)

@@ -85,7 +85,7 @@ class CudaTarget(Target):
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:
             return []
-        return [f"{f.consumers} ({f.name})" for f in FORMATS.values() if f.unsupported_reason(scheme) is None]
+        return [f"{f.name}: {f.consumers}" for f in FORMATS.values() if f.unsupported_reason(scheme) is None]
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
         return Exporters([FormatExporter(out_dir, model, f, source)

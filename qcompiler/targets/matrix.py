@@ -1,0 +1,24 @@
+"""The scheme × target table of what loads where, generated from the registry (targets, their formats and
+consumers), for `qcompile schemes --markdown` and the README (a test keeps the README's copy current)."""
+
+from __future__ import annotations
+
+from qcompiler.schemes import PLANNED, PRESETS
+from qcompiler.targets.base import registered_targets
+
+TARGET_ORDER = ("reference", "onnxruntime", "cuda", "ascend")
+
+
+def support_matrix() -> str:
+    targets = {n: f() for n, f in registered_targets().items()}
+    names = [n for n in TARGET_ORDER if n in targets] + sorted(set(targets) - set(TARGET_ORDER))
+    lines = ["| scheme | " + " | ".join(f"`--target {n}`" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for scheme_name, scheme in PRESETS.items():
+        cells = []
+        for n in names:
+            consumers = targets[n].consumers(scheme)
+            cells.append("<br>".join(consumers) if consumers else f"✗ {targets[n].unsupported_reason(scheme)}")
+        lines.append(f"| {scheme_name} | " + " | ".join(cells) + " |")
+    lines.append(f"| {', '.join(PLANNED)} | " + " | ".join("planned (issue 7)" for _ in names) + " |")
+    return "\n".join(lines)
