@@ -27,28 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-STATIC_YAML = """\
-apiversion: modelslim_v1
-spec:
-  process:
-  - type: iter_smooth
-    include: ['*']
-  - type: linear_quant
-    qconfig:
-      act: {scope: per_tensor, dtype: int8, symmetric: false, method: minmax}
-      weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}
-    include: ['*']
-  runner: model_wise
-  save:
-  - type: ascendv1_saver
-    part_file_size: 4
-metadata:
-  config_id: benchmark-static-w8a8
-  score: 50.0
-  label: {w_bit: 8, a_bit: 8, is_sparse: false, kv_cache: false}
-  verified_model_types: []
-  verified_tags: {}
-"""
+STATIC_YAML = Path(__file__).parent / "peers" / "msmodelslim_w8a8_static.yaml"
 
 # name -> (our qcompile arguments, msModelSlim arguments or None)
 ROWS: dict[str, tuple[list[str], list[str] | None]] = {
@@ -137,7 +116,6 @@ def main() -> None:
     qcompile = [sys.executable, "-m", "qcompiler.cli"]
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        (tmp / "static.yaml").write_text(STATIC_YAML)
         for config, (ours, theirs) in ROWS.items():
             if a.only is not None and config not in a.only:
                 continue
@@ -155,7 +133,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             if theirs is not None and a.msmodelslim:
                 their_out = tmp / config.split()[0] / "theirs"
-                args = [str(tmp / "static.yaml") if x == "STATIC_YAML" else x for x in theirs]
+                args = [str(STATIC_YAML) if x == "STATIC_YAML" else x for x in theirs]
                 run = run_child([a.msmodelslim, "quant", "--model_type", "default", "--model_path", str(model_dir),
                                  "--save_path", str(their_out), "--device", "cpu", *args], stdin="y\n", cwd=tmp)
                 ok = run["ok"] and (their_out / "quant_model_description.json").is_file()

@@ -15,6 +15,9 @@ Ops:
                         target's prepack lowering from qc::linear_woq; never stored on disk
   qc::fake_quant_act    per-tensor static activation fake-quantization (simulation in the fake-quant graph)
   qc::fake_quant_act_per_token   dynamic symmetric per-token fake-quantization
+  qc::fake_quant_act_fp8 / qc::fake_quant_act_fp8_per_token
+                        fp8 e4m3 activation fake-quantization (static per-tensor scale / dynamic absmax/448
+                        per token), the same rounding as reference.quantize_act_fp8
 """
 
 from __future__ import annotations
@@ -92,6 +95,28 @@ def fake_quant_act_per_token(x: Tensor, bits: int) -> Tensor:
 
 @fake_quant_act_per_token.register_fake
 def _fake_quant_act_per_token_fake(x, bits):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qc::fake_quant_act_fp8", mutates_args=())
+def fake_quant_act_fp8(x: Tensor, scale: Tensor) -> Tensor:
+    x8, s = reference.quantize_act_fp8(x, scale)
+    return (x8.float() * s).to(x.dtype)
+
+
+@fake_quant_act_fp8.register_fake
+def _fake_quant_act_fp8_fake(x, scale):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qc::fake_quant_act_fp8_per_token", mutates_args=())
+def fake_quant_act_fp8_per_token(x: Tensor) -> Tensor:
+    x8, s = reference.quantize_act_fp8(x, None)
+    return (x8.float() * s).to(x.dtype)
+
+
+@fake_quant_act_fp8_per_token.register_fake
+def _fake_quant_act_fp8_per_token_fake(x):
     return torch.empty_like(x)
 
 

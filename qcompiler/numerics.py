@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from qcompiler.schemes import QuantArgs
+from qcompiler.schemes import FP8_E4M3_MAX, QuantArgs
 
 _EPS = 1e-12
 
@@ -56,7 +56,7 @@ def weight_qparams(
     else:
         gs = group_size_of(args, k)
         grouped = to_groups(w, gs)
-    if args.symmetric:
+    if args.symmetric:  # (fp8: qmax = 448, the largest e4m3)
         absmax = grouped.abs().amax(dim=-1) * clip_ratio
         scale = (absmax / args.qmax).clamp_min(_EPS)
         return scale, None
@@ -76,13 +76,21 @@ def _full(t: torch.Tensor, shape: torch.Size, gs: int) -> torch.Tensor:
 def quantize_weight(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
 ) -> torch.Tensor:
-    """Integer codes as int32 (symmetric in [qmin, qmax] around 0; asymmetric in [0, 2^b - 1])."""
+    """Integer codes as int32 (symmetric in [qmin, qmax] around 0; asymmetric in [0, 2^b - 1]); for fp8 the
+    e4m3 values as float32 (exactly representable)."""
     gs = group_size_of(args, w.shape[1])
     s = _full(scale, w.shape, gs)
+    if args.is_float:
+        return to_fp8(w.float() / s).float()
     q = torch.round(w.float() / s)
     if zero is not None:
         q = q + _full(zero, w.shape, gs)
     return torch.clamp(q, args.qmin, args.qmax).to(torch.int32)
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Saturate to ±448 and round to the e4m3 grid (torch's cast: round to nearest even)."""
+    return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantize_weight(

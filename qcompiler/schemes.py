@@ -7,6 +7,9 @@ Weight quantization of a row w (one output channel, length K) with group size g 
 ceil(K / g) groups; the last group is shorter when g does not divide K (handled everywhere, never padded
 in the stored tensors). Symmetric: q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1), w ≈ q·s.
 Asymmetric: q = clamp(round(w / s) + z, 0, 2^b - 1), w ≈ (q - z)·s.
+Float (type "float", fp8 e4m3): s = absmax / 448, q = e4m3(clamp(w / s, ±448)) (round to nearest even on the
+e4m3 grid), w ≈ q·s; per tensor or per channel for weights, static per tensor or dynamic per token for
+activations.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Literal
 from qcompiler.errors import SchemeError
 
 Granularity = Literal["tensor", "channel", "group", "token"]
+NumberType = Literal["int", "float"]
+FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,13 @@ class QuantArgs:
     granularity: Granularity = "channel"
     group_size: int | None = None  # only for granularity == "group"
     dynamic: bool = False  # activations: scales computed at run time (per token) instead of calibrated
+    type: NumberType = "int"  # "float": fp8 e4m3 (bits 8, symmetric, no groups)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise SchemeError(f"bits={self.bits} is not supported; use 4 or 8")
+        if self.type == "float" and (self.bits != 8 or not self.symmetric or self.granularity == "group"):
+            raise SchemeError("float quantization is fp8 e4m3: bits=8, symmetric, per tensor/channel/token (no groups)")
         if self.granularity == "group":
             if self.group_size is None or self.group_size <= 0:
                 raise SchemeError("granularity 'group' needs a positive group_size (e.g. 64 or 128)")
@@ -43,15 +51,25 @@ class QuantArgs:
             raise SchemeError("per-token activation quantization is dynamic by nature: set dynamic=True")
 
     @property
+    def is_float(self) -> bool:
+        return self.type == "float"
+
+    @property
     def qmin(self) -> int:
+        if self.is_float:
+            return -int(FP8_E4M3_MAX)
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
+        if self.is_float:
+            return int(FP8_E4M3_MAX)
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        if self.is_float:
+            return f"fp8e4m3-{g}{'-dyn' if self.dynamic else ''}"
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
 
 
@@ -90,6 +108,11 @@ class QuantScheme:
                 )
             if self.activations.bits != 8:
                 raise SchemeError(f"scheme '{self.name}': only 8-bit activations are implemented so far")
+        if self.weights.is_float and (self.activations is None or not self.activations.is_float):
+            raise SchemeError(f"scheme '{self.name}': fp8 weights run in an fp8 × fp8 GEMM: quantize the "
+                              "activations to fp8 too")
+        if self.activations is not None and self.activations.is_float and not self.weights.is_float:
+            raise SchemeError(f"scheme '{self.name}': fp8 activations need fp8 weights")
 
     @property
     def weight_only(self) -> bool:
@@ -156,10 +179,22 @@ PRESETS: dict[str, QuantScheme] = {
         QuantArgs(bits=8, granularity="channel"),
         QuantArgs(bits=8, granularity="token", symmetric=True, dynamic=True),
     ),
+    # fp8 e4m3 weights per output channel × activations per token at run time (vLLM's FP8_DYNAMIC)
+    "fp8": QuantScheme(
+        "fp8",
+        QuantArgs(bits=8, granularity="channel", type="float"),
+        QuantArgs(bits=8, granularity="token", dynamic=True, type="float"),
+    ),
+    # fp8 e4m3 weights per output channel × a calibrated per-tensor activation scale
+    "fp8_static": QuantScheme(
+        "fp8_static",
+        QuantArgs(bits=8, granularity="channel", type="float"),
+        QuantArgs(bits=8, granularity="tensor", type="float"),
+    ),
 }
 
 # Named in the design but built by later issues; listed so that users get a clear refusal, not "unknown".
-PLANNED = ("w4a8", "w4a4", "w8a8c8", "w4a8c8", "w8a8s", "w16a16s", "fp8")
+PLANNED = ("w4a8", "w4a4", "w8a8c8", "w4a8c8", "w8a8s", "w16a16s")
 
 
 def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:

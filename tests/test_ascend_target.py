@@ -181,26 +181,8 @@ def test_cli_quant_for_ascend(tiny_llama, tmp_path):
 
 # ---------------------------------------------------------------- against msModelSlim's own output
 
-MSMODELSLIM_STATIC_W8A8 = """\
-apiversion: modelslim_v1
-spec:
-  process:
-  - type: linear_quant
-    qconfig:
-      act: {scope: per_tensor, dtype: int8, symmetric: false, method: minmax}
-      weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}
-    include: ['*']
-  runner: model_wise
-  save:
-  - type: ascendv1_saver
-    part_file_size: 4
-metadata:
-  config_id: qcompiler-test-static-w8a8
-  score: 50.0
-  label: {w_bit: 8, a_bit: 8, is_sparse: false, kv_cache: false}
-  verified_model_types: []
-  verified_tags: {}
-"""
+# msModelSlim config for static W8A8 (its CLI has no --quant_type for it), shared with the benchmark
+MSMODELSLIM_STATIC_W8A8 = Path(__file__).parent.parent / "benchmarks" / "peers" / "msmodelslim_w8a8_static.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +215,7 @@ def _layout(folder: Path) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]
 
 @pytest.mark.parametrize(("ours", "theirs"), [("w8a8", "static"), ("w8a8_dynamic", "w8a8"), ("w8a16", "w8a16")])
 def test_same_layout_as_msmodelslim_and_its_numbers_agree_with_our_emulation(ms_model, tmp_path, ours, theirs):
-    config = None
-    if theirs == "static":
-        config = tmp_path / "static.yaml"
-        config.write_text(MSMODELSLIM_STATIC_W8A8)
+    config = MSMODELSLIM_STATIC_W8A8 if theirs == "static" else None
     their_dir = _msmodelslim(ms_model, tmp_path / "theirs", quant_type=None if config else theirs, config=config)
     out = tmp_path / "ours"
     _quantize(ms_model, out, ours)
@@ -279,3 +258,20 @@ def test_same_layout_as_msmodelslim_and_its_numbers_agree_with_our_emulation(ms_
             t[k] = -t[k]
         save_file(t, str(shard))
         assert rel(load_msmodelslim(broken)) > 4 * err_theirs
+
+
+def test_mixed_types_and_float_fallback_layers(tiny_llama, tmp_path):
+    """Per-layer schemes: W8A8 with down_proj W8A16 and o_proj kept float (FLOAT in the description, its float
+    weight in the files); the model type is the highest-priority type present; numerics = reference."""
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, "w8a8", overrides=["down=w8a16", "o_proj=float"])
+    desc, tensors = read_folder(out / "msmodelslim")
+    assert desc["model.layers.1.mlp.down_proj.weight"] == "W8A16"
+    assert desc["model.layers.1.self_attn.q_proj.deq_scale"] == "W8A8"
+    assert desc["model.layers.1.self_attn.o_proj.weight"] == "FLOAT"
+    assert tensors["model.layers.1.self_attn.o_proj.weight"].dtype == torch.float32
+    assert desc["model_quant_type"] == "W8A8"
+    ids = torch.randint(3, 250, (2, 24))
+    reference = load_quantized(out)(ids).logits
+    got = load_msmodelslim(out / "msmodelslim")(ids).logits
+    assert (got - reference).norm() / reference.norm() < 2e-3

@@ -67,7 +67,8 @@ def test_pack_int32_matches_the_description_and_compressed_tensors(bits):
 
 
 @pytest.mark.parametrize(("scheme", "group", "symmetric"), [
-    ("w4a16", 32, None), ("w4a16", 0, None), ("w8a16", None, None), ("w8a8", None, None),
+    ("w4a16", 32, None), ("w4a16", 0, None), ("w8a16", None, None), ("w8a8", None, None), ("fp8", None, None),
+    ("fp8_static", None, None),
 ])
 def test_compressed_tensors_reloads_in_transformers_with_our_numbers(tiny_llama, tmp_path, scheme, group, symmetric):
     from transformers import AutoModelForCausalLM
@@ -77,10 +78,14 @@ def test_compressed_tensors_reloads_in_transformers_with_our_numbers(tiny_llama,
     folder = out / "compressed-tensors"
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
-    assert qc["format"] == ("int-quantized" if scheme == "w8a8" else "pack-quantized")
+    fmt = {"w8a8": "int-quantized", "fp8": "float-quantized", "fp8_static": "float-quantized"}
+    assert qc["format"] == fmt.get(scheme, "pack-quantized")
     assert qc["ignore"] == ["lm_head"]
     files = _files(folder)
-    assert "model.layers.0.self_attn.q_proj." + ("weight" if scheme == "w8a8" else "weight_packed") in files
+    assert "model.layers.0.self_attn.q_proj." + ("weight_packed" if "a16" in scheme else "weight") in files
+    if scheme.startswith("fp8"):
+        assert files["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+        assert ("model.layers.0.self_attn.q_proj.input_scale" in files) == (scheme == "fp8_static")
     assert not any("qkv_proj" in k or "gate_up_proj" in k for k in files)  # fused groups split back
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -89,9 +94,9 @@ def test_compressed_tensors_reloads_in_transformers_with_our_numbers(tiny_llama,
     for name, w in _our_layers(out).items():  # its decompressed weights are ours, bit for bit
         assert torch.equal(model.get_submodule(name).weight.float(), w), name
     reference = load_quantized(out)(ids).logits
-    if scheme == "w8a8":
-        # static activations: float differences of 1e-7 upstream (fused vs separate GEMMs) may move a value across
-        # a rounding tie and change one activation code; that shows as a rare, small disagreement
+    if scheme in ("w8a8", "fp8", "fp8_static"):
+        # quantized activations: float differences of 1e-7 upstream (fused vs separate GEMMs) may move a value
+        # across a rounding tie and change one activation code; that shows as a rare, small disagreement
         assert (got - reference).norm() / reference.norm() < 2e-3
     else:
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
@@ -238,3 +243,20 @@ def test_readme_matrix_is_the_generated_one():
     assert readme.split(begin, 1)[1].split(end, 1)[0] == support_matrix()
     cuda_w8a8 = next(line for line in support_matrix().splitlines() if line.startswith("| w8a8 |"))
     assert "awq" not in cuda_w8a8  # AWQ holds int4 weight-only layers only
+
+
+def test_tied_head_is_listed_as_ignored_and_reloads(tmp_path):
+    """A tied lm_head has no weight of its own in the files, yet it is a Linear the client must not quantize."""
+    from tiny import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_model(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    out = tmp_path / "q"
+    _quantize(model, out, "w4a16", 32, format="compressed-tensors,awq")
+    qc = json.loads((out / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head"]
+    awq = json.loads((out / "awq" / "config.json").read_text())["quantization_config"]
+    assert awq["modules_to_not_convert"] == ["lm_head"]
+    ids = torch.randint(3, 250, (1, 16))
+    got = AutoModelForCausalLM.from_pretrained(str(out / "compressed-tensors"), dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(got, load_quantized(out)(ids).logits, rtol=1e-4, atol=1e-4)

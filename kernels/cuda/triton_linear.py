@@ -4,10 +4,9 @@ Each kernel reads our canonical storage (kernels/packing.py) as it is, so a lowe
 
   woq_gemm   y = x · ŵᵀ + b with ŵ[n, k] = (q[n, k] − z[n, k // g]) · s[n, k // g] dequantized inside the
              K loop (int8 codes [N, K]; int4 codes two per byte [N, ceil(K/2)], low nibble = even k)
-  w8a8_gemm  acc = Σ_k q_x[m, k] · q_w[n, k] in int32 (tl.dot int8 × int8), epilogue
-             y = s_x[m] · s_w[n] · (acc − z_x · Σ_k q_w[n, k]) + b[n]
-  fp8_gemm   acc = Σ_k x8[m, k] · w8[n, k] in float32 (e4m3 × e4m3), epilogue y = s_x[m] · s_w[n] · acc + b[n]
-             (s_x, s_w scalars broadcast when per tensor)
+  scaled_gemm  acc = Σ_k q_x[m, k] · q_w[n, k], in int32 for int8 × int8 (w8a8) or in float32 for
+             e4m3 × e4m3 (fp8); epilogue y = s_x[m] · s_w[n] · (acc − z_x · Σ_k q_w[n, k]) + b[n]
+             (s_x per token or per tensor, s_w per channel or per tensor; z_x only for static int8)
 
 The exact semantics are the oracle's (kernels/reference.py); tests compare each kernel to it on ragged
 shapes under `TRITON_INTERPRET=1` on the CPU. Activation quantization (per-token absmax, round-half-even)
@@ -67,57 +66,34 @@ def _woq_gemm_kernel(
 
 
 @triton.jit
-def _w8a8_gemm_kernel(
+def _scaled_gemm_kernel(
     qx_ptr, qw_ptr, sx_ptr, sw_ptr, wsum_ptr, b_ptr, y_ptr, x_zero,
     M, N, K, stride_xm, stride_wn, stride_ym,
-    PER_TOKEN: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    INT_ACC: tl.constexpr, X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    """acc = q_x · q_wᵀ (int8 → int32, or e4m3 → fp32), y = s_x · s_w · (acc − z_x · Σ_k q_w) + b."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    acc = tl.zeros((BM, BN), dtype=tl.int32 if INT_ACC else tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
-        a = tl.load(qx_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                    other=0)
-        b = tl.load(qw_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
-                    other=0)
-        acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        a_ptrs = qx_ptr + rm[:, None] * stride_xm + rk[None, :]
+        b_ptrs = qw_ptr + rn[:, None] * stride_wn + rk[None, :]
+        a_mask = (rm[:, None] < M) & (rk[None, :] < K)
+        b_mask = (rn[:, None] < N) & (rk[None, :] < K)
+        if INT_ACC:
+            a = tl.load(a_ptrs, mask=a_mask, other=0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        else:  # (e4m3 operands: the padding value must be a float)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32)
     if HAS_ZERO:  # (q_x − z)·q_wᵀ = q_x·q_wᵀ − z·Σ_k q_w[n, k], exact in int32
         acc -= x_zero * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
-    if PER_TOKEN:
-        sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)[:, None]
-    else:
-        sx = tl.load(sx_ptr)
-    sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    y = acc.to(tl.float32) * sx * sw
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.jit
-def _fp8_gemm_kernel(
-    x_ptr, w_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_wn, stride_ym,
-    X_PER_TOKEN: tl.constexpr, W_PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                    other=0.0)
-        b = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
-                    other=0.0)
-        acc += tl.dot(a, tl.trans(b), out_dtype=tl.float32)
     if X_PER_TOKEN:
         sx = tl.load(sx_ptr + rm, mask=rm < M, other=0.0)[:, None]
     else:
@@ -126,7 +102,7 @@ def _fp8_gemm_kernel(
         sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)[None, :]
     else:
         sw = tl.load(sw_ptr)
-    y = acc * sx * sw
+    y = acc.to(tl.float32) * sx * sw
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
@@ -155,6 +131,22 @@ def linear_woq(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, b
     return y.reshape(*shape[:-1], n)
 
 
+def _scaled_gemm(qx: Tensor, qweight: Tensor, sx: Tensor, sw: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                 x_zero: int = 0, x_per_token: bool = True) -> Tensor:
+    m, k = qx.shape
+    n = qweight.shape[0]
+    sx, sw = sx.float().reshape(-1).contiguous(), sw.float().reshape(-1).contiguous()
+    wsum = qweight.to(torch.int32).sum(dim=1).contiguous() if x_zero else sw
+    y = torch.empty((m, n), dtype=out_dtype, device=qx.device)
+    _scaled_gemm_kernel[_grid(m, n)](
+        qx.contiguous(), qweight.contiguous(), sx, sw, wsum, bias if bias is not None else sw, y, x_zero,
+        m, n, k, qx.stride(0), qweight.stride(0), y.stride(0),
+        INT_ACC=qx.dtype == torch.int8, X_PER_TOKEN=x_per_token, W_PER_CHANNEL=sw.numel() > 1,
+        HAS_ZERO=x_zero != 0, HAS_BIAS=bias is not None, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+    )
+    return y
+
+
 def linear_w8a8(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, x_zero: Tensor | None,
                 bias: Tensor | None) -> Tensor:
     """qc::linear_w8a8 on a GPU (semantics: reference.linear_w8a8)."""
@@ -162,42 +154,17 @@ def linear_w8a8(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | N
     x2 = x.reshape(-1, shape[-1])
     if x_scale is None:
         qx, sx = reference.quantize_act_dynamic(x2)
+        zero = 0
     else:
-        zero = x_zero if x_zero is not None else torch.zeros((), device=x.device)
-        qx, sx = reference.quantize_act_static(x2, x_scale, zero), x_scale
-    qx = qx.contiguous()
-    m, k = qx.shape
-    n = qweight.shape[0]
-    sx = sx.float().reshape(-1).contiguous()
-    sw = w_scale.float().reshape(-1).contiguous()
-    has_zero = x_scale is not None and x_zero is not None and bool(x_zero != 0)
-    wsum = qweight.to(torch.int32).sum(dim=1).contiguous() if has_zero else sw
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _w8a8_gemm_kernel[_grid(m, n)](
-        qx, qweight.contiguous(), sx, sw, wsum, bias if bias is not None else sw, y,
-        int(x_zero) if has_zero else 0,  # type: ignore[arg-type]
-        m, n, k, qx.stride(0), qweight.stride(0), y.stride(0),
-        PER_TOKEN=x_scale is None, HAS_ZERO=has_zero, HAS_BIAS=bias is not None,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-    )
-    return y.reshape(*shape[:-1], n)
+        z = x_zero if x_zero is not None else torch.zeros((), device=x.device)
+        qx, sx, zero = reference.quantize_act_static(x2, x_scale, z), x_scale, int(z)
+    y = _scaled_gemm(qx, qweight, sx, w_scale, bias, x.dtype, zero, x_per_token=x_scale is None)
+    return y.reshape(*shape[:-1], -1)
 
 
 def linear_fp8(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """qc::linear_fp8 on a GPU (semantics: reference.linear_fp8)."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    x8, sx = reference.quantize_act_fp8(x2, x_scale)
-    x8 = x8.contiguous()
-    m, k = x8.shape
-    n = qweight.shape[0]
-    sx = sx.float().reshape(-1).contiguous()
-    sw = w_scale.float().reshape(-1).contiguous()
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _fp8_gemm_kernel[_grid(m, n)](
-        x8, qweight.contiguous(), sx, sw, bias if bias is not None else sw, y,
-        m, n, k, x8.stride(0), qweight.stride(0), y.stride(0),
-        X_PER_TOKEN=sx.numel() > 1 or x_scale is None, W_PER_CHANNEL=sw.numel() > 1, HAS_BIAS=bias is not None,
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
-    )
-    return y.reshape(*shape[:-1], n)
+    x8, sx = reference.quantize_act_fp8(x.reshape(-1, shape[-1]), x_scale)
+    y = _scaled_gemm(x8, qweight, sx, w_scale, bias, x.dtype, x_per_token=x_scale is None)
+    return y.reshape(*shape[:-1], -1)

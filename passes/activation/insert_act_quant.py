@@ -7,6 +7,8 @@ with observer `minmax` (the full range), `percentile` (|X| range clipped at the 
 ignores rare outliers), `mse` or `kl` (thresholds searched on a histogram of |X|, calib/observers.py;
 symmetric grids only). Dynamic (per token): s_t = max_k |X_tk| / 127 at run time
                                                                               [qc::fake_quant_act_per_token]
+fp8 activations: s = max |X| / 448 (static, minmax or percentile) or per token at run time, X̂ = e4m3(X / s)·s
+                                                       [qc::fake_quant_act_fp8, qc::fake_quant_act_fp8_per_token]
 The graph stays a runnable fake-quantized model; lowering fuses each pair into an int8 GEMM.
 """
 
@@ -60,6 +62,9 @@ class InsertActQuant(Pass):
         for n, acts in _targets(gm, ctx):
             if acts.dynamic:
                 continue
+            if self._kind() == "histogram" and acts.is_float:
+                raise SchemeError(f"act_quant observer '{self.observer}' searches an integer grid's threshold; "
+                                  f"layer '{n.name}' has fp8 activations: use minmax or percentile")
             if self._kind() == "histogram" and not acts.symmetric:
                 raise SchemeError(f"act_quant observer '{self.observer}' searches a symmetric threshold; "
                                   f"layer '{n.name}' has asymmetric activations: use minmax or percentile")
@@ -76,7 +81,10 @@ class InsertActQuant(Pass):
             assert isinstance(x, fx.Node)
             base = linear_module_attr(lin)
             with gm.graph.inserting_before(lin):
-                if acts.dynamic:
+                if acts.dynamic and acts.is_float:
+                    fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_fp8_per_token.default, (x,))
+                    fq.meta[qmeta.ACT_FQ] = {"dynamic": True, "bits": 8, "type": "float"}
+                elif acts.dynamic:
                     fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_per_token.default, (x, acts.bits))
                     fq.meta[qmeta.ACT_FQ] = {"dynamic": True, "bits": acts.bits}
                 else:
@@ -90,6 +98,14 @@ class InsertActQuant(Pass):
                         lo, hi = -t, t
                     scale, zero = act_qparams_from_range(lo, hi, acts)
                     set_tensor(gm, base + ".input_scale", scale.reshape(()))
+                    if acts.is_float:
+                        fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_fp8.default,
+                                                    (x, gm.graph.get_attr(base + ".input_scale")))
+                        fq.meta[qmeta.ACT_FQ] = {"dynamic": False, "bits": 8, "type": "float",
+                                                 "scale": base + ".input_scale"}
+                        lin.replace_input_with(x, fq)
+                        inserted += 1
+                        continue
                     set_tensor(gm, base + ".input_zero", zero.reshape(()))
                     s_node = gm.graph.get_attr(base + ".input_scale")
                     z_node = gm.graph.get_attr(base + ".input_zero")

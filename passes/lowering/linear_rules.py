@@ -3,6 +3,7 @@
   linear(x, ŵ) with weight grid meta                 → qc::linear_woq(x, qweight, scale, zero, bias, bits, g, K)
   linear(fake_quant_act(x), ŵ) with int8 channel grid → qc::linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias)
   linear(fake_quant_act_per_token(x), ŵ)              → qc::linear_w8a8(x, qweight, w_scale, None, None, bias)
+  linear(fake_quant_act_fp8[_per_token](x), ŵ) fp8    → qc::linear_fp8(x, w8 (e4m3), w_scale, x_scale|None, bias)
 
 Each rewrite writes the integer tensors into the graph module and a RECORD (op, scheme, tensor names)
 in the new node's meta; `emit_linear_op` rebuilds the same node from a record when a saved model loads.
@@ -37,6 +38,7 @@ from qcompiler.pm.rewrite import MATCH, MatchResult, RewriteRule, fail
 
 FQ_STATIC = torch.ops.qc.fake_quant_act.default
 FQ_DYNAMIC = torch.ops.qc.fake_quant_act_per_token.default
+FQ_FP8 = {torch.ops.qc.fake_quant_act_fp8.default, torch.ops.qc.fake_quant_act_fp8_per_token.default}
 
 
 def _bias_node(node: fx.Node) -> fx.Node | None:
@@ -85,6 +87,10 @@ def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: dict[s
                 torch.ops.qc.linear_w8a8.default,
                 (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), attr("input_zero"), bias),
             )
+        elif record["op"] == "linear_fp8":
+            new = graph.call_function(
+                torch.ops.qc.linear_fp8.default, (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), bias)
+            )
         else:
             raise ValueError(f"unknown lowered op '{record['op']}' for layer '{record['path']}'")
     new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", qmeta.PATH, qmeta.ROLE)})
@@ -92,6 +98,17 @@ def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: dict[s
     node.replace_all_uses_with(new)
     graph.erase_node(node)
     return new
+
+
+def _store_scaled_weight(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype
+                         ) -> tuple[qmeta.WeightQuant, torch.Tensor, dict[str, str]]:
+    """Symmetric codes of the linear's weight stored as `dtype` with its scales [N] (or [1]) beside it."""
+    wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
+    w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+    base = linear_module_attr(node)
+    set_tensor(gm, base + ".qweight", quantize_weight(w, wq.scale, None, wq.args).to(dtype).contiguous())
+    set_tensor(gm, base + ".weight_scale", wq.scale.reshape(-1).float().contiguous())
+    return wq, w, {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"}
 
 
 class WeightOnlyLinearRule:
@@ -102,8 +119,10 @@ class WeightOnlyLinearRule:
 
     def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
         x = node.args[0]
-        if isinstance(x, fx.Node) and is_call(x, {FQ_STATIC, FQ_DYNAMIC}):
+        if isinstance(x, fx.Node) and is_call(x, {FQ_STATIC, FQ_DYNAMIC, *FQ_FP8}):
             return fail("input activations are quantized: not a weight-only pattern")
+        if node.meta[qmeta.WQ].args.is_float:
+            return fail("fp8 weights run only in the fp8 × fp8 GEMM (quantize the activations)")
         return MATCH
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
@@ -131,7 +150,7 @@ class W8A8LinearRule:
 
     def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
         args = node.meta[qmeta.WQ].args
-        if args.bits != 8 or not args.symmetric or args.granularity != "channel":
+        if args.bits != 8 or args.is_float or not args.symmetric or args.granularity != "channel":
             return fail(f"int8 GEMM needs symmetric per-channel int8 weights, got {args.describe()}")
         x = node.args[0]
         if x.meta.get(qmeta.ACT_FQ, {}).get("bits", 8) != 8:  # type: ignore[union-attr]
@@ -139,15 +158,9 @@ class W8A8LinearRule:
         return MATCH
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
-        wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
-        w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+        wq, w, tensors = _store_scaled_weight(gm, node, torch.int8)
         fq: fx.Node = node.args[0]  # type: ignore[assignment]
         info = fq.meta[qmeta.ACT_FQ]
-        base = linear_module_attr(node)
-        q = quantize_weight(w, wq.scale, None, wq.args)
-        set_tensor(gm, base + ".qweight", q.to(torch.int8).contiguous())
-        set_tensor(gm, base + ".weight_scale", wq.scale.reshape(-1).float().contiguous())
-        tensors = {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"}
         activations: dict[str, Any] = {"bits": 8, "dynamic": info["dynamic"]}
         if not info["dynamic"]:
             zero = get_tensor(gm, info["zero"]).float()
@@ -164,6 +177,34 @@ class W8A8LinearRule:
         record.update({"activations": activations, "tensors": tensors})
         x = fq.args[0]
         emit_linear_op(gm, node, x, record)  # type: ignore[arg-type]
+        if not fq.users:
+            gm.graph.erase_node(fq)
+
+
+class Fp8LinearRule:
+    name = "linear_fp8"
+
+    def matches(self, node: fx.Node) -> bool:
+        x = node.args[0] if is_call(node, LINEAR) else None
+        return qmeta.WQ in node.meta and isinstance(x, fx.Node) and is_call(x, FQ_FP8)
+
+    def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
+        args = node.meta[qmeta.WQ].args
+        if not args.is_float or args.granularity not in ("channel", "tensor"):
+            return fail(f"the fp8 GEMM needs fp8 weights per channel or per tensor, got {args.describe()}")
+        return MATCH
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        wq, w, tensors = _store_scaled_weight(gm, node, torch.float8_e4m3fn)  # (e4m3 codes are exact in fp32)
+        fq: fx.Node = node.args[0]  # type: ignore[assignment]
+        info = fq.meta[qmeta.ACT_FQ]
+        if not info["dynamic"]:
+            tensors["input_scale"] = info["scale"]
+        record = _record_base(node, "linear_fp8", wq, w)
+        record.update({"activations": {"bits": 8, "type": "float", "dynamic": info["dynamic"], "symmetric": True,
+                                       "granularity": "token" if info["dynamic"] else "tensor"},
+                       "tensors": tensors})
+        emit_linear_op(gm, node, fq.args[0], record)  # type: ignore[arg-type]
         if not fq.users:
             gm.graph.erase_node(fq)
 
@@ -219,4 +260,4 @@ def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def linear_rules() -> list[RewriteRule]:
-    return [W8A8LinearRule(), WeightOnlyLinearRule(), ConvRule()]  # type: ignore[list-item]
+    return [W8A8LinearRule(), Fp8LinearRule(), WeightOnlyLinearRule(), ConvRule()]  # type: ignore[list-item]

@@ -23,6 +23,7 @@ from torch import fx
 
 from qcompiler.algorithms.gptq import gptq_quantize
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
+from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo
 from qcompiler.ir.graph import get_tensor, set_tensor
@@ -61,6 +62,9 @@ class GPTQ(Pass):
         for node, info, args in weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)[0]:
             if args.granularity == "tensor":
                 continue  # per-tensor weights are left to rtn
+            if args.is_float:
+                raise PassError(f"gptq: block '{ctx.block}', layer '{info.path}' has fp8 weights; GPTQ's error feedback is written for "
+                                "integer grids here: use rtn for fp8 (--algo rtn)")
             by_input.setdefault(node.args[0].name, []).append((node, info, args))  # type: ignore[union-attr]
         stages = [by_input[k] for k in sorted(by_input, key=order.__getitem__)]
         return stages if self.true_sequential else [[x for s in stages for x in s]]

@@ -23,7 +23,7 @@ import torch
 
 from qcompiler.errors import ExportError
 from qcompiler.export.compressed_tensors import pack_int32
-from qcompiler.export.layers import ExportLayer, WrittenLayer, is_projection_weight
+from qcompiler.export.layers import ExportLayer, WrittenLayer
 from qcompiler.schemes import QuantScheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column AWQ_ORDER[i]
@@ -77,15 +77,14 @@ class AwqFormat:
         return out
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
         groups = {layer.group_size for layer in layers}
         if len(groups) > 1:
             raise ExportError(f"AWQ config has one group size; layers use {sorted(g or 0 for g in groups)}")
         config["quantization_config"] = {
             "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": groups.pop() if groups else 128,
             "zero_point": True,
-            "modules_to_not_convert": sorted({n.rsplit(".", 1)[0].rsplit(".", 1)[-1] for n in float_tensors
-                                              if is_projection_weight(n)}) or None,
+            "modules_to_not_convert": sorted({n.rsplit(".", 1)[-1] for n in float_linears}) or None,
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -121,7 +120,7 @@ class GptqFormat:
         return out
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
         kinds = {(layer.bits, layer.group_size or -1, layer.symmetric) for layer in layers}
         if len(kinds) > 1:
             raise ExportError(f"a GPTQ config has one bit width, group size and symmetry; layers use {sorted(kinds)}")

@@ -7,6 +7,8 @@ Per quantized linear, by format:
                   weight_zero_point int32 [ceil(N·b/32), G] (signed zero points, same offset, packed along N)
   int-quantized   (w8a8)  weight int8 [N, K]; weight_scale [N, 1]; static activations add input_scale [1]
                   (and input_zero_point int8 [1] when asymmetric)
+  float-quantized (fp8)   weight float8_e4m3fn [N, K]; weight_scale [N, 1] (channel) or [1] (tensor);
+                  static activations add input_scale [1]
 config.json gets `quantization_config` with one config group per distinct layer scheme (targets "Linear"
 when one scheme covers every quantized layer, else the layers' names) and the float layers in `ignore`.
 """
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from qcompiler.errors import ExportError
-from qcompiler.export.layers import ExportLayer, WrittenLayer, is_projection_weight
+from qcompiler.export.layers import ExportLayer, WrittenLayer
 from qcompiler.schemes import QuantScheme
 
 FORMAT_VERSION = "0.12.0"  # the oldest compressed-tensors release whose loader reads what we write
@@ -43,20 +45,27 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _args(layer: WrittenLayer) -> dict[str, Any]:
+    strategy = "group" if layer.group_size else "tensor" if layer.per_tensor else "channel"
     return {
-        "num_bits": layer.bits, "type": "int", "symmetric": layer.symmetric,
-        "group_size": layer.group_size, "strategy": "group" if layer.group_size else "channel",
+        "num_bits": layer.bits, "type": layer.type, "symmetric": layer.symmetric,
+        "group_size": layer.group_size, "strategy": strategy,
         "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {},
     }
+
+
+def _format(layer: WrittenLayer) -> str:
+    if layer.type == "float":
+        return "float-quantized"
+    return "pack-quantized" if layer.act is None else "int-quantized"
 
 
 def _input_args(layer: WrittenLayer) -> dict[str, Any] | None:
     if layer.act is None:
         return None
     if layer.act == "dynamic":
-        return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+        return {"num_bits": 8, "type": layer.type, "symmetric": True, "group_size": None, "strategy": "token",
                 "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
-    return {"num_bits": 8, "type": "int", "symmetric": not layer.static_zero, "group_size": None,
+    return {"num_bits": 8, "type": layer.type, "symmetric": not layer.static_zero, "group_size": None,
             "strategy": "tensor", "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
 
 
@@ -76,7 +85,14 @@ class CompressedTensorsFormat:
         """Scales and biases in the model's dtype (as llm-compressor writes them)."""
         assert layer.codes is not None and layer.scale is not None and layer.bits is not None
         out: dict[str, torch.Tensor] = {}
-        if layer.act is None:
+        if layer.type == "float":
+            out["weight"] = layer.codes.to(torch.float8_e4m3fn)
+            out["weight_scale"] = (layer.scale[:1, :1].reshape(1) if layer.per_tensor else layer.scale.reshape(-1, 1)
+                                   ).to(dtype)
+            if layer.act == "static":
+                assert layer.input_scale is not None
+                out["input_scale"] = layer.input_scale.reshape(1).to(dtype)
+        elif layer.act is None:
             offset = 2 ** (layer.bits - 1)
             out["weight_packed"] = pack_int32(layer.codes + offset, layer.bits)
             out["weight_scale"] = layer.scale.to(dtype)
@@ -102,7 +118,7 @@ class CompressedTensorsFormat:
         groups: dict[tuple[Any, ...], list[WrittenLayer]] = {}
         for layer in layers:
             groups.setdefault(layer.scheme_key, []).append(layer)
-        formats = {"pack-quantized" if members[0].act is None else "int-quantized" for members in groups.values()}
+        formats = {_format(members[0]) for members in groups.values()}
         config_groups = {}
         for i, members in enumerate(groups.values()):
             first = members[0]
@@ -111,7 +127,7 @@ class CompressedTensorsFormat:
                 "weights": _args(first),
                 "input_activations": _input_args(first),
                 "output_activations": None,
-                "format": "pack-quantized" if first.act is None else "int-quantized",
+                "format": _format(first),
             }
         return {
             "quant_method": "compressed-tensors",
@@ -127,7 +143,7 @@ class CompressedTensorsFormat:
         }
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str]) -> None:
-        ignore = sorted({n.rsplit(".", 1)[0] for n in float_tensors if is_projection_weight(n)})
+               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
+        ignore = sorted(float_linears)
         config["quantization_config"] = self.quantization_config(layers, ignore)
         (folder / "config.json").write_text(json.dumps(config, indent=2))

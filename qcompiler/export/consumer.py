@@ -41,8 +41,10 @@ class ServingFormat(Protocol):
         ...
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str]) -> None:
-        """Write config.json (given the source config without quantization_config) and any description file."""
+               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
+        """Write config.json (given the source config without quantization_config) and any description file.
+        float_tensors: every tensor written unquantized; float_linears: the model's linear layers left in float
+        (a tied head included, though its weight is the embedding's)."""
         ...
 
 
@@ -62,6 +64,7 @@ class FormatExporter:
         self.config = json.loads((self.source / "config.json").read_text())
         self.dtype = source_dtype(self.config)
         self.state_names = set(model.state_dict().keys())
+        self.linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         self.shards: list[tuple[str, list[str]]] = []
         self.layers: list[WrittenLayer] = []
         self.float_tensors: list[str] = []
@@ -133,7 +136,9 @@ class FormatExporter:
             if (self.source / f).is_file():
                 shutil.copy2(self.source / f, self.folder / f)
         config = {k: v for k, v in self.config.items() if k != "quantization_config"}
-        self.fmt.finish(self.folder, config, self.layers, self.float_tensors)
+        quantized = {layer.name for layer in self.layers}
+        self.fmt.finish(self.folder, config, self.layers, self.float_tensors,
+                        [n for n in self.linear_names if n not in quantized])
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

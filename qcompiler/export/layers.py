@@ -32,11 +32,13 @@ class WrittenLayer:
     act: str | None
     static_zero: bool  # static activations with a non-zero (asymmetric) zero point
     tensors: tuple[str, ...]
+    type: str = "int"  # "float": fp8 e4m3 weights and activations
+    per_tensor: bool = False  # one weight scale for the whole matrix
 
     @property
     def scheme_key(self) -> tuple[Any, ...]:
         """Layers with equal keys share one scheme (one config group, one description type)."""
-        return (self.bits, self.symmetric, self.group_size, self.act, self.static_zero)
+        return (self.bits, self.symmetric, self.group_size, self.act, self.static_zero, self.type, self.per_tensor)
 
 
 @dataclass
@@ -55,11 +57,14 @@ class ExportLayer:
     input_zero: torch.Tensor | None = None  # fp32 scalar (signed int8 domain), None when 0
     bias: torch.Tensor | None = None
     weight: torch.Tensor | None = None  # float layers only
+    type: str = "int"  # "float": fp8 e4m3 codes (codes is a float8_e4m3fn tensor)
+    per_tensor: bool = False  # one weight scale for the matrix (repeated per row in `scale`)
 
     def written(self, tensors: list[str]) -> WrittenLayer:
         """What stays in memory once the layer's tensors are on disk."""
         return WrittenLayer(self.name, self.bits, self.symmetric, self.group_size, self.act,
-                            self.act == "static" and self.input_zero is not None, tuple(tensors))
+                            self.act == "static" and self.input_zero is not None, tuple(tensors), self.type,
+                            self.per_tensor)
 
     def dequantized(self) -> torch.Tensor:
         """ŵ in float32 [N, K] (for checks and float fallbacks)."""
@@ -68,7 +73,7 @@ class ExportLayer:
             return self.weight.float()
         assert self.codes is not None and self.scale is not None
         g = self.group_size or self.in_features
-        s = self.scale.repeat_interleave(g, dim=1)[:, : self.in_features]
+        s = self.scale.float().repeat_interleave(g, dim=1)[:, : self.in_features]
         z = self.zero.repeat_interleave(g, dim=1)[:, : self.in_features] if self.zero is not None else 0.0
         return (self.codes.float() - z) * s
 
@@ -98,14 +103,23 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split:
         for p, w, b in zip(parts, _split(tensors[names["weight"]], sizes), _split(bias, sizes), strict=True):
             yield ExportLayer(p["path"], k, p["out_features"], None, weight=w, bias=b)
         return
-    if op not in ("linear_woq", "linear_w8a8"):
+    if op not in ("linear_woq", "linear_w8a8", "linear_fp8"):
         raise ExportError(f"layer '{record['path']}': op '{op}' has no serving-format equivalent "
                           "(only linear layers are exported)")
     w = record["weights"]
     bits, symmetric = w["bits"], w["symmetric"]
     act = None
     input_scale = input_zero = None
-    if op == "linear_woq":
+    number_type = "float" if op == "linear_fp8" else "int"
+    if op == "linear_fp8":
+        codes = tensors[names["qweight"]]
+        w_scale = tensors[names["weight_scale"]].float().reshape(-1, 1)
+        scale = w_scale if w_scale.numel() > 1 else w_scale.expand(record["out_features"], 1)
+        zero, group = None, None
+        act = "dynamic" if record["activations"]["dynamic"] else "static"
+        if act == "static":
+            input_scale = tensors[names["input_scale"]].float().reshape(())
+    elif op == "linear_woq":
         codes = _signed_codes(tensors[names["qweight"]], bits, symmetric, k)
         scale = tensors[names["scale"]].float()
         zero = tensors[names["zero"]].float() - 2 ** (bits - 1) if names.get("zero") else None
@@ -124,13 +138,5 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split:
         yield ExportLayer(p["path"], k, p["out_features"], bits, symmetric, group, q.contiguous(), s.contiguous(),
                           None if z is None else z.contiguous(), act,
                           None if input_scale is None else input_scale.clone(),
-                          None if input_zero is None else input_zero.clone(), b)
-
-
-def is_projection_weight(name: str) -> bool:
-    """A float linear's weight (what formats list as unquantized layers): a `.weight` that is neither an
-    embedding nor a norm."""
-    if not name.endswith(".weight"):
-        return False
-    leaf = name.rsplit(".", 2)[-2]
-    return "norm" not in leaf and "embed" not in leaf
+                          None if input_zero is None else input_zero.clone(), b, type=number_type,
+                          per_tensor=w["granularity"] == "tensor")

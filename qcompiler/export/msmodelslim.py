@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qcompiler.errors import ExportError
-from qcompiler.export.layers import ExportLayer, WrittenLayer, is_projection_weight
+from qcompiler.export.layers import ExportLayer, WrittenLayer
 from qcompiler.kernels.ascend.npu_ops import npu_trans_quant_param
 from qcompiler.kernels.packing import pack_int4_pairs
 from qcompiler.schemes import QuantScheme
@@ -50,6 +50,8 @@ def layer_type(bits: int | None, act: str | None) -> str:
 def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict[str, torch.Tensor]]:
     """(type, tensor suffix -> tensor) of one quantized layer in the ascend v1 layout."""
     assert layer.codes is not None and layer.scale is not None and layer.bits is not None
+    if layer.type != "int":
+        raise ExportError("fp8 layers have no ascend v1 type written here (WFP8AFP8_DYNAMIC is not implemented)")
     kind = layer_type(layer.bits, layer.act)
     out: dict[str, torch.Tensor] = {}
     if kind == "W8A8":
@@ -97,7 +99,7 @@ class MsModelSlimFormat:
         return msmodelslim_tensors(layer, dtype == torch.bfloat16)[1]
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
         description: dict[str, Any] = {}
         groups = set()
         for layer in layers:
@@ -109,7 +111,7 @@ class MsModelSlimFormat:
         for name in float_tensors:
             description[name] = "FLOAT"
         kinds = {layer.name: layer_type(layer.bits, layer.act) for layer in layers}
-        kinds.update({n.removesuffix(".weight"): "FLOAT" for n in float_tensors if is_projection_weight(n)})
+        kinds.update(dict.fromkeys(float_linears, "FLOAT"))
         check_fused_groups(kinds)
         types = {layer_type(layer.bits, layer.act) for layer in layers} or {"FLOAT"}
         if len(groups) > 1:

@@ -1,7 +1,8 @@
 """The `reference` target: the CPU, through the qc:: ops (torch's int8 GEMM / int4 CPU kernels).
 
 It runs every preset scheme whose weights are int4/int8 and whose activations, when quantized, are int8
-with symmetric per-channel int8 weights (what the int8 GEMM epilogue supports). It fuses linears that share
+with symmetric per-channel int8 weights (what the int8 GEMM epilogue supports), and fp8 (e4m3 weights and
+activations, computed by the oracle in float32: numerics, not speed). It fuses linears that share
 an input (one GEMM for q/k/v and one for gate/up).
 """
 
@@ -22,6 +23,8 @@ class ReferenceTarget(Target):
     consumer = "qcompiler runtime (torch CPU)"
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        if scheme.weights.is_float:
+            return None  # qc::linear_fp8 (fp8 emulated in float32 on the CPU)
         if scheme.activations is not None:
             w = scheme.weights
             if w.bits != 8 or not w.symmetric or w.granularity != "channel":

@@ -1,11 +1,12 @@
 """The `cuda` target: NVIDIA GPUs through our Triton kernels, and the checkpoints CUDA serving engines load.
 
-Lowering is the shared linear rules (kernel ops `qc::linear_woq`, `qc::linear_w8a8`), whose CUDA
+Lowering is the shared linear rules (kernel ops `qc::linear_woq`, `qc::linear_w8a8`, `qc::linear_fp8`), whose CUDA
 implementations are the Triton GEMMs in kernels/cuda (registered for CUDA tensors; the oracle elsewhere).
 Linears sharing an input are fused (one GEMM for q/k/v, one for gate/up); the exports split them back.
 
 Export (`--target-option format=compressed-tensors[,awq][,gptq]`), each into its own folder of the artefact:
-  OUT/compressed-tensors/  pack-quantized (w4a16, w8a16) / int-quantized (w8a8, w8a8_dynamic): vLLM, SGLang,
+  OUT/compressed-tensors/  pack-quantized (w4a16, w8a16) / int-quantized (w8a8, w8a8_dynamic) / float-quantized
+                           (fp8, fp8_static): vLLM, SGLang,
                            transformers on the CPU (`vllm serve OUT/compressed-tensors`)
   OUT/awq/                 AutoAWQ gemm (int4 groups): LMDeploy TurboMind, vLLM, SGLang
   OUT/gptq/                GPTQ v1 (int4/int8 weight-only): vLLM, SGLang, TurboMind
@@ -60,6 +61,8 @@ class CudaTarget(Target):
     fuse_shared_input_linears = True
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        if scheme.weights.is_float:
+            return None  # the Triton fp8 GEMM (e4m3 × e4m3, per-tensor/channel × per-tensor/token scales)
         if scheme.activations is not None:
             w = scheme.weights
             if w.bits != 8 or not w.symmetric or w.granularity != "channel":

@@ -48,6 +48,8 @@ class OnnxRuntimeTarget(Target):
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         w = scheme.weights
+        if w.is_float:
+            return "onnxruntime's CPU kernels have no fp8 GEMM"
         if scheme.activations is not None:
             if w.bits != 8 or not w.symmetric or w.granularity != "channel":
                 return "activation quantization needs symmetric per-channel int8 weights"
