@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quant", help="quantize a model and write the artefact",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), an .onnx file, or 'demo'")
-    q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic | fp8 | fp8_static (see `qcompile schemes`)")
+    q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic | w4a8 | fp8 | fp8_static (see `qcompile schemes`)")
     q.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime | cuda | ascend")
     q.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",

@@ -126,15 +126,18 @@ def test_compressed_tensors_asymmetric_decompresses_with_the_package(tiny_llama,
         torch.testing.assert_close(got.float(), w, rtol=0, atol=1e-6)
 
 
-def test_compressed_tensors_dynamic_per_token_differs_only_by_the_client_activation_scale(tiny_llama, tmp_path):
-    """w8a8_dynamic: weights reload bit for bit. compressed-tensors' CPU emulation scales per-token activations by
+@pytest.mark.parametrize("scheme", ["w8a8_dynamic", "w4a8"])
+def test_compressed_tensors_dynamic_per_token_differs_only_by_the_client_activation_scale(tiny_llama, tmp_path,
+                                                                                          scheme):
+    """w8a8_dynamic (int-quantized) and w4a8 (pack-quantized int4 weights): weights reload bit for bit. compressed-tensors' CPU emulation scales per-token activations by
     absmax/127.5 where vLLM's kernel and ours use absmax/127, so logits agree to that rounding difference only."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
-    _quantize(tiny_llama, out, "w8a8_dynamic")
+    _quantize(tiny_llama, out, scheme, group=0)  # (w4a8: per-channel int4)
     folder = out / "compressed-tensors"
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == ("pack-quantized" if scheme == "w4a8" else "int-quantized")
     acts = qc["config_groups"]["group_0"]["input_activations"]
     assert acts["dynamic"] is True and acts["strategy"] == "token"
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)

@@ -5,6 +5,7 @@ npu_convert_weight_to_int4pack, offsets negated (the kernel adds its offset), sc
 `prepare` makes the kernel arguments once; `forward` is the call sequence of one linear:
   W8A8          npu_quantize(x, s_x, z_x) → npu_quant_matmul(·, W, deq_scale, bias=quant_bias)
   W8A8_DYNAMIC  npu_dynamic_quant(x) → npu_quant_matmul(·, W, s_w, pertoken_scale=s_tok) + bias
+  W4A8_DYNAMIC  the same with W as int4pack [K, N/8] (scale_bias serves the grouped-matmul MoE kernels only)
   W8A16, W4A16  npu_weight_quant_batchmatmul(x, W, s, −z, bias, antiquant_group_size)
 Both run through the `qc_npu::` ops: torch_npu's kernels on an NPU, the emulation elsewhere.
 """
@@ -30,6 +31,10 @@ def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tenso
     if kind == "W8A8_DYNAMIC":
         return {"weight": t["weight"].t().contiguous(), "weight_scale": t["weight_scale"].float().flatten(),
                 "bias": bias}
+    if kind == "W4A8_DYNAMIC":  # int4 codes packed in pairs along N -> [K, N] -> int4pack [K, N/8]
+        codes = unpack_int4_pairs(t["weight"], dim=0).to(torch.int32)
+        return {"weight": npu_convert_weight_to_int4pack(codes.t().contiguous()),
+                "weight_scale": t["weight_scale"].float().flatten(), "bias": bias}
     if kind in ("W8A16", "W4A16"):
         grouped = t["weight_scale"].shape[-1] > 1
         if kind == "W4A16":
@@ -41,7 +46,8 @@ def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tenso
         return {"weight": weight, "antiquant_scale": t["weight_scale"].float().t().contiguous(),
                 "antiquant_offset": (-t["weight_offset"].float()).t().contiguous(), "bias": bias,
                 "group_size": group_size if grouped else 0}
-    raise ValueError(f"layer type '{kind}' has no NPU lowering here (supported: W8A8, W8A8_DYNAMIC, W8A16, W4A16)")
+    raise ValueError(f"layer type '{kind}' has no NPU lowering here "
+                     "(supported: W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC, W8A16, W4A16)")
 
 
 def forward(kind: str, x: Tensor, p: dict[str, Tensor | int | None]) -> Tensor:
@@ -49,7 +55,7 @@ def forward(kind: str, x: Tensor, p: dict[str, Tensor | int | None]) -> Tensor:
     if kind == "W8A8":
         q = npu.npu_quantize(x, p["input_scale"], p["input_offset"], True)
         return npu.npu_quant_matmul(q, p["weight"], p["deq_scale"], None, p["quant_bias"], x.dtype)
-    if kind == "W8A8_DYNAMIC":
+    if kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
         q, s = npu.npu_dynamic_quant(x)
         return npu.npu_quant_matmul(q, p["weight"], p["weight_scale"], s, p["bias"], x.dtype)
     return npu.npu_weight_quant_batchmatmul(x, p["weight"], p["antiquant_scale"], p["antiquant_offset"], p["bias"],

@@ -4,7 +4,7 @@ written from their documented semantics so that a graph lowered for the NPU can 
   npu_quantize(x, scales, zero_points, div_mode)       q = clamp(round(x / s + z)) (div_mode) or round(x · s + z)
   npu_dynamic_quant(x, smooth_scales)                  per-token symmetric int8: s = absmax(x ⊙ smooth) / 127
   npu_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
-      acc = x1 (int8 [M, K]) · x2 (int8 [K, N]) in int32; an int32 bias is added to acc; then
+      acc = x1 (int8 [M, K]) · x2 (int8 [K, N], or int4 packed int32 [K, N/8]) in int32; an int32 bias is added; then
       y = acc · scale[n] (· pertoken_scale[m]); a float bias is added after scaling. `scale` int64 carries the
       fp32 bit pattern in its low 32 bits (what npu_trans_quant_param makes for fp16 outputs)
   npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, bias, antiquant_group_size)
@@ -56,8 +56,10 @@ def npu_dynamic_quant(x: Tensor, smooth_scales: Tensor | None = None) -> tuple[T
 def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, offset: Tensor | None = None,
                      pertoken_scale: Tensor | None = None, bias: Tensor | None = None,
                      output_dtype: torch.dtype | None = None) -> Tensor:
+    if x2.dtype == torch.int32:  # int4 weights packed by npu_convert_weight_to_int4pack: [K, N/8]
+        x2 = unpack_int4pack(x2, x2.shape[-1] * 8).to(torch.int8)
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
-        raise TypeError(f"npu_quant_matmul takes int8 × int8 operands, got {x1.dtype} × {x2.dtype}")
+        raise TypeError(f"npu_quant_matmul takes int8 × int8 (or int4-packed int32) operands, got {x1.dtype} × {x2.dtype}")
     if offset is not None:
         raise NotImplementedError("npu_quant_matmul offset (int8 requantized output) is not emulated")
     # float64 products of int8 codes are exact integers (|acc| < 2^53), like the NPU's int32 accumulation

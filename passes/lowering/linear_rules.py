@@ -2,6 +2,7 @@
 
   linear(x, ŵ) with weight grid meta                 → qc::linear_woq(x, qweight, scale, zero, bias, bits, g, K)
   linear(fake_quant_act(x), ŵ) with int8 channel grid → qc::linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias)
+  (int4 channel grids with per-token activations, w4a8, take the same op: their codes are held in int8)
   linear(fake_quant_act_per_token(x), ŵ)              → qc::linear_w8a8(x, qweight, w_scale, None, None, bias)
   linear(fake_quant_act_fp8[_per_token](x), ŵ) fp8    → qc::linear_fp8(x, w8 (e4m3), w_scale, x_scale|None, bias)
 
@@ -150,11 +151,14 @@ class W8A8LinearRule:
 
     def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
         args = node.meta[qmeta.WQ].args
-        if args.bits != 8 or args.is_float or not args.symmetric or args.granularity != "channel":
-            return fail(f"int8 GEMM needs symmetric per-channel int8 weights, got {args.describe()}")
+        if args.is_float or not args.symmetric or args.granularity != "channel":
+            return fail(f"int8 GEMM needs symmetric per-channel integer weights, got {args.describe()}")
         x = node.args[0]
-        if x.meta.get(qmeta.ACT_FQ, {}).get("bits", 8) != 8:  # type: ignore[union-attr]
+        fq = x.meta.get(qmeta.ACT_FQ, {})  # type: ignore[union-attr]
+        if fq.get("bits", 8) != 8:
             return fail("int8 GEMM needs 8-bit activations")
+        if args.bits == 4 and not fq.get("dynamic"):
+            return fail("int4 weights run in the int8 GEMM with dynamic per-token activations only (w4a8)")
         return MATCH
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:

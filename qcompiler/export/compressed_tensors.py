@@ -1,7 +1,7 @@
 """compressed-tensors checkpoints (read by vLLM, SGLang, vllm-ascend partly, and transformers on the CPU).
 
 Per quantized linear, by format:
-  pack-quantized  (weight-only int4/int8)  weight_packed int32 [N, ceil(K·b/32)]: codes offset by +2^(b−1)
+  pack-quantized  (weight-only int4/int8, and w4a8's int4 weights)  weight_packed int32 [N, ceil(K·b/32)]: codes offset by +2^(b−1)
                   into [0, 2^b) and packed densely, element j at bits b·j of the row's bit string (low bits
                   first); weight_scale [N, G]; weight_shape int64 [2] = (N, K); asymmetric adds
                   weight_zero_point int32 [ceil(N·b/32), G] (signed zero points, same offset, packed along N)
@@ -56,7 +56,7 @@ def _args(layer: WrittenLayer) -> dict[str, Any]:
 def _format(layer: WrittenLayer) -> str:
     if layer.type == "float":
         return "float-quantized"
-    return "pack-quantized" if layer.act is None else "int-quantized"
+    return "pack-quantized" if layer.act is None or layer.bits == 4 else "int-quantized"
 
 
 def _input_args(layer: WrittenLayer) -> dict[str, Any] | None:
@@ -92,7 +92,7 @@ class CompressedTensorsFormat:
             if layer.act == "static":
                 assert layer.input_scale is not None
                 out["input_scale"] = layer.input_scale.reshape(1).to(dtype)
-        elif layer.act is None:
+        elif layer.act is None or layer.bits == 4:  # weight-only, or w4a8 (packed int4 + dynamic int8 inputs)
             offset = 2 ** (layer.bits - 1)
             out["weight_packed"] = pack_int32(layer.codes + offset, layer.bits)
             out["weight_scale"] = layer.scale.to(dtype)

@@ -13,6 +13,8 @@ Per layer type (signed codes q, signed zero point z, ŵ = (q − z)·s; weight i
                 NPU kernel adds its offset)
   W4A16         as W8A16 with int4 codes packed two per int8 (low nibble first) along N for group scales
                 ([N/2, K]) and along K for channel scales ([N, K/2]) (msModelSlim's W4A16 packing)
+  W4A8_DYNAMIC  int4 codes packed in pairs along N [N/2, K]; weight_scale, weight_offset (zeros) [N, 1];
+                scale_bias fp32 (see w4a8_scale_bias); per-token int8 activations
 A float bias is written as `bias` (type FLOAT) in every type. Norms, embeddings, head and float layers: FLOAT.
 """
 
@@ -29,12 +31,14 @@ from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
 from qcompiler.kernels.ascend.npu_ops import npu_trans_quant_param
 from qcompiler.kernels.packing import pack_int4_pairs
-from qcompiler.schemes import QuantScheme
+from qcompiler.schemes import QuantScheme, int_gemm_reason
 
 DESCRIPTION = "quant_model_description.json"
 VERSION = "1.0.0"
-# model_quant_type of a mixed model: the lowest-bit type present (msModelSlim's priority, lowest first)
-PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W4A16", "W4A8_DYNAMIC", "W4A4_DYNAMIC")
+# model_quant_type of a mixed model: the lowest-bit type present (msModelSlim's priority, lowest first).
+# W4A8_DYNAMIC is left out on purpose, as msModelSlim 26.1 does: a W4A8_DYNAMIC model is described as FLOAT
+# globally and by its per-tensor types (what its consumers are tested with).
+PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W4A16", "W4A4_DYNAMIC")
 
 
 def layer_type(bits: int | None, act: str | None) -> str:
@@ -43,8 +47,26 @@ def layer_type(bits: int | None, act: str | None) -> str:
     if act == "static":
         return "W8A8"
     if act == "dynamic":
-        return "W8A8_DYNAMIC"
+        return f"W{bits}A8_DYNAMIC"
     return f"W{bits}A16"
+
+
+# Row-parallel linears (their input dimension is split across tensor-parallel ranks)
+ROW_PARALLEL = ("o_proj", "down_proj", "w2")
+W4A8_TP_CHUNKS = 16  # msModelSlim computes W4A8_DYNAMIC's scale_bias for up to 16 ranks
+
+
+def w4a8_scale_bias(name: str, w_hat: torch.Tensor) -> torch.Tensor:
+    """W4A8_DYNAMIC `scale_bias`: 8·Σ_k ŵ[n, k] per output channel [N, 1]; for row-parallel layers per chunk
+    of K/16 inputs [N, 16] (so each tensor-parallel rank holds its part). The NPU kernel reads int4 codes
+    offset by 8; this is the term that offset adds, precomputed in fp32."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ROW_PARALLEL:
+        n, k = w_hat.shape
+        if k % W4A8_TP_CHUNKS:
+            raise ExportError(f"W4A8_DYNAMIC splits the {k} inputs of a row-parallel layer into 16 equal parts")
+        return 8 * w_hat.reshape(n, W4A8_TP_CHUNKS, k // W4A8_TP_CHUNKS).sum(dim=2)
+    return 8 * w_hat.sum(dim=1, keepdim=True)
 
 
 def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict[str, torch.Tensor]]:
@@ -63,11 +85,17 @@ def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict
         quant_bias = torch.round(bias.double() / deq.double() - w.double().sum(dim=1) * x_zero.double())
         out.update(weight=w, quant_bias=quant_bias.to(torch.int32), input_scale=layer.input_scale.reshape(1).float(),
                    input_offset=x_zero.reshape(1).float(), deq_scale=deq if bf16_model else npu_trans_quant_param(deq))
-    elif kind == "W8A8_DYNAMIC":
+    elif kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
         if not layer.symmetric or layer.group_size is not None:
-            raise ExportError("W8A8_DYNAMIC needs symmetric per-channel int8 weights")
-        out.update(weight=layer.codes.to(torch.int8), weight_scale=layer.scale.reshape(-1, 1).float(),
-                   weight_offset=torch.zeros(layer.out_features, 1))
+            raise ExportError(f"{kind} needs symmetric per-channel weights")
+        scale = layer.scale.reshape(-1, 1).float()
+        if kind == "W4A8_DYNAMIC":
+            out.update(weight=pack_int4_pairs(layer.codes, dim=0), weight_scale=scale,
+                       weight_offset=torch.zeros(layer.out_features, 1),
+                       scale_bias=w4a8_scale_bias(layer.name, layer.codes.float() * scale))
+        else:
+            out.update(weight=layer.codes.to(torch.int8), weight_scale=scale,
+                       weight_offset=torch.zeros(layer.out_features, 1))
     else:
         zero = layer.zero if layer.zero is not None else torch.zeros_like(layer.scale)
         if layer.bits == 4:
@@ -91,8 +119,8 @@ class MsModelSlimFormat:
             w = s.weights
             if w.granularity == "tensor":
                 return "ascend v1 has no per-tensor weight scales"
-            if s.activations is not None and (w.bits != 8 or not w.symmetric or w.granularity != "channel"):
-                return "W8A8 / W8A8_DYNAMIC need symmetric per-channel int8 weights"
+            if s.activations is not None and int_gemm_reason(s) is not None:
+                return f"W8A8 / W8A8_DYNAMIC / W4A8_DYNAMIC: {int_gemm_reason(s)}"
         return None
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -113,7 +141,7 @@ class MsModelSlimFormat:
         kinds = {layer.name: layer_type(layer.bits, layer.act) for layer in layers}
         kinds.update(dict.fromkeys(float_linears, "FLOAT"))
         check_fused_groups(kinds)
-        types = {layer_type(layer.bits, layer.act) for layer in layers} or {"FLOAT"}
+        types = {layer_type(layer.bits, layer.act) for layer in layers} & set(PRIORITY) or {"FLOAT"}
         if len(groups) > 1:
             raise ExportError(f"ascend v1 has one global group_size; layers use {sorted(groups)}")
         description.update({

@@ -1,7 +1,8 @@
 """The `reference` target: the CPU, through the qc:: ops (torch's int8 GEMM / int4 CPU kernels).
 
 It runs every preset scheme whose weights are int4/int8 and whose activations, when quantized, are int8
-with symmetric per-channel int8 weights (what the int8 GEMM epilogue supports), and fp8 (e4m3 weights and
+with symmetric per-channel int8 weights (what the int8 GEMM epilogue supports) or int4 ones with dynamic
+activations (w4a8: int4 codes held in int8), and fp8 (e4m3 weights and
 activations, computed by the oracle in float32: numerics, not speed). It fuses linears that share
 an input (one GEMM for q/k/v and one for gate/up).
 """
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
-from qcompiler.schemes import QuantScheme
+from qcompiler.schemes import QuantScheme, int_gemm_reason
 from qcompiler.targets.base import Target, register_target
 
 
@@ -25,11 +26,7 @@ class ReferenceTarget(Target):
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.weights.is_float:
             return None  # qc::linear_fp8 (fp8 emulated in float32 on the CPU)
-        if scheme.activations is not None:
-            w = scheme.weights
-            if w.bits != 8 or not w.symmetric or w.granularity != "channel":
-                return "activation quantization needs symmetric per-channel int8 weights"
-        return None
+        return int_gemm_reason(scheme)
 
     def lowering_rules(self) -> Sequence[RewriteRule]:
         return linear_rules()

@@ -2,14 +2,14 @@
 
 Quantization and the artefact use the portable `qc::` ops (like every target); the Ascend specifics are
   - the export OUT/msmodelslim/ (export/msmodelslim.py), which vllm-ascend (`--quantization ascend`) and MindIE
-    load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, FLOAT fallbacks;
+    load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, W4A8_DYNAMIC, FLOAT fallbacks;
   - the NPU lowering (passes/lowering/npu_lowering.py): qc:: linears → npu_quantize / npu_dynamic_quant /
     npu_quant_matmul / npu_weight_quant_batchmatmul, run by `load_quantized(out, lower_for="npu")`, on torch_npu
     when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere;
   - loader.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops.
 
 What loads where (vllm-ascend at its 2026-08 head): W8A8, W8A8_DYNAMIC, W8A16 dense in vllm-ascend and MindIE;
-dense W4A16 in MindIE only (vllm-ascend registers W4A16 for MoE experts only).
+dense W4A16 and W4A8_DYNAMIC in MindIE only (vllm-ascend registers them for MoE experts only).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from qcompiler.export.consumer import FormatExporter
 from qcompiler.export.msmodelslim import MsModelSlimFormat
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
-from qcompiler.schemes import QuantScheme
+from qcompiler.schemes import QuantScheme, int_gemm_reason
 from qcompiler.targets.base import Target, refuse_ragged_groups, register_target
 
 FORMAT = MsModelSlimFormat()
@@ -42,9 +42,7 @@ class AscendTarget(Target):
             return "the msModelSlim fp8 layout (WFP8AFP8_DYNAMIC) is not written yet"
         if w.granularity == "tensor":
             return "the NPU weight-only kernels take per-channel or per-group scales"
-        if scheme.activations is not None and (w.bits != 8 or not w.symmetric or w.granularity != "channel"):
-            return "npu_quant_matmul needs symmetric per-channel int8 weights"
-        return FORMAT.unsupported_reason(scheme)
+        return int_gemm_reason(scheme) or FORMAT.unsupported_reason(scheme)
 
     def lowering_rules(self) -> Sequence[RewriteRule]:
         return linear_rules()
@@ -55,8 +53,9 @@ class AscendTarget(Target):
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:
             return []
-        if scheme.weight_only and scheme.weights.bits == 4:
-            return ["msmodelslim: MindIE (vllm-ascend: W4A16 for MoE experts only)"]
+        if scheme.weights.bits == 4:  # vllm-ascend (2026-08 head) registers its int4 types for MoE experts only
+            kind = "W4A16" if scheme.weight_only else "W4A8_DYNAMIC"
+            return [f"msmodelslim: MindIE (vllm-ascend: {kind} for MoE experts only)"]
         return ["msmodelslim: vllm-ascend, MindIE"]
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:

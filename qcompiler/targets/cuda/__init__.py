@@ -26,7 +26,7 @@ from qcompiler.export.compressed_tensors import CompressedTensorsFormat
 from qcompiler.export.consumer import Exporters, FormatExporter, ServingFormat
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
-from qcompiler.schemes import QuantScheme
+from qcompiler.schemes import QuantScheme, int_gemm_reason
 from qcompiler.targets.base import Target, refuse_ragged_groups, register_target
 
 FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat(), AwqFormat(), GptqFormat())}
@@ -63,11 +63,7 @@ class CudaTarget(Target):
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.weights.is_float:
             return None  # the Triton fp8 GEMM (e4m3 × e4m3, per-tensor/channel × per-tensor/token scales)
-        if scheme.activations is not None:
-            w = scheme.weights
-            if w.bits != 8 or not w.symmetric or w.granularity != "channel":
-                return "the int8 GEMM needs symmetric per-channel int8 weights"
-        return None
+        return int_gemm_reason(scheme)  # the Triton int8 GEMM (int4 codes are held in int8 for w4a8)
 
     def lowering_rules(self) -> Sequence[RewriteRule]:
         return linear_rules()

@@ -52,7 +52,7 @@ class OnnxRuntimeTarget(Target):
             return "onnxruntime's CPU kernels have no fp8 GEMM"
         if scheme.activations is not None:
             if w.bits != 8 or not w.symmetric or w.granularity != "channel":
-                return "activation quantization needs symmetric per-channel int8 weights"
+                return "activation quantization needs symmetric per-channel int8 weights (no int4 × int8 GEMM here)"
             return None
         if w.granularity == "group" and dividing_block(w.group_size) is None:  # type: ignore[arg-type]
             return f"MatMulNBits needs a group size divisible by a power of two ≥ 16, not {w.group_size}"
