@@ -33,6 +33,8 @@ STATIC_YAML = Path(__file__).parent / "peers" / "msmodelslim_w8a8_static.yaml"
 ROWS: dict[str, tuple[list[str], list[str] | None]] = {
     "ascend W8A8_DYNAMIC": (["--scheme", "w8a8_dynamic", "--target", "ascend"], ["--quant_type", "w8a8"]),
     "ascend W8A8 (static)": (["--scheme", "w8a8", "--target", "ascend"], ["--config_path", "STATIC_YAML"]),
+    "ascend W8A8 (static, asymmetric activations)": (
+        ["--scheme", "w8a8", "--asymmetric-activations", "--target", "ascend"], ["--config_path", "STATIC_YAML"]),
     "ascend W8A16": (["--scheme", "w8a16", "--target", "ascend"], ["--quant_type", "w8a16"]),
     "ascend W4A16 g64 gptq": (["--scheme", "w4a16", "--group-size", "64", "--algo", "gptq", "--target", "ascend"],
                               None),

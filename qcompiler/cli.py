@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="target option, e.g. accuracy_level=0 or lm_head_bits=8 for onnxruntime (repeatable)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
+    q.add_argument("--asymmetric-activations", action="store_true",
+                   help="static activations on an asymmetric grid with a zero point (w8a8; msModelSlim's default)")
     q.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
                    help="weight algorithm of the default pipeline (ignored with --passes/--recipe)")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
@@ -106,7 +108,8 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.pm.pipeline import parse_pipeline, read_recipe
     from qcompiler.schemes import get_scheme, parse_override
 
-    scheme = get_scheme(a.scheme, group_size=a.group_size, symmetric=False if a.asymmetric else None)
+    scheme = get_scheme(a.scheme, group_size=a.group_size, symmetric=False if a.asymmetric else None,
+                        act_symmetric=False if a.asymmetric_activations else None)
     if a.passes and a.recipe:
         raise PipelineError("give either --passes or --recipe, not both")
     recipe = read_recipe(a.recipe) if a.recipe else None

@@ -217,8 +217,10 @@ def int_gemm_reason(scheme: QuantScheme) -> str | None:
 PLANNED = ("w4a4", "w8a8c8", "w4a8c8", "w8a8s", "w16a16s")
 
 
-def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | None = None) -> QuantScheme:
-    """Look up a preset by name, optionally overriding the weight group size / symmetry."""
+def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | None = None,
+               act_symmetric: bool | None = None) -> QuantScheme:
+    """Look up a preset by name, optionally overriding the weight group size / symmetry and the symmetry of
+    static activations (an asymmetric grid with a zero point suits one-sided inputs such as SiLU·up's)."""
     key = name.lower().replace("-", "_")
     if key not in PRESETS:
         if key in PLANNED:
@@ -234,6 +236,12 @@ def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | No
             scheme = scheme.with_weights(granularity="group", group_size=group_size)
     if symmetric is not None:
         scheme = scheme.with_weights(symmetric=symmetric)
+    if act_symmetric is not None and act_symmetric is False:
+        acts = scheme.activations
+        if acts is None or acts.dynamic or acts.is_float:
+            raise SchemeError(f"scheme '{name}' has no static integer activations to make asymmetric "
+                              "(asymmetric activations: w8a8)")
+        scheme = dataclasses.replace(scheme, activations=dataclasses.replace(acts, symmetric=False))
     return scheme
 
 

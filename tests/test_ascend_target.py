@@ -26,8 +26,8 @@ from qcompiler.targets.ascend.loader import load_msmodelslim, read_folder
 
 
 def _quantize(model: Path, out: Path, scheme: str, group: int | None = None, symmetric: bool | None = None,
-              overrides: list[str] = ()) -> dict:
-    s = get_scheme(scheme, group_size=group, symmetric=symmetric)
+              overrides: list[str] = (), act_symmetric: bool | None = None) -> dict:
+    s = get_scheme(scheme, group_size=group, symmetric=symmetric, act_symmetric=act_symmetric)
     if overrides:
         s = s.with_overrides([parse_override(o) for o in overrides])
     return quantize(QuantizeConfig(model=model, scheme=s, out=out, target="ascend", calib_texts=[TEXT], num_samples=4,
@@ -157,6 +157,21 @@ def test_npu_lowering_and_export_match_the_reference(tiny_llama, tmp_path, schem
         assert tensors["model.layers.0.mlp.up_proj.scale_bias"].shape == (160, 1)
     config = json.loads((out / "msmodelslim" / "config.json").read_text())
     assert "quantization_config" not in config
+
+
+def test_asymmetric_static_activations_lower_with_offset_and_quant_bias(tiny_llama, tmp_path):
+    """input_offset ≠ 0: npu_quantize adds it and quant_bias removes z_x·Σ_k q_w again (the int32 correction)."""
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, "w8a8", act_symmetric=False)
+    _, tensors = read_folder(out / "msmodelslim")
+    offsets = [float(t) for k, t in tensors.items() if k.endswith(".input_offset")]
+    assert any(o != 0 for o in offsets) and all(o == round(o) for o in offsets)
+    ids = torch.randint(3, 250, (2, 24))
+    reference = load_quantized(out)(ids).logits
+    for logits in (load_quantized(out, lower_for="npu")(ids).logits, load_msmodelslim(out / "msmodelslim")(ids).logits):
+        assert (logits - reference).norm() / reference.norm() < 2e-3
+    with pytest.raises(SchemeError, match="no static integer activations"):
+        get_scheme("w8a8_dynamic", act_symmetric=False)
 
 
 def test_fused_group_with_mixed_types_is_refused_and_nothing_is_left(tiny_llama, tmp_path):
