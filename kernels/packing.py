@@ -62,3 +62,26 @@ def unpack_int4_pairs(packed: torch.Tensor, dim: int) -> torch.Tensor:
     lo = ((packed << 4).to(torch.int8) >> 4)  # sign-extend the low nibble
     hi = packed >> 4  # arithmetic shift keeps the sign
     return torch.stack([lo, hi], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned b-bit values [R, C] (b divides 32) -> int32 [R, ceil(C·b/32)], element j of a row at bits
+    b·(j mod 32/b) of word j // (32/b). Computed in int64 and wrapped to int32 (bit 31 is the sign bit)."""
+    per_word = 32 // bits
+    rows, cols = values.shape
+    v = values.to(torch.int64)
+    pad = (-cols) % per_word
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    v = v.reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (v << shifts).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The inverse of pack_int32: int32 [R, W] -> the first `count` unsigned b-bit values of each row, int64."""
+    per_word = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    return ((w.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(words.shape[0], -1)[:, :count]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 
 from qcompiler.kernels.packing import default_zero, load_weight_codes
+from qcompiler.numerics import to_fp8
+from qcompiler.schemes import FP8_E4M3_MAX
 
 
 def dequantize(
@@ -76,15 +78,12 @@ def linear_w8a8(
     return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
 def quantize_act_fp8(x: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 codes of x [M, K] and their scale: static per-tensor `x_scale`, or (None) dynamic per token
     with s = absmax / 448 [M, 1]. Values are saturated to ±448 before the (round-to-nearest-even) cast."""
     if x_scale is None:
-        x_scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
-    x8 = (x.float() / x_scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        x_scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(1e-12)
+    x8 = to_fp8(x.float() / x_scale.float())
     return x8, x_scale
 
 

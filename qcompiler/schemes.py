@@ -236,7 +236,7 @@ def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | No
             scheme = scheme.with_weights(granularity="group", group_size=group_size)
     if symmetric is not None:
         scheme = scheme.with_weights(symmetric=symmetric)
-    if act_symmetric is not None and act_symmetric is False:
+    if act_symmetric is False:
         acts = scheme.activations
         if acts is None or acts.dynamic or acts.is_float:
             raise SchemeError(f"scheme '{name}' has no static integer activations to make asymmetric "

@@ -14,8 +14,8 @@ from tiny import TEXT
 from qcompiler.cli import main
 from qcompiler.compile import QuantizeConfig, quantize
 from qcompiler.errors import SchemeError
-from qcompiler.export.compressed_tensors import pack_int32
 from qcompiler.export.layers import from_record
+from qcompiler.kernels.packing import pack_int32
 from qcompiler.runtime import load_quantized
 from qcompiler.schemes import get_scheme
 

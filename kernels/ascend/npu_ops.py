@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qcompiler.kernels.packing import pack_int32, unpack_int32
+
 
 def npu_trans_quant_param(scale: Tensor) -> Tensor:
     """fp32 scale -> int64 with the fp32 bit pattern in the low 32 bits (no offset)."""
@@ -78,8 +80,7 @@ def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, offset: Tensor | Non
 
 def unpack_int4pack(packed: Tensor, n: int) -> Tensor:
     """int32 [K, N/8] from npu_convert_weight_to_int4pack -> int32 [K, N] in [−8, 7]."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1).reshape(packed.shape[0], -1)[:, :n]
+    nibbles = unpack_int32(packed, 4, n)
     return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int32)
 
 
@@ -88,10 +89,7 @@ def npu_convert_weight_to_int4pack(weight: Tensor) -> Tensor:
         raise ValueError("npu_convert_weight_to_int4pack takes int32 [K, N] with N a multiple of 8")
     if int(weight.min()) < -8 or int(weight.max()) > 7:
         raise ValueError("npu_convert_weight_to_int4pack takes values in [-8, 7]")
-    k, n = weight.shape
-    nib = (weight.to(torch.int64) & 0xF).reshape(k, n // 8, 8)
-    words = (nib << (torch.arange(8, dtype=torch.int64) * 4)).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return pack_int32(weight & 0xF, 4)  # two's-complement nibbles, value n at bits 4·(n mod 8)
 
 
 def npu_weight_quant_batchmatmul(x: Tensor, weight: Tensor, antiquant_scale: Tensor,

@@ -98,24 +98,21 @@ class InsertActQuant(Pass):
                         lo, hi = -t, t
                     scale, zero = act_qparams_from_range(lo, hi, acts)
                     set_tensor(gm, base + ".input_scale", scale.reshape(()))
-                    if acts.is_float:
-                        fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_fp8.default,
-                                                    (x, gm.graph.get_attr(base + ".input_scale")))
+                    s_node = gm.graph.get_attr(base + ".input_scale")
+                    if acts.is_float:  # (fp8: symmetric, no zero point)
+                        fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_fp8.default, (x, s_node))
                         fq.meta[qmeta.ACT_FQ] = {"dynamic": False, "bits": 8, "type": "float",
                                                  "scale": base + ".input_scale"}
-                        lin.replace_input_with(x, fq)
-                        inserted += 1
-                        continue
-                    set_tensor(gm, base + ".input_zero", zero.reshape(()))
-                    s_node = gm.graph.get_attr(base + ".input_scale")
-                    z_node = gm.graph.get_attr(base + ".input_zero")
-                    fq = gm.graph.call_function(
-                        torch.ops.qc.fake_quant_act.default, (x, s_node, z_node, acts.qmin, acts.qmax)
-                    )
-                    fq.meta[qmeta.ACT_FQ] = {
-                        "dynamic": False, "bits": acts.bits, "scale": base + ".input_scale",
-                        "zero": base + ".input_zero", "qmin": acts.qmin, "qmax": acts.qmax,
-                    }
+                    else:
+                        set_tensor(gm, base + ".input_zero", zero.reshape(()))
+                        z_node = gm.graph.get_attr(base + ".input_zero")
+                        fq = gm.graph.call_function(
+                            torch.ops.qc.fake_quant_act.default, (x, s_node, z_node, acts.qmin, acts.qmax)
+                        )
+                        fq.meta[qmeta.ACT_FQ] = {
+                            "dynamic": False, "bits": acts.bits, "scale": base + ".input_scale",
+                            "zero": base + ".input_zero", "qmin": acts.qmin, "qmax": acts.qmax,
+                        }
             lin.replace_input_with(x, fq)
             inserted += 1
         return PassResult(gm, inserted > 0, {"inserted": inserted, "observer": self.observer})

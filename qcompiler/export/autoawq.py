@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from qcompiler.errors import ExportError
-from qcompiler.export.compressed_tensors import pack_int32
 from qcompiler.export.layers import ExportLayer, WrittenLayer
+from qcompiler.kernels.packing import pack_int32
 from qcompiler.schemes import QuantScheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds output column AWQ_ORDER[i]

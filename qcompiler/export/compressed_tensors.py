@@ -24,24 +24,10 @@ import torch
 
 from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
+from qcompiler.kernels.packing import pack_int32
 from qcompiler.schemes import QuantScheme
 
 FORMAT_VERSION = "0.12.0"  # the oldest compressed-tensors release whose loader reads what we write
-
-
-def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned b-bit values [R, C] (b divides 32) -> int32 [R, ceil(C·b/32)], element j of a row at bits
-    b·(j mod 32/b) of word j // (32/b). Computed in int64 and wrapped to int32 (bit 31 is the sign bit)."""
-    per_word = 32 // bits
-    rows, cols = values.shape
-    v = values.to(torch.int64)
-    pad = (-cols) % per_word
-    if pad:
-        v = torch.nn.functional.pad(v, (0, pad))
-    v = v.reshape(rows, -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    words = (v << shifts).sum(dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _args(layer: WrittenLayer) -> dict[str, Any]:

@@ -111,22 +111,16 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split:
     act = None
     input_scale = input_zero = None
     number_type = "float" if op == "linear_fp8" else "int"
-    if op == "linear_fp8":
-        codes = tensors[names["qweight"]]
-        w_scale = tensors[names["weight_scale"]].float().reshape(-1, 1)
-        scale = w_scale if w_scale.numel() > 1 else w_scale.expand(record["out_features"], 1)
-        zero, group = None, None
-        act = "dynamic" if record["activations"]["dynamic"] else "static"
-        if act == "static":
-            input_scale = tensors[names["input_scale"]].float().reshape(())
-    elif op == "linear_woq":
+    if op == "linear_woq":
         codes = _signed_codes(tensors[names["qweight"]], bits, symmetric, k)
         scale = tensors[names["scale"]].float()
         zero = tensors[names["zero"]].float() - 2 ** (bits - 1) if names.get("zero") else None
         group = record["group_size"] if w["granularity"] == "group" else None
-    else:
-        codes = tensors[names["qweight"]].to(torch.int32)
-        scale = tensors[names["weight_scale"]].float().reshape(-1, 1)
+    else:  # linear_w8a8 / linear_fp8: symmetric codes, one scale per output channel (or per tensor)
+        stored = tensors[names["qweight"]]
+        codes = stored if op == "linear_fp8" else stored.to(torch.int32)
+        w_scale = tensors[names["weight_scale"]].float().reshape(-1, 1)
+        scale = w_scale if w_scale.numel() > 1 else w_scale.expand(record["out_features"], 1)
         zero, group = None, None
         act = "dynamic" if record["activations"]["dynamic"] else "static"
         if act == "static":

@@ -88,14 +88,11 @@ def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict
     elif kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
         if not layer.symmetric or layer.group_size is not None:
             raise ExportError(f"{kind} needs symmetric per-channel weights")
-        scale = layer.scale.reshape(-1, 1).float()
-        if kind == "W4A8_DYNAMIC":
-            out.update(weight=pack_int4_pairs(layer.codes, dim=0), weight_scale=scale,
-                       weight_offset=torch.zeros(layer.out_features, 1),
-                       scale_bias=w4a8_scale_bias(layer.name, layer.codes.float() * scale))
-        else:
-            out.update(weight=layer.codes.to(torch.int8), weight_scale=scale,
-                       weight_offset=torch.zeros(layer.out_features, 1))
+        int4 = kind == "W4A8_DYNAMIC"
+        out.update(weight=pack_int4_pairs(layer.codes, dim=0) if int4 else layer.codes.to(torch.int8),
+                   weight_scale=layer.scale.reshape(-1, 1).float(), weight_offset=torch.zeros(layer.out_features, 1))
+        if int4:
+            out["scale_bias"] = w4a8_scale_bias(layer.name, layer.dequantized())
     else:
         zero = layer.zero if layer.zero is not None else torch.zeros_like(layer.scale)
         if layer.bits == 4:
@@ -119,8 +116,9 @@ class MsModelSlimFormat:
             w = s.weights
             if w.granularity == "tensor":
                 return "ascend v1 has no per-tensor weight scales"
-            if s.activations is not None and int_gemm_reason(s) is not None:
-                return f"W8A8 / W8A8_DYNAMIC / W4A8_DYNAMIC: {int_gemm_reason(s)}"
+            reason = int_gemm_reason(s)
+            if reason is not None:
+                return f"W8A8 / W8A8_DYNAMIC / W4A8_DYNAMIC: {reason}"
         return None
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -33,13 +33,13 @@ FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat
 DEFAULT_FORMAT = "compressed-tensors"
 
 
-def chosen_formats(options: dict[str, str], formats: dict[str, ServingFormat], default: str) -> list[ServingFormat]:
-    names = [n.strip() for n in options.get("format", default).split(",") if n.strip()]
-    unknown = [n for n in names if n not in formats]
+def chosen_formats(options: dict[str, str]) -> list[ServingFormat]:
+    names = [n.strip() for n in options.get("format", DEFAULT_FORMAT).split(",") if n.strip()]
+    unknown = [n for n in names if n not in FORMATS]
     if unknown or not names:
-        raise SchemeError(f"unknown format {unknown or '(empty)'}; formats: {', '.join(formats)} "
+        raise SchemeError(f"unknown format {unknown or '(empty)'}; formats: {', '.join(FORMATS)} "
                           "(comma-separated, e.g. format=compressed-tensors,awq)")
-    return [formats[n] for n in names]
+    return [FORMATS[n] for n in names]
 
 
 def refuse_unwritable(target: Target, scheme: QuantScheme, formats: Sequence[ServingFormat]) -> None:
@@ -61,9 +61,8 @@ class CudaTarget(Target):
     fuse_shared_input_linears = True
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
-        if scheme.weights.is_float:
-            return None  # the Triton fp8 GEMM (e4m3 × e4m3, per-tensor/channel × per-tensor/token scales)
-        return int_gemm_reason(scheme)  # the Triton int8 GEMM (int4 codes are held in int8 for w4a8)
+        # the Triton scaled GEMM: int8 × int8 (int4 codes held in int8 for w4a8), or e4m3 × e4m3 for fp8
+        return int_gemm_reason(scheme)
 
     def lowering_rules(self) -> Sequence[RewriteRule]:
         return linear_rules()
@@ -73,10 +72,10 @@ class CudaTarget(Target):
         if unknown:
             raise SchemeError(f"target 'cuda' has no option {', '.join(sorted(unknown))}; options: "
                               f"format={'|'.join(FORMATS)} (comma-separated)")
-        chosen_formats(options, FORMATS, DEFAULT_FORMAT)
+        chosen_formats(options)
 
     def check_export(self, scheme: QuantScheme, options: dict[str, str]) -> None:
-        refuse_unwritable(self, scheme, chosen_formats(options, FORMATS, DEFAULT_FORMAT))
+        refuse_unwritable(self, scheme, chosen_formats(options))
 
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         refuse_ragged_groups(self.name, "compressed-tensors, AWQ and GPTQ", config, scheme)
@@ -88,4 +87,4 @@ class CudaTarget(Target):
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
         return Exporters([FormatExporter(out_dir, model, f, source)
-                          for f in chosen_formats(options, FORMATS, DEFAULT_FORMAT)])
+                          for f in chosen_formats(options)])
