@@ -309,3 +309,15 @@ def test_mixed_types_and_float_fallback_layers(tiny_llama, tmp_path):
     reference = load_quantized(out)(ids).logits
     got = load_msmodelslim(out / "msmodelslim")(ids).logits
     assert (got - reference).norm() / reference.norm() < 2e-3
+
+
+def test_npu_lowering_refuses_what_it_cannot_run(tiny_llama, tmp_path):
+    from qcompiler.errors import ArtifactError
+    from qcompiler.kernels.ascend import layout
+
+    with pytest.raises(ValueError, match="'W4A4_DYNAMIC' has no NPU lowering here.*W4A8_DYNAMIC"):
+        layout.prepare("W4A4_DYNAMIC", {}, 0)
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, "w8a16")
+    with pytest.raises(ArtifactError, match="unknown runtime lowering 'gpu'"):
+        load_quantized(out, lower_for="gpu")

@@ -85,3 +85,10 @@ def test_gptq_refuses_fp8_and_targets_without_fp8_refuse_it(tiny_llama, tmp_path
         with pytest.raises(SchemeError, match=why):
             _quantize(tiny_llama, tmp_path / target, "fp8", target=target)
     assert not any(p.name != "g" and p.exists() for p in tmp_path.iterdir())
+
+
+def test_act_quant_refuses_histogram_observers_for_fp8(tiny_llama, tmp_path):
+    """The KL / MSE observers search thresholds on an integer grid; fp8 activations are refused with the fix."""
+    with pytest.raises(SchemeError, match="fp8 activations: use minmax or percentile"):
+        _quantize(tiny_llama, tmp_path / "q", "fp8_static", passes="fuse_linears,rtn,act_quant{observer=kl}")
+    assert not (tmp_path / "q").exists()
