@@ -73,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibrate each block on the quantized (default) or float outputs of the previous block")
     q.add_argument("--dump-ir", type=Path, default=None, help="write every block graph before/after each pass here")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run for --out (same inputs) from its last finished block")
+    q.add_argument("--spill-activations", action="store_true",
+                   help="keep calibration activations on disk between blocks (large calibration sets)")
+    q.add_argument("--no-streaming", action="store_true",
+                   help="read every weight into memory before starting (for comparison; streaming is the default)")
+    q.add_argument("--calibrate-all-experts", action="store_true",
+                   help="MoE: measure every expert on all calibration tokens, not only those routed to it")
+    q.add_argument("--seed", type=int, default=0, help="random seed (runs with equal inputs and seed are bit-identical)")
 
     e = sub.add_parser("eval", help="perplexity of float vs quantized model, size and time",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -93,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer weight and output error (SQNR) of an artefact")
     i.add_argument("out", type=Path)
     i.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("verify", help="check an artefact's files against its manifest (sizes and sha256)")
+    v.add_argument("out", type=Path)
 
     sub.add_parser("passes", help="list passes and their options")
     sc = sub.add_parser("schemes", help="list scheme presets and the targets that run them")
@@ -130,7 +142,13 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
         extra={"calib_inputs": a.calib_inputs} if a.calib_inputs else {},
+        resume=a.resume, spill_activations=a.spill_activations, streaming=not a.no_streaming,
+        calibrate_all_experts=a.calibrate_all_experts, seed=a.seed,
     )
+    from qcompiler.distributed import init_from_env
+
+    if init_from_env() and (model.suffix == ".onnx" or a.fallback != "none"):
+        raise PipelineError("data-parallel calibration (torchrun) runs `qcompile quant` on checkpoints without --fallback")
     if model.suffix == ".onnx":
         from qcompiler.compile_onnx import quantize_onnx
 
@@ -142,7 +160,13 @@ def _cmd_quant(a: argparse.Namespace) -> int:
 
         quantize_with_fallback(cfg, budget, quantize)
     else:
-        quantize(cfg)
+        try:
+            quantize(cfg)
+        finally:
+            import torch.distributed
+
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     return 0
 
 
@@ -228,10 +252,18 @@ def _cmd_schemes(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from qcompiler.export.artifact import verify_manifest
+
+    verify_manifest(a.out)
+    print(f"{a.out}: every file matches manifest.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"quant": _cmd_quant, "eval": _cmd_eval, "inspect": _cmd_inspect, "passes": _cmd_passes,
-                "schemes": _cmd_schemes}
+                "schemes": _cmd_schemes, "verify": _cmd_verify}
     try:
         return handlers[args.command](args)
     except QCompilerError as e:

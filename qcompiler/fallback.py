@@ -28,7 +28,7 @@ import torch
 from qcompiler.calib import data as calib_data
 from qcompiler.errors import CalibrationError
 from qcompiler.eval.perplexity import perplexity
-from qcompiler.export.artifact import DESCRIPTION, check_output_dir, publish
+from qcompiler.export.artifact import DESCRIPTION, check_output_dir, publish, write_manifest
 
 
 def validation_windows(
@@ -100,7 +100,7 @@ def quantize_with_fallback(
         ppl = perplexity(qm, ids, "validation").perplexity
         del qm
         trials.append({"float_layers": k, "validation_ppl": round(ppl, 4),
-                       "increase": round(ppl / float_ppl - 1.0, 5), "quantize_seconds": desc["quantize_seconds"]})
+                       "increase": round(ppl / float_ppl - 1.0, 5), "quantize_seconds": desc["run"]["quantize_seconds"]})
         log(f"fallback: {k:>3} float layers -> validation ppl {ppl:.3f} ({100 * (ppl / float_ppl - 1):+.2f}%)")
         results[k] = (path, ppl, desc)
         return ppl
@@ -144,6 +144,7 @@ def quantize_with_fallback(
             "trials": trials,
         }
         desc_path.write_text(json.dumps(description, indent=1))
+        write_manifest(path)
         publish(path, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -73,6 +73,9 @@ class QuantArgs:
         return f"int{self.bits}-{'sym' if self.symmetric else 'asym'}-{g}{'-dyn' if self.dynamic else ''}"
 
 
+DEFAULT_IGNORE = ("lm_head", "router")
+
+
 def layer_matches(pattern: str, name: str, role: str) -> bool:
     """A layer pattern is a graph role ("down", "qkv"), a glob on the checkpoint name
     ("model.layers.0.*"), or a checkpoint name / dotted suffix of one ("mlp.down_proj", "lm_head")."""
@@ -94,8 +97,9 @@ class QuantScheme:
     name: str
     weights: QuantArgs
     activations: QuantArgs | None = None
-    # Linears left in float (matched against role or the checkpoint name suffix); lm_head by convention.
-    ignore: tuple[str, ...] = field(default=("lm_head",))
+    # Linears left in float (matched against role or the checkpoint name suffix): lm_head by convention, and
+    # MoE routers (role "router", ir/analysis.py): tiny, and their top-k decisions are sensitive to error.
+    ignore: tuple[str, ...] = field(default=DEFAULT_IGNORE)
     overrides: tuple[tuple[str, QuantScheme | None], ...] = ()
 
     def __post_init__(self) -> None:
@@ -159,7 +163,7 @@ class QuantScheme:
             name=d["name"],
             weights=QuantArgs(**d["weights"]),
             activations=QuantArgs(**acts) if acts else None,
-            ignore=tuple(d.get("ignore", ("lm_head",))),
+            ignore=tuple(d.get("ignore", DEFAULT_IGNORE)),
             overrides=tuple(
                 (str(p), QuantScheme.from_dict(o) if o else None) for p, o in d.get("overrides", ())
             ),

@@ -219,14 +219,14 @@ def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tm
     kw = {"algo": "awq+gptq", "stats_cache": tmp_path / "cache", "propagate": "float"}
     d1 = _q(tiny_llama, tmp_path / "a", calib_text, **kw)
     d2 = _q(tiny_llama, tmp_path / "b", calib_text, **kw)
-    assert d1["calibration"]["stats_cache"]["misses"] > 0 and d1["calibration"]["stats_cache"]["hits"] == 0
-    assert d2["calibration"]["stats_cache"] == {"hits": d1["calibration"]["stats_cache"]["misses"], "misses": 0}
+    assert d1["run"]["stats_cache"]["misses"] > 0 and d1["run"]["stats_cache"]["hits"] == 0
+    assert d2["run"]["stats_cache"] == {"hits": d1["run"]["stats_cache"]["misses"], "misses": 0}
     for f in ("block-00000.safetensors", "block-00001.safetensors"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     # a different pipeline whose first statistics are the same reuses them, and only them
     d3 = _q(tiny_llama, tmp_path / "c", calib_text, **{**kw, "algo": "awq"})
-    assert d3["calibration"]["stats_cache"]["hits"] == 2  # awq's, per block
-    assert d3["calibration"]["stats_cache"]["misses"] == 2  # rtn{clip=awq} sees scaled weights
+    assert d3["run"]["stats_cache"]["hits"] == 2  # awq's, per block
+    assert d3["run"]["stats_cache"]["misses"] == 2  # rtn{clip=awq} sees scaled weights
 
 
 def test_statistics_cache_key_depends_on_weights_and_inputs(tiny_llama, tmp_path):

@@ -18,6 +18,7 @@ from tiny import make_tiny_model
 from qcompiler.compile import QuantizeConfig, default_pipeline
 from qcompiler.compile_onnx import compile_imported, export_graph, quantize_onnx
 from qcompiler.errors import CalibrationError, ModelLoadError, UnsupportedOpError
+from qcompiler.export.artifact import verify_manifest
 from qcompiler.frontends.onnx import import_onnx, load_onnx
 from qcompiler.ir.graph import CONV, LINEAR, is_call
 from qcompiler.numerics import sqnr_db
@@ -167,7 +168,9 @@ def test_quantize_onnx_cnn_writes_a_complete_folder(cnn_onnx, tmp_path):
     desc = quantize_onnx(QuantizeConfig(model=cnn_onnx["legacy"], scheme=get_scheme("w8a8"), out=out, num_samples=8,
                                         batch_size=4, target="onnxruntime", extra={"calib_inputs": calib}),
                          log=lambda _: None)
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "qcompiler.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.onnx.data", "qcompiler.json",
+                                                    "run.json"]
+    verify_manifest(out)
     ops_by_layer = Counter(r["op"] for r in desc["layers"].values())
     assert ops_by_layer == {"linear_w8a8": 2, "conv_int8": 2} and {"fc1", "fc2"} <= set(desc["layers"])
     assert all(r["activations"] == {"bits": 8, "dynamic": False, "granularity": "tensor", "symmetric": True}

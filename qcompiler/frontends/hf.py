@@ -12,6 +12,7 @@ per-architecture tables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import fx
 from torch.export import Dim
 
 from qcompiler.errors import ModelLoadError, TraceError
+from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, set_tensor
 
 
@@ -55,6 +57,27 @@ class Checkpoint:
         if missing:
             raise ModelLoadError(f"'{self.path}': shard(s) {sorted(missing)} named by the index are missing")
         self._handles: dict[str, Any] = {}
+        self._loaded: dict[str, torch.Tensor] | None = None
+
+    def fingerprint(self) -> str:
+        """Identity of the checkpoint's contents: config and index bytes, and each weight file's name, size
+        and modification time (hashing hundreds of GB of weights would cost more than a block)."""
+        h = hashlib.sha256()
+        for name in ("config.json", "model.safetensors.index.json"):
+            if (self.path / name).is_file():
+                h.update((self.path / name).read_bytes())
+        for f in sorted(set(self.weight_map.values())):
+            st = (self.path / f).stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def load_all(self) -> None:
+        """Read every tensor into memory now (no streaming: the way a whole-model loader works; used to
+        compare against streaming, whose result must be identical)."""
+        self._loaded = {}
+        for name in self.weight_map:
+            self._loaded[name] = self._read(name).clone()
+        self._handles.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -62,6 +85,11 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise ModelLoadError(f"tensor '{name}' is not in the checkpoint '{self.path}'")
+        if self._loaded is not None:
+            return self._loaded[name]
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
@@ -99,6 +127,13 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torc
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.eval()
     prefix, _ = find_blocks(model)
+    unfuse_experts(model, ckpt, prefix)
+    for name, buf in list(model.named_buffers()):
+        # a block buffer the checkpoint holds (DeepSeek-V3's router score bias) is filled per block like the
+        # weights; it must be meta for tracing (buffers such as RoPE tables stay real)
+        if name.startswith(prefix + ".") and name in ckpt and not buf.is_meta:
+            *path, leaf = name.split(".")
+            model.get_submodule(".".join(path))._buffers[leaf] = buf.to("meta")
     for name, _ in list(model.named_parameters()):
         if name.startswith(prefix + "."):
             continue
@@ -264,7 +299,21 @@ def trace_block(
         raise TraceError(name, op, str(e).strip().splitlines()[0][:300]) from e
     gm = ep.module()
     _strip_export_asserts(gm)
+    _unpin_trace_device(gm)
     return gm
+
+
+def _unpin_trace_device(gm: fx.GraphModule) -> None:
+    """Tracing runs on meta tensors, so an explicit `.to(device=x.device)` in the model's code (DeepSeek-V2's
+    complex RoPE) is recorded as device=meta: drop it, the op then keeps its input's device."""
+    changed = False
+    for n in gm.graph.nodes:
+        dev = n.kwargs.get("device")
+        if n.op == "call_function" and isinstance(dev, torch.device) and dev.type == "meta":
+            n.kwargs = {k: v for k, v in n.kwargs.items() if k != "device"}
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 _SCALARS = (int, float, str, bool, type(None))

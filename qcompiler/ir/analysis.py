@@ -25,6 +25,7 @@ from qcompiler.ir.graph import (
     CONV,
     LINEAR,
     MATMUL_OPS,
+    PASSTHROUGH,
     SDPA_OPS,
     SOFTMAX_OPS,
     aten,
@@ -192,6 +193,35 @@ def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
                 roles.setdefault(lin.name, "down")
 
 
+def _router_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
+    """router: a linear whose output reaches a top-k without passing another linear (MoE expert routing), or a
+    one-output linear whose sigmoid gates a branch (Qwen2-MoE's shared_expert_gate)."""
+    for lin in linear_nodes(gm):
+        w = get_tensor(gm, weight_attr(lin)) if weight_attr(lin) is not None else None
+        if w is not None and w.shape[0] == 1 and any(is_call(skip_passthrough_down(u), aten.sigmoid.default)
+                                                     for u in lin.users):
+            roles[lin.name] = "router"
+            continue
+        seen: set[fx.Node] = set()
+        stack = list(lin.users)
+        while stack:
+            n = stack.pop()
+            if n in seen or is_call(n, LINEAR) or is_call(n, SDPA_OPS):
+                continue
+            seen.add(n)
+            if is_call(n, aten.topk.default):
+                roles[lin.name] = "router"
+                break
+            stack.extend(n.users)
+
+
+def skip_passthrough_down(node: fx.Node) -> fx.Node:
+    """Follow a chain of single-user value-preserving ops downstream."""
+    while is_call(node, PASSTHROUGH) and len(node.users) == 1:
+        node = next(iter(node.users))
+    return node
+
+
 def up_down_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """(up, down) linear pairs of gated MLPs, down = linear(act(gate) ⊙ up): down's input is linear in up's
     output, channel by channel, so up's output rows and down's input columns can trade a scale."""
@@ -217,6 +247,7 @@ def analyze_block(gm: fx.GraphModule) -> BlockAnalysis:
             for name in getattr(att, role):
                 roles.setdefault(name, role)
     _mlp_roles(gm, roles)
+    _router_roles(gm, roles)
 
     linears: dict[str, LinearInfo] = {}
     for conv in (n for n in gm.graph.nodes if is_call(n, CONV)):

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 
+from qcompiler.ir.routing import ROUTED
+
 aten = torch.ops.aten
 
 # Blocks are traced inside an adapter module whose attribute `block` is the decoder block; graph attribute
@@ -26,6 +28,7 @@ PASSTHROUGH = {
     aten.clone.default,
     aten.contiguous.default,
     aten.alias.default,
+    ROUTED,  # the identity, marking an expert's input for calibration (ir/routing.py)
 }
 SDPA_OPS = {
     aten.scaled_dot_product_attention.default,

@@ -35,6 +35,8 @@ class PassContext:
     report: dict[str, Any] = field(default_factory=dict)  # per-pass facts for the user-facing report
     stats_cache: StatsCache | None = None  # statistics on disk, reused when graph + inputs are unchanged
     calib_digest: str | None = None  # digest of `calib` (computed once per block by the driver)
+    # MoE: measure every expert's inputs over all calibration tokens instead of the tokens routed to it
+    calibrate_all_experts: bool = False
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None
@@ -42,7 +44,18 @@ class PassContext:
         """Run the calibration batches through `gm` (or read the cache) to fill `requests`. Passes that need
         statistics of an intermediate state (GPTQ's sequential stages) call this themselves, with a
         StagedCollector so that each stage continues the previous one's runs."""
-        return collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest, staged)
+        stats = collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest, staged,
+                              routed_only=not self.calibrate_all_experts)
+        if stats.all_token_fallback:
+            from qcompiler.frontends.moe import expert_of
+
+            nodes = {n.name: n for n in gm.graph.nodes}
+            experts = self.report.setdefault("moe", {}).setdefault("experts_calibrated_on_all_tokens", [])
+            for name in stats.all_token_fallback:
+                path = expert_of(nodes[name]) or name
+                if path not in experts:
+                    experts.append(path)
+        return stats
 
     def layer_scheme(self, info: LinearInfo) -> QuantScheme | None:
         """The scheme of one linear (None: kept in float) after the scheme's ignore list and overrides.

@@ -51,6 +51,27 @@ class OnnxBuilder:
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
 
+    # A pickled builder (the driver's per-block checkpoint, for --resume) records how far the data file had
+    # been written; unpickling truncates the file there and appends from that point again.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if not self._data.closed:
+            self._data.flush()
+            state["_data_offset"] = self._data.tell()
+        else:
+            state["_data_offset"] = None
+        del state["_data"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        offset = state.pop("_data_offset")
+        self.__dict__.update(state)
+        path = self.model_path.parent / self.data_name
+        self._data = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 (closed in finish)
+        if offset is not None:
+            self._data.truncate(offset)
+            self._data.seek(offset)
+
     # ------------------------------------------------------------------ names, nodes, tensors
     def fresh(self, hint: str) -> str:
         base = hint.replace(" ", "_") or "v"

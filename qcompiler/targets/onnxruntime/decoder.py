@@ -182,6 +182,10 @@ class DecoderExporter:
             self.window = int(cfg.sliding_window)
         self.blocks_done = 0
 
+    def __getstate__(self) -> dict:
+        # the embedding is the model's own tensor (only read while the constructor emits its lookup)
+        return {k: v for k, v in self.__dict__.items() if k != "embedding"}
+
     def _rotary_caches(self, model: torch.nn.Module) -> tuple[str, str]:
         inner = _decoder_body(model)
         n = int(self.cfg.max_position_embeddings)

@@ -1,0 +1,145 @@
+"""Mixture-of-experts blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3 with MLA): per-expert linears,
+calibration that reaches every expert, routers in float."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import MOE_FAMILIES, make_tiny_model
+
+from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.errors import ModelLoadError
+from qcompiler.frontends.hf import BlockTracer, Checkpoint, build_skeleton, find_blocks, probe_block_inputs
+from qcompiler.ir.graph import LINEAR, is_call
+from qcompiler.ir.routing import EXPERT_ROUTING, ROUTED
+from qcompiler.numerics import fake_quant_weight
+from qcompiler.pm.pipeline import parse_pipeline
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {fam: make_tiny_model(root / fam, fam) for fam in MOE_FAMILIES}
+
+
+def _quantize(model, out, scheme, text, passes=None, **kw):
+    cfg = QuantizeConfig(model=model, scheme=scheme, out=out, calib_texts=[text], num_samples=4, seq_len=48,
+                         batch_size=2, progress=False, passes=parse_pipeline(passes) if passes else None, **kw)
+    return quantize(cfg, log=lambda s: None)
+
+
+def _is_router(name: str) -> bool:
+    return name.endswith((".gate", "shared_expert_gate"))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_block_graph_has_one_linear_per_expert_projection(moe_models, family):
+    ckpt = Checkpoint(moe_models[family])
+    model = build_skeleton(ckpt)
+    prefix, blocks = find_blocks(model)
+    call, probe = probe_block_inputs(model)
+    gm = BlockTracer(call, probe)(blocks[-1], f"{prefix}.{len(blocks) - 1}")
+    routing = [n for n in gm.graph.nodes if is_call(n, EXPERT_ROUTING)]
+    markers = [n for n in gm.graph.nodes if is_call(n, ROUTED)]
+    weights = {str(n.args[1].target) for n in gm.graph.nodes if is_call(n, LINEAR) and n.args[1].op == "get_attr"}
+    assert len(routing) == 1 and len(markers) == 2 * 4  # each expert's gate/up input and down input
+    expert_weights = {w for w in weights if ".experts." in w}
+    assert len(expert_weights) == 4 * 3
+    # the linears carry the checkpoint's own names, so every tensor of the block is in the checkpoint
+    block = f"{prefix}.{len(blocks) - 1}"
+    assert all(f"{block}.{w.removeprefix('block.')}" in ckpt for w in expert_weights)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_quantized_model_matches_fake_quantized_float_model(moe_models, family, tmp_path, calib_text):
+    """Every expert and attention linear quantized, routers float: the reloaded model's logits equal those of
+    transformers' own (sparse) model with each expert weight fake-quantized."""
+    from transformers import AutoModelForCausalLM
+
+    scheme = get_scheme("w8a16")
+    desc = _quantize(moe_models[family], tmp_path / "q", scheme, calib_text)
+    paths = set(desc["layers"])
+    assert not any(_is_router(p) for p in paths)  # routers stay float by default
+    n_experts = sum(1 for p in paths if ".experts." in p)
+    assert n_experts == 4 * 2 * (1 if family.startswith("deepseek") else 2)  # (gate_up fused) × down per expert
+
+    ref = AutoModelForCausalLM.from_pretrained(str(moe_models[family]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if ".layers." not in name or "norm" in name or _is_router(name.rsplit(".", 1)[0]) or p.dim() < 2:
+                continue
+            if p.dim() == 3:  # stacked experts: each expert's rows quantize on their own
+                for e in range(p.shape[0]):
+                    p[e] = fake_quant_weight(p[e], scheme.weights)
+            else:
+                p.copy_(fake_quant_weight(p, scheme.weights))
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(0))
+    quantized = load_quantized(tmp_path / "q")
+    # the routing markers only steer calibration: the served graph has none (and no copies)
+    assert not any(is_call(n, ROUTED) for b in quantized.model.layers for n in b.gm.graph.nodes)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = quantized(ids).logits
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+
+
+def test_every_expert_reports_its_tokens_and_an_unrouted_expert_falls_back_to_all_tokens(tmp_path, calib_text):
+    """DeepSeek-V3 with expert 3's router bias at -1e4: no token is routed to it. GPTQ's Hessian for its
+    linears is then taken over all tokens (reported), never left empty."""
+    model = make_tiny_model(tmp_path / "ds3", "deepseek_v3")
+    f = next(model.glob("*.safetensors"))
+    tensors = load_file(str(f))
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"][3] = -1e4
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+    desc = _quantize(model, tmp_path / "q", get_scheme("w4a16", group_size=32), calib_text, algo="gptq")
+    report = desc["block_report"]["model.layers.1"]
+    tokens = report["expert_tokens"]
+    assert set(tokens) == {f"mlp.experts.{e}" for e in range(4)}
+    # grouped routing (2 groups of 2, one group per token) never picks the group holding expert 3, so its
+    # neighbour goes unrouted too
+    unrouted = sorted(k for k, v in tokens.items() if v == 0)
+    assert unrouted == ["mlp.experts.2", "mlp.experts.3"]
+    assert sum(tokens.values()) == 4 * 48 * 2  # every calibration token goes to its top-2
+    assert report["passes"]["moe"]["experts_calibrated_on_all_tokens"] == unrouted
+    assert "model.layers.0" not in desc["block_report"] or "expert_tokens" not in desc["block_report"]["model.layers.0"]
+    # its weights are a real GPTQ result: finite, and close to the float weights
+    layers = desc["layers"]
+    sqnr = layers["model.layers.1.mlp.experts.3.down_proj"]["output_sqnr_db"]
+    assert all(v > 15 for v in sqnr.values())
+
+
+def test_calibrate_all_experts_widens_static_input_ranges_only(moe_models, tmp_path, calib_text):
+    """Static w8a8: each expert's input scale covers its routed tokens (default) or all tokens (option); the
+    all-token range contains the routed one, and with top-2 of 4 experts it is wider for some expert."""
+    scheme = get_scheme("w8a8")
+    routed = _quantize(moe_models["qwen3_moe"], tmp_path / "routed", scheme, calib_text, passes="rtn")
+    every = _quantize(moe_models["qwen3_moe"], tmp_path / "all", scheme, calib_text, passes="rtn",
+                      calibrate_all_experts=True)
+    # block 0 sees the same inputs in both runs (later blocks see the outputs of differently quantized ones)
+    assert routed["block_report"]["model.layers.0"]["expert_tokens"] == every["block_report"]["model.layers.0"]["expert_tokens"]
+
+    def input_scales(out):
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        found = {}
+        for name, file in index.items():
+            if name.startswith("model.layers.0.") and ".experts." in name and name.endswith("input_scale"):
+                found[name] = float(load_file(str(out / file))[name])
+        return found
+
+    a, b = input_scales(tmp_path / "routed"), input_scales(tmp_path / "all")
+    assert a.keys() == b.keys() and len(a) == 4 * 3  # 4 experts × (gate, up, down)
+    assert all(b[k] >= a[k] * (1 - 1e-6) for k in a)
+    assert any(b[k] > a[k] * 1.01 for k in a)
+
+
+def test_unknown_expert_naming_is_refused_with_the_module_named(tmp_path):
+    model = make_tiny_model(tmp_path / "mx", "mixtral")
+    f = next(model.glob("*.safetensors"))
+    tensors = {k.replace(".w2.", ".w_down."): v for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"experts 'model.layers.0.block_sparse_moe.experts'"):
+        build_skeleton(Checkpoint(model))
