@@ -41,7 +41,7 @@ from qcompiler.frontends.hf import (
 from qcompiler.frontends.moe import expert_token_counts
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import CONV, LINEAR, copy_graph, drop_tensors, is_call, module_path, tensor_attrs
-from qcompiler.memory import release_free_memory
+from qcompiler.memory import release_free_memory, rss_bytes, use_mmap_for_large_allocations
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
@@ -226,6 +226,7 @@ def _pickle_exporter(exporter: Any, path: Path) -> None:
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Quantize a checkpoint block by block (module docstring). With torch.distributed initialised (see
     qcompiler.distributed) every rank runs this on its share of the calibration batches and rank 0 writes."""
+    use_mmap_for_large_allocations()
     with torch.random.fork_rng(devices=[]):  # seed torch's generator for this run, not for the caller
         torch.manual_seed(cfg.seed)
         return _quantize(cfg, log)
@@ -299,6 +300,7 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             # nothing reads calibration data: propagate only the windows the per-layer error report uses
             captured = [_first_windows(captured[0], 2)]
         inputs = _store(captured, acts_dir / f"acts-{0:05d}" if cfg.spill_activations else None)
+    rss_before_blocks = rss_bytes()
     log(f"quantizing {cfg.model} ({len(blocks)} blocks) as {cfg.scheme.describe()} for target '{target.name}'")
     log(f"pipeline: {format_pipeline(passes)}")
     log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" + (f" over {world} ranks" if world > 1 else "")
@@ -329,7 +331,8 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             name = f"{prefix}.{i}"
             gm = tracer(block, name)
             fill_block(gm, name, ckpt, block, torch.float32)
-            float_gm = copy_graph(gm)
+            ckpt.release()  # the block's file pages leave RSS now (its tensors were converted to float32)
+            float_gm = copy_graph(gm, share_tensors=True)
             ctx = PassContext(
                 block=name, scheme=cfg.scheme, target=target, calib=inputs, stats_cache=cache,
                 calib_digest=digest_tensors([t for b in inputs for t in b]) if cache is not None else None,
@@ -409,6 +412,10 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             "streaming": cfg.streaming,
             "spill_activations": cfg.spill_activations,
             "stats_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
+            # memory of this process (rank 0): before the first block (imports, skeleton, calibration inputs)
+            # and its peak over the whole run
+            "rss_before_blocks_bytes": rss_before_blocks,
+            "peak_rss_bytes": rss_bytes("VmHWM"),
         }
         if owner:
             rest = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(prefix + ".")}

@@ -73,11 +73,37 @@ def _full(t: torch.Tensor, shape: torch.Size, gs: int) -> torch.Tensor:
     return expand_groups(t, gs, shape[1])
 
 
+ROW_CHUNK_BYTES = 16 << 20  # rows per step of the elementwise weight maths (their temporaries stay this small)
+
+
+def _row_chunks(w: torch.Tensor, *per_row: torch.Tensor | None) -> int:
+    """Rows per chunk, or 0 when the maths must see the whole matrix (a per-tensor grid, small weights)."""
+    n = w.shape[0]
+    if w.dim() != 2 or any(t is not None and t.shape[0] != n for t in per_row):
+        return 0
+    rows = max(1, ROW_CHUNK_BYTES // (4 * max(1, w.shape[1])))
+    return rows if rows < n else 0
+
+
 def quantize_weight(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
 ) -> torch.Tensor:
     """Integer codes as int32 (symmetric in [qmin, qmax] around 0; asymmetric in [0, 2^b - 1]); for fp8 the
-    e4m3 values as float32 (exactly representable)."""
+    e4m3 values as float32 (exactly representable). Computed over chunks of rows (each row has its own
+    grid), so the temporaries of a large layer stay small."""
+    rows = _row_chunks(w, scale, zero)
+    if not rows:
+        return _quantize_weight(w, scale, zero, args)
+    out = torch.empty(w.shape, dtype=torch.float32 if args.is_float else torch.int32)
+    for i in range(0, w.shape[0], rows):
+        out[i:i + rows] = _quantize_weight(w[i:i + rows], scale[i:i + rows],
+                                           None if zero is None else zero[i:i + rows], args)
+    return out
+
+
+def _quantize_weight(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
+) -> torch.Tensor:
     gs = group_size_of(args, w.shape[1])
     s = _full(scale, w.shape, gs)
     if args.is_float:
@@ -96,7 +122,14 @@ def to_fp8(x: torch.Tensor) -> torch.Tensor:
 def dequantize_weight(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
-    """ŵ = (q - z)·s, float32, with groups of `group_size` along K."""
+    """ŵ = (q - z)·s, float32, with groups of `group_size` along K (over chunks of rows)."""
+    rows = _row_chunks(q, scale, zero)
+    if rows:
+        out = torch.empty(q.shape, dtype=torch.float32)
+        for i in range(0, q.shape[0], rows):
+            out[i:i + rows] = dequantize_weight(q[i:i + rows], scale[i:i + rows],
+                                                None if zero is None else zero[i:i + rows], group_size)
+        return out
     s = _full(scale.float(), q.shape, group_size)
     qf = q.float()
     if zero is not None:

@@ -193,6 +193,7 @@ def test_observer_thresholds_order_and_bounds():
         return float((h.counts * torch.where(c > t, (c - t) ** 2, (t / 127) ** 2 / 12)).sum())
 
     best = hist_mse(h, 8)
-    assert all(err(best) <= err(t) * (1 + 1e-9) for t in torch.linspace(top / 200, top, 200).tolist())
+    # (within 1e-5: hist_mse searches 256 candidates, this grid has 200 others; the error is smooth in t)
+    assert all(err(best) <= err(t) * (1 + 1e-5) for t in torch.linspace(top / 200, top, 200).tolist())
     with pytest.raises(ValueError, match="unknown observer"):
         threshold(h, "entropy")

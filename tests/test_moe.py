@@ -143,3 +143,28 @@ def test_unknown_expert_naming_is_refused_with_the_module_named(tmp_path):
     save_file(tensors, str(f), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"experts 'model.layers.0.block_sparse_moe.experts'"):
         build_skeleton(Checkpoint(model))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_serving_exports_name_every_expert_as_the_checkpoint_does(moe_models, family, tmp_path, calib_text):
+    """compressed-tensors (vLLM) and msModelSlim (vllm-ascend) folders: one quantized layer per expert and
+    projection under the checkpoint's names (Mixtral's block_sparse_moe.experts.N.w1/w2/w3), routers float."""
+    from safetensors import safe_open
+
+    _quantize(moe_models[family], tmp_path / "c", get_scheme("w4a16", group_size=32), calib_text, target="cuda")
+    _quantize(moe_models[family], tmp_path / "a", get_scheme("w8a8_dynamic"), calib_text, target="ascend")
+    with safe_open(str(next(moe_models[family].glob("*.safetensors"))), "pt") as f:
+        source = list(f.keys())
+    experts = sorted(k.removesuffix(".weight") for k in source if ".experts." in k)
+    routers = sorted(k for k in source if k.endswith(".gate.weight"))
+    assert len(experts) == 2 * 4 * 3 and len(routers) == 2
+
+    ct = tmp_path / "c" / "compressed-tensors"
+    index = json.loads((ct / "model.safetensors.index.json").read_text())["weight_map"]
+    assert all(f"{e}.weight_packed" in index for e in experts)
+    assert all(r in index for r in routers)  # float, under its own name
+    assert not any(".experts." in i for i in json.loads((ct / "config.json").read_text())["quantization_config"]["ignore"])
+
+    desc = json.loads((tmp_path / "a" / "msmodelslim" / "quant_model_description.json").read_text())
+    assert all(desc[f"{e}.weight"] == "W8A8_DYNAMIC" for e in experts)
+    assert all(desc[r] == "FLOAT" for r in routers)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from qcompiler.synthetic import byte_tokenizer  # noqa: F401  (re-exported for the tests)
+
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 
@@ -24,20 +26,6 @@ _MOE = {
                         first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=16,
                         qk_nope_head_dim=16, v_head_dim=24, n_group=2, topk_group=1, num_key_value_heads=4),
 }
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def tiny_config(family: str, **overrides):

@@ -12,6 +12,7 @@ auto-clip; see algorithms/awq.activation_aware_clip). Each layer uses its own sc
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,11 +25,11 @@ from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo, analyze_block
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.numerics import (
+    ROW_CHUNK_BYTES,
     dequantize_weight,
     group_size_of,
     mse_clip_search,
     quantize_weight,
-    sqnr_db,
     weight_qparams,
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
@@ -78,6 +79,40 @@ def weight_targets(
     return targets, skipped
 
 
+def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+    """(scale, zero, ŵ, SQNR of ŵ in dB) of a weight [N, K], computed over chunks of rows (numerics.
+    ROW_CHUNK_BYTES): every row (channel) has its own grid, so the result is the whole-matrix one, while the
+    clip search's temporaries stay a few MB instead of several copies of the largest layer (a per-tensor grid
+    is one chunk)."""
+    rows = (w.shape[0] if args.granularity == "tensor"
+            else max(1, ROW_CHUNK_BYTES // (4 * w.shape[1])))
+    gs = group_size_of(args, w.shape[1])
+    scales, zeros = [], []
+    w_hat = torch.empty(w.shape, dtype=w.dtype)
+    signal = noise = 0.0
+    for i in range(0, w.shape[0], rows):
+        wc = w[i:i + rows]
+        if clip == "mse":
+            ratio: torch.Tensor | float = mse_clip_search(wc, args)
+        elif clip == "awq":
+            assert h is not None
+            ratio = activation_aware_clip(wc, h, args)
+        else:
+            ratio = 1.0
+        scale, zero = weight_qparams(wc, args, ratio)
+        wh = dequantize_weight(quantize_weight(wc, scale, zero, args), scale, zero, gs).to(w.dtype)
+        w_hat[i:i + rows] = wh
+        signal += float(wc.float().pow(2).sum(dtype=torch.float64))
+        noise += float((wc.float() - wh.float()).pow(2).sum(dtype=torch.float64))
+        scales.append(scale)
+        zeros.append(zero)
+    scale = torch.cat(scales)
+    zero = None if zeros[0] is None else torch.cat(zeros)  # type: ignore[arg-type]
+    sqnr = float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
+    return scale, zero, w_hat, sqnr
+
+
 def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None) -> QuantArgs:
     args = scheme.weights
     changes: dict[str, object] = {}
@@ -119,20 +154,14 @@ class RTN(Pass):
             w = w_orig.reshape(w_orig.shape[0], -1)  # a conv kernel as [O, I/groups · kh · kw]
             # (the activation-aware clip needs the linear's input Hessian: convolutions use MSE clipping)
             clip = "mse" if info.kind == "conv" and self.clip == "awq" else self.clip
-            if clip == "mse":
-                ratio: torch.Tensor | float = mse_clip_search(w, args)
-            elif clip == "awq":
-                h, tokens = stats[StatRequest(node.args[0].name, "hessian")]  # type: ignore[union-attr]
-                ratio = activation_aware_clip(w, (h / tokens).float(), args)
-            else:
-                ratio = 1.0
-            scale, zero = weight_qparams(w, args, ratio)
-            q = quantize_weight(w, scale, zero, args)
-            gs = group_size_of(args, w.shape[1])
-            w_hat = dequantize_weight(q, scale, zero, gs).to(w.dtype)
+            h = None
+            if clip == "awq":
+                h2, tokens = stats[StatRequest(node.args[0].name, "hessian")]  # type: ignore[union-attr]
+                h = (h2 / tokens).float()
+            scale, zero, w_hat, sqnr = quantize_rows(w, args, clip, h)
             set_tensor(gm, info.weight, w_hat.reshape(w_orig.shape))
             node.meta[qmeta.WQ] = qmeta.WeightQuant(
-                args=args, scale=scale, zero=zero, group_size=gs, weight_sqnr_db=sqnr_db(w, w_hat)
+                args=args, scale=scale, zero=zero, group_size=group_size_of(args, w.shape[1]), weight_sqnr_db=sqnr
             )
             done.append(info.path)
         default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from qcompiler.errors import ModelLoadError
-from qcompiler.ir.graph import is_call
+from qcompiler.ir.graph import LINEAR, is_call, module_path
 from qcompiler.ir.routing import EXPERT_ROUTING, ROUTED, expert_routing, routed
 
 
@@ -141,11 +141,13 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
 
 
 def expert_of(node: fx.Node) -> str | None:
-    """The module path of the expert whose input `node` (a qc::routed marker) is, from export's stack."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
-    experts = [p for p in paths if isinstance(p, str) and p.rsplit(".", 1)[-1].isdigit()]
-    return experts[-1].removeprefix("block.") if experts else None
+    """The module path of the expert whose input `node` (a qc::routed marker) is: its linear's path less the
+    projection name (e.g. "mlp.experts.3")."""
+    for user in node.users:
+        if is_call(user, LINEAR):
+            path = module_path(user)
+            return path.rsplit(".", 1)[0] if "." in path else None
+    return None
 
 
 def _routing_column(w: fx.Node) -> tuple[fx.Node, int] | None:

@@ -133,7 +133,14 @@ def bias_attr(linear: fx.Node) -> str | None:
 
 
 def module_path(node: fx.Node) -> str:
-    """The innermost nn.Module path that produced this node (from torch.export's nn_module_stack)."""
+    """The innermost nn.Module path that produced this node: for a linear or convolution on a stored weight,
+    the weight's own path (the module's name in the state dict and checkpoint, also where a module is
+    reached through another attribute, as Mixtral's block_sparse_moe is through `mlp`); otherwise from
+    torch.export's nn_module_stack."""
+    if node.op == "call_function" and node.target in (LINEAR, CONV) and len(node.args) > 1:
+        w = node.args[1]
+        if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
+            return str(w.target).removeprefix(ADAPTER_PREFIX).removesuffix(".weight")
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
@@ -161,8 +168,17 @@ def drop_tensors(gm: fx.GraphModule) -> None:
             delattr(mod, k)
 
 
-def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy of a graph module (its tensors included)."""
+def copy_graph(gm: fx.GraphModule, share_tensors: bool = False) -> fx.GraphModule:
+    """A deep copy of a graph module: its tensors copied too, or shared with `gm` (share_tensors=True; safe
+    because passes never write a tensor in place: they set new ones, so the copy keeps the originals while
+    `gm` is transformed, at no cost in memory)."""
+    memo: dict[int, object] = {}
+    if share_tensors:
+        for mod in gm.modules():
+            for t in [*mod._parameters.values(), *mod._buffers.values(),
+                      *(v for v in vars(mod).values() if isinstance(v, torch.Tensor))]:
+                if t is not None:
+                    memo[id(t)] = t
     with warnings.catch_warnings():  # torch 2.13 deprecation inside its own pytree pickling
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(gm)
+        return copy.deepcopy(gm, memo)
