@@ -1,8 +1,9 @@
 """Memory benchmark: streaming quantization against whole-model loading, on a random-weight Llama checkpoint.
 
-    python benchmarks/memory.py                      # 44 blocks of 2048/5632 (4.6 GB bf16), w4a16 and w8a8
+    python benchmarks/memory.py                      # 60 blocks of 2048/5632 (6.3 GB bf16), w4a16 and w8a8
     python benchmarks/memory.py --layers 8 --schemes w8a16      # a quick look
     python benchmarks/memory.py --large              # 30 GB, larger than this machine's RAM; streaming only
+    python benchmarks/memory.py --demo               # the demo model (SmolLM2-135M): streamed = not streamed
 
 Each run is a fresh `qcompile quant` process. The streaming run gets an RSS budget of a third of the
 checkpoint's size, enforced the way a cgroup memory limit would be: a watchdog polls the process every 20 ms
@@ -41,10 +42,11 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def run(model: Path, out: Path, scheme: str, streaming: bool, budget: int | None) -> dict[str, Any]:
+def run(model: Path, out: Path, scheme: str, streaming: bool, budget: int | None,
+        extra: list[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "qcompiler.cli", "quant", "--model", str(model), "--scheme", scheme,
-           "--out", str(out), "--no-progress"] + ([] if streaming else ["--no-streaming"])
+           "--out", str(out), "--no-progress"] + ([] if streaming else ["--no-streaming"]) + (extra or [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = False
@@ -80,17 +82,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=5632)
-    p.add_argument("--layers", type=int, default=44)
+    p.add_argument("--layers", type=int, default=60)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--schemes", default="w4a16,w8a8")
+    p.add_argument("--num-samples", type=int, default=16, help="calibration windows (for schemes that calibrate)")
+    p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--budget-fraction", type=float, default=1 / 3, help="streaming RSS budget / checkpoint size")
     p.add_argument("--work", type=Path, default=Path("/tmp/qcompiler-memory-bench"))
     p.add_argument("--large", action="store_true",
                    help="a ~30 GB checkpoint (4096/11008 × 75 blocks): larger than 24 GiB of RAM; streaming only")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
+    p.add_argument("--demo", action="store_true", help="quantize the demo model streamed and not; compare files")
     a = p.parse_args()
+    if a.demo:
+        demo(a)
+        return
     if a.large:
         a.hidden, a.inter, a.layers, a.heads, a.kv_heads, a.schemes = 4096, 11008, 75, 32, 8, "w8a16"
     a.work.mkdir(parents=True, exist_ok=True)
@@ -107,8 +115,9 @@ def main() -> None:
     budget = int(size * a.budget_fraction)
     rows = []
     for scheme in a.schemes.split(","):
-        streamed = run(model, a.work / f"out-{scheme}-stream", scheme, True, budget)
-        whole = None if a.large else run(model, a.work / f"out-{scheme}-whole", scheme, False, None)
+        calib = ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)]
+        streamed = run(model, a.work / f"out-{scheme}-stream", scheme, True, budget, calib)
+        whole = None if a.large else run(model, a.work / f"out-{scheme}-whole", scheme, False, None, calib)
         for r in (streamed, whole):
             if r is None:
                 continue
@@ -122,6 +131,7 @@ def main() -> None:
         rows.append((scheme, streamed, whole))
 
     lines = [f"Random Llama checkpoint: {a.layers} blocks × ({a.hidden}, {a.inter}), vocab {a.vocab}, bf16, "
+             f"calibration {a.num_samples} × {a.seq_len} tokens, "
              f"{size / GB:.2f} GB; one block's float32 weights = {block_fp32 / GB:.3f} GB. Streaming RSS budget: "
              f"{budget / GB:.2f} GB ({a.budget_fraction:.2f} × checkpoint).", "",
              "| scheme | run | peak RSS (GB) | peak / checkpoint | fixed part (GB) | above fixed (blocks) | "
@@ -147,6 +157,28 @@ def main() -> None:
         for scheme, *_ in rows:
             for kind in ("stream", "whole"):
                 shutil.rmtree(a.work / f"out-{scheme}-{kind}", ignore_errors=True)
+
+
+def demo(a: argparse.Namespace) -> None:
+    from qcompiler.demo import resolve_model
+
+    model = resolve_model("demo")
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    lines = ["| demo model, w4a16 | peak RSS (GB) | fixed part (GB) | quantize s | files |", "|---|---|---|---|---|"]
+    runs = [run(model, a.work / f"demo-{k}", "w4a16", k == "stream", None) for k in ("stream", "whole")]
+    same = runs[0]["files"] == runs[1]["files"]
+    for label, r in zip(("streaming", "whole model (--no-streaming)"), runs, strict=True):
+        r["identical_to_other_run"] = same
+        r["checkpoint_bytes"] = size
+        print(json.dumps({k: v for k, v in r.items() if k != "files"}), flush=True)
+        lines.append(f"| {label} | {r['peak_rss_bytes'] / GB:.2f} | {r['rss_before_blocks_bytes'] / GB:.2f} | "
+                     f"{r['quantize_seconds']:.1f} | {'identical' if same else 'DIFFER'} |")
+    table = "\n".join(lines)
+    print(table, file=sys.stderr)
+    (Path(__file__).parent / "results" / "memory-demo-latest.txt").write_text(table + "\n")
+    if not a.keep:
+        for k in ("stream", "whole"):
+            shutil.rmtree(a.work / f"demo-{k}", ignore_errors=True)
 
 
 if __name__ == "__main__":

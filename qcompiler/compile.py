@@ -34,8 +34,10 @@ from qcompiler.frontends.hf import (
     build_skeleton,
     capture_block_inputs,
     checkpoint_name,
+    drop_outer_weights,
     fill_block,
     find_blocks,
+    load_outer_weights,
     probe_block_inputs,
 )
 from qcompiler.frontends.moe import expert_token_counts
@@ -254,6 +256,7 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
     if not cfg.streaming:
         ckpt.load_all()
     model = build_skeleton(ckpt)
+    ckpt.release()  # (the outer weights are float32 copies now; their file pages leave RSS)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
     batches = calib_data.calibration_batches(
         tokenizer, texts, cfg.num_samples, cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template
@@ -300,7 +303,6 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             # nothing reads calibration data: propagate only the windows the per-layer error report uses
             captured = [_first_windows(captured[0], 2)]
         inputs = _store(captured, acts_dir / f"acts-{0:05d}" if cfg.spill_activations else None)
-    rss_before_blocks = rss_bytes()
     log(f"quantizing {cfg.model} ({len(blocks)} blocks) as {cfg.scheme.describe()} for target '{target.name}'")
     log(f"pipeline: {format_pipeline(passes)}")
     log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" + (f" over {world} ranks" if world > 1 else "")
@@ -326,6 +328,9 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
                     exporter = pickle.load(f)
             elif not state:
                 exporter = target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
+        drop_outer_weights(model)  # read again from the checkpoint for the end (the blocks never use them)
+        release_free_memory()
+        rss_before_blocks = rss_bytes()
         bar = tqdm(list(enumerate(blocks))[start:], desc="blocks", disable=not cfg.progress or not owner, unit="block")
         for i, block in bar:
             name = f"{prefix}.{i}"
@@ -412,11 +417,12 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             "streaming": cfg.streaming,
             "spill_activations": cfg.spill_activations,
             "stats_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
-            # memory of this process (rank 0): before the first block (imports, skeleton, calibration inputs)
-            # and its peak over the whole run
+            # memory of this process (rank 0): as the first block starts (imports, tokenizer, calibration
+            # inputs; the outer weights are dropped by then) and its peak over the whole run
             "rss_before_blocks_bytes": rss_before_blocks,
             "peak_rss_bytes": rss_bytes("VmHWM"),
         }
+        load_outer_weights(model, ckpt)
         if owner:
             rest = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(prefix + ".")}
             writer.add_tensors("rest.safetensors", rest)

@@ -1,4 +1,4 @@
-"""Data-parallel calibration over torch.distributed (gloo on CPU, nccl / hccl on accelerators).
+"""Data-parallel calibration over torch.distributed.
 
 Every rank runs the same driver on the same model. Calibration batches are dealt round-robin (global batch
 g goes to rank g mod W), each rank propagates only its own batches through the blocks, and every statistic
@@ -8,7 +8,9 @@ rank holds the same statistics and makes the same, deterministic, quantization d
 the artefact.
 
 Launch with torchrun (`torchrun --nproc-per-node 2 -m qcompiler.cli quant ...`): WORLD_SIZE / RANK /
-MASTER_ADDR come from the environment and `init_from_env` joins the group.
+MASTER_ADDR come from the environment and `init_from_env` joins the group. The driver computes on CPU
+tensors, so the backend is gloo; QCOMPILER_DIST_BACKEND=nccl (or hccl with torch_npu) is for a driver
+whose statistics live on the accelerator, which this one does not do yet.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ def init_from_env() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=os.environ.get("QCOMPILER_DIST_BACKEND", "gloo"))
     return active()
 
 

@@ -12,9 +12,11 @@ object); with drop_tensors + gc.collect(1) 1.14 GB at a few ms per block.
 
 Within a block, glibc's *dynamic* mmap threshold is the larger problem: once a large (mmapped) chunk is freed
 the threshold rises to its size, and every later weight-sized temporary is carved from the heap, where
-freed space is kept. `use_mmap_for_large_allocations` pins the threshold at 1 MB, so every weight-sized
-tensor is its own mapping and returns to the system when freed (a 0.72 GB random Llama, w8a16: peak RSS
-1.86 GB → 1.33 GB; benchmarks/memory.py).
+freed space is kept. `use_mmap_for_large_allocations` pins the threshold at 4 MB, so every weight-sized
+tensor is its own mapping and returns to the system when freed, while the 2 MB row chunks the weight maths
+works in (numerics.ROW_CHUNK_BYTES) stay on the reused heap (mmapping those costs page faults: a 1 MB
+threshold ran 2.5x slower). Random 2048/5632 Llama, 8 blocks, w4a16: no threshold 50 s / peak 1.41 GB;
+1 MB 126 s / 1.27 GB; 4 MB with 2 MB chunks 43 s / 1.33 GB.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 @functools.cache
-def use_mmap_for_large_allocations(threshold: int = 1 << 20) -> bool:
+def use_mmap_for_large_allocations(threshold: int = 4 << 20) -> bool:
     """Serve every allocation ≥ `threshold` bytes from its own mmap (returned to the OS on free) instead of
     the heap. Once per process; False where the C library has no mallopt (not glibc)."""
     name = ctypes.util.find_library("c")

@@ -73,7 +73,7 @@ def _full(t: torch.Tensor, shape: torch.Size, gs: int) -> torch.Tensor:
     return expand_groups(t, gs, shape[1])
 
 
-ROW_CHUNK_BYTES = 16 << 20  # rows per step of the elementwise weight maths (their temporaries stay this small)
+ROW_CHUNK_BYTES = 2 << 20  # rows per step of the elementwise weight maths: temporaries below the mmap threshold
 
 
 def _row_chunks(w: torch.Tensor, *per_row: torch.Tensor | None) -> int:

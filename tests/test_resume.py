@@ -14,6 +14,7 @@ import torch
 from tiny import TEXT, make_tiny_model
 
 from qcompiler.calib.activations import ActivationStore
+from qcompiler.cli import main
 from qcompiler.compile import QuantizeConfig, quantize
 from qcompiler.errors import ArtifactError
 from qcompiler.export import artifact
@@ -60,6 +61,8 @@ def test_equal_runs_are_bit_identical_and_the_manifest_catches_changes(llama4, t
         f.write(bytes([last[0] ^ 1]))
     with pytest.raises(ArtifactError, match="changed block-00001.safetensors"):
         verify_manifest(tmp_path / "b")
+    assert main(["verify", str(tmp_path / "a")]) == 0
+    assert main(["verify", str(tmp_path / "b")]) == 2
 
 
 def test_streaming_whole_model_loading_and_spilled_activations_give_identical_files(llama4, tmp_path):
