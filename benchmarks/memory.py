@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--large", action="store_true",
                    help="a ~30 GB checkpoint (4096/11008 × 75 blocks): larger than 24 GiB of RAM; streaming only")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoint and outputs")
+    p.add_argument("--table", type=Path, default=None, help="where the Markdown table goes (default: results/)")
     p.add_argument("--demo", action="store_true", help="quantize the demo model streamed and not; compare files")
     a = p.parse_args()
     if a.demo:
@@ -151,7 +152,7 @@ def main() -> None:
                 + ("files identical to the other run" if same else "" if same is None else "FILES DIFFER") + " |")
     table = "\n".join(lines)
     print(table, file=sys.stderr)
-    results = Path(__file__).parent / "results" / ("memory-large-latest.txt" if a.large else "memory-latest.txt")
+    results = a.table or Path(__file__).parent / "results" / ("memory-large-latest.txt" if a.large else "memory-latest.txt")
     results.write_text(table + "\n")
     if not a.keep:
         for scheme, *_ in rows:

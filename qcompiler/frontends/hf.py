@@ -75,9 +75,13 @@ class Checkpoint:
         """Read every tensor into memory now (no streaming: the way a whole-model loader works; used to
         compare against streaming, whose result must be identical)."""
         self._loaded = {}
-        for name in self.weight_map:
-            self._loaded[name] = self._read(name).clone()
-        self._handles.clear()
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        for names in by_file.values():  # one file's map at a time: its pages leave RSS before the next
+            for name in names:
+                self._loaded[name] = self._read(name).clone()
+            self._handles.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
