@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--table", type=Path, default=None, help="where the Markdown table goes (default: results/)")
     p.add_argument("--demo", action="store_true", help="quantize the demo model streamed and not; compare files")
     a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
     if a.demo:
         demo(a)
         return
