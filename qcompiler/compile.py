@@ -293,12 +293,14 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
     start = int(state["next_block"]) if state else 0
     acts_dir = writer.state_dir / f"rank-{rank:03d}"
 
-    call, _ = capture_block_inputs(model, batches[:1])
+    # the model's prologue on this rank's batches (a resumed run reads the next block's inputs instead, and
+    # runs it on one batch only to learn how blocks are called)
+    own_batches = dist.shard(batches) if calibrated else batches[:1]
+    call, captured = capture_block_inputs(model, batches[:1] if state else own_batches)
     _, probe = probe_block_inputs(model)
     if state:
-        inputs = ActivationStore.load(acts_dir / f"acts-{start:05d}", state["batches"][rank], cfg.spill_activations)
+        inputs = ActivationStore.load(acts_dir / f"acts-{start:05d}", len(own_batches), cfg.spill_activations)
     else:
-        _, captured = capture_block_inputs(model, dist.shard(batches) if calibrated else batches[:1])
         if not calibrated:
             # nothing reads calibration data: propagate only the windows the per-layer error report uses
             captured = [_first_windows(captured[0], 2)]
@@ -381,7 +383,6 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
                 writer.checkpoint({
                     "fingerprint": fingerprint, "next_block": i + 1, "layers": layers, "block_reports": block_reports,
                     "timings": dict(transform.timings | lowering.timings), "exporter": exporter_file,
-                    "batches": [len(dist.shard_of(batches, r)) if calibrated else 1 for r in range(world)],
                 })
                 (writer.state_dir / f"exporter-{i:05d}.pkl").unlink(missing_ok=True)
             dist.barrier()
@@ -390,7 +391,6 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             bar.set_postfix(sqnr=f"{block_reports[name]['output_sqnr_db']:.1f}dB")
             drop_tensors(gm)
             del gm
-            ckpt.release()
             release_free_memory()
 
         elapsed = time.perf_counter() - t_start

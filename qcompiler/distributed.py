@@ -48,7 +48,7 @@ def init_from_env() -> bool:
 
 def shard(batches: Sequence[T]) -> list[T]:
     """This rank's share of the calibration batches (round-robin, so rank 0 holds global batch 0)."""
-    return shard_of(batches, rank())
+    return list(batches[rank()::world_size()])
 
 
 def global_batch_index(local_index: int) -> int:
@@ -75,7 +75,3 @@ def barrier() -> None:
     if active():
         dist.barrier()
 
-
-def shard_of(batches: Sequence[T], r: int) -> list[T]:
-    """Rank r's share (see `shard`)."""
-    return list(batches[r::world_size()])

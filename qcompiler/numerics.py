@@ -13,6 +13,7 @@ Asymmetric: s = (max - min) / (2^b - 1),    z = clamp(round(-min / s), 0, 2^b - 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -76,13 +77,22 @@ def _full(t: torch.Tensor, shape: torch.Size, gs: int) -> torch.Tensor:
 ROW_CHUNK_BYTES = 2 << 20  # rows per step of the elementwise weight maths: temporaries below the mmap threshold
 
 
-def _row_chunks(w: torch.Tensor, *per_row: torch.Tensor | None) -> int:
-    """Rows per chunk, or 0 when the maths must see the whole matrix (a per-tensor grid, small weights)."""
-    n = w.shape[0]
-    if w.dim() != 2 or any(t is not None and t.shape[0] != n for t in per_row):
-        return 0
-    rows = max(1, ROW_CHUNK_BYTES // (4 * max(1, w.shape[1])))
-    return rows if rows < n else 0
+def rows_per_chunk(w: torch.Tensor) -> int:
+    """Rows of a weight [N, K] that fit in ROW_CHUNK_BYTES of float32 (at least 1)."""
+    return max(1, ROW_CHUNK_BYTES // (4 * max(1, w.shape[1])))
+
+
+def _by_rows(fn: Callable[..., torch.Tensor], out_dtype: torch.dtype, w: torch.Tensor, scale: torch.Tensor,
+             zero: torch.Tensor | None, *rest: object) -> torch.Tensor:
+    """fn(w, scale, zero, *rest) over chunks of rows written into one output, when every row has its own
+    grid (scale and zero have a row per weight row) and the weight spans several chunks; else in one go."""
+    n, rows = w.shape[0], rows_per_chunk(w)
+    if w.dim() != 2 or rows >= n or any(t is not None and t.shape[0] != n for t in (scale, zero)):
+        return fn(w, scale, zero, *rest)
+    out = torch.empty(w.shape, dtype=out_dtype)
+    for i in range(0, n, rows):
+        out[i:i + rows] = fn(w[i:i + rows], scale[i:i + rows], None if zero is None else zero[i:i + rows], *rest)
+    return out
 
 
 def quantize_weight(
@@ -91,14 +101,7 @@ def quantize_weight(
     """Integer codes as int32 (symmetric in [qmin, qmax] around 0; asymmetric in [0, 2^b - 1]); for fp8 the
     e4m3 values as float32 (exactly representable). Computed over chunks of rows (each row has its own
     grid), so the temporaries of a large layer stay small."""
-    rows = _row_chunks(w, scale, zero)
-    if not rows:
-        return _quantize_weight(w, scale, zero, args)
-    out = torch.empty(w.shape, dtype=torch.float32 if args.is_float else torch.int32)
-    for i in range(0, w.shape[0], rows):
-        out[i:i + rows] = _quantize_weight(w[i:i + rows], scale[i:i + rows],
-                                           None if zero is None else zero[i:i + rows], args)
-    return out
+    return _by_rows(_quantize_weight, torch.float32 if args.is_float else torch.int32, w, scale, zero, args)
 
 
 def _quantize_weight(
@@ -123,13 +126,12 @@ def dequantize_weight(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """ŵ = (q - z)·s, float32, with groups of `group_size` along K (over chunks of rows)."""
-    rows = _row_chunks(q, scale, zero)
-    if rows:
-        out = torch.empty(q.shape, dtype=torch.float32)
-        for i in range(0, q.shape[0], rows):
-            out[i:i + rows] = dequantize_weight(q[i:i + rows], scale[i:i + rows],
-                                                None if zero is None else zero[i:i + rows], group_size)
-        return out
+    return _by_rows(_dequantize_weight, torch.float32, q, scale, zero, group_size)
+
+
+def _dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
     s = _full(scale.float(), q.shape, group_size)
     qf = q.float()
     if zero is not None:
@@ -237,6 +239,13 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     ref = reference.float()
     noise = (ref - approx.float()).pow(2).sum(dtype=torch.float64)
     signal = ref.pow(2).sum(dtype=torch.float64)
+    return sqnr_from_sums(float(signal), float(noise))
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) from sums of squares (accumulated in pieces, e.g. over row chunks)."""
     if noise == 0:
         return float("inf")
-    return float(10.0 * torch.log10(signal / noise))
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)

@@ -12,7 +12,6 @@ auto-clip; see algorithms/awq.activation_aware_clip). Each layer uses its own sc
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,11 +24,12 @@ from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo, analyze_block
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.numerics import (
-    ROW_CHUNK_BYTES,
     dequantize_weight,
     group_size_of,
     mse_clip_search,
     quantize_weight,
+    rows_per_chunk,
+    sqnr_from_sums,
     weight_qparams,
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
@@ -82,11 +82,10 @@ def weight_targets(
 def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
     """(scale, zero, ŵ, SQNR of ŵ in dB) of a weight [N, K], computed over chunks of rows (numerics.
-    ROW_CHUNK_BYTES): every row (channel) has its own grid, so the result is the whole-matrix one, while the
+    rows_per_chunk): every row (channel) has its own grid, so the result is the whole-matrix one, while the
     clip search's temporaries stay a few MB instead of several copies of the largest layer (a per-tensor grid
     is one chunk)."""
-    rows = (w.shape[0] if args.granularity == "tensor"
-            else max(1, ROW_CHUNK_BYTES // (4 * w.shape[1])))
+    rows = w.shape[0] if args.granularity == "tensor" else rows_per_chunk(w)
     gs = group_size_of(args, w.shape[1])
     scales, zeros = [], []
     w_hat = torch.empty(w.shape, dtype=w.dtype)
@@ -109,8 +108,7 @@ def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor |
         zeros.append(zero)
     scale = torch.cat(scales)
     zero = None if zeros[0] is None else torch.cat(zeros)  # type: ignore[arg-type]
-    sqnr = float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
-    return scale, zero, w_hat, sqnr
+    return scale, zero, w_hat, sqnr_from_sums(signal, noise)
 
 
 def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None) -> QuantArgs:

@@ -179,8 +179,8 @@ class Accumulator:
                     v.upper = upper
                 all_reduce(v.counts, "sum")
             elif r.kind == "percentile":
-                gathered = [s for part in all_gather_objects(self._samples.get(r, [])) for s in part]
-                self._samples[r] = sorted(gathered, key=lambda s: s[0])
+                # (finish puts them in global batch order)
+                self._samples[r] = [s for part in all_gather_objects(self._samples.get(r, [])) for s in part]
 
     def finish(self) -> Stats:
         """The statistics; requests that saw no token are left out (see `Stats.empty`)."""
