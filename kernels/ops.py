@@ -120,6 +120,26 @@ def _fake_quant_act_fp8_per_token_fake(x):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("qc::fake_quant_kv", mutates_args=())
+def fake_quant_kv(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
+    return reference.fake_quant_kv(x, scale, zero, qmin, qmax)
+
+
+@fake_quant_kv.register_fake
+def _fake_quant_kv_fake(x, scale, zero, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qc::fake_quant_kv_dynamic", mutates_args=())
+def fake_quant_kv_dynamic(x: Tensor, bits: int, symmetric: bool) -> Tensor:
+    return reference.fake_quant_kv_dynamic(x, bits, symmetric)
+
+
+@fake_quant_kv_dynamic.register_fake
+def _fake_quant_kv_dynamic_fake(x, bits, symmetric):
+    return torch.empty_like(x)
+
+
 # The CPU kernels register themselves on import (they override the oracle for CPU tensors); the CUDA and
 # Ascend registrations import Triton / torch_npu only when a GPU / NPU tensor first reaches an op.
 from qcompiler.kernels.ascend import dispatch as _ascend_dispatch  # noqa: E402,F401

@@ -101,3 +101,39 @@ def linear_fp8(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def quantize_kv_static(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int
+                       ) -> torch.Tensor:
+    """KV-cache codes of x [B, H, S, D] with calibrated scales broadcast over it (per tensor [], per head
+    [1, H, 1, 1], per channel [1, H, 1, D]): q = clamp(round(x / s) + z, qmin, qmax), as float32 integers."""
+    return torch.clamp(torch.round(x.float() / scale.float()) + zero.float(), qmin, qmax)
+
+
+def quantize_kv_dynamic(x: torch.Tensor, bits: int, symmetric: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token and head (one scale per [b, h, s] over D): (codes, scale, zero), float32, [..., 1] qparams.
+    Symmetric: s = max|x| / (2^(b−1) − 1), z = 0, codes in [−2^(b−1), 2^(b−1) − 1]. Asymmetric: s = (max − min) /
+    (2^b − 1) over a range that includes 0, z = round(−min / s), codes in [0, 2^b − 1]."""
+    xf = x.float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
+        return torch.clamp(torch.round(xf / scale), -qmax - 1, qmax), scale, torch.zeros_like(scale)
+    qmax = 2**bits - 1
+    lo = xf.amin(dim=-1, keepdim=True).clamp_max(0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp_min(0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    return torch.clamp(torch.round(xf / scale) + zero, 0, qmax), scale, zero
+
+
+def fake_quant_kv(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """What attention reads back from a statically quantized KV cache: (q − z)·s in x's dtype."""
+    return ((quantize_kv_static(x, scale, zero, qmin, qmax) - zero.float()) * scale.float()).to(x.dtype)
+
+
+def fake_quant_kv_dynamic(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """What attention reads back from a KV cache quantized per token and head at run time."""
+    q, scale, zero = quantize_kv_dynamic(x, bits, symmetric)
+    return ((q - zero) * scale).to(x.dtype)

@@ -3,6 +3,7 @@
 from qcompiler.passes.activation.insert_act_quant import InsertActQuant
 from qcompiler.passes.fusion.fold_norm_weight import FoldNormWeight
 from qcompiler.passes.fusion.fuse_linears import FuseSharedInputLinears
+from qcompiler.passes.kv_cache.insert_kv_quant import InsertKVQuant
 from qcompiler.passes.lowering.lower_linears import LowerLinears
 from qcompiler.passes.smoothing.awq import AWQ
 from qcompiler.passes.smoothing.smoothquant import SmoothQuant
@@ -10,6 +11,6 @@ from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.rtn import RTN
 
 __all__ = [
-    "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "LowerLinears", "SmoothQuant",
+    "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "SmoothQuant",
     "RTN",
 ]

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="target option, e.g. accuracy_level=0 or lm_head_bits=8 for onnxruntime (repeatable)")
     q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
+    q.add_argument("--kv-cache", default=None, metavar="SPEC",
+                   help="quantize the KV cache: int8 | int4, optionally -tensor/-head/-channel (default)/-token "
+                   "(dynamic) and -asym, e.g. int8-head or int4-token-asym; 'none' drops a preset's (w8a8c8)")
     q.add_argument("--asymmetric-activations", action="store_true",
                    help="static activations on an asymmetric grid with a zero point (w8a8; msModelSlim's default)")
     q.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
@@ -121,7 +124,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.schemes import get_scheme, parse_override
 
     scheme = get_scheme(a.scheme, group_size=a.group_size, symmetric=False if a.asymmetric else None,
-                        act_symmetric=False if a.asymmetric_activations else None)
+                        act_symmetric=False if a.asymmetric_activations else None, kv_cache=a.kv_cache)
     if a.passes and a.recipe:
         raise PipelineError("give either --passes or --recipe, not both")
     recipe = read_recipe(a.recipe) if a.recipe else None

@@ -45,6 +45,7 @@ from qcompiler.ir import qmeta
 from qcompiler.ir.graph import CONV, LINEAR, copy_graph, drop_tensors, is_call, module_path, tensor_attrs
 from qcompiler.memory import release_free_memory, rss_bytes, use_mmap_for_large_allocations
 from qcompiler.numerics import sqnr_db
+from qcompiler.passes.kv_cache.insert_kv_quant import kv_records
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import format_pipeline, make_pass
@@ -76,18 +77,23 @@ def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> 
         passes.append(make_pass("gptq", {}))
     if quantizes_acts:
         passes.append(make_pass("act_quant", {}))
+    if scheme.kv_cache is not None:
+        passes.append(make_pass("kv_quant", {}))
     passes.append(make_pass("lower", {}))
     return passes
 
 
 def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme) -> list[Pass]:
-    """A user pipeline gets `act_quant` (if the scheme quantizes activations) and `lower` appended."""
+    """A user pipeline gets `act_quant` (if the scheme quantizes activations), `kv_quant` (if it quantizes the
+    KV cache) and `lower` appended."""
     out = list(passes)
     names = [p.name for p in out]
     if "lower" in names and names[-1] != "lower":
         raise PipelineError("'lower' must be the last pass of a pipeline")
     if any(s.activations is not None for s in scheme.all_schemes()) and "act_quant" not in names:
         out.insert(len(out) - (1 if "lower" in names else 0), make_pass("act_quant", {}))
+    if scheme.kv_cache is not None and "kv_quant" not in names:
+        out.insert(len(out) - (1 if "lower" in names else 0), make_pass("kv_quant", {}))
     if "lower" not in names:
         out.append(make_pass("lower", {}))
     return out
@@ -319,6 +325,7 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
     cache = StatsCache(Path(cfg.stats_cache)) if cfg.stats_cache is not None else None
     exporter = None
     layers: dict[str, Any] = dict(state["layers"]) if state else {}
+    kv_cache: dict[str, Any] = dict(state.get("kv_cache", {})) if state else {}
     block_reports: dict[str, Any] = dict(state["block_reports"]) if state else {}
     if state:
         for k, v in state["timings"].items():
@@ -367,6 +374,9 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             if exporter is not None:
                 exporter.add_block(i, name, gm)
             layers.update(describe_layers(gm, name, layer_sqnr))
+            kv = kv_records(gm, name)
+            if kv:
+                kv_cache[name] = kv
             if owner:
                 writer.add_tensors(
                     f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
@@ -381,7 +391,8 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
                     exporter_file = f"exporter-{i + 1:05d}.pkl"
                     _pickle_exporter(exporter, writer.state_dir / exporter_file)
                 writer.checkpoint({
-                    "fingerprint": fingerprint, "next_block": i + 1, "layers": layers, "block_reports": block_reports,
+                    "fingerprint": fingerprint, "next_block": i + 1, "layers": layers, "kv_cache": kv_cache,
+                    "block_reports": block_reports,
                     "timings": dict(transform.timings | lowering.timings), "exporter": exporter_file,
                 })
                 (writer.state_dir / f"exporter-{i:05d}.pkl").unlink(missing_ok=True)
@@ -406,6 +417,7 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
                 "calibrate_all_experts": cfg.calibrate_all_experts,
             },
             "layers": layers,
+            "kv_cache": kv_cache,
             "block_report": block_reports,
         }
         run = {

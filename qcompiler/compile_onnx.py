@@ -167,6 +167,10 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
     target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
     if target.name != "onnxruntime":
         raise ModelLoadError(f"an ONNX model can only be lowered for target 'onnxruntime', not '{cfg.target}'")
+    if cfg.scheme.kv_cache is not None or cfg.scheme.sparsity is not None:
+        raise ModelLoadError(f"'{cfg.model}': KV-cache quantization and 2:4 sparsity are applied to Hugging Face "
+                             "checkpoints (their attention and decoder export); quantize the source checkpoint, or "
+                             "drop --kv-cache / use a scheme without sparsity for an ONNX input")
     target.check(cfg.scheme, cfg.target_options)
     options = emit_options(cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None

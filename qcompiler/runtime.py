@@ -32,6 +32,7 @@ from qcompiler.frontends.hf import (
 from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call, module_path, set_tensor
 from qcompiler.ir.routing import strip_routing_markers
 from qcompiler.passes.fusion.fuse_linears import fuse_group
+from qcompiler.passes.kv_cache.insert_kv_quant import apply_kv_records
 from qcompiler.passes.lowering.linear_rules import emit_linear_op
 
 
@@ -104,6 +105,7 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}"
         gm = tracer(block, name)
+        apply_kv_records(gm, desc.get("kv_cache", {}).get(name, []), name)  # (before the linears become kernels)
         rebuild_block(gm, by_block.get(name, []), name)
         strip_routing_markers(gm)
         fill_block(gm, name, ckpt, block, dtype)

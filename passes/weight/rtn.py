@@ -42,7 +42,7 @@ def layer_weight_args(
     """A layer's weight args: None for a float layer; a per-layer override's own weights as they are;
     otherwise the scheme's weights with the pass's options applied."""
     scheme = ctx.layer_scheme(info)
-    if scheme is None:
+    if scheme is None or scheme.weights is None:
         return None
     if scheme is not ctx.scheme:
         return scheme.weights
@@ -111,8 +111,12 @@ def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor |
     return scale, zero, w_hat, sqnr_from_sums(signal, noise)
 
 
-def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None) -> QuantArgs:
+def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None
+                ) -> QuantArgs | None:
+    """The scheme's weight args with a pass's options applied (None: the scheme keeps weights float)."""
     args = scheme.weights
+    if args is None:
+        return None
     changes: dict[str, object] = {}
     if bits is not None:
         changes["bits"] = bits

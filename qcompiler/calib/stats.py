@@ -8,6 +8,7 @@ Statistics (x is the node's output, channels on the last axis, flattened over to
   absmax_channel  max_t |x[t, c]|                       [C]      SmoothQuant
   absmean_channel mean_t |x[t, c]|                      [C]      AWQ
   minmax          (min x, max x)                       2 × 0-d  static activation observers
+  minmax_head_dim (min, max) over b, s of x [B, H, S, D] 2 × [H, D] KV-cache scales (per tensor/head/channel)
   percentile      q-th percentile of |x| (subsampled)  0-d      outlier-robust observers
   histogram       counts of |x| in 2048 bins on [0, R] Hist     MSE / KL observers (calib/observers.py)
   hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ, AWQ, activation-aware clipping
@@ -38,7 +39,8 @@ from qcompiler.distributed import all_gather_objects, all_reduce, global_batch_i
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.routing import ROUTED
 
-StatKind = Literal["absmax_channel", "absmean_channel", "minmax", "percentile", "histogram", "hessian"]
+StatKind = Literal["absmax_channel", "absmean_channel", "minmax", "minmax_head_dim", "percentile", "histogram",
+                   "hessian"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
 HIST_BINS = 2048
 CACHE_VERSION = "1"  # bump when a statistic's definition changes
@@ -114,6 +116,11 @@ class Accumulator:
 
     def update(self, req: StatRequest, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         x = x.detach().float()
+        if req.kind == "minmax_head_dim":
+            if x.dim() != 4:
+                raise CalibrationError(f"node '{req.node}': per-head statistics need a [B, H, S, D] tensor, got "
+                                       f"shape {list(x.shape)}")
+            x = x.transpose(1, 2).reshape(-1, x.shape[1] * x.shape[3])  # tokens × (head, dim)
         x2 = x.reshape(-1, x.shape[-1])
         if rows is not None:
             x2 = x2[rows.reshape(-1)]
@@ -132,6 +139,11 @@ class Accumulator:
             if req not in self.acc:
                 self.acc[req] = Hist(torch.zeros(HIST_BINS, dtype=torch.float64), 0.0)
             self.acc[req].add(x2.abs().reshape(-1))
+        elif req.kind == "minmax_head_dim":
+            lo, hi = x2.amin(dim=0), x2.amax(dim=0)
+            if req in self.acc:
+                lo, hi = torch.minimum(self.acc[req][0], lo), torch.maximum(self.acc[req][1], hi)
+            self.acc[req] = (lo, hi)
         elif req.kind == "minmax":
             inf = torch.tensor(float("inf"))
             lo, hi = (x2.min(), x2.max()) if x2.numel() else (inf, -inf)
@@ -169,7 +181,7 @@ class Accumulator:
                 all_reduce(v, "max")
             elif r.kind in ("absmean_channel", "hessian"):
                 all_reduce(v, "sum")
-            elif r.kind == "minmax":
+            elif r.kind in ("minmax", "minmax_head_dim"):
                 self.acc[r] = (all_reduce(v[0].clone(), "min"), all_reduce(v[1].clone(), "max"))
             elif r.kind == "histogram":
                 upper = all_reduce(torch.tensor(v.upper, dtype=torch.float64), "max").item()

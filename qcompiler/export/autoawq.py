@@ -60,9 +60,11 @@ class AwqFormat:
     consumers = "LMDeploy TurboMind, vLLM, SGLang"
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        if scheme.kv_cache is not None:
+            return "AWQ checkpoints have no KV-cache scales"
         for s in scheme.all_schemes():
             w = s.weights
-            if s.activations is not None or w.bits != 4 or w.granularity != "group":
+            if s.activations is not None or w is None or w.bits != 4 or w.granularity != "group":
                 return "AWQ gemm holds int4 weight-only layers with group scales only"
         return None
 
@@ -76,8 +78,13 @@ class AwqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
+    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        raise ExportError(f"the {self.name} format has no KV-cache scales")
+
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str], kv_tensors: Sequence[str],
+               kv_args: dict[str, Any] | None) -> None:
         groups = {layer.group_size for layer in layers}
         if len(groups) > 1:
             raise ExportError(f"AWQ config has one group size; layers use {sorted(g or 0 for g in groups)}")
@@ -96,9 +103,11 @@ class GptqFormat:
     consumers = "vLLM, SGLang, LMDeploy TurboMind (int4)"
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        if scheme.kv_cache is not None:
+            return "GPTQ checkpoints have no KV-cache scales"
         for s in scheme.all_schemes():
-            if s.activations is not None:
-                return "GPTQ checkpoints hold weight-only layers only"
+            if s.activations is not None or s.weights is None:
+                return "GPTQ checkpoints hold integer weight-only layers only"
         return None
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -119,8 +128,13 @@ class GptqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
+    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        raise ExportError(f"the {self.name} format has no KV-cache scales")
+
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str], kv_tensors: Sequence[str],
+               kv_args: dict[str, Any] | None) -> None:
         kinds = {(layer.bits, layer.group_size or -1, layer.symmetric) for layer in layers}
         if len(kinds) > 1:
             raise ExportError(f"a GPTQ config has one bit width, group size and symmetry; layers use {sorted(kinds)}")

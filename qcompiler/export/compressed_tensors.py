@@ -9,6 +9,8 @@ Per quantized linear, by format:
                   (and input_zero_point int8 [1] when asymmetric)
   float-quantized (fp8)   weight float8_e4m3fn [N, K]; weight_scale [N, 1] (channel) or [1] (tensor);
                   static activations add input_scale [1]
+KV cache (static int8/int4, per tensor or per head): <attn>.k_scale / v_scale [1] or [H_kv, 1, 1] in the model's
+dtype (+ k_zero_point / v_zero_point when asymmetric) and `kv_cache_scheme` (strategy tensor | attn_head).
 config.json gets `quantization_config` with one config group per distinct layer scheme (targets "Linear"
 when one scheme covers every quantized layer, else the layers' names) and the float layers in `ignore`.
 """
@@ -25,8 +27,10 @@ import torch
 from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
 from qcompiler.kernels.packing import pack_int32
+from qcompiler.passes.kv_cache.insert_kv_quant import signed_zero
 from qcompiler.schemes import QuantScheme
 
+KV_STRATEGY = {"tensor": "tensor", "head": "attn_head"}  # our KV granularity -> compressed-tensors strategy
 FORMAT_VERSION = "0.12.0"  # the oldest compressed-tensors release whose loader reads what we write
 
 
@@ -62,10 +66,33 @@ class CompressedTensorsFormat:
     consumers = "vLLM, SGLang, transformers (CPU)"
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        kv = scheme.kv_cache
+        if kv is not None and kv.granularity not in KV_STRATEGY:
+            return (f"compressed-tensors' kv_cache_scheme holds calibrated per-tensor or per-head scales "
+                    f"(--kv-cache int8-tensor or int8-head), not per {kv.granularity}")
         w = scheme.weights
-        if w.granularity == "tensor":
+        if w is not None and w.granularity == "tensor":
             return "per-tensor integer weight scales are not a compressed-tensors integer strategy we write"
         return None
+
+    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for rec in records:
+            if rec["kind"] not in ("k", "v"):
+                raise ExportError("k_scale / v_scale describe K and V caches; multi-head latent attention caches "
+                                  "a latent, which kv_cache_scheme does not describe")
+            args = rec["args"]
+            if args["granularity"] not in KV_STRATEGY:
+                raise ExportError(f"kv_cache_scheme holds per-tensor or per-head scales, not per {args['granularity']}")
+            scale = tensors[rec["tensors"]["scale"]].float()
+            zero = signed_zero(rec, tensors[rec["tensors"]["zero"]].float())
+            shape = [1] if args["granularity"] == "tensor" else [rec["heads"], 1, 1]
+            base = rec["tensors"]["scale"].removesuffix("_cache_scale")  # <attn>.k / <attn>.v
+            out[base + "_scale"] = scale.reshape(shape).contiguous()
+            if not args["symmetric"]:
+                out[base + "_zero_point"] = zero.reshape(shape).round().to(torch.int8).contiguous()
+        return out
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Scales and biases in the model's dtype (as llm-compressor writes them)."""
@@ -100,7 +127,8 @@ class CompressedTensorsFormat:
             out["bias"] = layer.bias.to(dtype)
         return out
 
-    def quantization_config(self, layers: Sequence[WrittenLayer], ignore: list[str]) -> dict[str, Any]:
+    def quantization_config(self, layers: Sequence[WrittenLayer], ignore: list[str],
+                            kv_args: dict[str, Any] | None = None) -> dict[str, Any]:
         groups: dict[tuple[Any, ...], list[WrittenLayer]] = {}
         for layer in layers:
             groups.setdefault(layer.scheme_key, []).append(layer)
@@ -121,7 +149,11 @@ class CompressedTensorsFormat:
             "quantization_status": "compressed",
             "config_groups": config_groups,
             "ignore": sorted(ignore),
-            "kv_cache_scheme": None,
+            "kv_cache_scheme": None if kv_args is None else {
+                "num_bits": kv_args["bits"], "type": "int", "symmetric": kv_args["symmetric"], "group_size": None,
+                "strategy": KV_STRATEGY[kv_args["granularity"]], "dynamic": False, "actorder": None,
+                "observer": "minmax", "observer_kwargs": {},
+            },
             "global_compression_ratio": None,
             "sparsity_config": {},
             "transform_config": {},
@@ -129,7 +161,8 @@ class CompressedTensorsFormat:
         }
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str], kv_tensors: Sequence[str],
+               kv_args: dict[str, Any] | None) -> None:
         ignore = sorted(float_linears)
-        config["quantization_config"] = self.quantization_config(layers, ignore)
+        config["quantization_config"] = self.quantization_config(layers, ignore, kv_args)
         (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -40,11 +40,19 @@ class ServingFormat(Protocol):
         ExportError if the format cannot hold it."""
         ...
 
+    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> tensor of one block's KV-cache quantization (`records`: kv_records of the block,
+        `tensors` its tensors by checkpoint name); raises ExportError if the format cannot hold it."""
+        ...
+
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
+               float_tensors: Sequence[str], float_linears: Sequence[str], kv_tensors: Sequence[str],
+               kv_args: dict[str, Any] | None) -> None:
         """Write config.json (given the source config without quantization_config) and any description file.
         float_tensors: every tensor written unquantized; float_linears: the model's linear layers left in float
-        (a tied head included, though its weight is the embedding's)."""
+        (a tied head included, though its weight is the embedding's); kv_tensors / kv_args: the KV-cache
+        scales written and the KV cache's QuantArgs (None: float cache)."""
         ...
 
 
@@ -68,6 +76,8 @@ class FormatExporter:
         self.shards: list[tuple[str, list[str]]] = []
         self.layers: list[WrittenLayer] = []
         self.float_tensors: list[str] = []
+        self.kv_tensors: list[str] = []  # KV-cache scales written (names as the format has them)
+        self.kv_args: dict[str, Any] | None = None  # the KV cache's QuantArgs (as a dict), when quantized
         self.prefix: str | None = None
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -80,6 +90,7 @@ class FormatExporter:
         from qcompiler.compile import describe_layers
         from qcompiler.frontends.hf import checkpoint_name
         from qcompiler.ir.graph import tensor_attrs
+        from qcompiler.passes.kv_cache.insert_kv_quant import kv_records
 
         self.prefix = name.rsplit(".", 1)[0]
         tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
@@ -104,6 +115,17 @@ class FormatExporter:
                     raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
                 out.update(written)
                 self.layers.append(layer.written(list(written)))
+        kv = kv_records(gm, name)
+        if kv:
+            for rec in kv:
+                used.update(rec.get("tensors", {}).values())
+            try:
+                written_kv = self.fmt.kv_cache_tensors(kv, tensors)
+            except ExportError as e:
+                raise ExportError(f"{self.fmt.name}: block '{name}': KV cache: {e}") from None
+            out.update(written_kv)
+            self.kv_tensors.extend(written_kv)
+            self.kv_args = kv[0]["args"]
         for k, v in tensors.items():
             if k in used:
                 continue
@@ -138,7 +160,7 @@ class FormatExporter:
         config = {k: v for k, v in self.config.items() if k != "quantization_config"}
         quantized = {layer.name for layer in self.layers}
         self.fmt.finish(self.folder, config, self.layers, self.float_tensors,
-                        [n for n in self.linear_names if n not in quantized])
+                        [n for n in self.linear_names if n not in quantized], self.kv_tensors, self.kv_args)
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

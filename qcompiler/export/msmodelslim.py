@@ -15,6 +15,9 @@ Per layer type (signed codes q, signed zero point z, ŵ = (q − z)·s; weight i
                 ([N/2, K]) and along K for channel scales ([N, K/2]) (msModelSlim's W4A16 packing)
   W4A8_DYNAMIC  int4 codes packed in pairs along N [N/2, K]; weight_scale, weight_offset (zeros) [N, 1];
                 scale_bias fp32 (see w4a8_scale_bias); per-token int8 activations
+  C8 (KV cache)  <attn>.k_proj.kv_cache_scale, <attn>.k_proj.kv_cache_offset fp32 [H_kv·D] (one value per channel
+                of the cache; per-tensor / per-head scales repeated), same under v_proj; the cache stores
+                q = round(x / s) + offset in int8 (offset = signed zero point); global kv_quant_type = "C8"
 A float bias is written as `bias` (type FLOAT) in every type. Norms, embeddings, head and float layers: FLOAT.
 """
 
@@ -31,6 +34,7 @@ from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
 from qcompiler.kernels.ascend.npu_ops import npu_trans_quant_param
 from qcompiler.kernels.packing import pack_int4_pairs
+from qcompiler.passes.kv_cache.insert_kv_quant import per_channel, signed_zero
 from qcompiler.schemes import QuantScheme, int_gemm_reason
 
 DESCRIPTION = "quant_model_description.json"
@@ -112,8 +116,13 @@ class MsModelSlimFormat:
     consumers = "vllm-ascend, MindIE"
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
+        kv = scheme.kv_cache
+        if kv is not None and (kv.bits != 8 or kv.dynamic):
+            return "the ascend v1 KV cache (C8) is int8 with calibrated scales (--kv-cache int8[-tensor|-head][-asym])"
         for s in scheme.all_schemes():
             w = s.weights
+            if w is None:
+                continue
             if w.granularity == "tensor":
                 return "ascend v1 has no per-tensor weight scales"
             reason = int_gemm_reason(s)
@@ -124,9 +133,25 @@ class MsModelSlimFormat:
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return msmodelslim_tensors(layer, dtype == torch.bfloat16)[1]
 
+    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+                         ) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for rec in records:
+            if rec["kind"] not in ("k", "v"):
+                raise ExportError("C8 scales sit on k_proj / v_proj; multi-head latent attention caches a latent "
+                                  "(no C8 layout for it): quantize its KV cache for the reference or cuda targets")
+            if rec["args"]["dynamic"] or rec["args"]["bits"] != 8:
+                raise ExportError("C8 is int8 with calibrated scales")
+            scale, zero = per_channel(rec, tensors)
+            base = rec["tensors"]["scale"].removesuffix(f"{rec['kind']}_cache_scale") + f"{rec['kind']}_proj."
+            out[base + "kv_cache_scale"] = scale.contiguous()
+            out[base + "kv_cache_offset"] = signed_zero(rec, zero).contiguous()
+        return out
+
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
-               float_tensors: Sequence[str], float_linears: Sequence[str]) -> None:
-        description: dict[str, Any] = {}
+               float_tensors: Sequence[str], float_linears: Sequence[str], kv_tensors: Sequence[str],
+               kv_args: dict[str, Any] | None) -> None:
+        description: dict[str, Any] = dict.fromkeys(kv_tensors, "C8")
         groups = set()
         for layer in layers:
             kind = layer_type(layer.bits, layer.act)
@@ -146,6 +171,8 @@ class MsModelSlimFormat:
             "model_quant_type": max(types, key=PRIORITY.index), "version": VERSION, "metadata": {},
             "group_size": groups.pop() if groups else 0, "optional": {},
         })
+        if kv_tensors:
+            description.update({"kv_quant_type": "C8", "kv_cache_type": "C8"})
         (folder / DESCRIPTION).write_text(json.dumps(description, indent=2))
         (folder / "config.json").write_text(json.dumps(config, indent=2))
 

@@ -110,6 +110,13 @@ def refuse_ragged_groups(target: str, consumer: str, config: Any, scheme: QuantS
                 )
 
 
+def refuse_mla_kv_cache(target: str, fmt: str, config: Any, scheme: QuantScheme) -> None:
+    """A multi-head latent attention model (DeepSeek) caches a latent, for which `fmt` has no KV-cache scales."""
+    if scheme.kv_cache is not None and getattr(config, "kv_lora_rank", None):
+        raise SchemeError(f"target '{target}': {fmt} describes K/V caches, but this model's attention (MLA) caches "
+                          "a compressed latent; quantize its KV cache with --target reference, or drop --kv-cache")
+
+
 def _divisor(k: int, g: int) -> int:
     """The largest power of two ≤ g dividing k (what to suggest instead of g)."""
     d = 1

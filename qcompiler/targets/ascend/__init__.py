@@ -25,7 +25,7 @@ from qcompiler.export.msmodelslim import MsModelSlimFormat
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
 from qcompiler.schemes import QuantScheme, int_gemm_reason
-from qcompiler.targets.base import Target, refuse_ragged_groups, register_target
+from qcompiler.targets.base import Target, refuse_mla_kv_cache, refuse_ragged_groups, register_target
 
 FORMAT = MsModelSlimFormat()
 
@@ -49,6 +49,7 @@ class AscendTarget(Target):
 
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         refuse_ragged_groups(self.name, "the NPU kernels and the ascend v1 loaders", config, scheme)
+        refuse_mla_kv_cache(self.name, "msModelSlim's C8 layout", config, scheme)
 
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:

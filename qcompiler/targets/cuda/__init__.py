@@ -27,7 +27,7 @@ from qcompiler.export.consumer import Exporters, FormatExporter, ServingFormat
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
 from qcompiler.schemes import QuantScheme, int_gemm_reason
-from qcompiler.targets.base import Target, refuse_ragged_groups, register_target
+from qcompiler.targets.base import Target, refuse_mla_kv_cache, refuse_ragged_groups, register_target
 
 FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat(), AwqFormat(), GptqFormat())}
 DEFAULT_FORMAT = "compressed-tensors"
@@ -79,6 +79,7 @@ class CudaTarget(Target):
 
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         refuse_ragged_groups(self.name, "compressed-tensors, AWQ and GPTQ", config, scheme)
+        refuse_mla_kv_cache(self.name, "compressed-tensors' kv_cache_scheme", config, scheme)
 
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:

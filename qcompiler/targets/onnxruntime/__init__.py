@@ -71,6 +71,13 @@ class OnnxRuntimeTarget(Target):
                     + "; ".join(f"{n}: {'|'.join(c)}" for n, c in self.options.items())
                 )
 
+    def check_export(self, scheme: QuantScheme, options: dict[str, str]) -> None:
+        kv = scheme.kv_cache
+        if kv is not None and (kv.dynamic or not kv.symmetric):
+            raise SchemeError(f"target 'onnxruntime': GroupQueryAttention's quantized KV cache takes calibrated "
+                              f"symmetric scales, not {kv.describe()}; use --kv-cache int8, int8-tensor, int8-head "
+                              "or int4[-head|-tensor]")
+
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         from qcompiler.targets.onnxruntime.decoder import check_decoder_config
 

@@ -13,6 +13,12 @@ seqlens_k = Σ attention_mask − 1 and the total length). The attention pattern
 assumed: a q/k path with anything but reshapes and the rotary arithmetic (e.g. Qwen3's per-head q/k norms)
 is refused with the reason.
 
+A quantized KV cache (kv_quant pass, static symmetric int8 / int4 scales) is GroupQueryAttention's own:
+k_quant_type / v_quant_type PER_TENSOR or PER_CHANNEL (per-head scales repeated over the head's channels),
+kv_cache_bit_width 8 (int8 cache) or 4 (two codes per uint8, low nibble first), k_scale / v_scale inputs, so the
+past/present cache tensors are int8 [B, H_kv, T, D] or uint8 [B, H_kv, T, D/2]; onnxruntime's CPU kernel
+quantizes new keys/values with q = clamp(round(x / s), −2^(b−1), 2^(b−1) − 1), exactly qc::fake_quant_kv.
+
 The lm_head is quantized by the target's `lm_head_bits` option (RTN, symmetric blocks of 32 — MSE-clipped for
 4 bits — MatMulNBits, as
 the onnxruntime-genai builder does for its int4 models) or kept float; a float head tied to the embeddings
@@ -33,7 +39,8 @@ from onnx import TensorProto
 from torch import fx
 
 from qcompiler.errors import ExportError
-from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call
 from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import mse_clip_search, quantize_weight, weight_qparams
 from qcompiler.schemes import QuantArgs
@@ -56,6 +63,8 @@ _ATTN_PLUMBING = PASSTHROUGH | {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.unsqueeze.default,
     aten.expand.default, aten.slice.Tensor, aten.neg.default, aten.cat.default, aten.mul.Tensor, aten.add.Tensor,
     aten.sym_size.int, aten.contiguous.default, aten.permute.default,
+    # a quantized KV cache: GroupQueryAttention quantizes the new keys / values itself (k_scale, v_scale)
+    torch.ops.qc.fake_quant_kv.default,
 }
 
 
@@ -164,10 +173,7 @@ class DecoderExporter:
         b = self.b = OnnxBuilder(self.out_dir / MODEL_FILE)
         ids = b.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         mask = b.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
-        for i in range(self.layers):
-            for kind in ("key", "value"):
-                b.add_input(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                            ["batch_size", self.kv_heads, "past_sequence_length", self.head_dim])
+        self.kv_bits: int | None = None  # the quantized cache's bits (None: float), from the first block
         one = b.const([1], np.int64)
         total = b.op("ReduceSum", [mask, one], "/mask/reduce_sum", keepdims=0)
         self.seqlens_k = b.op("Cast", [b.op("Sub", [total, one], "/mask/sub")], "/mask/seqlens_k", to=TensorProto.INT32)
@@ -215,6 +221,8 @@ class DecoderExporter:
             raise ExportError(f"{name}: attention with a mask computed inside the block is not supported")
         # a mask coming from the model (causal, sliding window, padding) is what GroupQueryAttention builds
         # itself from seqlens_k, the total length and local_window_size
+        kv_fq = {n.meta[qmeta.KV_FQ]["kind"]: n for n in gm.graph.nodes if qmeta.KV_FQ in n.meta}
+        kv_inputs, kv_attrs = self._kv_quantization(gm, kv_fq, index, name)
         (q, q_ph), (k, k_ph), (v, _) = (_projection(sdpa.args[i], w, name) for i, w in enumerate(("query", "key", "value")))
         if not q_ph or not k_ph:
             raise ExportError(f"{name}: no rotary embedding found on the query/key paths (GroupQueryAttention applies it)")
@@ -229,11 +237,11 @@ class DecoderExporter:
         attn = self.b.node(
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
-             self.total_len, self.cos, self.sin],
+             self.total_len, self.cos, self.sin, *kv_inputs],
             f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
             outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
             num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=1, rotary_interleaved=0,
-            local_window_size=self.window,
+            local_window_size=self.window, **kv_attrs,
         )
         em.env[_attention_output(sdpa, name)] = attn[0]
         out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -244,6 +252,41 @@ class DecoderExporter:
         else:
             (self.hidden,) = em.emit([result])  # type: ignore[assignment]
         self.blocks_done += 1
+
+    def _kv_quantization(self, gm: fx.GraphModule, kv_fq: dict[str, fx.Node], index: int, name: str
+                         ) -> tuple[list[str], dict[str, Any]]:
+        """GroupQueryAttention's extra inputs (position_ids … v_scale) and attributes for a quantized cache."""
+        bits = None
+        if kv_fq:
+            if set(kv_fq) != {"k", "v"}:
+                raise ExportError(f"{name}: GroupQueryAttention quantizes K and V caches, not {sorted(kv_fq)}")
+            args = kv_fq["k"].meta[qmeta.KV_FQ]["args"]
+            if args["dynamic"] or not args["symmetric"]:
+                raise ExportError(f"{name}: onnxruntime's quantized KV cache takes calibrated symmetric scales, not "
+                                  f"{'dynamic' if args['dynamic'] else 'asymmetric'} ones (--kv-cache int8[-tensor|-head])")
+            bits = args["bits"]
+        if index > 0 and bits != self.kv_bits:
+            raise ExportError(f"{name}: every block must quantize its KV cache alike ({self.kv_bits} vs {bits} bits)")
+        self.kv_bits = bits
+        if bits is None:
+            return [], {}
+        inputs, attrs = ["", "", ""], {"kv_cache_bit_width": bits}  # (no position_ids, attention_bias, head_sink)
+        for kind, attr in (("k", "k_quant_type"), ("v", "v_quant_type")):
+            info = kv_fq[kind].meta[qmeta.KV_FQ]
+            scale = get_tensor(gm, info["scale"])
+            per_tensor = info["args"]["granularity"] == "tensor"
+            value = scale.reshape(1) if per_tensor else scale.expand(1, self.kv_heads, 1, self.head_dim).contiguous()
+            inputs.append(self.b.initializer(f"model.layers.{index}.attn.{kind}_scale", value.float().contiguous()))
+            attrs[attr] = "PER_TENSOR" if per_tensor else "PER_CHANNEL"
+        return inputs, attrs
+
+    def _cache_type(self) -> tuple[int, int]:
+        """(ONNX element type, last dimension) of the past/present cache tensors."""
+        if self.kv_bits == 8:
+            return TensorProto.INT8, self.head_dim
+        if self.kv_bits == 4:
+            return TensorProto.UINT8, self.head_dim // 2
+        return TensorProto.FLOAT, self.head_dim
 
     def _bind_hidden(self, em: GraphEmitter, gm: fx.GraphModule, hidden: fx.Node) -> None:
         """Bind the block's input. A pending residual add of the previous block is fused with this block's
@@ -323,10 +366,11 @@ class DecoderExporter:
             h = b.op("RMSNormalization", [self.hidden, gamma], "/model/norm", axis=-1, epsilon=eps, stash_type=1)
         self._lm_head(h, model.get_output_embeddings().weight)
         b.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", self.vocab])
+        elem, last = self._cache_type()
         for i in range(self.layers):
             for kind in ("key", "value"):
-                b.add_output(f"present.{i}.{kind}", TensorProto.FLOAT,
-                             ["batch_size", self.kv_heads, "total_sequence_length", self.head_dim])
+                b.add_input(f"past_key_values.{i}.{kind}", elem, ["batch_size", self.kv_heads, "past_sequence_length", last])
+                b.add_output(f"present.{i}.{kind}", elem, ["batch_size", self.kv_heads, "total_sequence_length", last])
         b.finish("qcompiler_decoder", metadata)
         (self.out_dir / "genai_config.json").write_text(json.dumps(self.genai_config(), indent=2))
 

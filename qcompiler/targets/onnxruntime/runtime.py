@@ -32,14 +32,20 @@ class OrtCausalLM:
         dec = json.loads(cfg_path.read_text())["model"]["decoder"] if cfg_path.is_file() else {}
         shape = self.past[0].shape if self.past else [None] * 4
         self.kv_heads = shape[1] if isinstance(shape[1], int) else int(dec["num_key_value_heads"])
-        self.head_dim = shape[3] if isinstance(shape[3], int) else int(dec["head_size"])
+        # a quantized cache is int8 [B, H, T, D] or uint8 [B, H, T, D/2] (two int4 codes per byte)
+        kinds: dict[str, tuple[Any, int]] = {"tensor(int8)": (np.int8, 1), "tensor(uint8)": (np.uint8, 2)}
+        cache: tuple[Any, int] = kinds.get(self.past[0].type, (np.float32, 1)) if self.past else (np.float32, 1)
+        self.cache_dtype: Any = cache[0]
+        per_byte = cache[1]
+        self.head_dim = int(dec["head_size"]) if "head_size" in dec else int(shape[3]) * per_byte
+        self.cache_last = self.head_dim // per_byte
 
     def run(self, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
             mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One forward: logits and the present KV cache (by past input name)."""
         b = ids.shape[0]
         if past is None:
-            past = {i.name: np.zeros((b, self.kv_heads, 0, self.head_dim), np.float32) for i in self.past}
+            past = {i.name: np.zeros((b, self.kv_heads, 0, self.cache_last), self.cache_dtype) for i in self.past}
         p = next(iter(past.values())).shape[2] if past else 0
         if mask is None:
             mask = np.ones((b, p + ids.shape[1]), np.int64)

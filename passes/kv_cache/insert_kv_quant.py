@@ -1,0 +1,175 @@
+"""kv_quant: quantize the KV cache — insert its quantize → dequantize where attention reads K and V.
+
+At every cache point of the block (qcompiler/ir/kv_cache.py: K after the rotary embedding and V, before GQA's
+head repetition; MLA's compressed latent and shared rotary key) the cached tensor X [B, H, S, D] becomes
+
+    static (calibrated):  X̂ = (clamp(round(X / s) + z, qmin, qmax) − z)·s          [qc::fake_quant_kv]
+        s, z from the range of X over the calibration set per tensor (s scalar), per head (s [H]) or per channel
+        (s [H, D]): symmetric s = max(|min|, |max|) / (2^(b−1) − 1), z = 0; asymmetric s = (max − min) / (2^b − 1),
+        z = round(−min / s), on the unsigned grid [0, 2^b − 1]
+    dynamic:              the same per token and head (over D), computed at run time [qc::fake_quant_kv_dynamic]
+
+for int8 or int4 (scheme.kv_cache, or this pass's options). The op stays in the lowered graph: it is what a
+quantized cache gives attention back. Exporters take the scales from the node's KV_FQ record: msModelSlim C8
+`kv_cache_scale` / `kv_cache_offset`, compressed-tensors `k_scale` / `v_scale` with `kv_cache_scheme`, the
+onnxruntime decoder's quantized GroupQueryAttention cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
+from qcompiler.calib.stats import StatRequest, Stats
+from qcompiler.errors import PassError, SchemeError
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import set_tensor
+from qcompiler.ir.kv_cache import CachePoint, cache_points
+from qcompiler.numerics import act_qparams_from_range
+from qcompiler.pm.base import Pass, PassContext, PassResult
+from qcompiler.schemes import QuantArgs
+
+FQ_KV = torch.ops.qc.fake_quant_kv.default
+FQ_KV_DYNAMIC = torch.ops.qc.fake_quant_kv_dynamic.default
+
+
+def kv_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) broadcastable over [B, H, S, D] from per-(head, channel) ranges lo, hi [H, D]."""
+    if args.granularity == "head":
+        lo, hi = lo.amin(dim=1, keepdim=True), hi.amax(dim=1, keepdim=True)
+    elif args.granularity == "tensor":
+        lo, hi = lo.amin().reshape(1, 1), hi.amax().reshape(1, 1)
+    scale, zero = act_qparams_from_range(lo, hi, args)
+    if args.granularity == "tensor":
+        return scale.reshape(()), zero.reshape(())
+    return scale.unsqueeze(0).unsqueeze(2).contiguous(), zero.unsqueeze(0).unsqueeze(2).contiguous()
+
+
+def insert_kv_node(gm: fx.GraphModule, point: CachePoint, args: QuantArgs) -> fx.Node:
+    """Put the quantize → dequantize on `point` (its scale / zero attributes already set for static args);
+    every reader of the cached tensor reads the quantized one. Returns the new node."""
+    x = point.node
+    with gm.graph.inserting_after(x):
+        if args.dynamic:
+            fq = gm.graph.call_function(FQ_KV_DYNAMIC, (x, args.bits, args.symmetric))
+            record = {}
+        else:
+            s = gm.graph.get_attr(point.attr_prefix + "_scale")
+            with gm.graph.inserting_after(s):
+                z = gm.graph.get_attr(point.attr_prefix + "_zero")
+            with gm.graph.inserting_after(z):
+                fq = gm.graph.call_function(FQ_KV, (x, s, z, args.qmin, args.qmax))
+            record = {"scale": point.attr_prefix + "_scale", "zero": point.attr_prefix + "_zero",
+                      "qmin": args.qmin, "qmax": args.qmax}
+    x.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
+    shape = x.meta["val"].shape if "val" in x.meta else (0, 0, 0, 0)
+    fq.meta[qmeta.KV_FQ] = {"kind": point.kind, "attention": point.attention, "module": point.module,
+                            "heads": int(shape[1]), "head_dim": int(shape[3]), "args": dataclasses.asdict(args),
+                            **record}
+    if "val" in x.meta:
+        fq.meta["val"] = x.meta["val"]
+    return fq
+
+
+@dataclass(frozen=True)
+class InsertKVQuant(Pass):
+    name = "kv_quant"
+    summary = "quantize the KV cache (int8/int4; static per tensor/head/channel or dynamic per token)"
+    bits: int | None = None  # None: from the scheme's kv_cache
+    granularity: str | None = None  # tensor | head | channel | token
+    symmetric: bool | None = None
+
+    def args(self, ctx: PassContext) -> QuantArgs:
+        base = ctx.scheme.kv_cache
+        if base is None and self.bits is None:
+            raise SchemeError(f"kv_quant: scheme '{ctx.scheme.name}' has no kv_cache; choose one (--kv-cache int8) "
+                              "or give the pass its bits (kv_quant{bits=8})")
+        base = base or QuantArgs(bits=8, granularity="channel")
+        granularity = self.granularity or base.granularity
+        return QuantArgs(bits=self.bits or base.bits, granularity=granularity,  # type: ignore[arg-type]
+                         symmetric=base.symmetric if self.symmetric is None else self.symmetric,
+                         dynamic=granularity == "token")
+
+    def _points(self, gm: fx.GraphModule, ctx: PassContext) -> list[CachePoint]:
+        try:
+            return cache_points(gm)
+        except ValueError as e:
+            raise PassError(f"block '{ctx.block}': kv_quant: {e}") from None
+
+    def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
+        if self.args(ctx).dynamic:
+            return []
+        return [StatRequest(p.node.name, "minmax_head_dim") for p in self._points(gm, ctx)]
+
+    def uses_calibration(self) -> bool:
+        return True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        args = self.args(ctx)
+        points = self._points(gm, ctx)
+        if not points:
+            return PassResult(gm, False, {"skipped": "no attention in this block"})
+        done = []
+        for point in points:
+            if not args.dynamic:
+                lo, hi = stats[StatRequest(point.node.name, "minmax_head_dim")]
+                heads, dim = point.node.meta["val"].shape[1], point.node.meta["val"].shape[3]
+                scale, zero = kv_qparams(lo.reshape(heads, dim), hi.reshape(heads, dim), args)
+                set_tensor(gm, point.attr_prefix + "_scale", scale)
+                set_tensor(gm, point.attr_prefix + "_zero", zero)
+            insert_kv_node(gm, point, args)
+            done.append(f"{point.module}.{point.kind}")
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True, {"cache": done, "kv": args.describe()})
+
+
+def kv_records(gm: fx.GraphModule, block: str | None) -> list[dict]:
+    """The artefact description of a lowered block's KV-cache quantization (tensor names as checkpoint names)."""
+    from qcompiler.frontends.hf import checkpoint_name
+
+    out = []
+    for n in gm.graph.nodes:
+        info = n.meta.get(qmeta.KV_FQ)
+        if info is None:
+            continue
+        rec = {k: v for k, v in info.items() if k not in ("scale", "zero")}
+        if "scale" in info:
+            rec["tensors"] = {k: info[k] if block is None else checkpoint_name(block, info[k]) for k in ("scale", "zero")}
+        out.append(rec)
+    return out
+
+
+def apply_kv_records(gm: fx.GraphModule, records: list[dict], block: str) -> None:
+    """Re-insert recorded KV-cache quantization into a freshly traced block (the runtime's rebuild); the scale
+    tensors are read from the artefact afterwards like every other tensor of the block."""
+    points = {(p.attention, p.kind): p for p in cache_points(gm)}
+    for rec in records:
+        point = points.get((rec["attention"], rec["kind"]))
+        if point is None:
+            raise PassError(f"block '{block}': the artefact quantizes KV cache '{rec['kind']}' of attention "
+                            f"{rec['attention']}, which the traced block does not have")
+        args = QuantArgs(**rec["args"])
+        if not args.dynamic:
+            for key in ("scale", "zero"):
+                set_tensor(gm, point.attr_prefix + "_" + key, torch.empty(0, device="meta"))
+        insert_kv_node(gm, point, args)
+    gm.recompile()
+
+
+def per_channel(rec: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static record's (scale, zero) expanded to one value per channel [H·D] (per tensor / head / channel
+    alike), in the head-major order of the cache's hidden dimension."""
+    heads, dim = rec["heads"], rec["head_dim"]
+    scale, zero = (tensors[rec["tensors"][k]].float() for k in ("scale", "zero"))
+    return scale.expand(1, heads, 1, dim).reshape(-1), zero.expand(1, heads, 1, dim).reshape(-1)
+
+
+def signed_zero(rec: dict, zero: torch.Tensor) -> torch.Tensor:
+    """The zero point in the signed domain (the asymmetric grid [0, 2^b − 1] shifted by −2^(b−1))."""
+    args = rec["args"]
+    return zero if args["symmetric"] else zero - 2 ** (args["bits"] - 1)

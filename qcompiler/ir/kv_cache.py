@@ -1,0 +1,124 @@
+"""Where a block's KV cache is: the tensors attention keeps for later tokens, found on the graph.
+
+Multi-head / grouped-query attention (Llama, Qwen, Mistral with a sliding window, Gemma, ...): the cache holds K
+after the rotary embedding (and after per-head q/k norms where a model has them) and V, both [B, H_kv, S, D],
+*before* any repetition of the KV heads for GQA. From attention's key / value operand we walk up through the
+ops that only repeat or re-lay the cached tensor — expand / unsqueeze / reshape of repeat_kv, the kᵀ transpose
+of eager attention, clone / contiguous / casts — and stop at the first op that computes something (the rotary
+add for K, the head transpose of the v projection for V).
+
+Multi-head latent attention (DeepSeek-V2/V3): K and V come out of one projection (kv_b_proj) of a compressed
+latent, and what serving engines cache is that latent c_kv (the input of kv_b_proj, [B, 1, S, r]) and the
+rotary part of the key k_pe ([B, 1, S, d_rope], shared by all heads: broadcast by an expand). Those two are
+the cache points "kv_latent" and "k_rope".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from qcompiler.ir.analysis import analyze_block
+from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call, module_path
+
+# ops that re-lay or repeat the cached tensor without computing new values
+_REPEAT = PASSTHROUGH | {
+    aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
+    aten.clone.default, aten.contiguous.default,
+}
+KINDS = ("k", "v", "kv_latent", "k_rope")
+
+
+@dataclass(frozen=True)
+class CachePoint:
+    kind: str  # "k" | "v" | "kv_latent" | "k_rope"
+    node: fx.Node  # its output is the cached tensor [B, H_kv, S, D]
+    attention: int  # index of the attention in the block (graph order)
+    module: str  # the attention module's path in the block, e.g. "self_attn"
+
+    @property
+    def attr_prefix(self) -> str:
+        """Graph attribute prefix of this point's quantization tensors (checkpoint name after the block's)."""
+        return f"block.{self.module}.{self.kind}_cache" if self.module else f"block.{self.kind}_cache"
+
+
+def _is_last_two_transpose(n: fx.Node) -> bool:
+    if not is_call(n, aten.transpose.int):
+        return False
+    dims = {int(d) % 4 for d in n.args[1:3]}  # type: ignore[call-overload]
+    return dims == {2, 3}
+
+
+def _cached(operand: fx.Node) -> fx.Node:
+    """Walk up from an attention operand through repetition / layout ops to the cached tensor."""
+    n = operand
+    while isinstance(n, fx.Node) and (is_call(n, _REPEAT) or _is_last_two_transpose(n)):
+        src = n.args[0]
+        if not isinstance(src, fx.Node):
+            break
+        n = src
+    return n
+
+
+def _rank4(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    return getattr(val, "dim", lambda: 0)() == 4
+
+
+def cache_points(gm: fx.GraphModule) -> list[CachePoint]:
+    """Every cache point of the block, in attention order (K before V; MLA: latent before k_rope)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    points: list[CachePoint] = []
+    for i, att in enumerate(analyze_block(gm).attention):
+        node = nodes[att.node]
+        module = module_path(node)
+        if att.k and att.k == att.v and att.k != att.q:  # K and V (not Q) from one projection: MLA
+            kv = nodes[att.k[0]]
+            latent = kv.args[0]
+            rope = [e.args[0] for e in gm.graph.nodes if is_call(e, aten.expand.default)
+                    and isinstance(e.args[0], fx.Node) and _rank4(e.args[0])
+                    and e.args[0].meta["val"].shape[1] == 1 and module_path(e) == module]
+            if not isinstance(latent, fx.Node) or not _rank4(latent) or len(rope) != 1:
+                raise ValueError(f"attention '{att.node}': K and V come from one projection ('{kv.name}') but "
+                                 "its latent / shared rotary key are not the [B, 1, S, ·] tensors of MLA")
+            points += [CachePoint("kv_latent", latent, i, module), CachePoint("k_rope", rope[0], i, module)]
+            continue
+        if is_call(node, SDPA_OPS):
+            k_operand, v_operand = node.args[1], node.args[2]
+        else:  # eager attention: softmax(q·kᵀ)·v, found by the analysis from the softmax node
+            scores = [u for u in gm.graph.nodes if is_call(u, {aten.matmul.default, aten.bmm.default})]
+            k_operand = v_operand = None
+            for mm in scores:
+                if mm.args[0] is not None and _feeds(mm, node):
+                    k_operand = mm.args[1]
+                elif _fed_by(mm, node):
+                    v_operand = mm.args[1]
+            if k_operand is None or v_operand is None:
+                raise ValueError(f"attention '{att.node}': key / value operands not found")
+        for kind, operand in (("k", k_operand), ("v", v_operand)):
+            point = _cached(operand)  # type: ignore[arg-type]
+            if not _rank4(point) or is_call(point, LINEAR):
+                raise ValueError(f"attention '{att.node}': the cached {kind} ('{point.name}') is not a "
+                                 "[B, H, S, D] tensor")
+            points.append(CachePoint(kind, point, i, module))
+    return points
+
+
+def _feeds(a: fx.Node, b: fx.Node) -> bool:
+    """a reaches b walking users (a few steps: scores → scale/mask → softmax)."""
+    frontier: list[fx.Node] = [a]
+    seen: set[fx.Node] = set()
+    while frontier:
+        n = frontier.pop()
+        if n is b:
+            return True
+        if n in seen or len(seen) > 64:
+            continue
+        seen.add(n)
+        frontier.extend(n.users)
+    return False
+
+
+def _fed_by(a: fx.Node, b: fx.Node) -> bool:
+    return _feeds(b, a)
