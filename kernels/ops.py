@@ -8,6 +8,8 @@ Ops:
   qc::linear_woq        weight-only int8/int4 linear (int4 packed two per byte), group scales, zero points
   qc::linear_w8a8       int8 × int8 → int32 linear, per-token (dynamic) or per-tensor (static) activation
                         scale × per-channel weight scale epilogue
+  qc::linear_int_dynamic  integer GEMM with dynamic per-token activations of 8 or 4 bits and integer weight codes
+                        with per-channel or per-group scales: w4a8 with group scales, w4a4
   qc::linear_fp8        fp8 e4m3 × e4m3 linear, per-tensor or per-channel weight scale, static per-tensor or
                         dynamic per-token activation scale
   qc::linear_int4pack_cpu / qc::linear_int8pack_cpu
@@ -61,6 +63,17 @@ def linear_w8a8(
 
 @linear_w8a8.register_fake
 def _linear_w8a8_fake(x, qweight, w_scale, x_scale, x_zero, bias):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("qc::linear_int_dynamic", mutates_args=())
+def linear_int_dynamic(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int,
+                       group_size: int) -> Tensor:
+    return reference.linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size)
+
+
+@linear_int_dynamic.register_fake
+def _linear_int_dynamic_fake(x, qweight, w_scale, bias, act_bits, group_size):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 

@@ -78,6 +78,39 @@ def linear_w8a8(
     return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
+def quantize_act_dynamic_bits(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token codes of x [M, K] on a b-bit grid [−2^(b−1), 2^(b−1) − 1] (held in int8) and fp32
+    scales [M, 1] = absmax / (2^(b−1) − 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
+    return torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax).to(torch.int8), scale
+
+
+def linear_int_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                       act_bits: int, group_size: int) -> torch.Tensor:
+    """Integer GEMM with dynamic per-token activations of `act_bits` (8: w4a8, 4: w4a4) and symmetric integer
+    weight codes [N, K] (int4 values held in int8) with scales per output channel (w_scale [N, 1], group_size 0)
+    or per group of `group_size` inputs (w_scale [N, G], the last group may be shorter):
+
+        y[m, n] = s_x[m] · Σ_g s_w[n, g] · Σ_{k ∈ g} q_x[m, k] · q_w[n, k]  + b[n]
+
+    Each group's integer dot product is exact (emulated in float64 here); the scales are applied per group."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    k = x2.shape[1]
+    qx, sx = quantize_act_dynamic_bits(x2, act_bits)
+    sw = w_scale.float().reshape(qweight.shape[0], -1)
+    g = group_size if group_size > 0 else k
+    y = torch.zeros(x2.shape[0], qweight.shape[0], dtype=torch.float32)
+    for j, start in enumerate(range(0, k, g)):
+        acc = qx[:, start:start + g].double() @ qweight[:, start:start + g].double().t()
+        y += acc.float() * sw[:, j]
+    y = y * sx.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
 def quantize_act_fp8(x: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 codes of x [M, K] and their scale: static per-tensor `x_scale`, or (None) dynamic per token
     with s = absmax / 448 [M, 1]. Values are saturated to ±448 before the (round-to-nearest-even) cast."""

@@ -7,10 +7,13 @@ from qcompiler.passes.kv_cache.insert_kv_quant import InsertKVQuant
 from qcompiler.passes.lowering.lower_linears import LowerLinears
 from qcompiler.passes.smoothing.awq import AWQ
 from qcompiler.passes.smoothing.smoothquant import SmoothQuant
+from qcompiler.passes.sparsity.magnitude import PruneMagnitude
+from qcompiler.passes.sparsity.sparsegpt import SparseGPT
+from qcompiler.passes.sparsity.wanda import PruneWanda
 from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.rtn import RTN
 
 __all__ = [
-    "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "SmoothQuant",
+    "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "SmoothQuant", "SparseGPT",
     "RTN",
 ]

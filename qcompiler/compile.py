@@ -56,9 +56,11 @@ ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Pass]:
-    """[smoothquant when activations are quantized] → [awq] → fuse_linears → rtn | gptq → act_quant → lower.
+    """[smoothquant when activations are quantized] → [awq] → fuse_linears → [prune_wanda | sparsegpt for 2:4
+    schemes] → rtn | gptq → act_quant → [kv_quant] → lower.
 
-    algo: rtn (MSE-clipped for 4 bits), gptq, awq (scales + activation-aware clipping), awq+gptq.
+    algo: rtn (MSE-clipped for 4 bits), gptq, awq (scales + activation-aware clipping), awq+gptq. A 2:4 scheme
+    is pruned by Wanda, or with gptq by SparseGPT (one Hessian sweep prunes and quantizes).
     """
     if algo not in ALGORITHMS:
         raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
@@ -69,11 +71,14 @@ def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> 
     if algo.startswith("awq"):
         passes.append(make_pass("awq", {}))
     passes.append(make_pass("fuse_linears", {}))
-    if algo == "rtn":
-        passes.append(make_pass("rtn", {"clip": "mse" if scheme.weights.bits == 4 else "minmax"}))
-    elif algo == "awq":
+    if any(s.sparsity for s in scheme.all_schemes()):
+        passes.append(make_pass("sparsegpt" if algo.endswith("gptq") else "prune_wanda", {}))
+    quantizes_weights = any(s.weights is not None for s in scheme.all_schemes())  # (w16a16s: float weights)
+    if quantizes_weights and algo == "rtn":
+        passes.append(make_pass("rtn", {"clip": "mse" if scheme.weight_bits == 4 else "minmax"}))
+    elif quantizes_weights and algo == "awq":
         passes.append(make_pass("rtn", {"clip": "awq"}))
-    else:
+    elif quantizes_weights:
         passes.append(make_pass("gptq", {}))
     if quantizes_acts:
         passes.append(make_pass("act_quant", {}))

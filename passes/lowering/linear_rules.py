@@ -5,6 +5,8 @@
   (int4 channel grids with per-token activations, w4a8, take the same op: their codes are held in int8)
   linear(fake_quant_act_per_token(x), ŵ)              → qc::linear_w8a8(x, qweight, w_scale, None, None, bias)
   linear(fake_quant_act_fp8[_per_token](x), ŵ) fp8    → qc::linear_fp8(x, w8 (e4m3), w_scale, x_scale|None, bias)
+  linear(fake_quant_act_per_token(x, b), ŵ) with int4 group scales (w4a8 g) or b = 4 activations (w4a4)
+                                                      → qc::linear_int_dynamic(x, qweight, w_scale [N, G], bias, b, g)
 
 Each rewrite writes the integer tensors into the graph module and a RECORD (op, scheme, tensor names)
 in the new node's meta; `emit_linear_op` rebuilds the same node from a record when a saved model loads.
@@ -61,6 +63,7 @@ def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.
         "weight_sqnr_db": round(wq.weight_sqnr_db, 2) if wq and wq.weight_sqnr_db is not None else None,
         "fused_from": node.meta.get(qmeta.FUSED_FROM),
         "bias": str(bias.target) if bias is not None else None,
+        "sparsity": node.meta[qmeta.SPARSE]["pattern"] if qmeta.SPARSE in node.meta else None,
     }
 
 
@@ -87,6 +90,12 @@ def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: dict[s
             new = graph.call_function(
                 torch.ops.qc.linear_w8a8.default,
                 (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), attr("input_zero"), bias),
+            )
+        elif record["op"] == "linear_int_dynamic":
+            new = graph.call_function(
+                torch.ops.qc.linear_int_dynamic.default,
+                (x, attr("qweight"), attr("weight_scale"), bias, record["activations"]["bits"],
+                 record["group_size"] if record["weights"]["granularity"] == "group" else 0),
             )
         elif record["op"] == "linear_fp8":
             new = graph.call_function(
@@ -185,6 +194,46 @@ class W8A8LinearRule:
             gm.graph.erase_node(fq)
 
 
+class DynamicIntLinearRule:
+    """Integer weights × dynamic per-token activations the int8 GEMM epilogue cannot take: int4 weights with
+    group scales (w4a8, --group-size) and 4-bit activations (w4a4)."""
+
+    name = "linear_int_dynamic"
+
+    def matches(self, node: fx.Node) -> bool:
+        x = node.args[0] if is_call(node, LINEAR) else None
+        if qmeta.WQ not in node.meta or not isinstance(x, fx.Node) or not is_call(x, FQ_DYNAMIC):
+            return False
+        return node.meta[qmeta.WQ].args.granularity == "group" or x.meta.get(qmeta.ACT_FQ, {}).get("bits") == 4
+
+    def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
+        args = node.meta[qmeta.WQ].args
+        if args.is_float or not args.symmetric:
+            return fail(f"the dynamic integer GEMM needs symmetric integer weights, got {args.describe()}")
+        bits = node.args[0].meta[qmeta.ACT_FQ]["bits"]  # type: ignore[union-attr]
+        if bits == 4 and (args.bits != 4 or args.granularity != "channel"):
+            return fail(f"4-bit activations run with int4 per-channel weights (w4a4), got {args.describe()}")
+        if args.granularity == "group" and (args.bits != 4 or bits != 8):
+            return fail(f"group-wise scales in the integer GEMM are int4 weights × int8 activations (w4a8), got "
+                        f"{args.describe()} × int{bits}")
+        return MATCH
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node) -> None:
+        wq: qmeta.WeightQuant = node.meta[qmeta.WQ]
+        w = get_tensor(gm, str(node.args[1].target))  # type: ignore[union-attr]
+        base = linear_module_attr(node)
+        set_tensor(gm, base + ".qweight", quantize_weight(w, wq.scale, None, wq.args).to(torch.int8).contiguous())
+        set_tensor(gm, base + ".weight_scale", wq.scale.float().reshape(w.shape[0], -1).contiguous())
+        fq: fx.Node = node.args[0]  # type: ignore[assignment]
+        record = _record_base(node, "linear_int_dynamic", wq, w)
+        record.update({"activations": {"bits": fq.meta[qmeta.ACT_FQ]["bits"], "dynamic": True, "granularity": "token",
+                                       "symmetric": True},
+                       "tensors": {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"}})
+        emit_linear_op(gm, node, fq.args[0], record)  # type: ignore[arg-type]
+        if not fq.users:
+            gm.graph.erase_node(fq)
+
+
 class Fp8LinearRule:
     name = "linear_fp8"
 
@@ -264,4 +313,4 @@ def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def linear_rules() -> list[RewriteRule]:
-    return [W8A8LinearRule(), Fp8LinearRule(), WeightOnlyLinearRule(), ConvRule()]  # type: ignore[list-item]
+    return [DynamicIntLinearRule(), W8A8LinearRule(), Fp8LinearRule(), WeightOnlyLinearRule(), ConvRule()]  # type: ignore[list-item]

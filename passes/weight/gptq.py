@@ -83,6 +83,7 @@ class GPTQ(Pass):
                 r = gptq_quantize(
                     w, h, args, tokens=tokens, block_size=self.block_size, damp=self.damp,
                     act_order=self.act_order, static_groups=self.static_groups, clip=self.clip,
+                    mask=(w != 0) if qmeta.SPARSE in node.meta else None,  # a pruned layer stays 2:4 sparse
                 )
                 set_tensor(gm, info.weight, r.w_hat.to(w.dtype))
                 node.meta[qmeta.WQ] = qmeta.WeightQuant(

@@ -18,6 +18,9 @@ Options:
   clip          how a grid is fitted to a group: "minmax", "mse" (range shrink minimising the weight error,
                 numerics.mse_clip_search) or "awq" (range shrink minimising the group's output error
                 δ·H_JJ·δᵀ, algorithms/awq.activation_aware_clip).
+  mask          a fixed sparsity mask (bool [N, K], e.g. 2:4 from Wanda): masked weights are quantized to 0 and
+                their whole value is the error pushed onward, so the kept weights compensate and stay the
+                only non-zeros.
 Dead inputs (diag H = 0: the channel never fired in calibration) get W[:, j] = 0, as in the reference code.
 """
 
@@ -104,6 +107,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     clip: Literal["minmax", "mse", "awq"] = "minmax",
+    mask: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize w [N, K] with the input Gram matrix `hessian` [K, K] (summed over `tokens` tokens)."""
     if args.granularity == "tensor":
@@ -134,6 +138,7 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W = W[:, perm]
     H = H[perm][:, perm]
+    keep = None if mask is None else mask[:, perm]
     U, damp_used = _inverse_cholesky(H.float(), damp)  # float32 like the reference code; damping escalates
 
     col_group = perm // gs  # original group of each processed column
@@ -157,6 +162,8 @@ def gptq_quantize(
                     zero[:, g] = z[:, 0]
             w_col = W1[:, i]
             q_col = _quant_column(w_col, scale[:, g], None if zero is None else zero[:, g], args)
+            if keep is not None:
+                q_col = torch.where(keep[:, col], q_col, torch.zeros_like(q_col))
             Q1[:, i] = q_col
             e = (w_col - q_col) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]

@@ -7,6 +7,7 @@ of the step as the node values go by (like torch.fx's ShapeProp, but for data st
 Statistics (x is the node's output, channels on the last axis, flattened over tokens):
   absmax_channel  max_t |x[t, c]|                       [C]      SmoothQuant
   absmean_channel mean_t |x[t, c]|                      [C]      AWQ
+  sqsum_channel   Σ_t x[t, c]²  (= diag of the Hessian)  [C]      Wanda
   minmax          (min x, max x)                       2 × 0-d  static activation observers
   minmax_head_dim (min, max) over b, s of x [B, H, S, D] 2 × [H, D] KV-cache scales (per tensor/head/channel)
   percentile      q-th percentile of |x| (subsampled)  0-d      outlier-robust observers
@@ -39,7 +40,7 @@ from qcompiler.distributed import all_gather_objects, all_reduce, global_batch_i
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.routing import ROUTED
 
-StatKind = Literal["absmax_channel", "absmean_channel", "minmax", "minmax_head_dim", "percentile", "histogram",
+StatKind = Literal["absmax_channel", "absmean_channel", "sqsum_channel", "minmax", "minmax_head_dim", "percentile", "histogram",
                    "hessian"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
 HIST_BINS = 2048
@@ -135,6 +136,10 @@ class Accumulator:
             v = x2.abs().double().sum(dim=0)
             prev = self.acc.get(req)
             self.acc[req] = v if prev is None else prev + v
+        elif req.kind == "sqsum_channel":
+            v = x2.double().pow(2).sum(dim=0)
+            prev = self.acc.get(req)
+            self.acc[req] = v if prev is None else prev + v
         elif req.kind == "histogram":
             if req not in self.acc:
                 self.acc[req] = Hist(torch.zeros(HIST_BINS, dtype=torch.float64), 0.0)
@@ -179,7 +184,7 @@ class Accumulator:
             v = self.acc.get(r)
             if r.kind == "absmax_channel":
                 all_reduce(v, "max")
-            elif r.kind in ("absmean_channel", "hessian"):
+            elif r.kind in ("absmean_channel", "sqsum_channel", "hessian"):
                 all_reduce(v, "sum")
             elif r.kind in ("minmax", "minmax_head_dim"):
                 self.acc[r] = (all_reduce(v[0].clone(), "min"), all_reduce(v[1].clone(), "max"))

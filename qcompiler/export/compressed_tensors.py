@@ -9,6 +9,9 @@ Per quantized linear, by format:
                   (and input_zero_point int8 [1] when asymmetric)
   float-quantized (fp8)   weight float8_e4m3fn [N, K]; weight_scale [N, 1] (channel) or [1] (tensor);
                   static activations add input_scale [1]
+2:4 sparse layers keep their (quantized or float) tensors dense and are named in `sparsity_config` (format
+"dense", sparsity_structure "2:4": the compressed 2:4 formats are legacy in compressed-tensors and vLLM dropped its
+2:4 kernels); float sparse layers (w16a16s) write `weight` in the model's dtype.
 KV cache (static int8/int4, per tensor or per head): <attn>.k_scale / v_scale [1] or [H_kv, 1, 1] in the model's
 dtype (+ k_zero_point / v_zero_point when asymmetric) and `kv_cache_scheme` (strategy tensor | attn_head).
 config.json gets `quantization_config` with one config group per distinct layer scheme (targets "Linear"
@@ -53,7 +56,7 @@ def _input_args(layer: WrittenLayer) -> dict[str, Any] | None:
     if layer.act is None:
         return None
     if layer.act == "dynamic":
-        return {"num_bits": 8, "type": layer.type, "symmetric": True, "group_size": None, "strategy": "token",
+        return {"num_bits": layer.act_bits, "type": layer.type, "symmetric": True, "group_size": None, "strategy": "token",
                 "dynamic": True, "actorder": None, "observer": None, "observer_kwargs": {}}
     return {"num_bits": 8, "type": layer.type, "symmetric": not layer.static_zero, "group_size": None,
             "strategy": "tensor", "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
@@ -96,8 +99,14 @@ class CompressedTensorsFormat:
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Scales and biases in the model's dtype (as llm-compressor writes them)."""
-        assert layer.codes is not None and layer.scale is not None and layer.bits is not None
         out: dict[str, torch.Tensor] = {}
+        if layer.bits is None:  # a float 2:4-sparse layer (w16a16s)
+            assert layer.weight is not None
+            out["weight"] = layer.weight.to(dtype)
+            if layer.bias is not None:
+                out["bias"] = layer.bias.to(dtype)
+            return out
+        assert layer.codes is not None and layer.scale is not None
         if layer.type == "float":
             out["weight"] = layer.codes.to(torch.float8_e4m3fn)
             out["weight_scale"] = (layer.scale[:1, :1].reshape(1) if layer.per_tensor else layer.scale.reshape(-1, 1)
@@ -130,7 +139,10 @@ class CompressedTensorsFormat:
     def quantization_config(self, layers: Sequence[WrittenLayer], ignore: list[str],
                             kv_args: dict[str, Any] | None = None) -> dict[str, Any]:
         groups: dict[tuple[Any, ...], list[WrittenLayer]] = {}
-        for layer in layers:
+        sparse = [layer.name for layer in layers if layer.sparse]
+        quantized = [layer for layer in layers if layer.bits is not None]
+        ignore = sorted(set(ignore) | {layer.name for layer in layers if layer.bits is None})
+        for layer in quantized:
             groups.setdefault(layer.scheme_key, []).append(layer)
         formats = {_format(members[0]) for members in groups.values()}
         config_groups = {}
@@ -145,7 +157,7 @@ class CompressedTensorsFormat:
             }
         return {
             "quant_method": "compressed-tensors",
-            "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+            "format": formats.pop() if len(formats) == 1 else "mixed-precision" if formats else "dense",
             "quantization_status": "compressed",
             "config_groups": config_groups,
             "ignore": sorted(ignore),
@@ -155,7 +167,10 @@ class CompressedTensorsFormat:
                 "observer": "minmax", "observer_kwargs": {},
             },
             "global_compression_ratio": None,
-            "sparsity_config": {},
+            "sparsity_config": {} if not sparse else {
+                "format": "dense", "targets": sorted(sparse), "ignore": [], "global_sparsity": 0.5,
+                "sparsity_structure": "2:4", "registry_requires_subclass": False,
+            },
             "transform_config": {},
             "version": FORMAT_VERSION,
         }

@@ -102,7 +102,7 @@ class FormatExporter:
                 used.add(rec["bias"])
             for layer in from_record(rec, tensors):
                 try:
-                    if layer.bits is None:
+                    if layer.bits is None and not layer.sparse:
                         assert layer.weight is not None
                         out[layer.name + ".weight"] = layer.weight.to(self.dtype)
                         if layer.bias is not None:

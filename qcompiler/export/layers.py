@@ -34,11 +34,14 @@ class WrittenLayer:
     tensors: tuple[str, ...]
     type: str = "int"  # "float": fp8 e4m3 weights and activations
     per_tensor: bool = False  # one weight scale for the whole matrix
+    act_bits: int = 8
+    sparse: bool = False  # 2:4 sparse weights
 
     @property
     def scheme_key(self) -> tuple[Any, ...]:
         """Layers with equal keys share one scheme (one config group, one description type)."""
-        return (self.bits, self.symmetric, self.group_size, self.act, self.static_zero, self.type, self.per_tensor)
+        return (self.bits, self.symmetric, self.group_size, self.act, self.static_zero, self.type, self.per_tensor,
+                self.act_bits, self.sparse)
 
 
 @dataclass
@@ -59,12 +62,14 @@ class ExportLayer:
     weight: torch.Tensor | None = None  # float layers only
     type: str = "int"  # "float": fp8 e4m3 codes (codes is a float8_e4m3fn tensor)
     per_tensor: bool = False  # one weight scale for the matrix (repeated per row in `scale`)
+    act_bits: int = 8  # dynamic activations: 8 or 4 (w4a4)
+    sparse: bool = False  # 2:4 sparse weights (every 4 consecutive inputs hold at most 2 non-zeros)
 
     def written(self, tensors: list[str]) -> WrittenLayer:
         """What stays in memory once the layer's tensors are on disk."""
         return WrittenLayer(self.name, self.bits, self.symmetric, self.group_size, self.act,
                             self.act == "static" and self.input_zero is not None, tuple(tensors), self.type,
-                            self.per_tensor)
+                            self.per_tensor, self.act_bits, self.sparse)
 
     def dequantized(self) -> torch.Tensor:
         """ŵ in float32 [N, K] (for checks and float fallbacks)."""
@@ -99,19 +104,27 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split:
     sizes = [p["out_features"] for p in parts]
     k = record["in_features"]
     bias = tensors[record["bias"]].float() if record.get("bias") else None
+    sparse = record.get("sparsity") == "2:4"
     if op == "linear":
         for p, w, b in zip(parts, _split(tensors[names["weight"]], sizes), _split(bias, sizes), strict=True):
-            yield ExportLayer(p["path"], k, p["out_features"], None, weight=w, bias=b)
+            yield ExportLayer(p["path"], k, p["out_features"], None, weight=w, bias=b, sparse=sparse)
         return
-    if op not in ("linear_woq", "linear_w8a8", "linear_fp8"):
+    if op not in ("linear_woq", "linear_w8a8", "linear_fp8", "linear_int_dynamic"):
         raise ExportError(f"layer '{record['path']}': op '{op}' has no serving-format equivalent "
                           "(only linear layers are exported)")
     w = record["weights"]
     bits, symmetric = w["bits"], w["symmetric"]
     act = None
+    act_bits = 8
     input_scale = input_zero = None
     number_type = "float" if op == "linear_fp8" else "int"
-    if op == "linear_woq":
+    if op == "linear_int_dynamic":  # symmetric integer codes, scales per channel [N, 1] or per group [N, G]
+        codes = tensors[names["qweight"]].to(torch.int32)
+        scale = tensors[names["weight_scale"]].float()
+        zero = None
+        group = record["group_size"] if w["granularity"] == "group" else None
+        act, act_bits = "dynamic", record["activations"]["bits"]
+    elif op == "linear_woq":
         codes = _signed_codes(tensors[names["qweight"]], bits, symmetric, k)
         scale = tensors[names["scale"]].float()
         zero = tensors[names["zero"]].float() - 2 ** (bits - 1) if names.get("zero") else None
@@ -133,4 +146,4 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split:
                           None if z is None else z.contiguous(), act,
                           None if input_scale is None else input_scale.clone(),
                           None if input_zero is None else input_zero.clone(), b, type=number_type,
-                          per_tensor=w["granularity"] == "tensor")
+                          per_tensor=w["granularity"] == "tensor", act_bits=act_bits, sparse=sparse)

@@ -14,7 +14,14 @@ Per layer type (signed codes q, signed zero point z, ŵ = (q − z)·s; weight i
   W4A16         as W8A16 with int4 codes packed two per int8 (low nibble first) along N for group scales
                 ([N/2, K]) and along K for channel scales ([N, K/2]) (msModelSlim's W4A16 packing)
   W4A8_DYNAMIC  int4 codes packed in pairs along N [N/2, K]; weight_scale, weight_offset (zeros) [N, 1];
-                scale_bias fp32 (see w4a8_scale_bias); per-token int8 activations
+                scale_bias fp32 (see w4a8_scale_bias); per-token int8 activations. With group scales s [N, G]
+                (two-level, as the loaders read it: antiquant scale = weight_scale · weight_scale_second):
+                weight_scale = max_g s [N, 1], weight_scale_second = s / weight_scale [N, G],
+                weight_offset_second zeros [N, G]; the global group_size
+  W4A4_DYNAMIC  weight int8 [N, K] holding int4 codes (the loader packs them); weight_scale, weight_offset (zeros)
+                [N, 1]; per-token int4 activations (absmax / 7)
+  W8A8S         W8A8 of a 2:4-sparse weight (every 4 consecutive inputs of a row hold ≤ 2 non-zero codes)
+  W16A16S       a float 2:4-sparse weight (the model's dtype), `weight` only
   C8 (KV cache)  <attn>.k_proj.kv_cache_scale, <attn>.k_proj.kv_cache_offset fp32 [H_kv·D] (one value per channel
                 of the cache; per-tensor / per-head scales repeated), same under v_proj; the cache stores
                 q = round(x / s) + offset in int8 (offset = signed zero point); global kv_quant_type = "C8"
@@ -42,17 +49,21 @@ VERSION = "1.0.0"
 # model_quant_type of a mixed model: the lowest-bit type present (msModelSlim's priority, lowest first).
 # W4A8_DYNAMIC is left out on purpose, as msModelSlim 26.1 does: a W4A8_DYNAMIC model is described as FLOAT
 # globally and by its per-tensor types (what its consumers are tested with).
-PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W4A16", "W4A4_DYNAMIC")
+PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S", "W4A16", "W4A4_DYNAMIC")
 
 
-def layer_type(bits: int | None, act: str | None) -> str:
+def layer_type(bits: int | None, act: str | None, act_bits: int = 8, sparse: bool = False) -> str:
     if bits is None:
-        return "FLOAT"
+        return "W16A16S" if sparse else "FLOAT"
     if act == "static":
-        return "W8A8"
+        return "W8A8S" if sparse else "W8A8"
     if act == "dynamic":
-        return f"W{bits}A8_DYNAMIC"
+        return f"W{bits}A{act_bits}_DYNAMIC"
     return f"W{bits}A16"
+
+
+def written_type(layer: WrittenLayer) -> str:
+    return layer_type(layer.bits, layer.act, layer.act_bits, layer.sparse)
 
 
 # Row-parallel linears (their input dimension is split across tensor-parallel ranks)
@@ -75,12 +86,18 @@ def w4a8_scale_bias(name: str, w_hat: torch.Tensor) -> torch.Tensor:
 
 def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict[str, torch.Tensor]]:
     """(type, tensor suffix -> tensor) of one quantized layer in the ascend v1 layout."""
-    assert layer.codes is not None and layer.scale is not None and layer.bits is not None
+    if layer.bits is None:  # W16A16S: the sparse float weight as it is
+        assert layer.weight is not None
+        out = {"weight": layer.weight}
+        if layer.bias is not None:
+            out["bias"] = layer.bias.float()
+        return "W16A16S", out
+    assert layer.codes is not None and layer.scale is not None
     if layer.type != "int":
         raise ExportError("fp8 layers have no ascend v1 type written here (WFP8AFP8_DYNAMIC is not implemented)")
-    kind = layer_type(layer.bits, layer.act)
-    out: dict[str, torch.Tensor] = {}
-    if kind == "W8A8":
+    kind = layer_type(layer.bits, layer.act, layer.act_bits, layer.sparse)
+    out = {}
+    if kind in ("W8A8", "W8A8S"):
         assert layer.input_scale is not None
         w = layer.codes.to(torch.int8)
         x_zero = layer.input_zero if layer.input_zero is not None else torch.zeros(())
@@ -89,13 +106,19 @@ def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict
         quant_bias = torch.round(bias.double() / deq.double() - w.double().sum(dim=1) * x_zero.double())
         out.update(weight=w, quant_bias=quant_bias.to(torch.int32), input_scale=layer.input_scale.reshape(1).float(),
                    input_offset=x_zero.reshape(1).float(), deq_scale=deq if bf16_model else npu_trans_quant_param(deq))
-    elif kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):
-        if not layer.symmetric or layer.group_size is not None:
-            raise ExportError(f"{kind} needs symmetric per-channel weights")
-        int4 = kind == "W4A8_DYNAMIC"
-        out.update(weight=pack_int4_pairs(layer.codes, dim=0) if int4 else layer.codes.to(torch.int8),
-                   weight_scale=layer.scale.reshape(-1, 1).float(), weight_offset=torch.zeros(layer.out_features, 1))
-        if int4:
+    elif kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A4_DYNAMIC"):
+        grouped = kind == "W4A8_DYNAMIC" and layer.group_size is not None
+        if not layer.symmetric or (layer.group_size is not None and not grouped):
+            raise ExportError(f"{kind} needs symmetric per-channel weights" + (" (or int4 group scales)" if
+                                                                               kind == "W4A8_DYNAMIC" else ""))
+        n = layer.out_features
+        channel_scale = layer.scale.float().amax(dim=1, keepdim=True) if grouped else layer.scale.reshape(-1, 1).float()
+        weight = (pack_int4_pairs(layer.codes, dim=0) if kind == "W4A8_DYNAMIC" else layer.codes.to(torch.int8))
+        out.update(weight=weight, weight_scale=channel_scale, weight_offset=torch.zeros(n, 1))
+        if grouped:
+            out["weight_scale_second"] = (layer.scale.float() / channel_scale).contiguous()
+            out["weight_offset_second"] = torch.zeros_like(layer.scale, dtype=torch.float32)
+        if kind == "W4A8_DYNAMIC":
             out["scale_bias"] = w4a8_scale_bias(layer.name, layer.dequantized())
     else:
         zero = layer.zero if layer.zero is not None else torch.zeros_like(layer.scale)
@@ -127,7 +150,9 @@ class MsModelSlimFormat:
                 return "ascend v1 has no per-tensor weight scales"
             reason = int_gemm_reason(s)
             if reason is not None:
-                return f"W8A8 / W8A8_DYNAMIC / W4A8_DYNAMIC: {reason}"
+                return f"W8A8 / W8A8_DYNAMIC / W4A8_DYNAMIC / W4A4_DYNAMIC: {reason}"
+            if s.sparsity and not (w.bits == 8 and s.activations is not None and not s.activations.dynamic):
+                return "2:4 sparse layers are W8A8S (int8 static activations) or W16A16S (float)"
         return None
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -154,17 +179,17 @@ class MsModelSlimFormat:
         description: dict[str, Any] = dict.fromkeys(kv_tensors, "C8")
         groups = set()
         for layer in layers:
-            kind = layer_type(layer.bits, layer.act)
+            kind = written_type(layer)
             for name in layer.tensors:
                 description[name] = "FLOAT" if name.endswith(".bias") else kind
-            if layer.bits is not None and layer.act is None and layer.group_size:
+            if layer.bits is not None and (layer.act is None or layer.bits == 4) and layer.group_size:
                 groups.add(layer.group_size)
         for name in float_tensors:
             description[name] = "FLOAT"
-        kinds = {layer.name: layer_type(layer.bits, layer.act) for layer in layers}
+        kinds = {layer.name: written_type(layer) for layer in layers}
         kinds.update(dict.fromkeys(float_linears, "FLOAT"))
         check_fused_groups(kinds)
-        types = {layer_type(layer.bits, layer.act) for layer in layers} & set(PRIORITY) or {"FLOAT"}
+        types = {written_type(layer) for layer in layers} & set(PRIORITY) or {"FLOAT"}
         if len(groups) > 1:
             raise ExportError(f"ascend v1 has one global group_size; layers use {sorted(groups)}")
         description.update({

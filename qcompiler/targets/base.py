@@ -98,9 +98,9 @@ def linear_input_sizes(config: Any) -> dict[str, int]:
 def refuse_ragged_groups(target: str, consumer: str, config: Any, scheme: QuantScheme) -> None:
     """Serving kernels and their loaders need the weight group size to divide every layer's input size."""
     for s in scheme.all_schemes():
-        g = s.weights.group_size
-        if s.weights.granularity != "group" or g is None:
+        if s.weights is None or s.weights.granularity != "group" or s.weights.group_size is None:
             continue
+        g = s.weights.group_size
         for what, k in linear_input_sizes(config).items():
             if k % g:
                 raise SchemeError(

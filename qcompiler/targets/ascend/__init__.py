@@ -38,6 +38,8 @@ class AscendTarget(Target):
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         w = scheme.weights
+        if w is None:  # W16A16S (2:4-sparse float weights): MindIE's sparse float type
+            return FORMAT.unsupported_reason(scheme)
         if w.is_float:
             return "the msModelSlim fp8 layout (WFP8AFP8_DYNAMIC) is not written yet"
         if w.granularity == "tensor":
@@ -54,7 +56,11 @@ class AscendTarget(Target):
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:
             return []
-        if scheme.weights.bits == 4:  # vllm-ascend (2026-08 head) registers its int4 types for MoE experts only
+        if scheme.sparsity:  # W8A8S / W16A16S: MindIE only
+            return ["msmodelslim: MindIE (W8A8S / W16A16S)"]
+        if scheme.activations is not None and scheme.activations.bits == 4:
+            return ["msmodelslim: vllm-ascend, MindIE (W4A4_DYNAMIC)"]
+        if scheme.weight_bits == 4:  # vllm-ascend (2026-08 head) registers its int4 types for MoE experts only
             kind = "W4A16" if scheme.weight_only else "W4A8_DYNAMIC"
             return [f"msmodelslim: MindIE (vllm-ascend: {kind} for MoE experts only)"]
         return ["msmodelslim: vllm-ascend, MindIE"]

@@ -62,6 +62,8 @@ class CudaTarget(Target):
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         # the Triton scaled GEMM: int8 × int8 (int4 codes held in int8 for w4a8), or e4m3 × e4m3 for fp8
+        if scheme.activations is not None and scheme.activations.bits == 4:
+            return "no int4 × int4 GEMM (neither our Triton kernels nor vLLM's compressed-tensors integer W4A4)"
         return int_gemm_reason(scheme)
 
     def lowering_rules(self) -> Sequence[RewriteRule]:

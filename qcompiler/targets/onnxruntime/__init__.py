@@ -48,6 +48,8 @@ class OnnxRuntimeTarget(Target):
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         w = scheme.weights
+        if w is None:
+            return None  # 2:4-sparse float weights (w16a16s) run as dense MatMuls (no sparse CPU kernel)
         if w.is_float:
             return "onnxruntime's CPU kernels have no fp8 GEMM"
         if scheme.activations is not None:
