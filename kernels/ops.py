@@ -133,6 +133,16 @@ def _fake_quant_act_fp8_per_token_fake(x):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("qc::online_rotation", mutates_args=())
+def online_rotation(x: Tensor, rotation: Tensor) -> Tensor:
+    return reference.online_rotation(x, rotation)
+
+
+@online_rotation.register_fake
+def _online_rotation_fake(x, rotation):
+    return x.new_empty((*x.shape[:-1], rotation.shape[1]))
+
+
 @torch.library.custom_op("qc::fake_quant_kv", mutates_args=())
 def fake_quant_kv(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
     return reference.fake_quant_kv(x, scale, zero, qmin, qmax)

@@ -170,3 +170,8 @@ def fake_quant_kv_dynamic(x: torch.Tensor, bits: int, symmetric: bool) -> torch.
     """What attention reads back from a KV cache quantized per token and head at run time."""
     q, scale, zero = quantize_kv_dynamic(x, bits, symmetric)
     return ((q - zero) * scale).to(x.dtype)
+
+
+def online_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """y = x·R in float32 (R [K, K] orthogonal), returned in x's dtype."""
+    return (x.float() @ rotation.float()).to(x.dtype)

@@ -56,8 +56,8 @@ ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Pass]:
-    """[smoothquant when activations are quantized] → [awq] → fuse_linears → [prune_wanda | sparsegpt for 2:4
-    schemes] → rtn | gptq → act_quant → [kv_quant] → lower.
+    """[rotate for 4-bit activations | smoothquant when activations are quantized] → [awq] → fuse_linears →
+    [prune_wanda | sparsegpt for 2:4 schemes] → rtn | gptq → act_quant → [kv_quant] → lower.
 
     algo: rtn (MSE-clipped for 4 bits), gptq, awq (scales + activation-aware clipping), awq+gptq. A 2:4 scheme
     is pruned by Wanda, or with gptq by SparseGPT (one Hessian sweep prunes and quantizes).
@@ -65,8 +65,11 @@ def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> 
     if algo not in ALGORITHMS:
         raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
     quantizes_acts = any(s.activations is not None for s in scheme.all_schemes())
+    four_bit_acts = any(s.activations is not None and s.activations.bits == 4 for s in scheme.all_schemes())
     passes: list[Pass] = []
-    if quantizes_acts:
+    if four_bit_acts:  # (QuaRot: rotations instead of smoothing, which cannot save a 4-bit activation grid)
+        passes.append(make_pass("rotate", {}))
+    elif quantizes_acts:
         passes.append(make_pass("smoothquant", {"alpha": 0.5}))
     if algo.startswith("awq"):
         passes.append(make_pass("awq", {}))
@@ -197,6 +200,8 @@ def describe_layers(gm: fx.GraphModule, block: str | None, layer_sqnr: dict[str,
             rec["tensors"] = {k: checkpoint_name(block, v) for k, v in rec["tensors"].items()}
             if rec.get("bias"):
                 rec["bias"] = checkpoint_name(block, rec["bias"])
+            if rec.get("input_rotation"):
+                rec["input_rotation"] = checkpoint_name(block, rec["input_rotation"])
         layers[rec["path"]] = rec
     return layers
 
@@ -268,6 +273,7 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
         ckpt.load_all()
     model = build_skeleton(ckpt)
     ckpt.release()  # (the outer weights are float32 copies now; their file pages leave RSS)
+    outer = transform_outer(passes, model)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
     batches = calib_data.calibration_batches(
         tokenizer, texts, cfg.num_samples, cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template
@@ -283,7 +289,7 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
     writer = ArtifactWriter(cfg.out, fingerprint, resume=cfg.resume, owner=owner, log=log)
     try:
         return _quantize_blocks(cfg, log, t_start, ckpt, tokenizer, model, passes, target, batches, calibrated,
-                                fingerprint, writer)
+                                fingerprint, writer, outer)
     except BaseException:
         progress = (writer.state_dir / STATE_FILE).is_file()
         writer.abort(keep_progress=progress)
@@ -295,7 +301,7 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
 def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: float, ckpt: Checkpoint,
                      tokenizer: Any, model: torch.nn.Module, passes: list[Pass], target: Target,
                      batches: list[torch.Tensor], calibrated: bool, fingerprint: dict[str, Any],
-                     writer: ArtifactWriter) -> dict[str, Any]:
+                     writer: ArtifactWriter, outer: dict[str, Any]) -> dict[str, Any]:
     rank, world = dist.rank(), dist.world_size()
     owner = rank == 0
     prefix, blocks = find_blocks(model)
@@ -439,14 +445,20 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             "rss_before_blocks_bytes": rss_before_blocks,
             "peak_rss_bytes": rss_bytes("VmHWM"),
         }
+        if untied(outer):
+            model.config.tie_word_embeddings = True  # (as in the checkpoint, which stores one matrix for both)
         load_outer_weights(model, ckpt)
+        transform_outer(passes, model)  # (read back from the checkpoint: transform them again)
+        if outer:
+            description["outer_weights"] = outer
         if owner:
             rest = {n: p for n, p in model.named_parameters(remove_duplicate=True) if not n.startswith(prefix + ".")}
             writer.add_tensors("rest.safetensors", rest)
             if exporter is not None:
                 exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(),
                                         "qcompiler.pipeline": format_pipeline(passes)})
-            writer.finish(description, copy_from=Path(cfg.model), tokenizer=tokenizer, run_info=run)
+            writer.finish(description, copy_from=Path(cfg.model), tokenizer=tokenizer, run_info=run,
+                          config_updates={"tie_word_embeddings": False} if untied(outer) else None)
         dist.barrier()
     except BaseException:
         if exporter is not None and not (writer.state_dir / STATE_FILE).is_file():
@@ -454,6 +466,21 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
         raise
     log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(layers)} quantized layers)")
     return {**description, "run": run}
+
+
+def transform_outer(passes: Sequence[Pass], model: torch.nn.Module) -> dict[str, Any]:
+    """Apply every pass's change of the weights outside the blocks (e.g. the residual rotation) to `model`."""
+    done = {}
+    for p in passes:
+        info = p.transform_outer(model)
+        if info is not None:
+            done[p.name] = info
+    return done
+
+
+def untied(outer: dict[str, Any]) -> bool:
+    """Whether an outer transformation gave the head its own weight (config.json must say so)."""
+    return any(info.get("untied_head") for info in outer.values())
 
 
 def _store(batches: list[tuple[torch.Tensor, ...]], folder: Path | None) -> ActivationStore:

@@ -56,6 +56,8 @@ def _local(record: dict[str, Any], prefix: str) -> dict[str, Any]:
     rec = dict(record)
     rec["path"] = record["path"].removeprefix(prefix + ".")
     rec["tensors"] = {k: "block." + v.removeprefix(prefix + ".") for k, v in record["tensors"].items()}
+    if record.get("input_rotation"):
+        rec["input_rotation"] = "block." + record["input_rotation"].removeprefix(prefix + ".")
     if record.get("bias"):
         rec["bias"] = "block." + record["bias"].removeprefix(prefix + ".")
     if record.get("fused_from"):
@@ -80,7 +82,13 @@ def rebuild_block(gm: fx.GraphModule, records: list[dict[str, Any]], block: str)
             raise ArtifactError(f"block '{block}': layer '{rec['path']}' is not in the traced block")
         for target in rec["tensors"].values():  # placeholders until fill_block reads the artefact
             set_tensor(gm, target, torch.empty(0, device="meta"))
-        emit_linear_op(gm, node, node.args[0], rec)  # type: ignore[arg-type]
+        x = node.args[0]
+        if rec.get("input_rotation"):  # QuaRot's online Hadamard before the layer
+            set_tensor(gm, rec["input_rotation"], torch.empty(0, device="meta"))
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_function(torch.ops.qc.online_rotation.default,
+                                           (x, gm.graph.get_attr(rec["input_rotation"])))
+        emit_linear_op(gm, node, x, rec)  # type: ignore[arg-type]
     gm.graph.eliminate_dead_code()
 
 

@@ -64,6 +64,7 @@ def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.
         "fused_from": node.meta.get(qmeta.FUSED_FROM),
         "bias": str(bias.target) if bias is not None else None,
         "sparsity": node.meta[qmeta.SPARSE]["pattern"] if qmeta.SPARSE in node.meta else None,
+        "input_rotation": node.meta.get(qmeta.ROTATION),  # qc::online_rotation(x, this tensor) feeds the layer
     }
 
 
@@ -103,7 +104,8 @@ def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: dict[s
             )
         else:
             raise ValueError(f"unknown lowered op '{record['op']}' for layer '{record['path']}'")
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", qmeta.PATH, qmeta.ROLE)})
+    new.meta.update({k: v for k, v in node.meta.items()
+                     if k in ("nn_module_stack", qmeta.PATH, qmeta.ROLE, qmeta.ROTATION)})
     new.meta[qmeta.RECORD] = record
     node.replace_all_uses_with(new)
     graph.erase_node(node)

@@ -39,8 +39,8 @@ class LowerLinears(Pass):
             raise PassError(
                 f"block '{ctx.block}': target '{ctx.target.name}' cannot lower quantized linears {left}: {reasons}"
             )
-        for n in gm.graph.nodes:  # float layers the description must name: fused, or 2:4 sparse (w16a16s)
-            if is_call(n, LINEAR) and (qmeta.FUSED_FROM in n.meta or qmeta.SPARSE in n.meta):
+        for n in gm.graph.nodes:  # float layers the description must name: fused, 2:4 sparse, online-rotated
+            if is_call(n, LINEAR) and any(k in n.meta for k in (qmeta.FUSED_FROM, qmeta.SPARSE, qmeta.ROTATION)):
                 record_float_linear(gm, n)
         eliminate_dead_attrs(gm)
         return PassResult(gm, report.total > 0, {"lowered": dict(report.applied), "rejected": report.rejected})

@@ -198,7 +198,7 @@ class ArtifactWriter:
         self.hashes[filename] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
     def finish(self, description: dict[str, Any], copy_from: Path | None, tokenizer: Any | None,
-               run_info: dict[str, Any] | None = None) -> Path:
+               run_info: dict[str, Any] | None = None, config_updates: dict[str, Any] | None = None) -> Path:
         if self.weight_map:  # (an ONNX-only artefact has no safetensors)
             total = sum((self.tmp / f).stat().st_size for f in set(self.weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
@@ -207,6 +207,10 @@ class ArtifactWriter:
             for name in ("config.json", "generation_config.json"):
                 if (copy_from / name).is_file():
                     shutil.copy2(copy_from / name, self.tmp / name)
+            if config_updates and (self.tmp / "config.json").is_file():
+                config = json.loads((self.tmp / "config.json").read_text())
+                config.update(config_updates)
+                (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.tmp))
         desc = {"format": FORMAT, "version": VERSION, **description}

@@ -129,6 +129,10 @@ class FormatExporter:
         for k, v in tensors.items():
             if k in used:
                 continue
+            if k.endswith(".input_rotation"):
+                raise ExportError(f"{self.fmt.name}: '{k}' is an online rotation before a linear, which this format "
+                                  "cannot express; rotate without it (rotate{online=false}) or use the reference / "
+                                  "onnxruntime targets")
             if k not in self.state_names:
                 raise ExportError(
                     f"{self.fmt.name}: block '{name}' holds tensor '{k}' that the model's own layers do not have "
@@ -158,6 +162,8 @@ class FormatExporter:
             if (self.source / f).is_file():
                 shutil.copy2(self.source / f, self.folder / f)
         config = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        if getattr(model.config, "tie_word_embeddings", None) is False and config.get("tie_word_embeddings"):
+            config["tie_word_embeddings"] = False  # (a rotation gave the head its own weight)
         quantized = {layer.name for layer in self.layers}
         self.fmt.finish(self.folder, config, self.layers, self.float_tensors,
                         [n for n in self.linear_names if n not in quantized], self.kv_tensors, self.kv_args)

@@ -102,6 +102,12 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         raise NotImplementedError
 
+    def transform_outer(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """Change the weights outside the blocks (embeddings, final norm, head) the way `run` changes every block
+        (the residual rotation); the driver calls it on the model before calibration and again when the outer
+        weights are read back for writing. Default: nothing."""
+        return None
+
     def spec(self) -> str:
         """This pass in pipeline-string syntax (options that differ from the defaults)."""
         opts = []

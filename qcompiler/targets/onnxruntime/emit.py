@@ -15,6 +15,7 @@ Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
   aten.convolution with an int8 record        → DequantizeLinear(W_int8, s_w per output channel) → Conv, its input's
                                                 qc::fake_quant_act → QuantizeLinear/DequantizeLinear (QDQ:
                                                 onnxruntime runs the pattern as QLinearConv)
+  qc::online_rotation (QuaRot, before down)   → MatMul with the stored rotation
   RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23), or with the residual
                                                 add feeding it, com.microsoft::SkipSimplifiedLayerNormalization
                                                 (normalized output and the sum, one pass over memory)
@@ -383,6 +384,14 @@ def _conv(em: GraphEmitter, n: fx.Node) -> str:
     inputs = [em.v(x), wv] + ([em.v(bias)] if bias is not None else [])
     return em.b.op("Conv", inputs, em.name(n), strides=list(stride), pads=list(padding) * 2,
                    dilations=list(dilation), group=int(groups))
+
+
+@rule(torch.ops.qc.online_rotation.default)
+def _online_rotation(em: GraphEmitter, n: fx.Node) -> str:
+    """QuaRot's online Hadamard before a linear: MatMul with the stored orthogonal matrix."""
+    x, rotation = n.args
+    r = em.b.initializer(str(rotation.target), get_tensor(em.gm, str(rotation.target)).float())
+    return em.b.op("MatMul", [em.v(x), r], em.name(n))
 
 
 @rule(FQ_STATIC)
