@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quant", help="quantize a model and write the artefact",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--model", required=True, help="Hugging Face checkpoint folder (config.json + safetensors), an .onnx file, or 'demo'")
-    q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic | w4a8 | fp8 | fp8_static (see `qcompile schemes`)")
+    q.add_argument("--scheme", required=True, help="w8a16 | w4a16 | w8a8 | w8a8_dynamic | w4a8 | w4a4 | fp8 | fp8_static | "
+                   "w8a8c8 | w4a8c8 | w8a8s | w16a16s (see `qcompile schemes`)")
     q.add_argument("--out", required=True, type=Path, help="output folder (written atomically)")
     q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime | cuda | ascend")
     q.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
@@ -237,7 +238,7 @@ def _type_name(t: object) -> str:
 
 
 def _cmd_schemes(a: argparse.Namespace) -> int:
-    from qcompiler.schemes import PLANNED, PRESETS
+    from qcompiler.schemes import PRESETS
     from qcompiler.targets import registered_targets
 
     if a.markdown:
@@ -251,7 +252,8 @@ def _cmd_schemes(a: argparse.Namespace) -> int:
     for name, s in PRESETS.items():
         ok = [t for t, obj in targets.items() if obj.unsupported_reason(s) is None]
         print(f"{name:<14} {s.describe().split(': ', 1)[1]:<62} {', '.join(ok)}")
-    print(f"\nplanned (not yet implemented): {', '.join(PLANNED)}")
+    print("\n--kv-cache int8|int4[-tensor|-head|-channel|-token][-asym] adds KV-cache quantization to any scheme "
+          "(w8a8c8 / w4a8c8: int8 per channel)")
     return 0
 
 

@@ -68,7 +68,7 @@ def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> 
     four_bit_acts = any(s.activations is not None and s.activations.bits == 4 for s in scheme.all_schemes())
     passes: list[Pass] = []
     if four_bit_acts:  # (QuaRot: rotations instead of smoothing, which cannot save a 4-bit activation grid)
-        passes.append(make_pass("rotate", {}))
+        passes.append(make_pass("rotate", {} if target.online_rotation else {"online": False}))
     elif quantizes_acts:
         passes.append(make_pass("smoothquant", {"alpha": 0.5}))
     if algo.startswith("awq"):

@@ -115,8 +115,8 @@ class QuantScheme:
         if w is None:
             if a is not None:
                 raise SchemeError(f"scheme '{self.name}': float weights with quantized activations have no kernel")
-            if self.sparsity is None:
-                raise SchemeError(f"scheme '{self.name}': neither weights nor sparsity: nothing to do")
+            if self.sparsity is None and self.kv_cache is None:
+                raise SchemeError(f"scheme '{self.name}': no weights, sparsity or KV cache to quantize: nothing to do")
         elif w.granularity in ("token", "head"):
             raise SchemeError(f"scheme '{self.name}': weights cannot be quantized per {w.granularity}")
         if self.sparsity not in (None, "2:4"):
@@ -272,10 +272,6 @@ def int_gemm_reason(scheme: QuantScheme) -> str | None:
     return None
 
 
-# Named in the design but built by later issues; listed so that users get a clear refusal, not "unknown".
-PLANNED: tuple[str, ...] = ()
-
-
 def parse_kv_cache(text: str) -> QuantArgs | None:
     """'int8' | 'int4', optionally '-tensor' / '-head' / '-channel' (default) / '-token' (dynamic per token and
     head) and '-asym'; 'none' / 'float' keeps the KV cache in float. E.g. 'int8-head', 'int4-token-asym'."""
@@ -303,10 +299,6 @@ def get_scheme(name: str, *, group_size: int | None = None, symmetric: bool | No
     KV cache (`parse_kv_cache`; 'none' removes a preset's)."""
     key = name.lower().replace("-", "_")
     if key not in PRESETS:
-        if key in PLANNED:
-            raise SchemeError(
-                f"scheme '{name}' is planned but not implemented yet; available: {', '.join(PRESETS)}"
-            )
         raise SchemeError(f"unknown scheme '{name}'; available: {', '.join(PRESETS)}")
     scheme = PRESETS[key]
     if group_size is not None:

@@ -93,7 +93,7 @@ def test_failure_leaves_no_partial_output(tiny_llama, tmp_path, calib_text):
     # a failure in the middle of block processing (after the temporary folder exists) cleans up too
     with pytest.raises(PassError, match="cannot lower"):
         _quantize(tiny_llama, tmp_path / "out", get_scheme("w8a8_dynamic"), calib_text,
-                  passes="rtn{bits=4,group_size=32}")
+                  passes="rtn{bits=4,group_size=32,symmetric=false}")
     assert list(tmp_path.iterdir()) == []
 
 

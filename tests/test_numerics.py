@@ -83,8 +83,8 @@ def test_scheme_validation_and_presets():
     assert get_scheme("w4a16", group_size=0).weights.granularity == "channel"
     with pytest.raises(SchemeError, match="unknown scheme"):
         get_scheme("w3a7")
-    with pytest.raises(SchemeError, match="planned"):
-        get_scheme("w4a4")
+    assert get_scheme("w4a4").activations.bits == 4 and get_scheme("w8a8c8").kv_cache.bits == 8
+    assert get_scheme("w16a16s").weights is None and get_scheme("w8a8s").sparsity == "2:4"
     with pytest.raises(SchemeError, match="group_size"):
         QuantArgs(bits=4, granularity="group")
     with pytest.raises(SchemeError, match="bits"):

@@ -87,3 +87,21 @@ def test_registered_as_the_cuda_implementation():
     """The qc:: ops dispatch CUDA tensors to these kernels (checked on the dispatcher's table; no GPU here)."""
     for op in ("linear_woq", "linear_w8a8", "linear_fp8"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qc::{op}", "CUDA"), op
+
+
+@pytest.mark.parametrize(("act_bits", "group"), [(8, 32), (8, 16), (4, 0), (8, 0)])
+def test_group_scaled_gemm_matches_oracle(act_bits, group):
+    """qc::linear_int_dynamic: int4 codes (held in int8) with group scales (ragged last group: K = 70) or per
+    channel, × int8 / int4 per-token activations."""
+    g = torch.Generator().manual_seed(1)
+    qw = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+    n_groups = -(-K // group) if group else 1
+    s = torch.rand(N, n_groups, generator=g) / 50 + 1e-3
+    x = torch.randn(2, 9, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    got = triton_linear.linear_int_dynamic(x, qw, s, bias, act_bits, group)
+    want = reference.linear_int_dynamic(x, qw, s, bias, act_bits, group)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    wrong = s.clone()
+    wrong[:, -1] *= 2  # negative control: the last (ragged) group's scale matters
+    assert not torch.allclose(triton_linear.linear_int_dynamic(x, qw, wrong, bias, act_bits, group), want, atol=1e-3)

@@ -32,3 +32,11 @@ def _linear_fp8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tenso
     from qcompiler.kernels.cuda import triton_linear
 
     return triton_linear.linear_fp8(x, qweight, w_scale, x_scale, bias)
+
+
+@torch.library.register_kernel("qc::linear_int_dynamic", "cuda")
+def _linear_int_dynamic_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int,
+                             group_size: int) -> Tensor:
+    from qcompiler.kernels.cuda import triton_linear
+
+    return triton_linear.linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size)

@@ -7,6 +7,9 @@ Each kernel reads our canonical storage (kernels/packing.py) as it is, so a lowe
   scaled_gemm  acc = Σ_k q_x[m, k] · q_w[n, k], in int32 for int8 × int8 (w8a8) or in float32 for
              e4m3 × e4m3 (fp8); epilogue y = s_x[m] · s_w[n] · (acc − z_x · Σ_k q_w[n, k]) + b[n]
              (s_x per token or per tensor, s_w per channel or per tensor; z_x only for static int8)
+  group_scaled_gemm  acc = Σ_g s_w[n, g] · Σ_{k ∈ g} q_x[m, k] · q_w[n, k], int32 per K tile (a tile never
+             straddles two groups), y = s_x[m] · acc + b[n]: int8 or int4 per-token activations × int4 codes
+             with group scales (qc::linear_int_dynamic; per channel it is scaled_gemm)
 
 The exact semantics are the oracle's (kernels/reference.py); tests compare each kernel to it on ragged
 shapes under `TRITON_INTERPRET=1` on the CPU. Activation quantization (per-token absmax, round-half-even)
@@ -109,6 +112,32 @@ def _scaled_gemm_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _group_scaled_gemm_kernel(
+    qx_ptr, qw_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr,
+    M, N, K, G, stride_xm, stride_wn, stride_sn, stride_ym,
+    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Each BK tile lies in one group (BK divides GROUP): its exact int32 product is scaled by that group's s_w."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        a = tl.load(qx_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+        b = tl.load(qw_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
+        part = tl.dot(a, tl.trans(b), out_dtype=tl.int32)
+        s = tl.load(sw_ptr + rn * stride_sn + k0 // GROUP, mask=rn < N, other=0.0)  # (k0 < K: a valid group)
+        acc += part.to(tl.float32) * s[None, :]
+    y = acc * tl.load(sx_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 def _grid(m: int, n: int) -> tuple[int, int]:
     return triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N)
 
@@ -168,3 +197,29 @@ def linear_fp8(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | No
     x8, sx = reference.quantize_act_fp8(x.reshape(-1, shape[-1]), x_scale)
     y = _scaled_gemm(x8, qweight, sx, w_scale, bias, x.dtype, x_per_token=x_scale is None)
     return y.reshape(*shape[:-1], -1)
+
+
+def linear_int_dynamic(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int,
+                       group_size: int) -> Tensor:
+    """qc::linear_int_dynamic on a GPU (semantics: reference.linear_int_dynamic). Group sizes the int8 tensor-core
+    tile (16) does not divide run the oracle."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    qx, sx = reference.quantize_act_dynamic_bits(x2, act_bits)
+    m, k = qx.shape
+    n = qweight.shape[0]
+    if group_size <= 0 or group_size >= k:  # one scale per output channel: the scaled GEMM's epilogue
+        y = _scaled_gemm(qx, qweight, sx, w_scale.reshape(-1), bias, x.dtype)
+        return y.reshape(*shape[:-1], -1)
+    if group_size % 16:
+        return reference.linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size)
+    bk = 32 if group_size % 32 == 0 else 16
+    sw = w_scale.float().contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    qx, qw = qx.contiguous(), qweight.contiguous()
+    _group_scaled_gemm_kernel[_grid(m, n)](
+        qx, qw, sx.float().reshape(-1).contiguous(), sw, bias if bias is not None else sw, y,
+        m, n, k, sw.shape[1], qx.stride(0), qw.stride(0), sw.stride(0), y.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, BM=BLOCK_M, BN=BLOCK_N, BK=bk,
+    )
+    return y.reshape(*shape[:-1], n)

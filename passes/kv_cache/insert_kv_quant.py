@@ -9,7 +9,13 @@ head repetition; MLA's compressed latent and shared rotary key) the cached tenso
         z = round(−min / s), on the unsigned grid [0, 2^b − 1]
     dynamic:              the same per token and head (over D), computed at run time [qc::fake_quant_kv_dynamic]
 
-for int8 or int4 (scheme.kv_cache, or this pass's options). The op stays in the lowered graph: it is what a
+for int8 or int4 (scheme.kv_cache, or this pass's options).
+
+Keys per channel: a cached key is rotated by its position, k'_i = k_i·cos θ − k_j·sin θ with j = i ± D/2 (the
+rotate-half layout of Llama, Qwen, Mistral, Gemma, DeepSeek's de-interleaved k_pe), so a channel's range at
+positions calibration never reached can exceed its calibrated one; only the pair's amplitude √(k_i² + k_j²) is
+position-free. Channel i and its partner therefore share the range ±√(a_i² + a_j²) (a = calibrated max |k'|), an
+upper bound of both at every position. (Partial rotary embeddings pair channels differently: use per-head scales.) The op stays in the lowered graph: it is what a
 quantized cache gives attention back. Exporters take the scales from the node's KV_FQ record: msModelSlim C8
 `kv_cache_scale` / `kv_cache_offset`, compressed-tensors `k_scale` / `v_scale` with `kv_cache_scheme`, the
 onnxruntime decoder's quantized GroupQueryAttention cache.
@@ -37,8 +43,14 @@ FQ_KV = torch.ops.qc.fake_quant_kv.default
 FQ_KV_DYNAMIC = torch.ops.qc.fake_quant_kv_dynamic.default
 
 
-def kv_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) broadcastable over [B, H, S, D] from per-(head, channel) ranges lo, hi [H, D]."""
+def kv_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, rotary: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) broadcastable over [B, H, S, D] from per-(head, channel) ranges lo, hi [H, D]; `rotary`: the
+    channels are rotary pairs (i, i + D/2) whose per-channel ranges are tied (module docstring)."""
+    if rotary and args.granularity == "channel" and lo.shape[1] % 2 == 0:
+        a = torch.maximum(lo.abs(), hi.abs())
+        amplitude = torch.sqrt(a**2 + torch.roll(a, lo.shape[1] // 2, dims=1) ** 2)
+        lo, hi = -amplitude, amplitude
     if args.granularity == "head":
         lo, hi = lo.amin(dim=1, keepdim=True), hi.amax(dim=1, keepdim=True)
     elif args.granularity == "tensor":
@@ -118,7 +130,8 @@ class InsertKVQuant(Pass):
             if not args.dynamic:
                 lo, hi = stats[StatRequest(point.node.name, "minmax_head_dim")]
                 heads, dim = point.node.meta["val"].shape[1], point.node.meta["val"].shape[3]
-                scale, zero = kv_qparams(lo.reshape(heads, dim), hi.reshape(heads, dim), args)
+                scale, zero = kv_qparams(lo.reshape(heads, dim), hi.reshape(heads, dim), args,
+                                         rotary=point.kind in ("k", "k_rope"))
                 set_tensor(gm, point.attr_prefix + "_scale", scale)
                 set_tensor(gm, point.attr_prefix + "_zero", zero)
             insert_kv_node(gm, point, args)
@@ -147,6 +160,8 @@ def kv_records(gm: fx.GraphModule, block: str | None) -> list[dict]:
 def apply_kv_records(gm: fx.GraphModule, records: list[dict], block: str) -> None:
     """Re-insert recorded KV-cache quantization into a freshly traced block (the runtime's rebuild); the scale
     tensors are read from the artefact afterwards like every other tensor of the block."""
+    if not records:
+        return
     points = {(p.attention, p.kind): p for p in cache_points(gm)}
     for rec in records:
         point = points.get((rec["attention"], rec["kind"]))

@@ -115,10 +115,13 @@ def inspect_layers(out: Path) -> list[dict[str, Any]]:
         rows.append({
             "layer": path,
             "op": rec["op"],
-            "weights": f"int{w['bits']}{'' if w.get('symmetric', True) else ' asym'} "
-                       f"{'g' + str(w['group_size']) if w.get('granularity') == 'group' else w.get('granularity')}"
-            if w else "float",
-            "activations": "float" if not a else ("int8 per-token" if a.get("dynamic") else "int8 per-tensor"),
+            "weights": (f"{'fp8' if w.get('type') == 'float' else 'int' + str(w['bits'])}"
+                        f"{'' if w.get('symmetric', True) else ' asym'} "
+                        f"{'g' + str(w['group_size']) if w.get('granularity') == 'group' else w.get('granularity')}"
+                        if w else "float") + (" 2:4" if rec.get("sparsity") else ""),
+            "activations": "float" if not a else
+            f"{'fp8' if a.get('type') == 'float' else 'int' + str(a.get('bits', 8))} "
+            f"{'per-token' if a.get('dynamic') else 'per-tensor'}",
             "shape": [rec["out_features"], rec["in_features"]],
             "weight_sqnr_db": rec.get("weight_sqnr_db"),
             "output_sqnr_db": rec.get("output_sqnr_db"),

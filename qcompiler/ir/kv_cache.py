@@ -3,8 +3,8 @@
 Multi-head / grouped-query attention (Llama, Qwen, Mistral with a sliding window, Gemma, ...): the cache holds K
 after the rotary embedding (and after per-head q/k norms where a model has them) and V, both [B, H_kv, S, D],
 *before* any repetition of the KV heads for GQA. From attention's key / value operand we walk up through the
-ops that only repeat or re-lay the cached tensor — expand / unsqueeze / reshape of repeat_kv, the kᵀ transpose
-of eager attention, clone / contiguous / casts — and stop at the first op that computes something (the rotary
+ops that only repeat, re-lay or window the cached tensor — expand / unsqueeze / reshape of repeat_kv, the kᵀ
+transpose of eager attention, a sliding window's slice, clone / contiguous / casts — and stop at the first op that computes something (the rotary
 add for K, the head transpose of the v projection for V).
 
 Multi-head latent attention (DeepSeek-V2/V3): K and V come out of one projection (kv_b_proj) of a compressed
@@ -26,6 +26,7 @@ from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call, mod
 _REPEAT = PASSTHROUGH | {
     aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default, aten._unsafe_view.default,
     aten.clone.default, aten.contiguous.default,
+    aten.slice.Tensor,  # (a sliding window's view of the cache)
 }
 KINDS = ("k", "v", "kv_latent", "k_rope")
 

@@ -22,6 +22,8 @@ class Target:
     description: str = ""
     fuse_shared_input_linears: bool = False
     consumer: str = ""  # what loads the output (README matrix); targets writing several formats override consumers()
+    # whether the target's runtime and formats hold qc::online_rotation (QuaRot's online Hadamard before down_proj)
+    online_rotation: bool = True
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         """None when the target can run `scheme`, else why not."""
@@ -52,6 +54,10 @@ class Target:
 
     def check_export(self, scheme: QuantScheme, options: dict[str, str]) -> None:
         """Refuse a scheme the chosen output format(s) cannot hold (targets that write formats override)."""
+
+    def export_refusal(self, scheme: QuantScheme) -> str | None:
+        """Why none of the target's output formats can hold `scheme` although the target runs it (None: some can)."""
+        return None
 
     def consumers(self, scheme: QuantScheme) -> list[str]:
         """Who loads this target's output for `scheme` (empty when the target cannot run it)."""

@@ -3,7 +3,7 @@ consumers), for `qcompile schemes --markdown` and the README (a test keeps the R
 
 from __future__ import annotations
 
-from qcompiler.schemes import PLANNED, PRESETS
+from qcompiler.schemes import PRESETS
 from qcompiler.targets.base import registered_targets
 
 TARGET_ORDER = ("reference", "onnxruntime", "cuda", "ascend")
@@ -18,7 +18,7 @@ def support_matrix() -> str:
         cells = []
         for n in names:
             consumers = targets[n].consumers(scheme)
-            cells.append("<br>".join(consumers) if consumers else f"✗ {targets[n].unsupported_reason(scheme)}")
+            reason = targets[n].unsupported_reason(scheme) or targets[n].export_refusal(scheme)
+            cells.append("<br>".join(consumers) if consumers else f"✗ {reason}")
         lines.append(f"| {scheme_name} | " + " | ".join(cells) + " |")
-    lines.append(f"| {', '.join(PLANNED)} | " + " | ".join("planned (issue 7)" for _ in names) + " |")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ class AscendTarget(Target):
     description = ("Huawei Ascend NPU: npu_quant_matmul (int8×int8, static or per-token), "
                    "npu_weight_quant_batchmatmul (int8/int4 weight-only); exports msModelSlim ascend v1")
     fuse_shared_input_linears = True
+    online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online transform before a linear)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         w = scheme.weights

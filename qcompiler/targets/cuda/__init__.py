@@ -59,6 +59,7 @@ class CudaTarget(Target):
     description = ("NVIDIA GPU: Triton int4/int8 weight-only and int8×int8 GEMMs; exports compressed-tensors "
                    "(vLLM, SGLang), AWQ (LMDeploy), GPTQ")
     fuse_shared_input_linears = True
+    online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online transform before a linear)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         # the Triton scaled GEMM: int8 × int8 (int4 codes held in int8 for w4a8), or e4m3 × e4m3 for fp8
@@ -82,6 +83,10 @@ class CudaTarget(Target):
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         refuse_ragged_groups(self.name, "compressed-tensors, AWQ and GPTQ", config, scheme)
         refuse_mla_kv_cache(self.name, "compressed-tensors' kv_cache_scheme", config, scheme)
+
+    def export_refusal(self, scheme: QuantScheme) -> str | None:
+        reasons = [f"{f.name}: {f.unsupported_reason(scheme)}" for f in FORMATS.values()]
+        return None if any(f.unsupported_reason(scheme) is None for f in FORMATS.values()) else "; ".join(reasons)
 
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:

@@ -53,6 +53,8 @@ class OnnxRuntimeTarget(Target):
         if w.is_float:
             return "onnxruntime's CPU kernels have no fp8 GEMM"
         if scheme.activations is not None:
+            if scheme.activations.bits == 4:
+                return "onnxruntime has no int4 × int4 GEMM"
             if w.bits != 8 or not w.symmetric or w.granularity != "channel":
                 return "activation quantization needs symmetric per-channel int8 weights (no int4 × int8 GEMM here)"
             return None
