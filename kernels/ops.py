@@ -20,6 +20,11 @@ Ops:
   qc::fake_quant_act_fp8 / qc::fake_quant_act_fp8_per_token
                         fp8 e4m3 activation fake-quantization (static per-tensor scale / dynamic absmax/448
                         per token), the same rounding as reference.quantize_act_fp8
+  qc::fake_quant_kv     KV cache written and read back with calibrated scales (per tensor / head / channel,
+                        broadcast over [B, H, S, D]); kept in lowered graphs: it *is* the cache's semantics
+  qc::fake_quant_kv_dynamic   the same with one scale (and zero point) per token and head, computed at run time
+  qc::hadamard_transform  y = x·H_K/√K over the last axis (QuaRot's online Hadamard before down_proj; nothing
+                        stored: fast Walsh–Hadamard kernels compute the same on accelerators)
 """
 
 from __future__ import annotations
@@ -133,14 +138,14 @@ def _fake_quant_act_fp8_per_token_fake(x):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("qc::online_rotation", mutates_args=())
-def online_rotation(x: Tensor, rotation: Tensor) -> Tensor:
-    return reference.online_rotation(x, rotation)
+@torch.library.custom_op("qc::hadamard_transform", mutates_args=())
+def hadamard_transform(x: Tensor) -> Tensor:
+    return reference.hadamard_transform(x)
 
 
-@online_rotation.register_fake
-def _online_rotation_fake(x, rotation):
-    return x.new_empty((*x.shape[:-1], rotation.shape[1]))
+@hadamard_transform.register_fake
+def _hadamard_transform_fake(x):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("qc::fake_quant_kv", mutates_args=())

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qcompiler.kernels.packing import default_zero, load_weight_codes
@@ -172,6 +174,17 @@ def fake_quant_kv_dynamic(x: torch.Tensor, bits: int, symmetric: bool) -> torch.
     return ((q - zero) * scale).to(x.dtype)
 
 
-def online_rotation(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """y = x·R in float32 (R [K, K] orthogonal), returned in x's dtype."""
-    return (x.float() @ rotation.float()).to(x.dtype)
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """y = x·H_K/√K over the last axis (K = x.shape[-1]; algorithms/hadamard.py builds H_K), in float32, returned
+    in x's dtype. Deterministic: nothing is stored, fast Walsh–Hadamard kernels compute the same on accelerators."""
+    return (x.float() @ _normalized_hadamard(x.shape[-1], x.device)).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalized_hadamard(k: int, device: torch.device) -> torch.Tensor:
+    from qcompiler.algorithms.hadamard import normalized_hadamard
+
+    h = normalized_hadamard(k)
+    if h is None:
+        raise ValueError(f"no Hadamard matrix of order {k} is built here (algorithms/hadamard.py)")
+    return h.float().to(device)

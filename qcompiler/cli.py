@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -234,6 +235,10 @@ def _cmd_passes(_: argparse.Namespace) -> int:
 def _type_name(t: object) -> str:
     if typing.get_origin(t) is typing.Literal:
         return "|".join(str(a) for a in typing.get_args(t))
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(t))
+    if t is type(None):
+        return "None"
     return getattr(t, "__name__", str(t)).replace("typing.", "")
 
 

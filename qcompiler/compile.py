@@ -56,7 +56,7 @@ ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Pass]:
-    """[rotate for 4-bit activations | smoothquant when activations are quantized] → [awq] → fuse_linears →
+    """[rotate for 4-bit activations | smoothquant for static activations or int8 weights] → [awq] → fuse_linears →
     [prune_wanda | sparsegpt for 2:4 schemes] → rtn | gptq → act_quant → [kv_quant] → lower.
 
     algo: rtn (MSE-clipped for 4 bits), gptq, awq (scales + activation-aware clipping), awq+gptq. A 2:4 scheme
@@ -66,10 +66,15 @@ def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> 
         raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
     quantizes_acts = any(s.activations is not None for s in scheme.all_schemes())
     four_bit_acts = any(s.activations is not None and s.activations.bits == 4 for s in scheme.all_schemes())
+    # SmoothQuant moves activation outliers into the weights: right for static activation grids and 8-bit weights,
+    # wrong for int4 weights under per-token activations (w4a8 on the demo model: 202 ppl smoothed, see README)
+    smooths = any(s.activations is not None and (not s.activations.dynamic or (s.weights is not None and
+                                                                               s.weights.bits == 8))
+                  for s in scheme.all_schemes())
     passes: list[Pass] = []
     if four_bit_acts:  # (QuaRot: rotations instead of smoothing, which cannot save a 4-bit activation grid)
         passes.append(make_pass("rotate", {} if target.online_rotation else {"online": False}))
-    elif quantizes_acts:
+    elif smooths:
         passes.append(make_pass("smoothquant", {"alpha": 0.5}))
     if algo.startswith("awq"):
         passes.append(make_pass("awq", {}))
@@ -200,8 +205,6 @@ def describe_layers(gm: fx.GraphModule, block: str | None, layer_sqnr: dict[str,
             rec["tensors"] = {k: checkpoint_name(block, v) for k, v in rec["tensors"].items()}
             if rec.get("bias"):
                 rec["bias"] = checkpoint_name(block, rec["bias"])
-            if rec.get("input_rotation"):
-                rec["input_rotation"] = checkpoint_name(block, rec["input_rotation"])
         layers[rec["path"]] = rec
     return layers
 
@@ -260,6 +263,9 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
     target.check(cfg.scheme, cfg.target_options)
     passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
               else default_pipeline(cfg.scheme, target, cfg.algo))
+    if not target.online_rotation and any(getattr(p, "online", False) for p in passes):
+        raise PipelineError(f"target '{target.name}': its formats have no online Hadamard transform before a linear; "
+                            "use rotate{online=false} (the residual rotation alone is all in the weights)")
     check_output_dir(cfg.out.absolute())
     ckpt = Checkpoint(cfg.model)
     from transformers import AutoTokenizer

@@ -56,8 +56,6 @@ def _local(record: dict[str, Any], prefix: str) -> dict[str, Any]:
     rec = dict(record)
     rec["path"] = record["path"].removeprefix(prefix + ".")
     rec["tensors"] = {k: "block." + v.removeprefix(prefix + ".") for k, v in record["tensors"].items()}
-    if record.get("input_rotation"):
-        rec["input_rotation"] = "block." + record["input_rotation"].removeprefix(prefix + ".")
     if record.get("bias"):
         rec["bias"] = "block." + record["bias"].removeprefix(prefix + ".")
     if record.get("fused_from"):
@@ -83,11 +81,9 @@ def rebuild_block(gm: fx.GraphModule, records: list[dict[str, Any]], block: str)
         for target in rec["tensors"].values():  # placeholders until fill_block reads the artefact
             set_tensor(gm, target, torch.empty(0, device="meta"))
         x = node.args[0]
-        if rec.get("input_rotation"):  # QuaRot's online Hadamard before the layer
-            set_tensor(gm, rec["input_rotation"], torch.empty(0, device="meta"))
+        if rec.get("input_rotation") == "hadamard":  # QuaRot's online Hadamard before the layer
             with gm.graph.inserting_before(node):
-                x = gm.graph.call_function(torch.ops.qc.online_rotation.default,
-                                           (x, gm.graph.get_attr(rec["input_rotation"])))
+                x = gm.graph.call_function(torch.ops.qc.hadamard_transform.default, (x,))
         emit_linear_op(gm, node, x, rec)  # type: ignore[arg-type]
     gm.graph.eliminate_dead_code()
 

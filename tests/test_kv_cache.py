@@ -13,7 +13,7 @@ from tiny import byte_tokenizer, make_tiny_model
 
 import qcompiler.kernels  # noqa: F401
 from qcompiler.compile import QuantizeConfig, quantize
-from qcompiler.errors import ModelLoadError, PassError, SchemeError
+from qcompiler.errors import ArtifactError, ModelLoadError, PassError, SchemeError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import copy_graph, get_tensor
 from qcompiler.ir.kv_cache import cache_points
@@ -189,6 +189,10 @@ def test_msmodelslim_c8_and_compressed_tensors_kv_cache_scheme(models, tmp_path,
     with safe_open(out / "msmodelslim" / index["weight_map"][key], "pt") as f:
         assert f.get_tensor(key).shape == (2 * 24,)  # one scale per channel of the cache (H_kv · D)
         assert not f.get_tensor(key.replace("scale", "offset")).any()  # symmetric
+    from qcompiler.targets.ascend.loader import load_msmodelslim
+
+    with pytest.raises(ArtifactError, match="C8"):  # (its emulation has no int8 cache: refused, not dropped)
+        load_msmodelslim(out / "msmodelslim")
     ours = next(r for r in json.loads((out / "qcompiler.json").read_text())["kv_cache"]["model.layers.1"]
                 if r["kind"] == "k")
     with safe_open(out / "block-00001.safetensors", "pt") as f:

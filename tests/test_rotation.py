@@ -11,7 +11,7 @@ from tiny import make_tiny_model
 import qcompiler.kernels  # noqa: F401
 from qcompiler.algorithms.hadamard import hadamard, normalized_hadamard, paley, random_hadamard
 from qcompiler.compile import QuantizeConfig, quantize
-from qcompiler.errors import ExportError, PassError
+from qcompiler.errors import PassError, PipelineError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import get_tensor
 from qcompiler.pm.manager import PassManager
@@ -19,7 +19,7 @@ from qcompiler.pm.pipeline import parse_pipeline
 from qcompiler.runtime import load_quantized
 from qcompiler.schemes import get_scheme
 
-ROT = torch.ops.qc.online_rotation.default
+ROT = torch.ops.qc.hadamard_transform.default
 
 
 def _quantize(model, out, scheme, text, passes=None, target="reference", **kw):
@@ -59,7 +59,7 @@ def test_rotated_block_computes_the_rotated_function(tiny_models, family):
     assert rep["residual_rotation"] == "hadamard" and rep["folded_norms"] == 2
     assert rep["rotated_outputs"] == 2 and rep["online"] == ["mlp.down_proj"]
     rots = [n for n in gm.graph.nodes if n.target == ROT]
-    assert len(rots) == 1 and next(iter(rots[0].users)).meta[qmeta.ROTATION] == rots[0].args[1].target
+    assert len(rots) == 1 and next(iter(rots[0].users)).meta[qmeta.ROTATION] == "hadamard"
     norms = [t for t in ("block.input_layernorm.weight", "block.post_attention_layernorm.weight")]
     for t in norms:  # folded: the norm multiplies by 1 (Gemma's (1 + γ) by γ = 0)
         g = get_tensor(gm, t)
@@ -107,7 +107,7 @@ def test_rotation_refuses_moe_blocks_and_formats_without_an_online_rotation(tmp_
     with pytest.raises(PassError, match="not a linear's output"):
         PassManager(parse_pipeline("rotate")).run(gm, context(inputs, "w4a4"))
     out = tmp_path_factory.mktemp("x")
-    with pytest.raises(ExportError, match="online rotation"):
+    with pytest.raises(PipelineError, match="online Hadamard"):
         _quantize(tiny_llama, out / "ct", get_scheme("w8a16"), calib_text, passes="rotate,rtn", target="cuda")
     assert not (out / "ct").exists()
     # without the online Hadamard the rotation is all in the weights: any format holds it

@@ -25,7 +25,7 @@ npu = torch.ops.qc_npu
 def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tensor | int | None]:
     """Kernel arguments for one layer of type `kind` from its msModelSlim tensors `t` (suffix -> tensor)."""
     bias = t.get("bias")
-    if kind == "W8A8":
+    if kind in ("W8A8", "W8A8S"):  # (W8A8S: the same tensors, of a 2:4-sparse weight)
         return {"weight": t["weight"].t().contiguous(), "deq_scale": t["deq_scale"], "quant_bias": t["quant_bias"],
                 "input_scale": t["input_scale"].float(), "input_offset": t["input_offset"].float()}
     if kind == "W8A8_DYNAMIC":
@@ -47,12 +47,12 @@ def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tenso
                 "antiquant_offset": (-t["weight_offset"].float()).t().contiguous(), "bias": bias,
                 "group_size": group_size if grouped else 0}
     raise ValueError(f"layer type '{kind}' has no NPU lowering here "
-                     "(supported: W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC, W8A16, W4A16)")
+                     "(supported: W8A8, W8A8S, W8A8_DYNAMIC, W4A8_DYNAMIC per channel, W8A16, W4A16; W16A16S loads as float)")
 
 
 def forward(kind: str, x: Tensor, p: dict[str, Tensor | int | None]) -> Tensor:
     """One linear on x [..., K] (the kernels take any leading dims)."""
-    if kind == "W8A8":
+    if kind in ("W8A8", "W8A8S"):
         q = npu.npu_quantize(x, p["input_scale"], p["input_offset"], True)
         return npu.npu_quant_matmul(q, p["weight"], p["deq_scale"], None, p["quant_bias"], x.dtype)
     if kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC"):

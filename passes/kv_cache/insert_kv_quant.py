@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import fx
@@ -92,7 +93,7 @@ class InsertKVQuant(Pass):
     name = "kv_quant"
     summary = "quantize the KV cache (int8/int4; static per tensor/head/channel or dynamic per token)"
     bits: int | None = None  # None: from the scheme's kv_cache
-    granularity: str | None = None  # tensor | head | channel | token
+    granularity: Literal["tensor", "head", "channel", "token"] | None = None
     symmetric: bool | None = None
 
     def args(self, ctx: PassContext) -> QuantArgs:

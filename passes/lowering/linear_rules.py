@@ -64,7 +64,7 @@ def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.
         "fused_from": node.meta.get(qmeta.FUSED_FROM),
         "bias": str(bias.target) if bias is not None else None,
         "sparsity": node.meta[qmeta.SPARSE]["pattern"] if qmeta.SPARSE in node.meta else None,
-        "input_rotation": node.meta.get(qmeta.ROTATION),  # qc::online_rotation(x, this tensor) feeds the layer
+        "input_rotation": node.meta.get(qmeta.ROTATION),  # "hadamard": qc::hadamard_transform(x) feeds the layer
     }
 
 

@@ -14,7 +14,8 @@ The model computes the same function (exactly, up to float rounding), but every 
 linears read is rotated: an outlier channel is spread over all d channels, which is what 4-bit activations need.
 
 Online (online=True): down_proj's input x (intermediate size k, not part of the residual stream) is rotated at
-run time, x' = x·H_k (H_k normalized Hadamard, qc::online_rotation), with W_down ← W_down·H_k.
+run time, x' = x·H_k (H_k normalized Hadamard, qc::hadamard_transform: deterministic, nothing stored), with
+W_down ← W_down·H_k. Skipped (reported) for an intermediate size no Hadamard matrix is built for.
 
 Refused with the reason (before changing anything): a residual add whose other operand is not a linear's output
 (Gemma 2/3 post-norms, MoE mixtures), a stream read by something other than an RMSNorm or the next add
@@ -41,13 +42,12 @@ from qcompiler.ir.graph import (
     bias_attr,
     get_tensor,
     is_call,
-    linear_module_attr,
     set_tensor,
 )
 from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
-ONLINE_ROTATION = torch.ops.qc.online_rotation.default
+HADAMARD = torch.ops.qc.hadamard_transform.default
 
 
 def _through_passthrough(node: fx.Node) -> list[fx.Node]:
@@ -161,15 +161,13 @@ class Rotate(Pass):
                 if h is None:
                     continue
                 node = nodes[info.node]
-                attr = linear_module_attr(node) + ".input_rotation"
-                set_tensor(gm, attr, h.float())
                 w = get_tensor(gm, info.weight)
                 set_tensor(gm, info.weight, (w.double() @ h).to(w.dtype))
                 x = node.args[0]
                 with gm.graph.inserting_before(node):
-                    rot = gm.graph.call_function(ONLINE_ROTATION, (x, gm.graph.get_attr(attr)))
+                    rot = gm.graph.call_function(HADAMARD, (x,))
                 node.replace_input_with(x, rot)  # type: ignore[arg-type]
-                node.meta[qmeta.ROTATION] = attr
+                node.meta[qmeta.ROTATION] = "hadamard"
                 online.append(info.path)
         gm.graph.lint()
         gm.recompile()
@@ -184,13 +182,16 @@ class Rotate(Pass):
         norm = model.get_decoder().norm if hasattr(model, "get_decoder") else None
         if embed is None or head is None or norm is None or getattr(norm, "bias", None) is not None:
             raise PassError("rotate: the model needs input embeddings, an output head and a final RMSNorm (no bias)")
-        e = embed.weight.detach().double()
-        gamma = norm_multiplier(norm, e.shape[1])
-        w_head = head.weight.detach().double()
-        r, _ = self.rotation(e.shape[1])
-        embed.weight = torch.nn.Parameter((e @ r).to(embed.weight.dtype), requires_grad=False)
-        head.weight = torch.nn.Parameter(((w_head * gamma[None, :]) @ r).to(head.weight.dtype), requires_grad=False)
-        norm.weight = torch.nn.Parameter((norm.weight.detach().double() - (gamma - 1.0)).to(norm.weight.dtype),
+        # (float32 products: the vocabulary-sized matrices are the largest of the model; float64 copies of them
+        # doubled the run's peak memory for no accuracy a float32 model keeps)
+        d = embed.weight.shape[1]
+        gamma = norm_multiplier(norm, d).float()
+        r = self.rotation(d)[0].float()
+        w_head = (head.weight.detach().float() * gamma[None, :]) @ r  # (before the embedding: they may be tied)
+        e = embed.weight.detach().float() @ r
+        embed.weight = torch.nn.Parameter(e.to(embed.weight.dtype), requires_grad=False)
+        head.weight = torch.nn.Parameter(w_head.to(head.weight.dtype), requires_grad=False)
+        norm.weight = torch.nn.Parameter((norm.weight.detach().float() - (gamma - 1.0)).to(norm.weight.dtype),
                                          requires_grad=False)
         untied = bool(getattr(model.config, "tie_word_embeddings", False))
         model.config.tie_word_embeddings = False

@@ -97,6 +97,9 @@ class FormatExporter:
         out: dict[str, torch.Tensor] = {}
         used: set[str] = set()
         for rec in describe_layers(gm, name, {}).values():
+            if rec.get("input_rotation"):
+                raise ExportError(f"{self.fmt.name}: layer '{rec['path']}' reads its input through an online Hadamard "
+                                  "transform, which this format cannot express; rotate{online=false}")
             used.update(rec["tensors"].values())
             if rec.get("bias"):
                 used.add(rec["bias"])
@@ -129,10 +132,6 @@ class FormatExporter:
         for k, v in tensors.items():
             if k in used:
                 continue
-            if k.endswith(".input_rotation"):
-                raise ExportError(f"{self.fmt.name}: '{k}' is an online rotation before a linear, which this format "
-                                  "cannot express; rotate without it (rotate{online=false}) or use the reference / "
-                                  "onnxruntime targets")
             if k not in self.state_names:
                 raise ExportError(
                     f"{self.fmt.name}: block '{name}' holds tensor '{k}' that the model's own layers do not have "

@@ -3,8 +3,8 @@
 Multi-head / grouped-query attention (Llama, Qwen, Mistral with a sliding window, Gemma, ...): the cache holds K
 after the rotary embedding (and after per-head q/k norms where a model has them) and V, both [B, H_kv, S, D],
 *before* any repetition of the KV heads for GQA. From attention's key / value operand we walk up through the
-ops that only repeat, re-lay or window the cached tensor — expand / unsqueeze / reshape of repeat_kv, the kᵀ
-transpose of eager attention, a sliding window's slice, clone / contiguous / casts — and stop at the first op that computes something (the rotary
+ops that only repeat, re-lay or window the cached tensor — expand / unsqueeze / reshape of repeat_kv, a sliding
+window's slice, clone / contiguous / casts — and stop at the first op that computes something (the rotary
 add for K, the head transpose of the v projection for V).
 
 Multi-head latent attention (DeepSeek-V2/V3): K and V come out of one projection (kv_b_proj) of a compressed
@@ -44,17 +44,10 @@ class CachePoint:
         return f"block.{self.module}.{self.kind}_cache" if self.module else f"block.{self.kind}_cache"
 
 
-def _is_last_two_transpose(n: fx.Node) -> bool:
-    if not is_call(n, aten.transpose.int):
-        return False
-    dims = {int(d) % 4 for d in n.args[1:3]}  # type: ignore[call-overload]
-    return dims == {2, 3}
-
-
 def _cached(operand: fx.Node) -> fx.Node:
     """Walk up from an attention operand through repetition / layout ops to the cached tensor."""
     n = operand
-    while isinstance(n, fx.Node) and (is_call(n, _REPEAT) or _is_last_two_transpose(n)):
+    while isinstance(n, fx.Node) and is_call(n, _REPEAT):
         src = n.args[0]
         if not isinstance(src, fx.Node):
             break
@@ -85,18 +78,10 @@ def cache_points(gm: fx.GraphModule) -> list[CachePoint]:
                                  "its latent / shared rotary key are not the [B, 1, S, ·] tensors of MLA")
             points += [CachePoint("kv_latent", latent, i, module), CachePoint("k_rope", rope[0], i, module)]
             continue
-        if is_call(node, SDPA_OPS):
-            k_operand, v_operand = node.args[1], node.args[2]
-        else:  # eager attention: softmax(q·kᵀ)·v, found by the analysis from the softmax node
-            scores = [u for u in gm.graph.nodes if is_call(u, {aten.matmul.default, aten.bmm.default})]
-            k_operand = v_operand = None
-            for mm in scores:
-                if mm.args[0] is not None and _feeds(mm, node):
-                    k_operand = mm.args[1]
-                elif _fed_by(mm, node):
-                    v_operand = mm.args[1]
-            if k_operand is None or v_operand is None:
-                raise ValueError(f"attention '{att.node}': key / value operands not found")
+        if not is_call(node, SDPA_OPS):
+            raise ValueError(f"attention '{att.node}' is written out as matmul/softmax (eager attention); KV-cache "
+                             "points are found on scaled_dot_product_attention (Hugging Face's sdpa blocks)")
+        k_operand, v_operand = node.args[1], node.args[2]
         for kind, operand in (("k", k_operand), ("v", v_operand)):
             point = _cached(operand)  # type: ignore[arg-type]
             if not _rank4(point) or is_call(point, LINEAR):
@@ -105,21 +90,3 @@ def cache_points(gm: fx.GraphModule) -> list[CachePoint]:
             points.append(CachePoint(kind, point, i, module))
     return points
 
-
-def _feeds(a: fx.Node, b: fx.Node) -> bool:
-    """a reaches b walking users (a few steps: scores → scale/mask → softmax)."""
-    frontier: list[fx.Node] = [a]
-    seen: set[fx.Node] = set()
-    while frontier:
-        n = frontier.pop()
-        if n is b:
-            return True
-        if n in seen or len(seen) > 64:
-            continue
-        seen.add(n)
-        frontier.extend(n.users)
-    return False
-
-
-def _fed_by(a: fx.Node, b: fx.Node) -> bool:
-    return _feeds(b, a)

@@ -57,15 +57,19 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     desc, tensors = read_folder(folder)
     config = AutoConfig.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if any(kind == "C8" for kind in desc.values()):
+        raise ArtifactError(f"'{folder}': its KV cache is C8 (int8), which this loader's emulation does not run; "
+                            "load our artefact with qcompiler.runtime.load_quantized instead")
+    # W16A16S: a float (2:4-sparse) weight, loaded as it is
     quantized = {name.removesuffix(".weight"): kind for name, kind in desc.items()
-                 if name.endswith(".weight") and isinstance(kind, str) and kind != "FLOAT"}
+                 if name.endswith(".weight") and isinstance(kind, str) and kind not in ("FLOAT", "W16A16S")}
     for module_name, kind in quantized.items():
         prefix = module_name + "."
         layer_tensors = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         params = layout.prepare(kind, layer_tensors, int(desc.get("group_size") or 0))
         parent, leaf = module_name.rsplit(".", 1)
         setattr(model.get_submodule(parent), leaf, NpuLinear(kind, params))
-    float_tensors = {k: v.to(dtype) for k, v in tensors.items() if desc.get(k) == "FLOAT"
+    float_tensors = {k: v.to(dtype) for k, v in tensors.items() if desc.get(k) in ("FLOAT", "W16A16S")
                      and k.rsplit(".", 1)[0] not in quantized}
     missing, unexpected = model.load_state_dict(float_tensors, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)

@@ -8,7 +8,7 @@ can be freed as soon as they are written.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class OnnxBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
         self._consts: dict[tuple, str] = {}
+        self.shared: dict[str, str] = {}  # shared_initializer key -> initializer name
 
     # A pickled builder (the driver's per-block checkpoint, for --resume) records how far the data file had
     # been written; unpickling truncates the file there and appends from that point again.
@@ -101,6 +102,12 @@ class OnnxBuilder:
 
     def op(self, op: str, inputs: Sequence[str], name: str, domain: str = "", **attrs: Any) -> str:
         return self.node(op, inputs, name, 1, domain, **attrs)[0]
+
+    def shared_initializer(self, key: str, make: Callable[[], torch.Tensor | np.ndarray]) -> str:
+        """One initializer for every use of `key` (made on first use), e.g. a constant transform every block reads."""
+        if key not in self.shared:
+            self.shared[key] = self.initializer(key, make())
+        return self.shared[key]
 
     def initializer(self, hint: str, value: torch.Tensor | np.ndarray) -> str:
         arr = to_numpy(value)

@@ -15,7 +15,7 @@ Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
   aten.convolution with an int8 record        → DequantizeLinear(W_int8, s_w per output channel) → Conv, its input's
                                                 qc::fake_quant_act → QuantizeLinear/DequantizeLinear (QDQ:
                                                 onnxruntime runs the pattern as QLinearConv)
-  qc::online_rotation (QuaRot, before down)   → MatMul with the stored rotation
+  qc::hadamard_transform (QuaRot, before down) → MatMul with H_K/√K (one initializer per K)
   RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23), or with the residual
                                                 add feeding it, com.microsoft::SkipSimplifiedLayerNormalization
                                                 (normalized output and the sum, one pass over memory)
@@ -386,12 +386,15 @@ def _conv(em: GraphEmitter, n: fx.Node) -> str:
                    dilations=list(dilation), group=int(groups))
 
 
-@rule(torch.ops.qc.online_rotation.default)
-def _online_rotation(em: GraphEmitter, n: fx.Node) -> str:
-    """QuaRot's online Hadamard before a linear: MatMul with the stored orthogonal matrix."""
-    x, rotation = n.args
-    r = em.b.initializer(str(rotation.target), get_tensor(em.gm, str(rotation.target)).float())
-    return em.b.op("MatMul", [em.v(x), r], em.name(n))
+@rule(torch.ops.qc.hadamard_transform.default)
+def _hadamard_transform(em: GraphEmitter, n: fx.Node) -> str:
+    """QuaRot's online Hadamard before a linear: MatMul with H_K/√K, one initializer shared by every block."""
+    from qcompiler.algorithms.hadamard import normalized_hadamard
+
+    (x,) = n.args
+    k = int(x.meta["val"].shape[-1])
+    h = em.b.shared_initializer(f"hadamard_{k}", lambda: normalized_hadamard(k).float())  # type: ignore[union-attr]
+    return em.b.op("MatMul", [em.v(x), h], em.name(n))
 
 
 @rule(FQ_STATIC)
