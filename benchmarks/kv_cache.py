@@ -20,6 +20,8 @@ from pathlib import Path
 
 CONFIGS = {
     "int8 per channel (C8)": "int8-channel",
+    "int8 per channel, rotary pairs not tied": "int8-channel:untied",
+    "int4 per channel, asymmetric, rotary pairs not tied": "int4-channel-asym:untied",
     "int8 per head": "int8-head",
     "int8 per tensor": "int8-tensor",
     "int8 per token & head (dynamic)": "int8-token",
@@ -54,6 +56,7 @@ def main() -> None:
     from qcompiler.demo import demo_model_dir
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
+    from qcompiler.pm.pipeline import parse_pipeline
     from qcompiler.runtime import load_quantized
     from qcompiler.schemes import QuantScheme, parse_kv_cache
 
@@ -72,13 +75,16 @@ def main() -> None:
     names = a.only if a.only is not None else list(CONFIGS)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            spec = CONFIGS[name]
+            spec, _, variant = CONFIGS[name].partition(":")
             scheme = QuantScheme(f"kv {spec}", None, kv_cache=parse_kv_cache(spec))
-            out = Path(tmp) / spec
+            out = Path(tmp) / CONFIGS[name].replace(":", "-")
+            # "untied": per-channel key ranges as calibrated, without the rotary-pair bound (the ablation)
+            passes = parse_pipeline("fuse_linears,kv_quant{rotary_pairs=false}") if variant == "untied" else None
             t0 = time.perf_counter()
-            quantize(QuantizeConfig(model=model_dir, scheme=scheme, out=out, progress=False), log=lambda s: None)
+            quantize(QuantizeConfig(model=model_dir, scheme=scheme, out=out, passes=passes, progress=False),
+                     log=lambda s: None)
             q = perplexity(load_quantized(out), ids, "SmolLM2-135M-Instruct")
-            row = {"config": name, "kv": spec, "ppl": round(q.perplexity, 3),
+            row = {"config": name, "kv": spec + (" (kv_quant{rotary_pairs=false})" if variant else ""), "ppl": round(q.perplexity, 3),
                    "delta_pct": round(100 * (q.perplexity / f.perplexity - 1), 2),
                    "cache_ratio": round(cache_ratio(spec, head_dim), 3),
                    "quantize_s": round(time.perf_counter() - t0, 1), "tokens": q.tokens, "seq_len": q.seq_len}

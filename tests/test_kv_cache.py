@@ -231,3 +231,23 @@ def test_serving_formats_refuse_what_they_cannot_hold(models, tmp_path, calib_te
         _quantize(models["llama"], tmp_path / "d", get_scheme("w4a16", kv_cache="int8"), calib_text, target="cuda",
                   target_options={"format": "awq"})
     assert not any(tmp_path.iterdir())
+
+
+def test_per_channel_key_ranges_tie_rotary_pairs_so_later_positions_fit():
+    """Calibrated at one angle, a key pair (k_0, k_2) = (1, 0) (D = 4, rotate-half pairs i, i + 2) reads (0, 1) at a
+    position rotated by 90°: untied, channel 2's calibrated range is ~0 and clips it; tied, both channels share
+    ±√(1² + 0²) and the rotated key is on the grid within half a step."""
+    from qcompiler.passes.kv_cache.insert_kv_quant import kv_qparams
+
+    lo = torch.tensor([[-1.0, -0.5, -1e-3, -0.5]])  # one head, D = 4
+    hi = torch.tensor([[1.0, 0.5, 1e-3, 0.5]])
+    args = QuantArgs(bits=8, granularity="channel")
+    rotated = torch.tensor([0.0, 0.5, 1.0, 0.5]).reshape(1, 1, 1, 4)
+    for tied in (False, True):
+        scale, zero = kv_qparams(lo, hi, args, rotary=tied)
+        err = (reference.fake_quant_kv(rotated, scale, zero, args.qmin, args.qmax) - rotated).abs()
+        if tied:
+            assert torch.allclose(scale.reshape(-1)[[0, 2]], torch.full((2,), (1.0 + 1e-6) ** 0.5 / 127))
+            assert (err <= scale / 2 + 1e-7).all()
+        else:
+            assert err[..., 2].item() > 0.9  # clipped to the calibrated ±0.001

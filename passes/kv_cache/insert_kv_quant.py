@@ -95,6 +95,7 @@ class InsertKVQuant(Pass):
     bits: int | None = None  # None: from the scheme's kv_cache
     granularity: Literal["tensor", "head", "channel", "token"] | None = None
     symmetric: bool | None = None
+    rotary_pairs: bool = True  # per-channel key scales: tie each rotary pair's range (module docstring)
 
     def args(self, ctx: PassContext) -> QuantArgs:
         base = ctx.scheme.kv_cache
@@ -132,7 +133,7 @@ class InsertKVQuant(Pass):
                 lo, hi = stats[StatRequest(point.node.name, "minmax_head_dim")]
                 heads, dim = point.node.meta["val"].shape[1], point.node.meta["val"].shape[3]
                 scale, zero = kv_qparams(lo.reshape(heads, dim), hi.reshape(heads, dim), args,
-                                         rotary=point.kind in ("k", "k_rope"))
+                                         rotary=self.rotary_pairs and point.kind in ("k", "k_rope"))
                 set_tensor(gm, point.attr_prefix + "_scale", scale)
                 set_tensor(gm, point.attr_prefix + "_zero", zero)
             insert_kv_node(gm, point, args)
