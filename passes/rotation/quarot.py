@@ -154,11 +154,12 @@ class Rotate(Pass):
             if b is not None:
                 bias = get_tensor(gm, b)
                 set_tensor(gm, b, (bias.double() @ r).to(bias.dtype))
-        online = []
+        online, no_hadamard = [], []
         if self.online:
             for info in analysis.by_role("down"):
                 h = normalized_hadamard(info.in_features)
                 if h is None:
+                    no_hadamard.append(info.path)
                     continue
                 node = nodes[info.node]
                 w = get_tensor(gm, info.weight)
@@ -173,6 +174,8 @@ class Rotate(Pass):
         gm.recompile()
         details: dict[str, Any] = {"residual_rotation": kind, "hidden_size": d, "folded_norms": len(groups),
                                    "rotated_inputs": len(readers), "rotated_outputs": len(writers), "online": online}
+        if no_hadamard:
+            details["online_skipped_no_hadamard_order"] = no_hadamard
         return PassResult(gm, True, details)
 
     def transform_outer(self, model: torch.nn.Module) -> dict[str, Any]:
