@@ -1,10 +1,10 @@
 """The `reference` target: the CPU, through the qc:: ops (torch's int8 GEMM / int4 CPU kernels).
 
-It runs every preset scheme whose weights are int4/int8 and whose activations, when quantized, are int8
-with symmetric per-channel int8 weights (what the int8 GEMM epilogue supports) or int4 ones with dynamic
-activations (w4a8: int4 codes held in int8), and fp8 (e4m3 weights and
-activations, computed by the oracle in float32: numerics, not speed). It fuses linears that share
-an input (one GEMM for q/k/v and one for gate/up).
+It runs every preset: integer weights with int8 activations (symmetric per-channel int8 weights in the int8
+GEMM epilogue, int4 ones — per channel or with group scales — under dynamic per-token activations: w4a8),
+int4 × int4 per-token (w4a4), fp8 (e4m3 weights and activations, computed by the oracle in float32: numerics,
+not speed), 2:4-sparse weights (stored dense), a quantized KV cache and QuaRot's online Hadamard transform. It
+fuses linears that share an input (one GEMM for q/k/v and one for gate/up).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from qcompiler.targets.base import Target, register_target
 
 @register_target("reference")
 class ReferenceTarget(Target):
-    description = "pure CPU (torch): qc::linear_woq (int4/int8 weight-only), qc::linear_w8a8 (int8 GEMM)"
+    description = ("pure CPU (torch): qc::linear_woq (int4/int8 weight-only), qc::linear_w8a8 (int8 GEMM), "
+                   "qc::linear_int_dynamic (w4a8 groups, w4a4), qc::linear_fp8, KV-cache and Hadamard ops")
     fuse_shared_input_linears = True
     consumer = "qcompiler runtime (torch CPU)"
 

@@ -2,14 +2,17 @@
 
 Quantization and the artefact use the portable `qc::` ops (like every target); the Ascend specifics are
   - the export OUT/msmodelslim/ (export/msmodelslim.py), which vllm-ascend (`--quantization ascend`) and MindIE
-    load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, W4A8_DYNAMIC, FLOAT fallbacks;
+    load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, W4A8_DYNAMIC (per channel or two-level groups),
+    W4A4_DYNAMIC, W8A8S / W16A16S (2:4), C8 KV cache, FLOAT fallbacks;
   - the NPU lowering (passes/lowering/npu_lowering.py): qc:: linears → npu_quantize / npu_dynamic_quant /
     npu_quant_matmul / npu_weight_quant_batchmatmul, run by `load_quantized(out, lower_for="npu")`, on torch_npu
-    when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere;
+    when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere (qc::linear_int_dynamic — W4A4,
+    grouped W4A8 — and the KV-cache ops have no NPU mapping here: they run their torch oracle);
   - loader.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops.
 
 What loads where (vllm-ascend at its 2026-08 head): W8A8, W8A8_DYNAMIC, W8A16 dense in vllm-ascend and MindIE;
-dense W4A16 and W4A8_DYNAMIC in MindIE only (vllm-ascend registers them for MoE experts only).
+dense W4A16 and W4A8_DYNAMIC in MindIE only (vllm-ascend registers them for MoE experts only); W8A8S / W16A16S
+MindIE only; W4A4_DYNAMIC in both. msModelSlim has no online transform: rotations here are residual-only.
 """
 
 from __future__ import annotations

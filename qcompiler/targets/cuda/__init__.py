@@ -1,12 +1,14 @@
 """The `cuda` target: NVIDIA GPUs through our Triton kernels, and the checkpoints CUDA serving engines load.
 
-Lowering is the shared linear rules (kernel ops `qc::linear_woq`, `qc::linear_w8a8`, `qc::linear_fp8`), whose CUDA
-implementations are the Triton GEMMs in kernels/cuda (registered for CUDA tensors; the oracle elsewhere).
+Lowering is the shared linear rules (kernel ops `qc::linear_woq`, `qc::linear_w8a8`, `qc::linear_fp8`,
+`qc::linear_int_dynamic` for w4a8 group scales), whose CUDA implementations are the Triton GEMMs in kernels/cuda
+(registered for CUDA tensors; the oracle elsewhere). No int4 × int4 GEMM: w4a4 is refused.
 Linears sharing an input are fused (one GEMM for q/k/v, one for gate/up); the exports split them back.
 
 Export (`--target-option format=compressed-tensors[,awq][,gptq]`), each into its own folder of the artefact:
-  OUT/compressed-tensors/  pack-quantized (w4a16, w8a16) / int-quantized (w8a8, w8a8_dynamic) / float-quantized
-                           (fp8, fp8_static): vLLM, SGLang,
+  OUT/compressed-tensors/  pack-quantized (w4a16, w8a16, w4a8) / int-quantized (w8a8, w8a8_dynamic) /
+                           float-quantized (fp8, fp8_static), dense 2:4 with sparsity_config (w8a8s, w16a16s),
+                           kv_cache_scheme per tensor / attn_head: vLLM, SGLang,
                            transformers on the CPU (`vllm serve OUT/compressed-tensors`)
   OUT/awq/                 AutoAWQ gemm (int4 groups): LMDeploy TurboMind, vLLM, SGLang
   OUT/gptq/                GPTQ v1 (int4/int8 weight-only): vLLM, SGLang, TurboMind
