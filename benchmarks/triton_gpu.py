@@ -1,0 +1,94 @@
+"""The Triton kernels on a real GPU: each `qc::` linear's CUDA implementation against the oracle (run on the CPU in
+float64 / float32 as in tests) and its time beside torch's bf16 / fp16 GEMM on the same shape, in one run.
+
+Shapes: a decode-like M = 16 and a prefill-like M = 2048 tokens × the demo model's layer shapes (K = 576 → N = 1536,
+K = 1536 → N = 576) and a 4096 × 4096 layer. Prints one JSON line per (kernel, shape), then a markdown table.
+
+    python benchmarks/triton_gpu.py        (needs a CUDA GPU and the `cuda` extra)
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+SHAPES = [(16, 576, 1536), (2048, 576, 1536), (2048, 1536, 576), (16, 4096, 4096), (2048, 4096, 4096)]
+
+
+def _time(fn, reps: int = 20) -> float:
+    """Median milliseconds of `fn` on the GPU (after warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    from qcompiler import numerics as nm
+    from qcompiler.kernels import reference
+    from qcompiler.kernels.cuda import triton_linear
+    from qcompiler.kernels.packing import store_weight_codes
+    from qcompiler.schemes import QuantArgs
+
+    dev = torch.device("cuda")
+    rows = []
+    for m, k, n in SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(m, k, generator=g)
+        w = torch.randn(n, k, generator=g) / k**0.5
+        bias = torch.randn(n, generator=g)
+        w16 = w.to(dev, torch.float16)
+        x16 = x.to(dev, torch.float16)
+        t_fp16 = _time(lambda: x16 @ w16.t())
+        cases = {}
+        # weight-only int4 g128 (w4a16)
+        args = QuantArgs(bits=4, granularity="group", group_size=128)
+        s, z = nm.weight_qparams(w, args)
+        qw = store_weight_codes(nm.quantize_weight(w, s, z, args), 4, True)
+        cases["linear_woq int4 g128 (fp16 x)"] = (
+            lambda: triton_linear.linear_woq(x16, qw.to(dev), s.to(dev), None, bias.to(dev), 4, 128, k),
+            reference.linear_woq(x, qw, s, None, bias, 4, 128, k))
+        # int8 × int8 per-token (w8a8_dynamic)
+        a8 = QuantArgs(bits=8)
+        s8, _ = nm.weight_qparams(w, a8)
+        q8 = nm.quantize_weight(w, s8, None, a8).to(torch.int8)
+        cases["linear_w8a8 dynamic"] = (
+            lambda: triton_linear.linear_w8a8(x16, q8.to(dev), s8.reshape(-1).to(dev), None, None, bias.to(dev)),
+            reference.linear_w8a8(x, q8, s8.reshape(-1), None, None, bias))
+        # int4 g128 × int8 per-token (w4a8 groups): the group-scaled GEMM
+        ag = QuantArgs(bits=4, granularity="group", group_size=128)
+        sg, _ = nm.weight_qparams(w, ag)
+        qg = nm.quantize_weight(w, sg, None, ag).to(torch.int8)
+        cases["linear_int_dynamic w4a8 g128"] = (
+            lambda: triton_linear.linear_int_dynamic(x16, qg.to(dev), sg.to(dev), bias.to(dev), 8, 128),
+            reference.linear_int_dynamic(x, qg, sg, bias, 8, 128))
+        for name, (run, want) in cases.items():
+            got = run().float().cpu()
+            err = float((got - want).norm() / want.norm())
+            ms = _time(run)
+            row = {"kernel": name, "m": m, "k": k, "n": n, "rel_err_vs_oracle": err, "ms": round(ms, 4),
+                   "fp16_matmul_ms": round(t_fp16, 4), "ratio_vs_fp16": round(ms / t_fp16, 2),
+                   "gpu": torch.cuda.get_device_name()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(f"{rows[0]['gpu']}, torch {torch.__version__}; median of 20 after warm-up; fp16 = torch x16 @ w16ᵀ")
+    print()
+    print("| kernel | M × K × N | rel. error vs oracle | ms | fp16 GEMM ms | × fp16 |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['m']}×{r['k']}×{r['n']} | {r['rel_err_vs_oracle']:.1e} | {r['ms']} | "
+              f"{r['fp16_matmul_ms']} | {r['ratio_vs_fp16']} |")
+
+
+if __name__ == "__main__":
+    main()
