@@ -32,7 +32,8 @@ def _time(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def measure_shape(m: int, k: int, n: int) -> list[dict]:
+    """Every kernel on one shape: error against the oracle and time beside the fp16 GEMM."""
     from qcompiler import numerics as nm
     from qcompiler.kernels import reference
     from qcompiler.kernels.cuda import triton_linear
@@ -40,44 +41,53 @@ def main() -> None:
     from qcompiler.schemes import QuantArgs
 
     dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    bias = torch.randn(n, generator=g)
+    w16, x16, b = w.to(dev, torch.float16), x.to(dev, torch.float16), bias.to(dev)
+    t_fp16 = _time(lambda: x16 @ w16.t())
+    # weight-only int4 g128 (w4a16)
+    args = QuantArgs(bits=4, granularity="group", group_size=128)
+    s, z = nm.weight_qparams(w, args)
+    qw = store_weight_codes(nm.quantize_weight(w, s, z, args), 4, True)
+    qw_d, s_d = qw.to(dev), s.to(dev)
+    # int8 × int8 per-token (w8a8_dynamic)
+    a8 = QuantArgs(bits=8)
+    s8, _ = nm.weight_qparams(w, a8)
+    q8 = nm.quantize_weight(w, s8, None, a8).to(torch.int8)
+    q8_d, s8_d = q8.to(dev), s8.reshape(-1).to(dev)
+    # int4 g128 × int8 per-token (w4a8 groups): the group-scaled GEMM
+    ag = QuantArgs(bits=4, granularity="group", group_size=128)
+    sg, _ = nm.weight_qparams(w, ag)
+    qg = nm.quantize_weight(w, sg, None, ag).to(torch.int8)
+    qg_d, sg_d = qg.to(dev), sg.to(dev)
+    cases = {
+        "linear_woq int4 g128 (fp16 x)": (
+            lambda: triton_linear.linear_woq(x16, qw_d, s_d, None, b, 4, 128, k),
+            reference.linear_woq(x, qw, s, None, bias, 4, 128, k)),
+        "linear_w8a8 dynamic": (
+            lambda: triton_linear.linear_w8a8(x16, q8_d, s8_d, None, None, b),
+            reference.linear_w8a8(x, q8, s8.reshape(-1), None, None, bias)),
+        "linear_int_dynamic w4a8 g128": (
+            lambda: triton_linear.linear_int_dynamic(x16, qg_d, sg_d, b, 8, 128),
+            reference.linear_int_dynamic(x, qg, sg, bias, 8, 128)),
+    }
+    rows = []
+    for name, (run, want) in cases.items():
+        got = run().float().cpu()
+        ms = _time(run)
+        rows.append({"kernel": name, "m": m, "k": k, "n": n,
+                     "rel_err_vs_oracle": float((got - want).norm() / want.norm()), "ms": round(ms, 4),
+                     "fp16_matmul_ms": round(t_fp16, 4), "ratio_vs_fp16": round(ms / t_fp16, 2),
+                     "gpu": torch.cuda.get_device_name()})
+    return rows
+
+
+def main() -> None:
     rows = []
     for m, k, n in SHAPES:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(m, k, generator=g)
-        w = torch.randn(n, k, generator=g) / k**0.5
-        bias = torch.randn(n, generator=g)
-        w16 = w.to(dev, torch.float16)
-        x16 = x.to(dev, torch.float16)
-        t_fp16 = _time(lambda: x16 @ w16.t())
-        cases = {}
-        # weight-only int4 g128 (w4a16)
-        args = QuantArgs(bits=4, granularity="group", group_size=128)
-        s, z = nm.weight_qparams(w, args)
-        qw = store_weight_codes(nm.quantize_weight(w, s, z, args), 4, True)
-        cases["linear_woq int4 g128 (fp16 x)"] = (
-            lambda: triton_linear.linear_woq(x16, qw.to(dev), s.to(dev), None, bias.to(dev), 4, 128, k),
-            reference.linear_woq(x, qw, s, None, bias, 4, 128, k))
-        # int8 × int8 per-token (w8a8_dynamic)
-        a8 = QuantArgs(bits=8)
-        s8, _ = nm.weight_qparams(w, a8)
-        q8 = nm.quantize_weight(w, s8, None, a8).to(torch.int8)
-        cases["linear_w8a8 dynamic"] = (
-            lambda: triton_linear.linear_w8a8(x16, q8.to(dev), s8.reshape(-1).to(dev), None, None, bias.to(dev)),
-            reference.linear_w8a8(x, q8, s8.reshape(-1), None, None, bias))
-        # int4 g128 × int8 per-token (w4a8 groups): the group-scaled GEMM
-        ag = QuantArgs(bits=4, granularity="group", group_size=128)
-        sg, _ = nm.weight_qparams(w, ag)
-        qg = nm.quantize_weight(w, sg, None, ag).to(torch.int8)
-        cases["linear_int_dynamic w4a8 g128"] = (
-            lambda: triton_linear.linear_int_dynamic(x16, qg.to(dev), sg.to(dev), bias.to(dev), 8, 128),
-            reference.linear_int_dynamic(x, qg, sg, bias, 8, 128))
-        for name, (run, want) in cases.items():
-            got = run().float().cpu()
-            err = float((got - want).norm() / want.norm())
-            ms = _time(run)
-            row = {"kernel": name, "m": m, "k": k, "n": n, "rel_err_vs_oracle": err, "ms": round(ms, 4),
-                   "fp16_matmul_ms": round(t_fp16, 4), "ratio_vs_fp16": round(ms / t_fp16, 2),
-                   "gpu": torch.cuda.get_device_name()}
+        for row in measure_shape(m, k, n):
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
