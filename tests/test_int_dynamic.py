@@ -88,6 +88,10 @@ def test_msmodelslim_two_level_w4a8_group_scales_and_w4a4(tiny_llama, tmp_path, 
     assert torch.allclose(two_level, group_scale, rtol=1e-6)
     assert tensors[name + ".weight"].shape == (group_scale.shape[0] // 2, 160)  # int4 pairs along N
     assert not tensors[name + ".weight_offset_second"].any()
+    from qcompiler.targets.ascend.loader import load_msmodelslim
+
+    with pytest.raises(ValueError, match="weight_scale_second"):  # (refused, never read as per-channel scales)
+        load_msmodelslim(out / "msmodelslim")
 
     out4 = tmp_path / "a4"
     _quantize(tiny_llama, out4, get_scheme("w4a4"), calib_text, target="ascend")

@@ -31,6 +31,9 @@ def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tenso
     if kind == "W8A8_DYNAMIC":
         return {"weight": t["weight"].t().contiguous(), "weight_scale": t["weight_scale"].float().flatten(),
                 "bias": bias}
+    if kind == "W4A8_DYNAMIC" and "weight_scale_second" in t:
+        raise ValueError("W4A8_DYNAMIC with two-level group scales (weight_scale_second) has no NPU emulation here; "
+                         "run our artefact with qcompiler.runtime.load_quantized")
     if kind == "W4A8_DYNAMIC":  # int4 codes packed in pairs along N -> [K, N] -> int4pack [K, N/8]
         codes = unpack_int4_pairs(t["weight"], dim=0).to(torch.int32)
         return {"weight": npu_convert_weight_to_int4pack(codes.t().contiguous()),
