@@ -9,7 +9,7 @@ import functools
 import torch
 
 from qcompiler.kernels.packing import default_zero, load_weight_codes
-from qcompiler.numerics import to_fp8
+from qcompiler.numerics import quantize_act_per_token, to_fp8
 from qcompiler.schemes import FP8_E4M3_MAX
 
 
@@ -80,14 +80,6 @@ def linear_w8a8(
     return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-def quantize_act_dynamic_bits(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token codes of x [M, K] on a b-bit grid [−2^(b−1), 2^(b−1) − 1] (held in int8) and fp32
-    scales [M, 1] = absmax / (2^(b−1) − 1)."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
-    return torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax).to(torch.int8), scale
-
-
 def linear_int_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                        act_bits: int, group_size: int) -> torch.Tensor:
     """Integer GEMM with dynamic per-token activations of `act_bits` (8: w4a8, 4: w4a4) and symmetric integer
@@ -100,7 +92,7 @@ def linear_int_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     k = x2.shape[1]
-    qx, sx = quantize_act_dynamic_bits(x2, act_bits)
+    qx, sx = quantize_act_per_token(x2, act_bits)
     sw = w_scale.float().reshape(qweight.shape[0], -1)
     g = group_size if group_size > 0 else k
     y = torch.zeros(x2.shape[0], qweight.shape[0], dtype=torch.float32)
@@ -150,11 +142,10 @@ def quantize_kv_dynamic(x: torch.Tensor, bits: int, symmetric: bool
     """Per token and head (one scale per [b, h, s] over D): (codes, scale, zero), float32, [..., 1] qparams.
     Symmetric: s = max|x| / (2^(b−1) − 1), z = 0, codes in [−2^(b−1), 2^(b−1) − 1]. Asymmetric: s = (max − min) /
     (2^b − 1) over a range that includes 0, z = round(−min / s), codes in [0, 2^b − 1]."""
-    xf = x.float()
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
-        return torch.clamp(torch.round(xf / scale), -qmax - 1, qmax), scale, torch.zeros_like(scale)
+        q, scale = quantize_act_per_token(x, bits)
+        return q.float(), scale, torch.zeros_like(scale)
+    xf = x.float()
     qmax = 2**bits - 1
     lo = xf.amin(dim=-1, keepdim=True).clamp_max(0)
     hi = xf.amax(dim=-1, keepdim=True).clamp_min(0)

@@ -225,8 +225,8 @@ PRESETS: dict[str, QuantScheme] = {
         QuantArgs(bits=4, granularity="channel"),
         QuantArgs(bits=8, granularity="token", symmetric=True, dynamic=True),
     ),
-    # int4 weights per channel × int4 activations per token (msModelSlim W4A4_DYNAMIC); pair with rotations
-    # (the `rotate` pass, --algo quarot) or the outliers of the activations ruin the 4-bit grid
+    # int4 weights per channel × int4 activations per token (msModelSlim W4A4_DYNAMIC); the default pipeline
+    # rotates first (the `rotate` pass): without it the activations' outliers ruin the 4-bit grid
     "w4a4": QuantScheme(
         "w4a4",
         QuantArgs(bits=4, granularity="channel"),

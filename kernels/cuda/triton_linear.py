@@ -25,6 +25,7 @@ from torch import Tensor
 
 from qcompiler.kernels import reference
 from qcompiler.kernels.packing import default_zero
+from qcompiler.numerics import quantize_act_per_token
 
 BLOCK_M = 16
 BLOCK_N = 32
@@ -205,7 +206,7 @@ def linear_int_dynamic(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor
     tile (16) does not divide run the oracle."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    qx, sx = reference.quantize_act_dynamic_bits(x2, act_bits)
+    qx, sx = quantize_act_per_token(x2, act_bits)
     m, k = qx.shape
     n = qweight.shape[0]
     if group_size <= 0 or group_size >= k:  # one scale per output channel: the scaled GEMM's epilogue

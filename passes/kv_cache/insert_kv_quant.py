@@ -9,16 +9,17 @@ head repetition; MLA's compressed latent and shared rotary key) the cached tenso
         z = round(−min / s), on the unsigned grid [0, 2^b − 1]
     dynamic:              the same per token and head (over D), computed at run time [qc::fake_quant_kv_dynamic]
 
-for int8 or int4 (scheme.kv_cache, or this pass's options).
+for int8 or int4 (scheme.kv_cache, or this pass's options). The op stays in the lowered graph: it is what a
+quantized cache gives attention back. Exporters take the scales from the node's KV_FQ record: msModelSlim C8
+`kv_cache_scale` / `kv_cache_offset`, compressed-tensors `k_scale` / `v_scale` with `kv_cache_scheme`, the
+onnxruntime decoder's quantized GroupQueryAttention cache.
 
 Keys per channel: a cached key is rotated by its position, k'_i = k_i·cos θ − k_j·sin θ with j = i ± D/2 (the
 rotate-half layout of Llama, Qwen, Mistral, Gemma, DeepSeek's de-interleaved k_pe), so a channel's range at
 positions calibration never reached can exceed its calibrated one; only the pair's amplitude √(k_i² + k_j²) is
 position-free. Channel i and its partner therefore share the range ±√(a_i² + a_j²) (a = calibrated max |k'|), an
-upper bound of both at every position. (Partial rotary embeddings pair channels differently: use per-head scales.) The op stays in the lowered graph: it is what a
-quantized cache gives attention back. Exporters take the scales from the node's KV_FQ record: msModelSlim C8
-`kv_cache_scale` / `kv_cache_offset`, compressed-tensors `k_scale` / `v_scale` with `kv_cache_scheme`, the
-onnxruntime decoder's quantized GroupQueryAttention cache.
+upper bound of both at every position. (Partial rotary embeddings pair channels differently: use per-head
+scales.) `rotary_pairs=false` keeps the calibrated ranges (better for static int4, see the README's KV table).
 """
 
 from __future__ import annotations

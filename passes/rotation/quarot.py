@@ -86,7 +86,7 @@ def residual_stream(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
         cur = add
     for v in values:
         for u in v.users:
-            if u in values or is_call(u, aten.add.Tensor) and u.args[0] in values and u.args[1] in values:
+            if u in values:
                 continue
             if is_call(u, aten.type_as.default) and u.args[0] is not v:
                 continue  # (v only lends its dtype)
