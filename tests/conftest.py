@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +19,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 from tiny import TEXT, make_tiny_model  # noqa: E402
 
 torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same generator state, whatever ran before it (tests pass in any order)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

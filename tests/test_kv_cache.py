@@ -204,14 +204,36 @@ def test_msmodelslim_c8_and_compressed_tensors_kv_cache_scheme(models, tmp_path,
     assert qc["kv_cache_scheme"]["strategy"] == "attn_head" and qc["kv_cache_scheme"]["symmetric"] is False
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(ct / "compressed-tensors", dtype=torch.float32)
-    attn = loaded.model.layers[0].self_attn
     ours = next(r for r in json.loads((ct / "qcompiler.json").read_text())["kv_cache"]["model.layers.0"]
                 if r["kind"] == "k")
     with safe_open(ct / "block-00000.safetensors", "pt") as f:
         scale = f.get_tensor(ours["tensors"]["scale"])
-    assert torch.allclose(attn.k_scale.detach().float().reshape(-1), scale.reshape(-1))
-    assert attn.k_zero_point.shape == (2, 1, 1)
+    written = _read_ct(ct, "model.layers.0.self_attn.k_scale")
+    zero = _read_ct(ct, "model.layers.0.self_attn.k_zero_point")
+    assert torch.equal(written.float().reshape(-1), scale.float().reshape(-1))
+    # the shapes compressed-tensors itself allocates for this kv_cache_scheme (its initialize_qparams, 2 KV heads
+    # of 24 channels): what the client copies the files into
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams, is_cached_attention_module
+
+    args = QuantizationConfig.model_validate(qc).kv_cache_scheme
+    holder = torch.nn.Linear(1, 1)
+    initialize_qparams(holder, "k", args, observed_shape=(2, None, 24), observed_dtype=torch.float32,
+                       force_zero_point=False)
+    assert holder.k_scale.shape == written.shape and holder.k_zero_point.shape == zero.shape == (2, 1, 1)
+    loaded = AutoModelForCausalLM.from_pretrained(ct / "compressed-tensors", dtype=torch.float32)
+    attn = loaded.model.layers[0].self_attn
+    if is_cached_attention_module(attn):  # this transformers / compressed-tensors pair attaches the cache's qparams
+        assert torch.allclose(attn.k_scale.detach().float().reshape(-1), scale.reshape(-1))
+        assert attn.k_zero_point.shape == (2, 1, 1)
+    else:  # transformers ≥ 5.2x calls the argument `cache`, compressed-tensors ≤ 0.20 looks for `past_key_value(s)`
+        assert not hasattr(attn, "k_scale")
+
+
+def _read_ct(out, key):
+    index = json.loads((out / "compressed-tensors" / "model.safetensors.index.json").read_text())
+    with safe_open(out / "compressed-tensors" / index["weight_map"][key], "pt") as f:
+        return f.get_tensor(key)
 
 
 def _read(out, key):
