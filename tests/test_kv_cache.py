@@ -214,7 +214,10 @@ def test_msmodelslim_c8_and_compressed_tensors_kv_cache_scheme(models, tmp_path,
     # the shapes compressed-tensors itself allocates for this kv_cache_scheme (its initialize_qparams, 2 KV heads
     # of 24 channels): what the client copies the files into
     from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.quantization.lifecycle.initialize import initialize_qparams, is_cached_attention_module
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_qparams,
+        is_cached_attention_module,
+    )
 
     args = QuantizationConfig.model_validate(qc).kv_cache_scheme
     holder = torch.nn.Linear(1, 1)
