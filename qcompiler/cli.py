@@ -1,7 +1,9 @@
 """`qcompile`: quantize a model, evaluate the result, inspect per-layer errors, list passes and schemes.
 
-Exit codes: 0 success, 2 bad input (missing folder, unknown scheme/pass/target, a scheme the target cannot
-run, malformed pipeline), 1 an unexpected internal error.
+Exit codes: 0 success; 2 bad input or environment (a missing or damaged file, an unknown scheme/pass/target, a
+scheme the target cannot run, a malformed pipeline, a full disk), always as one line that names the file,
+tensor, layer or option and what to do; 1 an unexpected internal error (one line; --debug shows the traceback);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,15 +32,23 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other error of qcompile), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="qcompile",
         description="Quantize a Hugging Face causal LM by compiling it: per-block FX graphs, a pass pipeline, "
         "kernel lowering, and a loadable artefact.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--debug", action="store_true", help="print the Python traceback of an internal error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     q = sub.add_parser("quant", help="quantize a model and write the artefact",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--target", default="reference", help="backend to lower for: reference | onnxruntime | cuda | ascend")
     q.add_argument("--target-option", action="append", default=[], metavar="KEY=VALUE",
                    help="target option, e.g. accuracy_level=0 or lm_head_bits=8 for onnxruntime (repeatable)")
-    q.add_argument("--group-size", type=int, default=None, help="weight group size (0 = per channel); default: the scheme's")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="weight group size: a positive number of inputs per scale, or 0 for one scale per output "
+                   "channel; default: the scheme's")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
     q.add_argument("--kv-cache", default=None, metavar="SPEC",
                    help="quantize the KV cache: int8 | int4, optionally -tensor/-head/-channel (default)/-token "
@@ -73,11 +85,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--chat-template", action="store_true", help="render calibration samples with the tokenizer's chat template")
     q.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     q.add_argument("--seq-len", type=int, default=512, help="calibration window length in tokens")
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--batch-size", type=int, default=8,
+                   help="calibration windows run through a block at once (memory grows with it, results do not change)")
     q.add_argument("--propagate", choices=["quantized", "float"], default="quantized",
                    help="calibrate each block on the quantized (default) or float outputs of the previous block")
     q.add_argument("--dump-ir", type=Path, default=None, help="write every block graph before/after each pass here")
-    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay)")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers import the Python files a model folder ships (config.json 'auto_map', for "
+                   "families without a transformers class); off by default: qcompile runs no code from model "
+                   "folders unless asked. Read that code first")
     q.add_argument("--resume", action="store_true",
                    help="continue the unfinished run for --out (same inputs) from its last finished block")
     q.add_argument("--spill-activations", action="store_true",
@@ -102,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the quantized model with our reference runtime or the exported model.onnx "
                    "(auto: onnxruntime when the folder has one)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers import the Python files the model folder ships (see quant --help)")
 
     i = sub.add_parser("inspect", help="per-layer weight and output error (SQNR) of an artefact")
     i.add_argument("out", type=Path)
@@ -119,12 +138,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.calib.data import read_texts
-    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.compile import QuantizeConfig, plan_run, quantize
     from qcompiler.demo import resolve_model
     from qcompiler.errors import PipelineError
     from qcompiler.pm.pipeline import parse_pipeline, read_recipe
     from qcompiler.schemes import get_scheme, parse_override
 
+    _check_numbers(a)
     scheme = get_scheme(a.scheme, group_size=a.group_size, symmetric=False if a.asymmetric else None,
                         act_symmetric=False if a.asymmetric_activations else None, kv_cache=a.kv_cache)
     if a.passes and a.recipe:
@@ -135,21 +155,20 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     if overrides:
         scheme = scheme.with_overrides(overrides)
     budget = _fraction(a.max_ppl_increase)
-    from qcompiler.targets import get_target
-
-    target = get_target(a.target)
-    target.check(scheme, _key_values(a.target_option))  # refuse before loading anything
-    model = resolve_model(a.model)
     cfg = QuantizeConfig(
-        model=model, scheme=scheme, out=a.out, target=a.target, algo=a.algo, passes=passes,
+        model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=a.algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
         extra={"calib_inputs": a.calib_inputs} if a.calib_inputs else {},
         resume=a.resume, spill_activations=a.spill_activations, streaming=not a.no_streaming,
-        calibrate_all_experts=a.calibrate_all_experts, seed=a.seed,
+        calibrate_all_experts=a.calibrate_all_experts, seed=a.seed, trust_remote_code=a.trust_remote_code,
     )
+    if Path(a.model).suffix != ".onnx":
+        plan_run(cfg)  # refuse what the target cannot run before the model is read (or the demo converted)
+    model = resolve_model(a.model)
+    cfg = dataclasses.replace(cfg, model=model)
     from qcompiler.distributed import init_from_env
 
     if init_from_env() and (model.suffix == ".onnx" or a.fallback != "none"):
@@ -173,6 +192,20 @@ def _cmd_quant(a: argparse.Namespace) -> int:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
     return 0
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    """Numeric options that argparse accepts but that mean nothing (refused before anything is read)."""
+    from qcompiler.errors import PipelineError
+
+    if a.group_size is not None and a.group_size < 0:
+        raise PipelineError(f"--group-size {a.group_size}: use a positive group size, or 0 for one scale per output "
+                            "channel")
+    if a.seed < 0:
+        raise PipelineError(f"--seed {a.seed}: use a seed of 0 or more")
+    for flag, value in (("--num-samples", a.num_samples), ("--seq-len", a.seq_len), ("--batch-size", a.batch_size)):
+        if value <= 0:
+            raise PipelineError(f"{flag} {value}: use a positive number")
 
 
 def _key_values(items: list[str]) -> dict[str, str]:
@@ -202,14 +235,15 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from qcompiler.eval.report import evaluate, format_eval
+    from qcompiler.files import dumps
 
     r = evaluate(
         a.out, text=a.text, seq_len=a.seq_len, max_tokens=a.max_tokens or None, batch_size=a.batch_size,
         compare_float=not a.no_float, float_model=a.float_model,
         dtype=torch.bfloat16 if a.bf16 else torch.float32, progress=not (a.no_progress or a.json),
-        runtime=a.runtime,
+        runtime=a.runtime, trust_remote_code=a.trust_remote_code,
     )
-    print(json.dumps(r) if a.json else format_eval(r))
+    print(dumps(r, indent=None) if a.json else format_eval(r))
     return 0
 
 
@@ -275,10 +309,36 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"quant": _cmd_quant, "eval": _cmd_eval, "inspect": _cmd_inspect, "passes": _cmd_passes,
                 "schemes": _cmd_schemes, "verify": _cmd_verify}
     try:
+        if args.command in ("quant", "eval", "inspect"):
+            _quiet_libraries()
         return handlers[args.command](args)
     except QCompilerError as e:
-        print(f"qcompile {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _one_line(args.command, "error", str(e), 2)
+    except KeyboardInterrupt:
+        return _one_line(args.command, "error", "interrupted (a stopped `quant` continues with --resume)", 130)
+    except Exception as e:
+        from qcompiler.export.artifact import disk_full
+
+        if disk_full(e):
+            return _one_line(args.command, "error", f"disk full ({e}); free space and run the command again", 2)
+        if args.debug:
+            raise
+        return _one_line(args.command, "internal error", f"{type(e).__name__}: {e} (a bug in qcompile: please report "
+                         "it with the command; --debug prints the traceback)", 1)
+
+
+def _quiet_libraries() -> None:
+    """qcompile's own lines are the output: transformers' warnings about a config or checkpoint (which qcompile
+    checks itself, and refuses with one line naming the file) would turn a refusal into several lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _one_line(command: str, kind: str, message: str, code: int) -> int:
+    """Print `message` as one line on stderr (messages that quote other tools may hold newlines)."""
+    print(f"qcompile {command}: {kind}: {' '.join(message.split())[:1000]}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

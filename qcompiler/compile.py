@@ -9,8 +9,8 @@ and freed. Only one block's weights and the calibration activations are in memor
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
-import pickle
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +26,8 @@ from qcompiler import distributed as dist
 from qcompiler.calib import data as calib_data
 from qcompiler.calib.activations import ActivationStore
 from qcompiler.calib.stats import StatsCache, digest_tensors
-from qcompiler.errors import ModelLoadError, PipelineError
-from qcompiler.export.artifact import STATE_FILE, ArtifactWriter, check_output_dir
+from qcompiler.errors import ArtifactError, ModelLoadError, PipelineError
+from qcompiler.export.artifact import ArtifactWriter, check_output_dir, disk_full, read_description, run_info
 from qcompiler.frontends.hf import (
     BlockTracer,
     Checkpoint,
@@ -50,7 +50,7 @@ from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import format_pipeline, make_pass
 from qcompiler.schemes import QuantScheme
-from qcompiler.targets.base import Target, get_target
+from qcompiler.targets.base import SavedExporter, Target, get_target, refuse_oversized_groups
 
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -112,6 +112,47 @@ def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme) -> list[Pass]
     return out
 
 
+def stored_scheme(scheme: QuantScheme, passes: Sequence[Pass]) -> QuantScheme:
+    """The scheme a pipeline stores: weight passes' grid options (rtn/gptq bits, group_size, symmetric) replace the
+    scheme's weight grid (per-layer overrides keep their own), so what targets check and exports state is what
+    the tensors hold. Two weight passes asking for different grids are refused."""
+    from qcompiler.passes.weight.rtn import weight_args
+
+    grids = {tuple(sorted(p.weight_grid().items())): p for p in passes if p.weight_grid()}
+    if len(grids) > 1:
+        raise PipelineError("the pipeline's weight passes ask for different grids ("
+                            + "; ".join(p.spec() for p in grids.values()) + "); set bits / group size once")
+    if not grids or scheme.weights is None:
+        return scheme
+    options = dict(next(iter(grids)))
+    weights = weight_args(scheme, options.get("bits"), options.get("group_size"), options.get("symmetric"))
+    return dataclasses.replace(scheme, weights=weights)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, resolved and checked once before anything is read: the target, the pipeline, and the
+    scheme as it will be stored (stored_scheme)."""
+
+    target: Target
+    passes: list[Pass]
+    scheme: QuantScheme
+
+
+def plan_run(cfg: QuantizeConfig) -> RunPlan:
+    """Resolve the target and the pipeline of `cfg` and refuse, before any work, what the target or its formats
+    cannot hold."""
+    target = get_target(cfg.target)
+    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
+              else default_pipeline(cfg.scheme, target, cfg.algo))
+    scheme = stored_scheme(cfg.scheme, passes)
+    target.check(scheme, cfg.target_options)
+    if not target.online_rotation and any(getattr(p, "online", False) for p in passes):
+        raise PipelineError(f"target '{target.name}': its formats have no online Hadamard transform before a linear; "
+                            "use rotate{online=false} (the residual rotation alone is all in the weights)")
+    return RunPlan(target, passes, scheme)
+
+
 @dataclass
 class QuantizeConfig:
     model: Path
@@ -135,6 +176,7 @@ class QuantizeConfig:
     resume: bool = False  # continue the unfinished run of the same inputs for this --out (artifact.py)
     calibrate_all_experts: bool = False  # MoE: every expert's statistics over all tokens (frontends/moe.py)
     seed: int = 0  # seeds torch's generator; the pipeline's own sampling is seeded by batch index
+    trust_remote_code: bool = False  # let transformers import Python files from the model folder (auto_map)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -237,11 +279,20 @@ def run_fingerprint(cfg: QuantizeConfig, ckpt: Checkpoint, passes: Sequence[Pass
     }
 
 
-def _pickle_exporter(exporter: Any, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(exporter, f)
-    tmp.replace(path)
+def _save_exporter_state(exporter: Any, folder: Path, tag: str) -> dict[str, Any]:
+    """The exporter's progress as JSON fields (its binary parts in files `tag`* in `folder`, never pickle)."""
+    return dict(exporter.save_state(folder, tag))
+
+
+def _resumed(state: dict[str, Any], blocks: int, where: Path) -> dict[str, Any]:
+    """The fields of a checkpoint the driver reads back, checked: a state file is input like any other."""
+    kinds = {"layers": dict, "kv_cache": dict, "block_reports": dict, "timings": dict}
+    bad = [k for k, t in kinds.items() if not isinstance(state.get(k, {} if k == "kv_cache" else None), t)]
+    if bad or not 0 <= state["next_block"] <= blocks or not all(
+            isinstance(v, int | float) for v in state["timings"].values()):
+        raise ArtifactError(f"'{where}': the progress file does not describe a run of this model (fields "
+                            f"{', '.join(bad) or 'next_block/timings'}); run without --resume to start over")
+    return state
 
 
 def quantize(cfg: QuantizeConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -259,22 +310,15 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
     owner = rank == 0
     if not owner:
         log = lambda _msg: None  # noqa: E731 (one rank reports)
-    target = get_target(cfg.target)
-    target.check(cfg.scheme, cfg.target_options)
-    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
-              else default_pipeline(cfg.scheme, target, cfg.algo))
-    if not target.online_rotation and any(getattr(p, "online", False) for p in passes):
-        raise PipelineError(f"target '{target.name}': its formats have no online Hadamard transform before a linear; "
-                            "use rotate{online=false} (the residual rotation alone is all in the weights)")
+    plan = plan_run(cfg)
+    target, passes = plan.target, plan.passes
+    cfg = dataclasses.replace(cfg, scheme=plan.scheme)
     check_output_dir(cfg.out.absolute())
-    ckpt = Checkpoint(cfg.model)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"'{cfg.model}': no usable tokenizer files ({e})") from e
-    target.check_model(ckpt.config(), cfg.scheme)
+    ckpt = Checkpoint(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(Path(cfg.model), cfg.trust_remote_code)
+    config = ckpt.config()
+    target.check_model(config, cfg.scheme)
+    refuse_oversized_groups(config, cfg.scheme)
     if not cfg.streaming:
         ckpt.load_all()
     model = build_skeleton(ckpt)
@@ -293,15 +337,32 @@ def _quantize(cfg: QuantizeConfig, log: Callable[[str], None]) -> dict[str, Any]
                             "--batch-size or use fewer processes")
     fingerprint = run_fingerprint(cfg, ckpt, passes, digest_tensors(list(batches)))
     writer = ArtifactWriter(cfg.out, fingerprint, resume=cfg.resume, owner=owner, log=log)
+    if any(dist.all_gather_objects(writer.completed)):  # (resumed: the run had stopped while publishing its result)
+        return {**read_description(cfg.out), "run": run_info(cfg.out)}
     try:
         return _quantize_blocks(cfg, log, t_start, ckpt, tokenizer, model, passes, target, batches, calibrated,
                                 fingerprint, writer, outer)
-    except BaseException:
-        progress = (writer.state_dir / STATE_FILE).is_file()
+    except BaseException as e:
+        progress = writer.has_progress
         writer.abort(keep_progress=progress)
         if progress and owner:
-            log(f"stopped; the finished blocks are kept in '{writer.tmp}': rerun with --resume to continue")
+            log(f"stopped; the finished blocks are kept in '{writer.work}': rerun with --resume to continue")
+        if disk_full(e):
+            raise ArtifactError(f"disk full while writing '{writer.work}' ({' '.join(str(e).split())[:200]}); free "
+                                "space and rerun " + ("with --resume to continue from the last finished block"
+                                                      if progress else "the same command")) from None
         raise
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The model folder's tokenizer (its own Python tokenizer classes only with trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as e:  # (transformers and tokenizers raise many types for damaged tokenizer files)
+        raise ModelLoadError(f"'{model_dir}': no usable tokenizer files ({' '.join(str(e).split())[:300]}); "
+                             "restore tokenizer.json / tokenizer_config.json from the model's source") from None
 
 
 def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: float, ckpt: Checkpoint,
@@ -313,6 +374,8 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
     prefix, blocks = find_blocks(model)
     dist.barrier()  # rank 0 has prepared (or kept, to resume) the partial folder
     state = writer.resumed if owner else (writer.read_state() if cfg.resume else None)
+    if state:
+        state = _resumed(state, len(blocks), writer.state_dir)
     start = int(state["next_block"]) if state else 0
     acts_dir = writer.state_dir / f"rank-{rank:03d}"
 
@@ -321,8 +384,14 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
     own_batches = dist.shard(batches) if calibrated else batches[:1]
     call, captured = capture_block_inputs(model, batches[:1] if state else own_batches)
     _, probe = probe_block_inputs(model)
-    if state:
-        inputs = ActivationStore.load(acts_dir / f"acts-{start:05d}", len(own_batches), cfg.spill_activations)
+    if state and start == len(blocks):
+        inputs = ActivationStore.in_memory([])  # (every block is done: only the end of the run is left)
+    elif state:
+        try:
+            inputs = ActivationStore.load(acts_dir / f"acts-{start:05d}", len(own_batches), cfg.spill_activations)
+        except Exception as e:  # missing or damaged files of the unfinished run
+            raise ArtifactError(f"the unfinished run's saved activations for block {start} cannot be read "
+                                f"({' '.join(str(e).split())[:200]}); run without --resume to start over") from None
     else:
         if not calibrated:
             # nothing reads calibration data: propagate only the windows the per-layer error report uses
@@ -349,11 +418,13 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             transform.timings[k] = v
     try:
         if owner:
-            if state and state.get("exporter"):
-                with open(writer.state_dir / state["exporter"], "rb") as f:
-                    exporter = pickle.load(f)
-            elif not state:
-                exporter = target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
+            saved = None
+            if state:
+                if not isinstance(state.get("exporter"), dict | None):
+                    raise ArtifactError(f"'{writer.state_dir}': the exporter's progress is not a JSON object; run "
+                                        "without --resume to start over")
+                saved = SavedExporter(state["exporter"] or {}, writer.state_dir)
+            exporter = target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model), saved)
         drop_outer_weights(model)  # read again from the checkpoint for the end (the blocks never use them)
         release_free_memory()
         rss_before_blocks = rss_bytes()
@@ -403,16 +474,16 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
             following.save(acts_dir / f"acts-{i + 1:05d}")
             dist.barrier()
             if owner:
-                exporter_file = None
+                exporter_state = None
                 if exporter is not None:
-                    exporter_file = f"exporter-{i + 1:05d}.pkl"
-                    _pickle_exporter(exporter, writer.state_dir / exporter_file)
+                    exporter_state = _save_exporter_state(exporter, writer.state_dir, f"exporter-{i + 1:05d}")
                 writer.checkpoint({
                     "fingerprint": fingerprint, "next_block": i + 1, "layers": layers, "kv_cache": kv_cache,
                     "block_reports": block_reports,
-                    "timings": dict(transform.timings | lowering.timings), "exporter": exporter_file,
+                    "timings": dict(transform.timings | lowering.timings), "exporter": exporter_state,
                 })
-                (writer.state_dir / f"exporter-{i:05d}.pkl").unlink(missing_ok=True)
+                for old in writer.state_dir.glob(f"exporter-{i:05d}*"):
+                    old.unlink()
             dist.barrier()
             shutil.rmtree(acts_dir / f"acts-{i:05d}", ignore_errors=True)
             inputs = following
@@ -467,7 +538,7 @@ def _quantize_blocks(cfg: QuantizeConfig, log: Callable[[str], None], t_start: f
                           config_updates={"tie_word_embeddings": False} if untied(outer) else None)
         dist.barrier()
     except BaseException:
-        if exporter is not None and not (writer.state_dir / STATE_FILE).is_file():
+        if exporter is not None and not writer.has_progress:
             exporter.abort()
         raise
     log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(layers)} quantized layers)")

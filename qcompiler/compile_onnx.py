@@ -11,6 +11,7 @@ not touch are written back as they were imported.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import format_pipeline
 from qcompiler.schemes import QuantScheme
-from qcompiler.targets.base import Target, get_target
+from qcompiler.targets.base import Target
 from qcompiler.targets.onnxruntime import emit_options
 from qcompiler.targets.onnxruntime.builder import MODEL_FILE, OnnxBuilder
 from qcompiler.targets.onnxruntime.emit import EmitOptions, GraphEmitter
@@ -64,13 +65,8 @@ def _embedding_rows(model: onnx.ModelProto, name: str) -> int | None:
 
 def calibration_inputs(model: onnx.ModelProto, imported: ImportedModel, path: Path, num_samples: int,
                        seq_len: int, batch_size: int, inputs_file: Path | None) -> list[tuple[torch.Tensor, ...]]:
-    names = [vi.name for vi in imported.inputs]
     if inputs_file is not None:
-        data = np.load(inputs_file)
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise CalibrationError(f"'{inputs_file}' lacks arrays for graph inputs {missing} (it has {list(data.keys())})")
-        arrays = [torch.from_numpy(np.asarray(data[n])) for n in names]
+        arrays = read_calibration_arrays(Path(inputs_file), imported)
         total = arrays[0].shape[0]
         return [tuple(a[i:i + batch_size] for a in arrays) for i in range(0, min(total, num_samples), batch_size)]
     tokens = None
@@ -80,7 +76,7 @@ def calibration_inputs(model: onnx.ModelProto, imported: ImportedModel, path: Pa
 
         from qcompiler.calib import data as calib_data
 
-        tok = AutoTokenizer.from_pretrained(str(path.parent))
+        tok = AutoTokenizer.from_pretrained(str(path.parent), trust_remote_code=False)
         tokens = calib_data.calibration_batches(tok, calib_data.default_texts("calib"), num_samples, seq_len, batch_size)
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -107,6 +103,65 @@ def calibration_inputs(model: onnx.ModelProto, imported: ImportedModel, path: Pa
                                        "pass --calib-inputs FILE.npz")
         batches.append(tuple(row))
     return batches
+
+
+_ONNX_TO_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+               onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
+
+
+def read_calibration_arrays(path: Path, imported: ImportedModel) -> list[torch.Tensor]:
+    """One array per graph input from an .npz (first axis: samples), checked against the graph's inputs: every
+    input present, of its element type and rank, its fixed dimensions equal, and as many samples in each. The
+    file is read as plain arrays (never pickled objects)."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            found = {k: np.asarray(data[k]) for k in data.files}
+    except FileNotFoundError:
+        raise CalibrationError(f"calibration inputs '{path}' do not exist") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise CalibrationError(f"'{path}' is not an .npz of plain arrays ({' '.join(str(e).split())[:200]}); save it "
+                               "with numpy.savez(path, **{input_name: array})") from None
+    missing = [vi.name for vi in imported.inputs if vi.name not in found]
+    if missing:
+        raise CalibrationError(f"'{path}' lacks arrays for graph inputs {missing} (it has {sorted(found)})")
+    arrays, samples = [], None
+    for vi in imported.inputs:
+        a = found[vi.name]
+        tt = vi.type.tensor_type
+        want = _ONNX_TO_NP.get(tt.elem_type)
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if want is None or a.dtype != np.dtype(want):
+            raise CalibrationError(f"'{path}': array '{vi.name}' is {a.dtype}, the graph input takes "
+                                   f"{np.dtype(want).name if want else onnx.TensorProto.DataType.Name(tt.elem_type)}")
+        if a.ndim != len(dims) or any(d is not None and d > 0 and i > 0 and a.shape[i] != d for i, d in enumerate(dims)):
+            raise CalibrationError(f"'{path}': array '{vi.name}' has shape {list(a.shape)}, the graph input is "
+                                   f"{[d if d else '?' for d in dims]} (first axis: samples)")
+        if samples is not None and a.shape[0] != samples:
+            raise CalibrationError(f"'{path}': array '{vi.name}' holds {a.shape[0]} samples, the others {samples}")
+        samples = a.shape[0]
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CalibrationError(f"'{path}': array '{vi.name}' holds NaN or Inf values")
+        arrays.append(torch.from_numpy(np.ascontiguousarray(a)))
+    if not samples:
+        raise CalibrationError(f"'{path}' holds no samples (the first axis of every array is the sample axis)")
+    return arrays
+
+
+def check_runs(imported: ImportedModel, path: Path, batch: tuple[torch.Tensor, ...]) -> None:
+    """Run the imported float graph once on a calibration batch: a graph that cannot run on its own inputs (an
+    initializer of the wrong type or shape in a damaged file) is refused here, naming the node, before any pass."""
+    try:
+        outputs = _outputs(imported.gm, batch)
+    except Exception as e:  # noqa: BLE001 (the graph's own ops fail in many ways on an invalid graph)
+        raise ModelLoadError(f"'{path}': the ONNX graph does not run on its inputs ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:240]}); check it with onnx.checker.check_model") from None
+    bad = [vi.name for vi, y in zip(imported.outputs, outputs, strict=False)
+           if y.is_floating_point() and not bool(torch.isfinite(y).all())]
+    if bad:
+        raise ModelLoadError(f"'{path}': the float ONNX graph computes NaN or Inf for outputs {bad} on the calibration "
+                             "inputs; check its weights and the inputs")
 
 
 def _outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -150,7 +205,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
     transform = PassManager(passes[:-1], dump_dir=dump_dir)
     lowering = PassManager(passes[-1:], dump_dir=dump_dir)
     gm = transform.run(gm, ctx)
-    y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])
+    y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])  # (the float graph ran: checked before)
     outs_f = y_float if isinstance(y_float, tuple | list) else [y_float]
     outs_q = y_quant if isinstance(y_quant, tuple | list) else [y_quant]
     out_sqnr = {vi.name: round(sqnr_db(f.float(), q.float()), 2)
@@ -161,26 +216,26 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
 
 def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
     """`cfg` is a compile.QuantizeConfig whose `model` is an .onnx file."""
-    from qcompiler.compile import complete_pipeline, default_pipeline, describe_layers, description_head
+    from qcompiler.compile import describe_layers, description_head, plan_run
 
     t0 = time.perf_counter()
-    target = get_target("onnxruntime" if cfg.target == "reference" else cfg.target)
-    if target.name != "onnxruntime":
+    if cfg.target not in ("reference", "onnxruntime"):
         raise ModelLoadError(f"an ONNX model can only be lowered for target 'onnxruntime', not '{cfg.target}'")
     if cfg.scheme.kv_cache is not None or cfg.scheme.sparsity is not None:
         raise ModelLoadError(f"'{cfg.model}': KV-cache quantization and 2:4 sparsity are applied to Hugging Face "
                              "checkpoints (their attention and decoder export); quantize the source checkpoint, or "
                              "drop --kv-cache / use a scheme without sparsity for an ONNX input")
-    target.check(cfg.scheme, cfg.target_options)
+    plan = plan_run(dataclasses.replace(cfg, target="onnxruntime"))
+    target, passes = plan.target, plan.passes
+    cfg = dataclasses.replace(cfg, scheme=plan.scheme)
     options = emit_options(cfg.target_options)
-    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
-              else default_pipeline(cfg.scheme, target, cfg.algo))
     path = Path(cfg.model)
     model = load_onnx(path)
     imported = import_onnx(model, path)  # unsupported operators are reported here, before any output exists
     check_output_dir(Path(cfg.out).absolute())
     calib = calibration_inputs(model, imported, path, cfg.num_samples, cfg.seq_len, cfg.batch_size,
                                cfg.extra.get("calib_inputs"))
+    check_runs(imported, path, calib[0])
     del model
     log(f"quantizing {path} (imported: {sum(1 for n in imported.gm.graph.nodes if n.op == 'call_function')} nodes) "
         f"as {cfg.scheme.describe()} for target 'onnxruntime'")

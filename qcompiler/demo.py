@@ -39,8 +39,9 @@ def demo_model_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF_NAME, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF_NAME, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF_NAME, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The GGUF loader marks the model as quantized; its tensors are already dequantized floats.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -29,6 +29,7 @@ from qcompiler.calib import data as calib_data
 from qcompiler.errors import CalibrationError
 from qcompiler.eval.perplexity import perplexity
 from qcompiler.export.artifact import DESCRIPTION, check_output_dir, publish, write_manifest
+from qcompiler.files import dumps
 
 
 def validation_windows(
@@ -53,7 +54,7 @@ def layer_sensitivity(description: dict[str, Any]) -> list[tuple[str, float]]:
     sqnr: dict[str, float] = {}
     for rec in description["layers"].values():
         for name, db in (rec.get("output_sqnr_db") or {}).items():
-            sqnr[name] = db
+            sqnr[name] = float("inf") if db is None else db  # (None in a file: an exact layer)
     return sorted(sqnr.items(), key=lambda kv: kv[1])
 
 
@@ -67,8 +68,7 @@ def quantize_with_fallback(
 ) -> dict[str, Any]:
     """Quantize `cfg` (a QuantizeConfig) keeping the fewest layers float so that the validation perplexity
     is at most (1 + max_ppl_increase) × float. Returns the published description."""
-    from transformers import AutoTokenizer
-
+    from qcompiler.compile import load_tokenizer
     from qcompiler.eval.report import load_float
     from qcompiler.runtime import load_quantized
 
@@ -76,10 +76,10 @@ def quantize_with_fallback(
         raise CalibrationError(f"--max-ppl-increase must be positive, got {max_ppl_increase}")
     out = Path(cfg.out)
     check_output_dir(out.absolute())
-    tokenizer = AutoTokenizer.from_pretrained(str(cfg.model))
+    tokenizer = load_tokenizer(Path(cfg.model), cfg.trust_remote_code)
     texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
     ids = validation_windows(tokenizer, texts, cfg.num_samples, cfg.seq_len, validation_count, cfg.chat_template)
-    fm = load_float(Path(cfg.model))
+    fm = load_float(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
     float_ppl = perplexity(fm, ids, "validation").perplexity
     del fm
     budget = float_ppl * (1.0 + max_ppl_increase)
@@ -96,7 +96,7 @@ def quantize_with_fallback(
         scheme = cfg.scheme.with_overrides([(n, None) for n in floats], first=True) if floats else cfg.scheme
         path = work / f"k{k}"
         desc = quantize(dataclasses.replace(cfg, scheme=scheme, out=path), log=lambda _m: None)
-        qm = load_quantized(path)
+        qm = load_quantized(path, trust_remote_code=cfg.trust_remote_code)
         ppl = perplexity(qm, ids, "validation").perplexity
         del qm
         trials.append({"float_layers": k, "validation_ppl": round(ppl, 4),
@@ -143,7 +143,7 @@ def quantize_with_fallback(
             "sensitivity_sqnr_db": dict(ranking[: max(chosen, 10)]),
             "trials": trials,
         }
-        desc_path.write_text(json.dumps(description, indent=1))
+        desc_path.write_text(dumps(description))
         write_manifest(path)
         publish(path, out)
     finally:

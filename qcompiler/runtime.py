@@ -88,15 +88,16 @@ def rebuild_block(gm: fx.GraphModule, records: list[dict[str, Any]], block: str)
     gm.graph.eliminate_dead_code()
 
 
-def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_for: str | None = None) -> torch.nn.Module:
+def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_for: str | None = None,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
     """The quantized causal LM in `out`, ready to call like any transformers model (`model(ids).logits`).
 
     lower_for="npu": every quantized linear runs as the torch_npu calls Ascend uses (emulated off an NPU)."""
     if lower_for not in (None, "npu"):
         raise ArtifactError(f"unknown runtime lowering '{lower_for}'; use None or 'npu'")
     desc = read_description(out)
-    ckpt = Checkpoint(out)
-    model = build_skeleton(ckpt, dtype=dtype)
+    ckpt = Checkpoint(out, trust_remote_code)
+    model = build_skeleton(ckpt, dtype=dtype, check=False)
     prefix, blocks = find_blocks(model)
     if len(blocks) != desc["blocks"]["count"] or prefix != desc["blocks"]["prefix"]:
         raise ArtifactError(f"'{out}': config.json describes {len(blocks)} blocks, the description {desc['blocks']}")

@@ -9,7 +9,7 @@ from tiny import FAMILIES
 
 from qcompiler.cli import main
 from qcompiler.compile import QuantizeConfig, quantize
-from qcompiler.errors import ArtifactError, CalibrationError, PassError
+from qcompiler.errors import ArtifactError, CalibrationError, PassError, SchemeError
 from qcompiler.numerics import fake_quant_weight
 from qcompiler.runtime import load_quantized
 from qcompiler.schemes import get_scheme
@@ -86,14 +86,24 @@ def test_existing_foreign_folder_is_never_overwritten(tiny_llama, tmp_path, cali
     assert (out / "notes.txt").read_text() == "precious"
 
 
-def test_failure_leaves_no_partial_output(tiny_llama, tmp_path, calib_text):
+def test_failure_leaves_no_partial_output(tiny_llama, tmp_path, calib_text, monkeypatch):
     with pytest.raises(CalibrationError, match="fewer than one window"):
         _quantize(tiny_llama, tmp_path / "out", get_scheme("w8a16"), "too short")
     assert list(tmp_path.iterdir()) == []
-    # a failure in the middle of block processing (after the temporary folder exists) cleans up too
-    with pytest.raises(PassError, match="cannot lower"):
+    # a pass option that sets a grid the target cannot run is refused before anything exists (it is the scheme)
+    with pytest.raises(SchemeError, match="int4-asym-g32"):
         _quantize(tiny_llama, tmp_path / "out", get_scheme("w8a8_dynamic"), calib_text,
                   passes="rtn{bits=4,group_size=32,symmetric=false}")
+    assert list(tmp_path.iterdir()) == []
+    # a failure in the middle of the first block (after the work folder exists) cleans up too
+    import qcompiler.compile as driver
+
+    def fail(*_a, **_k):
+        raise PassError("injected failure inside block 0")
+
+    monkeypatch.setattr(driver, "compare_layers", fail)
+    with pytest.raises(PassError, match="injected"):
+        _quantize(tiny_llama, tmp_path / "out", get_scheme("w8a8_dynamic"), calib_text)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -97,7 +97,7 @@ class _Crash(Exception):
 
 @pytest.mark.parametrize(("target", "where"), [
     ("reference", "checkpoint"),     # killed after block 2's files, before its state was recorded
-    ("onnxruntime", "exporter"),     # killed while pickling the exporter's progress (ONNX graph + data offset)
+    ("onnxruntime", "exporter"),     # killed while saving the exporter's progress (ONNX graph + data offset)
     ("cuda", "checkpoint"),          # compressed-tensors shards streamed by the serving-format exporter
 ])
 def test_a_run_stopped_mid_way_resumes_to_the_identical_result(llama4, tmp_path, monkeypatch, target, where):
@@ -115,20 +115,20 @@ def test_a_run_stopped_mid_way_resumes_to_the_identical_result(llama4, tmp_path,
             raise _Crash
         if real is not None:
             return real(*args, **kwargs)
-        return original_pickle(*args, **kwargs)
+        return original_save(*args, **kwargs)
 
     import qcompiler.compile as compile_mod
 
-    original_pickle = compile_mod._pickle_exporter
+    original_save = compile_mod._save_exporter_state
     if where == "checkpoint":
         monkeypatch.setattr(artifact.ArtifactWriter, "checkpoint", crash_on_third)
     else:
-        monkeypatch.setattr(compile_mod, "_pickle_exporter", crash_on_third)
+        monkeypatch.setattr(compile_mod, "_save_exporter_state", crash_on_third)
     out = tmp_path / "resumed"
     with pytest.raises(_Crash):
         quantize(_cfg(llama4, out, scheme, passes, target), log=lambda _: None)
     monkeypatch.undo()
-    assert not out.exists() and (tmp_path / ".resumed.partial" / ".state" / "state.json").is_file()
+    assert not out.exists() and (tmp_path / ".resumed.partial" / "state" / "state.json").is_file()
 
     logs: list[str] = []
     desc = quantize(_cfg(llama4, out, scheme, passes, target, resume=True), log=logs.append)
@@ -147,7 +147,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(lla
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(cli(tmp_path / "whole"), check=True, env=env, capture_output=True, cwd=tmp_path)
     out = tmp_path / "killed"
-    state = tmp_path / ".killed.partial" / ".state" / "state.json"
+    state = tmp_path / ".killed.partial" / "state" / "state.json"
     proc = subprocess.Popen(cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

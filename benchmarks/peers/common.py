@@ -45,7 +45,7 @@ def run_torch_peer(version: str, prepare: Callable[[Any, str], Callable[[Any], A
     from transformers import AutoModelForCausalLM
 
     model_dir, ids_path, config = sys.argv[1:4]
-    data = torch.load(ids_path)
+    data = torch.load(ids_path, weights_only=True)  # (plain tensors this benchmark wrote; never unpickle objects)
     calib, evalw = data["calib"], data["eval"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -77,7 +77,7 @@ def main() -> None:
     if not float_onnx.is_file():
         subprocess.run([sys.executable, __file__, "--export", model_dir, str(float_onnx)], check=True,
                        capture_output=True)
-    data = torch.load(ids_path)
+    data = torch.load(ids_path, weights_only=True)  # (plain tensors this benchmark wrote; never unpickle objects)
     evalw = data["eval"]
     algo, group = config.split("-g")
     block = int(group)

@@ -28,7 +28,7 @@ from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.numerics import sqnr_db
-from qcompiler.passes.weight.rtn import weight_args, weight_targets
+from qcompiler.passes.weight.rtn import grid_options, weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
 
@@ -48,6 +48,9 @@ class GPTQ(Pass):
     static_groups: bool = False
     clip: Literal["minmax", "mse", "awq"] = "awq"
     true_sequential: bool = True
+
+    def weight_grid(self) -> dict[str, object]:
+        return grid_options(self)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.damp < 1.0:

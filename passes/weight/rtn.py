@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import fx
@@ -34,6 +34,9 @@ from qcompiler.numerics import (
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs, QuantScheme
+
+if TYPE_CHECKING:
+    from qcompiler.passes.weight.gptq import GPTQ
 
 
 def layer_weight_args(
@@ -111,6 +114,11 @@ def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor |
     return scale, zero, w_hat, sqnr_from_sums(signal, noise)
 
 
+def grid_options(p: RTN | GPTQ) -> dict[str, object]:
+    """A weight pass's grid options that are set (see Pass.weight_grid)."""
+    return {k: getattr(p, k) for k in ("bits", "group_size", "symmetric") if getattr(p, k) is not None}
+
+
 def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None
                 ) -> QuantArgs | None:
     """The scheme's weight args with a pass's options applied (None: the scheme keeps weights float)."""
@@ -137,6 +145,9 @@ class RTN(Pass):
     bits: int | None = None  # None: from the scheme
     group_size: int | None = None  # None: from the scheme; 0 or -1: per channel
     symmetric: bool | None = None
+
+    def weight_grid(self) -> dict[str, object]:
+        return grid_options(self)
     clip: Literal["minmax", "mse", "awq"] = "minmax"
 
     def uses_calibration(self) -> bool:

@@ -62,7 +62,11 @@ def read_texts(path: str | Path) -> list[Sample]:
         raise CalibrationError(f"text file '{p}' does not exist")
     if p.suffix == ".jsonl":
         samples = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise CalibrationError(f"'{p}' is not UTF-8 text ({e}); save it as UTF-8 JSON lines") from None
+        for i, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     obj = json.loads(line)

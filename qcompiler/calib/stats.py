@@ -26,6 +26,8 @@ reads them instead of recalibrating.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import fx
 
 from qcompiler.distributed import active as dist_active
@@ -44,7 +47,9 @@ StatKind = Literal["absmax_channel", "absmean_channel", "sqsum_channel", "minmax
                    "hessian"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
 HIST_BINS = 2048
-CACHE_VERSION = "1"  # bump when a statistic's definition changes
+CACHE_VERSION = "2"  # bump when a statistic's definition or the entry format changes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -351,7 +356,12 @@ def digest_tensors(tensors: Sequence[tuple[str, torch.Tensor]] | Sequence[torch.
 
 @dataclass
 class StatsCache:
-    """Statistics on disk keyed by (graph code, graph tensors, calibration digest, requests)."""
+    """Statistics on disk keyed by (graph code, graph tensors, calibration digest, requests).
+
+    An entry is `<key>.safetensors` (the tensors) and `<key>.json` (which request each tensor belongs to, and the
+    numbers that are not tensors): data only, nothing that runs code when read, so a shared cache folder is safe.
+    An entry that cannot be read, or does not answer the requests exactly, is a miss (with a warning), never an
+    error: the statistics are then collected again and the entry rewritten."""
 
     root: Path
     hits: int = 0
@@ -368,19 +378,65 @@ class StatsCache:
         return h.hexdigest()
 
     def load(self, key: str, requests: Sequence[StatRequest]) -> Stats | None:
-        path = self.root / f"{key}.pt"
-        if not path.is_file():
+        tensors_file, index_file = self.root / f"{key}.safetensors", self.root / f"{key}.json"
+        if not tensors_file.is_file() and not index_file.is_file():
             self.misses += 1
             return None
-        values = torch.load(path, weights_only=False)
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            tensors = load_file(str(tensors_file))
+            if not isinstance(index, dict) or index.get("key") != key:
+                raise ValueError("the entry was written for another key")
+            entries = index["requests"]
+            values = {req: _decode_stat(req, entries[repr(req)], tensors) for req in requests}
+        except Exception as e:  # noqa: BLE001 (any damage to a cache entry is a miss: the statistics are recomputed)
+            logger.warning("qcompile: ignoring damaged stats-cache entry '%s' (%s); collecting again",
+                           tensors_file, " ".join(str(e).split())[:160])
+            self.misses += 1
+            return None
         self.hits += 1
-        return Stats({req: values[repr(req)] for req in requests})
+        return Stats(values)
 
     def store(self, key: str, stats: Stats) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.tmp"
-        torch.save({repr(req): v for req, v in stats.values.items()}, tmp)
-        tmp.replace(self.root / f"{key}.pt")  # atomic: a crash never leaves a truncated entry
+        tensors: dict[str, torch.Tensor] = {}
+        entries = {repr(req): _encode_stat(req, v, str(i), tensors) for i, (req, v) in enumerate(stats.values.items())}
+        # atomic: a crash never leaves a truncated entry (the index, which makes it a hit, is renamed last)
+        tmp = self.root / f".{key}.safetensors.tmp"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(self.root / f"{key}.safetensors")
+        tmp_index = self.root / f".{key}.json.tmp"
+        tmp_index.write_text(json.dumps({"key": key, "version": CACHE_VERSION, "requests": entries}, allow_nan=False))
+        tmp_index.replace(self.root / f"{key}.json")
+
+
+def _encode_stat(req: StatRequest, value: Any, slot: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One statistic as tensors (added to `tensors` as "<slot>.<part>") and a JSON entry."""
+    entry: dict[str, Any] = {"kind": req.kind, "slot": slot}
+    if isinstance(value, Hist):
+        parts, entry["upper"] = {"counts": value.counts}, value.upper
+    elif req.kind == "hessian":
+        parts, entry["tokens"] = {"h": value[0]}, int(value[1])
+    elif isinstance(value, tuple):  # (min, max)
+        parts = {"lo": value[0], "hi": value[1]}
+    else:
+        parts = {"value": value}
+    tensors.update({f"{slot}.{k}": v for k, v in parts.items()})
+    return entry
+
+
+def _decode_stat(req: StatRequest, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    """The statistic `_encode_stat` wrote for `req` (KeyError / ValueError / TypeError when the entry does not fit)."""
+    if entry["kind"] != req.kind:
+        raise ValueError(f"the entry for {req.node} holds a '{entry['kind']}' statistic, not '{req.kind}'")
+    slot = str(entry["slot"])
+    if req.kind == "histogram":
+        return Hist(tensors[f"{slot}.counts"].double(), float(entry["upper"]))
+    if req.kind == "hessian":
+        return (tensors[f"{slot}.h"], int(entry["tokens"]))
+    if req.kind in ("minmax", "minmax_head_dim"):
+        return (tensors[f"{slot}.lo"], tensors[f"{slot}.hi"])
+    return tensors[f"{slot}.value"]
 
 
 def collect_stats(

@@ -13,12 +13,16 @@ from qcompiler.eval.perplexity import evaluation_windows, perplexity
 from qcompiler.export.artifact import folder_size, read_description, run_info
 
 
-def load_float(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_float(model_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
+    from qcompiler.frontends.hf import Checkpoint
 
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"source model '{model_dir}' is gone; pass --float-model to compare against it")
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa").eval()
+    Checkpoint(model_dir, trust_remote_code)  # (its checks: remote code, index names, readable weight files)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, attn_implementation="sdpa",
+                                                trust_remote_code=trust_remote_code).eval()
 
 
 def evaluate(
@@ -32,9 +36,9 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     runtime: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
+    from qcompiler.compile import load_tokenizer
     from qcompiler.runtime import load_quantized
 
     desc = read_description(out)
@@ -43,7 +47,7 @@ def evaluate(
             f"'{out}' is an imported ONNX graph, not a causal LM: `qcompile eval` measures perplexity; its "
             f"qcompiler.json records the output SQNR against the source model ({desc.get('output_sqnr_db')} dB)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer = load_tokenizer(Path(out), trust_remote_code)
     texts = calib_data.read_texts(text) if text else calib_data.default_texts("eval")
     ids = evaluation_windows(tokenizer, texts, seq_len, max_tokens)
     tok_name = Path(desc["source_model"]).name  # the artefact carries the source model's tokenizer
@@ -58,7 +62,7 @@ def evaluate(
     }
     if compare_float:
         src = float_model or Path(desc["source_model"])
-        fm = load_float(src, dtype)
+        fm = load_float(src, dtype, trust_remote_code)
         result["float"] = perplexity(fm, ids, tok_name, batch_size, progress, "float").to_dict()
         result["float_size_bytes"] = folder_size(src)
         del fm
@@ -74,7 +78,7 @@ def evaluate(
             raise ModelLoadError("the ONNX export is float32; drop --bf16 or use --runtime reference")
         qm: Any = OrtCausalLM(out)
     else:
-        qm = load_quantized(out, dtype=dtype)
+        qm = load_quantized(out, dtype=dtype, trust_remote_code=trust_remote_code)
     result["quantized"] = perplexity(qm, ids, tok_name, batch_size, progress, "quantized").to_dict()
     if compare_float:
         f, q = result["float"]["perplexity"], result["quantized"]["perplexity"]
@@ -134,12 +138,17 @@ def format_inspect(out: Path) -> str:
     lines = [f"{'layer':<42} {'op':<12} {'weights':<12} {'acts':<16} {'w SQNR':>7}  output SQNR dB (per member)"]
     for r in inspect_layers(out):
         w = f"{r['weight_sqnr_db']:.1f}" if r["weight_sqnr_db"] is not None else "-"
-        o = ", ".join(f"{k.rsplit('.', 1)[-1]} {v:.1f}" for k, v in (r["output_sqnr_db"] or {}).items())
+        o = ", ".join(f"{k.rsplit('.', 1)[-1]} {_db(v)}" for k, v in (r["output_sqnr_db"] or {}).items())
         lines.append(f"{r['layer']:<42} {r['op']:<12} {r['weights']:<12} {r['activations']:<16} {w:>7}  {o}")
     lines.append("")
     if "block_report" in desc:
         lines.append("block output SQNR dB: " + ", ".join(
-            f"{k.rsplit('.', 1)[-1]}: {v['output_sqnr_db']:.1f}" for k, v in desc["block_report"].items()))
+            f"{k.rsplit('.', 1)[-1]}: {_db(v['output_sqnr_db'])}" for k, v in desc["block_report"].items()))
     else:  # an imported ONNX graph: one graph, its outputs
-        lines.append("model output SQNR dB: " + ", ".join(f"{k}: {v:.1f}" for k, v in desc["output_sqnr_db"].items()))
+        lines.append("model output SQNR dB: " + ", ".join(f"{k}: {_db(v)}" for k, v in desc["output_sqnr_db"].items()))
     return "\n".join(lines)
+
+
+def _db(v: float | None) -> str:
+    """An SQNR for display (None in a file: no error at all, written as null because JSON has no Infinity)."""
+    return "exact" if v is None or v == float("inf") else f"{v:.1f}"

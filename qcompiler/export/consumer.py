@@ -9,6 +9,7 @@ the artefact's temporary folder, so it appears complete or not at all (the artef
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Sequence
@@ -19,8 +20,10 @@ import torch
 from safetensors.torch import save_file
 from torch import fx
 
-from qcompiler.errors import ExportError
+from qcompiler.errors import ArtifactError, ExportError
+from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.layers import ExportLayer, WrittenLayer, from_record
+from qcompiler.files import plain_file_name
 from qcompiler.schemes import QuantScheme
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -64,10 +67,10 @@ def source_dtype(config: dict[str, Any]) -> torch.dtype:
 class FormatExporter:
     """A BlockExporter (targets/base.py) for one ServingFormat."""
 
-    def __init__(self, out_dir: Path, model: torch.nn.Module, fmt: ServingFormat, source: Path):
+    def __init__(self, out_dir: Path, model: torch.nn.Module, fmt: ServingFormat, source: Path,
+                 saved: SavedExporter | None = None):
         self.fmt = fmt
         self.folder = out_dir / fmt.folder
-        self.folder.mkdir()
         self.source = Path(source)
         self.config = json.loads((self.source / "config.json").read_text())
         self.dtype = source_dtype(self.config)
@@ -79,6 +82,33 @@ class FormatExporter:
         self.kv_tensors: list[str] = []  # KV-cache scales written (names as the format has them)
         self.kv_args: dict[str, Any] | None = None  # the KV cache's QuantArgs (as a dict), when quantized
         self.prefix: str | None = None
+        if saved is None:
+            self.folder.mkdir()
+        else:
+            self._restore(saved)
+
+    def save_state(self, folder: Path, tag: str) -> dict[str, Any]:
+        """Everything written so far, as JSON (the shards are already on disk in `self.folder`)."""
+        return {"shards": [[name, names] for name, names in self.shards],
+                "layers": [dataclasses.asdict(layer) for layer in self.layers],
+                "float_tensors": self.float_tensors, "kv_tensors": self.kv_tensors, "kv_args": self.kv_args,
+                "prefix": self.prefix}
+
+    def _restore(self, saved: SavedExporter) -> None:
+        where = f"'{saved.folder}': {self.fmt.name} exporter state"
+        try:
+            for name, names in saved.get("shards", list):
+                plain_file_name(name, where, ArtifactError, "run without --resume to start over")
+                if not name.startswith("shard-"):  # (it may be renamed already: finish checks it is on disk)
+                    raise ArtifactError(f"{where}: '{name}' is not a shard name; run without --resume to start over")
+                self.shards.append((name, [str(n) for n in names]))
+            self.layers = [WrittenLayer.from_dict(d) for d in saved.get("layers", list)]
+            self.float_tensors = [str(n) for n in saved.get("float_tensors", list)]
+            self.kv_tensors = [str(n) for n in saved.get("kv_tensors", list)]
+            self.kv_args = saved.get("kv_args", dict | type(None))
+            self.prefix = saved.get("prefix", str | type(None))
+        except (TypeError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{where} is damaged ({e}); run without --resume to start over") from None
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         name = f"shard-{len(self.shards):05d}.safetensors"
@@ -152,7 +182,10 @@ class FormatExporter:
         size = 0
         for i, (tmp_name, names) in enumerate(self.shards):
             final = f"{self.fmt.shard_prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
-            (self.folder / tmp_name).rename(self.folder / final)
+            if (self.folder / tmp_name).is_file():
+                (self.folder / tmp_name).rename(self.folder / final)
+            elif not (self.folder / final).is_file():  # (else: renamed already by a finish that was killed)
+                raise ArtifactError(f"'{self.folder}': shard '{tmp_name}' is missing; run without --resume to start over")
             size += (self.folder / final).stat().st_size
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -176,6 +209,22 @@ class Exporters:
 
     def __init__(self, exporters: Sequence[Any]):
         self.exporters = list(exporters)
+
+    @classmethod
+    def of(cls, out_dir: Path, model: torch.nn.Module, formats: Sequence[ServingFormat], source: Path,
+           saved: SavedExporter | None = None) -> Exporters:
+        """One FormatExporter per format (continuing from `saved`: the state `save_state` wrote)."""
+        parts: list[SavedExporter | None] = [None] * len(formats)
+        if saved is not None:
+            states = saved.get("formats", list)
+            if len(states) != len(formats) or not all(isinstance(st, dict) for st in states):
+                raise ArtifactError(f"'{saved.folder}': the exporter state holds {len(states)} formats, this run "
+                                    f"writes {len(formats)}; run without --resume to start over")
+            parts = [SavedExporter(st, saved.folder) for st in states]
+        return cls([FormatExporter(out_dir, model, f, source, p) for f, p in zip(formats, parts, strict=True)])
+
+    def save_state(self, folder: Path, tag: str) -> dict[str, Any]:
+        return {"formats": [e.save_state(folder, f"{tag}-{i}") for i, e in enumerate(self.exporters)]}
 
     def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
         for e in self.exporters:

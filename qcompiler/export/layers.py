@@ -37,6 +37,13 @@ class WrittenLayer:
     act_bits: int = 8
     sparse: bool = False  # 2:4 sparse weights
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WrittenLayer:
+        """The inverse of dataclasses.asdict (an exporter's saved state); TypeError on unknown or missing fields."""
+        if not isinstance(d, dict) or not isinstance(d.get("tensors"), list):
+            raise TypeError(f"not a written layer: {str(d)[:80]}")
+        return cls(**{**d, "tensors": tuple(str(t) for t in d["tensors"])})
+
     @property
     def scheme_key(self) -> tuple[Any, ...]:
         """Layers with equal keys share one scheme (one config group, one description type)."""

@@ -13,7 +13,8 @@ per-architecture tables.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,38 +27,146 @@ from torch import fx
 from torch.export import Dim
 
 from qcompiler.errors import ModelLoadError, TraceError
+from qcompiler.files import read_json, relative_file_name
 from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, set_tensor
 
+# config.json sizes that are dimensions of some weight (at most the checkpoint's element count) and layer counts
+# (at most its tensor count): a config claiming more describes another model, and building that model's skeleton
+# would allocate without bound before any check of the weights could refuse it
+_DIMENSION_KEYS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+                   "head_dim", "vocab_size", "num_attention_heads", "num_key_value_heads", "num_experts",
+                   "num_local_experts", "n_routed_experts", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+                   "qk_nope_head_dim", "v_head_dim", "n_embd", "n_inner", "n_head", "d_model", "ffn_dim")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+# safetensors dtypes a weight may have on disk (integer or fp8 tensors are a quantized checkpoint, not a float one)
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_FINITE_CHECK_ELEMENTS = 1 << 24  # the NaN/Inf check reads a tensor in pieces of this many elements
+
 
 class Checkpoint:
-    """A folder with config.json and safetensors weights (one file or an index of shards), read lazily."""
+    """A folder with config.json and safetensors weights (one file or an index of shards), read lazily.
 
-    def __init__(self, path: str | Path):
+    Nothing in the folder is trusted: config.json and the index must be JSON objects, every file the index
+    names must lie inside the folder, every weight file's header is read (and so validated) before any work,
+    and every tensor is checked for NaN/Inf as it is read. `trust_remote_code` lets transformers import the
+    folder's own Python (config.json `auto_map`); without it such a folder is refused by name."""
+
+    def __init__(self, path: str | Path, trust_remote_code: bool = False):
         self.path = Path(path)
+        self.trust_remote_code = trust_remote_code
         if not self.path.is_dir():
             raise ModelLoadError(f"model folder '{self.path}' does not exist (pass a Hugging Face checkpoint folder or 'demo')")
         if not (self.path / "config.json").is_file():
             raise ModelLoadError(f"'{self.path}' has no config.json; is it a Hugging Face checkpoint folder?")
+        self.config_dict: dict[str, Any] = read_json(self.path / "config.json", "the model's config", ModelLoadError)
+        self._check_remote_code()
         index = self.path / "model.safetensors.index.json"
         self.weight_map: dict[str, str] = {}
         if index.is_file():
-            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
+            weight_map = read_json(index, "the weight index", ModelLoadError).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelLoadError(f"'{index}' has no 'weight_map' object naming tensors and their files")
+            for name, file in weight_map.items():
+                self.weight_map[name] = relative_file_name(file, f"'{index}': tensor '{name}'", ModelLoadError)
         else:
-            files = sorted(self.path.glob("*.safetensors"))
+            files = sorted(f.name for f in self.path.glob("*.safetensors"))
             if not files:
                 raise ModelLoadError(
                     f"'{self.path}' has no *.safetensors weights; convert .bin/.gguf weights to safetensors first"
                 )
             for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    for k in h.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                        self.weight_map[k] = f.name
+                for k in self._header(f):
+                    self.weight_map[k] = f
         missing = {f for f in set(self.weight_map.values()) if not (self.path / f).is_file()}
         if missing:
             raise ModelLoadError(f"'{self.path}': shard(s) {sorted(missing)} named by the index are missing")
+        # dtype and shape of every tensor, from the headers (validated by safetensors: lengths, offsets, bounds)
+        self.headers: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for f in sorted(set(self.weight_map.values())):
+            held = self._header(f)
+            for name, file in self.weight_map.items():
+                if file == f and name not in held:
+                    raise ModelLoadError(f"'{index}' places tensor '{name}' in '{f}', which does not hold it; "
+                                         "restore the index or the shard from the checkpoint's source")
+            self.headers.update({k: v for k, v in held.items() if self.weight_map.get(k) == f})
+        self._check_config_sizes(self.config_dict)
         self._handles: dict[str, Any] = {}
         self._loaded: dict[str, torch.Tensor] | None = None
+
+    def _check_remote_code(self) -> None:
+        """A config.json whose `auto_map` names Python files in the folder asks to run them; transformers asks
+        on a terminal (and runs them on "y"). Refuse unless the user passed --trust-remote-code, except where
+        transformers has its own class for the model type (it then ignores the folder's code)."""
+        auto_map = self.config_dict.get("auto_map")
+        if not auto_map or self.trust_remote_code:
+            return
+        from transformers import CONFIG_MAPPING
+
+        if str(self.config_dict.get("model_type")) in CONFIG_MAPPING:
+            return
+        names = ", ".join(sorted(str(v) for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])))
+        raise ModelLoadError(
+            f"'{self.path / 'config.json'}' needs the folder's own Python code ({names}) for model type "
+            f"'{self.config_dict.get('model_type')}'; qcompile never runs code from a model folder unless you pass "
+            "--trust-remote-code (read that code first)"
+        )
+
+    def _check_config_sizes(self, config: dict[str, Any], where: str = "") -> None:
+        """Refuse config.json sizes no weight of this checkpoint can have (nested configs too: text_config, ...)."""
+        elements = sum(math.prod(shape) for _, shape in self.headers.values())
+        for key, value in config.items():
+            if isinstance(value, dict):
+                self._check_config_sizes(value, f"{where}{key}.")
+            elif isinstance(value, int) and not isinstance(value, bool):
+                limit = len(self.headers) if key in _LAYER_KEYS else elements if key in _DIMENSION_KEYS else None
+                if limit is not None and not 0 <= value <= limit:
+                    raise ModelLoadError(
+                        f"'{self.path / 'config.json'}': {where}{key} = {value} cannot describe these weights "
+                        f"({len(self.headers)} tensors, {elements} values); config.json belongs to another model"
+                    )
+
+    def _header(self, file: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        path = self.path / file
+        try:
+            with safe_open(str(path), framework="pt") as h:
+                return {k: (h.get_slice(k).get_dtype(), tuple(h.get_slice(k).get_shape()))
+                        for k in h.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+        except Exception as e:  # SafetensorError, OSError, ...: safetensors raises several types here
+            detail = " ".join(str(e).split())[:200]
+            raise ModelLoadError(f"'{path}' is not a readable safetensors file ({detail}); re-download or "
+                                 "re-convert it") from None
+
+    def check_tensors(self, model: torch.nn.Module) -> None:
+        """Refuse, before any work, a checkpoint that does not hold exactly the weights of `model` (a skeleton
+        with meta parameters under checkpoint names): missing tensors, shapes or dtypes that disagree with
+        config.json, and tensors the model would silently not use (e.g. config.json lists fewer layers)."""
+        state = model.state_dict(keep_vars=True)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        tied = getattr(model, "all_tied_weights_keys", None) or {}  # tied weight -> the weight it shares
+        where = f"'{self.path}'"
+        missing = [n for n in params if n not in self.headers and tied.get(n) not in self.headers]
+        if missing:
+            raise ModelLoadError(f"{where}: tensor(s) {_listed(missing)} of this {model.config.model_type} model are "
+                                 "missing from the checkpoint; restore the missing shard or fix config.json")
+        for name, value in state.items():
+            if name not in self.headers:
+                continue
+            dtype, shape = self.headers[name]
+            if tuple(value.shape) != shape:
+                raise ModelLoadError(f"{where}: tensor '{name}' has shape {list(shape)} but config.json makes it "
+                                     f"{list(value.shape)}; the config and the weights belong to different models")
+            if name in params and dtype not in FLOAT_DTYPES:
+                raise ModelLoadError(f"{where}: weight '{name}' is stored as {dtype}; qcompile quantizes float "
+                                     "checkpoints (F32, F16, BF16), dequantize or re-export it first")
+        ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+        unused = sorted(n for n in self.headers if n not in state and not any(p.search(n) for p in ignored)
+                        and not n.endswith("rotary_emb.inv_freq"))
+        if unused:
+            raise ModelLoadError(f"{where}: {len(unused)} tensor(s) the model described by config.json does not use, "
+                                 f"e.g. {_listed(unused)}; config.json does not match the weights (a layer count or "
+                                 "an architecture field is wrong)")
 
     def fingerprint(self) -> str:
         """Identity of the checkpoint's contents: config and index bytes, and each weight file's name, size
@@ -97,7 +206,11 @@ class Checkpoint:
         file = self.weight_map[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        return self._handles[file].get_tensor(name)
+        t = self._handles[file].get_tensor(name)
+        if t.is_floating_point() and not _all_finite(t):
+            raise ModelLoadError(f"'{self.path / file}': tensor '{name}' holds NaN or Inf values; the checkpoint is "
+                                 "damaged (re-download or re-convert it)")
+        return t
 
     def release(self) -> None:
         """Close the memory maps. Tensors already read stay valid (they keep their own mapping alive);
@@ -109,29 +222,54 @@ class Checkpoint:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(str(self.path))
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"'{self.path}/config.json': {e}") from e
+            return AutoConfig.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
+        except Exception as e:  # transformers raises ValueError, KeyError, TypeError, OSError... on a bad config
+            raise ModelLoadError(f"'{self.path}/config.json': {' '.join(str(e).split())[:300]}") from None
 
 
-def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The causal-LM module with meta parameters; non-block weights (embeddings, norms, head) loaded."""
+def _all_finite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    wide = t.element_size() == 1  # (fp8: torch has no isfinite for it; its values are exact in float32)
+    return all(bool(torch.isfinite(c.float() if wide else c).all())
+               for c in flat.split(_FINITE_CHECK_ELEMENTS))
+
+
+def _listed(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(f"'{x}'" for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: bool = True) -> torch.nn.Module:
+    """The causal-LM module with meta parameters; non-block weights (embeddings, norms, head) loaded. With
+    `check`, the checkpoint's tensors are checked against the model first (Checkpoint.check_tensors); our own
+    artefacts, which hold quantized tensors under other names, are checked by their manifest instead."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = ckpt.config()
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    remote = ckpt.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
         raise ModelLoadError(
             f"'{ckpt.path}/config.json': architecture '{config.model_type}' is not a causal language model "
             "that transformers knows; supported families include llama, qwen2, qwen3, mistral, gemma"
         )
     config.use_cache = False
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype,
+                                                     trust_remote_code=ckpt.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 (the model's own constructor checks its config with any exception type)
+        # a config whose fields contradict each other (hidden_size not divisible by the heads, a padding index
+        # outside the vocabulary) or are absurd (a size that cannot be allocated even for the one moment each
+        # weight exists before it becomes meta)
+        raise ModelLoadError(f"'{ckpt.path}/config.json' describes no buildable {config.model_type} model: "
+                             f"{' '.join(str(e).split())[:300]}") from None
     model.eval()
     prefix, _ = find_blocks(model)
     unfuse_experts(model, ckpt, prefix)
+    if check:
+        ckpt.check_tensors(model)
     for name, buf in list(model.named_buffers()):
         # a block buffer the checkpoint holds (DeepSeek-V3's router score bias) is filled per block like the
         # weights; it must be meta for tracing (buffers such as RoPE tables stay real)

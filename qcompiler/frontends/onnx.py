@@ -30,7 +30,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import fx
 
-from qcompiler.errors import ModelLoadError, UnsupportedOpError
+from qcompiler.errors import ModelLoadError, QCompilerError, UnsupportedOpError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import CONV, LINEAR, aten, set_tensor
 
@@ -349,10 +349,16 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"ONNX model '{p}' does not exist")
+    if p.stat().st_size == 0:
+        raise ModelLoadError(f"ONNX model '{p}' is empty (0 bytes); export or copy it again")
     try:
-        return onnx.load(str(p), load_external_data=True)
+        model = onnx.load(str(p), load_external_data=True)
     except Exception as e:  # noqa: BLE001 (onnx raises several unrelated types)
-        raise ModelLoadError(f"'{p}' is not a readable ONNX model (external data must sit beside it): {e}") from e
+        raise ModelLoadError(f"'{p}' is not a readable ONNX model (external data must sit beside it): "
+                             f"{' '.join(str(e).split())[:300]}") from None
+    if not model.graph.node or not model.graph.output:
+        raise ModelLoadError(f"'{p}' holds no ONNX graph (no nodes or no outputs); is it an ONNX model file?")
+    return model
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[tuple[str, str, str]]:
@@ -413,7 +419,19 @@ class ImportedModel:
 
 
 def import_onnx(model: onnx.ModelProto, path: str | Path = "<model>") -> ImportedModel:
+    """The FX graph of `model` (module docstring). A graph that is not valid ONNX (a damaged or hand-edited file:
+    a node reading a value nothing produces, an initializer of the wrong size, ...) is refused naming the file."""
     check_supported(model, path)
+    try:
+        return _import(model, path)
+    except QCompilerError:
+        raise
+    except Exception as e:  # noqa: BLE001 (the translation of an invalid graph fails in many ways)
+        raise ModelLoadError(f"'{path}' is not a valid ONNX graph ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}); check it with onnx.checker.check_model") from None
+
+
+def _import(model: onnx.ModelProto, path: str | Path) -> ImportedModel:
     root = torch.nn.Module()
     graph = fx.Graph()
     init = {t.name: t for t in model.graph.initializer}

@@ -102,6 +102,12 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         raise NotImplementedError
 
+    def weight_grid(self) -> dict[str, Any]:
+        """The weight grid this pass's options impose on the layers of the run's scheme (bits, group_size,
+        symmetric that differ from None); empty for passes whose options only choose how to quantize. The driver
+        writes them into the scheme before any target check, so the scheme stated and checked is what is stored."""
+        return {}
+
     def transform_outer(self, model: torch.nn.Module) -> dict[str, Any] | None:
         """Change the weights outside the blocks (embeddings, final norm, head) the way `run` changes every block
         (the residual rotation); the driver calls it on the model before calibration and again when the outer

@@ -112,9 +112,9 @@ def read_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         raise PipelineError(f"recipe file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise PipelineError(f"recipe '{p}' is not valid YAML: {e}") from e
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PipelineError(f"recipe '{p}' is not valid UTF-8 YAML: {e}") from None
     overrides = []
     if isinstance(data, dict):
         unknown = set(data) - {"passes", "overrides"}

@@ -11,6 +11,7 @@ import torch
 from torch import fx
 
 from qcompiler.errors import SchemeError
+from qcompiler.export.artifact import SavedExporter
 from qcompiler.schemes import QuantScheme
 
 if TYPE_CHECKING:
@@ -71,17 +72,24 @@ class Target:
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         """Refuse, before any work, a model (architecture, layer sizes) the target or its format cannot take."""
 
-    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path
-                 ) -> BlockExporter | None:
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
+                 saved: SavedExporter | None = None) -> BlockExporter | None:
         """A writer of the target's own format into `out_dir` (the artefact's temporary folder), fed each lowered
-        block; `source` is the input checkpoint folder (config, tokenizer). None: our artefact only."""
+        block; `source` is the input checkpoint folder (config, tokenizer). `saved`: continue from the state an
+        earlier exporter of the same run saved (--resume) instead of starting. None: our artefact only."""
         return None
 
 
 class BlockExporter(Protocol):
-    """Receives lowered blocks in order while the driver runs; writes into the artefact's temporary folder."""
+    """Receives lowered blocks in order while the driver runs; writes into the artefact's temporary folder.
+
+    `save_state` records the exporter's progress after a block as JSON fields (binary parts as files whose
+    names start with `tag`, in `folder`); the target's `exporter(..., saved=...)` continues from it. `finish`
+    may run again after a kill part-way through it (a resumed run repeats it from the last block's state)."""
 
     def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None: ...
+
+    def save_state(self, folder: Path, tag: str) -> dict[str, Any]: ...
 
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None: ...
 
@@ -114,6 +122,20 @@ def refuse_ragged_groups(target: str, consumer: str, config: Any, scheme: QuantS
                     f"whole groups; choose a group size dividing {k} (e.g. --group-size {_divisor(k, g)}) or "
                     "per-channel scales (--group-size 0)"
                 )
+
+
+def refuse_oversized_groups(config: Any, scheme: QuantScheme) -> None:
+    """A group size larger than every layer's input size would quantize per channel under a group scheme's name."""
+    sizes = linear_input_sizes(config)
+    for s in scheme.all_schemes():
+        if s.weights is None or s.weights.granularity != "group" or s.weights.group_size is None:
+            continue
+        if s.weights.group_size > max(sizes.values()):
+            raise SchemeError(
+                f"group size {s.weights.group_size} is larger than every layer's input size "
+                f"({', '.join(f'{k} = {v}' for k, v in sizes.items())}); choose a group size of at most "
+                f"{max(sizes.values())}, or --group-size 0 for one scale per output channel"
+            )
 
 
 def refuse_mla_kv_cache(target: str, fmt: str, config: Any, scheme: QuantScheme) -> None:

@@ -23,12 +23,18 @@ from typing import Any
 
 import torch
 
+from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.consumer import FormatExporter
 from qcompiler.export.msmodelslim import MsModelSlimFormat
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
 from qcompiler.schemes import QuantScheme, int_gemm_reason
-from qcompiler.targets.base import Target, refuse_mla_kv_cache, refuse_ragged_groups, register_target
+from qcompiler.targets.base import (
+    Target,
+    refuse_mla_kv_cache,
+    refuse_ragged_groups,
+    register_target,
+)
 
 FORMAT = MsModelSlimFormat()
 
@@ -69,5 +75,6 @@ class AscendTarget(Target):
             return [f"msmodelslim: MindIE (vllm-ascend: {kind} for MoE experts only)"]
         return ["msmodelslim: vllm-ascend, MindIE"]
 
-    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
-        return FormatExporter(out_dir, model, FORMAT, source)
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
+                 saved: SavedExporter | None = None) -> Any:
+        return FormatExporter(out_dir, model, FORMAT, source, saved)

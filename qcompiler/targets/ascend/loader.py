@@ -55,8 +55,8 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
 
     folder = Path(folder)
     desc, tensors = read_folder(folder)
-    config = AutoConfig.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if any(kind == "C8" for kind in desc.values()):
         raise ArtifactError(f"'{folder}': its KV cache is C8 (int8), which this loader's emulation does not run; "
                             "load our artefact with qcompiler.runtime.load_quantized instead")

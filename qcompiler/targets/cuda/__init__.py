@@ -23,13 +23,19 @@ from typing import Any
 import torch
 
 from qcompiler.errors import SchemeError
+from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.autoawq import AwqFormat, GptqFormat
 from qcompiler.export.compressed_tensors import CompressedTensorsFormat
-from qcompiler.export.consumer import Exporters, FormatExporter, ServingFormat
+from qcompiler.export.consumer import Exporters, ServingFormat
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
 from qcompiler.schemes import QuantScheme, int_gemm_reason
-from qcompiler.targets.base import Target, refuse_mla_kv_cache, refuse_ragged_groups, register_target
+from qcompiler.targets.base import (
+    Target,
+    refuse_mla_kv_cache,
+    refuse_ragged_groups,
+    register_target,
+)
 
 FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat(), AwqFormat(), GptqFormat())}
 DEFAULT_FORMAT = "compressed-tensors"
@@ -95,6 +101,6 @@ class CudaTarget(Target):
             return []
         return [f"{f.name}: {f.consumers}" for f in FORMATS.values() if f.unsupported_reason(scheme) is None]
 
-    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
-        return Exporters([FormatExporter(out_dir, model, f, source)
-                          for f in chosen_formats(options)])
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
+                 saved: SavedExporter | None = None) -> Any:
+        return Exporters.of(out_dir, model, chosen_formats(options), source, saved)

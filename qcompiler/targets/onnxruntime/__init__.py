@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from qcompiler.errors import SchemeError
+from qcompiler.export.artifact import SavedExporter
 from qcompiler.passes.lowering.linear_rules import linear_rules
 from qcompiler.pm.rewrite import RewriteRule
 from qcompiler.schemes import QuantScheme
@@ -87,9 +88,11 @@ class OnnxRuntimeTarget(Target):
 
         check_decoder_config(config)
 
-    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path) -> Any:
+    def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
+                 saved: SavedExporter | None = None) -> Any:
         from qcompiler.targets.onnxruntime.decoder import DecoderExporter
 
         self.check_options(options)
         head = options.get("lm_head_bits", "8")
-        return DecoderExporter(out_dir, model, emit_options(options), lm_head_bits=None if head == "float" else int(head))
+        return DecoderExporter(out_dir, model, emit_options(options), lm_head_bits=None if head == "float" else int(head),
+                               saved=saved)

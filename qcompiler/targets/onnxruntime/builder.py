@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
+
+from qcompiler.errors import ArtifactError
+from qcompiler.export.artifact import SavedExporter
 
 MODEL_FILE = "model.onnx"  # the file name every exported folder uses (genai_config.json names it too)
 OPSET = 23
@@ -52,26 +56,54 @@ class OnnxBuilder:
         self._consts: dict[tuple, str] = {}
         self.shared: dict[str, str] = {}  # shared_initializer key -> initializer name
 
-    # A pickled builder (the driver's per-block checkpoint, for --resume) records how far the data file had
-    # been written; unpickling truncates the file there and appends from that point again.
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        if not self._data.closed:
-            self._data.flush()
-            state["_data_offset"] = self._data.tell()
-        else:
-            state["_data_offset"] = None
-        del state["_data"]
-        return state
+    # ------------------------------------------------------------------ progress (--resume)
+    def save_state(self, folder: Path, tag: str) -> dict[str, Any]:
+        """The graph so far as an ONNX GraphProto file `<tag>.graph.pb` in `folder` (protobuf: data, never code)
+        and the rest as JSON: names in use, shared constants, and how far the data file has been written."""
+        self._data.flush()
+        graph = helper.make_graph(self.nodes, "state", self.inputs, self.outputs, self.initializers)
+        graph_file = f"{tag}.graph.pb"
+        tmp = folder / (graph_file + ".tmp")
+        tmp.write_bytes(graph.SerializeToString())
+        tmp.replace(folder / graph_file)
+        return {"graph": graph_file, "opset": self.opset, "data_bytes": self._data.tell(),
+                "names": sorted(self._names), "shared": self.shared,
+                "consts": [[dtype, list(shape), data.hex(), name] for (dtype, shape, data), name in self._consts.items()]}
 
-    def __setstate__(self, state: dict) -> None:
-        offset = state.pop("_data_offset")
-        self.__dict__.update(state)
-        path = self.model_path.parent / self.data_name
-        self._data = open(path, "r+b" if path.exists() else "wb")  # noqa: SIM115 (closed in finish)
-        if offset is not None:
-            self._data.truncate(offset)
-            self._data.seek(offset)
+    @classmethod
+    def restore(cls, model_path: Path, saved: SavedExporter) -> OnnxBuilder:
+        """The builder `save_state` described, writing to `model_path` (given by the caller, never read from
+        the state); its data file is cut back to where the state was saved, so what follows is appended once."""
+        where = f"'{saved.folder}': ONNX exporter state"
+        b = cls.__new__(cls)
+        b.model_path = Path(model_path)
+        b.opset = saved.get("opset", int)
+        b.data_name = b.model_path.name + ".data"
+        path = b.model_path.parent / b.data_name
+        offset = saved.get("data_bytes", int)
+        if not path.is_file() or not 0 <= offset <= path.stat().st_size:
+            raise ArtifactError(f"{where}: '{path}' is missing or shorter than the {offset} bytes written; run without "
+                                "--resume to start over")
+        try:
+            graph = onnx.GraphProto.FromString(saved.file("graph").read_bytes())
+            b._names = {str(n) for n in saved.get("names", list)}
+            b.shared = {str(k): str(v) for k, v in saved.get("shared", dict).items()}
+            b._consts = {(str(d), tuple(int(x) for x in shape), bytes.fromhex(data)): str(name)
+                         for d, shape, data, name in saved.get("consts", list)}
+        except (OSError, ValueError, TypeError, DecodeError) as e:
+            raise ArtifactError(f"{where} is damaged ({' '.join(str(e).split())[:200]}); run without --resume to "
+                                "start over") from None
+        b.nodes, b.initializers = list(graph.node), list(graph.initializer)
+        b.inputs, b.outputs = list(graph.input), list(graph.output)
+        written = max((int(e["offset"]) + int(e["length"]) for t in b.initializers if t.data_location == TensorProto.EXTERNAL
+                       for e in [{x.key: x.value for x in t.external_data}]), default=0)
+        if offset < written:
+            raise ArtifactError(f"{where}: the graph's initializers reach byte {written} of '{path}' but the state says "
+                                f"{offset} bytes were written; run without --resume to start over")
+        b._data = open(path, "r+b")  # noqa: SIM115 (closed in finish)
+        b._data.truncate(offset)
+        b._data.seek(offset)
+        return b
 
     # ------------------------------------------------------------------ names, nodes, tensors
     def fresh(self, hint: str) -> str:

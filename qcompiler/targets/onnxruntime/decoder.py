@@ -39,6 +39,7 @@ from onnx import TensorProto
 from torch import fx
 
 from qcompiler.errors import ExportError
+from qcompiler.export.artifact import SavedExporter
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call
 from qcompiler.kernels.packing import store_weight_codes
@@ -157,8 +158,17 @@ def check_decoder_config(cfg: Any) -> None:
 class DecoderExporter:
     """Streams a decoder-only LM into MODEL_FILE in `out_dir` while the driver lowers its blocks."""
 
+    # what changes as blocks are emitted (names of ONNX values, progress), saved after every block for --resume;
+    # the rest is derived again from the model and the options
+    _PROGRESS: dict[str, type | tuple[type, ...]] = {
+        "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "cos": str, "sin": str, "hidden": str,
+        "residual": (list, type(None)), "window": int, "blocks_done": int, "tied": bool,
+        "embedding_name": (str, type(None)), "head_block": (int, type(None)), "head_shape": (list, type(None)),
+        "head_weights": (list, type(None)),
+    }
+
     def __init__(self, out_dir: Path, model: torch.nn.Module, options: EmitOptions | None = None,
-                 lm_head_bits: int | None = None):
+                 lm_head_bits: int | None = None, saved: SavedExporter | None = None):
         cfg = model.config
         self.cfg = cfg
         check_decoder_config(cfg)
@@ -170,6 +180,16 @@ class DecoderExporter:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
         self.layers = int(cfg.num_hidden_layers)
         self.vocab = int(cfg.vocab_size)
+        # set as the lm_head / embedding are emitted (a quantized head: its block size, [N, K] and initializers)
+        self.embedding_name: Any = None
+        self.head_block: Any = None
+        self.head_shape: Any = None
+        self.head_weights: Any = None
+        if saved is not None:
+            self.b = OnnxBuilder.restore(self.out_dir / MODEL_FILE, saved)
+            for key, kind in self._PROGRESS.items():
+                setattr(self, key, saved.get(key, kind))
+            return
         b = self.b = OnnxBuilder(self.out_dir / MODEL_FILE)
         ids = b.add_input("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
         mask = b.add_input("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
@@ -188,9 +208,9 @@ class DecoderExporter:
             self.window = int(cfg.sliding_window)
         self.blocks_done = 0
 
-    def __getstate__(self) -> dict:
-        # the embedding is the model's own tensor (only read while the constructor emits its lookup)
-        return {k: v for k, v in self.__dict__.items() if k != "embedding"}
+    def save_state(self, folder: Path, tag: str) -> dict[str, Any]:
+        # (tuples come back as lists, which every use of these fields accepts)
+        return {**{key: getattr(self, key) for key in self._PROGRESS}, **self.b.save_state(folder, tag)}
 
     def _rotary_caches(self, model: torch.nn.Module) -> tuple[str, str]:
         inner = _decoder_body(model)
