@@ -52,8 +52,8 @@ def main() -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from qcompiler.calib.data import default_texts
-    from qcompiler.compile import QuantizeConfig, quantize
     from qcompiler.demo import demo_model_dir
+    from qcompiler.driver import QuantizeConfig, quantize
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
     from qcompiler.pm.pipeline import parse_pipeline

@@ -116,14 +116,14 @@ def ours(model_dir: Path, out: Path, spec: dict[str, Any]) -> float:
 
 def perplexity(folder: Path, ids: Any) -> float:
     from qcompiler.eval.perplexity import perplexity as ppl
-    from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
+    from qcompiler.runtime.onnxruntime import OrtCausalLM
 
     return ppl(OrtCausalLM(folder), ids, "smollm2", batch_size=4).perplexity  # type: ignore[arg-type]
 
 
 def latencies(folder: Path, prompt: np.ndarray, steps: int = 30) -> tuple[float, float]:
     """(prefill ms for the prompt, median single-token decode ms with the prompt in the KV cache)."""
-    from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
+    from qcompiler.runtime.onnxruntime import OrtCausalLM
 
     m = OrtCausalLM(folder)
     m.run(prompt)  # warm-up

@@ -98,8 +98,8 @@ def peak_rss_mb() -> float:
 
 def quantize_one(name: str, out: Path) -> dict:
     """Runs in a child process so that its peak RSS is the quantization's own."""
-    from qcompiler.compile import QuantizeConfig, quantize
     from qcompiler.demo import demo_model_dir
+    from qcompiler.driver import QuantizeConfig, quantize
     from qcompiler.pm.pipeline import parse_pipeline
     from qcompiler.schemes import get_scheme
 
@@ -110,7 +110,7 @@ def quantize_one(name: str, out: Path) -> dict:
     t0 = time.perf_counter()
     extra = {}
     if "fallback" in c:
-        from qcompiler.fallback import quantize_with_fallback
+        from qcompiler.driver.fallback import quantize_with_fallback
 
         desc = quantize_with_fallback(cfg, c["fallback"], quantize, max_trials=6, log=lambda s: None)
         fb = desc["fallback"]

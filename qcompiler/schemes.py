@@ -10,7 +10,7 @@ Asymmetric: q = clamp(round(w / s) + z, 0, 2^b - 1), w ≈ (q - z)·s.
 Float (type "float", fp8 e4m3): s = absmax / 448, q = e4m3(clamp(w / s, ±448)) (round to nearest even on the
 e4m3 grid), w ≈ q·s; per tensor or per channel for weights, static per tensor or dynamic per token for
 activations.
-KV cache (`kv_cache`, passes/kv_cache/insert_kv_quant.py): K after the rotary embedding and V as attention reads
+KV cache (`kv_cache`, passes/kv_cache/kv_quant.py): K after the rotary embedding and V as attention reads
 them, [B, H_kv, S, D], int8 or int4, static scales per tensor / per head [H_kv] / per channel [H_kv, D] or
 dynamic per token and head (one scale per (b, h, s) over D), symmetric or asymmetric; the same grid formulas.
 2:4 sparsity (`sparsity="2:4"`): in every group of 4 consecutive input weights of a row at most 2 are non-zero.
@@ -253,6 +253,22 @@ PRESETS["w4a8c8"] = dataclasses.replace(PRESETS["w4a8"], name="w4a8c8", kv_cache
 # 2:4 sparse weights: int8 per channel × int8 static activations (msModelSlim W8A8S), or kept float (W16A16S)
 PRESETS["w8a8s"] = dataclasses.replace(PRESETS["w8a8"], name="w8a8s", sparsity="2:4")
 PRESETS["w16a16s"] = QuantScheme("w16a16s", None, sparsity="2:4")
+
+def with_grid(args: QuantArgs | None, bits: int | None = None, group_size: int | None = None,
+              symmetric: bool | None = None) -> QuantArgs | None:
+    """Weight args with the grid options that are set applied (group_size ≤ 0: one scale per output channel)."""
+    if args is None:
+        return None
+    changes: dict[str, object] = {}
+    if bits is not None:
+        changes["bits"] = bits
+    if group_size is not None:
+        changes.update({"granularity": "group", "group_size": group_size} if group_size > 0
+                       else {"granularity": "channel", "group_size": None})
+    if symmetric is not None:
+        changes["symmetric"] = symmetric
+    return dataclasses.replace(args, **changes) if changes else args  # type: ignore[arg-type]
+
 
 def int_gemm_reason(scheme: QuantScheme) -> str | None:
     """Why the integer GEMM (int8 activations × integer weights, one scale per token/tensor × one per output

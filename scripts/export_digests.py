@@ -37,7 +37,7 @@ CASES = [  # (family, scheme, group size, target, target options, pipeline or No
 def main() -> None:
     from tiny import TEXT, make_tiny_model
 
-    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.driver import QuantizeConfig, quantize
     from qcompiler.pm.pipeline import parse_pipeline
     from qcompiler.schemes import get_scheme
 

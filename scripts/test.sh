@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python -m ruff check qcompiler passes kernels tests benchmarks
+python -m ruff check qcompiler passes kernels tests benchmarks scripts
 python -m mypy qcompiler passes kernels
-python -m pytest -q -p no:cacheprovider tests
+python -m pytest -q -p no:cacheprovider -m "slow or not slow" --durations=15 tests

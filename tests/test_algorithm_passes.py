@@ -11,7 +11,7 @@ import qcompiler.kernels  # noqa: F401
 from qcompiler.calib.data import chat_conversations, read_texts, token_stream
 from qcompiler.calib.stats import StatsCache
 from qcompiler.cli import main
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import CalibrationError, PipelineError, SchemeError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, get_tensor, is_call, set_tensor, tensor_attrs
@@ -37,6 +37,7 @@ def block_error(model, pipeline, scheme=W4G32):
 # ------------------------------------------------------------------------------------------ gptq
 
 
+@pytest.mark.slow
 def test_gptq_pass_structure_numerics_and_sequential_stages(tiny_llama):
     err_rtn, _, _ = block_error(tiny_llama, "rtn")
     err, gm, ctx = block_error(tiny_llama, "gptq")
@@ -56,6 +57,7 @@ def test_gptq_pass_structure_numerics_and_sequential_stages(tiny_llama):
     assert not any(is_call(n, LINEAR) for n in lowered.graph.nodes)
 
 
+@pytest.mark.slow
 def test_gptq_act_order_and_one_shot_variants(tiny_llama):
     err_rtn, _, _ = block_error(tiny_llama, "rtn")
     for pipeline in ("gptq{act_order=true}", "gptq{true_sequential=false}", "fuse_linears{force=true},gptq",
@@ -98,6 +100,7 @@ def test_awq_preserves_the_float_block_and_reports_its_groups(tiny_llama):
     assert "GQA" in rep["skipped"]["self_attn.v_proj->self_attn.o_proj"]
 
 
+@pytest.mark.slow
 def test_awq_with_clipping_and_with_gptq_beats_rtn(tiny_llama):
     err_rtn, _, _ = block_error(tiny_llama, "rtn")
     err_clip, _, _ = block_error(tiny_llama, "rtn{clip=awq}")
@@ -215,6 +218,7 @@ def test_override_and_recipe_errors(tmp_path):
 # ------------------------------------------------------------------------------------------ statistics cache
 
 
+@pytest.mark.slow
 def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tmp_path, calib_text):
     kw = {"algo": "awq+gptq", "stats_cache": tmp_path / "cache", "propagate": "float"}
     d1 = _q(tiny_llama, tmp_path / "a", calib_text, **kw)
@@ -245,8 +249,9 @@ def test_statistics_cache_key_depends_on_weights_and_inputs(tiny_llama, tmp_path
 # ------------------------------------------------------------------------------------------ fallback
 
 
+@pytest.mark.slow
 def test_fallback_search_keeps_the_most_sensitive_layers_float(tiny_llama, tmp_path, calib_text):
-    from qcompiler.fallback import quantize_with_fallback
+    from qcompiler.driver.fallback import quantize_with_fallback
 
     cfg = QuantizeConfig(model=tiny_llama, scheme=get_scheme("w4a16", group_size=0), out=tmp_path / "fb",
                          calib_texts=[calib_text * 3], num_samples=4, seq_len=48, batch_size=2, progress=False)
@@ -274,7 +279,7 @@ def test_fallback_search_keeps_the_most_sensitive_layers_float(tiny_llama, tmp_p
 
 
 def test_fallback_refuses_a_bad_budget_and_too_little_text(tiny_llama, tmp_path, calib_text):
-    from qcompiler.fallback import quantize_with_fallback
+    from qcompiler.driver.fallback import quantize_with_fallback
 
     cfg = QuantizeConfig(model=tiny_llama, scheme=W4G32, out=tmp_path / "x", calib_texts=[calib_text],
                          num_samples=4, seq_len=48, batch_size=2, progress=False)

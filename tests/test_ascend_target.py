@@ -14,15 +14,15 @@ from safetensors.torch import load_file
 from tiny import TEXT, byte_tokenizer, make_tiny_model
 
 from qcompiler.cli import main
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ExportError, SchemeError
 from qcompiler.export.layers import ExportLayer
 from qcompiler.export.msmodelslim import msmodelslim_tensors
 from qcompiler.kernels.ascend import npu_ops
 from qcompiler.kernels.packing import pack_int4_pairs, unpack_int4_pairs
 from qcompiler.runtime import load_quantized
+from qcompiler.runtime.msmodelslim import load_msmodelslim, read_folder
 from qcompiler.schemes import get_scheme, parse_override
-from qcompiler.targets.ascend.loader import load_msmodelslim, read_folder
 
 
 def _quantize(model: Path, out: Path, scheme: str, group: int | None = None, symmetric: bool | None = None,
@@ -115,6 +115,7 @@ def test_deq_scale_is_int64_for_fp16_models_and_fp32_for_bf16():
     ("w4a16", 32, None, {"npu_weight_quant_batchmatmul": 8}),
     ("w4a16", 32, False, {"npu_weight_quant_batchmatmul": 8}),
 ])
+@pytest.mark.slow
 def test_npu_lowering_and_export_match_the_reference(tiny_llama, tmp_path, scheme, group, symmetric, ops):
     out = tmp_path / "q"
     _quantize(tiny_llama, out, scheme, group, symmetric)
@@ -159,6 +160,7 @@ def test_npu_lowering_and_export_match_the_reference(tiny_llama, tmp_path, schem
     assert "quantization_config" not in config
 
 
+@pytest.mark.slow
 def test_asymmetric_static_activations_lower_with_offset_and_quant_bias(tiny_llama, tmp_path):
     """input_offset ≠ 0: npu_quantize adds it and quant_bias removes z_x·Σ_k q_w again (the int32 correction)."""
     out = tmp_path / "q"
@@ -236,6 +238,7 @@ def _layout(folder: Path) -> dict[str, tuple[str, torch.dtype, tuple[int, ...]]]
 
 @pytest.mark.parametrize(("ours", "theirs"), [("w8a8", "static"), ("w8a8_dynamic", "w8a8"), ("w8a16", "w8a16"),
                                              ("w4a8", "w4a8_dynamic")])
+@pytest.mark.slow
 def test_same_layout_as_msmodelslim_and_its_numbers_agree_with_our_emulation(ms_model, tmp_path, ours, theirs):
     yaml = {"static": "msmodelslim_w8a8_static.yaml", "w4a8_dynamic": "msmodelslim_w4a8_dynamic.yaml"}.get(theirs)
     config = MSMODELSLIM_CONFIGS / yaml if yaml else None

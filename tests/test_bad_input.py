@@ -275,6 +275,7 @@ def test_an_exact_layer_writes_standard_json(model, text, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["config_list", "vocab_mismatch", "nan"])
+@pytest.mark.slow
 def test_a_refusal_is_one_line_on_the_real_stderr(model, text, tmp_path, damage):
     """In a real process, where library loggers write to the terminal too (capsys cannot see them)."""
     import subprocess

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from tiny import TEXT
 
 from qcompiler.cli import main
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import SchemeError
 from qcompiler.export.layers import from_record
+from qcompiler.ir.records import LayerRecord
 from qcompiler.kernels.packing import pack_int32
 from qcompiler.runtime import load_quantized
 from qcompiler.schemes import get_scheme
@@ -42,7 +43,7 @@ def _our_layers(out: Path) -> dict[str, torch.Tensor]:
     desc = json.loads((out / "qcompiler.json").read_text())
     tensors = _files(out)
     return {layer.name: layer.dequantized() for rec in desc["layers"].values()
-            for layer in from_record(rec, tensors)}
+            for layer in from_record(LayerRecord.from_dict(rec), tensors)}
 
 
 def _unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -130,7 +131,7 @@ def _layer_io(model: torch.nn.Module, ids: torch.Tensor) -> tuple[dict[str, torc
 def _export_layers(out: Path) -> list:
     desc = json.loads((out / "qcompiler.json").read_text())
     tensors = _files(out)
-    return [layer for rec in desc["layers"].values() for layer in from_record(rec, tensors)]
+    return [layer for rec in desc["layers"].values() for layer in from_record(LayerRecord.from_dict(rec), tensors)]
 
 
 def _our_linear(layer, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 
 import pytest
 
-pytestmark = pytest.mark.demo
+pytestmark = [pytest.mark.demo, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def test_demo_w8a16_perplexity_within_one_percent_of_float(demo_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from qcompiler.calib.data import default_texts
-    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.driver import QuantizeConfig, quantize
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
     from qcompiler.runtime import load_quantized
@@ -54,11 +54,11 @@ def test_demo_int4_onnx_export_generates_text_through_onnxruntime_genai(demo_dir
     from transformers import AutoTokenizer
 
     from qcompiler.calib.data import default_texts
-    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.driver import QuantizeConfig, quantize
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
+    from qcompiler.runtime.onnxruntime import OrtCausalLM
     from qcompiler.schemes import get_scheme
-    from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
 
     out = tmp_path / "q"
     quantize(QuantizeConfig(model=demo_dir, scheme=get_scheme("w4a16", group_size=32), out=out, target="onnxruntime",
@@ -86,10 +86,10 @@ def test_demo_onnx_export_logits_match_the_reference_target(demo_dir, tmp_path):
     (documented tolerance: 1e-4 relative to the largest logit; measured ~1e-6)."""
     import torch
 
-    from qcompiler.compile import QuantizeConfig, quantize
+    from qcompiler.driver import QuantizeConfig, quantize
     from qcompiler.runtime import load_quantized
+    from qcompiler.runtime.onnxruntime import OrtCausalLM
     from qcompiler.schemes import get_scheme
-    from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
 
     out = tmp_path / "q"
     quantize(QuantizeConfig(model=demo_dir, scheme=get_scheme("w4a16", group_size=64), out=out, target="onnxruntime",

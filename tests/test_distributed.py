@@ -11,6 +11,8 @@ from tiny import TEXT, make_tiny_model
 
 from qcompiler.export.artifact import run_info, verify_manifest
 
+pytestmark = pytest.mark.slow  # (two torchrun processes per case)
+
 
 def _torchrun(nproc: int, model: Path, out: Path, text: Path, scheme: str, extra: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

@@ -8,7 +8,7 @@ import torch
 from tiny import FAMILIES
 
 from qcompiler.cli import main
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ArtifactError, CalibrationError, PassError, SchemeError
 from qcompiler.numerics import fake_quant_weight
 from qcompiler.runtime import load_quantized
@@ -45,6 +45,7 @@ def test_reloaded_model_matches_the_fake_quantized_float_model(tiny_models, fami
     assert float((got - expect).norm() / expect.norm()) < 1e-5
 
 
+@pytest.mark.slow
 def test_reload_in_bf16_uses_cpu_int4_kernels(tiny_llama, tmp_path, calib_text):
     _quantize(tiny_llama, tmp_path / "out", get_scheme("w4a16", group_size=32), calib_text)
     exact = load_quantized(tmp_path / "out")
@@ -96,7 +97,7 @@ def test_failure_leaves_no_partial_output(tiny_llama, tmp_path, calib_text, monk
                   passes="rtn{bits=4,group_size=32,symmetric=false}")
     assert list(tmp_path.iterdir()) == []
     # a failure in the middle of the first block (after the work folder exists) cleans up too
-    import qcompiler.compile as driver
+    import qcompiler.driver.hf as driver
 
     def fail(*_a, **_k):
         raise PassError("injected failure inside block 0")
@@ -107,7 +108,9 @@ def test_failure_leaves_no_partial_output(tiny_llama, tmp_path, calib_text, monk
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_quant_eval_inspect(tiny_llama, tmp_path, calib_text, capsys):
+@pytest.mark.slow
+def test_cli_quant_eval_inspect(tiny_llama, tmp_path, calib_text, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # (eval caches the float result there)
     text = tmp_path / "calib.txt"
     text.write_text(calib_text)
     out = tmp_path / "out"
@@ -123,6 +126,18 @@ def test_cli_quant_eval_inspect(tiny_llama, tmp_path, calib_text, capsys):
     assert r["float"]["tokens"] == r["quantized"]["tokens"] > 0 and r["quantized"]["seq_len"] == 64
     assert r["quantized"]["tokenizer"] == tiny_llama.name  # named after the source model, not the output folder
     assert abs(r["ppl_increase_pct"]) < 10 and r["size_ratio"] < 1
+    # the float result is cached per model, text and settings: equal the second time, measured again otherwise
+    assert "cached" not in r["float"]
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "64", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["float"].pop("cached") is True and again["float"] == r["float"]
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "32", "--json"]) == 0
+    assert "cached" not in json.loads(capsys.readouterr().out)["float"]
+    for entry in (tmp_path / "cache" / "qcompiler" / "float-perplexity").glob("*.json"):
+        entry.write_text('{"key": "not this one"}')  # a damaged entry is measured again, never trusted
+    assert main(["eval", str(out), "--text", str(text), "--seq-len", "64", "--json"]) == 0
+    remeasured = json.loads(capsys.readouterr().out)["float"]
+    assert "cached" not in remeasured and remeasured["perplexity"] == r["float"]["perplexity"]
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "model.layers.1.mlp.down_proj" in table and "int8 per-token" in table

@@ -8,7 +8,7 @@ import torch
 from tiny import TEXT
 
 from qcompiler import numerics as nm
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import PassError, SchemeError
 from qcompiler.kernels import reference
 from qcompiler.pm.pipeline import parse_pipeline

@@ -9,7 +9,7 @@ from blocks import context, rel_err, run, traced_block
 from safetensors.torch import load_file
 
 import qcompiler.kernels  # noqa: F401
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import SchemeError
 from qcompiler.ir.graph import LINEAR, is_call
 from qcompiler.kernels import reference
@@ -88,7 +88,7 @@ def test_msmodelslim_two_level_w4a8_group_scales_and_w4a4(tiny_llama, tmp_path, 
     assert torch.allclose(two_level, group_scale, rtol=1e-6)
     assert tensors[name + ".weight"].shape == (group_scale.shape[0] // 2, 160)  # int4 pairs along N
     assert not tensors[name + ".weight_offset_second"].any()
-    from qcompiler.targets.ascend.loader import load_msmodelslim
+    from qcompiler.runtime.msmodelslim import load_msmodelslim
 
     with pytest.raises(ValueError, match="weight_scale_second"):  # (refused, never read as per-channel scales)
         load_msmodelslim(out / "msmodelslim")

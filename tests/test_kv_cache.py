@@ -12,7 +12,7 @@ from safetensors import safe_open
 from tiny import byte_tokenizer, make_tiny_model
 
 import qcompiler.kernels  # noqa: F401
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ArtifactError, ModelLoadError, PassError, SchemeError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import copy_graph, get_tensor
@@ -130,6 +130,7 @@ def test_kv_quant_refuses_a_scheme_without_kv_cache_and_bad_specs(models):
     assert parse_kv_cache("none") is None
 
 
+@pytest.mark.slow
 def test_artefact_reloads_its_kv_quantization(models, tmp_path, calib_text):
     out = tmp_path / "o"
     desc = _quantize(models["llama"], out, get_scheme("w8a16", kv_cache="int4-head-asym"), calib_text)
@@ -149,10 +150,11 @@ def test_artefact_reloads_its_kv_quantization(models, tmp_path, calib_text):
     assert 0 < err8 < err4 / 4  # 16× finer steps: the reloaded scales are the calibrated ones, not noise
 
 
+@pytest.mark.slow
 def test_onnxruntime_quantized_cache_equals_the_reference_runtime(models, tmp_path, calib_text):
     """GroupQueryAttention with an int8 / int4 cache (k_scale, v_scale) computes what qc::fake_quant_kv does, for a
     prompt and for a decode step reading the int8 / packed-int4 cache back."""
-    from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
+    from qcompiler.runtime.onnxruntime import OrtCausalLM
 
     for spec, dtype, last in (("int8-channel", np.int8, 32), ("int4-head", np.uint8, 16)):
         out = tmp_path / spec
@@ -189,7 +191,7 @@ def test_msmodelslim_c8_and_compressed_tensors_kv_cache_scheme(models, tmp_path,
     with safe_open(out / "msmodelslim" / index["weight_map"][key], "pt") as f:
         assert f.get_tensor(key).shape == (2 * 24,)  # one scale per channel of the cache (H_kv · D)
         assert not f.get_tensor(key.replace("scale", "offset")).any()  # symmetric
-    from qcompiler.targets.ascend.loader import load_msmodelslim
+    from qcompiler.runtime.msmodelslim import load_msmodelslim
 
     with pytest.raises(ArtifactError, match="C8"):  # (its emulation has no int8 cache: refused, not dropped)
         load_msmodelslim(out / "msmodelslim")
@@ -262,7 +264,7 @@ def test_per_channel_key_ranges_tie_rotary_pairs_so_later_positions_fit():
     """Calibrated at one angle, a key pair (k_0, k_2) = (1, 0) (D = 4, rotate-half pairs i, i + 2) reads (0, 1) at a
     position rotated by 90°: untied, channel 2's calibrated range is ~0 and clips it; tied, both channels share
     ±√(1² + 0²) and the rotated key is on the grid within half a step."""
-    from qcompiler.passes.kv_cache.insert_kv_quant import kv_qparams
+    from qcompiler.passes.kv_cache.kv_quant import kv_qparams
 
     lo = torch.tensor([[-1.0, -0.5, -1e-3, -0.5]])  # one head, D = 4
     hi = torch.tensor([[1.0, 0.5, 1e-3, 0.5]])

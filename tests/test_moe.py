@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import MOE_FAMILIES, make_tiny_model
 
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ModelLoadError
 from qcompiler.frontends.hf import BlockTracer, Checkpoint, build_skeleton, find_blocks, probe_block_inputs
 from qcompiler.ir.graph import LINEAR, is_call
@@ -54,6 +54,7 @@ def test_moe_block_graph_has_one_linear_per_expert_projection(moe_models, family
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.slow
 def test_moe_quantized_model_matches_fake_quantized_float_model(moe_models, family, tmp_path, calib_text):
     """Every expert and attention linear quantized, routers float: the reloaded model's logits equal those of
     transformers' own (sparse) model with each expert weight fake-quantized."""
@@ -86,6 +87,7 @@ def test_moe_quantized_model_matches_fake_quantized_float_model(moe_models, fami
     assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
 
 
+@pytest.mark.slow
 def test_every_expert_reports_its_tokens_and_an_unrouted_expert_falls_back_to_all_tokens(tmp_path, calib_text):
     """DeepSeek-V3 with expert 3's router bias at -1e4: no token is routed to it. GPTQ's Hessian for its
     linears is then taken over all tokens (reported), never left empty."""
@@ -112,6 +114,7 @@ def test_every_expert_reports_its_tokens_and_an_unrouted_expert_falls_back_to_al
     assert all(v > 15 for v in sqnr.values())
 
 
+@pytest.mark.slow
 def test_calibrate_all_experts_widens_static_input_ranges_only(moe_models, tmp_path, calib_text):
     """Static w8a8: each expert's input scale covers its routed tokens (default) or all tokens (option); the
     all-token range contains the routed one, and with top-2 of 4 experts it is wider for some expert."""
@@ -146,6 +149,7 @@ def test_unknown_expert_naming_is_refused_with_the_module_named(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.slow
 def test_moe_serving_exports_name_every_expert_as_the_checkpoint_does(moe_models, family, tmp_path, calib_text):
     """compressed-tensors (vLLM) and msModelSlim (vllm-ascend) folders: one quantized layer per expert and
     projection under the checkpoint's names (Mixtral's block_sparse_moe.experts.N.w1/w2/w3), routers float."""

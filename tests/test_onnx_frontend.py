@@ -15,16 +15,16 @@ import torch
 from onnx import TensorProto, helper
 from tiny import make_tiny_model
 
-from qcompiler.compile import QuantizeConfig, default_pipeline
-from qcompiler.compile_onnx import compile_imported, export_graph, quantize_onnx
+from qcompiler.driver import QuantizeConfig, default_pipeline
+from qcompiler.driver.onnx import compile_imported, export_graph, quantize_onnx
 from qcompiler.errors import CalibrationError, ModelLoadError, UnsupportedOpError
 from qcompiler.export.artifact import verify_manifest
+from qcompiler.export.onnx.emit import EmitOptions
 from qcompiler.frontends.onnx import import_onnx, load_onnx
 from qcompiler.ir.graph import CONV, LINEAR, is_call
 from qcompiler.numerics import sqnr_db
 from qcompiler.schemes import get_scheme
-from qcompiler.targets.base import get_target
-from qcompiler.targets.onnxruntime.emit import EmitOptions
+from qcompiler.targets import get_target
 
 
 class SmallCNN(torch.nn.Module):

@@ -14,15 +14,15 @@ import torch
 from onnx import TensorProto, helper
 from tiny import TEXT, make_tiny_model
 
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ExportError, SchemeError
+from qcompiler.export.onnx.emit import matmulnbits_block, matmulnbits_tensors
 from qcompiler.kernels import reference
 from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import quantize_weight, weight_qparams
 from qcompiler.runtime import load_quantized
+from qcompiler.runtime.onnxruntime import OrtCausalLM
 from qcompiler.schemes import QuantArgs, get_scheme
-from qcompiler.targets.onnxruntime.emit import matmulnbits_block, matmulnbits_tensors
-from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
 
 
 # ------------------------------------------------------------------ MatMulNBits layout
@@ -85,7 +85,7 @@ def test_matmulnbits_tensors_match_an_independent_unpacker_and_onnxruntime(bits,
 
 
 def test_group_sizes_without_a_power_of_two_block_are_refused_by_the_target():
-    from qcompiler.targets.base import get_target
+    from qcompiler.targets import get_target
 
     t = get_target("onnxruntime")
     assert matmulnbits_block(24, 96) is None
@@ -114,6 +114,7 @@ def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
 
 @pytest.mark.parametrize("family,scheme", [("llama", "w4a16"), ("qwen2", "w4a16"), ("mistral", "w4a16"), ("llama", "w8a16"),
                                            ("llama", "w8a8_dynamic"), ("qwen2", "w8a8")])
+@pytest.mark.slow
 def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family, scheme):
     out = tmp_path / "q"
     _quantize(tiny32[family], out, scheme, accuracy_level="0", lm_head_bits="float", w8a8_dynamic="exact")
@@ -175,6 +176,7 @@ def test_w8a8_dynamic_default_uses_the_int8_matmulnbits_kernel_within_tolerance(
     assert 0 < rel < 0.03  # per-token-per-block activations instead of per-token: close, not equal
 
 
+@pytest.mark.slow
 def test_tied_embedding_shares_the_quantized_head_table(tmp_path):
     model = make_tiny_model(tmp_path / "tied", "llama", head_dim=32, tie_word_embeddings=True)
     out = tmp_path / "q"
@@ -218,7 +220,7 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(tiny32, tmp_path):
 
 
 def test_unsupported_models_are_refused_before_anything_is_written(tmp_path, tiny_models, monkeypatch):
-    from qcompiler.targets.onnxruntime import decoder
+    from qcompiler.export.onnx import decoder
 
     out = tmp_path / "q"
     with pytest.raises(ExportError, match="head size divisible by 16"):

@@ -291,8 +291,9 @@ def test_act_quant_percentile_observer_clips_below_the_full_range(tiny_llama):
     assert all(float(clipped[k]) < float(full[k]) for k in full)
 
 
+@pytest.mark.slow
 def test_cpu_prepack_takes_int4_and_symmetric_int8_and_keeps_what_it_cannot_run(tiny_llama):
-    from qcompiler.passes.lowering.cpu_prepack import prepack_for_cpu
+    from qcompiler.runtime.cpu_prepack import prepack_for_cpu
 
     cases = [
         (get_scheme("w4a16", group_size=32), {"int4pack": 7, "int8pack": 0, "kept": 0}),

@@ -15,7 +15,7 @@ from tiny import TEXT, make_tiny_model
 
 from qcompiler.calib.activations import ActivationStore
 from qcompiler.cli import main
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ArtifactError
 from qcompiler.export import artifact
 from qcompiler.export.artifact import ArtifactWriter, verify_manifest
@@ -48,6 +48,7 @@ def _files(out: Path) -> dict[str, str]:
     return {k: v["sha256"] for k, v in json.loads((out / "manifest.json").read_text())["files"].items()}
 
 
+@pytest.mark.slow
 def test_equal_runs_are_bit_identical_and_the_manifest_catches_changes(llama4, tmp_path):
     quantize(_cfg(llama4, tmp_path / "a"), log=lambda _: None)
     quantize(_cfg(llama4, tmp_path / "b"), log=lambda _: None)
@@ -65,6 +66,7 @@ def test_equal_runs_are_bit_identical_and_the_manifest_catches_changes(llama4, t
     assert main(["verify", str(tmp_path / "b")]) == 2
 
 
+@pytest.mark.slow
 def test_streaming_whole_model_loading_and_spilled_activations_give_identical_files(llama4, tmp_path):
     quantize(_cfg(llama4, tmp_path / "stream"), log=lambda _: None)
     quantize(_cfg(llama4, tmp_path / "whole", streaming=False), log=lambda _: None)
@@ -100,6 +102,7 @@ class _Crash(Exception):
     ("onnxruntime", "exporter"),     # killed while saving the exporter's progress (ONNX graph + data offset)
     ("cuda", "checkpoint"),          # compressed-tensors shards streamed by the serving-format exporter
 ])
+@pytest.mark.slow
 def test_a_run_stopped_mid_way_resumes_to_the_identical_result(llama4, tmp_path, monkeypatch, target, where):
     passes = "smoothquant,fuse_linears,gptq" if target != "onnxruntime" else "fuse_linears,gptq"
     scheme = "w8a8" if target != "onnxruntime" else "w4a16"
@@ -117,13 +120,13 @@ def test_a_run_stopped_mid_way_resumes_to_the_identical_result(llama4, tmp_path,
             return real(*args, **kwargs)
         return original_save(*args, **kwargs)
 
-    import qcompiler.compile as compile_mod
+    import qcompiler.driver.hf as compile_mod
 
-    original_save = compile_mod._save_exporter_state
+    original_save = compile_mod.save_exporter_state
     if where == "checkpoint":
         monkeypatch.setattr(artifact.ArtifactWriter, "checkpoint", crash_on_third)
     else:
-        monkeypatch.setattr(compile_mod, "_save_exporter_state", crash_on_third)
+        monkeypatch.setattr(compile_mod, "save_exporter_state", crash_on_third)
     out = tmp_path / "resumed"
     with pytest.raises(_Crash):
         quantize(_cfg(llama4, out, scheme, passes, target), log=lambda _: None)
@@ -137,6 +140,7 @@ def test_a_run_stopped_mid_way_resumes_to_the_identical_result(llama4, tmp_path,
     assert not (tmp_path / ".resumed.partial").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(llama4, text_file, tmp_path):
     """A real crash: the CLI is killed with SIGKILL once the run has recorded progress; --resume finishes."""
     def cli(out: Path, *extra: str) -> list[str]:
@@ -165,6 +169,7 @@ def test_sigkill_at_a_random_moment_then_resume_matches_an_uninterrupted_run(lla
     assert _files(out) == _files(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_partial_run_of_other_inputs_and_a_fresh_run_replaces_it(llama4, tmp_path, monkeypatch):
     def crash(*_a, **_k):
         raise _Crash

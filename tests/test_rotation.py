@@ -10,7 +10,7 @@ from tiny import make_tiny_model
 
 import qcompiler.kernels  # noqa: F401
 from qcompiler.algorithms.hadamard import hadamard, normalized_hadamard, paley, random_hadamard
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import PassError, PipelineError
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import get_tensor
@@ -29,7 +29,7 @@ def _quantize(model, out, scheme, text, passes=None, target="reference", **kw):
     return quantize(cfg, log=lambda s: None)
 
 
-@pytest.mark.parametrize("n", [12, 20, 96, 160, 576, 1536, 2048, 11008])
+@pytest.mark.parametrize("n", [12, 20, 96, 160, 576, 1536, 2048, pytest.param(11008, marks=pytest.mark.slow)])
 def test_hadamard_orders_are_hadamard(n):
     h = hadamard(n)
     assert h is not None and set(h.unique().tolist()) == {-1.0, 1.0}
@@ -82,6 +82,7 @@ def test_rotated_model_equals_the_float_model_through_the_artefact(tmp_path_fact
     assert rel_err(load_quantized(out)(ids).logits, ref) < 1e-5
 
 
+@pytest.mark.slow
 def test_w4a4_rotation_beats_smoothing(tiny_llama, tmp_path, calib_text):
     """On this tiny random model (with outlier channels) rotation beats smoothing; whether GPTQ adds to it is a
     question for the real model (benchmarks/quality.py: on SmolLM2 it does), here it only has to run."""
@@ -101,6 +102,7 @@ def test_w4a4_rotation_beats_smoothing(tiny_llama, tmp_path, calib_text):
     assert errors["rotate+gptq"] < 1.0, errors
 
 
+@pytest.mark.slow
 def test_rotation_refuses_moe_blocks_and_formats_without_an_online_rotation(tmp_path_factory, tiny_llama, calib_text):
     ds = make_tiny_model(tmp_path_factory.mktemp("ds") / "m", "deepseek_v3")
     gm, inputs = traced_block(ds, index=1)  # a MoE block: its residual add sums the experts' mixture

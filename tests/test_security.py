@@ -135,6 +135,7 @@ def test_a_state_cannot_truncate_a_file_it_names(model, text, tmp_path, capsys, 
     assert rc == 2 and "run without --resume" in one_line(err)  # (3 bytes: shorter than the blocks written)
 
 
+@pytest.mark.slow
 def test_stats_cache_entries_are_data_a_damaged_or_planted_one_is_a_miss(model, text, tmp_path, capsys, caplog):
     cache = tmp_path / "cache"
     first = tmp_path / "a"
@@ -179,6 +180,7 @@ def _remote_code_model(model: Path, dst: Path, marker: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_a_model_folder_code_runs_only_with_trust_remote_code(model, text, tmp_path, capsys):
     marker = tmp_path / "MARKER"
     m = _remote_code_model(model, tmp_path / "custom", marker)
@@ -254,6 +256,7 @@ def test_a_foreign_work_folder_is_refused_not_removed(model, text, tmp_path, cap
     assert (tmp_path / ".q.partial" / "mine.txt").read_text() == "not qcompile's"
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_the_run_resumes(model, text, tmp_path, capsys, monkeypatch):
     import errno
 
@@ -285,7 +288,7 @@ def test_disk_full_is_one_line_and_the_run_resumes(model, text, tmp_path, capsys
 # Each step of the end of a run (after the last block's checkpoint): the function to stop in, and which of its calls
 # (a predicate on its arguments) stops; the stop comes before the call does anything.
 FINISH_STEPS = {
-    "exporter_finish": ("qcompiler.export.consumer:FormatExporter.finish", lambda *a: True),
+    "exporter_finish": ("qcompiler.export.serving:FormatExporter.finish", lambda *a: True),
     # part-way through the serving format's shard renames (shard-00000 and -00001 are renamed, -00002 is not)
     "shard_renames": ("pathlib:Path.rename", lambda src, dst: src.name == "shard-00002.safetensors"),
     "manifest": ("qcompiler.export.artifact:write_manifest", lambda *a: True),
@@ -301,7 +304,7 @@ def stop_in_step(step: str, stop) -> None:
     the run has reached its end: the serving format's finish)."""
     import importlib
 
-    from qcompiler.export.consumer import FormatExporter
+    from qcompiler.export.serving import FormatExporter
 
     spec, pick = FINISH_STEPS[step]
     finishing = {"on": False}
@@ -347,6 +350,7 @@ def _run_and_stop_in_finish(model: Path, out: Path, text: Path, step: str, how: 
 
 @pytest.mark.parametrize("how", ["exception", "sigkill"])
 @pytest.mark.parametrize("step", list(FINISH_STEPS))
+@pytest.mark.slow
 def test_a_run_stopped_at_any_step_of_finish_completes_with_resume(model, text, tmp_path, how, step):
     whole = tmp_path / "whole"
     assert main(args(model, whole, text, "--target", "cuda")) == 0

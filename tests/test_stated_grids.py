@@ -9,7 +9,7 @@ import pytest
 from formats import check_stated_grids
 from tiny import TEXT, make_tiny_model
 
-from qcompiler.compile import QuantizeConfig, quantize
+from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import PipelineError, SchemeError
 from qcompiler.pm.pipeline import parse_pipeline
 from qcompiler.schemes import get_scheme

@@ -35,6 +35,8 @@ from qcompiler.ir.graph import (
     module_path,
     set_tensor,
 )
+from qcompiler.ir.rebuild import emit_linear_op
+from qcompiler.ir.records import LayerRecord, Member
 from qcompiler.kernels.packing import store_weight_codes
 from qcompiler.numerics import quantize_weight
 from qcompiler.pm.rewrite import MATCH, MatchResult, RewriteRule, fail
@@ -49,67 +51,27 @@ def _bias_node(node: fx.Node) -> fx.Node | None:
     return b if isinstance(b, fx.Node) else None
 
 
-def _record_base(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.Tensor) -> dict[str, Any]:
-    """The description of one layer (op, shape, scheme, fusion); rules add activations and tensor names."""
+def _record(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.Tensor,
+            activations: dict[str, Any] | None, tensors: dict[str, str]) -> LayerRecord:
+    """The description of one lowered layer (op, shape, scheme, fusion, activations, tensor names)."""
     bias = _bias_node(node)
-    return {
-        "op": op,
-        "path": node.meta.get(qmeta.PATH) or module_path(node),
-        "role": node.meta.get(qmeta.ROLE),
-        "in_features": int(w.shape[1]),
-        "out_features": int(w.shape[0]),
-        "weights": dataclasses.asdict(wq.args) if wq else None,
-        "group_size": wq.group_size if wq else None,
-        "weight_sqnr_db": round(wq.weight_sqnr_db, 2) if wq and wq.weight_sqnr_db is not None else None,
-        "fused_from": node.meta.get(qmeta.FUSED_FROM),
-        "bias": str(bias.target) if bias is not None else None,
-        "sparsity": node.meta[qmeta.SPARSE]["pattern"] if qmeta.SPARSE in node.meta else None,
-        "input_rotation": node.meta.get(qmeta.ROTATION),  # "hadamard": qc::hadamard_transform(x) feeds the layer
-    }
-
-
-def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: dict[str, Any]) -> fx.Node:
-    """Replace linear `node` by the kernel op `record` describes, reading tensors by the record's names."""
-    t = record["tensors"]
-    graph = gm.graph
-
-    def attr(key: str) -> fx.Node | None:
-        return get_attr_node(gm, t[key], node) if t.get(key) else None
-
-    bias = get_attr_node(gm, record["bias"], node) if record.get("bias") else None
-    with graph.inserting_before(node):
-        if record["op"] == "linear_woq":
-            w = record["weights"]
-            new = graph.call_function(
-                torch.ops.qc.linear_woq.default,
-                (x, attr("qweight"), attr("scale"), attr("zero"), bias, w["bits"], record["group_size"],
-                 record["in_features"]),
-            )
-        elif record["op"] == "linear":  # a float layer the description must still name (e.g. fused)
-            new = graph.call_function(LINEAR, (x, attr("weight"), bias) if bias is not None else (x, attr("weight")))
-        elif record["op"] == "linear_w8a8":
-            new = graph.call_function(
-                torch.ops.qc.linear_w8a8.default,
-                (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), attr("input_zero"), bias),
-            )
-        elif record["op"] == "linear_int_dynamic":
-            new = graph.call_function(
-                torch.ops.qc.linear_int_dynamic.default,
-                (x, attr("qweight"), attr("weight_scale"), bias, record["activations"]["bits"],
-                 record["group_size"] if record["weights"]["granularity"] == "group" else 0),
-            )
-        elif record["op"] == "linear_fp8":
-            new = graph.call_function(
-                torch.ops.qc.linear_fp8.default, (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), bias)
-            )
-        else:
-            raise ValueError(f"unknown lowered op '{record['op']}' for layer '{record['path']}'")
-    new.meta.update({k: v for k, v in node.meta.items()
-                     if k in ("nn_module_stack", qmeta.PATH, qmeta.ROLE, qmeta.ROTATION)})
-    new.meta[qmeta.RECORD] = record
-    node.replace_all_uses_with(new)
-    graph.erase_node(node)
-    return new
+    fused = node.meta.get(qmeta.FUSED_FROM)
+    return LayerRecord(
+        op=op,
+        path=node.meta.get(qmeta.PATH) or module_path(node),
+        role=node.meta.get(qmeta.ROLE),
+        in_features=int(w.shape[1]),
+        out_features=int(w.shape[0]),
+        weights=dataclasses.asdict(wq.args) if wq else None,
+        group_size=wq.group_size if wq else None,
+        weight_sqnr_db=round(wq.weight_sqnr_db, 2) if wq and wq.weight_sqnr_db is not None else None,
+        fused_from=None if fused is None else tuple(Member(m["path"], m["out_features"], m["role"]) for m in fused),
+        bias=str(bias.target) if bias is not None else None,
+        sparsity=node.meta[qmeta.SPARSE]["pattern"] if qmeta.SPARSE in node.meta else None,
+        input_rotation=node.meta.get(qmeta.ROTATION),  # "hadamard": qc::hadamard_transform(x) feeds the layer
+        activations=activations,
+        tensors=tensors,
+    )
 
 
 def _store_scaled_weight(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype
@@ -148,8 +110,7 @@ class WeightOnlyLinearRule:
         if wq.zero is not None:
             set_tensor(gm, base + ".zero", wq.zero.to(torch.uint8).contiguous())
             tensors["zero"] = base + ".zero"
-        record = _record_base(node, "linear_woq", wq, w)
-        record.update({"activations": None, "tensors": tensors})
+        record = _record(node, "linear_woq", wq, w, None, tensors)
         emit_linear_op(gm, node, node.args[0], record)  # type: ignore[arg-type]
 
 
@@ -188,8 +149,7 @@ class W8A8LinearRule:
                 tensors["input_zero"] = info["zero"]
         else:
             activations.update({"granularity": "token", "symmetric": True})
-        record = _record_base(node, "linear_w8a8", wq, w)
-        record.update({"activations": activations, "tensors": tensors})
+        record = _record(node, "linear_w8a8", wq, w, activations, tensors)
         x = fq.args[0]
         emit_linear_op(gm, node, x, record)  # type: ignore[arg-type]
         if not fq.users:
@@ -227,10 +187,10 @@ class DynamicIntLinearRule:
         set_tensor(gm, base + ".qweight", quantize_weight(w, wq.scale, None, wq.args).to(torch.int8).contiguous())
         set_tensor(gm, base + ".weight_scale", wq.scale.float().reshape(w.shape[0], -1).contiguous())
         fq: fx.Node = node.args[0]  # type: ignore[assignment]
-        record = _record_base(node, "linear_int_dynamic", wq, w)
-        record.update({"activations": {"bits": fq.meta[qmeta.ACT_FQ]["bits"], "dynamic": True, "granularity": "token",
-                                       "symmetric": True},
-                       "tensors": {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"}})
+        record = _record(node, "linear_int_dynamic", wq, w,
+                         {"bits": fq.meta[qmeta.ACT_FQ]["bits"], "dynamic": True, "granularity": "token",
+                          "symmetric": True},
+                         {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"})
         emit_linear_op(gm, node, fq.args[0], record)  # type: ignore[arg-type]
         if not fq.users:
             gm.graph.erase_node(fq)
@@ -255,10 +215,9 @@ class Fp8LinearRule:
         info = fq.meta[qmeta.ACT_FQ]
         if not info["dynamic"]:
             tensors["input_scale"] = info["scale"]
-        record = _record_base(node, "linear_fp8", wq, w)
-        record.update({"activations": {"bits": 8, "type": "float", "dynamic": info["dynamic"], "symmetric": True,
-                                       "granularity": "token" if info["dynamic"] else "tensor"},
-                       "tensors": tensors})
+        record = _record(node, "linear_fp8", wq, w,
+                         {"bits": 8, "type": "float", "dynamic": info["dynamic"], "symmetric": True,
+                          "granularity": "token" if info["dynamic"] else "tensor"}, tensors)
         emit_linear_op(gm, node, fq.args[0], record)  # type: ignore[arg-type]
         if not fq.users:
             gm.graph.erase_node(fq)
@@ -297,21 +256,16 @@ class ConvRule:
         node.replace_input_with(node.args[1], kernel)  # type: ignore[arg-type]
         x = node.args[0]
         fq = x.meta.get(qmeta.ACT_FQ) if isinstance(x, fx.Node) and is_call(x, FQ_STATIC) else None
-        record = _record_base(node, "conv_int8", wq, w)
-        record.update({
-            "activations": None if fq is None else {"bits": 8, "dynamic": False, "granularity": "tensor",
-                                                    "symmetric": fq["qmin"] != 0},
-            "tensors": {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"},
-        })
-        node.meta[qmeta.RECORD] = record
+        node.meta[qmeta.RECORD] = _record(
+            node, "conv_int8", wq, w,
+            None if fq is None else {"bits": 8, "dynamic": False, "granularity": "tensor", "symmetric": fq["qmin"] != 0},
+            {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"})
 
 
 def record_float_linear(gm: fx.GraphModule, node: fx.Node) -> None:
     """Describe a float linear whose structure differs from the source model (fused) so it can reload."""
     weight = str(node.args[1].target)  # type: ignore[union-attr]
-    record = _record_base(node, "linear", None, get_tensor(gm, weight))
-    record.update({"activations": None, "tensors": {"weight": weight}})
-    node.meta[qmeta.RECORD] = record
+    node.meta[qmeta.RECORD] = _record(node, "linear", None, get_tensor(gm, weight), None, {"weight": weight})
 
 
 def linear_rules() -> list[RewriteRule]:

@@ -24,7 +24,7 @@ from qcompiler.algorithms.awq import awq_search_scales
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir.analysis import analyze_block, up_down_pairs
 from qcompiler.ir.graph import get_tensor, set_tensor
-from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
+from qcompiler.passes.fusion.fold_norm import check_norm_group, scale_linear_inputs, scale_norm
 from qcompiler.passes.weight.rtn import layer_weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 

@@ -18,7 +18,7 @@ from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir.analysis import analyze_block
 from qcompiler.ir.graph import get_tensor
 from qcompiler.numerics import smooth_scales
-from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
+from qcompiler.passes.fusion.fold_norm import check_norm_group, scale_linear_inputs, scale_norm
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
 

@@ -33,7 +33,7 @@ from qcompiler.numerics import (
     weight_qparams,
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
-from qcompiler.schemes import QuantArgs, QuantScheme
+from qcompiler.schemes import QuantArgs, QuantScheme, with_grid
 
 if TYPE_CHECKING:
     from qcompiler.passes.weight.gptq import GPTQ
@@ -122,20 +122,7 @@ def grid_options(p: RTN | GPTQ) -> dict[str, object]:
 def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, symmetric: bool | None
                 ) -> QuantArgs | None:
     """The scheme's weight args with a pass's options applied (None: the scheme keeps weights float)."""
-    args = scheme.weights
-    if args is None:
-        return None
-    changes: dict[str, object] = {}
-    if bits is not None:
-        changes["bits"] = bits
-    if group_size is not None:
-        changes.update(
-            {"granularity": "group", "group_size": group_size} if group_size > 0
-            else {"granularity": "channel", "group_size": None}
-        )
-    if symmetric is not None:
-        changes["symmetric"] = symmetric
-    return dataclasses.replace(args, **changes) if changes else args  # type: ignore[arg-type]
+    return with_grid(scheme.weights, bits, group_size, symmetric)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,43 @@ from qcompiler.calib import data as calib_data
 from qcompiler.errors import ArtifactError, ModelLoadError
 from qcompiler.eval.perplexity import evaluation_windows, perplexity
 from qcompiler.export.artifact import folder_size, read_description, run_info
+
+_FLOAT_FIELDS = {"perplexity": float, "tokens": int, "windows": int, "seq_len": int, "tokenizer": str, "seconds": float}
+
+
+def _float_key(model_dir: Path, ids: torch.Tensor, tok_name: str, dtype: torch.dtype, batch_size: int,
+               trust_remote_code: bool) -> str:
+    from qcompiler.calib.stats import digest_tensors
+    from qcompiler.frontends.hf import Checkpoint
+
+    identity = Checkpoint(model_dir, trust_remote_code).fingerprint()  # (config, index, weight files' sizes and times)
+    h = hashlib.sha256(f"v1|{identity}|{tok_name}|{dtype}|{batch_size}|".encode())
+    h.update(digest_tensors([ids]).encode())
+    return h.hexdigest()
+
+
+def _read_float(folder: Path | None, key: str) -> dict[str, Any] | None:
+    """A cached float result, or None (absent, or not exactly what _write_float writes: then it is recomputed)."""
+    if folder is None or not (folder / f"{key}.json").is_file():
+        return None
+    try:
+        entry = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
+        value = {k: entry[k] for k in _FLOAT_FIELDS}
+        if entry.get("key") != key or not all(isinstance(value[k], t) or (t is float and isinstance(value[k], int))
+                                              for k, t in _FLOAT_FIELDS.items()):
+            return None
+        return value
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_float(folder: Path | None, key: str, value: dict[str, Any]) -> None:
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{key}.json.tmp"
+    tmp.write_text(json.dumps({"key": key, **value}, allow_nan=False))
+    tmp.replace(folder / f"{key}.json")
 
 
 def load_float(model_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -37,8 +76,12 @@ def evaluate(
     progress: bool = True,
     runtime: str = "auto",
     trust_remote_code: bool = False,
+    float_cache: Path | None = None,
 ) -> dict[str, Any]:
-    from qcompiler.compile import load_tokenizer
+    """Float vs quantized perplexity of the artefact in `out`. The float model's result is kept in `float_cache`
+    (a folder; None: not cached) under a key of everything it depends on — the float checkpoint's identity, the
+    exact token windows, dtype and batch size — so re-evaluating artefacts of one model skips the float run."""
+    from qcompiler.driver import load_tokenizer
     from qcompiler.runtime import load_quantized
 
     desc = read_description(out)
@@ -62,17 +105,23 @@ def evaluate(
     }
     if compare_float:
         src = float_model or Path(desc["source_model"])
-        fm = load_float(src, dtype, trust_remote_code)
-        result["float"] = perplexity(fm, ids, tok_name, batch_size, progress, "float").to_dict()
+        key = _float_key(src, ids, tok_name, dtype, batch_size, trust_remote_code)
+        cached = _read_float(float_cache, key)
+        if cached is not None:
+            result["float"] = {**cached, "cached": True}
+        else:
+            fm = load_float(src, dtype, trust_remote_code)
+            result["float"] = perplexity(fm, ids, tok_name, batch_size, progress, "float").to_dict()
+            del fm
+            _write_float(float_cache, key, result["float"])
         result["float_size_bytes"] = folder_size(src)
-        del fm
-    from qcompiler.targets.onnxruntime.builder import MODEL_FILE
+    from qcompiler.export.onnx.builder import MODEL_FILE
 
     if runtime == "auto":
         runtime = "onnxruntime" if (out / MODEL_FILE).is_file() else "reference"
     result["runtime"] = runtime
     if runtime == "onnxruntime":
-        from qcompiler.targets.onnxruntime.runtime import OrtCausalLM
+        from qcompiler.runtime.onnxruntime import OrtCausalLM
 
         if dtype != torch.float32:
             raise ModelLoadError("the ONNX export is float32; drop --bf16 or use --runtime reference")
@@ -99,7 +148,8 @@ def format_eval(r: dict[str, Any]) -> str:
     ]
     if "float" in r:
         f = r["float"]
-        lines.append(f"{'float':<10} {f['perplexity']:>11.3f} {r['float_size_bytes'] / 1e6:>9.1f} {f['seconds']:>8.1f}")
+        seconds = "cached" if f.get("cached") else f"{f['seconds']:.1f}"
+        lines.append(f"{'float':<10} {f['perplexity']:>11.3f} {r['float_size_bytes'] / 1e6:>9.1f} {seconds:>8}")
     lines.append(f"{'quantized':<10} {q['perplexity']:>11.3f} {r['quantized_size_bytes'] / 1e6:>9.1f} {q['seconds']:>8.1f}")
     if "float" in r:
         lines.append("")

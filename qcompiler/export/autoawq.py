@@ -23,6 +23,7 @@ import torch
 
 from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
+from qcompiler.ir.records import KVRecord
 from qcompiler.kernels.packing import pack_int32
 from qcompiler.schemes import QuantScheme
 
@@ -78,7 +79,7 @@ class AwqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
-    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
         raise ExportError(f"the {self.name} format has no KV-cache scales")
 
@@ -128,7 +129,7 @@ class GptqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
-    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
         raise ExportError(f"the {self.name} format has no KV-cache scales")
 

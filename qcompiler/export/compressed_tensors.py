@@ -29,8 +29,8 @@ import torch
 
 from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
+from qcompiler.ir.records import KVRecord
 from qcompiler.kernels.packing import pack_int32
-from qcompiler.passes.kv_cache.insert_kv_quant import signed_zero
 from qcompiler.schemes import QuantScheme
 
 KV_STRATEGY = {"tensor": "tensor", "head": "attn_head"}  # our KV granularity -> compressed-tensors strategy
@@ -78,20 +78,20 @@ class CompressedTensorsFormat:
             return "per-tensor integer weight scales are not a compressed-tensors integer strategy we write"
         return None
 
-    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for rec in records:
-            if rec["kind"] not in ("k", "v"):
+            if rec.kind not in ("k", "v"):
                 raise ExportError("k_scale / v_scale describe K and V caches; multi-head latent attention caches "
                                   "a latent, which kv_cache_scheme does not describe")
-            args = rec["args"]
-            if args["granularity"] not in KV_STRATEGY:
+            args = rec.args
+            if args["granularity"] not in KV_STRATEGY or rec.tensors is None:
                 raise ExportError(f"kv_cache_scheme holds per-tensor or per-head scales, not per {args['granularity']}")
-            scale = tensors[rec["tensors"]["scale"]].float()
-            zero = signed_zero(rec, tensors[rec["tensors"]["zero"]].float())
-            shape = [1] if args["granularity"] == "tensor" else [rec["heads"], 1, 1]
-            base = rec["tensors"]["scale"].removesuffix("_cache_scale")  # <attn>.k / <attn>.v
+            scale = tensors[rec.tensors["scale"]].float()
+            zero = rec.signed_zero(tensors[rec.tensors["zero"]].float())
+            shape = [1] if args["granularity"] == "tensor" else [rec.heads, 1, 1]
+            base = rec.tensors["scale"].removesuffix("_cache_scale")  # <attn>.k / <attn>.v
             out[base + "_scale"] = scale.reshape(shape).contiguous()
             if not args["symmetric"]:
                 out[base + "_zero_point"] = zero.reshape(shape).round().to(torch.int8).contiguous()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from qcompiler.errors import ExportError
+from qcompiler.ir.records import LayerRecord, Member
 from qcompiler.kernels.packing import unpack_int4
 
 
@@ -100,26 +101,25 @@ def _split(t: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None
     return [None] * len(sizes) if t is None else list(t.split(sizes, dim=0))
 
 
-def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split: bool = True
-                ) -> Iterator[ExportLayer]:
+def from_record(record: LayerRecord, tensors: dict[str, torch.Tensor], split: bool = True) -> Iterator[ExportLayer]:
     """The original layers of one lowered layer `record` (tensor names as the record has them: checkpoint names
     in qcompiler.json, graph attributes in a graph). split=False keeps a fused layer whole."""
-    names = record["tensors"]
-    op = record["op"]
-    whole = [{"path": record["path"], "out_features": record["out_features"]}]
-    parts = (record.get("fused_from") if split else None) or whole
-    sizes = [p["out_features"] for p in parts]
-    k = record["in_features"]
-    bias = tensors[record["bias"]].float() if record.get("bias") else None
-    sparse = record.get("sparsity") == "2:4"
+    names = record.tensors
+    op = record.op
+    parts = record.members if split else (Member(record.path, record.out_features, record.role),)
+    sizes = [p.out_features for p in parts]
+    k = record.in_features
+    bias = tensors[record.bias].float() if record.bias else None
+    sparse = record.sparsity == "2:4"
     if op == "linear":
         for p, w, b in zip(parts, _split(tensors[names["weight"]], sizes), _split(bias, sizes), strict=True):
-            yield ExportLayer(p["path"], k, p["out_features"], None, weight=w, bias=b, sparse=sparse)
+            yield ExportLayer(p.path, k, p.out_features, None, weight=w, bias=b, sparse=sparse)
         return
-    if op not in ("linear_woq", "linear_w8a8", "linear_fp8", "linear_int_dynamic"):
-        raise ExportError(f"layer '{record['path']}': op '{op}' has no serving-format equivalent "
+    if op not in ("linear_woq", "linear_w8a8", "linear_fp8", "linear_int_dynamic") or record.weights is None:
+        raise ExportError(f"layer '{record.path}': op '{op}' has no serving-format equivalent "
                           "(only linear layers are exported)")
-    w = record["weights"]
+    w = record.weights
+    acts = record.activations or {}
     bits, symmetric = w["bits"], w["symmetric"]
     act = None
     act_bits = 8
@@ -129,27 +129,27 @@ def from_record(record: dict[str, Any], tensors: dict[str, torch.Tensor], split:
         codes = tensors[names["qweight"]].to(torch.int32)
         scale = tensors[names["weight_scale"]].float()
         zero = None
-        group = record["group_size"] if w["granularity"] == "group" else None
-        act, act_bits = "dynamic", record["activations"]["bits"]
+        group = record.group_size if w["granularity"] == "group" else None
+        act, act_bits = "dynamic", acts["bits"]
     elif op == "linear_woq":
         codes = _signed_codes(tensors[names["qweight"]], bits, symmetric, k)
         scale = tensors[names["scale"]].float()
         zero = tensors[names["zero"]].float() - 2 ** (bits - 1) if names.get("zero") else None
-        group = record["group_size"] if w["granularity"] == "group" else None
+        group = record.group_size if w["granularity"] == "group" else None
     else:  # linear_w8a8 / linear_fp8: symmetric codes, one scale per output channel (or per tensor)
         stored = tensors[names["qweight"]]
         codes = stored if op == "linear_fp8" else stored.to(torch.int32)
         w_scale = tensors[names["weight_scale"]].float().reshape(-1, 1)
-        scale = w_scale if w_scale.numel() > 1 else w_scale.expand(record["out_features"], 1)
+        scale = w_scale if w_scale.numel() > 1 else w_scale.expand(record.out_features, 1)
         zero, group = None, None
-        act = "dynamic" if record["activations"]["dynamic"] else "static"
+        act = "dynamic" if acts["dynamic"] else "static"
         if act == "static":
             input_scale = tensors[names["input_scale"]].float().reshape(())
             input_zero = tensors[names["input_zero"]].float().reshape(()) if names.get("input_zero") else None
     for p, q, s, z, b in zip(parts, _split(codes, sizes), _split(scale, sizes), _split(zero, sizes),
                              _split(bias, sizes), strict=True):
         # (shared activation qparams are cloned: every member owns its tensors in the written files)
-        yield ExportLayer(p["path"], k, p["out_features"], bits, symmetric, group, q.contiguous(), s.contiguous(),
+        yield ExportLayer(p.path, k, p.out_features, bits, symmetric, group, q.contiguous(), s.contiguous(),
                           None if z is None else z.contiguous(), act,
                           None if input_scale is None else input_scale.clone(),
                           None if input_zero is None else input_zero.clone(), b, type=number_type,

@@ -39,9 +39,9 @@ import torch
 
 from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer, WrittenLayer
+from qcompiler.ir.records import KVRecord
 from qcompiler.kernels.ascend.npu_ops import npu_trans_quant_param
 from qcompiler.kernels.packing import pack_int4_pairs
-from qcompiler.passes.kv_cache.insert_kv_quant import per_channel, signed_zero
 from qcompiler.schemes import QuantScheme, int_gemm_reason
 
 DESCRIPTION = "quant_model_description.json"
@@ -158,19 +158,19 @@ class MsModelSlimFormat:
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return msmodelslim_tensors(layer, dtype == torch.bfloat16)[1]
 
-    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for rec in records:
-            if rec["kind"] not in ("k", "v"):
+            if rec.kind not in ("k", "v"):
                 raise ExportError("C8 scales sit on k_proj / v_proj; multi-head latent attention caches a latent "
                                   "(no C8 layout for it): quantize its KV cache for the reference or cuda targets")
-            if rec["args"]["dynamic"] or rec["args"]["bits"] != 8:
+            if rec.args["dynamic"] or rec.args["bits"] != 8 or rec.tensors is None:
                 raise ExportError("C8 is int8 with calibrated scales")
-            scale, zero = per_channel(rec, tensors)
-            base = rec["tensors"]["scale"].removesuffix(f"{rec['kind']}_cache_scale") + f"{rec['kind']}_proj."
+            scale, zero = rec.per_channel(tensors)
+            base = rec.tensors["scale"].removesuffix(f"{rec.kind}_cache_scale") + f"{rec.kind}_proj."
             out[base + "kv_cache_scale"] = scale.contiguous()
-            out[base + "kv_cache_offset"] = signed_zero(rec, zero).contiguous()
+            out[base + "kv_cache_offset"] = rec.signed_zero(zero).contiguous()
         return out
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],

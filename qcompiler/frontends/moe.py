@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from qcompiler.errors import ModelLoadError
-from qcompiler.ir.graph import LINEAR, is_call, module_path
+from qcompiler.ir.analysis import expert_of
+from qcompiler.ir.graph import is_call
 from qcompiler.ir.routing import EXPERT_ROUTING, ROUTED, expert_routing, routed
 
 
@@ -138,16 +139,6 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
         parent._modules[leaf] = experts
         replaced += 1
     return replaced
-
-
-def expert_of(node: fx.Node) -> str | None:
-    """The module path of the expert whose input `node` (a qc::routed marker) is: its linear's path less the
-    projection name (e.g. "mlp.experts.3")."""
-    for user in node.users:
-        if is_call(user, LINEAR):
-            path = module_path(user)
-            return path.rsplit(".", 1)[0] if "." in path else None
-    return None
 
 
 def _routing_column(w: fx.Node) -> tuple[fx.Node, int] | None:

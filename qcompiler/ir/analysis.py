@@ -306,3 +306,13 @@ def norm_multiplier_value(gm: fx.GraphModule, group: NormGroup) -> torch.Tensor:
 
 
 __all__ = ["BlockAnalysis", "LinearInfo", "NormGroup", "AttentionInfo", "analyze_block", "find_norm", "norm_multiplier", "up_down_pairs"]
+
+
+def expert_of(node: fx.Node) -> str | None:
+    """The module path of the expert whose input `node` (a qc::routed marker) is: its linear's path less the
+    projection name (e.g. "mlp.experts.3")."""
+    for user in node.users:
+        if is_call(user, LINEAR):
+            path = module_path(user)
+            return path.rsplit(".", 1)[0] if "." in path else None
+    return None

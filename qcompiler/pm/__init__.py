@@ -1,6 +1,7 @@
-"""Pass infrastructure: the Pass base, PassResult, PassManager, rewrite rules and pipeline parsing."""
+"""Pass infrastructure: the Pass base, PassResult, PassManager, rewrite rules and pipeline parsing (the registry of
+built-in passes is qcompiler.passes: registered_passes, get_pass_class)."""
 
-from qcompiler.pm.base import Pass, PassContext, PassResult, get_pass_class, registered_passes
+from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.pm.manager import PassManager
 from qcompiler.pm.rewrite import MatchResult, RewriteRule, apply_rules
 
@@ -12,6 +13,4 @@ __all__ = [
     "MatchResult",
     "RewriteRule",
     "apply_rules",
-    "get_pass_class",
-    "registered_passes",
 ]

@@ -16,7 +16,6 @@ import torch
 from torch import fx
 
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats, StatsCache, collect_stats
-from qcompiler.errors import PipelineError
 from qcompiler.schemes import QuantScheme
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ class PassContext:
         stats = collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest, staged,
                               routed_only=not self.calibrate_all_experts)
         if stats.all_token_fallback:
-            from qcompiler.frontends.moe import expert_of
+            from qcompiler.ir.analysis import expert_of
 
             nodes = {n.name: n for n in gm.graph.nodes}
             experts = self.report.setdefault("moe", {}).setdefault("experts_calibrated_on_all_tokens", [])
@@ -72,7 +71,7 @@ class PassResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
+_REGISTRY: dict[str, type[Pass]] = {}  # every Pass subclass with a name (the built-ins: qcompiler.passes)
 
 
 @dataclass(frozen=True)
@@ -122,16 +121,3 @@ class Pass:
             if v != f.default:
                 opts.append(f"{f.name}={v}")
         return f"{self.name}{{{','.join(opts)}}}" if opts else self.name
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    import qcompiler.passes  # noqa: F401  (registers the built-in passes)
-
-    return dict(sorted(_REGISTRY.items()))
-
-
-def get_pass_class(name: str) -> type[Pass]:
-    passes = registered_passes()
-    if name not in passes:
-        raise PipelineError(f"unknown pass '{name}'; available: {', '.join(passes)}")
-    return passes[name]

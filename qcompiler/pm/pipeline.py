@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from qcompiler.errors import PipelineError
-from qcompiler.pm.base import Pass, get_pass_class
+from qcompiler.passes import get_pass_class
+from qcompiler.pm.base import Pass
 
 _ITEM = re.compile(r"\s*([A-Za-z_][\w\-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 

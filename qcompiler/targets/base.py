@@ -3,32 +3,69 @@ whether they want fused linears, and which rewrite rules lower quantized pattern
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import fx
 
 from qcompiler.errors import SchemeError
 from qcompiler.export.artifact import SavedExporter
-from qcompiler.schemes import QuantScheme
+from qcompiler.ir.records import KVRecord, LayerRecord
+from qcompiler.schemes import QuantScheme, int_gemm_reason
 
 if TYPE_CHECKING:
     from qcompiler.pm.rewrite import RewriteRule
 
 
+def scheme_features(scheme: QuantScheme) -> list[str]:
+    """The features of a scheme that some target cannot run (the keys of Target.refuses), in the order checked:
+      float_sparse_weights  2:4-sparse float weights (w16a16s)
+      fp8                   e4m3 weights × e4m3 activations
+      w4a4                  int4 weights × int4 per-token activations
+      w4a8                  int4 weights × int8 per-token activations (per channel or with group scales)
+      per_tensor_weights    one weight scale per matrix"""
+    w, a = scheme.weights, scheme.activations
+    if w is None:
+        return ["float_sparse_weights"]
+    if w.is_float:
+        return ["fp8"]
+    out = []
+    if a is not None and a.bits == 4:
+        out.append("w4a4")
+    elif a is not None and w.bits == 4:
+        out.append("w4a8")
+    if w.granularity == "tensor":
+        out.append("per_tensor_weights")
+    return out
+
+
 class Target:
+    """A backend, as data where it can be: the scheme features it refuses (with the reason), whether it fuses linears
+    sharing an input and holds an online rotation; what every target shares (the integer-GEMM legality of
+    schemes.int_gemm_reason, the lowering rules) lives here once. Logic stays in a target only where it is truly
+    its own (`kernel_reason`: e.g. MatMulNBits' block sizes; the formats it writes)."""
+
     name: str = ""
     description: str = ""
     fuse_shared_input_linears: bool = False
     consumer: str = ""  # what loads the output (README matrix); targets writing several formats override consumers()
     # whether the target's runtime and formats hold qc::online_rotation (QuaRot's online Hadamard before down_proj)
     online_rotation: bool = True
+    refuses: ClassVar[dict[str, str]] = {}  # scheme feature (scheme_features) -> why this target cannot run it
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
-        """None when the target can run `scheme`, else why not."""
-        raise NotImplementedError
+        """None when the target can run `scheme`, else why not: a refused feature, the integer GEMM's legality,
+        then the target's own kernel or format constraints."""
+        for feature in scheme_features(scheme):
+            if feature in self.refuses:
+                return self.refuses[feature]
+        return int_gemm_reason(scheme) or self.kernel_reason(scheme)
+
+    def kernel_reason(self, scheme: QuantScheme) -> str | None:
+        """A constraint of this target's kernels or formats that no feature names (default: none)."""
+        return None
 
     def supported_schemes(self) -> list[str]:
         from qcompiler.schemes import PRESETS
@@ -44,7 +81,10 @@ class Target:
             )
 
     def lowering_rules(self) -> Sequence[RewriteRule]:
-        raise NotImplementedError
+        """Quantized patterns -> qc:: kernel ops (every built-in target runs the same ops; their kernels differ)."""
+        from qcompiler.passes.lowering.linear_rules import linear_rules
+
+        return linear_rules()
 
     def check(self, scheme: QuantScheme, options: dict[str, str]) -> None:
         """Everything refusable before any work: each layer scheme, the options, the output formats."""
@@ -87,7 +127,8 @@ class BlockExporter(Protocol):
     names start with `tag`, in `folder`); the target's `exporter(..., saved=...)` continues from it. `finish`
     may run again after a kill part-way through it (a resumed run repeats it from the last block's state)."""
 
-    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None: ...
+    def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
+                  kv: Sequence[KVRecord]) -> None: ...
 
     def save_state(self, folder: Path, tag: str) -> dict[str, Any]: ...
 
@@ -163,19 +204,3 @@ def register_target(name: str) -> Callable[[type[Target]], type[Target]]:
         return cls
 
     return deco
-
-
-def registered_targets() -> dict[str, Callable[[], Target]]:
-    import qcompiler.targets.ascend  # noqa: F401  (built-in targets register on import)
-    import qcompiler.targets.cuda  # noqa: F401
-    import qcompiler.targets.onnxruntime  # noqa: F401
-    import qcompiler.targets.reference  # noqa: F401
-
-    return dict(_TARGETS)
-
-
-def get_target(name: str) -> Target:
-    targets = registered_targets()
-    if name not in targets:
-        raise SchemeError(f"unknown target '{name}'; available: {', '.join(sorted(targets))}")
-    return targets[name]()

@@ -4,7 +4,7 @@ consumers), for `qcompile schemes --markdown` and the README (a test keeps the R
 from __future__ import annotations
 
 from qcompiler.schemes import PRESETS
-from qcompiler.targets.base import registered_targets
+from qcompiler.targets import registered_targets
 
 TARGET_ORDER = ("reference", "onnxruntime", "cuda", "ascend")
 

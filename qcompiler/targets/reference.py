@@ -9,11 +9,6 @@ fuses linears that share an input (one GEMM for q/k/v and one for gate/up).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from qcompiler.passes.lowering.linear_rules import linear_rules
-from qcompiler.pm.rewrite import RewriteRule
-from qcompiler.schemes import QuantScheme, int_gemm_reason
 from qcompiler.targets.base import Target, register_target
 
 
@@ -24,8 +19,4 @@ class ReferenceTarget(Target):
     fuse_shared_input_linears = True
     consumer = "qcompiler runtime (torch CPU)"
 
-    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
-        return int_gemm_reason(scheme)  # (fp8 runs in qc::linear_fp8, emulated in float32 on the CPU)
-
-    def lowering_rules(self) -> Sequence[RewriteRule]:
-        return linear_rules()
+    # refuses nothing: every feature runs (fp8 in qc::linear_fp8, emulated in float32 on the CPU)

@@ -4,11 +4,11 @@ Quantization and the artefact use the portable `qc::` ops (like every target); t
   - the export OUT/msmodelslim/ (export/msmodelslim.py), which vllm-ascend (`--quantization ascend`) and MindIE
     load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, W4A8_DYNAMIC (per channel or two-level groups),
     W4A4_DYNAMIC, W8A8S / W16A16S (2:4), C8 KV cache, FLOAT fallbacks;
-  - the NPU lowering (passes/lowering/npu_lowering.py): qc:: linears → npu_quantize / npu_dynamic_quant /
+  - the NPU lowering (runtime/npu.py): qc:: linears → npu_quantize / npu_dynamic_quant /
     npu_quant_matmul / npu_weight_quant_batchmatmul, run by `load_quantized(out, lower_for="npu")`, on torch_npu
     when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere (qc::linear_int_dynamic — W4A4,
     grouped W4A8 — and the KV-cache ops have no NPU mapping here: they run their torch oracle);
-  - loader.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops.
+  - runtime/msmodelslim.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops.
 
 What loads where (vllm-ascend at its 2026-08 head): W8A8, W8A8_DYNAMIC, W8A16 dense in vllm-ascend and MindIE;
 dense W4A16 and W4A8_DYNAMIC in MindIE only (vllm-ascend registers them for MoE experts only); W8A8S / W16A16S
@@ -17,18 +17,15 @@ MindIE only; W4A4_DYNAMIC in both. msModelSlim has no online transform: rotation
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qcompiler.export.artifact import SavedExporter
-from qcompiler.export.consumer import FormatExporter
 from qcompiler.export.msmodelslim import MsModelSlimFormat
-from qcompiler.passes.lowering.linear_rules import linear_rules
-from qcompiler.pm.rewrite import RewriteRule
-from qcompiler.schemes import QuantScheme, int_gemm_reason
+from qcompiler.export.serving import FormatExporter
+from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import (
     Target,
     refuse_mla_kv_cache,
@@ -46,18 +43,13 @@ class AscendTarget(Target):
     fuse_shared_input_linears = True
     online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online transform before a linear)
 
-    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
-        w = scheme.weights
-        if w is None:  # W16A16S (2:4-sparse float weights): MindIE's sparse float type
-            return FORMAT.unsupported_reason(scheme)
-        if w.is_float:
-            return "the msModelSlim fp8 layout (WFP8AFP8_DYNAMIC) is not written yet"
-        if w.granularity == "tensor":
-            return "the NPU weight-only kernels take per-channel or per-group scales"
-        return int_gemm_reason(scheme) or FORMAT.unsupported_reason(scheme)
+    refuses = {
+        "fp8": "the msModelSlim fp8 layout (WFP8AFP8_DYNAMIC) is not written yet",
+        "per_tensor_weights": "the NPU weight-only kernels take per-channel or per-group scales",
+    }
 
-    def lowering_rules(self) -> Sequence[RewriteRule]:
-        return linear_rules()
+    def kernel_reason(self, scheme: QuantScheme) -> str | None:
+        return FORMAT.unsupported_reason(scheme)  # (W16A16S, 2:4-sparse float weights: MindIE's sparse float type)
 
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         refuse_ragged_groups(self.name, "the NPU kernels and the ascend v1 loaders", config, scheme)

@@ -26,10 +26,8 @@ from qcompiler.errors import SchemeError
 from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.autoawq import AwqFormat, GptqFormat
 from qcompiler.export.compressed_tensors import CompressedTensorsFormat
-from qcompiler.export.consumer import Exporters, ServingFormat
-from qcompiler.passes.lowering.linear_rules import linear_rules
-from qcompiler.pm.rewrite import RewriteRule
-from qcompiler.schemes import QuantScheme, int_gemm_reason
+from qcompiler.export.serving import Exporters, ServingFormat
+from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import (
     Target,
     refuse_mla_kv_cache,
@@ -69,14 +67,8 @@ class CudaTarget(Target):
     fuse_shared_input_linears = True
     online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online transform before a linear)
 
-    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
-        # the Triton scaled GEMM: int8 × int8 (int4 codes held in int8 for w4a8), or e4m3 × e4m3 for fp8
-        if scheme.activations is not None and scheme.activations.bits == 4:
-            return "no int4 × int4 GEMM (neither our Triton kernels nor vLLM's compressed-tensors integer W4A4)"
-        return int_gemm_reason(scheme)
-
-    def lowering_rules(self) -> Sequence[RewriteRule]:
-        return linear_rules()
+    # the Triton scaled GEMM: int8 × int8 (int4 codes held in int8 for w4a8), or e4m3 × e4m3 for fp8
+    refuses = {"w4a4": "no int4 × int4 GEMM (neither our Triton kernels nor vLLM's compressed-tensors integer W4A4)"}
 
     def check_options(self, options: dict[str, str]) -> None:
         unknown = set(options) - {"format"}

@@ -1,7 +1,7 @@
 """The `onnxruntime` target: ONNX Runtime on the CPU (MatMulNBits, int8 GEMMs, GroupQueryAttention).
 
 It quantizes through the same passes and `qc::` kernel ops as the reference target, then emits each lowered
-block into one ONNX decoder with a KV cache (decoder.py) next to our artefact, so the folder is both a
+block into one ONNX decoder with a KV cache (export/onnx/decoder.py) next to our artefact, so the folder is both a
 qcompiler artefact and an onnxruntime-genai model folder (model.onnx, model.onnx.data, genai_config.json).
 
 Options (`--target-option key=value`):
@@ -18,7 +18,6 @@ Options (`--target-option key=value`):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,9 @@ import torch
 
 from qcompiler.errors import SchemeError
 from qcompiler.export.artifact import SavedExporter
-from qcompiler.passes.lowering.linear_rules import linear_rules
-from qcompiler.pm.rewrite import RewriteRule
+from qcompiler.export.onnx.emit import EmitOptions, dividing_block
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target, register_target
-from qcompiler.targets.onnxruntime.emit import EmitOptions, dividing_block
 
 
 def emit_options(options: dict[str, str]) -> EmitOptions:
@@ -47,26 +44,20 @@ class OnnxRuntimeTarget(Target):
     options = {"accuracy_level": ("0", "4"), "lm_head_bits": ("float", "8", "4"),
                "w8a8_dynamic": ("matmulnbits", "exact")}
 
-    def unsupported_reason(self, scheme: QuantScheme) -> str | None:
-        w = scheme.weights
-        if w is None:
-            return None  # 2:4-sparse float weights (w16a16s) run as dense MatMuls (no sparse CPU kernel)
-        if w.is_float:
-            return "onnxruntime's CPU kernels have no fp8 GEMM"
-        if scheme.activations is not None:
-            if scheme.activations.bits == 4:
-                return "onnxruntime has no int4 × int4 GEMM"
-            if w.bits != 8 or not w.symmetric or w.granularity != "channel":
-                return "activation quantization needs symmetric per-channel int8 weights (no int4 × int8 GEMM here)"
-            return None
-        if w.granularity == "group" and dividing_block(w.group_size) is None:  # type: ignore[arg-type]
-            return f"MatMulNBits needs a group size divisible by a power of two ≥ 16, not {w.group_size}"
-        if w.granularity == "tensor":
-            return "MatMulNBits has no per-tensor weight scale"
-        return None
+    # (2:4-sparse float weights, w16a16s, run as dense MatMuls: no sparse CPU kernel)
+    refuses = {
+        "fp8": "onnxruntime's CPU kernels have no fp8 GEMM",
+        "w4a4": "onnxruntime has no int4 × int4 GEMM",
+        "w4a8": "activation quantization needs symmetric per-channel int8 weights (no int4 × int8 GEMM here)",
+        "per_tensor_weights": "MatMulNBits has no per-tensor weight scale",
+    }
 
-    def lowering_rules(self) -> Sequence[RewriteRule]:
-        return linear_rules()
+    def kernel_reason(self, scheme: QuantScheme) -> str | None:
+        w = scheme.weights
+        if scheme.activations is None and w is not None and w.granularity == "group" \
+                and dividing_block(w.group_size) is None:  # type: ignore[arg-type]
+            return f"MatMulNBits needs a group size divisible by a power of two ≥ 16, not {w.group_size}"
+        return None
 
     def check_options(self, options: dict[str, str]) -> None:
         for k, v in options.items():
@@ -84,15 +75,14 @@ class OnnxRuntimeTarget(Target):
                               "or int4[-head|-tensor]")
 
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
-        from qcompiler.targets.onnxruntime.decoder import check_decoder_config
+        from qcompiler.export.onnx.decoder import check_decoder_config
 
         check_decoder_config(config)
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
                  saved: SavedExporter | None = None) -> Any:
-        from qcompiler.targets.onnxruntime.decoder import DecoderExporter
+        from qcompiler.export.onnx.decoder import DecoderExporter
 
-        self.check_options(options)
-        head = options.get("lm_head_bits", "8")
+        head = options.get("lm_head_bits", "8")  # (options were checked with the plan: Target.check)
         return DecoderExporter(out_dir, model, emit_options(options), lm_head_bits=None if head == "float" else int(head),
                                saved=saved)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import operator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,8 @@ from torch import fx
 
 from qcompiler.errors import ExportError
 from qcompiler.export.artifact import SavedExporter
-from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call
-from qcompiler.kernels.packing import store_weight_codes
-from qcompiler.numerics import mse_clip_search, quantize_weight, weight_qparams
-from qcompiler.schemes import QuantArgs
-from qcompiler.targets.onnxruntime.builder import MODEL_FILE, MS_DOMAIN, OnnxBuilder
-from qcompiler.targets.onnxruntime.emit import (
+from qcompiler.export.onnx.builder import MODEL_FILE, MS_DOMAIN, OnnxBuilder
+from qcompiler.export.onnx.emit import (
     W8A8,
     WOQ,
     EmitOptions,
@@ -56,6 +52,12 @@ from qcompiler.targets.onnxruntime.emit import (
     matmulnbits_tensors,
     skip_rms_norm,
 )
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call
+from qcompiler.ir.records import KVRecord, LayerRecord
+from qcompiler.kernels.packing import store_weight_codes
+from qcompiler.numerics import mse_clip_search, quantize_weight, weight_qparams
+from qcompiler.schemes import QuantArgs
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
@@ -226,7 +228,9 @@ class DecoderExporter:
         return (self.b.initializer("cos_cache", cos[0, :, :half].float().contiguous()),
                 self.b.initializer("sin_cache", sin[0, :, :half].float().contiguous()))
 
-    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
+    def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
+                  kv: Sequence[KVRecord]) -> None:
+        # (the decoder is emitted from the lowered graph itself; the records say nothing it does not see)
         if index != self.blocks_done:
             raise ExportError(f"blocks must be exported in order: got {index}, expected {self.blocks_done}")
         em = GraphEmitter(self.b, gm, f"/model/layers.{index}", self.options)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +24,8 @@ from qcompiler.errors import ArtifactError, ExportError
 from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.layers import ExportLayer, WrittenLayer, from_record
 from qcompiler.files import plain_file_name
+from qcompiler.ir.graph import tensor_attrs
+from qcompiler.ir.records import KVRecord, LayerRecord, checkpoint_name
 from qcompiler.schemes import QuantScheme
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -43,7 +45,7 @@ class ServingFormat(Protocol):
         ExportError if the format cannot hold it."""
         ...
 
-    def kv_cache_tensors(self, records: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor]
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
         """Checkpoint name -> tensor of one block's KV-cache quantization (`records`: kv_records of the block,
         `tensors` its tensors by checkpoint name); raises ExportError if the format cannot hold it."""
@@ -116,23 +118,19 @@ class FormatExporter:
                   metadata={"format": "pt"})
         self.shards.append((name, list(tensors)))
 
-    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
-        from qcompiler.compile import describe_layers
-        from qcompiler.frontends.hf import checkpoint_name
-        from qcompiler.ir.graph import tensor_attrs
-        from qcompiler.passes.kv_cache.insert_kv_quant import kv_records
-
+    def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
+                  kv: Sequence[KVRecord]) -> None:
         self.prefix = name.rsplit(".", 1)[0]
         tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
         out: dict[str, torch.Tensor] = {}
         used: set[str] = set()
-        for rec in describe_layers(gm, name, {}).values():
-            if rec.get("input_rotation"):
-                raise ExportError(f"{self.fmt.name}: layer '{rec['path']}' reads its input through an online Hadamard "
+        for rec in layers.values():
+            if rec.input_rotation:
+                raise ExportError(f"{self.fmt.name}: layer '{rec.path}' reads its input through an online Hadamard "
                                   "transform, which this format cannot express; rotate{online=false}")
-            used.update(rec["tensors"].values())
-            if rec.get("bias"):
-                used.add(rec["bias"])
+            used.update(rec.tensors.values())
+            if rec.bias:
+                used.add(rec.bias)
             for layer in from_record(rec, tensors):
                 try:
                     if layer.bits is None and not layer.sparse:
@@ -148,17 +146,16 @@ class FormatExporter:
                     raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
                 out.update(written)
                 self.layers.append(layer.written(list(written)))
-        kv = kv_records(gm, name)
         if kv:
             for rec in kv:
-                used.update(rec.get("tensors", {}).values())
+                used.update((rec.tensors or {}).values())
             try:
                 written_kv = self.fmt.kv_cache_tensors(kv, tensors)
             except ExportError as e:
                 raise ExportError(f"{self.fmt.name}: block '{name}': KV cache: {e}") from None
             out.update(written_kv)
             self.kv_tensors.extend(written_kv)
-            self.kv_args = kv[0]["args"]
+            self.kv_args = dict(kv[0].args)
         for k, v in tensors.items():
             if k in used:
                 continue
@@ -226,9 +223,10 @@ class Exporters:
     def save_state(self, folder: Path, tag: str) -> dict[str, Any]:
         return {"formats": [e.save_state(folder, f"{tag}-{i}") for i, e in enumerate(self.exporters)]}
 
-    def add_block(self, index: int, name: str, gm: fx.GraphModule) -> None:
+    def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
+                  kv: Sequence[KVRecord]) -> None:
         for e in self.exporters:
-            e.add_block(index, name, gm)
+            e.add_block(index, name, gm, layers, kv)
 
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
         for e in self.exporters:

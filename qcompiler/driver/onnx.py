@@ -22,10 +22,15 @@ import onnx
 import torch
 from torch import fx
 
+from qcompiler.driver.plan import description_head, plan_run
+from qcompiler.driver.probe import compare_layers
 from qcompiler.errors import CalibrationError, ModelLoadError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
+from qcompiler.export.onnx.builder import MODEL_FILE, OnnxBuilder
+from qcompiler.export.onnx.emit import EmitOptions, GraphEmitter
 from qcompiler.frontends.onnx import ImportedModel, import_onnx, load_onnx
 from qcompiler.ir.graph import copy_graph
+from qcompiler.ir.records import block_records
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
@@ -33,8 +38,6 @@ from qcompiler.pm.pipeline import format_pipeline
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import Target
 from qcompiler.targets.onnxruntime import emit_options
-from qcompiler.targets.onnxruntime.builder import MODEL_FILE, OnnxBuilder
-from qcompiler.targets.onnxruntime.emit import EmitOptions, GraphEmitter
 
 _NP_TO_TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
                 np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
@@ -197,8 +200,6 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
                      ) -> tuple[fx.GraphModule, dict[str, float], dict[str, float], dict[str, float]]:
     """Run the pipeline on an imported graph: (lowered graph, per-layer and per-output SQNR in dB against the
     float graph on the first calibration batch, pass timings)."""
-    from qcompiler.compile import compare_layers
-
     gm = imported.gm
     float_gm = copy_graph(gm)
     ctx = PassContext(block="", scheme=scheme, target=target, calib=calib)
@@ -215,9 +216,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
 
 
 def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """`cfg` is a compile.QuantizeConfig whose `model` is an .onnx file."""
-    from qcompiler.compile import describe_layers, description_head, plan_run
-
+    """`cfg` is a QuantizeConfig whose `model` is an .onnx file."""
     t0 = time.perf_counter()
     if cfg.target not in ("reference", "onnxruntime"):
         raise ModelLoadError(f"an ONNX model can only be lowered for target 'onnxruntime', not '{cfg.target}'")
@@ -245,10 +244,10 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
     try:
         export_graph(gm, imported, writer.tmp / MODEL_FILE, options,
                      {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": format_pipeline(passes)})
-        layers = describe_layers(gm, None, layer_sqnr)
+        layers = {path: rec.to_dict() for path, rec in block_records(gm, None, layer_sqnr).items()}
         elapsed = time.perf_counter() - t0
         description = {
-            **description_head(cfg, target, passes),
+            **description_head(cfg, plan),
             "architecture": "onnx",
             "onnx_model": MODEL_FILE,
             "calibration": {"batches": len(calib), "inputs": str(cfg.extra.get("calib_inputs") or "generated")},

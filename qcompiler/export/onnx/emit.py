@@ -39,12 +39,12 @@ from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.errors import ExportError
+from qcompiler.export.onnx.builder import MS_DOMAIN, OnnxBuilder
 from qcompiler.frontends.onnx import ONNX_META
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import norm_multiplier
 from qcompiler.ir.graph import CONV, PASSTHROUGH, aten, get_tensor, is_call, skip_passthrough
 from qcompiler.kernels.packing import load_weight_codes, pack_int4
-from qcompiler.targets.onnxruntime.builder import MS_DOMAIN, OnnxBuilder
 
 WOQ = torch.ops.qc.linear_woq.default
 W8A8 = torch.ops.qc.linear_w8a8.default
@@ -375,7 +375,7 @@ def _conv(em: GraphEmitter, n: fx.Node) -> str:
         raise ExportError(f"{em.scope}: node '{n.name}' is a transposed convolution (not exported)")
     rec = n.meta.get(qmeta.RECORD)
     if rec is not None:  # int8 kernel: DequantizeLinear(W_int8, per-output-channel scale) feeds Conv (QDQ)
-        t = rec["tensors"]
+        t = rec.tensors
         qw = em.b.initializer(t["qweight"], get_tensor(em.gm, t["qweight"]))
         ws = em.b.initializer(t["weight_scale"], get_tensor(em.gm, t["weight_scale"]))
         wv = em.b.op("DequantizeLinear", [qw, ws], em.name(n) + "/dequantize_w", axis=0)

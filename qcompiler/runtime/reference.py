@@ -30,10 +30,9 @@ from qcompiler.frontends.hf import (
     probe_block_inputs,
 )
 from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call, module_path, set_tensor
+from qcompiler.ir.rebuild import apply_kv_records, emit_linear_op, fuse_group
+from qcompiler.ir.records import KVRecord, LayerRecord
 from qcompiler.ir.routing import strip_routing_markers
-from qcompiler.passes.fusion.fuse_linears import fuse_group
-from qcompiler.passes.kv_cache.insert_kv_quant import apply_kv_records
-from qcompiler.passes.lowering.linear_rules import emit_linear_op
 
 
 class CompiledBlock(torch.nn.Module):
@@ -51,37 +50,30 @@ class CompiledBlock(torch.nn.Module):
         return self.gm(hidden_states, *flatten_block_kwargs(self._call, kwargs))
 
 
-def _local(record: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _local(record: LayerRecord, prefix: str) -> LayerRecord:
     """A record with block-local paths and graph attribute names (the inverse of the writer's mapping)."""
-    rec = dict(record)
-    rec["path"] = record["path"].removeprefix(prefix + ".")
-    rec["tensors"] = {k: "block." + v.removeprefix(prefix + ".") for k, v in record["tensors"].items()}
-    if record.get("bias"):
-        rec["bias"] = "block." + record["bias"].removeprefix(prefix + ".")
-    if record.get("fused_from"):
-        rec["fused_from"] = [dict(m, path=m["path"].removeprefix(prefix + ".")) for m in record["fused_from"]]
-    return rec
+    return record.renamed(lambda p: p.removeprefix(prefix + "."), lambda t: "block." + t.removeprefix(prefix + "."))
 
 
-def rebuild_block(gm: fx.GraphModule, records: list[dict[str, Any]], block: str) -> None:
+def rebuild_block(gm: fx.GraphModule, records: list[LayerRecord], block: str) -> None:
     """Apply the recorded structure (fusions, kernel ops) to a freshly traced float block graph."""
     linears = {module_path(n): n for n in gm.graph.nodes if is_call(n, LINEAR)}
     for rec in records:
-        if rec.get("fused_from"):
-            paths = [m["path"] for m in rec["fused_from"]]
+        if rec.fused_from:
+            paths = [m.path for m in rec.fused_from]
             missing = [p for p in paths if p not in linears]
             if missing:
-                raise ArtifactError(f"block '{block}': fused layer '{rec['path']}' names unknown linears {missing}")
-            fused = fuse_group(gm, [linears[p] for p in paths], paths, [m["role"] for m in rec["fused_from"]])
-            linears[rec["path"]] = fused
+                raise ArtifactError(f"block '{block}': fused layer '{rec.path}' names unknown linears {missing}")
+            fused = fuse_group(gm, [linears[p] for p in paths], paths, [str(m.role) for m in rec.fused_from])
+            linears[rec.path] = fused
     for rec in records:
-        node = linears.get(rec["path"])
+        node = linears.get(rec.path)
         if node is None:
-            raise ArtifactError(f"block '{block}': layer '{rec['path']}' is not in the traced block")
-        for target in rec["tensors"].values():  # placeholders until fill_block reads the artefact
+            raise ArtifactError(f"block '{block}': layer '{rec.path}' is not in the traced block")
+        for target in rec.tensors.values():  # placeholders until fill_block reads the artefact
             set_tensor(gm, target, torch.empty(0, device="meta"))
         x = node.args[0]
-        if rec.get("input_rotation") == "hadamard":  # QuaRot's online Hadamard before the layer
+        if rec.input_rotation == "hadamard":  # QuaRot's online Hadamard before the layer
             with gm.graph.inserting_before(node):
                 x = gm.graph.call_function(torch.ops.qc.hadamard_transform.default, (x,))
         emit_linear_op(gm, node, x, rec)  # type: ignore[arg-type]
@@ -102,25 +94,31 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
     if len(blocks) != desc["blocks"]["count"] or prefix != desc["blocks"]["prefix"]:
         raise ArtifactError(f"'{out}': config.json describes {len(blocks)} blocks, the description {desc['blocks']}")
     call, probe = probe_block_inputs(model)
-    by_block: dict[str, list[dict[str, Any]]] = {}
-    for path, rec in desc["layers"].items():
-        block = path[: len(prefix) + 1 + path[len(prefix) + 1 :].index(".")]
-        by_block.setdefault(block, []).append(_local(rec, block))
+    by_block: dict[str, list[LayerRecord]] = {}
+    where = f"'{Path(out) / 'qcompiler.json'}'"
+    for path, data in desc["layers"].items():
+        rest = path[len(prefix) + 1:]
+        if not path.startswith(prefix + ".") or "." not in rest:
+            raise ArtifactError(f"{where}: layer '{path}' is not inside a block of '{prefix}'; quantize again")
+        block = f"{prefix}.{rest.split('.', 1)[0]}"
+        by_block.setdefault(block, []).append(_local(LayerRecord.from_dict(data, where), block))
+    kv_by_block = {block: [KVRecord.from_dict(r, where) for r in recs]
+                   for block, recs in (desc.get("kv_cache") or {}).items()}
     tracer = BlockTracer(call, probe)
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}"
         gm = tracer(block, name)
-        apply_kv_records(gm, desc.get("kv_cache", {}).get(name, []), name)  # (before the linears become kernels)
+        apply_kv_records(gm, kv_by_block.get(name, []), name)  # (before the linears become kernels)
         rebuild_block(gm, by_block.get(name, []), name)
         strip_routing_markers(gm)
         fill_block(gm, name, ckpt, block, dtype)
         eliminate_dead_attrs(gm)
         if lower_for == "npu":
-            from qcompiler.passes.lowering.npu_lowering import lower_for_npu
+            from qcompiler.runtime.npu import lower_for_npu
 
             lower_for_npu(gm, dtype)
         elif dtype == torch.bfloat16:
-            from qcompiler.passes.lowering.cpu_prepack import prepack_for_cpu
+            from qcompiler.runtime.cpu_prepack import prepack_for_cpu
 
             prepack_for_cpu(gm)
         blocks[i] = CompiledBlock(gm, call, block)

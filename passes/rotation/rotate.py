@@ -44,7 +44,7 @@ from qcompiler.ir.graph import (
     is_call,
     set_tensor,
 )
-from qcompiler.passes.fusion.fold_norm_weight import check_norm_group, scale_linear_inputs, scale_norm
+from qcompiler.passes.fusion.fold_norm import check_norm_group, scale_linear_inputs, scale_norm
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
 HADAMARD = torch.ops.qc.hadamard_transform.default

