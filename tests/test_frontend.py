@@ -8,6 +8,7 @@ from qcompiler.frontends.hf import (
     BlockAdapter,
     BlockCall,
     Checkpoint,
+    attention_implementation,
     build_skeleton,
     capture_block_inputs,
     trace_block,
@@ -20,8 +21,11 @@ def test_block_graph_equals_the_module_and_roles_come_from_the_graph(tiny_models
     from transformers import AutoModelForCausalLM
 
     gm, inputs = traced_block(tiny_models[family])
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_models[family]))
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_models[family]), dtype=torch.float32,
-                                               attn_implementation="sdpa").eval()
+                                               attn_implementation=attention_implementation(config)).eval()
     call, ref_inputs = capture_block_inputs(ref, [torch.randint(3, 250, (3, 29))])
     with torch.no_grad():
         expect = BlockAdapter(ref.model.layers[0], call)(*ref_inputs[0])

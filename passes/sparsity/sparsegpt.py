@@ -28,6 +28,7 @@ from qcompiler.pm.base import Pass, PassContext, PassResult
 @dataclass(frozen=True)
 class SparseGPT(Pass):
     name = "sparsegpt"
+    quantizes_weights = True
     summary = "2:4 sparsity with Hessian error compensation (SparseGPT), quantizing kept weights in the same sweep"
     quantize: bool = True  # joint prune + quantize when the layer's scheme has integer weights
     block_size: int = 128

@@ -36,6 +36,7 @@ from qcompiler.schemes import QuantArgs
 @dataclass(frozen=True)
 class GPTQ(Pass):
     name = "gptq"
+    quantizes_weights = True
     summary = "GPTQ: column-wise quantization with inverse-Hessian error feedback (true-sequential)"
     bits: int | None = None  # None: from the scheme
     group_size: int | None = None  # None: from the scheme; 0 or -1: per channel

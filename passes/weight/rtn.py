@@ -128,6 +128,7 @@ def weight_args(scheme: QuantScheme, bits: int | None, group_size: int | None, s
 @dataclass(frozen=True)
 class RTN(Pass):
     name = "rtn"
+    quantizes_weights = True
     summary = "round-to-nearest weight quantization (min-max, MSE or activation-aware clipping)"
     bits: int | None = None  # None: from the scheme
     group_size: int | None = None  # None: from the scheme; 0 or -1: per channel

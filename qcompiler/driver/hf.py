@@ -59,6 +59,7 @@ from qcompiler.frontends.hf import (
     probe_block_inputs,
 )
 from qcompiler.frontends.moe import expert_token_counts
+from qcompiler.ir.analysis import weight_products_not_linear
 from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
 from qcompiler.ir.records import block_records, checkpoint_name, kv_records
 from qcompiler.memory import release_free_memory, rss_bytes, use_mmap_for_large_allocations
@@ -166,6 +167,7 @@ class HFRun:
         self.plan = plan
         self.owner = dist.rank() == 0
         self.calibrated = any(p.uses_calibration() for p in plan.passes)
+        self.resumable = True  # False: a failure that a --resume cannot mend removes the work folder
 
     # ------------------------------------------------------------------ steps
     def execute(self) -> dict[str, Any]:
@@ -269,6 +271,10 @@ class HFRun:
         cfg, inputs = self.cfg, self.inputs
         name = f"{self.prefix}.{i}"
         gm = self.tracer(block, name)
+        if cfg.scheme.weights is not None and (other := weight_products_not_linear(gm)):
+            raise PipelineError(f"block '{name}': layers {other} multiply a stored weight without aten.linear (e.g. "
+                                "GPT-2's Conv1D); qcompiler quantizes linear layers only, so this architecture is not "
+                                "supported yet (it would be written unquantized)")
         fill_block(gm, name, self.ckpt, block, torch.float32)
         self.ckpt.release()  # the block's file pages leave RSS now (its tensors were converted to float32)
         float_gm = copy_graph(gm, share_tensors=True)
@@ -333,6 +339,11 @@ class HFRun:
     def finish(self) -> dict[str, Any]:
         """The outer weights, the exporter's finish, the description and the publish (each repeatable after a kill)."""
         cfg, model, p = self.cfg, self.model, self.progress
+        if (cfg.scheme.weights is not None and any(q.quantizes_weights for q in self.plan.passes)
+                and not any(r["op"] != "linear" for r in p.layers.values())):
+            self.resumable = False  # (nothing a --resume could continue)
+            raise PipelineError(f"no layer of '{cfg.model}' was quantized (every layer float: overrides, ignore list or "
+                                "an architecture whose layers are not linears); nothing to write")
         elapsed = time.perf_counter() - self.t_start
         description = {
             **description_head(cfg, self.plan),
@@ -384,7 +395,7 @@ class HFRun:
     def stop(self, e: BaseException) -> None:
         """After a failure: keep the work folder when it holds progress (--resume), else remove it; say which."""
         writer = self.writer
-        progress = writer.has_progress
+        progress = writer.has_progress and self.resumable
         if self.exporter is not None and not progress:
             self.exporter.abort()
         writer.abort(keep_progress=progress)

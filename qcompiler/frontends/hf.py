@@ -239,6 +239,34 @@ def _listed(names: list[str], n: int = 5) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+ATTENTION = "qcompiler_sdpa"
+
+
+def attention_implementation(config: Any) -> str:
+    """transformers' SDPA attention with masks that are always built: "sdpa" skips the mask when a window of the
+    sequence is causal anyway (a probe shorter than a sliding window), and a block traced without its mask would
+    run without it on longer sequences (silently wrong after the window). Registered once, on first use.
+    Architectures whose attention SDPA cannot express (Gemma 2's logit soft-capping, gpt-oss's sinks) run their
+    own eager attention, whose masks are always built too."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        return "eager"
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    if ATTENTION not in AttentionMaskInterface._global_mapping:
+        def always_built_mask(*args: Any, **kwargs: Any) -> Any:
+            kwargs["allow_is_causal_skip"] = False
+            return sdpa_mask(*args, **kwargs)
+
+        AttentionInterface.register(ATTENTION, sdpa_attention_forward)
+        AttentionMaskInterface.register(ATTENTION, always_built_mask)
+    return ATTENTION
+
+
 def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: bool = True) -> torch.nn.Module:
     """The causal-LM module with meta parameters; non-block weights (embeddings, norms, head) loaded. With
     `check`, the checkpoint's tensors are checked against the model first (Checkpoint.check_tensors); our own
@@ -257,7 +285,8 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
     config.use_cache = False
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype,
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config),
+                                                     dtype=dtype,
                                                      trust_remote_code=ckpt.trust_remote_code)
     except Exception as e:  # noqa: BLE001 (the model's own constructor checks its config with any exception type)
         # a config whose fields contradict each other (hidden_size not divisible by the heads, a padding index
@@ -392,10 +421,17 @@ def _is_tensor_tree(v: object) -> bool:
 
 
 def flatten_block_kwargs(call: BlockCall, kwargs: dict) -> list[torch.Tensor]:
+    """The block's flat tensor inputs from the keywords the model calls it with. A tensor keyword the block was
+    traced without (a mask or table the probe did not produce) is refused, never dropped: dropping it would run
+    the block without it (e.g. a sliding window's mask) and silently compute something else."""
+    unseen = sorted(k for k, v in kwargs.items() if k not in call.keys and _is_tensor_tree(v))
+    if unseen:
+        raise ModelLoadError(f"the model called a block with tensor inputs {unseen} that the block was traced without "
+                             f"(it takes {list(call.keys)}); quantizing this model needs those inputs at trace time")
     kw = {k: kwargs.get(k) for k in call.keys}
     flat, spec = pytree.tree_flatten(kw)
     if spec != call.spec:
-        raise ValueError(
+        raise ModelLoadError(
             f"the model called a block with inputs {sorted(k for k, v in kwargs.items() if v is not None)} "
             f"but the block was compiled for {list(call.keys)} (padding masks are not supported: "
             "evaluate unpadded windows)"

@@ -22,6 +22,7 @@ from torch import fx
 
 from qcompiler.ir.graph import (
     ACTIVATION_OPS,
+    ADAPTER_PREFIX,
     CONV,
     LINEAR,
     MATMUL_OPS,
@@ -316,3 +317,26 @@ def expert_of(node: fx.Node) -> str | None:
             path = module_path(user)
             return path.rsplit(".", 1)[0] if "." in path else None
     return None
+
+
+# products of an activation with a stored weight that are not aten.linear: GPT-2's Conv1D (addmm with W [in, out]),
+# einsum / bmm projections, fused expert matmuls. qcompiler quantizes linears (and imported convolutions) only.
+_OTHER_WEIGHT_PRODUCTS = {
+    torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.matmul.default, torch.ops.aten.einsum.default, torch.ops.aten.baddbmm.default,
+}
+
+
+def weight_products_not_linear(gm: fx.GraphModule) -> list[str]:
+    """Module paths (with the op) of weights that enter a matrix product other than aten.linear: layers that are
+    linear in the maths but that no weight pass would see (a run must refuse them by name, never skip them)."""
+    found = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in _OTHER_WEIGHT_PRODUCTS:
+            continue
+        operands = n.args[1] if n.target is torch.ops.aten.einsum.default else n.args
+        for w in (a for a in operands if isinstance(a, fx.Node) and a.op == "get_attr"):
+            t = get_tensor(gm, str(w.target))
+            if t.dim() >= 2 and t.is_floating_point():
+                found.append(f"{str(w.target).removeprefix(ADAPTER_PREFIX).rsplit('.', 1)[0]} ({n.target.__name__})")
+    return sorted(set(found))

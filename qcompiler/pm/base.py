@@ -80,6 +80,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    quantizes_weights: ClassVar[bool] = False  # it writes weight grids (a pipeline without one keeps weights float)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

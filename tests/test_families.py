@@ -1,0 +1,100 @@
+"""Families beyond the core five, and the two silent wrong results of issue 18 as regression tests:
+
+- sliding windows: every sliding-window family traces and runs the mask it is given (transformers' "sdpa" skipped
+  the mask for a probe shorter than the window, and the block then ran without it on longer sequences). The
+  quantized model equals transformers' own model with fake-quantized weights, inside the window and after it.
+- layers that are linear in the maths but not `aten.linear` (GPT-2's Conv1D) are refused by name, and a run that
+  quantizes no layer is an error, never an unquantized export with exit code 0.
+
+Each tiny config keeps the structural fields of the published config it names (attention pattern, soft-capping,
+scalars) with sizes shrunk; the window is 24 tokens so that sequences of 80 cross it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import TEXT, make_tiny_model
+
+from qcompiler.driver import QuantizeConfig, quantize
+from qcompiler.errors import PipelineError
+from qcompiler.numerics import fake_quant_weight
+from qcompiler.pm.pipeline import parse_pipeline
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+
+WINDOW = 24
+SLIDING = {
+    # mistralai/Mistral-7B-v0.1: every layer sliding (sliding_window 4096)
+    "mistral": dict(sliding_window=WINDOW),
+    # Qwen/Qwen2-7B-Instruct with use_sliding_window on (its layers from max_window_layers on slide)
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0,
+                  layer_types=["sliding_attention", "full_attention"]),
+    # google/gemma-2-2b: sliding / full alternating, attention logit soft-capping 50, final 30, query scalar 256 —
+    # soft-capping is not SDPA: the model's eager attention runs
+    "gemma2": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                   hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    # google/gemma-3-1b-pt: 5 sliding : 1 full (here 1 : 1), local rope base 10k, query scalar 256, q/k norms
+    "gemma3_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                        hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24),
+    # LGAI-EXAONE/EXAONE-4.0-1.2B: 3 sliding : 1 full (here 1 : 1)
+    "exaone4": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def _fake_quantized(model_dir: Path, scheme) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    fake = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, mod in fake.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                mod.weight.copy_(fake_quant_weight(mod.weight, scheme.weights))
+    return fake
+
+
+@pytest.mark.parametrize("family", list(SLIDING))
+def test_sliding_window_models_keep_their_window_beyond_the_calibration_length(tmp_path, family):
+    model = make_tiny_model(tmp_path / family, family, **SLIDING[family])
+    scheme = get_scheme("w8a16")
+    # calibrated on windows of 16 tokens, shorter than the sliding window: the mask must still be traced and used
+    quantize(QuantizeConfig(model=model, scheme=scheme, out=tmp_path / "q", calib_texts=[TEXT], num_samples=2,
+                            seq_len=16, batch_size=2, progress=False, passes=parse_pipeline("fuse_linears,rtn")),
+             log=lambda _: None)
+    ids = torch.randint(3, 250, (2, 80), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect, got = _fake_quantized(model, scheme)(ids).logits, load_quantized(tmp_path / "q")(ids).logits
+    # the same weights and the same attention: equal up to float32 summation order (1e-5), while a dropped window
+    # changes every logit after it by tens of percent
+    for part in (slice(0, WINDOW), slice(WINDOW, None)):
+        err = (got[:, part] - expect[:, part]).norm() / expect[:, part].norm()
+        assert err < 1e-5, (family, part, float(err))
+
+
+def test_a_layer_that_is_linear_but_not_aten_linear_is_refused_by_name(tmp_path):
+    """GPT-2 computes its projections with Conv1D (addmm, weight [in, out]): refused, never written unquantized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qcompiler.synthetic import byte_tokenizer
+
+    cfg = AutoConfig.for_model("gpt2", vocab_size=259, n_embd=96, n_layer=2, n_head=4, n_positions=128,
+                               bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(PipelineError, match=r"attn\.c_attn \(addmm.default\).*not supported yet"):
+        quantize(QuantizeConfig(model=tmp_path / "gpt2", scheme=get_scheme("w8a16"), out=tmp_path / "q",
+                                calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2, progress=False),
+                 log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+
+
+def test_a_run_that_quantizes_no_layer_is_an_error(tiny_llama, tmp_path):
+    scheme = get_scheme("w8a16").with_overrides([("model.layers.*", None)])
+    with pytest.raises(PipelineError, match="no layer .* was quantized"):
+        quantize(QuantizeConfig(model=tiny_llama, scheme=scheme, out=tmp_path / "q", calib_texts=[TEXT],
+                                num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # (nothing to resume: no work folder kept)
