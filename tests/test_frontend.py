@@ -119,3 +119,21 @@ def test_checkpoint_release_keeps_tensors_already_read_valid(tiny_llama):
     gc.collect()
     assert torch.equal(t, copy)  # still readable after the memory maps are closed
     assert torch.equal(ckpt.tensor(name), copy)  # and the checkpoint reopens lazily
+
+
+def test_positional_block_inputs_are_bound_by_name_and_unseen_tensors_refused():
+    """A model may pass a block's inputs by position (Falcon: `alibi` second); the block's signature names them.
+    A tensor input the traced block never saw is refused, never dropped."""
+    from qcompiler.frontends.hf import block_arguments, flatten_block_kwargs
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden_states, alibi, attention_mask=None, position_ids=None):
+            return hidden_states
+
+    h, mask = torch.zeros(1, 3, 4), torch.ones(1, 1, 3, 3)
+    hidden, named = block_arguments(Block(), (h, None, mask), {"position_ids": torch.arange(3)})
+    assert hidden is h and named["alibi"] is None and named["attention_mask"] is mask and "position_ids" in named
+    call = BlockCall(keys=("attention_mask",), spec=torch.utils._pytree.tree_flatten({"attention_mask": mask})[1])
+    assert flatten_block_kwargs(call, {"attention_mask": mask})[0] is mask
+    with pytest.raises(ModelLoadError, match=r"\['position_ids'\] that the block was traced without"):
+        flatten_block_kwargs(call, {"attention_mask": mask, "position_ids": torch.arange(3)})

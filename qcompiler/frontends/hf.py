@@ -13,6 +13,7 @@ per-architecture tables.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import re
 from collections.abc import Iterable
@@ -252,8 +253,9 @@ def attention_implementation(config: Any) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
-        return "eager"
+    if model_class is not None and not (getattr(model_class, "_supports_sdpa", True)
+                                        and getattr(model_class, "_supports_attention_backend", True)):
+        return "eager"  # (also models that pick their attention class by name, e.g. Falcon: only the built-in names)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
@@ -361,6 +363,7 @@ class BlockCall:
 
     keys: tuple[str, ...]
     spec: pytree.TreeSpec
+    nones: tuple[str, ...] = ()  # arguments the model passes as None (a required one, e.g. Falcon's alibi, too)
 
 
 class _Stop(Exception):
@@ -374,9 +377,8 @@ def capture_block_inputs(
     _, blocks = find_blocks(model)
     captured: list[tuple[torch.Tensor, dict]] = []
 
-    def hook(_mod, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
+    def hook(mod, args, kwargs):
+        captured.append(block_arguments(mod, args, kwargs))
         raise _Stop
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -395,7 +397,7 @@ def capture_block_inputs(
         kw = {k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)}
         flat, spec = pytree.tree_flatten(kw)
         if call is None:
-            call = BlockCall(keys=tuple(kw), spec=spec)
+            call = BlockCall(keys=tuple(kw), spec=spec, nones=tuple(k for k, v in sorted(kwargs.items()) if v is None))
         flat_inputs.append((hidden, *flat))
     if call is None:
         raise ModelLoadError("no calibration batches: cannot capture block inputs")
@@ -418,6 +420,17 @@ def _is_tensor_tree(v: object) -> bool:
         return False
     leaves = pytree.tree_leaves(v)
     return bool(leaves) and all(isinstance(x, torch.Tensor) for x in leaves)
+
+
+def block_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(hidden states, every other argument by name) of a call of `block`: a model may pass some inputs by
+    position (Falcon passes `alibi` second), and positions mean nothing to a traced graph's keyword inputs."""
+    if len(args) <= 1:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        return hidden, dict(kwargs)
+    names = [p for p in inspect.signature(block.forward).parameters if p not in ("self", "args", "kwargs")]
+    named = dict(zip(names[1:], args[1:], strict=False))
+    return args[0], {**named, **kwargs}
 
 
 def flatten_block_kwargs(call: BlockCall, kwargs: dict) -> list[torch.Tensor]:
@@ -452,7 +465,7 @@ class BlockAdapter(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
         kwargs = pytree.tree_unflatten(list(flat), self._call.spec)
-        out = self.block(hidden, **kwargs, use_cache=False)
+        out = self.block(hidden, **dict.fromkeys(self._call.nones), **kwargs, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -23,6 +23,7 @@ from qcompiler.frontends.hf import (
     BlockCall,
     BlockTracer,
     Checkpoint,
+    block_arguments,
     build_skeleton,
     fill_block,
     find_blocks,
@@ -42,12 +43,14 @@ class CompiledBlock(torch.nn.Module):
         super().__init__()
         self.gm = gm
         self._call = call
+        self._original = [original]  # (its signature binds positional inputs; a list keeps it out of the modules)
         for attr in ("attention_type", "layer_idx", "is_sliding"):
             if hasattr(original, attr):
                 setattr(self, attr, getattr(original, attr))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.gm(hidden_states, *flatten_block_kwargs(self._call, kwargs))
+        _, named = block_arguments(self._original[0], (hidden_states, *args), kwargs)
+        return self.gm(hidden_states, *flatten_block_kwargs(self._call, named))
 
 
 def _local(record: LayerRecord, prefix: str) -> LayerRecord:
