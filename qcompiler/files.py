@@ -55,7 +55,7 @@ def relative_file_name(name: object, where: str, error: type[QCompilerError]) ->
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         raise error(f"{where}: {name!r} is not a relative file name inside the folder")
     p = PurePosixPath(name)
-    if p.is_absolute() or any(part in ("..", "") for part in name.split("/")) or p.parts[0] == ".":
+    if p.is_absolute() or any(part in ("..", "") for part in name.split("/")):
         raise error(f"{where}: file name {name!r} points outside the folder; only names inside it are read")
     return name
 

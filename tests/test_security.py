@@ -93,15 +93,20 @@ def crash_at_block(monkeypatch, n: int) -> None:
 # ------------------------------------------------------------------------------------------ --resume state
 
 
-@pytest.mark.parametrize("plant", ["absolute", "relative", "old_pickle_name", "not_an_object"])
-def test_resume_never_reads_a_file_a_state_names_outside_its_folder(model, text, tmp_path, capsys, monkeypatch,
-                                                                   plant):
-    out = tmp_path / "q"
+def stopped_onnx_run(model: Path, out: Path, text: Path, monkeypatch) -> Path:
+    """An onnxruntime run (the richest exporter state) stopped after its first block: its state file."""
     crash_at_block(monkeypatch, 1)
     with pytest.raises(Crash):
         main(["--debug", *args(model, out, text, "--target", "onnxruntime", scheme="w4a16")])
     monkeypatch.undo()
-    state_file = tmp_path / ".q.partial" / "state" / "state.json"
+    return out.parent / f".{out.name}.partial" / "state" / "state.json"
+
+
+@pytest.mark.parametrize("plant", ["absolute", "relative", "old_pickle_name", "not_an_object"])
+def test_resume_never_reads_a_file_a_state_names_outside_its_folder(model, text, tmp_path, capsys, monkeypatch,
+                                                                   plant):
+    out = tmp_path / "q"
+    state_file = stopped_onnx_run(model, out, text, monkeypatch)
     state = json.loads(state_file.read_text())
     marker = tmp_path / "MARKER"
     evil = tmp_path / "evil.pkl"
@@ -122,11 +127,7 @@ def test_a_state_cannot_truncate_a_file_it_names(model, text, tmp_path, capsys, 
     out = tmp_path / "q"
     victim = tmp_path / "victim.txt"
     victim.write_text("a user's file\n" * 100)
-    crash_at_block(monkeypatch, 1)
-    with pytest.raises(Crash):
-        main(["--debug", *args(model, out, text, "--target", "onnxruntime", scheme="w4a16")])
-    monkeypatch.undo()
-    state_file = tmp_path / ".q.partial" / "state" / "state.json"
+    state_file = stopped_onnx_run(model, out, text, monkeypatch)
     state = json.loads(state_file.read_text())
     state["exporter"].update(model_path=str(victim), data_name=str(victim), data_bytes=3)
     state_file.write_text(json.dumps(state))
