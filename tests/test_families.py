@@ -98,3 +98,17 @@ def test_a_run_that_quantizes_no_layer_is_an_error(tiny_llama, tmp_path):
         quantize(QuantizeConfig(model=tiny_llama, scheme=scheme, out=tmp_path / "q", calib_texts=[TEXT],
                                 num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # (nothing to resume: no work folder kept)
+
+
+@pytest.mark.parametrize("target", ["cuda", "ascend"])
+def test_a_group_that_does_not_divide_an_mla_rank_is_refused_before_work(tmp_path, target):
+    """DeepSeek-V3's q_b_proj reads the q latent (q_lora_rank 48 here): g32 cannot hold it in whole groups, which the
+    serving loaders require (compressed-tensors' client refused the written folder before this check)."""
+    from qcompiler.errors import SchemeError
+
+    model = make_tiny_model(tmp_path / "ds3", "deepseek_v3")
+    with pytest.raises(SchemeError, match=r"q_lora_rank \(q_b_proj\) = 48"):
+        quantize(QuantizeConfig(model=model, scheme=get_scheme("w4a16", group_size=32), out=tmp_path / "q",
+                                target=target, calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2,
+                                progress=False), log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds3"]

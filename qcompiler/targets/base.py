@@ -138,15 +138,21 @@ class BlockExporter(Protocol):
 
 
 def linear_input_sizes(config: Any) -> dict[str, int]:
-    """in_features of a decoder's linears by kind, from a transformers config (attention output, MLP down)."""
+    """in_features of a decoder's linears by kind, from a transformers config: attention output, MLP and expert
+    down projections, and multi-head latent attention's low-rank projections (DeepSeek's q_b_proj / kv_b_proj read
+    the q / kv latents; its o_proj reads heads × v_head_dim)."""
     heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    head_dim = getattr(config, "v_head_dim", None) or getattr(config, "head_dim", None) or (
+        config.hidden_size // heads if heads else None)
     sizes = {"hidden_size (q/k/v, gate/up)": config.hidden_size}
     if heads and head_dim:
         sizes["num_attention_heads × head_dim (o_proj)"] = heads * head_dim
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "moe_intermediate_size", None)
-    if inter:
-        sizes["intermediate_size (down_proj)"] = inter
+    for key, what in (("intermediate_size", "down_proj"), ("moe_intermediate_size", "experts' down_proj"),
+                      ("shared_expert_intermediate_size", "shared expert's down_proj"),
+                      ("q_lora_rank", "q_b_proj"), ("kv_lora_rank", "kv_b_proj")):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            sizes[f"{key} ({what})"] = value
     return sizes
 
 
