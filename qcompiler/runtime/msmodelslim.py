@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file
 
 from qcompiler.errors import ArtifactError
 from qcompiler.export.msmodelslim import DESCRIPTION
+from qcompiler.frontends.hf import find_blocks
+from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.kernels.ascend import layout
 
 
@@ -57,6 +60,8 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     desc, tensors = read_folder(folder)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    # MoE: transformers' stacked experts become one linear per expert under the folder's names (as our frontend does)
+    unfuse_experts(model, SimpleNamespace(path=folder, weight_map=dict.fromkeys(tensors, "")), find_blocks(model)[0])
     if any(kind == "C8" for kind in desc.values()):
         raise ArtifactError(f"'{folder}': its KV cache is C8 (int8), which this loader's emulation does not run; "
                             "load our artefact with qcompiler.runtime.load_quantized instead")
@@ -71,7 +76,7 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
         setattr(model.get_submodule(parent), leaf, NpuLinear(kind, params))
     float_tensors = {k: v.to(dtype) for k, v in tensors.items() if desc.get(k) in ("FLOAT", "W16A16S")
                      and k.rsplit(".", 1)[0] not in quantized}
-    missing, unexpected = model.load_state_dict(float_tensors, strict=False)
+    missing, unexpected = model.load_state_dict(float_tensors, strict=False, assign=True)  # (unfused experts: meta)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)
                and m.rsplit(".", 1)[0] not in quantized]
     if missing or unexpected:
