@@ -14,6 +14,7 @@ from qcompiler.passes.sparsity.prune_magnitude import PruneMagnitude
 from qcompiler.passes.sparsity.prune_wanda import PruneWanda
 from qcompiler.passes.sparsity.sparsegpt import SparseGPT
 from qcompiler.passes.weight.gptq import GPTQ
+from qcompiler.passes.weight.quantize_head import QuantizeHead
 from qcompiler.passes.weight.rtn import RTN
 from qcompiler.pm.base import _REGISTRY, Pass
 
@@ -32,5 +33,5 @@ def get_pass_class(name: str) -> type[Pass]:
 
 __all__ = [
     "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
-    "RTN", "get_pass_class", "registered_passes",
+    "QuantizeHead", "RTN", "get_pass_class", "registered_passes",
 ]

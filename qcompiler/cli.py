@@ -174,7 +174,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     )
     onnx_input = Path(a.model).suffix == ".onnx"
     # the target, pipeline and stored scheme, checked once, before the model is read (or the demo converted)
-    plan = plan_run(dataclasses.replace(cfg, target="onnxruntime") if onnx_input else cfg)
+    plan = plan_run(dataclasses.replace(cfg, target="onnxruntime") if onnx_input else cfg, imported=onnx_input)
     if a.dry_run:
         print("\n".join(describe_plan(cfg, plan)))
         return 0

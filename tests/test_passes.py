@@ -310,3 +310,43 @@ def test_cpu_prepack_takes_int4_and_symmetric_int8_and_keeps_what_it_cannot_run(
         assert count(gm, qc.linear_woq.default) == expected["kept"]
         # kept layers stay exact; prepacked ones round activations to bf16 (a few 2^-8 relative)
         assert rel_err(run(gm, inputs), exact) < (1e-6 if expected["kept"] else 3e-2)
+
+
+def test_quantize_head_structure_numerics_and_refusals(tmp_path):
+    """quantize_head: the onnxruntime target adds it (lm_head_bits, default 8); the artefact's head is RTN's ŵ of the
+    original, a tied embedding reads the same ŵ, and the ONNX decoder writes the same codes as MatMulNBits."""
+    from safetensors.torch import load_file
+    from tiny import TEXT, make_tiny_model
+
+    from qcompiler.driver import QuantizeConfig, plan_run, quantize
+    from qcompiler.errors import PipelineError
+    from qcompiler.ir.records import HEAD_GRID
+    from qcompiler.passes.weight.quantize_head import quantize_head_weight
+    from qcompiler.runtime import load_quantized
+    from qcompiler.schemes import QuantArgs
+
+    model = make_tiny_model(tmp_path / "tied", "llama", head_dim=32, tie_word_embeddings=True)
+
+    def cfg(target: str, **options: str) -> QuantizeConfig:
+        return QuantizeConfig(model=model, scheme=get_scheme("w8a16"), out=tmp_path / target, target=target,
+                              target_options=options, calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2,
+                              progress=False)
+
+    # structure: who adds it
+    assert plan_run(cfg("onnxruntime")).pipeline == "fuse_linears,rtn,quantize_head,lower"
+    assert plan_run(cfg("onnxruntime", lm_head_bits="4")).pipeline == "fuse_linears,rtn,quantize_head{bits=4},lower"
+    assert "quantize_head" not in plan_run(cfg("onnxruntime", lm_head_bits="float")).pipeline
+    assert "quantize_head" not in plan_run(cfg("reference")).pipeline
+    # numerics: the written head is ŵ of the original head, and the tied embedding is the same matrix
+    d = quantize(cfg("onnxruntime"), log=lambda _: None)
+    assert d["outer_weights"]["quantize_head"] == {"bits": 8, "group_size": 32}
+    original = load_file(str(model / "model.safetensors"))["model.embed_tokens.weight"]
+    grid, w_hat = quantize_head_weight(original, QuantArgs(bits=8, granularity="group", group_size=32))
+    rest = load_file(str(tmp_path / "onnxruntime" / "rest.safetensors"))
+    assert torch.equal(rest["model.embed_tokens.weight"], w_hat) and not torch.equal(w_hat, original)
+    assert grid.codes.abs().max() == 127 and torch.equal(grid.codes.float() * grid.scale.repeat_interleave(32, 1), w_hat)
+    loaded = load_quantized(tmp_path / "onnxruntime")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight and not hasattr(loaded.lm_head, HEAD_GRID)
+    # refusals
+    with pytest.raises(PipelineError, match="bits 4 or 8"):
+        parse_pipeline("quantize_head{bits=3}")

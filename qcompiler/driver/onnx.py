@@ -224,7 +224,7 @@ def quantize_onnx(cfg: Any, log: Callable[[str], None] = print) -> dict[str, Any
         raise ModelLoadError(f"'{cfg.model}': KV-cache quantization and 2:4 sparsity are applied to Hugging Face "
                              "checkpoints (their attention and decoder export); quantize the source checkpoint, or "
                              "drop --kv-cache / use a scheme without sparsity for an ONNX input")
-    plan = plan_run(dataclasses.replace(cfg, target="onnxruntime"))
+    plan = plan_run(dataclasses.replace(cfg, target="onnxruntime"), imported=True)
     target, passes = plan.target, plan.passes
     cfg = dataclasses.replace(cfg, scheme=plan.scheme)
     options = emit_options(cfg.target_options)

@@ -36,9 +36,10 @@ class Traits:
     sparse: bool
     kv_cache: bool
     online_rotation: bool  # the target's formats hold an online Hadamard transform
+    head_bits: int | None  # the target's format stores the output projection quantized (Target.head_bits)
 
     @classmethod
-    def of(cls, scheme: QuantScheme, target: Target, algo: str) -> Traits:
+    def of(cls, scheme: QuantScheme, target: Target, algo: str, options: dict[str, str] | None = None) -> Traits:
         all_ = scheme.all_schemes()
         return cls(
             algo=algo,
@@ -54,6 +55,7 @@ class Traits:
             sparse=any(s.sparsity for s in all_),
             kv_cache=scheme.kv_cache is not None,
             online_rotation=target.online_rotation,
+            head_bits=None if options is None else target.head_bits(options),  # (no options: no model head)
         )
 
 
@@ -88,15 +90,19 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights, lambda t: ("gptq", {})),
     Row("activations", "the scheme quantizes activations", lambda t: t.quantizes_acts, lambda t: ("act_quant", {})),
     Row("kv cache", "the scheme quantizes the KV cache", lambda t: t.kv_cache, lambda t: ("kv_quant", {})),
+    Row("head", "the target stores a quantized head (onnxruntime: lm_head_bits, default 8)",
+        lambda t: t.head_bits is not None, lambda t: ("quantize_head", {"bits": t.head_bits})),
     Row("lowering", "always", _always, lambda t: ("lower", {})),
 )
 
 
-def default_rows(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Row]:
-    """The rows of DEFAULT_PIPELINE that fire for this scheme, target and algorithm (the first per step)."""
+def default_rows(scheme: QuantScheme, target: Target, algo: str = "rtn", options: dict[str, str] | None = None
+                 ) -> list[Row]:
+    """The rows of DEFAULT_PIPELINE that fire for this scheme, target, algorithm and target options (the first
+    per step)."""
     if algo not in ALGORITHMS:
         raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
-    traits = Traits.of(scheme, target, algo)
+    traits = Traits.of(scheme, target, algo, options)
     fired: list[Row] = []
     for row in DEFAULT_PIPELINE:
         if row.applies(traits) and not any(f.step == row.step for f in fired):
@@ -104,14 +110,16 @@ def default_rows(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list
     return fired
 
 
-def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn") -> list[Pass]:
-    traits = Traits.of(scheme, target, algo)
-    return [make_pass(*row.make(traits)) for row in default_rows(scheme, target, algo)]
+def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn", options: dict[str, str] | None = None
+                     ) -> list[Pass]:
+    traits = Traits.of(scheme, target, algo, options)
+    return [make_pass(*row.make(traits)) for row in default_rows(scheme, target, algo, options)]
 
 
-def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme) -> list[Pass]:
+def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme, target: Target | None = None,
+                      options: dict[str, str] | None = None) -> list[Pass]:
     """A user pipeline gets `act_quant` (if the scheme quantizes activations), `kv_quant` (if it quantizes the
-    KV cache) and `lower` appended."""
+    KV cache), `quantize_head` (if the target's format stores a quantized head) and `lower` appended."""
     out = list(passes)
     names = [p.name for p in out]
     if "lower" in names and names[-1] != "lower":
@@ -120,6 +128,9 @@ def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme) -> list[Pass]
         out.insert(len(out) - (1 if "lower" in names else 0), make_pass("act_quant", {}))
     if scheme.kv_cache is not None and "kv_quant" not in names:
         out.insert(len(out) - (1 if "lower" in names else 0), make_pass("kv_quant", {}))
+    head = target.head_bits(options) if target is not None and options is not None else None
+    if head is not None and "quantize_head" not in names:
+        out.insert(len(out) - (1 if "lower" in names else 0), make_pass("quantize_head", {"bits": head}))
     if "lower" not in names:
         out.append(make_pass("lower", {}))
     return out
@@ -153,12 +164,13 @@ class RunPlan:
         return format_pipeline(self.passes)
 
 
-def plan_run(cfg: Any) -> RunPlan:
+def plan_run(cfg: Any, imported: bool = False) -> RunPlan:
     """Resolve the target and the pipeline of `cfg` (a QuantizeConfig) and refuse, before any work, what the target
-    or its formats cannot hold."""
+    or its formats cannot hold. `imported`: an ONNX graph (no model head for the target's head option to apply to)."""
     target = get_target(cfg.target)
-    passes = (complete_pipeline(cfg.passes, cfg.scheme) if cfg.passes is not None
-              else default_pipeline(cfg.scheme, target, cfg.algo))
+    options = None if imported else cfg.target_options
+    passes = (complete_pipeline(cfg.passes, cfg.scheme, target, options) if cfg.passes is not None
+              else default_pipeline(cfg.scheme, target, cfg.algo, options))
     scheme = stored_scheme(cfg.scheme, passes)
     target.check(scheme, cfg.target_options)
     if not target.online_rotation and any(getattr(p, "online", False) for p in passes):
@@ -188,15 +200,16 @@ def describe_plan(cfg: Any, plan: RunPlan) -> list[str]:
     lines += [f"  can write: {c}" for c in plan.target.consumers(plan.scheme)] or ["  can write: our artefact only"]
     lines.append(f"pipeline: {plan.pipeline}")
     if cfg.passes is None:
-        fired = {id(r) for r in default_rows(cfg.scheme, plan.target, cfg.algo)}
+        fired = {id(r) for r in default_rows(cfg.scheme, plan.target, cfg.algo, cfg.target_options)}
         lines.append("  default pipeline (step | when | pass; * = taken for this run):")
-        traits = Traits.of(cfg.scheme, plan.target, cfg.algo)
+        traits = Traits.of(cfg.scheme, plan.target, cfg.algo, cfg.target_options)
         for row in DEFAULT_PIPELINE:
             name, options = row.make(traits)
             spec = name + ("{" + ",".join(f"{k}={v}" for k, v in options.items()) + "}" if options else "")
             lines.append(f"  {'*' if id(row) in fired else ' '} {row.step:<12} {row.when:<72} {spec}")
     else:
-        lines.append("  (your pipeline; act_quant / kv_quant / lower added where the scheme needs them)")
+        lines.append("  (your pipeline; act_quant / kv_quant / quantize_head / lower added where the scheme or target needs "
+                     "them)")
     others = []
     for name, make in registered_targets().items():
         if name == plan.target.name:

@@ -164,6 +164,19 @@ class KVRecord:
         return zero if self.args["symmetric"] else zero - 2 ** (self.args["bits"] - 1)
 
 
+HEAD_GRID = "qcompiler_grid"  # the head module's attribute holding its HeadGrid (passes/weight/quantize_head.py)
+
+
+@dataclass(frozen=True)
+class HeadGrid:
+    """The output projection's quantization, kept on the module for formats that store it quantized (the ONNX
+    decoder's MatMulNBits); the module's weight holds ŵ = codes · scale."""
+
+    args: Any  # QuantArgs: symmetric groups
+    codes: torch.Tensor  # int32 [V, H]
+    scale: torch.Tensor  # fp32 [V, H / group]
+
+
 def _typed(value: Any, *kinds: type | None) -> Any:
     """`value` if it is one of `kinds` (None for null); TypeError otherwise (bool is not an int here)."""
     for kind in kinds:

@@ -109,6 +109,11 @@ class Target:
         if options:
             raise SchemeError(f"target '{self.name}' takes no --target-option (got {', '.join(options)})")
 
+    def head_bits(self, options: dict[str, str]) -> int | None:
+        """Bits of the output projection this target's format stores quantized by default (the plan then adds the
+        quantize_head pass); None: the head stays as the scheme and pipeline leave it."""
+        return None
+
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         """Refuse, before any work, a model (architecture, layer sizes) the target or its format cannot take."""
 

@@ -19,9 +19,9 @@ kv_cache_bit_width 8 (int8 cache) or 4 (two codes per uint8, low nibble first), 
 past/present cache tensors are int8 [B, H_kv, T, D] or uint8 [B, H_kv, T, D/2]; onnxruntime's CPU kernel
 quantizes new keys/values with q = clamp(round(x / s), −2^(b−1), 2^(b−1) − 1), exactly qc::fake_quant_kv.
 
-The lm_head is quantized by the target's `lm_head_bits` option (RTN, symmetric blocks of 32 — MSE-clipped for
-4 bits — MatMulNBits, as
-the onnxruntime-genai builder does for its int4 models) or kept float; a float head tied to the embeddings
+The lm_head is written as MatMulNBits when the quantize_head pass quantized it (the onnxruntime target adds it by
+default, `lm_head_bits`: symmetric blocks of 32, as the onnxruntime-genai builder does for its int4 models), else
+float; a float head tied to the embeddings
 reads the embedding initializer through Gemm(transB=1) instead of storing a transposed copy.
 """
 
@@ -54,10 +54,8 @@ from qcompiler.export.onnx.emit import (
 )
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call
-from qcompiler.ir.records import KVRecord, LayerRecord
+from qcompiler.ir.records import HEAD_GRID, HeadGrid, KVRecord, LayerRecord
 from qcompiler.kernels.packing import store_weight_codes
-from qcompiler.numerics import mse_clip_search, quantize_weight, weight_qparams
-from qcompiler.schemes import QuantArgs
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
@@ -170,12 +168,14 @@ class DecoderExporter:
     }
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, options: EmitOptions | None = None,
-                 lm_head_bits: int | None = None, saved: SavedExporter | None = None):
+                 saved: SavedExporter | None = None):
         cfg = model.config
         self.cfg = cfg
         check_decoder_config(cfg)
         self.options = options or EmitOptions()
-        self.lm_head_bits = lm_head_bits
+        # a head the quantize_head pass quantized is written as MatMulNBits with its grid; otherwise float
+        grid = getattr(model.get_output_embeddings(), HEAD_GRID, None)
+        self.lm_head_bits = None if grid is None else int(grid.args.bits)
         self.out_dir = Path(out_dir)
         self.heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
@@ -327,15 +327,13 @@ class DecoderExporter:
         else:
             em.env[norm], em.env[hidden] = skip_rms_norm(em, a, b, norm)
 
-    def _quantized_head(self, weight: torch.Tensor) -> None:
-        """RTN the head into MatMulNBits tensors (symmetric, blocks of 32) once, at the start; 4-bit ranges are
-        MSE-clipped per block (as `rtn{clip=mse}`)."""
-        w = weight.detach().float()
-        args = QuantArgs(bits=self.lm_head_bits, symmetric=True, granularity="group", group_size=32)  # type: ignore[arg-type]
-        scale, _ = weight_qparams(w, args, mse_clip_search(w, args) if args.bits == 4 else 1.0)
-        q = store_weight_codes(quantize_weight(w, scale, None, args), args.bits, True)
-        self.head_block, qb, s, _ = matmulnbits_tensors(q, scale, None, args.bits, 32, w.shape[1])
-        self.head_shape = (int(w.shape[0]), int(w.shape[1]))
+    def _quantized_head(self, grid: HeadGrid) -> None:
+        """The head's grid (the quantize_head pass made it) as MatMulNBits tensors, written once, at the start."""
+        args = grid.args
+        q = store_weight_codes(grid.codes, args.bits, True)
+        k = int(grid.codes.shape[1])
+        self.head_block, qb, s, _ = matmulnbits_tensors(q, grid.scale, None, args.bits, int(args.group_size or k), k)
+        self.head_shape = (int(grid.codes.shape[0]), k)
         self.head_weights = matmulnbits_initializers(self.b, "lm_head", qb, s, None)
 
     def _embedding(self, ids: str, model: torch.nn.Module) -> str:
@@ -347,7 +345,7 @@ class DecoderExporter:
         head = model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.embedding
         if self.lm_head_bits is not None:
-            self._quantized_head(head.weight)
+            self._quantized_head(getattr(head, HEAD_GRID))
             if self.tied:
                 n, k = self.head_shape
                 kb = -(-k // self.head_block)

@@ -11,8 +11,8 @@ Options (`--target-option key=value`):
                   accuracy_level=4; activations quantized per token per block of K, onnxruntime's fast CPU
                   kernel) | exact: per-token quantization in ONNX ops + MatMulInteger (our oracle's numbers,
                   ~1.4× slower decode on the demo model)
-  lm_head_bits    8 (default) | 4 | float: the output projection as MatMulNBits (RTN, symmetric blocks of 32) or
-                  float. The head is a fifth of a small model's weights and dominates its decode time; int8
+  lm_head_bits    8 (default) | 4 | float: the pipeline quantizes the output projection (the quantize_head pass:
+                  RTN, symmetric blocks of 32), written as MatMulNBits, or keeps it float. The head is a fifth of a small model's weights and dominates its decode time; int8
                   blocks of 32 cost ~0.1 % perplexity on the demo model (the genai builder uses int4 here)
 """
 
@@ -83,6 +83,8 @@ class OnnxRuntimeTarget(Target):
                  saved: SavedExporter | None = None) -> Any:
         from qcompiler.export.onnx.decoder import DecoderExporter
 
-        head = options.get("lm_head_bits", "8")  # (options were checked with the plan: Target.check)
-        return DecoderExporter(out_dir, model, emit_options(options), lm_head_bits=None if head == "float" else int(head),
-                               saved=saved)
+        return DecoderExporter(out_dir, model, emit_options(options), saved=saved)
+
+    def head_bits(self, options: dict[str, str]) -> int | None:
+        head = options.get("lm_head_bits", "8")
+        return None if head == "float" else int(head)
