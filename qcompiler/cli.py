@@ -139,6 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("passes", help="list passes and their options")
     sc = sub.add_parser("schemes", help="list scheme presets and the targets that run them")
     sc.add_argument("--markdown", action="store_true", help="the scheme × target × consumer table (README)")
+    sc.add_argument("--families", action="store_true",
+                    help="the model family × scheme × target matrix, as its tests recorded it (README)")
     return p
 
 
@@ -293,6 +295,11 @@ def _cmd_schemes(a: argparse.Namespace) -> int:
     from qcompiler.schemes import PRESETS
     from qcompiler.targets import registered_targets
 
+    if a.families:
+        from qcompiler.targets.matrix import family_matrix
+
+        print(family_matrix())
+        return 0
     if a.markdown:
         from qcompiler.targets.matrix import support_matrix
 

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 python -m ruff check qcompiler passes kernels tests benchmarks scripts
 python -m mypy qcompiler passes kernels
-python -m pytest -q -p no:cacheprovider -m "slow or not slow" --durations=15 tests
+python -m pytest -q -p no:cacheprovider -m "not matrix" --durations=15 tests

@@ -99,7 +99,9 @@ def test_group_sizes_without_a_power_of_two_block_are_refused_by_the_target():
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ort_models")
-    models = {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2")}
+    models = {f: make_tiny_model(root / f, f, head_dim=32) for f in ("llama", "qwen2", "qwen3")}
+    # google/gemma-2b: embeddings scaled by √hidden, (1 + w) norms, gelu-tanh MLP, a tied head
+    models["gemma"] = make_tiny_model(root / "gemma", "gemma", head_dim=32, tie_word_embeddings=True)
     # a sliding window shorter than the test sequences: GroupQueryAttention's local_window_size must match HF's
     models["mistral"] = make_tiny_model(root / "mistral", "mistral", head_dim=32, sliding_window=8)
     return models
@@ -113,7 +115,8 @@ def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
 
 
 @pytest.mark.parametrize("family,scheme", [("llama", "w4a16"), ("qwen2", "w4a16"), ("mistral", "w4a16"), ("llama", "w8a16"),
-                                           ("llama", "w8a8_dynamic"), ("qwen2", "w8a8")])
+                                           ("llama", "w8a8_dynamic"), ("qwen2", "w8a8"), ("qwen3", "w4a16"),
+                                           ("qwen3", "w8a8_dynamic"), ("gemma", "w4a16")])
 @pytest.mark.slow
 def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family, scheme):
     out = tmp_path / "q"
@@ -128,7 +131,9 @@ def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family
     layers = 2
     assert ops["GroupQueryAttention"] == layers
     # the first norm reads the embedding; every later one is fused with the residual add before it
-    assert ops["RMSNormalization"] == 1 and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
+    # (Qwen3: its per-head q and k norms run before GroupQueryAttention, two more per layer)
+    assert ops["RMSNormalization"] == 1 + (2 * layers if family == "qwen3" else 0)
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     if scheme.endswith("a16"):  # fused qkv, o, fused gate|up, down per block
         assert ops["MatMulNBits"] == 4 * layers
     elif scheme == "w8a8_dynamic":
@@ -198,10 +203,11 @@ def test_tied_embedding_shares_the_quantized_head_table(tmp_path):
     assert float((float_ref - ref).norm() / ref.norm()) > 1e-4  # (the int8 head is a real difference)
 
 
-def test_onnxruntime_genai_generates_the_same_greedy_tokens(tiny32, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_onnxruntime_genai_generates_the_same_greedy_tokens(tiny32, tmp_path, family):
     og = pytest.importorskip("onnxruntime_genai")
     out = tmp_path / "q"
-    _quantize(tiny32["llama"], out, "w4a16", accuracy_level="0", lm_head_bits="float")
+    _quantize(tiny32[family], out, "w4a16", accuracy_level="0", lm_head_bits="float")
     model = og.Model(str(out))
     prompt = [1, 40, 41, 42, 43, 44]
     params = og.GeneratorParams(model)
@@ -228,12 +234,12 @@ def test_unsupported_models_are_refused_before_anything_is_written(tmp_path, tin
     out = tmp_path / "q"
     with pytest.raises(ExportError, match="head size divisible by 16"):
         _quantize(tiny_models["llama"], out, "w4a16")  # head_dim 24
-    with pytest.raises(ExportError, match="not 'gemma'"):
-        _quantize(tiny_models["gemma"], out, "w4a16")
-    # past the architecture list, the attention pattern check itself refuses Qwen3's per-head q/k norms
-    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "qwen3"))
-    with pytest.raises(ExportError, match="q/k norms"):
-        _quantize(make_tiny_model(tmp_path / "qwen3", "qwen3", head_dim=32), out, "w4a16")
+    with pytest.raises(ExportError, match="not 'phi3'"):
+        _quantize(make_tiny_model(tmp_path / "phi3", "phi3", head_dim=32), out, "w4a16")
+    # past the architecture list, the attention pattern check itself refuses OLMo2's q/k norms over whole projections
+    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "olmo2"))
+    with pytest.raises(ExportError, match="query path into attention contains"):
+        _quantize(make_tiny_model(tmp_path / "olmo2", "olmo2", head_dim=32), out, "w4a16")
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
 
 

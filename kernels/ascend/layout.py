@@ -39,7 +39,9 @@ def prepare(kind: str, t: dict[str, Tensor], group_size: int) -> dict[str, Tenso
         return {"weight": npu_convert_weight_to_int4pack(codes.t().contiguous()),
                 "weight_scale": t["weight_scale"].float().flatten(), "bias": bias}
     if kind in ("W8A16", "W4A16"):
-        grouped = t["weight_scale"].shape[-1] > 1
+        # the description's one global group size says it: a layer whose K equals the group holds one group
+        # ([N, 1] scales, like a per-channel layer) and is still packed as a grouped layer
+        grouped = group_size > 0
         if kind == "W4A16":
             # msModelSlim packs int4 pairs along N for group scales, along K for channel scales
             codes = unpack_int4_pairs(t["weight"], dim=0 if grouped else 1).to(torch.int32)

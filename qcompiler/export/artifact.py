@@ -51,6 +51,7 @@ from safetensors.torch import save_file
 
 from qcompiler.errors import ArtifactError
 from qcompiler.files import dumps, plain_file_name, read_json, relative_file_name
+from qcompiler.frontends.conversions import converted_config
 
 FORMAT = "qcompiler"
 VERSION = 1
@@ -349,6 +350,10 @@ class ArtifactWriter:
             for name in ("config.json", "generation_config.json"):
                 if (copy_from / name).is_file():
                     shutil.copyfile(copy_from / name, self.tmp / name)
+            if (self.tmp / "config.json").is_file():  # a converted family is written as the Llama it was read as
+                converted = converted_config(json.loads((self.tmp / "config.json").read_text()))
+                if converted is not None:
+                    (self.tmp / "config.json").write_text(json.dumps(converted, indent=2))
             if config_updates and (self.tmp / "config.json").is_file():
                 config = json.loads((self.tmp / "config.json").read_text())
                 config.update(config_updates)

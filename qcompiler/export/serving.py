@@ -24,6 +24,8 @@ from qcompiler.errors import ArtifactError, ExportError
 from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.layers import ExportLayer, WrittenLayer, from_record
 from qcompiler.files import plain_file_name
+from qcompiler.frontends.conversions import converted_config
+from qcompiler.frontends.moe import module_aliases
 from qcompiler.ir.graph import tensor_attrs
 from qcompiler.ir.records import KVRecord, LayerRecord, checkpoint_name
 from qcompiler.schemes import QuantScheme
@@ -75,9 +77,17 @@ class FormatExporter:
         self.folder = out_dir / fmt.folder
         self.source = Path(source)
         self.config = json.loads((self.source / "config.json").read_text())
+        self.config = converted_config(self.config) or self.config  # (a converted family: the Llama it was read as)
         self.dtype = source_dtype(self.config)
         self.state_names = set(model.state_dict().keys())
         self.linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        # modules the checkpoint names differently: a float one is listed under both names (clients match either)
+        self.aliases = module_aliases(model)
+        stacked = [n for n, m in model.named_modules() if getattr(m, "stored_stacked", False)]
+        if stacked and fmt.name != "msmodelslim":
+            raise ExportError(f"{fmt.name}: the checkpoint stores the experts of '{stacked[0]}' stacked (one tensor "
+                              "per layer), the layout this format's clients read them in; it holds quantized experts "
+                              "one linear each only (use --target ascend or reference)")
         self.shards: list[tuple[str, list[str]]] = []
         self.layers: list[WrittenLayer] = []
         self.float_tensors: list[str] = []
@@ -195,7 +205,8 @@ class FormatExporter:
             config["tie_word_embeddings"] = False  # (a rotation gave the head its own weight)
         quantized = {layer.name for layer in self.layers}
         self.fmt.finish(self.folder, config, self.layers, self.float_tensors,
-                        [n for n in self.linear_names if n not in quantized], self.kv_tensors, self.kv_args)
+                        sorted({a for n in self.linear_names if n not in quantized for a in (n, self.aliases.get(n, n))}),
+                        self.kv_tensors, self.kv_args)
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -16,7 +16,7 @@ import hashlib
 import inspect
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from torch.export import Dim
 
 from qcompiler.errors import ModelLoadError, TraceError
 from qcompiler.files import read_json, relative_file_name
+from qcompiler.frontends.conversions import CONVERTED, find_conversion
 from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, set_tensor
 
@@ -62,7 +63,8 @@ class Checkpoint:
         if not (self.path / "config.json").is_file():
             raise ModelLoadError(f"'{self.path}' has no config.json; is it a Hugging Face checkpoint folder?")
         self.config_dict: dict[str, Any] = read_json(self.path / "config.json", "the model's config", ModelLoadError)
-        self._check_remote_code()
+        if str(self.config_dict.get("model_type")) not in CONVERTED:  # (a converted layout needs no code)
+            self._check_remote_code()
         index = self.path / "model.safetensors.index.json"
         self.weight_map: dict[str, str] = {}
         if index.is_file():
@@ -92,6 +94,15 @@ class Checkpoint:
                     raise ModelLoadError(f"'{index}' places tensor '{name}' in '{f}', which does not hold it; "
                                          "restore the index or the shard from the checkpoint's source")
             self.headers.update({k: v for k, v in held.items() if self.weight_map.get(k) == f})
+        # families that ship their own modeling code, read as the Llama they are (frontends/conversions.py)
+        self._files = dict(self.weight_map)  # stored tensor -> file
+        self._stored_headers = dict(self.headers)
+        self._views: dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]] = {}
+        self.conversion = find_conversion(self.config_dict, set(self.headers), f"'{self.path}'")
+        if self.conversion is not None:
+            self.config_dict = self.conversion.config
+            self.weight_map, self.headers = {}, {}
+            self.add_views(self.conversion.tensors, replace=list(self._files))
         self._check_config_sizes(self.config_dict)
         self._handles: dict[str, Any] = {}
         self._loaded: dict[str, torch.Tensor] | None = None
@@ -203,8 +214,28 @@ class Checkpoint:
             return self._loaded[name]
         return self._read(name)
 
+    def add_views(self, views: dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]],
+                  replace: list[str]) -> None:
+        """Serve tensors computed from stored ones (name -> (stored names, function of them)) in place of the
+        stored tensors `replace` (a converted layout, experts stacked in one stored tensor)."""
+        for name in replace:
+            self.weight_map.pop(name, None)
+            self.headers.pop(name, None)
+        for name, (sources, fn) in views.items():
+            dtype = self._stored_headers[sources[0]][0]
+            shape = fn(*(torch.empty(self._stored_headers[s][1], device="meta") for s in sources)).shape
+            self.weight_map[name] = self._files[sources[0]]
+            self.headers[name] = (dtype, tuple(shape))
+            self._views[name] = (sources, fn)
+
     def _read(self, name: str) -> torch.Tensor:
-        file = self.weight_map[name]
+        if name in self._views:
+            sources, convert = self._views[name]
+            return convert(*(self._read_stored(s) for s in sources)).contiguous()
+        return self._read_stored(name)
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        file = self._files[name]
         if file not in self._handles:
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
         t = self._handles[file].get_tensor(name)
@@ -223,6 +254,9 @@ class Checkpoint:
         from transformers import AutoConfig
 
         try:
+            if self.conversion is not None:
+                fields = {k: v for k, v in self.conversion.config.items() if k not in ("model_type", "architectures")}
+                return AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], **fields)
             return AutoConfig.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
         except Exception as e:  # transformers raises ValueError, KeyError, TypeError, OSError... on a bad config
             raise ModelLoadError(f"'{self.path}/config.json': {' '.join(str(e).split())[:300]}") from None
@@ -285,6 +319,11 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
             "that transformers knows; supported families include llama, qwen2, qwen3, mistral, gemma"
         )
     config.use_cache = False
+    linear = sorted({t for t in getattr(config, "layer_types", None) or () if "linear" in str(t)})
+    if linear:  # (their chunked recurrences need the sequence length a multiple of the chunk: not traced yet)
+        raise ModelLoadError(f"'{ckpt.path}/config.json': {config.model_type} has linear-attention layers "
+                             f"({', '.join(linear)}: Gated DeltaNet / lightning attention), which qcompiler does not "
+                             "trace yet")
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config),
@@ -496,13 +535,17 @@ def trace_block(
     adapter = BlockAdapter(block, call).eval()
     meta_example = tuple(t.to("meta") for t in example)
     try:
-        ep = torch.export.export(
-            adapter, meta_example, dynamic_shapes=_dynamic_shapes(example), strict=False
-        )
+        gm = torch.export.export(adapter, meta_example, dynamic_shapes=_dynamic_shapes(example), strict=False).module()
+        if any(n.op == "get_attr" and isinstance(getattr(gm, str(n.target), None), fx.GraphModule)
+               for n in gm.graph.nodes):
+            # a `with torch.no_grad()` inside the block (Phi-3.5-MoE's sparsemixer) is exported as a region
+            # submodule; with grad already off it changes nothing and the graph stays flat
+            with torch.no_grad():
+                gm = torch.export.export(adapter, meta_example, dynamic_shapes=_dynamic_shapes(example),
+                                         strict=False).module()
     except Exception as e:  # torch raises many types here; report the op it names
         op = _failing_op(e)
         raise TraceError(name, op, str(e).strip().splitlines()[0][:300]) from e
-    gm = ep.module()
     _strip_export_asserts(gm)
     _unpin_trace_device(gm)
     return gm
@@ -601,6 +644,12 @@ def fill_block(gm: fx.GraphModule, block_prefix: str, source: Any, block: torch.
                 current = None
             if current is not None and not current.is_meta:
                 continue
+            if "lifted_tensor" in local and current is not None:
+                raise ModelLoadError(
+                    f"block '{block_prefix}': its code builds a tensor constant while it runs ('{local}', "
+                    f"{str(current.dtype).removeprefix('torch.')} {list(current.shape)}; e.g. Falcon's multi-query "
+                    "head split indexes with a Python list), whose value tracing on the meta device cannot keep; "
+                    "this architecture is not supported yet")
             raise ModelLoadError(f"block '{block_prefix}': tensor '{full}' is not in '{getattr(source, 'path', source)}'")
         set_tensor(gm, target, value)
 

@@ -15,7 +15,11 @@ the sparse block's (up to the order of the float sum). `qc::routed` is the ident
 an expert's linears so calibration statistics of those inputs are taken over the tokens routed to that
 expert only (calib/stats.py) — or over all tokens with `calibrate_all_experts`, which then changes no output.
 Lowering removes the markers (ir/routing.strip_routing_markers). Router linears stay in float by default (their role
-is "router": the linear's output reaches a top-k, ir/analysis.py).
+is "router": the linear's output reaches a top-k or the experts' routing, ir/analysis.py).
+
+Checkpoint names: modules the checkpoint names differently move to its names (rename_to_checkpoint, from
+transformers' own rename table), so graphs and exports say what the checkpoint says; experts a checkpoint stores
+stacked (GraniteMoE) are read one expert at a time through the checkpoint's views.
 
 Dense evaluation costs E/k times the MLP FLOPs of the sparse block during calibration (what llm-compressor's
 calibrate_all_experts costs too); it keeps shapes static and every expert's statistics in one run.
@@ -23,6 +27,8 @@ calibrate_all_experts costs too); it keeps shapes static and every expert's stat
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
 
 import torch
@@ -54,6 +60,8 @@ class ExpertMLP(nn.Module):
 class ExpertLinears(nn.ModuleList):
     """Drop-in for transformers' stacked experts: forward(hidden [T, H], top_k_index, top_k_weights)."""
 
+    stored_stacked = False  # the checkpoint stores these experts stacked (GraniteMoE): served per expert
+
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
 
@@ -83,57 +91,185 @@ def _expert_names(ckpt: Any, modules: set[str], full: str) -> tuple[str, str, st
     )
 
 
-def checkpoint_renames(model_type: str) -> list[tuple[str, str]]:
-    """(module name, checkpoint name) segment renames transformers applies when loading this architecture,
-    e.g. Mixtral's checkpoint `.block_sparse_moe.` is the module `.mlp.` (from transformers' own table)."""
+def checkpoint_renames(model: nn.Module) -> list[tuple[str, str, bool]]:
+    """(module path suffix, checkpoint path suffix, anchored at the model's root) for the plain renames transformers
+    applies when loading this architecture (its own table, by model type and by class): Mixtral's checkpoint
+    `.block_sparse_moe.` is the module `.mlp.`, Phi-3.5-MoE's `.gate` is `.router`, ERNIE 4.5's `mlp.moe_statics` is
+    `mlp.gate.moe_statics`, GPT-NeoX's `embed_out` is `lm_head`. Rules that merge or split tensors are not renames."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
     except ImportError:  # older transformers load checkpoints without renaming
         return []
+    rules = []
+    for key in (model.config.model_type, type(model).__name__):
+        rules += [r for r in get_checkpoint_conversion_mapping(key) or [] if type(r) is WeightRenaming]
     out = []
-    for rule in get_checkpoint_conversion_mapping(model_type) or []:
-        if not isinstance(rule, WeightRenaming):
-            continue
+    for rule in rules:
         src, dst = list(rule.source_patterns), list(rule.target_patterns)
-        if len(src) == len(dst) == 1 and all(p.startswith(".") and p.endswith(".") and p[1:-1].isidentifier()
-                                             for p in (src[0], dst[0])):
-            out.append((dst[0][1:-1], src[0][1:-1]))
+        if len(src) != 1 or len(dst) != 1:
+            continue
+        ends = [_module_path(p) for p in (src[0], dst[0])]
+        leaves = [p.rpartition(".")[2] for p in (src[0], dst[0])]
+        if leaves[0] != leaves[1]:  # a tensor renamed to another parameter (granitemoe's stacked experts): no move
+            continue
+        if ends[0] is not None and ends[1] is not None:  # (anchored: as the checkpoint's pattern is)
+            out.append((ends[1][0], ends[0][0], ends[0][1]))
     return out
+
+
+def _module_path(pattern: str) -> tuple[str, bool] | None:
+    """A rename pattern as a plain module path ('.gate.weight' -> 'gate', 'mlp.moe_statics.bias' -> 'mlp.moe_statics',
+    '^embed_out\\.' -> 'embed_out', anchored),
+    None when it is a real regular expression."""
+    anchored = pattern.startswith("^")
+    p = pattern.removeprefix("^").replace("\\.", ".")
+    if not p.endswith("."):  # a tensor's full name: its module is what moves
+        p = p.rpartition(".")[0]
+    p = p.strip(".")
+    if not p or not all(part.isidentifier() for part in p.split(".")):
+        return None
+    return p, anchored
+
+
+def _move_module(model: nn.Module, path: str, to: str) -> None:
+    """Register the module at `path` under `to` (the checkpoint's path); forward still reads the old attribute (an
+    instance attribute, outside _modules), while state dicts, traced graphs and exports see the checkpoint's name."""
+    parent_name, _, leaf = path.rpartition(".")
+    new_parent_name, _, new_leaf = to.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    child = parent._modules.pop(leaf)
+    object.__setattr__(parent, leaf, child)
+    model.get_submodule(new_parent_name)._modules[new_leaf] = child
+
+
+def module_aliases(model: nn.Module) -> dict[str, str]:
+    """Checkpoint path -> transformers' own path of every module whose path rename_to_checkpoint changed (what a
+    client that builds the model with transformers calls it: GPT-NeoX's `embed_out` is its `lm_head`, Phi-3.5-MoE's
+    `block_sparse_moe.gate` its `mlp.router`)."""
+    modules = dict(model.named_modules())
+    owner: dict[int, tuple[nn.Module, str]] = {}  # module -> (the module whose attribute it is, the attribute)
+    for path, mod in modules.items():
+        if path:
+            parent, _, leaf = path.rpartition(".")
+            owner.setdefault(id(mod), (modules[parent], leaf))
+    for mod in modules.values():  # a moved module: its old parent still holds it as an instance attribute
+        for attr, value in vars(mod).items():
+            if isinstance(value, nn.Module) and attr not in mod._modules:
+                owner[id(value)] = (mod, attr)
+    own: dict[int, str] = {id(model): ""}
+
+    def path_of(mod: nn.Module) -> str:
+        if id(mod) not in own:
+            parent, attr = owner[id(mod)]
+            base = path_of(parent)
+            own[id(mod)] = f"{base}.{attr}" if base else attr
+        return own[id(mod)]
+
+    return {path: path_of(mod) for path, mod in modules.items() if path and path_of(mod) != path}
+
+
+def rename_to_checkpoint(model: nn.Module, ckpt: Any) -> int:
+    """Give every module the checkpoint names differently (checkpoint_renames) the checkpoint's path; returns how
+    many moved. A module moves only where the checkpoint holds tensors under the new path and none under the old."""
+    renames = checkpoint_renames(model)
+    stored = {k.rsplit(".", 1)[0] for k in (ckpt.weight_map if ckpt is not None else ())}
+    prefixes = {".".join(m.split(".")[:i]) for m in stored for i in range(1, m.count(".") + 2)}
+    moved = 0
+    for module_suffix, ckpt_suffix, anchored in renames:
+        for path, _ in list(model.named_modules()):
+            if anchored:
+                if path != module_suffix:
+                    continue
+                target = ckpt_suffix
+            elif path.endswith("." + module_suffix) or path == module_suffix:
+                target = path[: len(path) - len(module_suffix)] + ckpt_suffix
+            else:
+                continue
+            parent = target.rpartition(".")[0]
+            if (target.startswith(path + ".") and target in stored and path not in stored
+                    and hasattr(ckpt, "add_views")):
+                # deeper under its own name (GraniteMoE's router is stored as `router.layer`): a module cannot
+                # sit inside itself, so the checkpoint serves the tensors under the module's names instead
+                names = [n for n in ckpt.weight_map if n.rsplit(".", 1)[0] == target]
+                ckpt.add_views({f"{path}.{n.rsplit('.', 1)[1]}": ((n,), lambda t: t) for n in names}, replace=names)
+                moved += 1
+            elif target in prefixes and path not in stored and (not parent or _has_module(model, parent)):
+                _move_module(model, path, target)
+                moved += 1
+    return moved
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _view_stacked_experts(model: nn.Module, ckpt: Any, modules: set[str], full: str, inter: int) -> bool:
+    """Checkpoints that store each layer's experts stacked, [E, 2I, H] gate/up and [E, H, I] down (GraniteMoE's
+    `input_linear` / `output_linear`): serve every expert's gate/up/down_proj as a slice of those tensors, so that
+    each expert is its own linear like a per-expert checkpoint's. Returns whether it did."""
+    if ckpt is None or not hasattr(ckpt, "add_views") or f"{full}.0.down_proj" in modules or f"{full}.0.w2" in modules:
+        return False
+    stored = {}  # the model's name of each stored tensor of this layer, by transformers' rename rules
+    rules = []
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        for key in (model.config.model_type, type(model).__name__):
+            rules += [r for r in get_checkpoint_conversion_mapping(key) or [] if type(r) is WeightRenaming]
+    except ImportError:
+        pass
+    layer = full.rsplit(".", 2)[0] + "."
+    for name in [n for n in ckpt.weight_map if n.startswith(layer)]:
+        renamed = name
+        for rule in rules:
+            for src, dst in zip(rule.source_patterns, rule.target_patterns, strict=False):
+                renamed = re.sub(src, dst, renamed)
+        stored[renamed] = name
+    gate_up, down = stored.get(f"{full}.gate_up_proj"), stored.get(f"{full}.down_proj")
+    if gate_up is None or down is None:
+        return False
+    views = {}
+    for i in range(ckpt.headers[gate_up][1][0]):
+        views[f"{full}.{i}.gate_proj.weight"] = ((gate_up,), lambda t, i=i: t[i, :inter])
+        views[f"{full}.{i}.up_proj.weight"] = ((gate_up,), lambda t, i=i: t[i, inter:])
+        views[f"{full}.{i}.down_proj.weight"] = ((down,), lambda t, i=i: t[i])
+    ckpt.add_views(views, replace=[gate_up, down])
+    return True
 
 
 def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
     """Replace every stacked-experts module under `prefix` by ExpertLinears named as in `ckpt` (a Checkpoint,
-    or None to use gate/up/down_proj) and rename modules the checkpoint names differently (Mixtral's
-    block_sparse_moe). Returns the number of experts modules replaced."""
-    renames = checkpoint_renames(model.config.model_type)
+    or None to use gate/up/down_proj) and move modules the checkpoint names differently (rename_to_checkpoint).
+    Returns the number of experts modules replaced."""
+    rename_to_checkpoint(model, ckpt)
     # module paths of the checkpoint's tensors ("model.layers.0.mlp.experts.3.gate_proj", ...)
     modules = {k.rsplit(".", 1)[0] for k in (ckpt.weight_map if ckpt is not None else ())}
-    parents = {m.rsplit(".", 1)[0] for m in modules}
     replaced = 0
-    for layer_name, layer in list(model.named_modules()):
-        if not layer_name.startswith(prefix + "."):
-            continue
-        for child_name, child in list(layer.named_children()):
-            for module_seg, ckpt_seg in renames:
-                if child_name == module_seg and any(m == f"{layer_name}.{ckpt_seg}" or m.startswith(
-                        f"{layer_name}.{ckpt_seg}.") for m in parents):
-                    # forward still reads self.<module_seg> (an instance attribute, outside _modules); state
-                    # dicts, traced graphs and exports see the checkpoint's name
-                    del layer._modules[child_name]
-                    layer._modules[ckpt_seg] = child
-                    object.__setattr__(layer, child_name, child)
     for name, mod in list(model.named_modules()):
         if not name.startswith(prefix + ".") or not _is_stacked_experts(mod):
             continue
+        if len(inspect.signature(mod.forward).parameters) < 3:
+            raise ModelLoadError(f"{model.config.model_type}: experts '{name}' take their tokens already routed "
+                                 "(one [experts·tokens, hidden] input, as Llama 4's do), which qcompiler does not "
+                                 "unfuse yet")
         if getattr(mod, "is_transposed", False) or getattr(mod, "has_bias", False) or not getattr(
                 mod, "has_gate", True) or not getattr(mod, "is_concatenated", True):
             raise ModelLoadError(f"{model.config.model_type}: experts '{name}' use a layout (transposed, biased, "
                                  "ungated or interleaved) that qcompiler does not unfuse yet")
         e, two_i, h = mod.gate_up_proj.shape
+        stacked = _view_stacked_experts(model, ckpt, modules, name, two_i // 2)
+        if stacked:
+            modules |= {f"{name}.{i}.{p}" for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")}
         names = _expert_names(ckpt, modules, name)
         experts = ExpertLinears([ExpertMLP(h, two_i // 2, names, mod.act_fn, mod.gate_up_proj.dtype)
                                  for _ in range(e)])
+        experts.stored_stacked = stacked  # (per-expert tensors a client of the checkpoint's layout cannot read)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         parent._modules[leaf] = experts

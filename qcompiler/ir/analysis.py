@@ -38,6 +38,7 @@ from qcompiler.ir.graph import (
     skip_passthrough,
     weight_attr,
 )
+from qcompiler.ir.routing import EXPERT_ROUTING
 
 
 @dataclass
@@ -195,7 +196,7 @@ def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
 
 
 def _router_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
-    """router: a linear whose output reaches a top-k without passing another linear (MoE expert routing), or a
+    """router: a linear whose output reaches a top-k or the experts' routing without passing another linear, or a
     one-output linear whose sigmoid gates a branch (Qwen2-MoE's shared_expert_gate)."""
     for lin in linear_nodes(gm):
         w = get_tensor(gm, weight_attr(lin)) if weight_attr(lin) is not None else None
@@ -210,7 +211,9 @@ def _router_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
             if n in seen or is_call(n, LINEAR) or is_call(n, SDPA_OPS):
                 continue
             seen.add(n)
-            if is_call(n, aten.topk.default):
+            if is_call(n, aten.topk.default) or is_call(n, EXPERT_ROUTING):
+                # (EXPERT_ROUTING: the experts' routing input, whatever picked them: Phi-3.5-MoE's sparsemixer
+                # takes a max, not a top-k)
                 roles[lin.name] = "router"
                 break
             stack.extend(n.users)

@@ -10,8 +10,8 @@ the q/k/v projections' outputs (head reshapes, rotary embedding, GQA repetition,
 attention) to the o projection's input become one com.microsoft::GroupQueryAttention (rotary applied in the
 op from cos/sin caches computed by the model's own rotary module, past/present cache, causal mask from
 seqlens_k = Σ attention_mask − 1 and the total length). The attention pattern is checked on the graph, not
-assumed: a q/k path with anything but reshapes and the rotary arithmetic (e.g. Qwen3's per-head q/k norms)
-is refused with the reason.
+assumed: a q/k path with anything but reshapes, per-head RMSNorms (Qwen3's q/k norms, emitted before the op on
+[B, S, H, D]) and the rotary arithmetic is refused with the reason.
 
 A quantized KV cache (kv_quant pass, static symmetric int8 / int4 scales) is GroupQueryAttention's own:
 k_quant_type / v_quant_type PER_TENSOR or PER_CHANNEL (per-head scales repeated over the head's channels),
@@ -57,7 +57,7 @@ from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, 
 from qcompiler.ir.records import HEAD_GRID, HeadGrid, KVRecord, LayerRecord
 from qcompiler.kernels.packing import store_weight_codes
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
@@ -82,9 +82,11 @@ def _is_split_projection(n: fx.Node) -> bool:
             and isinstance(split.args[0], fx.Node) and _is_linear_like(split.args[0]))
 
 
-def _projection(node: fx.Node, what: str, block: str) -> tuple[fx.Node, set[fx.Node]]:
-    """The projection (linear-like node, or getitem of a split fused projection) feeding `node`, and the
-    placeholders read on the way (rotary tables)."""
+def _projection(node: fx.Node, what: str, block: str, head_norms: set[fx.Node] = frozenset()  # type: ignore[assignment]
+                ) -> tuple[fx.Node, set[fx.Node]]:
+    """The projection (linear-like node, or getitem of a split fused projection) feeding `node`, or the per-head
+    RMSNorm of its heads (`head_norms`: Qwen3's q/k norms, applied to [B, S, H, D] before the rotary embedding),
+    and the placeholders read on the way (rotary tables)."""
     sources: set[fx.Node] = set()
     placeholders: set[fx.Node] = set()
     stack, seen = [node], set()
@@ -93,7 +95,7 @@ def _projection(node: fx.Node, what: str, block: str) -> tuple[fx.Node, set[fx.N
         if n in seen:
             continue
         seen.add(n)
-        if _is_linear_like(n) or _is_split_projection(n):
+        if _is_linear_like(n) or _is_split_projection(n) or n in head_norms:
             sources.add(n)
             continue
         if n.op == "placeholder":
@@ -104,13 +106,21 @@ def _projection(node: fx.Node, what: str, block: str) -> tuple[fx.Node, set[fx.N
         if not is_call(n, _ATTN_PLUMBING):
             raise ExportError(
                 f"{block}: the {what} path into attention contains '{n.target}' (node '{n.name}'); the ONNX Runtime "
-                "decoder export supports projections followed by head reshapes and rotary embedding only "
-                "(per-head q/k norms, as in Qwen3, are not supported yet)"
+                "decoder export supports projections followed by head reshapes, per-head RMSNorms and rotary "
+                "embedding only"
             )
         stack.extend(n.all_input_nodes)
     if len(sources) != 1:
         raise ExportError(f"{block}: the {what} input of attention comes from {len(sources)} projections, expected 1")
     return sources.pop(), placeholders
+
+
+def _rms_norm_gain(norm: torch.nn.Module, hidden: int, eps: float) -> torch.Tensor:
+    """The per-channel gain γ of an RMSNorm module, read off its output rather than its parameter (Llama's norm
+    multiplies by w, Gemma's by 1 + w): a row of ones has mean square 1, so norm(1) = γ / √(1 + ε)."""
+    with torch.no_grad():
+        out = norm(torch.ones(1, hidden, dtype=torch.float32))
+    return (out.reshape(-1).double() * math.sqrt(1.0 + eps)).float()
 
 
 def _from_placeholder(node: fx.Node) -> bool:
@@ -247,7 +257,11 @@ class DecoderExporter:
         # itself from seqlens_k, the total length and local_window_size
         kv_fq = {n.meta[qmeta.KV_FQ]["kind"]: n for n in gm.graph.nodes if qmeta.KV_FQ in n.meta}
         kv_inputs, kv_attrs = self._kv_quantization(gm, kv_fq, index, name)
-        (q, q_ph), (k, k_ph), (v, _) = (_projection(sdpa.args[i], w, name) for i, w in enumerate(("query", "key", "value")))
+        # per-head q/k RMSNorms (Qwen3) run before GroupQueryAttention, on [B, S, H, D], then back to [B, S, H·D]
+        head_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
+                      and len(n.meta["val"].shape) == 4}
+        (q, q_ph), (k, k_ph), (v, _) = (_projection(sdpa.args[i], w, name, head_norms)
+                                        for i, w in enumerate(("query", "key", "value")))
         if not q_ph or not k_ph:
             raise ExportError(f"{name}: no rotary embedding found on the query/key paths (GroupQueryAttention applies it)")
         qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
@@ -256,7 +270,7 @@ class DecoderExporter:
             packed = qkv_split[0].args[0]  # the fused q|k|v projection, in q, k, v order
             query, key, value = em.v(packed), "", ""
         else:
-            query, key, value = em.v(q), em.v(k), em.v(v)
+            query, key, value = (self._head_norm(em, x) if x in head_norms else em.v(x) for x in (q, k, v))
         scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(self.head_dim)
         attn = self.b.node(
             "GroupQueryAttention",
@@ -276,6 +290,17 @@ class DecoderExporter:
         else:
             (self.hidden,) = em.emit([result])  # type: ignore[assignment]
         self.blocks_done += 1
+
+    def _head_norm(self, em: GraphEmitter, norm: fx.Node) -> str:
+        """A per-head RMSNorm on [B, S, H, D] as GroupQueryAttention's [B, S, H·D] input. The head split is written
+        here (its traced sizes come from whichever block input export read them off, the mask among them)."""
+        heads = em.norm(norm)[0]  # type: ignore[index]
+        if not (is_call(heads, (aten.view.default, aten.reshape.default)) and isinstance(heads.args[0], fx.Node)):
+            raise ExportError(f"{em.scope}: a per-head norm reads '{heads.name}', not a head split of a projection")
+        em.env[heads] = self.b.op("Reshape", [em.v(heads.args[0]), self.b.const([0, 0, -1, self.head_dim], np.int64)],
+                                  f"{em.scope}/attn/{heads.name}_split_heads")
+        return self.b.op("Reshape", [em.v(norm), self.b.const([0, 0, -1], np.int64)],
+                         f"{em.scope}/attn/{norm.name}_merge_heads")
 
     def _kv_quantization(self, gm: fx.GraphModule, kv_fq: dict[str, fx.Node], index: int, name: str
                          ) -> tuple[list[str], dict[str, Any]]:
@@ -352,10 +377,18 @@ class DecoderExporter:
                 head_b, head_scales, _ = self.head_weights
                 data = b.op("Reshape", [head_b, b.const([n, -1], np.int64)], "/model/embed_tokens/data")
                 scales = b.op("Reshape", [head_scales, b.const([n, kb], np.int64)], "/model/embed_tokens/scales")
-                return b.op("GatherBlockQuantized", [data, ids, scales], "/model/embed_tokens", domain=MS_DOMAIN,
-                            bits=self.lm_head_bits, block_size=self.head_block, gather_axis=0, quantize_axis=1)
+                return self._embed_scale(b.op(
+                    "GatherBlockQuantized", [data, ids, scales], "/model/embed_tokens", domain=MS_DOMAIN,
+                    bits=self.lm_head_bits, block_size=self.head_block, gather_axis=0, quantize_axis=1), inner)
         self.embedding_name = b.initializer("model.embed_tokens.weight", self.embedding.detach().float())
-        return b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens")
+        return self._embed_scale(b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens"), inner)
+
+    def _embed_scale(self, x: str, inner: torch.nn.Module) -> str:
+        """Gemma scales its embeddings by √hidden inside the embedding module (`embed_scale`)."""
+        scale = getattr(inner.embed_tokens, "embed_scale", None)
+        if scale is None or float(scale) == 1.0:
+            return x
+        return self.b.op("Mul", [x, self.b.const(np.array(float(scale), dtype=np.float32))], "/model/embed_tokens/scale")
 
     def _lm_head(self, x: str, weight: torch.Tensor) -> str:
         b = self.b
@@ -380,7 +413,7 @@ class DecoderExporter:
         b = self.b
         norm = _decoder_body(model).norm
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        gamma = b.initializer("model.norm.weight", norm.weight.detach().float())
+        gamma = b.initializer("model.norm.weight", _rms_norm_gain(norm, int(self.cfg.hidden_size), eps))
         if self.residual is not None:
             h = b.node("SkipSimplifiedLayerNormalization", [*self.residual, gamma], "/model/norm", domain=MS_DOMAIN,
                        epsilon=eps)[0]

@@ -1,0 +1,143 @@
+"""The tiny model of every family in the support matrix: the structural fields of a published config (attention
+pattern, biases, norms, soft-capping, rope scaling, routing, tied head), sizes shrunk to a hidden size of 64.
+
+Each entry names the config it copies (`real`) and the row group of the matrix (`row`: the seeds' order, DeepSeek,
+Qwen, GLM, HunYuan, InternLM, Llama, Mistral, Gemma, Phi, Baichuan, gpt-oss, then the rest). Sizes every family
+shares are in SIZES; an entry's fields override them. Windows are 24 tokens so that checks on 40 tokens cross them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SIZES: dict[str, Any] = dict(
+    vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+WINDOW = 24
+_ROUTED = dict(num_experts_per_tok=2, moe_intermediate_size=64)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    row: str  # the matrix's row group
+    real: str  # the published config whose structural fields this tiny config keeps
+    fields: dict[str, Any] = field(default_factory=dict)
+    drop: tuple[str, ...] = ()  # SIZES fields the family's config does not have
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("deepseek_v2", "DeepSeek", "deepseek-ai/DeepSeek-V2-Lite", dict(
+        n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=1, topk_group=1, topk_method="greedy",
+        num_key_value_heads=4, routed_scaling_factor=1.0, **_ROUTED), drop=("head_dim",)),
+    Family("deepseek_v3", "DeepSeek", "deepseek-ai/DeepSeek-V3", dict(
+        n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, num_key_value_heads=4, **_ROUTED), drop=("head_dim",)),
+    Family("qwen2", "Qwen", "Qwen/Qwen2.5-7B-Instruct (q/k/v bias)", dict(use_sliding_window=False,
+                                                                          rope_theta=1000000.0)),
+    Family("qwen2_moe", "Qwen", "Qwen/Qwen1.5-MoE-A2.7B", dict(
+        num_experts=4, shared_expert_intermediate_size=96, use_sliding_window=False, **_ROUTED)),
+    Family("qwen3", "Qwen", "Qwen/Qwen3-0.6B (q/k norms, tied head)", dict(tie_word_embeddings=True)),
+    Family("qwen3_moe", "Qwen", "Qwen/Qwen3-30B-A3B", dict(num_experts=4, norm_topk_prob=True, **_ROUTED)),
+    Family("qwen3_next", "Qwen", "Qwen/Qwen3-Next-80B-A3B-Instruct (3 linear-attention : 1 full, here 1 : 1)", dict(
+        num_experts=4, shared_expert_intermediate_size=64, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        partial_rotary_factor=0.25, **_ROUTED)),
+    Family("glm", "GLM", "THUDM/glm-4-9b-chat-hf (partial rotary, q/k/v bias)", dict(partial_rotary_factor=0.5)),
+    Family("glm4", "GLM", "THUDM/GLM-4-9B-0414 (sandwich norms)", dict(partial_rotary_factor=0.5)),
+    Family("glm4_moe", "GLM", "zai-org/GLM-4.5-Air (dense first layer, shared expert, q/k/v bias)", dict(
+        n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        norm_topk_prob=True, partial_rotary_factor=0.5, routed_scaling_factor=1.0, **_ROUTED)),
+    Family("hunyuan_v1_dense", "HunYuan", "tencent/Hunyuan-7B-Instruct (q/k norms)", dict()),
+    Family("hunyuan_v1_moe", "HunYuan", "tencent/Hunyuan-A13B-Instruct", dict(
+        num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1)),
+    Family("llama", "Llama", "meta-llama/Llama-3.1-8B (llama3 rope scaling)", dict(
+        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                               high_freq_factor=4.0, original_max_position_embeddings=64))),
+    Family("llama4_text", "Llama", "meta-llama/Llama-4-Scout-17B-16E (MoE, chunked / no-rope layers)", dict(
+        num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128, attention_chunk_size=24,
+        no_rope_layers=[1, 0], interleave_moe_layer_step=1)),
+    Family("mistral", "Mistral", "mistralai/Mistral-7B-v0.1 (sliding window)", dict(sliding_window=WINDOW)),
+    Family("mixtral", "Mistral", "mistralai/Mixtral-8x7B-v0.1", dict(num_local_experts=4, num_experts_per_tok=2)),
+    Family("gemma", "Gemma", "google/gemma-2b (embedding scale, tied head, 1 kv head)", dict(
+        hidden_activation="gelu_pytorch_tanh", num_key_value_heads=1, tie_word_embeddings=True)),
+    Family("gemma2", "Gemma", "google/gemma-2-2b (soft-capping, sliding / full)", dict(
+        hidden_activation="gelu_pytorch_tanh", sliding_window=WINDOW, query_pre_attn_scalar=16,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"])),
+    Family("gemma3_text", "Gemma", "google/gemma-3-1b-pt (5 sliding : 1 full, here 1 : 1)", dict(
+        hidden_activation="gelu_pytorch_tanh", sliding_window=WINDOW, query_pre_attn_scalar=16,
+        tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"])),
+    Family("phi3", "Phi", "microsoft/Phi-3-mini-4k-instruct (fused qkv / gate_up)", dict()),
+    Family("phimoe", "Phi", "microsoft/Phi-3.5-MoE-instruct", dict(num_local_experts=4, num_experts_per_tok=2),
+           drop=("head_dim",)),
+    Family("gpt_oss", "gpt-oss", "openai/gpt-oss-20b (attention sinks, sliding / full, biased experts)", dict(
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"])),
+    Family("granite", "Granite", "ibm-granite/granite-3.3-2b-instruct (multipliers)", dict(
+        embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+        tie_word_embeddings=True)),
+    Family("ernie4_5", "ERNIE", "baidu/ERNIE-4.5-0.3B-PT", dict(tie_word_embeddings=True)),
+    Family("granitemoe", "Granite", "ibm-granite/granite-3.1-1b-a400m-instruct", dict(
+        num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0, logits_scaling=6.0,
+        residual_multiplier=0.22, attention_multiplier=0.0625, tie_word_embeddings=True), drop=("head_dim",)),
+    Family("ernie4_5_moe", "ERNIE", "baidu/ERNIE-4.5-21B-A3B-PT (dense first layer, shared experts)", dict(
+        moe_num_experts=4, moe_k=2, moe_intermediate_size=64, moe_layer_start_index=1, moe_num_shared_experts=1),
+           drop=("head_dim",)),
+    Family("minimax", "MiniMax", "MiniMaxAI/MiniMax-Text-01 (lightning attention : full, here 1 : 1)", dict(
+        num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"])),
+    Family("exaone4", "EXAONE", "LGAI-EXAONE/EXAONE-4.0-1.2B (3 sliding : 1 full, here 1 : 1)", dict(
+        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+    Family("olmo2", "OLMo", "allenai/OLMo-2-1124-7B (post-norms, q/k norms)", dict()),
+    Family("cohere", "Cohere", "CohereForAI/c4ai-command-r-v01 (parallel block, logit scale)", dict(
+        logit_scale=0.0625, tie_word_embeddings=True), drop=("head_dim",)),
+    Family("starcoder2", "StarCoder2", "bigcode/starcoder2-3b (biases, gelu MLP)", dict(sliding_window=WINDOW),
+           drop=("head_dim",)),
+    Family("falcon", "Falcon", "tiiuae/falcon-7b (parallel attention, multi-query)", dict(
+        multi_query=True, parallel_attn=True, new_decoder_architecture=False, bias=False, num_kv_heads=1),
+           drop=("intermediate_size", "num_key_value_heads", "head_dim")),
+    Family("gpt_neox", "GPT-NeoX", "EleutherAI/pythia-160m (parallel residual, partial rotary, fused qkv)", dict(
+        rotary_pct=0.25, use_parallel_residual=True), drop=("num_key_value_heads", "head_dim")),
+    Family("smollm3", "SmolLM3", "HuggingFaceTB/SmolLM3-3B (no rope every 4th layer, here the 2nd)", dict(
+        no_rope_layer_interval=2, tie_word_embeddings=True)),
+)
+BY_TYPE = {f.model_type: f for f in FAMILIES}
+
+
+def family_config(family: Family) -> Any:
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in SIZES.items() if k not in family.drop}
+    fields.setdefault("tie_word_embeddings", False)
+    fields.update(family.fields)
+    return AutoConfig.for_model(family.model_type, **fields)
+
+
+def make_family_model(path: Path, family: Family, seed: int = 0) -> Path:
+    """Save `family`'s tiny model with random weights (σ 0.05; norm weights around their neutral value) and the
+    byte tokenizer to `path`."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.synthetic import byte_tokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+            elif "norm" in name:  # (Gemma-style norms scale by 1 + w: keep their zero-centred init)
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "bias" in name:
+                p.normal_(0, 0.02)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    byte_tokenizer().save_pretrained(str(path))
+    return path

@@ -1,0 +1,126 @@
+"""Families that ship their own modeling code, read as Llama without running it (issue 18, item 2).
+
+Each test writes a tiny Llama's weights in the family's own layout (InternLM2's per-group packed wqkv, Baichuan's
+W_pack and Baichuan2's NormHead), with an `auto_map` whose Python would leave a marker file if it ever ran, then
+quantizes that folder without --trust-remote-code: the result must equal transformers' Llama with the artefact's
+weights (tests/twin.py) up to float32 summation order, and be written as a Llama.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import TEXT, make_tiny_model
+from twin import transformers_twin
+
+from qcompiler.driver import QuantizeConfig, quantize
+from qcompiler.errors import ModelLoadError
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+from qcompiler.synthetic import byte_tokenizer
+
+PAYLOAD = "import pathlib; pathlib.Path(__file__).with_name('RAN').write_text('remote code ran')\n"
+
+
+def _remote_code_folder(path, config: dict, tensors: dict[str, torch.Tensor], modeling: str) -> None:
+    path.mkdir()
+    (path / f"{modeling}.py").write_text(PAYLOAD)
+    config["auto_map"] = {"AutoModelForCausalLM": f"{modeling}.Model", "AutoConfig": f"{modeling}.Config"}
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    byte_tokenizer().save_pretrained(str(path))
+
+
+def _llama(tmp_path, **overrides):
+    src = make_tiny_model(tmp_path / "llama", "llama", **overrides)
+    return src, json.loads((src / "config.json").read_text()), load_file(str(src / "model.safetensors"))
+
+
+def _quantize_and_compare(tmp_path, folder, reference) -> None:
+    out = tmp_path / "q"
+    quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=out, calib_texts=[TEXT], num_samples=2,
+                            seq_len=32, batch_size=2, progress=False), log=lambda _: None)
+    assert not (folder / "RAN").exists()  # the folder's Python never ran
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expect = load_quantized(out)(ids).logits, transformers_twin(reference, out)(ids).logits
+    assert float((got - expect).norm() / expect.norm()) < 1e-5
+
+
+def test_internlm2_packed_wqkv_is_read_as_llama(tmp_path):
+    """InternLM2 packs q/k/v per KV group: [H_kv, H/H_kv + 2, d, hidden] (the group's query heads, its key, its
+    value); a wrong split would mix heads and move every logit."""
+    src, cfg, t = _llama(tmp_path)
+    h, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    hidden = cfg["hidden_size"]
+    tensors = {"model.tok_embeddings.weight": t["model.embed_tokens.weight"], "model.norm.weight": t["model.norm.weight"],
+               "output.weight": t["lm_head.weight"]}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        q = t[f"{p}self_attn.q_proj.weight"].reshape(kv, h // kv, d, hidden)
+        k = t[f"{p}self_attn.k_proj.weight"].reshape(kv, 1, d, hidden)
+        v = t[f"{p}self_attn.v_proj.weight"].reshape(kv, 1, d, hidden)
+        tensors.update({
+            f"{p}attention.wqkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, hidden),
+            f"{p}attention.wo.weight": t[f"{p}self_attn.o_proj.weight"],
+            f"{p}feed_forward.w1.weight": t[f"{p}mlp.gate_proj.weight"],
+            f"{p}feed_forward.w3.weight": t[f"{p}mlp.up_proj.weight"],
+            f"{p}feed_forward.w2.weight": t[f"{p}mlp.down_proj.weight"],
+            f"{p}attention_norm.weight": t[f"{p}input_layernorm.weight"],
+            f"{p}ffn_norm.weight": t[f"{p}post_attention_layernorm.weight"],
+        })
+    # internlm/internlm2_5-7b-chat's config fields (sizes from the tiny Llama)
+    config = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "bias": False,
+              "hidden_act": "silu", "hidden_size": hidden, "intermediate_size": cfg["intermediate_size"],
+              "num_attention_heads": h, "num_key_value_heads": kv, "num_hidden_layers": cfg["num_hidden_layers"],
+              "max_position_embeddings": cfg["max_position_embeddings"], "rms_norm_eps": cfg["rms_norm_eps"],
+              "rope_theta": cfg.get("rope_theta", 10000.0), "rope_scaling": None, "vocab_size": cfg["vocab_size"],
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    _remote_code_folder(tmp_path / "internlm2", config, tensors, "modeling_internlm2")
+    _quantize_and_compare(tmp_path, tmp_path / "internlm2", src)
+
+
+def test_baichuan2_w_pack_and_norm_head_are_read_as_llama(tmp_path):
+    """Baichuan2 stores q/k/v as one W_pack and normalises its head's rows at inference (NormHead): the stored rows
+    are scaled by arbitrary positive factors here, which the converted head must divide out again."""
+    src, cfg, t = _llama(tmp_path, num_key_value_heads=4)  # (Baichuan has no grouped-query attention)
+    head = torch.nn.functional.normalize(t["lm_head.weight"], dim=-1)  # the Llama reference: a unit-row head
+    t["lm_head.weight"] = head
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    scales = torch.rand(head.shape[0], 1, generator=torch.Generator().manual_seed(1)) * 3 + 0.5
+    tensors = {"model.embed_tokens.weight": t["model.embed_tokens.weight"], "model.norm.weight": t["model.norm.weight"],
+               "lm_head.weight": head * scales}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors[f"{p}self_attn.W_pack.weight"] = torch.cat([t[f"{p}self_attn.{n}_proj.weight"] for n in "qkv"])
+        for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                  "post_attention_layernorm"):
+            tensors[f"{p}{n}.weight"] = t[f"{p}{n}.weight"]
+    # baichuan-inc/Baichuan2-7B-Base's config fields (sizes from the tiny Llama; no GQA in Baichuan)
+    config = {"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "hidden_act": "silu",
+              "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
+              "num_attention_heads": cfg["num_attention_heads"], "num_hidden_layers": cfg["num_hidden_layers"],
+              "max_position_embeddings": cfg["max_position_embeddings"], "model_max_length": 4096,
+              "rms_norm_eps": cfg["rms_norm_eps"], "vocab_size": cfg["vocab_size"], "tie_word_embeddings": False,
+              "z_loss_weight": 0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    _remote_code_folder(tmp_path / "baichuan2", config, tensors, "modeling_baichuan")
+    _quantize_and_compare(tmp_path, tmp_path / "baichuan2", src)
+
+
+def test_baichuan_13b_alibi_and_a_foreign_layout_are_refused_by_name(tmp_path):
+    _, cfg, t = _llama(tmp_path, num_key_value_heads=4)
+    config = {"model_type": "baichuan", "hidden_size": cfg["hidden_size"], "num_attention_heads": 4,
+              "num_hidden_layers": 2, "intermediate_size": cfg["intermediate_size"], "vocab_size": cfg["vocab_size"],
+              "model_max_length": 4096}  # (13B: ALiBi, no max_position_embeddings)
+    _remote_code_folder(tmp_path / "b13", dict(config), t, "modeling_baichuan")
+    cfg_ok = {**config, "max_position_embeddings": 256}
+    _remote_code_folder(tmp_path / "llama_named", cfg_ok, t, "modeling_baichuan")  # Llama tensor names
+    for folder, message in ((tmp_path / "b13", "ALiBi"), (tmp_path / "llama_named", "not a Baichuan checkpoint")):
+        with pytest.raises(ModelLoadError, match=message):
+            quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=tmp_path / "q", calib_texts=[TEXT],
+                                    num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda _: None)
+        assert not (tmp_path / "q").exists() and not (folder / "RAN").exists()

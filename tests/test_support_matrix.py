@@ -1,0 +1,288 @@
+"""The family × scheme × target support matrix, one test per family and scheme (issue 18).
+
+Each test quantizes the family's tiny model (tests/family_configs.py) for the cuda and the ascend target and
+checks three cells against transformers' own model:
+
+- reference: our artefact (`load_quantized`) equals `transformers_twin` — transformers' model with the artefact's
+  dequantized weights and activation grids (tests/twin.py). The artefact is target independent (the two runs'
+  block files are asserted equal), so the cuda run's artefact stands for the reference target's.
+- cuda: transformers loads the compressed-tensors folder (the client decompresses it) and its logits equal ours.
+  Where transformers cannot build the client model on the CPU (it cannot stack int8 per-expert tensors), the cell
+  records why, prefixed "weights:" (◐ in the table) when the compressed-tensors package's own compressor
+  decompresses every layer to our weights bit for bit.
+- ascend: the msModelSlim folder, run by our loader as its NPU call sequences, equals ours.
+- onnxruntime: a third run; the exported decoder, run by onnxruntime on the prompt and then through its KV cache,
+  equals that run's artefact (target options chosen so that the kernels compute exactly what it states).
+
+Tolerances. Weight-only: the same weights in float32, |Δ| / |y| ≤ 1e-5 (summation order; quantization itself moves
+these logits by more than 1e-4, asserted so that the check can fail). Quantized activations: two float32 computations of
+the same network can put a value on the other side of a rounding tie (epilogues that round s_x·s_w differently,
+fused vs split GEMMs) and change one activation code by one step. One step is max|x|/127 on one of K inputs, about
+1/(127·√K/crest) of the token's activation norm: a few 1e-3 at K = 64, and it spreads through later attention. A
+missing or wrong activation grid (no hook, absmax/127.5) moves every activation instead, so the logits move by about
+e, what the grids themselves change (the twin without its hooks). The check: error < e / 2.
+
+What a cell records (qcompiler/targets/families.json, printed by `qcompile schemes --families --markdown`): "ok"
+when these checks passed, or the one-line reason of a refusal (ours or the client's). Every test asserts that its
+cells equal the recorded ones; `python scripts/support_matrix.py` reruns the tests and rewrites the file.
+Columns beyond FAST_SCHEMES are marked `matrix` (run by that script, not by CI: about ten minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from family_configs import FAMILIES, Family, make_family_model
+from tiny import TEXT
+from twin import transformers_twin
+
+from qcompiler.driver import QuantizeConfig, quantize
+from qcompiler.errors import QCompilerError
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+from qcompiler.targets.matrix import MATRIX_SCHEMES, recorded_family_matrix
+
+FAST_SCHEMES = ("w8a16", "w8a8_dynamic")
+WRITE = os.environ.get("QCOMPILE_MATRIX_OUT")  # scripts/support_matrix.py: append outcomes here (JSON lines)
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {f.model_type: make_family_model(root / f.model_type, f) for f in FAMILIES}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# onnxruntime: the options under which its kernels compute exactly what the artefact states (the defaults trade that
+# for speed: MatMulNBits with int8 activations, an int8 head, w8a8_dynamic through MatMulNBits)
+EXACT_ONNX = {"accuracy_level": "0", "lm_head_bits": "float", "w8a8_dynamic": "exact"}
+
+
+def _quantize(model: Path, out: Path, scheme: str, target: str) -> str | None:
+    """None when written, else the refusal's one line."""
+    spec = MATRIX_SCHEMES[scheme]
+    try:
+        quantize(QuantizeConfig(model=model, scheme=get_scheme(spec["preset"], group_size=spec.get("group_size")),
+                                algo=spec.get("algo", "rtn"), out=out, target=target, calib_texts=[TEXT],
+                                num_samples=2, seq_len=32, batch_size=2, progress=False,
+                                target_options=EXACT_ONNX if target == "onnxruntime" else {}), log=lambda _: None)
+    except QCompilerError as e:
+        return str(e).splitlines()[0].replace(str(model), "<model>")  # (the reason, without this run's folder)
+    return None
+
+
+def _check_close(got: torch.Tensor, expect: torch.Tensor, act_free: torch.Tensor | None, where: str) -> None:
+    err = _rel(got, expect)
+    if act_free is None:
+        assert err < 1e-5, (where, err)
+    else:
+        assert err < 0.5 * _rel(act_free, expect), (where, err, _rel(act_free, expect))
+
+
+def _stated_activations(out: Path) -> set[str]:
+    """How the compressed-tensors config states its groups' input activations ("dynamic", "static")."""
+    qc = json.loads((out / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    acts = [g.get("input_activations") for g in qc["config_groups"].values()]
+    return {("dynamic" if a["dynamic"] else "static") for a in acts if a}
+
+
+def _check_client_weights(client: torch.nn.Module, artefact: Path, where: str) -> None:
+    """Dynamic per-token activations: compressed-tensors' CPU emulation scales them by absmax/127.5 where vLLM's
+    kernels and ours use absmax/127 (see test_cuda_target), so its logits differ by about as much as activation
+    quantization itself. What must agree is exact: the client's decompressed weights are ours, bit for bit."""
+    from twin import artefact_layers
+
+    layers, _ = artefact_layers(artefact)
+    checked = 0
+    for layer in layers:
+        try:
+            mod = client.get_submodule(layer.name)
+        except AttributeError:  # (an expert stacked by transformers' loader: no module of its own)
+            continue
+        assert torch.equal(mod.weight.float(), layer.dequantized()), (where, layer.name)
+        checked += 1
+    assert checked >= len([la for la in layers if ".experts." not in la.name]) > 0, where
+
+
+def _package_decompresses_every_layer(out: Path, artefact: Path) -> bool:
+    """Where transformers cannot build the client model (it cannot stack int8 per-expert tensors on the CPU), the
+    compressed-tensors package's own compressor still decompresses each layer: equal to our dequantized weights,
+    bit for bit, for every layer."""
+    from compressed_tensors.compressors import IntQuantizationCompressor, PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from twin import artefact_layers
+
+    folder = out / "compressed-tensors"
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if len(qc["config_groups"]) != 1:
+        return False
+    group = next(iter(qc["config_groups"].values()))
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+    compressor = {"int-quantized": IntQuantizationCompressor, "pack-quantized": PackedQuantizationCompressor}.get(
+        qc["format"])
+    if compressor is None:
+        return False
+    files: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        files.update(load_file(str(f)))
+    layers, _ = artefact_layers(artefact)
+    for layer in layers:
+        local = {k.removeprefix(layer.name + "."): v for k, v in files.items() if k.startswith(layer.name + ".")}
+        got = compressor.decompress(local, scheme)["weight"]
+        assert torch.equal(got.float(), layer.dequantized()), layer.name
+    return bool(layers)
+
+
+def _digest(out: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("block-*.safetensors")))).hexdigest()
+
+
+def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str]:
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.runtime.msmodelslim import load_msmodelslim
+
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    cells: dict[str, str] = {}
+    runs = {t: _quantize(model, tmp / t, scheme, t) for t in ("cuda", "ascend")}
+    artefact = next((tmp / t for t, refusal in runs.items() if refusal is None), None)
+    if artefact is None:
+        refusal = _quantize(model, tmp / "reference", scheme, "reference")
+        artefact = None if refusal else tmp / "reference"
+        cells["reference"] = refusal or "ok"
+    if runs["cuda"] is None and runs["ascend"] is None:
+        assert _digest(tmp / "cuda") == _digest(tmp / "ascend"), "the artefact depends on the target"
+    if artefact is None:
+        return {**cells, **{t: r or "ok" for t, r in runs.items()}}
+
+    weight_only = "a16" in scheme
+    with torch.no_grad():
+        ours = load_quantized(artefact)(ids).logits
+        twin = transformers_twin(model, artefact)(ids).logits
+        act_free = None if weight_only else transformers_twin(model, artefact, activations=False)(ids).logits
+        float_logits = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)(ids).logits
+    assert _rel(ours, float_logits) > 1e-4, "nothing was quantized"  # (10× the weight-only tolerance)
+    _check_close(ours, twin, act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
+    cells["reference"] = "ok"
+
+    if runs["cuda"] is None:
+        try:
+            client = AutoModelForCausalLM.from_pretrained(str(tmp / "cuda" / "compressed-tensors"),
+                                                          dtype=torch.float32)
+            with torch.no_grad():
+                theirs = client(ids).logits
+        except Exception as e:  # the client's own refusal is the cell's reason
+            import transformers
+
+            reason = (f"transformers {transformers.__version__} cannot load this compressed-tensors folder on the CPU "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            if _package_decompresses_every_layer(tmp / "cuda", artefact):
+                reason = "weights: compressed-tensors decompresses every layer to ours, bit for bit; " + reason
+            cells["cuda"] = reason
+        else:
+            where = f"{family.model_type} {scheme}: compressed-tensors vs ours"
+            if "dynamic" in _stated_activations(tmp / "cuda"):
+                _check_client_weights(client, artefact, where)
+            else:
+                _check_close(theirs, ours, act_free, where)
+            cells["cuda"] = "ok"
+    else:
+        cells["cuda"] = runs["cuda"]
+    if runs["ascend"] is None:
+        try:
+            loaded = load_msmodelslim(tmp / "ascend" / "msmodelslim")
+        except QCompilerError as e:
+            cells["ascend"] = f"msModelSlim loader: {str(e).splitlines()[0].replace(str(tmp), '<out>')[:160]}"
+        else:
+            with torch.no_grad():
+                theirs = loaded(ids).logits
+            _check_close(theirs, ours, act_free, f"{family.model_type} {scheme}: msModelSlim loader vs ours")
+            cells["ascend"] = "ok"
+    else:
+        cells["ascend"] = runs["ascend"]
+    cells["onnxruntime"] = _onnxruntime_cell(model, scheme, tmp, ids, act_free is not None)
+    return cells
+
+
+def _onnxruntime_cell(model: Path, scheme: str, tmp: Path, ids: torch.Tensor, quantized_acts: bool) -> str:
+    """The exported decoder run by onnxruntime (prompt, then the KV cache one token at a time) equals the artefact of
+    the same run: |Δ| / |y| ≤ 1e-4 (MatMulNBits and GroupQueryAttention accumulate in their own order), or, with
+    quantized activations, the rounding-tie bound above against the artefact's act-free twin."""
+    from qcompiler.runtime.onnxruntime import OrtCausalLM
+
+    refusal = _quantize(model, tmp / "onnxruntime", scheme, "onnxruntime")
+    if refusal is not None:
+        return refusal
+    out = tmp / "onnxruntime"
+    with torch.no_grad():
+        ours = load_quantized(out)(ids).logits
+        act_free = transformers_twin(model, out, activations=False)(ids).logits if quantized_acts else None
+    session = OrtCausalLM(out)
+    prompt = session(ids).logits
+    _, past = session.run(ids[:, :32].numpy())  # prefill 32 tokens, then decode through the KV cache
+    steps = []
+    for t in (32, 33):
+        logits, past = session.run(ids[:, t:t + 1].numpy(), past)
+        steps.append(torch.from_numpy(logits))
+    where = f"{model.name} {scheme}: onnxruntime vs ours"
+    if act_free is None:
+        assert _rel(prompt, ours) < 1e-4, (where, _rel(prompt, ours))
+        for j, step in enumerate(steps):
+            assert _rel(step[:, 0], ours[:, 32 + j]) < 1e-4, (where, "decode", j)
+    else:
+        _check_close(prompt, ours, act_free, where)
+    return "ok"
+
+
+def _params():
+    for scheme in MATRIX_SCHEMES:
+        marks = [] if scheme in FAST_SCHEMES else [pytest.mark.matrix]
+        for family in FAMILIES:
+            yield pytest.param(family, scheme, id=f"{family.model_type}-{scheme}", marks=marks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "scheme"), list(_params()))
+def test_family_scheme_cells_equal_the_recorded_matrix(family_models, tmp_path, family, scheme):
+    cells = _cells(family, family_models[family.model_type], scheme, tmp_path)
+    if WRITE:
+        with open(WRITE, "a") as f:
+            f.write(json.dumps({"family": family.model_type, "row": family.row, "real": family.real,
+                                "scheme": scheme, "cells": cells}) + "\n")
+        return
+    recorded = recorded_family_matrix()
+    assert recorded["cells"].get(family.model_type, {}).get(scheme) == cells, (
+        "the support matrix changed: rerun `python scripts/support_matrix.py` and commit "
+        "qcompiler/targets/families.json and README.md")
+
+
+def test_recorded_matrix_names_every_family_and_scheme():
+    recorded = recorded_family_matrix()
+    assert [f["model_type"] for f in recorded["families"]] == [f.model_type for f in FAMILIES]
+    assert all(set(recorded["cells"][f.model_type]) == set(MATRIX_SCHEMES) for f in FAMILIES)
+
+
+def test_readme_family_matrix_is_the_generated_one():
+    from qcompiler.targets.matrix import family_matrix
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    begin, end = "<!-- family-matrix:begin -->\n", "\n<!-- family-matrix:end -->"
+    assert begin in readme and end in readme
+    assert readme.split(begin, 1)[1].split(end, 1)[0] == family_matrix()
+
+
+def test_cli_prints_the_family_matrix(capsys):
+    from qcompiler.cli import main
+    from qcompiler.targets.matrix import family_matrix
+
+    assert main(["schemes", "--families"]) == 0
+    assert capsys.readouterr().out.strip() == family_matrix().strip()

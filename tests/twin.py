@@ -1,0 +1,86 @@
+"""transformers' own model computing what an artefact states: the oracle of the support matrix.
+
+`transformers_twin(source, out)` loads the float model with transformers (eager attention), replaces every
+tensor the artefact rewrote (norms scaled by smoothing, an embedding, a head), puts each quantized layer's
+dequantized weight ŵ = (q − z)·s into the layer of the same name (fused groups split back, stacked experts
+unfused into per-expert linears named as the checkpoint names them) and, for layers with quantized activations,
+quantizes the layer's input in a forward pre-hook as the artefact states it:
+
+    static per tensor:      x̂ = (clamp(round(x / s_x) + z_x, −128, 127) − z_x) · s_x
+    dynamic per token:      s_t = max_k |x_tk| / (2^(b−1) − 1),  x̂_t = clamp(round(x_t / s_t), −2^(b−1), 2^(b−1)−1) · s_t
+
+None of this runs our graphs, passes or kernels: the artefact's numbers are read from its files (export/layers.py
+splits fused records) and transformers does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from qcompiler.export.layers import ExportLayer, from_record
+from qcompiler.ir.records import LayerRecord
+
+
+def artefact_layers(out: Path) -> tuple[list[ExportLayer], dict[str, torch.Tensor]]:
+    desc = json.loads((out / "qcompiler.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    layers = [layer for rec in desc["layers"].values() for layer in from_record(LayerRecord.from_dict(rec), tensors)]
+    return layers, tensors
+
+
+def _act_hook(layer: ExportLayer):
+    if layer.act == "static":
+        s = layer.input_scale.float()
+        z = layer.input_zero.float() if layer.input_zero is not None else torch.zeros(())
+
+        def static(_mod, args):
+            x = args[0]
+            return ((torch.clamp(torch.round(x / s) + z, -128, 127) - z) * s).to(x.dtype), *args[1:]
+        return static
+    qmax = 2 ** (layer.act_bits - 1) - 1
+
+    def dynamic(_mod, args):
+        x = args[0]
+        scale = (x.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-8)
+        return (torch.clamp(torch.round(x / scale), -qmax - 1, qmax) * scale).to(x.dtype), *args[1:]
+    return dynamic
+
+
+def transformers_twin(source: Path, out: Path, activations: bool = True) -> torch.nn.Module:
+    """transformers' model of `source` with the weights (and, with `activations`, the activation grids) of the
+    artefact in `out`."""
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.frontends.hf import Checkpoint, find_blocks
+    from qcompiler.frontends.moe import unfuse_experts
+
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager").eval()
+    prefix, _ = find_blocks(model)
+    ckpt = Checkpoint(source)
+    unfuse_experts(model, ckpt, prefix)  # per-expert linears under the checkpoint's names (weightless)
+    for name, mod in model.named_modules():
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            mod.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                for p_name, p in mod.named_parameters(recurse=False):
+                    p.copy_(ckpt.tensor(f"{name}.{p_name}"))
+    layers, tensors = artefact_layers(out)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in tensors.items():  # float tensors the passes rewrote (smoothed norms, ...)
+            if name in state and state[name].shape == t.shape:
+                state[name].copy_(t)
+        for layer in layers:
+            mod = model.get_submodule(layer.name)
+            mod.weight.copy_(layer.dequantized())
+            if layer.bias is not None:
+                mod.bias.copy_(layer.bias)
+            if activations and layer.act is not None:
+                mod.register_forward_pre_hook(_act_hook(layer))
+    return model
