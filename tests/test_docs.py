@@ -20,7 +20,9 @@ def _python_blocks(path: Path) -> list[str]:
 
 def test_readme_is_a_short_guide_whose_links_resolve():
     text = (ROOT / "README.md").read_text()
-    assert len(text.splitlines()) <= 160
+    # the prose stays short; the generated tables (support matrices, kept current by their own tests) are the product
+    prose = re.sub(r"<!-- ([a-z-]+):begin -->.*?<!-- \1:end -->", "", text, flags=re.S)
+    assert len(prose.splitlines()) <= 150
     links = re.findall(r"\]\(([^)#]+)\)", text)
     assert links and all((ROOT / link).is_file() for link in links), [link for link in links if not (ROOT / link).is_file()]
     assert "qcompile quant --model demo" in text and "bash scripts/test.sh" in text

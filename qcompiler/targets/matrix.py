@@ -60,7 +60,9 @@ def family_matrix() -> str:
     for fam in rec["families"]:
         cells = []
         for scheme in MATRIX_SCHEMES:
-            outcome = rec["cells"][fam["model_type"]][scheme]
+            # (a reason that names the family reads the same for every family: one footnote)
+            outcome = {t: v.replace(f"'{fam['model_type']}'", "this architecture")
+                       for t, v in rec["cells"][fam["model_type"]][scheme].items()}
             parts = []
             for target in FAMILY_TARGETS:
                 value = outcome.get(target, "not run")

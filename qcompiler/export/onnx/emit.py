@@ -464,7 +464,12 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
         acc = b.op("MatMulInteger", [q, w_t, b.const(128, np.uint8)], name + "/matmul_integer")
         y = b.op("Cast", [acc], name + "/acc_f32", to=TensorProto.FLOAT)
         y = b.op("Mul", [y, b.op("Mul", [s_x, b.initializer(base + ".weight_scale", s_w)], name + "/s_xw")], name)
-        return _bias(em, y, bias, name)
+        if bias is None:
+            return y
+        # Sum, not Add: onnxruntime 1.32's extended optimizations fuse MatMulInteger → Cast → Mul → Add(bias) into
+        # MatMulIntegerToFloat and get per-token scales wrong there (logits off by ~50% with biased q/k/v, exact with
+        # optimizations off); the bias-free chain is left alone (tests/test_support_matrix.py's qwen2 cells)
+        return b.op("Sum", [y, em.v(bias)], name + "/bias")
     # static per-tensor: QDQ on activation and weight
     z = em.tensor(x_zero).to(torch.int8).reshape(()) if x_zero is not None else torch.zeros((), dtype=torch.int8)
     s = em.tensor(x_scale).float().reshape(())
