@@ -350,14 +350,13 @@ class ArtifactWriter:
             for name in ("config.json", "generation_config.json"):
                 if (copy_from / name).is_file():
                     shutil.copyfile(copy_from / name, self.tmp / name)
-            if (self.tmp / "config.json").is_file():  # a converted family is written as the Llama it was read as
-                converted = converted_config(json.loads((self.tmp / "config.json").read_text()))
-                if converted is not None:
-                    (self.tmp / "config.json").write_text(json.dumps(converted, indent=2))
-            if config_updates and (self.tmp / "config.json").is_file():
-                config = json.loads((self.tmp / "config.json").read_text())
-                config.update(config_updates)
-                (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
+            if (self.tmp / "config.json").is_file():
+                source = json.loads((self.tmp / "config.json").read_text())
+                converted = converted_config(source)  # a converted family is written as the Llama it was read as
+                if converted is not None or config_updates:
+                    config = converted or source
+                    config.update(config_updates or {})
+                    (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.tmp))
         desc = {"format": FORMAT, "version": VERSION, **description}

@@ -67,6 +67,7 @@ class CompressedTensorsFormat:
     folder = "compressed-tensors"
     shard_prefix = "model"
     consumers = "vLLM, SGLang, transformers (CPU)"
+    unstacked_experts = False
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         kv = scheme.kv_cache

@@ -39,6 +39,9 @@ class ServingFormat(Protocol):
     folder: str  # OUT/<folder>/
     shard_prefix: str  # <prefix>-00001-of-0000N.safetensors and <prefix>.safetensors.index.json
     consumers: str  # who loads it (README matrix)
+    # whether its clients read a model's experts one linear each where the source checkpoint stores them stacked
+    # (GraniteMoE): our msModelSlim loader does; compressed-tensors / AWQ / GPTQ clients read the checkpoint's layout
+    unstacked_experts: bool
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None: ...
 
@@ -84,7 +87,7 @@ class FormatExporter:
         # modules the checkpoint names differently: a float one is listed under both names (clients match either)
         self.aliases = module_aliases(model)
         stacked = [n for n, m in model.named_modules() if getattr(m, "stored_stacked", False)]
-        if stacked and fmt.name != "msmodelslim":
+        if stacked and not fmt.unstacked_experts:
             raise ExportError(f"{fmt.name}: the checkpoint stores the experts of '{stacked[0]}' stacked (one tensor "
                               "per layer), the layout this format's clients read them in; it holds quantized experts "
                               "one linear each only (use --target ascend or reference)")

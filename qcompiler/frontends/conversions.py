@@ -36,8 +36,8 @@ class Conversion:
     tensors: dict[str, tuple[tuple[str, ...], Convert]]  # Llama name -> (checkpoint names, function of them)
 
 
-def _take(*_: Any) -> Convert:
-    return lambda t: t
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _llama_config(src: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -75,24 +75,24 @@ def _internlm2(src: dict[str, Any], names: set[str], where: str) -> Conversion:
         return f
 
     tensors: dict[str, tuple[tuple[str, ...], Convert]] = {
-        "model.embed_tokens.weight": (("model.tok_embeddings.weight",), _take()),
-        "model.norm.weight": (("model.norm.weight",), _take()),
+        "model.embed_tokens.weight": (("model.tok_embeddings.weight",), _same),
+        "model.norm.weight": (("model.norm.weight",), _same),
     }
     if "output.weight" in names:
-        tensors["lm_head.weight"] = (("output.weight",), _take())
+        tensors["lm_head.weight"] = (("output.weight",), _same)
     for i in range(int(src["num_hidden_layers"])):
-        a, b = f"model.layers.{i}.", f"model.layers.{i}."
-        qkv = (f"{a}attention.wqkv.weight",)
+        p = f"model.layers.{i}."
+        qkv = (f"{p}attention.wqkv.weight",)
         tensors.update({
-            f"{b}self_attn.q_proj.weight": (qkv, part(slice(0, per))),
-            f"{b}self_attn.k_proj.weight": (qkv, part(per)),
-            f"{b}self_attn.v_proj.weight": (qkv, part(per + 1)),
-            f"{b}self_attn.o_proj.weight": ((f"{a}attention.wo.weight",), _take()),
-            f"{b}mlp.gate_proj.weight": ((f"{a}feed_forward.w1.weight",), _take()),
-            f"{b}mlp.up_proj.weight": ((f"{a}feed_forward.w3.weight",), _take()),
-            f"{b}mlp.down_proj.weight": ((f"{a}feed_forward.w2.weight",), _take()),
-            f"{b}input_layernorm.weight": ((f"{a}attention_norm.weight",), _take()),
-            f"{b}post_attention_layernorm.weight": ((f"{a}ffn_norm.weight",), _take()),
+            f"{p}self_attn.q_proj.weight": (qkv, part(slice(0, per))),
+            f"{p}self_attn.k_proj.weight": (qkv, part(per)),
+            f"{p}self_attn.v_proj.weight": (qkv, part(per + 1)),
+            f"{p}self_attn.o_proj.weight": ((f"{p}attention.wo.weight",), _same),
+            f"{p}mlp.gate_proj.weight": ((f"{p}feed_forward.w1.weight",), _same),
+            f"{p}mlp.up_proj.weight": ((f"{p}feed_forward.w3.weight",), _same),
+            f"{p}mlp.down_proj.weight": ((f"{p}feed_forward.w2.weight",), _same),
+            f"{p}input_layernorm.weight": ((f"{p}attention_norm.weight",), _same),
+            f"{p}post_attention_layernorm.weight": ((f"{p}ffn_norm.weight",), _same),
         })
     config = _llama_config(src, num_key_value_heads=kv, rope_scaling=_rope_scaling(src, where))
     return Conversion("InternLM2", config, tensors)
@@ -112,8 +112,8 @@ def _baichuan(src: dict[str, Any], names: set[str], where: str) -> Conversion:
         return torch.nn.functional.normalize(w.float(), dim=-1).to(w.dtype) if norm_head else w
 
     tensors: dict[str, tuple[tuple[str, ...], Convert]] = {
-        "model.embed_tokens.weight": (("model.embed_tokens.weight",), _take()),
-        "model.norm.weight": (("model.norm.weight",), _take()),
+        "model.embed_tokens.weight": (("model.embed_tokens.weight",), _same),
+        "model.norm.weight": (("model.norm.weight",), _same),
         "lm_head.weight": (("lm_head.weight",), head),
     }
     for i in range(int(src["num_hidden_layers"])):
@@ -122,7 +122,7 @@ def _baichuan(src: dict[str, Any], names: set[str], where: str) -> Conversion:
         tensors.update({f"{p}self_attn.{n}_proj.weight": (pack, part(j)) for j, n in enumerate("qkv")})
         for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
                   "post_attention_layernorm"):
-            tensors[f"{p}{n}.weight"] = ((f"{p}{n}.weight",), _take())
+            tensors[f"{p}{n}.weight"] = ((f"{p}{n}.weight",), _same)
     return Conversion("Baichuan2" if norm_head else "Baichuan", _llama_config(src, tie_word_embeddings=False),
                       tensors)
 

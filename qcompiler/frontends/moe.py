@@ -91,19 +91,23 @@ def _expert_names(ckpt: Any, modules: set[str], full: str) -> tuple[str, str, st
     )
 
 
-def checkpoint_renames(model: nn.Module) -> list[tuple[str, str, bool]]:
-    """(module path suffix, checkpoint path suffix, anchored at the model's root) for the plain renames transformers
-    applies when loading this architecture (its own table, by model type and by class): Mixtral's checkpoint
-    `.block_sparse_moe.` is the module `.mlp.`, Phi-3.5-MoE's `.gate` is `.router`, ERNIE 4.5's `mlp.moe_statics` is
-    `mlp.gate.moe_statics`, GPT-NeoX's `embed_out` is `lm_head`. Rules that merge or split tensors are not renames."""
+def _renaming_rules(model: nn.Module) -> list[Any]:
+    """transformers' WeightRenaming rules for this architecture (its own table, by model type and by class)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
     except ImportError:  # older transformers load checkpoints without renaming
         return []
-    rules = []
-    for key in (model.config.model_type, type(model).__name__):
-        rules += [r for r in get_checkpoint_conversion_mapping(key) or [] if type(r) is WeightRenaming]
+    return [r for key in (model.config.model_type, type(model).__name__)
+            for r in get_checkpoint_conversion_mapping(key) or [] if type(r) is WeightRenaming]
+
+
+def checkpoint_renames(rules: list[Any]) -> list[tuple[str, str, bool]]:
+    """(module path suffix, checkpoint path suffix, anchored at the model's root) for the plain renames transformers
+    applies when loading this architecture (its own table, by model type and by class): Mixtral's checkpoint
+    `.block_sparse_moe.` is the module `.mlp.`, Phi-3.5-MoE's `.gate` is `.router`, ERNIE 4.5's `mlp.moe_statics` is
+    `mlp.gate.moe_statics`, GPT-NeoX's `embed_out` is `lm_head` (`rules`: _renaming_rules). Rules that merge or split
+    tensors are not renames."""
     out = []
     for rule in rules:
         src, dst = list(rule.source_patterns), list(rule.target_patterns)
@@ -169,10 +173,10 @@ def module_aliases(model: nn.Module) -> dict[str, str]:
     return {path: path_of(mod) for path, mod in modules.items() if path and path_of(mod) != path}
 
 
-def rename_to_checkpoint(model: nn.Module, ckpt: Any) -> int:
+def rename_to_checkpoint(model: nn.Module, ckpt: Any, rules: list[Any]) -> int:
     """Give every module the checkpoint names differently (checkpoint_renames) the checkpoint's path; returns how
     many moved. A module moves only where the checkpoint holds tensors under the new path and none under the old."""
-    renames = checkpoint_renames(model)
+    renames = checkpoint_renames(rules)
     stored = {k.rsplit(".", 1)[0] for k in (ckpt.weight_map if ckpt is not None else ())}
     prefixes = {".".join(m.split(".")[:i]) for m in stored for i in range(1, m.count(".") + 2)}
     moved = 0
@@ -208,22 +212,13 @@ def _has_module(model: nn.Module, path: str) -> bool:
     return True
 
 
-def _view_stacked_experts(model: nn.Module, ckpt: Any, modules: set[str], full: str, inter: int) -> bool:
+def _view_stacked_experts(ckpt: Any, rules: list[Any], modules: set[str], full: str, inter: int) -> bool:
     """Checkpoints that store each layer's experts stacked, [E, 2I, H] gate/up and [E, H, I] down (GraniteMoE's
     `input_linear` / `output_linear`): serve every expert's gate/up/down_proj as a slice of those tensors, so that
     each expert is its own linear like a per-expert checkpoint's. Returns whether it did."""
     if ckpt is None or not hasattr(ckpt, "add_views") or f"{full}.0.down_proj" in modules or f"{full}.0.w2" in modules:
         return False
     stored = {}  # the model's name of each stored tensor of this layer, by transformers' rename rules
-    rules = []
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        for key in (model.config.model_type, type(model).__name__):
-            rules += [r for r in get_checkpoint_conversion_mapping(key) or [] if type(r) is WeightRenaming]
-    except ImportError:
-        pass
     layer = full.rsplit(".", 2)[0] + "."
     for name in [n for n in ckpt.weight_map if n.startswith(layer)]:
         renamed = name
@@ -247,7 +242,8 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
     """Replace every stacked-experts module under `prefix` by ExpertLinears named as in `ckpt` (a Checkpoint,
     or None to use gate/up/down_proj) and move modules the checkpoint names differently (rename_to_checkpoint).
     Returns the number of experts modules replaced."""
-    rename_to_checkpoint(model, ckpt)
+    rules = _renaming_rules(model)
+    rename_to_checkpoint(model, ckpt, rules)
     # module paths of the checkpoint's tensors ("model.layers.0.mlp.experts.3.gate_proj", ...)
     modules = {k.rsplit(".", 1)[0] for k in (ckpt.weight_map if ckpt is not None else ())}
     replaced = 0
@@ -263,7 +259,7 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
             raise ModelLoadError(f"{model.config.model_type}: experts '{name}' use a layout (transposed, biased, "
                                  "ungated or interleaved) that qcompiler does not unfuse yet")
         e, two_i, h = mod.gate_up_proj.shape
-        stacked = _view_stacked_experts(model, ckpt, modules, name, two_i // 2)
+        stacked = _view_stacked_experts(ckpt, rules, modules, name, two_i // 2)
         if stacked:
             modules |= {f"{name}.{i}.{p}" for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")}
         names = _expert_names(ckpt, modules, name)
