@@ -1,9 +1,10 @@
-"""Families that ship their own modeling code, read as Llama without running it (issue 18, item 2).
+"""Families that ship their own modeling code, read as a native architecture without running it (issue 18, item 2).
 
-Each test writes a tiny Llama's weights in the family's own layout (InternLM2's per-group packed wqkv, Baichuan's
-W_pack and Baichuan2's NormHead), with an `auto_map` whose Python would leave a marker file if it ever ran, then
-quantizes that folder without --trust-remote-code: the result must equal transformers' Llama with the artefact's
-weights (tests/twin.py) up to float32 summation order, and be written as a Llama.
+Each test writes a tiny native model's weights in the family's own layout (InternLM2's per-group packed wqkv,
+Baichuan's W_pack and Baichuan2's NormHead as Llama; ChatGLM3's query_key_value and dense_h_to_4h as GLM), with an
+`auto_map` whose Python would leave a marker file if it ever ran, then quantizes that folder without
+--trust-remote-code: the result must equal transformers' native model with the artefact's weights (tests/twin.py) up
+to float32 summation order, and be written as that native model.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ def _remote_code_folder(path, config: dict, tensors: dict[str, torch.Tensor], mo
     byte_tokenizer().save_pretrained(str(path))
 
 
-def _llama(tmp_path, **overrides):
-    src = make_tiny_model(tmp_path / "llama", "llama", **overrides)
+def _llama(tmp_path, family: str = "llama", **overrides):
+    src = make_tiny_model(tmp_path / family, family, **overrides)
     return src, json.loads((src / "config.json").read_text()), load_file(str(src / "model.safetensors"))
 
 
-def _quantize_and_compare(tmp_path, folder, reference) -> None:
+def _quantize_and_compare(tmp_path, folder, reference, native: str = "llama") -> None:
     out = tmp_path / "q"
     quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=out, calib_texts=[TEXT], num_samples=2,
                             seq_len=32, batch_size=2, progress=False), log=lambda _: None)
     assert not (folder / "RAN").exists()  # the folder's Python never ran
-    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert json.loads((out / "config.json").read_text())["model_type"] == native
     ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, expect = load_quantized(out)(ids).logits, transformers_twin(reference, out)(ids).logits
@@ -124,3 +125,70 @@ def test_baichuan_13b_alibi_and_a_foreign_layout_are_refused_by_name(tmp_path):
             quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=tmp_path / "q", calib_texts=[TEXT],
                                     num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda _: None)
         assert not (tmp_path / "q").exists() and not (folder / "RAN").exists()
+
+
+def _chatglm_folder(tmp_path, **fields):
+    """A tiny GLM (partial interleaved rotary, q/k/v biases, GQA) written in THUDM/chatglm3-6b's layout."""
+    src, cfg, t = _llama(tmp_path, family="glm", partial_rotary_factor=0.5)
+    tensors = {"transformer.embedding.word_embeddings.weight": t["model.embed_tokens.weight"],
+               "transformer.encoder.final_layernorm.weight": t["model.norm.weight"],
+               "transformer.output_layer.weight": t["lm_head.weight"],
+               "transformer.rotary_pos_emb.inv_freq": torch.ones(6)}  # (a buffer the conversion ignores)
+    for i in range(cfg["num_hidden_layers"]):
+        p, c = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            tensors[f"{c}self_attention.query_key_value.{kind}"] = torch.cat(
+                [t[f"{p}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+        tensors.update({
+            f"{c}self_attention.dense.weight": t[f"{p}self_attn.o_proj.weight"],
+            f"{c}mlp.dense_h_to_4h.weight": t[f"{p}mlp.gate_up_proj.weight"],
+            f"{c}mlp.dense_4h_to_h.weight": t[f"{p}mlp.down_proj.weight"],
+            f"{c}input_layernorm.weight": t[f"{p}input_layernorm.weight"],
+            f"{c}post_attention_layernorm.weight": t[f"{p}post_attention_layernorm.weight"],
+        })
+    rope_theta = cfg["rope_parameters"]["rope_theta"]
+    # THUDM/chatglm3-6b-32k's config fields (rope_ratio 50 there; sizes and the ratio from the tiny GLM)
+    config = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "add_bias_linear": False,
+              "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+              "apply_residual_connection_post_layernorm": False, "attention_softmax_in_fp32": True,
+              "ffn_hidden_size": cfg["intermediate_size"], "hidden_size": cfg["hidden_size"],
+              "kv_channels": cfg["head_dim"], "layernorm_epsilon": cfg["rms_norm_eps"], "multi_query_attention": True,
+              "multi_query_group_num": cfg["num_key_value_heads"], "num_attention_heads": cfg["num_attention_heads"],
+              "num_layers": cfg["num_hidden_layers"], "original_rope": True, "padded_vocab_size": cfg["vocab_size"],
+              "post_layer_norm": True, "rmsnorm": True, "rope_ratio": rope_theta / 10000.0,
+              "seq_length": cfg["max_position_embeddings"], "tie_word_embeddings": False, "eos_token_id": 2,
+              "pad_token_id": 2, **fields}
+    _remote_code_folder(tmp_path / "chatglm", config, tensors, "modeling_chatglm")
+    return src, tmp_path / "chatglm"
+
+
+def test_chatglm3_query_key_value_is_read_as_glm(tmp_path):
+    """ChatGLM2/3 and GLM-4's THUDM folders: q/k/v stacked in one query_key_value with biases, gate and up in one
+    dense_h_to_4h; read as transformers' GLM (interleaved rotary on half of each head, base 10000·rope_ratio)."""
+    src, folder = _chatglm_folder(tmp_path, rope_ratio=50.0)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["rope_parameters"]["rope_theta"] = 500000.0  # the reference carries the folder's base, 10000 · 50
+    (src / "config.json").write_text(json.dumps(cfg))
+    _quantize_and_compare(tmp_path, folder, src, native="glm")
+
+
+def test_chatglm_v1_and_post_norm_variants_are_refused_by_name(tmp_path):
+    _, folder = _chatglm_folder(tmp_path, apply_residual_connection_post_layernorm=True)
+    with pytest.raises(ModelLoadError, match="apply_residual_connection_post_layernorm"):
+        quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=tmp_path / "q", calib_texts=[TEXT],
+                                num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda _: None)
+    assert not (tmp_path / "q").exists() and not (folder / "RAN").exists()
+
+
+def test_a_tokenizer_that_is_the_folders_own_python_is_refused_by_name(tmp_path):
+    """ChatGLM's and InternLM2's tokenizers are Python in the folder: without --trust-remote-code the run says so
+    (instead of 'no usable tokenizer files') and leaves nothing behind."""
+    _, folder = _chatglm_folder(tmp_path)
+    for f in folder.glob("tokenizer*"):
+        f.unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}))
+    with pytest.raises(ModelLoadError, match="tokenizer is the folder's own Python"):
+        quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=tmp_path / "q", calib_texts=[TEXT],
+                                num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda _: None)
+    assert not (tmp_path / "q").exists() and not (folder / "RAN").exists()

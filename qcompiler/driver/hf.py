@@ -90,8 +90,20 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as e:  # (transformers and tokenizers raise many types for damaged tokenizer files)
+        if not trust_remote_code and _tokenizer_needs_code(model_dir):
+            raise ModelLoadError(f"'{model_dir}/tokenizer_config.json': the tokenizer is the folder's own Python "
+                                 "(auto_map; InternLM2 and ChatGLM ship theirs): pass --trust-remote-code after "
+                                 "reading that code, or add a tokenizer.json") from None
         raise ModelLoadError(f"'{model_dir}': no usable tokenizer files ({' '.join(str(e).split())[:300]}); "
                              "restore tokenizer.json / tokenizer_config.json from the model's source") from None
+
+
+def _tokenizer_needs_code(model_dir: Path) -> bool:
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "AutoTokenizer" in (config.get("auto_map") or {})
 
 
 def run_fingerprint(cfg: QuantizeConfig, plan: RunPlan, ckpt: Checkpoint, texts_digest: str) -> dict[str, Any]:

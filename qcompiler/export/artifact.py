@@ -352,7 +352,7 @@ class ArtifactWriter:
                     shutil.copyfile(copy_from / name, self.tmp / name)
             if (self.tmp / "config.json").is_file():
                 source = json.loads((self.tmp / "config.json").read_text())
-                converted = converted_config(source)  # a converted family is written as the Llama it was read as
+                converted = converted_config(source)  # a converted family is written as the native architecture it was read as
                 if converted is not None or config_updates:
                     config = converted or source
                     config.update(config_updates or {})

@@ -80,7 +80,7 @@ class FormatExporter:
         self.folder = out_dir / fmt.folder
         self.source = Path(source)
         self.config = json.loads((self.source / "config.json").read_text())
-        self.config = converted_config(self.config) or self.config  # (a converted family: the Llama it was read as)
+        self.config = converted_config(self.config) or self.config  # (a converted family: the native architecture it was read as)
         self.dtype = source_dtype(self.config)
         self.state_names = set(model.state_dict().keys())
         self.linear_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

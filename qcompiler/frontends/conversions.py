@@ -1,9 +1,10 @@
 """Checkpoints of families that ship their own modeling code, read as the native architecture with the same maths,
-so that no code from the model folder runs (LMDeploy converts these families the same way).
+so that no code from the model folder runs (LMDeploy and transformers' own conversion scripts do the same).
 
-A conversion turns the folder's config.json into a Llama config and names every Llama tensor by the checkpoint
-tensors it is computed from (a split of a packed matrix, a rename, a row normalisation); `Checkpoint` then serves
-the Llama names, reading and converting tensors lazily, one block at a time.
+A conversion turns the folder's config.json into a native config (Llama, or GLM for ChatGLM) and names every
+native tensor by the checkpoint tensors it is computed from (a split of a packed matrix, a rename, a row
+normalisation); `Checkpoint` then serves the native names, reading and converting tensors lazily, one block at a
+time.
 
 InternLM2 / InternLM2.5 (`model_type: internlm2`): Llama with renamed modules and one packed `attention.wqkv`
 [(H + 2·H_kv)·d, hidden], laid out per KV group: for each of the H_kv key/value heads, its H/H_kv query heads,
@@ -14,6 +15,12 @@ Baichuan / Baichuan2 7B (`model_type: baichuan` with rotary positions): Llama wi
 rows. Baichuan2 (its config has `z_loss_weight`) computes its head as NormHead: logits = x · (W / ‖W_row‖)ᵀ, so the
 converted lm_head holds the normalised rows. The 13B models use ALiBi instead of rotary positions (their config has
 no `max_position_embeddings`): not Llama, refused by name.
+
+ChatGLM2 / ChatGLM3 / GLM-4 (`model_type: chatglm`, THUDM's original folders): transformers' GLM (the class of
+THUDM/glm-4-9b-chat-hf). `query_key_value` = [q (H·d); k (H_kv·d); v (H_kv·d)] rows with biases, `dense_h_to_4h`
+= [gate; up] (GLM's gate_up_proj as is), rotary on the first half of each head in interleaved pairs with base
+10000·rope_ratio (GLM's partial_rotary_factor 0.5 and interleaved rotate_half). ChatGLM-6B (v1, 2-D positions,
+GELU, post-norm residuals) is another architecture: refused by name.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ Convert = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class Conversion:
     family: str  # what the folder holds, in words
-    config: dict[str, Any]  # a Llama config.json
+    config: dict[str, Any]  # the native config.json (Llama, GLM)
     tensors: dict[str, tuple[tuple[str, ...], Convert]]  # Llama name -> (checkpoint names, function of them)
 
 
@@ -127,9 +134,56 @@ def _baichuan(src: dict[str, Any], names: set[str], where: str) -> Conversion:
                       tensors)
 
 
+def _chatglm(src: dict[str, Any], names: set[str], where: str) -> Conversion:
+    # the fields of ChatGLM2/3 and GLM-4 that make it transformers' GLM; any other value is another architecture
+    required = {"rmsnorm": True, "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
+                "add_bias_linear": False, "original_rope": True}
+    wrong = {k: src.get(k) for k, v in required.items() if src.get(k, v) != v}
+    if "position_encoding_2d" in src or "num_layers" not in src or wrong:
+        raise ModelLoadError(f"{where}: this ChatGLM variant ({wrong or 'ChatGLM-6B v1: 2-D positions, GELU'}) is "
+                             "not transformers' GLM; only ChatGLM2/ChatGLM3/GLM-4 folders are converted")
+    h = int(src["num_attention_heads"])
+    kv = int(src["multi_query_group_num"]) if src.get("multi_query_attention") else h
+    d = int(src.get("kv_channels") or int(src["hidden_size"]) // h)
+    bias = bool(src.get("add_qkv_bias"))
+    rows = {"q": (0, h * d), "k": (h * d, (h + kv) * d), "v": ((h + kv) * d, (h + 2 * kv) * d)}
+
+    def part(which: str) -> Convert:
+        lo, hi = rows[which]
+        return lambda w: w[lo:hi].contiguous()
+
+    tensors: dict[str, tuple[tuple[str, ...], Convert]] = {
+        "model.embed_tokens.weight": (("transformer.embedding.word_embeddings.weight",), _same),
+        "model.norm.weight": (("transformer.encoder.final_layernorm.weight",), _same),
+        "lm_head.weight": (("transformer.output_layer.weight",), _same),
+    }
+    for i in range(int(src["num_layers"])):
+        p, c = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
+        for n in "qkv":
+            for kind in ("weight", "bias") if bias else ("weight",):
+                tensors[f"{p}self_attn.{n}_proj.{kind}"] = ((f"{c}self_attention.query_key_value.{kind}",), part(n))
+        tensors.update({
+            f"{p}self_attn.o_proj.weight": ((f"{c}self_attention.dense.weight",), _same),
+            f"{p}mlp.gate_up_proj.weight": ((f"{c}mlp.dense_h_to_4h.weight",), _same),
+            f"{p}mlp.down_proj.weight": ((f"{c}mlp.dense_4h_to_h.weight",), _same),
+            f"{p}input_layernorm.weight": ((f"{c}input_layernorm.weight",), _same),
+            f"{p}post_attention_layernorm.weight": ((f"{c}post_attention_layernorm.weight",), _same),
+        })
+    config = {"model_type": "glm", "architectures": ["GlmForCausalLM"], "hidden_act": "silu",
+              "hidden_size": src["hidden_size"], "intermediate_size": src["ffn_hidden_size"],
+              "num_hidden_layers": src["num_layers"], "num_attention_heads": h, "num_key_value_heads": kv,
+              "head_dim": d, "max_position_embeddings": src.get("seq_length", 8192),
+              "rms_norm_eps": src.get("layernorm_epsilon", 1e-5), "vocab_size": src["padded_vocab_size"],
+              "rope_theta": 10000.0 * float(src.get("rope_ratio", 1)), "partial_rotary_factor": 0.5,
+              "attention_bias": bias, "tie_word_embeddings": False}
+    config.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype") if k in src})
+    return Conversion("ChatGLM", config, tensors)
+
+
 _CONVERSIONS: dict[str, Callable[[dict[str, Any], set[str], str], Conversion]] = {
     "internlm2": _internlm2,
     "baichuan": _baichuan,
+    "chatglm": _chatglm,
 }
 CONVERTED = frozenset(_CONVERSIONS)
 
@@ -154,6 +208,6 @@ def find_conversion(config: dict[str, Any], names: set[str], where: str) -> Conv
 
 
 def converted_config(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The Llama config.json written for a converted checkpoint (what loads our outputs), None if not converted."""
+    """The native config.json written for a converted checkpoint (what loads our outputs), None if not converted."""
     make = _CONVERSIONS.get(str(config.get("model_type")))
     return None if make is None else make(config, set(), "config.json").config

@@ -94,7 +94,7 @@ class Checkpoint:
                     raise ModelLoadError(f"'{index}' places tensor '{name}' in '{f}', which does not hold it; "
                                          "restore the index or the shard from the checkpoint's source")
             self.headers.update({k: v for k, v in held.items() if self.weight_map.get(k) == f})
-        # families that ship their own modeling code, read as the Llama they are (frontends/conversions.py)
+        # families that ship their own modeling code, read as the native architecture they are (frontends/conversions.py)
         self._files = dict(self.weight_map)  # stored tensor -> file
         self._stored_headers = dict(self.headers)
         self._views: dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]] = {}
@@ -255,8 +255,8 @@ class Checkpoint:
 
         try:
             if self.conversion is not None:
-                fields = {k: v for k, v in self.conversion.config.items() if k not in ("model_type", "architectures")}
-                return AutoConfig.for_model("llama", architectures=["LlamaForCausalLM"], **fields)
+                fields = {k: v for k, v in self.conversion.config.items() if k != "model_type"}
+                return AutoConfig.for_model(self.conversion.config["model_type"], **fields)
             return AutoConfig.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
         except Exception as e:  # transformers raises ValueError, KeyError, TypeError, OSError... on a bad config
             raise ModelLoadError(f"'{self.path}/config.json': {' '.join(str(e).split())[:300]}") from None
