@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from vlm_configs import VLMS, image_inputs
 
 SIZES: dict[str, Any] = dict(
     vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -29,6 +30,7 @@ class Family:
     real: str  # the published config whose structural fields this tiny config keeps
     fields: dict[str, Any] = field(default_factory=dict)
     drop: tuple[str, ...] = ()  # SIZES fields the family's config does not have
+    multimodal: bool = False  # a vision-language model: `fields` is its whole config (tests/vlm_configs.py)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -108,12 +110,17 @@ FAMILIES: tuple[Family, ...] = (
     Family("smollm3", "SmolLM3", "HuggingFaceTB/SmolLM3-3B (no rope every 4th layer, here the 2nd)", dict(
         no_rope_layer_interval=2, tie_word_embeddings=True)),
 )
+# Vision-language models (issue 16): the language model's blocks quantized, vision tower and projector float; checked
+# on prompts holding an image (tests/vlm_configs.py builds the pixels and placeholder tokens as the processors do).
+FAMILIES += tuple(Family(v.model_type, f"VLM: {v.name}", v.copies, v.config, multimodal=True) for v in VLMS)
 BY_TYPE = {f.model_type: f for f in FAMILIES}
 
 
 def family_config(family: Family) -> Any:
     from transformers import AutoConfig
 
+    if family.multimodal:
+        return AutoConfig.for_model(family.model_type, **family.fields)
     fields = {k: v for k, v in SIZES.items() if k not in family.drop}
     fields.setdefault("tie_word_embeddings", False)
     fields.update(family.fields)
@@ -123,12 +130,12 @@ def family_config(family: Family) -> Any:
 def make_family_model(path: Path, family: Family, seed: int = 0) -> Path:
     """Save `family`'s tiny model with random weights (σ 0.05; norm weights around their neutral value) and the
     byte tokenizer to `path`."""
-    from transformers import AutoModelForCausalLM
-
+    from qcompiler.frontends.multimodal import auto_model_class
     from qcompiler.synthetic import byte_tokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family), dtype=torch.float32)
+    config = family_config(family)
+    model = auto_model_class(config).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -141,3 +148,15 @@ def make_family_model(path: Path, family: Family, seed: int = 0) -> Path:
     model.save_pretrained(str(path), safe_serialization=True)
     byte_tokenizer().save_pretrained(str(path))
     return path
+
+
+def family_inputs(family: Family, model: Path, seq: int = 40) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs the matrix checks: 2 × `seq` token ids, or for a VLM 2 prompts holding an image."""
+    if family.multimodal:
+        from transformers import AutoConfig
+
+        return image_inputs(BY_VLM[family.model_type], AutoConfig.from_pretrained(str(model)))
+    return {"input_ids": torch.randint(3, 250, (2, seq), generator=torch.Generator().manual_seed(0))}
+
+
+BY_VLM = {v.model_type: v for v in VLMS}

@@ -67,7 +67,7 @@ def test_unknown_architecture_is_refused(tiny_llama, tmp_path):
     cfg["model_type"] = "vit"
     cfg["architectures"] = ["ViTModel"]
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="not a causal language model"):
+    with pytest.raises(ModelLoadError, match="neither a causal language model nor a vision-language model"):
         build_skeleton(Checkpoint(d))
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_configs import FAMILIES, Family, make_family_model
+from family_configs import FAMILIES, Family, family_inputs, make_family_model
 from tiny import TEXT
 from twin import transformers_twin
 
@@ -147,11 +147,13 @@ def _digest(out: Path) -> str:
 
 
 def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str]:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from qcompiler.frontends.multimodal import auto_model_class
     from qcompiler.runtime.msmodelslim import load_msmodelslim
 
-    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    inputs = family_inputs(family, model)
+    auto = auto_model_class(AutoConfig.from_pretrained(str(model)))
     cells: dict[str, str] = {}
     runs = {t: _quantize(model, tmp / t, scheme, t) for t in ("cuda", "ascend")}
     artefact = next((tmp / t for t, refusal in runs.items() if refusal is None), None)
@@ -168,20 +170,19 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
 
     weight_only = "a16" in scheme
     with torch.no_grad():
-        ours = load_quantized(artefact)(ids).logits
-        twin = transformers_twin(model, artefact)(ids).logits
-        act_free = None if weight_only else transformers_twin(model, artefact, activations=False)(ids).logits
-        float_logits = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)(ids).logits
+        ours = load_quantized(artefact)(**inputs).logits
+        twin = transformers_twin(model, artefact)(**inputs).logits
+        act_free = None if weight_only else transformers_twin(model, artefact, activations=False)(**inputs).logits
+        float_logits = auto.from_pretrained(str(model), dtype=torch.float32)(**inputs).logits
     assert _rel(ours, float_logits) > 1e-4, "nothing was quantized"  # (10× the weight-only tolerance)
     _check_close(ours, twin, act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
     cells["reference"] = "ok"
 
     if runs["cuda"] is None:
         try:
-            client = AutoModelForCausalLM.from_pretrained(str(tmp / "cuda" / "compressed-tensors"),
-                                                          dtype=torch.float32)
+            client = auto.from_pretrained(str(tmp / "cuda" / "compressed-tensors"), dtype=torch.float32)
             with torch.no_grad():
-                theirs = client(ids).logits
+                theirs = client(**inputs).logits
         except Exception as e:  # the client's own refusal is the cell's reason
             import transformers
 
@@ -206,12 +207,12 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
             cells["ascend"] = f"msModelSlim loader: {str(e).splitlines()[0].replace(str(tmp), '<out>')[:160]}"
         else:
             with torch.no_grad():
-                theirs = loaded(ids).logits
+                theirs = loaded(**inputs).logits
             _check_close(theirs, ours, act_free, f"{family.model_type} {scheme}: msModelSlim loader vs ours")
             cells["ascend"] = "ok"
     else:
         cells["ascend"] = runs["ascend"]
-    cells["onnxruntime"] = _onnxruntime_cell(model, scheme, tmp, ids, act_free is not None)
+    cells["onnxruntime"] = _onnxruntime_cell(model, scheme, tmp, inputs["input_ids"], act_free is not None)
     return cells
 
 

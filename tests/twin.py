@@ -55,12 +55,14 @@ def _act_hook(layer: ExportLayer):
 def transformers_twin(source: Path, out: Path, activations: bool = True) -> torch.nn.Module:
     """transformers' model of `source` with the weights (and, with `activations`, the activation grids) of the
     artefact in `out`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from qcompiler.frontends.hf import Checkpoint, find_blocks
     from qcompiler.frontends.moe import unfuse_experts
+    from qcompiler.frontends.multimodal import auto_model_class
 
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager").eval()
+    auto = auto_model_class(AutoConfig.from_pretrained(str(source)))
+    model = auto.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager").eval()
     prefix, _ = find_blocks(model)
     ckpt = Checkpoint(source)
     unfuse_experts(model, ckpt, prefix)  # per-expert linears under the checkpoint's names (weightless)

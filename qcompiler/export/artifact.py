@@ -62,6 +62,12 @@ STATE_FILE = "state.json"
 WORK_MARKER = "qcompile-work.json"
 
 
+# A vision-language model's image / video preprocessing and chat template, copied as they are (the processor is
+# not instantiated: its image backends are not needed to quantize the language model).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
+
+
 def _manifest_files(folder: Path) -> dict[str, Any]:
     """The "files" object of folder/manifest.json (names checked to stay inside the folder)."""
     manifest = read_json(folder / MANIFEST, "the artefact's manifest", ArtifactError)
@@ -347,7 +353,7 @@ class ArtifactWriter:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         if copy_from is not None:
-            for name in ("config.json", "generation_config.json"):
+            for name in ("config.json", "generation_config.json", *PROCESSOR_FILES):
                 if (copy_from / name).is_file():
                     shutil.copyfile(copy_from / name, self.tmp / name)
             if (self.tmp / "config.json").is_file():

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import fx
 
 from qcompiler.errors import ArtifactError, ExportError
-from qcompiler.export.artifact import SavedExporter
+from qcompiler.export.artifact import PROCESSOR_FILES, SavedExporter
 from qcompiler.export.layers import ExportLayer, WrittenLayer, from_record
 from qcompiler.files import plain_file_name
 from qcompiler.frontends.conversions import converted_config
@@ -200,7 +200,7 @@ class FormatExporter:
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / f"{self.fmt.shard_prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for f in TOKENIZER_FILES:
+        for f in (*TOKENIZER_FILES, *PROCESSOR_FILES):
             if (self.source / f).is_file():
                 shutil.copy2(self.source / f, self.folder / f)
         config = {k: v for k, v in self.config.items() if k != "quantization_config"}

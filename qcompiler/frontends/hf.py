@@ -17,7 +17,7 @@ import inspect
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,12 @@ from qcompiler.errors import ModelLoadError, TraceError
 from qcompiler.files import read_json, relative_file_name
 from qcompiler.frontends.conversions import CONVERTED, find_conversion
 from qcompiler.frontends.moe import unfuse_experts
+from qcompiler.frontends.multimodal import (
+    auto_model_class,
+    is_multimodal,
+    language_model_path,
+    view_under_module_names,
+)
 from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, set_tensor
 
 # config.json sizes that are dimensions of some weight (at most the checkpoint's element count) and layer counts
@@ -308,33 +314,38 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
     `check`, the checkpoint's tensors are checked against the model first (Checkpoint.check_tensors); our own
     artefacts, which hold quantized tensors under other names, are checked by their manifest instead."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = ckpt.config()
+    multimodal = is_multimodal(config)
     remote = ckpt.trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not multimodal and not remote:
         raise ModelLoadError(
-            f"'{ckpt.path}/config.json': architecture '{config.model_type}' is not a causal language model "
-            "that transformers knows; supported families include llama, qwen2, qwen3, mistral, gemma"
+            f"'{ckpt.path}/config.json': architecture '{config.model_type}' is neither a causal language model nor "
+            "a vision-language model that transformers knows; supported families include llama, qwen2, qwen3, "
+            "mistral, gemma, qwen2_vl, llava"
         )
     config.use_cache = False
-    linear = sorted({t for t in getattr(config, "layer_types", None) or () if "linear" in str(t)})
+    text = config.get_text_config()
+    text.use_cache = False
+    linear = sorted({t for t in getattr(text, "layer_types", None) or () if "linear" in str(t)})
     if linear:  # (their chunked recurrences need the sequence length a multiple of the chunk: not traced yet)
         raise ModelLoadError(f"'{ckpt.path}/config.json': {config.model_type} has linear-attention layers "
                              f"({', '.join(linear)}: Gated DeltaNet / lightning attention), which qcompiler does not "
                              "trace yet")
+    auto = auto_model_class(config)
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config),
-                                                     dtype=dtype,
-                                                     trust_remote_code=ckpt.trust_remote_code)
+            model = auto.from_config(config, attn_implementation=attention_implementation(config), dtype=dtype,
+                                     trust_remote_code=ckpt.trust_remote_code)
     except Exception as e:  # noqa: BLE001 (the model's own constructor checks its config with any exception type)
         # a config whose fields contradict each other (hidden_size not divisible by the heads, a padding index
         # outside the vocabulary) or are absurd (a size that cannot be allocated even for the one moment each
         # weight exists before it becomes meta)
         raise ModelLoadError(f"'{ckpt.path}/config.json' describes no buildable {config.model_type} model: "
                              f"{' '.join(str(e).split())[:300]}") from None
+    if multimodal:  # (older VLM checkpoints name the language model and vision tower as transformers 4 did)
+        view_under_module_names(model, ckpt)
     model.eval()
     prefix, _ = find_blocks(model)
     unfuse_experts(model, ckpt, prefix)
@@ -381,9 +392,13 @@ def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The decoder blocks: the ModuleList holding the most parameters (found structurally, not by name)."""
+    """The decoder blocks: the ModuleList holding the most parameters (found structurally, not by name), inside
+    the language model of a vision-language model."""
     best: tuple[int, str, torch.nn.ModuleList] | None = None
+    language = language_model_path(model)
     for name, mod in model.named_modules():
+        if language and not name.startswith(language + "."):
+            continue
         if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
             size = sum(p.numel() for p in mod.parameters())
             if best is None or size > best[0]:
@@ -403,6 +418,10 @@ class BlockCall:
     keys: tuple[str, ...]
     spec: pytree.TreeSpec
     nones: tuple[str, ...] = ()  # arguments the model passes as None (a required one, e.g. Falcon's alibi, too)
+    # single-tensor keywords the traced graph reads only in its input guards, with their probe shape and dtype: a
+    # model may pass them as None on another path (Qwen3-VL's position_ids with an image), and a stand-in of the
+    # guarded shape then takes their place (BlockTracer fills this in)
+    unread: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -472,10 +491,18 @@ def block_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
     return args[0], {**named, **kwargs}
 
 
-def flatten_block_kwargs(call: BlockCall, kwargs: dict) -> list[torch.Tensor]:
+def flatten_block_kwargs(call: BlockCall, kwargs: dict, hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The block's flat tensor inputs from the keywords the model calls it with. A tensor keyword the block was
     traced without (a mask or table the probe did not produce) is refused, never dropped: dropping it would run
-    the block without it (e.g. a sliding window's mask) and silently compute something else."""
+    the block without it (e.g. a sliding window's mask) and silently compute something else. A keyword the graph
+    never reads (BlockCall.unread) that comes as None gets a zero stand-in of the shape its guard checks (the probe's
+    batch and sequence sizes replaced by `hidden`'s)."""
+    if hidden is not None:
+        kwargs = dict(kwargs)
+        for k, (shape, dtype) in call.unread.items():
+            if kwargs.get(k) is None:
+                sizes = {PROBE_SHAPE[0]: hidden.shape[0], PROBE_SHAPE[1]: hidden.shape[1]}
+                kwargs[k] = torch.zeros([sizes.get(d, d) for d in shape], dtype=dtype, device=hidden.device)
     unseen = sorted(k for k, v in kwargs.items() if k not in call.keys and _is_tensor_tree(v))
     if unseen:
         raise ModelLoadError(f"the model called a block with tensor inputs {unseen} that the block was traced without "
@@ -598,7 +625,20 @@ class BlockTracer:
         if key not in self._graphs:
             self._graphs[key] = trace_block(block, self.call, self.example, name)
             self.exports += 1
+            self._note_unread(self._graphs[key])
         return copy_graph(self._graphs[key])
+
+    def _note_unread(self, gm: fx.GraphModule) -> None:
+        """Record the single-tensor keywords whose placeholder feeds nothing but the export's input guards."""
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]  # (after the hidden states)
+        kwargs = pytree.tree_unflatten(list(range(len(self.example) - 1)), self.call.spec)
+        for key, index in kwargs.items():
+            if not isinstance(index, int) or index >= len(placeholders):
+                continue
+            users = placeholders[index].users
+            if all(u.op == "call_module" and str(u.target).startswith("_guards") for u in users):
+                example = self.example[1 + index]
+                self.call.unread.setdefault(key, (tuple(example.shape), example.dtype))
 
 
 def _failing_op(e: Exception) -> str:

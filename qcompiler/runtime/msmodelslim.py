@@ -16,6 +16,7 @@ from qcompiler.errors import ArtifactError
 from qcompiler.export.msmodelslim import DESCRIPTION
 from qcompiler.frontends.hf import find_blocks
 from qcompiler.frontends.moe import unfuse_experts
+from qcompiler.frontends.multimodal import auto_model_class
 from qcompiler.kernels.ascend import layout
 
 
@@ -54,12 +55,12 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     folder = Path(folder)
     desc, tensors = read_folder(folder)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     # MoE: transformers' stacked experts become one linear per expert under the folder's names (as our frontend does)
     unfuse_experts(model, SimpleNamespace(path=folder, weight_map=dict.fromkeys(tensors, "")), find_blocks(model)[0])
     if any(kind == "C8" for kind in desc.values()):
@@ -77,10 +78,10 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     float_tensors = {k: v.to(dtype) for k, v in tensors.items() if desc.get(k) in ("FLOAT", "W16A16S")
                      and k.rsplit(".", 1)[0] not in quantized}
     missing, unexpected = model.load_state_dict(float_tensors, strict=False, assign=True)  # (unfused experts: meta)
-    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)
+    missing = [m for m in missing if not (m == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
                and m.rsplit(".", 1)[0] not in quantized]
     if missing or unexpected:
         raise ArtifactError(f"'{folder}': tensors missing {missing[:5]} / not in the model {unexpected[:5]}")
-    if config.tie_word_embeddings:
+    if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.eval()

@@ -50,7 +50,7 @@ class CompiledBlock(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         _, named = block_arguments(self._original[0], (hidden_states, *args), kwargs)
-        return self.gm(hidden_states, *flatten_block_kwargs(self._call, named))
+        return self.gm(hidden_states, *flatten_block_kwargs(self._call, named, hidden_states))
 
 
 def _local(record: LayerRecord, prefix: str) -> LayerRecord:

@@ -145,7 +145,8 @@ class BlockExporter(Protocol):
 def linear_input_sizes(config: Any) -> dict[str, int]:
     """in_features of a decoder's linears by kind, from a transformers config: attention output, MLP and expert
     down projections, and multi-head latent attention's low-rank projections (DeepSeek's q_b_proj / kv_b_proj read
-    the q / kv latents; its o_proj reads heads × v_head_dim)."""
+    the q / kv latents; its o_proj reads heads × v_head_dim). A vision-language model's: its language model's."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "v_head_dim", None) or getattr(config, "head_dim", None) or (
         config.hidden_size // heads if heads else None)
