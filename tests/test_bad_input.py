@@ -131,6 +131,17 @@ def test_config_that_is_not_a_json_object_is_refused_as_the_config(model, text, 
     assert "tokenizer" not in err
 
 
+@pytest.mark.parametrize("method", ["gptq", "compressed-tensors", "fp8"])
+def test_an_already_quantized_checkpoint_is_refused_naming_its_method(model, text, tmp_path, capsys, method):
+    m = copy_model(model, tmp_path / "m")
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method}}))
+    before = {p.name for p in tmp_path.iterdir()}
+    rc, err = quant(capsys, m, tmp_path / "out", text)
+    refused(rc, err, "config.json", f"quant_method '{method}'", "float original")
+    nothing_written(tmp_path, before)
+
+
 def test_weights_of_another_shape_or_an_integer_dtype_are_refused_naming_the_tensor(model, text, tmp_path, capsys):
     name = "model.layers.1.mlp.down_proj.weight"
     m = copy_model(model, tmp_path / "shape")

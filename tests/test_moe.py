@@ -196,3 +196,78 @@ def test_msmodelslim_loader_runs_moe_exports_as_our_runtime_does(moe_models, fam
     # the same int8 weights dequantized the same way: equal up to float32 summation order; the float model differs
     assert float((theirs - ours).norm() / ours.norm()) < 1e-5
     assert float((float_logits - ours).norm() / ours.norm()) > 1e-4
+
+
+def _to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., K] float -> (blocks [..., K/32, 16] uint8, scales [..., K/32] uint8), as gpt-oss's release stores its
+    experts: one power-of-two scale per 32 values (the smallest that brings the group's largest under 6, E2M1's
+    largest), each value the nearest E2M1 code, two codes a byte, low nibble first."""
+    from qcompiler.frontends.moe import FP4_E2M1
+
+    g = w.float().reshape(*w.shape[:-1], -1, 32)
+    e = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(2.0 ** -100) / 6))
+    codes = ((g / torch.exp2(e)[..., None])[..., None] - torch.tensor(FP4_E2M1)).abs().argmin(-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8), (e + 127).to(torch.uint8)
+
+
+def test_mxfp4_dequantization_equals_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from qcompiler.frontends.moe import mxfp4_dequantize
+
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 8, 4, 16), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(110, 135, (3, 8, 4), generator=gen, dtype=torch.uint8)
+    theirs = convert_moe_packed_tensors(blocks, scales)  # [E, K, N]: transformers' transposed expert layout
+    assert torch.equal(mxfp4_dequantize(blocks, scales), theirs.transpose(1, 2))
+    w = torch.randn(3, 8, 128, generator=gen)
+    back = mxfp4_dequantize(*_to_mxfp4(w)).float()  # (the test's own encoder: a round trip within E2M1's steps)
+    assert (back - w).abs().max() <= w.abs().amax() / 6 * 1.0 + 1e-6 and torch.equal(
+        mxfp4_dequantize(*_to_mxfp4(back)).float(), back)
+
+
+@pytest.mark.slow
+def test_gpt_oss_released_mxfp4_experts_quantize_as_their_dequantized_bf16(tmp_path):
+    """gpt-oss ships its experts as MXFP4 blocks and scales (config.json: quantization_config mxfp4), stacked,
+    transposed, gate/up interleaved, with biases. Read through the checkpoint's views, that folder quantizes to
+    the same bytes as a bf16 folder holding the dequantized experts, and the artefact states no MXFP4."""
+    from family_configs import FAMILIES, make_family_model
+
+    from qcompiler.frontends.moe import mxfp4_dequantize
+
+    family = next(f for f in FAMILIES if f.model_type == "gpt_oss")
+    plain = make_family_model(tmp_path / "bf16", family)
+    released = tmp_path / "mxfp4"
+    released.mkdir()
+    tensors = load_file(str(plain / "model.safetensors"))
+    packed = {}
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        blocks, scales = _to_mxfp4(tensors[name].transpose(1, 2))  # (stored [E, in, out]; MXFP4 rows are outputs)
+        packed[f"{name}_blocks"], packed[f"{name}_scales"] = blocks, scales
+        tensors[name] = mxfp4_dequantize(blocks, scales).transpose(1, 2).contiguous()  # bf16, as the release's
+    save_file(tensors, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    save_file({**{n: t for n, t in tensors.items() if not n.endswith(("_proj",)) or ".experts." not in n}, **packed},
+              str(released / "model.safetensors"), metadata={"format": "pt"})
+    for f in plain.iterdir():
+        if f.name != "model.safetensors":
+            (released / f.name).write_bytes(f.read_bytes())
+    config = json.loads((released / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                                         "model.layers.*.mlp.router"]}
+    (released / "config.json").write_text(json.dumps(config))
+
+    outs = {}
+    for folder in (plain, released):
+        outs[folder.name] = tmp_path / f"q-{folder.name}"
+        quantize(QuantizeConfig(model=folder, scheme=get_scheme("w8a16"), out=outs[folder.name], calib_texts=["x " * 64],
+                                num_samples=2, seq_len=32, batch_size=2, progress=False), log=lambda s: None)
+    blocks = sorted(p.name for p in outs["bf16"].glob("block-*.safetensors"))
+    assert blocks and blocks == sorted(p.name for p in outs["mxfp4"].glob("block-*.safetensors"))
+    for name in blocks:
+        a, b = load_file(str(outs["bf16"] / name)), load_file(str(outs["mxfp4"] / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert "quantization_config" not in json.loads((outs["mxfp4"] / "config.json").read_text())
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(outs["mxfp4"])(input_ids=ids).logits,
+                           load_quantized(outs["bf16"])(input_ids=ids).logits)

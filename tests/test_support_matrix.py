@@ -79,12 +79,23 @@ def _quantize(model: Path, out: Path, scheme: str, target: str) -> str | None:
     return None
 
 
+def _token_rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).flatten()
+
+
 def _check_close(got: torch.Tensor, expect: torch.Tensor, act_free: torch.Tensor | None, where: str) -> None:
-    err = _rel(got, expect)
+    """Weight-only: equal up to float summation order. With quantized activations, two correct implementations
+    differ where an input sits on a rounding boundary of its grid, a one-step flip; a flip that reaches a router
+    can switch a token's experts (gpt-oss w8a8s: 1 of 80 tokens in layer 0, top-2 gap 0.004), so a few tokens may
+    differ by as much as the activation error itself. What must hold on the typical token is that the two agree
+    far better than either agrees with the model without activation quantization: median per-token error below
+    half of act_free's. (A wrong scale or zero point moves every token: the median sees it.)"""
     if act_free is None:
+        err = _rel(got, expect)
         assert err < 1e-5, (where, err)
     else:
-        assert err < 0.5 * _rel(act_free, expect), (where, err, _rel(act_free, expect))
+        err, budget = float(_token_rel(got, expect).median()), float(_token_rel(act_free, expect).median())
+        assert err < 0.5 * budget, (where, err, budget)
 
 
 def _stated_activations(out: Path) -> set[str]:

@@ -359,9 +359,11 @@ class ArtifactWriter:
             if (self.tmp / "config.json").is_file():
                 source = json.loads((self.tmp / "config.json").read_text())
                 converted = converted_config(source)  # a converted family is written as the native architecture it was read as
-                if converted is not None or config_updates:
+                if converted is not None or config_updates or "quantization_config" in source:
                     config = converted or source
                     config.update(config_updates or {})
+                    # (a source's own quantization, MXFP4 experts read as float, never describes this artefact)
+                    config.pop("quantization_config", None)
                     (self.tmp / "config.json").write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.tmp))

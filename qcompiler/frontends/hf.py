@@ -50,6 +50,9 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 # safetensors dtypes a weight may have on disk (integer or fp8 tensors are a quantized checkpoint, not a float one)
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+DEQUANTIZED_ON_READ = ("mxfp4",)  # pre-quantized layouts read as float (gpt-oss's experts: frontends/moe.py)
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
 _FINITE_CHECK_ELEMENTS = 1 << 24  # the NaN/Inf check reads a tensor in pieces of this many elements
 
 
@@ -221,17 +224,18 @@ class Checkpoint:
         return self._read(name)
 
     def add_views(self, views: dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor]]],
-                  replace: list[str]) -> None:
+                  replace: list[str], dtype: str | None = None) -> None:
         """Serve tensors computed from stored ones (name -> (stored names, function of them)) in place of the
-        stored tensors `replace` (a converted layout, experts stacked in one stored tensor)."""
+        stored tensors `replace` (a converted layout, experts stacked in one stored tensor). `dtype`: the served
+        tensors' safetensors dtype where it is not their first source's (dequantized MXFP4 blocks)."""
         for name in replace:
             self.weight_map.pop(name, None)
             self.headers.pop(name, None)
         for name, (sources, fn) in views.items():
-            dtype = self._stored_headers[sources[0]][0]
-            shape = fn(*(torch.empty(self._stored_headers[s][1], device="meta") for s in sources)).shape
+            metas = (torch.empty(self._stored_headers[s][1], device="meta",
+                                 dtype=_TORCH_DTYPES.get(self._stored_headers[s][0], torch.float32)) for s in sources)
             self.weight_map[name] = self._files[sources[0]]
-            self.headers[name] = (dtype, tuple(shape))
+            self.headers[name] = (dtype or self._stored_headers[sources[0]][0], tuple(fn(*metas).shape))
             self._views[name] = (sources, fn)
 
     def _read(self, name: str) -> torch.Tensor:
@@ -263,9 +267,17 @@ class Checkpoint:
             if self.conversion is not None:
                 fields = {k: v for k, v in self.conversion.config.items() if k != "model_type"}
                 return AutoConfig.for_model(self.conversion.config["model_type"], **fields)
-            return AutoConfig.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
+            config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=self.trust_remote_code)
         except Exception as e:  # transformers raises ValueError, KeyError, TypeError, OSError... on a bad config
             raise ModelLoadError(f"'{self.path}/config.json': {' '.join(str(e).split())[:300]}") from None
+        stated = getattr(config, "quantization_config", None)
+        method = stated.get("quant_method") if isinstance(stated, dict) else getattr(stated, "quant_method", None)
+        if method is not None and str(getattr(method, "value", method)) not in DEQUANTIZED_ON_READ:
+            raise ModelLoadError(f"'{self.path}/config.json': this checkpoint is already quantized (quantization_config "
+                                 f"quant_method '{getattr(method, 'value', method)}'); qcompile quantizes float "
+                                 f"checkpoints ({', '.join(DEQUANTIZED_ON_READ)} experts are dequantized on read): "
+                                 "point --model at the float original")
+        return config
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -19,7 +19,8 @@ is "router": the linear's output reaches a top-k or the experts' routing, ir/ana
 
 Checkpoint names: modules the checkpoint names differently move to its names (rename_to_checkpoint, from
 transformers' own rename table), so graphs and exports say what the checkpoint says; experts a checkpoint stores
-stacked (GraniteMoE) are read one expert at a time through the checkpoint's views.
+stacked (GraniteMoE; gpt-oss: transposed, gate/up interleaved, biased, and in its release MXFP4-packed) are read one
+expert at a time through the checkpoint's views. gpt-oss's clamped SwiGLU is its own combination (ClampedSwiGLU).
 
 Dense evaluation costs E/k times the MLP FLOPs of the sparse block during calibration (what llm-compressor's
 calibrate_all_experts costs too); it keeps shapes static and every expert's statistics in one run.
@@ -40,20 +41,46 @@ from qcompiler.ir.graph import is_call
 from qcompiler.ir.routing import EXPERT_ROUTING, ROUTED, expert_routing, routed
 
 
-class ExpertMLP(nn.Module):
-    """One expert: down(act(gate(x)) ⊙ up(x)), its linears named as in the checkpoint."""
+class GatedActivation(nn.Module):
+    """act(gate) ⊙ up: the gated MLP of Mixtral, Qwen-MoE, DeepSeek and most MoE families."""
 
-    def __init__(self, hidden: int, inter: int, names: tuple[str, str, str], act: Any, dtype: torch.dtype):
+    def __init__(self, act: Any):
+        super().__init__()
+        self.act_fn = act
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return self.act_fn(gate) * up
+
+
+class ClampedSwiGLU(nn.Module):
+    """gpt-oss: (clamp(up, −l, l) + 1) ⊙ g·σ(α·g) with g = min(gate, l). The +1 and the clamps make down's input
+    not linear in up's output, so no scale moves between up and down (analysis finds no up/down pair here)."""
+
+    def __init__(self, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+class ExpertMLP(nn.Module):
+    """One expert: down(glu(gate(x), up(x))), its linears named as in the checkpoint."""
+
+    def __init__(self, hidden: int, inter: int, names: tuple[str, str, str], glu: nn.Module, dtype: torch.dtype,
+                 bias: bool = False):
         super().__init__()
         self.names = names
         for name, (o, i) in zip(names, ((inter, hidden), (inter, hidden), (hidden, inter)), strict=True):
-            self.add_module(name, nn.Linear(i, o, bias=False, device="meta", dtype=dtype))
-        self.act_fn = act
+            self.add_module(name, nn.Linear(i, o, bias=bias, device="meta", dtype=dtype))
+        self.glu = glu
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
         x = routed(x, weight)
-        h = routed(self.act_fn(gate(x)) * up(x), weight)
+        h = routed(self.glu(gate(x), up(x)), weight)
         return down(h)
 
 
@@ -212,10 +239,30 @@ def _has_module(model: nn.Module, path: str) -> bool:
     return True
 
 
-def _view_stacked_experts(ckpt: Any, rules: list[Any], modules: set[str], full: str, inter: int) -> bool:
-    """Checkpoints that store each layer's experts stacked, [E, 2I, H] gate/up and [E, H, I] down (GraniteMoE's
-    `input_linear` / `output_linear`): serve every expert's gate/up/down_proj as a slice of those tensors, so that
-    each expert is its own linear like a per-expert checkpoint's. Returns whether it did."""
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def mxfp4_dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """OCP microscaling FP4 (gpt-oss's released experts): blocks [..., G, 16] uint8 hold two E2M1 codes a byte (low
+    nibble first), scales [..., G] uint8 are E8M0 exponents biased by 127; value = e2m1(code) · 2^(scale − 127).
+    Returns [..., G·32]. Every product is exact in bfloat16 (an E2M1 value has two significant bits)."""
+    lut = torch.tensor(FP4_E2M1, dtype=torch.float32, device=blocks.device)
+    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()  # [..., G, 32]
+    values = lut[codes] * torch.exp2(scales.float() - 127)[..., None]
+    return values.flatten(-2).to(dtype)
+
+
+def _view_stacked_experts(ckpt: Any, rules: list[Any], modules: set[str], full: str, inter: int,
+                          layout: dict[str, bool]) -> bool:
+    """Checkpoints that store each layer's experts stacked: serve every expert's gate/up/down_proj (weight, and bias
+    where stored) as a slice of those tensors, so that each expert is its own linear like a per-expert
+    checkpoint's. Returns whether it did. Layouts (transformers' flags for the experts class, `layout`):
+
+    - GraniteMoE (`input_linear` / `output_linear`), Qwen3-MoE's own saves: gate_up [E, 2I, H], down [E, H, I];
+    - transposed (gpt-oss, Llama 4): gate_up [E, H, 2I], down [E, I, H];
+    - interleaved gate/up (gpt-oss, not concatenated): gate is row 2j of gate_up, up row 2j+1;
+    - biased (gpt-oss): gate_up_proj_bias [E, 2I], down_proj_bias [E, H];
+    - MXFP4 (gpt-oss's release): `<name>_blocks` / `<name>_scales` in linear orientation, dequantized on read."""
     if ckpt is None or not hasattr(ckpt, "add_views") or f"{full}.0.down_proj" in modules or f"{full}.0.w2" in modules:
         return False
     stored = {}  # the model's name of each stored tensor of this layer, by transformers' rename rules
@@ -226,15 +273,36 @@ def _view_stacked_experts(ckpt: Any, rules: list[Any], modules: set[str], full: 
             for src, dst in zip(rule.source_patterns, rule.target_patterns, strict=False):
                 renamed = re.sub(src, dst, renamed)
         stored[renamed] = name
-    gate_up, down = stored.get(f"{full}.gate_up_proj"), stored.get(f"{full}.down_proj")
+    transposed = layout["is_transposed"]
+
+    def weight_source(proj: str) -> tuple[tuple[str, ...], Any] | None:
+        """(stored names, function of them and an expert index -> that expert's [out, in] weight)."""
+        if f"{full}.{proj}" in stored:
+            return (stored[f"{full}.{proj}"],), lambda t, i: t[i].T if transposed else t[i]
+        blocks, scales = stored.get(f"{full}.{proj}_blocks"), stored.get(f"{full}.{proj}_scales")
+        if blocks is not None and scales is not None:
+            return (blocks, scales), lambda b, s, i: mxfp4_dequantize(b[i], s[i])
+        return None
+
+    gate_up, down = weight_source("gate_up_proj"), weight_source("down_proj")
     if gate_up is None or down is None:
         return False
-    views = {}
-    for i in range(ckpt.headers[gate_up][1][0]):
-        views[f"{full}.{i}.gate_proj.weight"] = ((gate_up,), lambda t, i=i: t[i, :inter])
-        views[f"{full}.{i}.up_proj.weight"] = ((gate_up,), lambda t, i=i: t[i, inter:])
-        views[f"{full}.{i}.down_proj.weight"] = ((down,), lambda t, i=i: t[i])
-    ckpt.add_views(views, replace=[gate_up, down])
+    halves = ((slice(0, None, 2), slice(1, None, 2)) if not layout["is_concatenated"]
+              else (slice(0, inter), slice(inter, 2 * inter)))
+    bias_gate_up, bias_down = stored.get(f"{full}.gate_up_proj_bias"), stored.get(f"{full}.down_proj_bias")
+    views: dict[str, tuple[tuple[str, ...], Any]] = {}
+    mxfp4 = len(gate_up[0]) == 2
+    n_experts = ckpt.headers[gate_up[0][0]][1][0]
+    for i in range(n_experts):
+        for proj, rows in zip(("gate_proj", "up_proj"), halves, strict=True):
+            views[f"{full}.{i}.{proj}.weight"] = (gate_up[0], lambda *t, i=i, rows=rows, f=gate_up[1]: f(*t, i)[rows])
+            if bias_gate_up is not None:
+                views[f"{full}.{i}.{proj}.bias"] = ((bias_gate_up,), lambda t, i=i, rows=rows: t[i][rows])
+        views[f"{full}.{i}.down_proj.weight"] = (down[0], lambda *t, i=i, f=down[1]: f(*t, i))
+        if bias_down is not None:
+            views[f"{full}.{i}.down_proj.bias"] = ((bias_down,), lambda t, i=i: t[i])
+    replaced = [*gate_up[0], *down[0], *(b for b in (bias_gate_up, bias_down) if b is not None)]
+    ckpt.add_views(views, replace=replaced, dtype="BF16" if mxfp4 else None)
     return True
 
 
@@ -254,17 +322,25 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
             raise ModelLoadError(f"{model.config.model_type}: experts '{name}' take their tokens already routed "
                                  "(one [experts·tokens, hidden] input, as Llama 4's do), which qcompiler does not "
                                  "unfuse yet")
-        if getattr(mod, "is_transposed", False) or getattr(mod, "has_bias", False) or not getattr(
-                mod, "has_gate", True) or not getattr(mod, "is_concatenated", True):
-            raise ModelLoadError(f"{model.config.model_type}: experts '{name}' use a layout (transposed, biased, "
-                                 "ungated or interleaved) that qcompiler does not unfuse yet")
-        e, two_i, h = mod.gate_up_proj.shape
-        stacked = _view_stacked_experts(ckpt, rules, modules, name, two_i // 2)
+        layout = {flag: bool(getattr(mod, flag, default)) for flag, default in (
+            ("is_transposed", False), ("has_bias", False), ("has_gate", True), ("is_concatenated", True))}
+        glu: nn.Module | None = None
+        if callable(getattr(mod, "act_fn", None)):
+            glu = GatedActivation(mod.act_fn)
+        elif isinstance(getattr(mod, "alpha", None), float) and isinstance(getattr(mod, "limit", None), float):
+            glu = ClampedSwiGLU(mod.alpha, mod.limit)  # (gpt-oss's _apply_gate)
+        if glu is None or not layout["has_gate"]:
+            raise ModelLoadError(f"{model.config.model_type}: experts '{name}' use an activation or an ungated "
+                                 f"layout ({type(mod).__name__}) that qcompiler does not unfuse yet")
+        e = mod.gate_up_proj.shape[0]
+        inter = mod.down_proj.shape[1] if layout["is_transposed"] else mod.down_proj.shape[2]
+        h = mod.down_proj.shape[2] if layout["is_transposed"] else mod.down_proj.shape[1]
+        stacked = _view_stacked_experts(ckpt, rules, modules, name, inter, layout)
         if stacked:
             modules |= {f"{name}.{i}.{p}" for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")}
         names = _expert_names(ckpt, modules, name)
-        experts = ExpertLinears([ExpertMLP(h, two_i // 2, names, mod.act_fn, mod.gate_up_proj.dtype)
-                                 for _ in range(e)])
+        experts = ExpertLinears([ExpertMLP(h, inter, names, glu,
+                                           mod.gate_up_proj.dtype, bias=layout["has_bias"]) for _ in range(e)])
         experts.stored_stacked = stacked  # (per-expert tensors a client of the checkpoint's layout cannot read)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
