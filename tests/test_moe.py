@@ -271,3 +271,37 @@ def test_gpt_oss_released_mxfp4_experts_quantize_as_their_dequantized_bf16(tmp_p
     with torch.no_grad():
         assert torch.equal(load_quantized(outs["mxfp4"])(input_ids=ids).logits,
                            load_quantized(outs["bf16"])(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text", "granitemoe", "qwen3_moe"])
+def test_experts_read_one_linear_each_compute_transformers_own_block(tmp_path, model_type):
+    """The independent check of the expert layouts (the matrix's twin reads experts through these same views):
+    transformers' model with its stacked experts, and the same model with the experts replaced by our per-expert
+    linears (unfuse_experts) filled from the checkpoint's views — gpt-oss transposed, interleaved, biased with its
+    clamped SwiGLU; Llama 4's pre-routed, pre-weighted rows; GraniteMoE's stored input/output_linear; Qwen3-MoE
+    concatenated — give the same logits up to float summation order (fp32: 1e-5 relative)."""
+    from family_configs import FAMILIES, family_inputs, make_family_model
+    from transformers import AutoModelForCausalLM
+
+    from qcompiler.frontends.moe import _is_stacked_experts, unfuse_experts
+
+    family = next(f for f in FAMILIES if f.model_type == model_type)
+    folder = make_family_model(tmp_path / model_type, family)
+    inputs = family_inputs(family, folder)
+    theirs = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ckpt = Checkpoint(folder)
+    prefix, _ = find_blocks(ours)
+    assert unfuse_experts(ours, ckpt, prefix) == family.fields.get("num_hidden_layers", 2)
+    assert not any(_is_stacked_experts(m) for m in ours.modules())
+    for name, mod in ours.named_modules():
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            mod.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                for p_name, p in mod.named_parameters(recurse=False):
+                    p.copy_(ckpt.tensor(f"{name}.{p_name}"))
+    assert not any(p.is_meta for p in ours.parameters())
+    with torch.no_grad():
+        a, b = ours(**inputs).logits, theirs(**inputs).logits
+    assert float((a - b).norm() / b.norm()) < 1e-5
+

@@ -21,6 +21,8 @@ Checkpoint names: modules the checkpoint names differently move to its names (re
 transformers' own rename table), so graphs and exports say what the checkpoint says; experts a checkpoint stores
 stacked (GraniteMoE; gpt-oss: transposed, gate/up interleaved, biased, and in its release MXFP4-packed) are read one
 expert at a time through the checkpoint's views. gpt-oss's clamped SwiGLU is its own combination (ClampedSwiGLU).
+Llama 4's experts take rows already routed and weighted (input [E·T, H], σ(score)·x, zero where not routed):
+RoutedInputExperts runs each expert's linears on its rows, the same per-expert graph.
 
 Dense evaluation costs E/k times the MLP FLOPs of the sparse block during calibration (what llm-compressor's
 calibrate_all_experts costs too); it keeps shapes static and every expert's statistics in one run.
@@ -99,6 +101,23 @@ class ExpertLinears(nn.ModuleList):
             w = combine[:, e]
             out = out + expert(hidden_states, w) * w[:, None]
         return out
+
+
+class RoutedInputExperts(nn.ModuleList):
+    """Drop-in for experts that take their tokens already routed and weighted (Llama 4): input [E·T, H] whose rows
+    e·T … e·T+T−1 hold σ(score[t, e])·x[t] for the tokens routed to expert e and 0 for the others; output the same
+    rows through each expert, y_e = down_e(act(gate_e(x_e)) ⊙ up_e(x_e)), which is 0 on a zero row. A row is
+    non-zero exactly when its token is routed to e, so |row|_max is the routing weight the qc::routed markers need
+    (calibration statistics over routed tokens). With calibrate_all_experts the others count as the zeros they are."""
+
+    stored_stacked = False
+
+    def __init__(self, experts: list[ExpertMLP]):
+        super().__init__(experts)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:  # type: ignore[override]
+        rows = hidden_states.view(len(self), -1, hidden_states.shape[-1])
+        return torch.cat([expert(rows[e], rows[e].abs().amax(dim=-1)) for e, expert in enumerate(self)])
 
 
 def _is_stacked_experts(mod: nn.Module) -> bool:
@@ -318,12 +337,9 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
     for name, mod in list(model.named_modules()):
         if not name.startswith(prefix + ".") or not _is_stacked_experts(mod):
             continue
-        if len(inspect.signature(mod.forward).parameters) < 3:
-            raise ModelLoadError(f"{model.config.model_type}: experts '{name}' take their tokens already routed "
-                                 "(one [experts·tokens, hidden] input, as Llama 4's do), which qcompiler does not "
-                                 "unfuse yet")
+        routed_input = len(inspect.signature(mod.forward).parameters) < 3  # (Llama 4: bmm on pre-routed rows)
         layout = {flag: bool(getattr(mod, flag, default)) for flag, default in (
-            ("is_transposed", False), ("has_bias", False), ("has_gate", True), ("is_concatenated", True))}
+            ("is_transposed", routed_input), ("has_bias", False), ("has_gate", True), ("is_concatenated", True))}
         glu: nn.Module | None = None
         if callable(getattr(mod, "act_fn", None)):
             glu = GatedActivation(mod.act_fn)
@@ -339,8 +355,8 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
         if stacked:
             modules |= {f"{name}.{i}.{p}" for i in range(e) for p in ("gate_proj", "up_proj", "down_proj")}
         names = _expert_names(ckpt, modules, name)
-        experts = ExpertLinears([ExpertMLP(h, inter, names, glu,
-                                           mod.gate_up_proj.dtype, bias=layout["has_bias"]) for _ in range(e)])
+        mlps = [ExpertMLP(h, inter, names, glu, mod.gate_up_proj.dtype, bias=layout["has_bias"]) for _ in range(e)]
+        experts = RoutedInputExperts(mlps) if routed_input else ExpertLinears(mlps)
         experts.stored_stacked = stacked  # (per-expert tensors a client of the checkpoint's layout cannot read)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
