@@ -52,8 +52,9 @@ FAMILIES: tuple[Family, ...] = (
         num_experts=4, shared_expert_intermediate_size=64, layer_types=["linear_attention", "full_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
         partial_rotary_factor=0.25, **_ROUTED)),
-    Family("glm", "GLM", "THUDM/glm-4-9b-chat-hf (partial rotary, q/k/v bias)", dict(partial_rotary_factor=0.5)),
-    Family("glm4", "GLM", "THUDM/GLM-4-9B-0414 (sandwich norms)", dict(partial_rotary_factor=0.5)),
+    Family("glm", "GLM", "THUDM/glm-4-9b-chat-hf (partial rotary, q/k/v bias)", dict(partial_rotary_factor=0.5,
+                                                                                      head_dim=32)),
+    Family("glm4", "GLM", "THUDM/GLM-4-9B-0414 (sandwich norms)", dict(partial_rotary_factor=0.5, head_dim=32)),
     Family("glm4_moe", "GLM", "zai-org/GLM-4.5-Air (dense first layer, shared expert, q/k/v bias)", dict(
         n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
         norm_topk_prob=True, partial_rotary_factor=0.5, routed_scaling_factor=1.0, **_ROUTED)),

@@ -234,12 +234,17 @@ def test_unsupported_models_are_refused_before_anything_is_written(tmp_path, tin
     out = tmp_path / "q"
     with pytest.raises(ExportError, match="head size divisible by 16"):
         _quantize(tiny_models["llama"], out, "w4a16")  # head_dim 24
-    with pytest.raises(ExportError, match="not 'phi3'"):
-        _quantize(make_tiny_model(tmp_path / "phi3", "phi3", head_dim=32), out, "w4a16")
-    # past the architecture list, the attention pattern check itself refuses OLMo2's q/k norms over whole projections
-    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "olmo2"))
-    with pytest.raises(ExportError, match="query path into attention contains"):
-        _quantize(make_tiny_model(tmp_path / "olmo2", "olmo2", head_dim=32), out, "w4a16")
+    with pytest.raises(ExportError, match="not 'starcoder2'"):
+        _quantize(make_tiny_model(tmp_path / "starcoder2", "starcoder2", head_dim=32), out, "w4a16")
+    longrope = dict(rope_type="longrope", short_factor=[1.0] * 12, long_factor=[4.0] * 12,  # (head_dim 24)
+                    original_max_position_embeddings=64)  # (Phi-3.5-mini's scaling: tables change past 64 tokens)
+    with pytest.raises(ExportError, match="longrope"):
+        _quantize(make_tiny_model(tmp_path / "phi3", "phi3", rope_scaling=longrope), out, "w4a16")
+    # past the architecture list, the attention pattern check itself refuses HunYuan's q/k norms after the rotary
+    # embedding (GroupQueryAttention rotates inside the op, after anything emitted before it)
+    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "hunyuan_v1_dense"))
+    with pytest.raises(ExportError, match="per-head norm reads"):
+        _quantize(make_tiny_model(tmp_path / "hunyuan", "hunyuan_v1_dense", head_dim=32), out, "w4a16")
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
 
 
@@ -262,3 +267,30 @@ def test_cli_quant_for_onnxruntime_and_eval_through_it(tiny32, tmp_path, capsys)
     assert r["quantized"]["perplexity"] == pytest.approx(r["float"]["perplexity"], rel=0.05)
     assert main(["quant", "--model", str(tiny32["llama"]), "--scheme", "w4a16", "--target", "onnxruntime",
                  "--target-option", "speed=max", "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_gemma2_eager_attention_with_soft_capping_runs_as_group_query_attention(tmp_path):
+    """Gemma 2 runs transformers' eager attention (soft-capping: SDPA cannot express it); the export finds
+    softmax(c·tanh(s·q·kᵀ / c) + mask)·v on the graph and writes GroupQueryAttention with softcap = c, the final
+    logits capped the same way. Caps small enough to bend these tiny models' scores and logits (google/gemma-2-2b:
+    50 and 30) make both matter: prefill and cached decode equal the reference runtime."""
+    model = make_tiny_model(tmp_path / "gemma2", "gemma2", head_dim=32, tie_word_embeddings=True, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
+                            attn_logit_softcapping=0.5, final_logit_softcapping=4.0)
+    out = tmp_path / "q"
+    _quantize(model, out, "w8a16", accuracy_level="0", lm_head_bits="float")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    caps = [a.f for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "softcap"]
+    assert caps == [0.5, 0.5]
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = load_quantized(out)(input_ids=ids).logits
+    assert 2.0 < float(ref.abs().max()) <= 4.0  # (the final cap bounds them, and bends the largest)
+    m = OrtCausalLM(out)
+    torch.testing.assert_close(m(ids).logits, ref, rtol=1e-4, atol=2e-4)
+    _, past = m.run(ids[:, :16].numpy())  # prefill, then decode one token at a time through the KV cache (and the window)
+    steps = []
+    for t in range(16, 24):
+        logits, past = m.run(ids[:, t:t + 1].numpy(), past)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), ref[:, 16:].numpy(), rtol=1e-4, atol=2e-4)

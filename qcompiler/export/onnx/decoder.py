@@ -10,8 +10,17 @@ the q/k/v projections' outputs (head reshapes, rotary embedding, GQA repetition,
 attention) to the o projection's input become one com.microsoft::GroupQueryAttention (rotary applied in the
 op from cos/sin caches computed by the model's own rotary module, past/present cache, causal mask from
 seqlens_k = Σ attention_mask − 1 and the total length). The attention pattern is checked on the graph, not
-assumed: a q/k path with anything but reshapes, per-head RMSNorms (Qwen3's q/k norms, emitted before the op on
-[B, S, H, D]) and the rotary arithmetic is refused with the reason.
+assumed: a q/k path with anything but reshapes, per-head RMSNorms (Qwen3's and Gemma 3's q/k norms, emitted before
+the op on [B, S, H, D]) and the rotary arithmetic is refused with the reason. A fused q|k|v projection (split, or
+sliced as Phi-3's qkv_proj) is the op's packed input after its slices are checked. Per layer: the window
+(local_window_size: a sliding layer of Gemma 3 / EXAONE 4 / Mistral, −1 on a full one), the cos/sin caches of its
+layer type (Gemma 3 rotates sliding and full layers with different bases), and no rotation at all on a layer whose
+q/k paths have none (NoPE: SmolLM3's every 4th layer, EXAONE 4's global ones: do_rotary=0); partial and
+interleaved rotary (GLM: cos/sin repeated pairwise in the block) as GroupQueryAttention's rotary_interleaved with a
+shorter cache. Where SDPA cannot express the attention, transformers' eager form is matched instead (Gemma 2:
+softmax(c·tanh(s·q·kᵀ / c) + mask)·v → softcap = c), and Gemma 2's final logit soft-capping is written after the
+head. Scalings outside the blocks (Granite's embedding_multiplier / logits_scaling) and rotary tables that change
+with the sequence length (longrope, dynamic) are refused, not dropped.
 
 A quantized KV cache (kv_quant pass, static symmetric int8 / int4 scales) is GroupQueryAttention's own:
 k_quant_type / v_quant_type PER_TENSOR or PER_CHANNEL (per-head scales repeated over the head's channels),
@@ -27,10 +36,12 @@ reads the embedding initializer through Gemm(transB=1) instead of storing a tran
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +64,22 @@ from qcompiler.export.onnx.emit import (
     skip_rms_norm,
 )
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call
+from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call, skip_passthrough
 from qcompiler.ir.records import HEAD_GRID, HeadGrid, KVRecord, LayerRecord
 from qcompiler.kernels.packing import store_weight_codes
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "smollm3", "exaone4",
+                           "glm", "glm4", "olmo2", "gemma2")
+# config fields that scale the embeddings or the logits outside the decoder blocks (Granite, Cohere)
+OUTER_SCALINGS = ("embedding_multiplier", "logits_scaling", "logit_scale")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.unsqueeze.default,
     aten.expand.default, aten.slice.Tensor, aten.neg.default, aten.cat.default, aten.mul.Tensor, aten.add.Tensor,
     aten.sym_size.int, aten.contiguous.default, aten.permute.default,
+    # interleaved rotary (GLM): cos/sin repeated pairwise, rotate_half as stack(−x₂, x₁).flatten
+    aten.repeat_interleave.self_int, aten.stack.default, aten.flatten.using_ints,
     # a quantized KV cache: GroupQueryAttention quantizes the new keys / values itself (k_scale, v_scale)
     torch.ops.qc.fake_quant_kv.default,
 }
@@ -101,7 +117,7 @@ def _projection(node: fx.Node, what: str, block: str, head_norms: set[fx.Node] =
         if n.op == "placeholder":
             placeholders.add(n)
             continue
-        if n.op == "get_attr":
+        if n.op == "get_attr" or is_call(n, aten.sym_size.int):  # (a size read off an input is not its values)
             continue
         if not is_call(n, _ATTN_PLUMBING):
             raise ExportError(
@@ -109,9 +125,10 @@ def _projection(node: fx.Node, what: str, block: str, head_norms: set[fx.Node] =
                 "decoder export supports projections followed by head reshapes, per-head RMSNorms and rotary "
                 "embedding only"
             )
-        stack.extend(n.all_input_nodes)
+        # (a cast's or type_as's other argument only names a dtype: not a path of values)
+        stack.extend([n.args[0]] if is_call(n, PASSTHROUGH) and isinstance(n.args[0], fx.Node) else n.all_input_nodes)
     if len(sources) != 1:
-        raise ExportError(f"{block}: the {what} input of attention comes from {len(sources)} projections, expected 1")
+        raise ExportError(f"{block}: the {what} input of attention comes from {len(sources)} projections ({sorted(s.name for s in sources)}), expected 1")
     return sources.pop(), placeholders
 
 
@@ -128,6 +145,69 @@ def _from_placeholder(node: fx.Node) -> bool:
     while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node.op == "placeholder"
+
+
+@dataclass
+class _Attention:
+    """One attention of a block: its q, k, v inputs ([B, H, S, D] after rotary / GQA repetition), mask, scale, logit
+    soft-capping (None: none) and the node whose output is the attention's [B, H, S, D] result."""
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: Any
+    scale: float | None
+    softcap: float | None
+    out: fx.Node
+
+
+def _constant_factor(n: fx.Node, op: Any) -> tuple[fx.Node, float] | None:
+    """(x, c) for op(x, c) with a Python-number c."""
+    if is_call(n, op) and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], int | float):
+        return n.args[0], float(n.args[1])
+    return None
+
+
+def _find_attention(gm: fx.GraphModule, block: str) -> _Attention:
+    """The block's one attention: scaled_dot_product_attention, or the eager form transformers runs where SDPA
+    cannot express the model (Gemma 2's logit soft-capping):
+        p = softmax(c·tanh(s·(q·kᵀ)/c) + mask)  (soft-capping optional),  out = p·v"""
+    sdpas = [n for n in gm.graph.nodes if is_call(n, SDPA_OPS)]
+    if len(sdpas) == 1:
+        sdpa = sdpas[0]
+        return _Attention(sdpa.args[0], sdpa.args[1], sdpa.args[2],  # type: ignore[arg-type]
+                          sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask"),
+                          sdpa.kwargs.get("scale"), None, sdpa)
+    softmaxes = [n for n in gm.graph.nodes if is_call(n, (aten.softmax.int, aten._softmax.default))]
+    if sdpas or len(softmaxes) != 1:
+        raise ExportError(f"{block}: expected one attention (scaled_dot_product_attention or one softmax), found "
+                          f"{len(sdpas)} and {len(softmaxes)} softmax")
+    softmax = softmaxes[0]
+    x, mask = skip_passthrough(softmax.args[0]), None  # type: ignore[arg-type]
+    if is_call(x, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in x.args[:2]):
+        x, mask = x.args[0], x.args[1]
+    softcap = None
+    capped = _constant_factor(x, aten.mul.Tensor)  # type: ignore[arg-type]
+    if capped is not None and is_call(capped[0], aten.tanh.default):
+        inner = _constant_factor(capped[0].args[0], aten.div.Tensor)  # type: ignore[arg-type]
+        if inner is None or inner[1] != capped[1]:
+            raise ExportError(f"{block}: attention scores pass a tanh that is not c·tanh(x / c) soft-capping")
+        x, softcap = inner[0], capped[1]
+    scale = 1.0
+    scaled = _constant_factor(x, aten.mul.Tensor)  # type: ignore[arg-type]
+    if scaled is not None:
+        x, scale = scaled
+    if not (is_call(x, aten.matmul.default) and is_call(x.args[1], aten.transpose.int)  # type: ignore[union-attr]
+            and sorted(x.args[1].args[1:3]) == [2, 3]):  # type: ignore[union-attr]
+        raise ExportError(f"{block}: the softmax '{softmax.name}' does not read q·kᵀ attention scores")
+    q, k = x.args[0], x.args[1].args[0]  # type: ignore[union-attr]
+    out = softmax  # (through casts and an eval-mode dropout)
+    while len(out.users) == 1 and is_call(next(iter(out.users)), PASSTHROUGH | {aten.dropout.default}):
+        out = next(iter(out.users))
+    users = list(out.users)
+    if len(users) != 1 or not is_call(users[0], aten.matmul.default) or users[0].args[0] is not out:
+        raise ExportError(f"{block}: the attention probabilities '{softmax.name}' do not multiply the values")
+    return _Attention(q, k, users[0].args[1], mask, scale, softcap, users[0])  # type: ignore[arg-type]
 
 
 def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
@@ -158,6 +238,16 @@ def check_decoder_config(cfg: Any) -> None:
             f"the ONNX Runtime decoder export supports {', '.join(SUPPORTED_ARCHITECTURES)} models, not '{arch}'; "
             "use --target reference for this model"
         )
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    per_layer_type = all(isinstance(r, dict) for r in rope.values())  # (Gemma 3: parameters by layer type)
+    rope_types = {str(r.get("rope_type", r.get("type"))) for r in (rope.values() if per_layer_type else [rope])}
+    if rope_types & {"longrope", "dynamic"}:  # (their tables change with the sequence length; GQA's caches do not)
+        raise ExportError(f"the ONNX Runtime decoder export takes fixed rotary tables, not {sorted(rope_types)} rope "
+                          "scaling whose tables depend on the sequence length; use --target reference for this model")
+    outer = {f: getattr(cfg, f) for f in OUTER_SCALINGS if getattr(cfg, f, None) not in (None, 1, 1.0)}
+    if outer:  # (the blocks' own multipliers are in their graphs; these act outside every block)
+        raise ExportError(f"the ONNX Runtime decoder export does not apply {', '.join(f'{k}={v}' for k, v in outer.items())} "
+                          "(a scaling outside the blocks); use --target reference for this model")
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     if head_dim % 16:
@@ -171,7 +261,7 @@ class DecoderExporter:
     # what changes as blocks are emitted (names of ONNX values, progress), saved after every block for --resume;
     # the rest is derived again from the model and the options
     _PROGRESS: dict[str, type | tuple[type, ...]] = {
-        "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "cos": str, "sin": str, "hidden": str,
+        "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "rotary": dict, "hidden": str,
         "residual": (list, type(None)), "window": int, "blocks_done": int, "tied": bool,
         "embedding_name": (str, type(None)), "head_block": (int, type(None)), "head_shape": (list, type(None)),
         "head_weights": (list, type(None)),
@@ -211,7 +301,8 @@ class DecoderExporter:
         self.seqlens_k = b.op("Cast", [b.op("Sub", [total, one], "/mask/sub")], "/mask/seqlens_k", to=TensorProto.INT32)
         t = b.op("Gather", [b.op("Shape", [mask], "/mask/shape"), b.const(1, np.int64)], "/mask/total", axis=0)
         self.total_len = b.op("Cast", [t], "/mask/total_i32", to=TensorProto.INT32)
-        self.cos, self.sin = self._rotary_caches(model)
+        # cos/sin caches by layer type (Gemma 3's sliding layers rotate with another base than its full ones)
+        self.rotary = {t: list(self._rotary_caches(model, t)) for t in dict.fromkeys(self._layer_types())}
         self.hidden = self._embedding(ids, model)
         # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
         self.residual: tuple[str, str] | None = None
@@ -224,19 +315,38 @@ class DecoderExporter:
         # (tuples come back as lists, which every use of these fields accepts)
         return {**{key: getattr(self, key) for key in self._PROGRESS}, **self.b.save_state(folder, tag)}
 
-    def _rotary_caches(self, model: torch.nn.Module) -> tuple[str, str]:
+    def _layer_types(self) -> list[str]:
+        """Each layer's attention type ("full_attention", "sliding_attention"); one type where the config has none."""
+        types = getattr(self.cfg, "layer_types", None)
+        return list(types) if types else ["full_attention"] * self.layers
+
+    def _window(self, index: int) -> int:
+        """GroupQueryAttention's local_window_size for layer `index`: the sliding window on a sliding layer (Gemma 3's
+        pattern, or every layer where the config has a window and no types), −1 (none) on a full one."""
+        if getattr(self.cfg, "layer_types", None):
+            return int(self.cfg.sliding_window) if self._layer_types()[index] == "sliding_attention" else -1
+        return self.window
+
+    def _rotary_caches(self, model: torch.nn.Module, layer_type: str) -> tuple[str, str]:
         inner = _decoder_body(model)
         n = int(self.cfg.max_position_embeddings)
         pos = torch.arange(n)[None]
+        per_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
         with torch.no_grad():
-            cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
-        if cos.shape[-1] != self.head_dim:
-            raise ExportError(f"partial rotary embedding ({cos.shape[-1]} of {self.head_dim} dims) is not supported")
-        half = self.head_dim // 2
+            x = torch.zeros(1, dtype=torch.float32)
+            cos, sin = inner.rotary_emb(x, pos, layer_type) if per_type else inner.rotary_emb(x, pos)
+        suffix = f"_{layer_type.removesuffix('_attention')}" if per_type else ""
+        rotary_dim = int(cos.shape[-1])  # (< head_dim: partial rotary, GLM's half; the rest passes through)
+        if rotary_dim > self.head_dim or rotary_dim % 2:
+            raise ExportError(f"a rotary embedding of {rotary_dim} dims does not fit heads of {self.head_dim}")
+        half = rotary_dim // 2
+        if rotary_dim < self.head_dim and half % 8:
+            raise ExportError(f"onnxruntime's GroupQueryAttention rotates part of a head only in multiples of 16 dims; "
+                              f"this model rotates {rotary_dim} of {self.head_dim}: use --target reference for it")
         if not torch.allclose(cos[0, :, :half], cos[0, :, half:]):
             raise ExportError("the rotary tables are not in the rotate-half layout GroupQueryAttention expects")
-        return (self.b.initializer("cos_cache", cos[0, :, :half].float().contiguous()),
-                self.b.initializer("sin_cache", sin[0, :, :half].float().contiguous()))
+        return (self.b.initializer(f"cos_cache{suffix}", cos[0, :, :half].float().contiguous()),
+                self.b.initializer(f"sin_cache{suffix}", sin[0, :, :half].float().contiguous()))
 
     def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
                   kv: Sequence[KVRecord]) -> None:
@@ -246,11 +356,8 @@ class DecoderExporter:
         em = GraphEmitter(self.b, gm, f"/model/layers.{index}", self.options)
         hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
         self._bind_hidden(em, gm, hidden)
-        sdpas = [n for n in gm.graph.nodes if is_call(n, SDPA_OPS)]
-        if len(sdpas) != 1:
-            raise ExportError(f"{name}: expected one attention (scaled_dot_product_attention), found {len(sdpas)}")
-        sdpa = sdpas[0]
-        mask = sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+        att = _find_attention(gm, name)
+        mask = att.mask
         if mask is not None and not (isinstance(mask, fx.Node) and _from_placeholder(mask)):
             raise ExportError(f"{name}: attention with a mask computed inside the block is not supported")
         # a mask coming from the model (causal, sliding window, padding) is what GroupQueryAttention builds
@@ -260,28 +367,44 @@ class DecoderExporter:
         # per-head q/k RMSNorms (Qwen3) run before GroupQueryAttention, on [B, S, H, D], then back to [B, S, H·D]
         head_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
                       and len(n.meta["val"].shape) == 4}
-        (q, q_ph), (k, k_ph), (v, _) = (_projection(sdpa.args[i], w, name, head_norms)
-                                        for i, w in enumerate(("query", "key", "value")))
-        if not q_ph or not k_ph:
-            raise ExportError(f"{name}: no rotary embedding found on the query/key paths (GroupQueryAttention applies it)")
+        # RMSNorms over a whole projection's output, before the head split (OLMo 2's q/k norms): emitted as they are
+        width_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
+                       and len(n.meta["val"].shape) == 3 and self._reads_projection(em.norm(n)[0])}  # type: ignore[index]
+        head_norms |= width_norms
+        (q, q_ph), (k, k_ph), (v, _) = (_projection(x, w, name, head_norms)
+                                        for x, w in zip((att.q, att.k, att.v), ("query", "key", "value"), strict=True))
+        if bool(q_ph) != bool(k_ph):
+            raise ExportError(f"{name}: a rotary embedding on the {'query' if q_ph else 'key'} path only; "
+                              "GroupQueryAttention rotates both or neither")
+        rotary = bool(q_ph)  # (none: a NoPE layer, SmolLM3's every 4th, EXAONE 4's global ones)
+        # pairs (x₂ᵢ, x₂ᵢ₊₁) rotate together where the block repeats cos/sin pairwise and rotates by stack/flatten (GLM)
+        interleaved = (any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes),
+                       any(is_call(n, aten.stack.default) for n in gm.graph.nodes))
+        if interleaved[0] != interleaved[1]:
+            raise ExportError(f"{name}: the rotary embedding mixes the interleaved and the rotate-half layouts")
         qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
         if (qkv_split[0] is not None and qkv_split[0] is qkv_split[1] is qkv_split[2]
                 and [x.args[1] for x in (q, k, v)] == [0, 1, 2]):
             packed = qkv_split[0].args[0]  # the fused q|k|v projection, in q, k, v order
             query, key, value = em.v(packed), "", ""
+        elif q is k is v:  # one fused projection sliced into q, k, v (Phi-3's qkv_proj)
+            self._check_packed_slices(q, [att.q, att.k, att.v], name)
+            query, key, value = em.v(q), "", ""
         else:
-            query, key, value = (self._head_norm(em, x) if x in head_norms else em.v(x) for x in (q, k, v))
-        scale = sdpa.kwargs.get("scale") or 1.0 / math.sqrt(self.head_dim)
+            query, key, value = (em.v(x) if x in width_norms or x not in head_norms else self._head_norm(em, x)
+                                 for x in (q, k, v))
+        scale = att.scale or 1.0 / math.sqrt(self.head_dim)
+        softcap = {"softcap": float(att.softcap)} if att.softcap else {}
         attn = self.b.node(
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
-             self.total_len, self.cos, self.sin, *kv_inputs],
+             self.total_len, *(self.rotary[self._layer_types()[index]] if rotary else ("", "")), *kv_inputs],
             f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
             outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
-            num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=1, rotary_interleaved=0,
-            local_window_size=self.window, **kv_attrs,
+            num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=int(rotary), rotary_interleaved=int(interleaved[0]),
+            local_window_size=self._window(index), **softcap, **kv_attrs,
         )
-        em.env[_attention_output(sdpa, name)] = attn[0]
+        em.env[_attention_output(att.out, name)] = attn[0]
         out = next(n for n in gm.graph.nodes if n.op == "output")
         result = out.args[0][0] if isinstance(out.args[0], tuple | list) else out.args[0]
         if is_call(result, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in result.args[:2]):
@@ -291,14 +414,52 @@ class DecoderExporter:
             (self.hidden,) = em.emit([result])  # type: ignore[assignment]
         self.blocks_done += 1
 
+    @staticmethod
+    def _reads_projection(x: fx.Node) -> bool:
+        while is_call(x, PASSTHROUGH) and isinstance(x.args[0], fx.Node):
+            x = x.args[0]
+        return _is_linear_like(x) or _is_split_projection(x)
+
+    def _check_packed_slices(self, packed: fx.Node, inputs: list[fx.Node], block: str) -> None:
+        """q, k and v are the slices [0, H·D), [H·D, (H + Hkv)·D), [(H + Hkv)·D, (H + 2·Hkv)·D) of one projection's
+        last dimension, in that order: GroupQueryAttention's packed-QKV input."""
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        expected = [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, q_size + 2 * kv_size)]
+        for x, (start, end), what in zip(inputs, expected, ("query", "key", "value"), strict=True):
+            cuts, stack, seen = set(), [x], set()
+            while stack:  # the nodes that read the fused projection on the way up from this attention input
+                n = stack.pop()
+                if n in seen or n is packed:
+                    continue
+                seen.add(n)
+                if packed in n.all_input_nodes:
+                    cuts.add(n)
+                else:
+                    stack.extend(n.all_input_nodes)
+            cut = cuts.pop() if len(cuts) == 1 else None
+            ok = (cut is not None and is_call(cut, aten.slice.Tensor) and cut.args[1] in (-1, 2)  # ([B, S, N])
+                  and cut.args[2] == start and min(int(cut.args[3]), q_size + 2 * kv_size) == end)
+            if not ok:
+                raise ExportError(f"{block}: the {what} is not the slice [{start}, {end}) of the fused projection "
+                                  f"'{packed.name}' that GroupQueryAttention's packed input needs")
+
     def _head_norm(self, em: GraphEmitter, norm: fx.Node) -> str:
-        """A per-head RMSNorm on [B, S, H, D] as GroupQueryAttention's [B, S, H·D] input. The head split is written
-        here (its traced sizes come from whichever block input export read them off, the mask among them)."""
+        """A per-head RMSNorm as GroupQueryAttention's [B, S, H·D] input: on [B, S, H, D] (Qwen3), or on the heads
+        transposed to [B, H, S, D] (Gemma 3), which normalises the same rows of D, so it is computed on
+        [B, S, H, D] here and the transpose dropped. The head split is written here (its traced sizes come from
+        whichever block input export read them off, the mask among them)."""
         heads = em.norm(norm)[0]  # type: ignore[index]
+        chain = []
+        while is_call(heads, PASSTHROUGH) or (is_call(heads, aten.transpose.int) and sorted(heads.args[1:3]) == [1, 2]):
+            chain.append(heads)
+            heads = heads.args[0]  # type: ignore[assignment]
         if not (is_call(heads, (aten.view.default, aten.reshape.default)) and isinstance(heads.args[0], fx.Node)):
-            raise ExportError(f"{em.scope}: a per-head norm reads '{heads.name}', not a head split of a projection")
-        em.env[heads] = self.b.op("Reshape", [em.v(heads.args[0]), self.b.const([0, 0, -1, self.head_dim], np.int64)],
-                                  f"{em.scope}/attn/{heads.name}_split_heads")
+            raise ExportError(f"{em.scope}: a per-head norm reads '{heads.name}', not a head split of a projection (a "
+                              "q/k norm after the rotary embedding cannot run before GroupQueryAttention, which rotates)")
+        split = self.b.op("Reshape", [em.v(heads.args[0]), self.b.const([0, 0, -1, self.head_dim], np.int64)],
+                          f"{em.scope}/attn/{heads.name}_split_heads")
+        for n in (heads, *chain):
+            em.env[n] = split
         return self.b.op("Reshape", [em.v(norm), self.b.const([0, 0, -1], np.int64)],
                          f"{em.scope}/attn/{norm.name}_merge_heads")
 
@@ -390,12 +551,12 @@ class DecoderExporter:
             return x
         return self.b.op("Mul", [x, self.b.const(np.array(float(scale), dtype=np.float32))], "/model/embed_tokens/scale")
 
-    def _lm_head(self, x: str, weight: torch.Tensor) -> str:
+    def _lm_head(self, x: str, weight: torch.Tensor, out: str = "logits") -> str:
         b = self.b
         if self.lm_head_bits is not None:
             n, k = self.head_shape
             return matmulnbits_node(b, "/lm_head/MatMulNBits", x, self.head_weights, "", k, n, self.lm_head_bits,
-                                    self.head_block, self.options.accuracy_level, output="logits")
+                                    self.head_block, self.options.accuracy_level, output=out)
         w = weight.detach().float()
         if self.tied:  # share the embedding table: Gemm computes x · Eᵀ on 2-D views
             flat = b.op("Reshape", [x, b.const([-1, int(w.shape[1])], np.int64)], "/lm_head/flatten")
@@ -403,9 +564,9 @@ class DecoderExporter:
             shape = b.op("Concat", [b.op("Slice", [b.op("Shape", [x], "/lm_head/shape"), b.const([0], np.int64),
                                                      b.const([2], np.int64)], "/lm_head/batch_seq"),
                                     b.const([int(w.shape[0])], np.int64)], "/lm_head/out_shape", axis=0)
-            return b.node("Reshape", [y, shape], "/lm_head/unflatten", outputs=["logits"])[0]
+            return b.node("Reshape", [y, shape], "/lm_head/unflatten", outputs=[out])[0]
         wt = b.initializer("lm_head.weight.T", w.t().contiguous())
-        return b.node("MatMul", [x, wt], "/lm_head/MatMul", outputs=["logits"])[0]
+        return b.node("MatMul", [x, wt], "/lm_head/MatMul", outputs=[out])[0]
 
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
         if self.blocks_done != self.layers:
@@ -419,7 +580,14 @@ class DecoderExporter:
                        epsilon=eps)[0]
         else:
             h = b.op("RMSNormalization", [self.hidden, gamma], "/model/norm", axis=-1, epsilon=eps, stash_type=1)
-        self._lm_head(h, model.get_output_embeddings().weight)
+        cap = getattr(self.cfg, "final_logit_softcapping", None)
+        if cap:  # Gemma 2: logits = c·tanh(z / c)
+            z = self._lm_head(h, model.get_output_embeddings().weight, b.fresh("/lm_head/uncapped"))
+            c = b.const(np.array(float(cap), dtype=np.float32))
+            t = b.op("Tanh", [b.op("Div", [z, c], "/lm_head/softcap/div")], "/lm_head/softcap/tanh")
+            b.node("Mul", [t, c], "/lm_head/softcap/mul", outputs=["logits"])
+        else:
+            self._lm_head(h, model.get_output_embeddings().weight)
         b.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", self.vocab])
         elem, last = self._cache_type()
         for i in range(self.layers):

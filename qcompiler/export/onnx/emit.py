@@ -281,6 +281,15 @@ def _passthrough(em: GraphEmitter, n: fx.Node) -> str:
     return em.v(n.args[0])
 
 
+@rule(aten.dropout.default)
+def _dropout(em: GraphEmitter, n: fx.Node) -> str:
+    """Dropout of an inference graph (Phi-3's resid dropouts): train=False is the identity."""
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", False)
+    if train:
+        raise ExportError(f"{em.scope}: node '{n.name}' is dropout in training mode; export the model in eval mode")
+    return em.v(n.args[0])
+
+
 def _binary(op: str) -> Rule:
     def emit(em: GraphEmitter, n: fx.Node) -> str:
         if n.kwargs.get("alpha", 1) != 1:
@@ -341,6 +350,14 @@ def _gelu(em: GraphEmitter, n: fx.Node) -> str:
 def _split(em: GraphEmitter, n: fx.Node) -> list[str]:
     sizes = list(n.args[1])
     axis = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    return em.b.node("Split", [em.v(n.args[0]), em.b.const(sizes, np.int64)], em.name(n), n_out=len(sizes), axis=axis)
+
+
+@rule(aten.chunk.default)
+def _chunk(em: GraphEmitter, n: fx.Node) -> list[str]:
+    """chunk(x, k, dim) (Phi-3's fused gate_up split in two): Split with the traced piece sizes."""
+    axis = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    sizes = [int(t.shape[axis]) for t in n.meta["val"]]
     return em.b.node("Split", [em.v(n.args[0]), em.b.const(sizes, np.int64)], em.name(n), n_out=len(sizes), axis=axis)
 
 
