@@ -282,6 +282,7 @@ def test_experts_read_one_linear_each_compute_transformers_own_block(tmp_path, m
     concatenated — give the same logits up to float summation order (fp32: 1e-5 relative)."""
     from family_configs import FAMILIES, family_inputs, make_family_model
     from transformers import AutoModelForCausalLM
+    from twin import fill_meta_parameters
 
     from qcompiler.frontends.moe import _is_stacked_experts, unfuse_experts
 
@@ -294,12 +295,7 @@ def test_experts_read_one_linear_each_compute_transformers_own_block(tmp_path, m
     prefix, _ = find_blocks(ours)
     assert unfuse_experts(ours, ckpt, prefix) == family.fields.get("num_hidden_layers", 2)
     assert not any(_is_stacked_experts(m) for m in ours.modules())
-    for name, mod in ours.named_modules():
-        if any(p.is_meta for p in mod.parameters(recurse=False)):
-            mod.to_empty(device="cpu", recurse=False)
-            with torch.no_grad():
-                for p_name, p in mod.named_parameters(recurse=False):
-                    p.copy_(ckpt.tensor(f"{name}.{p_name}"))
+    fill_meta_parameters(ours, ckpt)
     assert not any(p.is_meta for p in ours.parameters())
     with torch.no_grad():
         a, b = ours(**inputs).logits, theirs(**inputs).logits

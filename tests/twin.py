@@ -52,6 +52,17 @@ def _act_hook(layer: ExportLayer):
     return dynamic
 
 
+def fill_meta_parameters(model: torch.nn.Module, ckpt) -> None:
+    """Give every parameter still on the meta device (unfuse_experts' per-expert linears) its checkpoint tensor,
+    read under the module's own name (through the checkpoint's views where it stores experts stacked)."""
+    for name, mod in model.named_modules():
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            mod.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                for p_name, p in mod.named_parameters(recurse=False):
+                    p.copy_(ckpt.tensor(f"{name}.{p_name}"))
+
+
 def transformers_twin(source: Path, out: Path, activations: bool = True) -> torch.nn.Module:
     """transformers' model of `source` with the weights (and, with `activations`, the activation grids) of the
     artefact in `out`."""
@@ -66,12 +77,7 @@ def transformers_twin(source: Path, out: Path, activations: bool = True) -> torc
     prefix, _ = find_blocks(model)
     ckpt = Checkpoint(source)
     unfuse_experts(model, ckpt, prefix)  # per-expert linears under the checkpoint's names (weightless)
-    for name, mod in model.named_modules():
-        if any(p.is_meta for p in mod.parameters(recurse=False)):
-            mod.to_empty(device="cpu", recurse=False)
-            with torch.no_grad():
-                for p_name, p in mod.named_parameters(recurse=False):
-                    p.copy_(ckpt.tensor(f"{name}.{p_name}"))
+    fill_meta_parameters(model, ckpt)
     layers, tensors = artefact_layers(out)
     state = model.state_dict()
     with torch.no_grad():

@@ -262,7 +262,7 @@ class DecoderExporter:
     # the rest is derived again from the model and the options
     _PROGRESS: dict[str, type | tuple[type, ...]] = {
         "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "rotary": dict, "hidden": str,
-        "residual": (list, type(None)), "window": int, "blocks_done": int, "tied": bool,
+        "residual": (list, type(None)), "blocks_done": int, "tied": bool,
         "embedding_name": (str, type(None)), "head_block": (int, type(None)), "head_shape": (list, type(None)),
         "head_weights": (list, type(None)),
     }
@@ -306,9 +306,6 @@ class DecoderExporter:
         self.hidden = self._embedding(ids, model)
         # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
         self.residual: tuple[str, str] | None = None
-        self.window = -1
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            self.window = int(cfg.sliding_window)
         self.blocks_done = 0
 
     def save_state(self, folder: Path, tag: str) -> dict[str, Any]:
@@ -323,9 +320,11 @@ class DecoderExporter:
     def _window(self, index: int) -> int:
         """GroupQueryAttention's local_window_size for layer `index`: the sliding window on a sliding layer (Gemma 3's
         pattern, or every layer where the config has a window and no types), −1 (none) on a full one."""
-        if getattr(self.cfg, "layer_types", None):
-            return int(self.cfg.sliding_window) if self._layer_types()[index] == "sliding_attention" else -1
-        return self.window
+        cfg = self.cfg
+        if getattr(cfg, "layer_types", None):
+            return int(cfg.sliding_window) if self._layer_types()[index] == "sliding_attention" else -1
+        return int(cfg.sliding_window) if getattr(cfg, "sliding_window", None) and getattr(
+            cfg, "use_sliding_window", True) else -1
 
     def _rotary_caches(self, model: torch.nn.Module, layer_type: str) -> tuple[str, str]:
         inner = _decoder_body(model)
@@ -378,9 +377,8 @@ class DecoderExporter:
                               "GroupQueryAttention rotates both or neither")
         rotary = bool(q_ph)  # (none: a NoPE layer, SmolLM3's every 4th, EXAONE 4's global ones)
         # pairs (x₂ᵢ, x₂ᵢ₊₁) rotate together where the block repeats cos/sin pairwise and rotates by stack/flatten (GLM)
-        interleaved = (any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes),
-                       any(is_call(n, aten.stack.default) for n in gm.graph.nodes))
-        if interleaved[0] != interleaved[1]:
+        interleaved = any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes)
+        if interleaved != any(is_call(n, aten.stack.default) for n in gm.graph.nodes):
             raise ExportError(f"{name}: the rotary embedding mixes the interleaved and the rotate-half layouts")
         qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
         if (qkv_split[0] is not None and qkv_split[0] is qkv_split[1] is qkv_split[2]
@@ -401,7 +399,7 @@ class DecoderExporter:
              self.total_len, *(self.rotary[self._layer_types()[index]] if rotary else ("", "")), *kv_inputs],
             f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
             outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
-            num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=int(rotary), rotary_interleaved=int(interleaved[0]),
+            num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=int(rotary), rotary_interleaved=int(interleaved),
             local_window_size=self._window(index), **softcap, **kv_attrs,
         )
         em.env[_attention_output(att.out, name)] = attn[0]
@@ -416,8 +414,7 @@ class DecoderExporter:
 
     @staticmethod
     def _reads_projection(x: fx.Node) -> bool:
-        while is_call(x, PASSTHROUGH) and isinstance(x.args[0], fx.Node):
-            x = x.args[0]
+        x = skip_passthrough(x)
         return _is_linear_like(x) or _is_split_projection(x)
 
     def _check_packed_slices(self, packed: fx.Node, inputs: list[fx.Node], block: str) -> None:
