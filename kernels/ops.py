@@ -23,6 +23,9 @@ Ops:
   qc::fake_quant_kv     KV cache written and read back with calibrated scales (per tensor / head / channel,
                         broadcast over [B, H, S, D]); kept in lowered graphs: it *is* the cache's semantics
   qc::fake_quant_kv_dynamic   the same with one scale (and zero point) per token and head, computed at run time
+  qc::gated_delta_rule  Gated DeltaNet's linear-attention recurrence (Qwen3-Next's linear layers) from a zero state:
+                        one node for a loop whose chunking depends on the sequence length, which export cannot
+                        keep symbolic; the projections around it are ordinary linears
   qc::hadamard_transform  y = x·H_K/√K over the last axis (QuaRot's online Hadamard before down_proj; nothing
                         stored: fast Walsh–Hadamard kernels compute the same on accelerators)
 """
@@ -173,3 +176,18 @@ def _fake_quant_kv_dynamic_fake(x, bits, symmetric):
 from qcompiler.kernels.ascend import dispatch as _ascend_dispatch  # noqa: E402,F401
 from qcompiler.kernels.cpu import linear as _cpu_linear  # noqa: E402,F401
 from qcompiler.kernels.cuda import dispatch as _cuda_dispatch  # noqa: E402,F401
+
+
+@torch.library.custom_op("qc::gated_delta_rule", mutates_args=())
+def gated_delta_rule(query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor, l2norm_qk: bool) -> Tensor:
+    # transformers' chunk-parallel torch implementation (the one its models run without the fla kernels): the
+    # same values as reference.gated_delta_rule's token loop, a chunk of 64 tokens per step
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+    out, _ = torch_chunk_gated_delta_rule(query, key, value, g=g, beta=beta, use_qk_l2norm_in_kernel=l2norm_qk)
+    return out.contiguous()
+
+
+@gated_delta_rule.register_fake
+def _gated_delta_rule_fake(query, key, value, g, beta, l2norm_qk):
+    return query.new_empty(value.shape)

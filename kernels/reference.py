@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -179,3 +180,30 @@ def _normalized_hadamard(k: int, device: torch.device) -> torch.Tensor:
     if h is None:
         raise ValueError(f"no Hadamard matrix of order {k} is built here (algorithms/hadamard.py)")
     return h.float().to(device)
+
+
+def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor, l2norm_qk: bool) -> torch.Tensor:
+    """Gated DeltaNet's linear-attention recurrence (Qwen3-Next), token by token, from a zero state, in float32:
+
+        S_t = exp(g_t)·S_{t−1};  S_t += k_t ⊗ β_t·(v_t − S_tᵀk_t);  o_t = S_tᵀ q_t / √d_k
+
+    q, k [B, T, Hk, Dk], v [B, T, Hv, Dv], g (log decay, ≤ 0) and β [B, T, Hv]; each q/k head serves Hv/Hk value
+    heads; q and k are L2-normalised first (eps 1e-6 under the root) when l2norm_qk. Returns o [B, T, Hv, Dv] in
+    q's dtype. (The op's CPU implementation computes the same chunk-parallel; this loop states what it computes.)"""
+    b, t, hk, dk = key.shape
+    hv, dv = value.shape[-2:]
+    q, k = query.float(), key.float()
+    if l2norm_qk:
+        q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)
+        k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q, k = q.repeat_interleave(hv // hk, dim=2) / math.sqrt(dk), k.repeat_interleave(hv // hk, dim=2)
+    v, decay, rate = value.float(), g.float().exp(), beta.float()
+    state = torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=value.device)
+    out = torch.empty(b, t, hv, dv, dtype=torch.float32, device=value.device)
+    for i in range(t):
+        state = state * decay[:, i, :, None, None]
+        delta = (v[:, i] - torch.einsum("bhkv,bhk->bhv", state, k[:, i])) * rate[:, i, :, None]
+        state = state + k[:, i, :, :, None] * delta[:, :, None, :]
+        out[:, i] = torch.einsum("bhkv,bhk->bhv", state, q[:, i])
+    return out.to(query.dtype)

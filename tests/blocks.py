@@ -26,10 +26,10 @@ def traced_block(model_dir: Path, index: int = 0, seq: int = 24, n_batches: int 
     prefix, blocks = find_blocks(model)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(3, 250, (2, seq), generator=g) for _ in range(n_batches)]
-    call, inputs = capture_block_inputs(model, batches)
-    _, probe = probe_block_inputs(model)
+    inputs = capture_block_inputs(model, batches).of_block(index)
+    probe = probe_block_inputs(model)
     name = f"{prefix}.{index}"
-    gm = trace_block(blocks[index], call, probe, name)
+    gm = trace_block(blocks[index], probe.calls[index], probe.of_block(index)[0], name)
     fill_block(gm, name, ckpt, blocks[index], torch.float32)
     return gm, inputs
 

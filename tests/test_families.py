@@ -16,10 +16,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from family_configs import BY_TYPE, make_family_model
 from tiny import TEXT, make_tiny_model
 
 from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import PipelineError
+from qcompiler.frontends.hf import (
+    BlockTracer,
+    Checkpoint,
+    attention_implementation,
+    build_skeleton,
+    capture_block_inputs,
+    find_blocks,
+    probe_block_inputs,
+)
+from qcompiler.ir.graph import aten, get_tensor, is_code_constant
 from qcompiler.numerics import fake_quant_weight
 from qcompiler.pm.pipeline import parse_pipeline
 from qcompiler.runtime import load_quantized
@@ -112,3 +124,50 @@ def test_a_group_that_does_not_divide_an_mla_rank_is_refused_before_work(tmp_pat
                                 target=target, calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2,
                                 progress=False), log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds3"]
+
+
+def test_falcon_traces_its_code_constants_and_its_matmul_projections_as_linears(tmp_path):
+    """Falcon's multi-query split indexes with a Python list (a tensor constant built while the block runs, whose
+    value a meta trace loses) and its FalconLinear computes `x @ W.T + b`: the constant keeps its value, the four
+    projections are `aten.linear` layers, and the compiled block returns the tuple the model indexes."""
+    model_dir = make_family_model(tmp_path / "falcon", BY_TYPE["falcon"])
+    model = build_skeleton(Checkpoint(model_dir))
+    probe = probe_block_inputs(model)
+    _, blocks = find_blocks(model)
+    gm = BlockTracer(probe)(0, blocks[0], "transformer.h.0")
+    constants = [str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and is_code_constant(str(n.target))]
+    assert constants and all(not get_tensor(gm, t).is_meta for t in constants)
+    weights = sorted(str(n.args[1].target) for n in gm.graph.nodes
+                     if n.op == "call_function" and n.target is aten.linear.default)
+    assert weights == sorted(f"block.{p}.weight" for p in ("self_attention.query_key_value", "self_attention.dense",
+                                                           "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+    assert probe.calls[0].tuple_output
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next"])
+def test_every_block_is_calibrated_with_the_inputs_the_model_gives_it(tmp_path, family):
+    """Hybrid models call their layers differently (Gemma 3: sliding and full masks; Qwen3-Next: no mask for its
+    linear-attention layers): each block's captured keyword inputs are the ones transformers passes that layer."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_family_model(tmp_path / family, BY_TYPE[family])
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))  # longer than the window
+    captured = capture_block_inputs(build_skeleton(Checkpoint(model_dir)), [ids])
+    real = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                attn_implementation=attention_implementation(Checkpoint(model_dir).config()))
+    _, layers = find_blocks(real)
+    masks: list[object] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+             for layer in layers]
+    with torch.no_grad():
+        real(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for i, mask in enumerate(masks):
+        call = captured.calls[i]
+        assert ("attention_mask" in call.keys) == (mask is not None), i
+        if mask is not None:
+            got = pytree.tree_unflatten(list(captured.kwargs[i][0]), call.spec)["attention_mask"]
+            assert torch.equal(got, mask), i
+    # (the point: the layers are given different masks, so block 0's inputs would be wrong for block 1)
+    assert (masks[0] is None) != (masks[1] is None) or not torch.equal(masks[0], masks[1])

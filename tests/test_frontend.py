@@ -26,9 +26,10 @@ def test_block_graph_equals_the_module_and_roles_come_from_the_graph(tiny_models
     config = AutoConfig.from_pretrained(str(tiny_models[family]))
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_models[family]), dtype=torch.float32,
                                                attn_implementation=attention_implementation(config)).eval()
-    call, ref_inputs = capture_block_inputs(ref, [torch.randint(3, 250, (3, 29))])
+    captured = capture_block_inputs(ref, [torch.randint(3, 250, (3, 29))])
+    ref_inputs = captured.of_block(0)
     with torch.no_grad():
-        expect = BlockAdapter(ref.model.layers[0], call)(*ref_inputs[0])
+        expect = BlockAdapter(ref.model.layers[0], captured.calls[0])(*ref_inputs[0])
         got = gm(*ref_inputs[0])  # a different batch and length than traced: dims are dynamic
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
 
@@ -98,8 +99,8 @@ def test_roles_with_eager_attention_matmul_softmax_matmul():
 
     cfg = tiny_config("llama")
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    call, inputs = capture_block_inputs(model, [torch.randint(3, 250, (2, 17))])
-    gm = trace_block(model.model.layers[0].to("meta"), call, inputs[0], "model.layers.0")
+    captured = capture_block_inputs(model, [torch.randint(3, 250, (2, 17))])
+    gm = trace_block(model.model.layers[0].to("meta"), captured.calls[0], captured.of_block(0)[0], "model.layers.0")
     assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
     a = analyze_block(gm)
     assert sorted(li.role for li in a.linears.values()) == sorted(["q", "k", "v", "o", "gate", "up", "down"])

@@ -40,8 +40,7 @@ def test_moe_block_graph_has_one_linear_per_expert_projection(moe_models, family
     ckpt = Checkpoint(moe_models[family])
     model = build_skeleton(ckpt)
     prefix, blocks = find_blocks(model)
-    call, probe = probe_block_inputs(model)
-    gm = BlockTracer(call, probe)(blocks[-1], f"{prefix}.{len(blocks) - 1}")
+    gm = BlockTracer(probe_block_inputs(model))(len(blocks) - 1, blocks[-1], f"{prefix}.{len(blocks) - 1}")
     routing = [n for n in gm.graph.nodes if is_call(n, EXPERT_ROUTING)]
     markers = [n for n in gm.graph.nodes if is_call(n, ROUTED)]
     weights = {str(n.args[1].target) for n in gm.graph.nodes if is_call(n, LINEAR) and n.args[1].op == "get_attr"}

@@ -232,11 +232,11 @@ class HFRun:
         self.progress = Progress.resumed(state, n, writer.state_dir) if state else Progress()
         start = self.progress.next_block
         self.acts_dir = writer.state_dir / f"rank-{dist.rank():03d}"
-        # the prologue on this rank's batches (a resumed run reads the next block's inputs instead, and runs it
-        # on one batch only to learn how blocks are called)
+        # the prologue on this rank's batches: every block's keyword inputs (a resumed run reads the next block's
+        # hidden states from its saved activations)
         own = dist.shard(self.batches) if self.calibrated else self.batches[:1]
-        call, captured = capture_block_inputs(self.model, self.batches[:1] if state else own)
-        _, probe = probe_block_inputs(self.model)
+        self.block_inputs = capture_block_inputs(self.model, own)
+        captured = self.block_inputs.of_block(0)
         if state and start == n:
             self.inputs = ActivationStore.in_memory([])  # (every block is done: only the end of the run is left)
         elif state:
@@ -249,7 +249,7 @@ class HFRun:
             if not self.calibrated:  # nothing reads calibration data: only the windows the error report uses
                 captured = [first_windows(captured[0], 2)]
             self.inputs = _store(captured, self.acts_dir / "acts-00000" if cfg.spill_activations else None)
-        self.tracer = BlockTracer(call, probe)
+        self.tracer = BlockTracer(probe_block_inputs(self.model))
         world = dist.world_size()
         self.log(f"quantizing {cfg.model} ({n} blocks) as {cfg.scheme.describe()} for target '{self.plan.target.name}'")
         self.log(f"pipeline: {self.plan.pipeline}")
@@ -282,7 +282,7 @@ class HFRun:
         """Trace, fill, transform, measure, propagate, lower, write and checkpoint block i."""
         cfg, inputs = self.cfg, self.inputs
         name = f"{self.prefix}.{i}"
-        gm = self.tracer(block, name)
+        gm = self.tracer(i, block, name)
         if cfg.scheme.weights is not None and (other := weight_products_not_linear(gm)):
             raise PipelineError(f"block '{name}': layers {other} multiply a stored weight without aten.linear (e.g. "
                                 "GPT-2's Conv1D); qcompiler quantizes linear layers only, so this architecture is not "
@@ -307,9 +307,14 @@ class HFRun:
         del y_float, y_quant
         source = gm if cfg.propagate == "quantized" else float_gm
         following = ActivationStore(self.acts_dir / f"acts-{i + 1:05d}" if cfg.spill_activations else None)
+        # with the next block's own keyword inputs (its mask may differ from this one's: sliding / full / linear
+        # layers), cut to the windows run here
+        captured = self.block_inputs
+        following_kwargs = captured.kwargs[min(i + 1, len(self.block_modules) - 1)]
         with torch.no_grad():
-            for args in inputs:
-                following.append((source(*args), *args[1:]))
+            for b, args in enumerate(inputs):
+                y = source(*args)
+                following.append((y, *first_windows((captured.hidden[b], *following_kwargs[b]), y.shape[0])[1:]))
         drop_tensors(float_gm)
         del float_gm
         gm = self.lowering.run(gm, ctx)

@@ -26,7 +26,7 @@ from qcompiler.export.layers import ExportLayer, WrittenLayer, from_record
 from qcompiler.files import plain_file_name
 from qcompiler.frontends.conversions import converted_config
 from qcompiler.frontends.moe import module_aliases
-from qcompiler.ir.graph import tensor_attrs
+from qcompiler.ir.graph import is_code_constant, tensor_attrs
 from qcompiler.ir.records import KVRecord, LayerRecord, checkpoint_name
 from qcompiler.schemes import QuantScheme
 
@@ -170,7 +170,7 @@ class FormatExporter:
             self.kv_tensors.extend(written_kv)
             self.kv_args = dict(kv[0].args)
         for k, v in tensors.items():
-            if k in used:
+            if k in used or is_code_constant(k):
                 continue
             if k not in self.state_names:
                 raise ExportError(

@@ -12,6 +12,7 @@ per-architecture tables.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import math
@@ -37,7 +38,8 @@ from qcompiler.frontends.multimodal import (
     language_model_path,
     view_under_module_names,
 )
-from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, set_tensor
+from qcompiler.frontends.recurrent import recurrence_functions, recurrences_as_ops
+from qcompiler.ir.graph import ADAPTER_PREFIX, aten, copy_graph, get_tensor, is_code_constant, set_tensor
 
 # config.json sizes that are dimensions of some weight (at most the checkpoint's element count) and layer counts
 # (at most its tensor count): a config claiming more describes another model, and building that model's skeleton
@@ -340,11 +342,6 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
     config.use_cache = False
     text = config.get_text_config()
     text.use_cache = False
-    linear = sorted({t for t in getattr(text, "layer_types", None) or () if "linear" in str(t)})
-    if linear:  # (their chunked recurrences need the sequence length a multiple of the chunk: not traced yet)
-        raise ModelLoadError(f"'{ckpt.path}/config.json': {config.model_type} has linear-attention layers "
-                             f"({', '.join(linear)}: Gated DeltaNet / lightning attention), which qcompiler does not "
-                             "trace yet")
     auto = auto_model_class(config)
     try:
         with init_empty_weights(include_buffers=False):
@@ -356,6 +353,13 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
         # weight exists before it becomes meta)
         raise ModelLoadError(f"'{ckpt.path}/config.json' describes no buildable {config.model_type} model: "
                              f"{' '.join(str(e).split())[:300]}") from None
+    linear = sorted({t for t in getattr(text, "layer_types", None) or () if "linear" in str(t)})
+    if linear and not recurrence_functions(model):
+        # (a recurrence chunked by the sequence length cannot be traced symbolically; frontends/recurrent.py
+        # keeps the ones it knows as single ops)
+        raise ModelLoadError(f"'{ckpt.path}/config.json': {config.model_type} has linear-attention layers "
+                             f"({', '.join(linear)}) whose recurrence qcompiler does not trace yet (it traces "
+                             "Gated DeltaNet, as in Qwen3-Next)")
     if multimodal:  # (older VLM checkpoints name the language model and vision tower as transformers 4 did)
         view_under_module_names(model, ckpt)
     model.eval()
@@ -434,25 +438,83 @@ class BlockCall:
     # model may pass them as None on another path (Qwen3-VL's position_ids with an image), and a stand-in of the
     # guarded shape then takes their place (BlockTracer fills this in)
     unread: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    # the model indexes its blocks' results (Falcon): a compiled block must return a tuple of the hidden states
+    tuple_output: bool = False
 
 
 class _Stop(Exception):
     pass
 
 
-def capture_block_inputs(
-    model: torch.nn.Module, batches: Iterable[torch.Tensor]
-) -> tuple[BlockCall, list[tuple[torch.Tensor, ...]]]:
-    """Run the model's prologue on each batch of input ids; return the first block's flat inputs."""
+@dataclass
+class BlockInputs:
+    """How a model calls each of its blocks, captured from its own prologue on some batches of input ids.
+
+    Blocks may be called differently: a hybrid model gives its sliding and full attention layers different masks
+    (Gemma 2/3, gpt-oss, EXAONE 4) and its linear-attention layers none (Qwen3-Next). Every block therefore has
+    its own call and its own keyword tensors per batch; blocks called alike share the objects."""
+
+    calls: list[BlockCall]  # per block
+    hidden: list[torch.Tensor]  # per batch: the first block's hidden states
+    kwargs: list[list[tuple[torch.Tensor, ...]]]  # per block, per batch: the flat keyword tensors
+
+    def of_block(self, i: int) -> list[tuple[torch.Tensor, ...]]:
+        """Block i's flat inputs per batch, with the first block's hidden states."""
+        return [(h, *kw) for h, kw in zip(self.hidden, self.kwargs[i], strict=True)]
+
+
+def capture_block_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> BlockInputs:
+    """Run the model on each batch of input ids with every block stood in for by a pass-through that records
+    its arguments (so nothing but the prologue computes), stopping at the last block."""
     _, blocks = find_blocks(model)
-    captured: list[tuple[torch.Tensor, dict]] = []
+    batches = list(batches)
+    if not batches:
+        raise ModelLoadError("no calibration batches: cannot capture block inputs")
+    for returns_tuple in (False, True):  # (a model that indexes its blocks' tuple results needs one back)
+        try:
+            captured = _run_with_recording_blocks(model, blocks, batches, returns_tuple)
+            break
+        except Exception as e:  # noqa: BLE001 (the model's code after a stand-in block fails as it may)
+            failure = e
+    else:
+        raise ModelLoadError(f"{model.__class__.__name__}: its blocks' inputs cannot be captured "
+                             f"({' '.join(str(failure).split())[:200]})")
+    calls: dict[tuple, BlockCall] = {}
+    block_calls, flat_kwargs = [], []
+    for per_batch in captured:  # per block
+        flats = []
+        for _, kwargs in per_batch:
+            kw = {k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)}
+            flat, spec = pytree.tree_flatten(kw)
+            nones = tuple(k for k, v in sorted(kwargs.items()) if v is None)
+            key = (tuple(kw), str(spec), nones)
+            flats.append(tuple(flat))
+        call = calls.setdefault(key, BlockCall(keys=tuple(kw), spec=spec, nones=nones, tuple_output=returns_tuple))
+        block_calls.append(call)
+        flat_kwargs.append(flats)
+    return BlockInputs(block_calls, [hidden for hidden, _ in captured[0]], flat_kwargs)
 
-    def hook(mod, args, kwargs):
-        captured.append(block_arguments(mod, args, kwargs))
-        raise _Stop
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+def _run_with_recording_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList, batches: list[torch.Tensor],
+                               returns_tuple: bool) -> list[list[tuple[torch.Tensor, dict]]]:
+    """Per block, per batch: (hidden states, keyword arguments) of its call."""
+    captured: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in blocks]
+
+    def stand_in(i: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden, named = block_arguments(blocks[i], args, kwargs)
+            if i and hidden.shape != captured[0][-1][0].shape:
+                raise ValueError(f"block {i} got hidden states {list(hidden.shape)} from the stand-in of block "
+                                 f"{i - 1}, which received {list(captured[0][-1][0].shape)}")
+            captured[i].append((hidden, named))
+            if i == len(blocks) - 1:
+                raise _Stop
+            return (hidden,) if returns_tuple else hidden
+        return forward
+
     try:
+        for i, block in enumerate(blocks):
+            block.forward = stand_in(i)  # (an instance attribute: nn.Module.__call__ runs it)
         with torch.no_grad():
             for ids in batches:
                 try:
@@ -460,18 +522,9 @@ def capture_block_inputs(
                 except _Stop:
                     pass
     finally:
-        handle.remove()
-    call: BlockCall | None = None
-    flat_inputs = []
-    for hidden, kwargs in captured:
-        kw = {k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)}
-        flat, spec = pytree.tree_flatten(kw)
-        if call is None:
-            call = BlockCall(keys=tuple(kw), spec=spec, nones=tuple(k for k, v in sorted(kwargs.items()) if v is None))
-        flat_inputs.append((hidden, *flat))
-    if call is None:
-        raise ModelLoadError("no calibration batches: cannot capture block inputs")
-    return call, flat_inputs
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    return captured
 
 
 # The example a block is traced with: batch ≠ seq and neither likely to equal a model dimension, so both dims
@@ -479,10 +532,9 @@ def capture_block_inputs(
 PROBE_SHAPE = (2, 17)
 
 
-def probe_block_inputs(model: torch.nn.Module) -> tuple[BlockCall, tuple[torch.Tensor, ...]]:
-    """How `model` calls its blocks, and one example of the first block's inputs to trace with."""
-    call, inputs = capture_block_inputs(model, [torch.zeros(PROBE_SHAPE, dtype=torch.long)])
-    return call, inputs[0]
+def probe_block_inputs(model: torch.nn.Module) -> BlockInputs:
+    """How `model` calls its blocks, and one example of each block's inputs to trace with (`of_block(i)[0]`)."""
+    return capture_block_inputs(model, [torch.zeros(PROBE_SHAPE, dtype=torch.long)])
 
 
 def _is_tensor_tree(v: object) -> bool:
@@ -563,6 +615,25 @@ def _dynamic_shapes(example: tuple[torch.Tensor, ...]) -> tuple:
     return (dims(example[0]), tuple(dims(t) for t in example[1:]))
 
 
+def _export(block: torch.nn.Module, call: BlockCall, example: tuple[torch.Tensor, ...], name: str) -> fx.GraphModule:
+    """torch.export of the block behind its flat adapter, dynamic in batch and sequence, its linear-attention
+    recurrences as single ops (frontends/recurrent.py)."""
+    adapter = BlockAdapter(block, call).eval()
+    dynamic = _dynamic_shapes(example)
+    try:
+        with recurrences_as_ops(block):
+            gm = torch.export.export(adapter, example, dynamic_shapes=dynamic, strict=False).module()
+            if any(n.op == "get_attr" and isinstance(getattr(gm, str(n.target), None), fx.GraphModule)
+                   for n in gm.graph.nodes):
+                # a `with torch.no_grad()` inside the block (Phi-3.5-MoE's sparsemixer) is exported as a region
+                # submodule; with grad already off it changes nothing and the graph stays flat
+                with torch.no_grad():
+                    gm = torch.export.export(adapter, example, dynamic_shapes=dynamic, strict=False).module()
+    except Exception as e:  # torch raises many types here; report the op it names
+        raise TraceError(name, _failing_op(e), str(e).strip().splitlines()[0][:300]) from e
+    return gm
+
+
 def trace_block(
     block: torch.nn.Module, call: BlockCall, example: tuple[torch.Tensor, ...], name: str
 ) -> fx.GraphModule:
@@ -571,32 +642,73 @@ def trace_block(
 
     The example must have batch ≠ seq and seq > 2 so that the two dims are told apart and kept dynamic.
     """
-    adapter = BlockAdapter(block, call).eval()
-    meta_example = tuple(t.to("meta") for t in example)
-    try:
-        gm = torch.export.export(adapter, meta_example, dynamic_shapes=_dynamic_shapes(example), strict=False).module()
-        if any(n.op == "get_attr" and isinstance(getattr(gm, str(n.target), None), fx.GraphModule)
-               for n in gm.graph.nodes):
-            # a `with torch.no_grad()` inside the block (Phi-3.5-MoE's sparsemixer) is exported as a region
-            # submodule; with grad already off it changes nothing and the graph stays flat
-            with torch.no_grad():
-                gm = torch.export.export(adapter, meta_example, dynamic_shapes=_dynamic_shapes(example),
-                                         strict=False).module()
-    except Exception as e:  # torch raises many types here; report the op it names
-        op = _failing_op(e)
-        raise TraceError(name, op, str(e).strip().splitlines()[0][:300]) from e
+    gm = _export(block, call, tuple(t.to("meta") for t in example), name)
+    if _meta_constants(gm):
+        # The block's code built a tensor constant while it ran (Falcon's multi-query split indexes with the
+        # Python list [-2]); on meta its value is lost. Trace once more on an uninitialised CPU copy of the
+        # block: the export then keeps the constant's value, and the weights' (garbage) values are never read.
+        cpu_block = copy.deepcopy(block).to_empty(device="cpu")
+        gm = _export(cpu_block, call, tuple(torch.zeros(t.shape, dtype=t.dtype) for t in example), name)
+        for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "get_attr"):
+            if not is_code_constant(target):
+                set_tensor(gm, target, get_tensor(gm, target).to("meta"))  # the copy's garbage weights go
+        _unpin_trace_device(gm, "cpu")
     _strip_export_asserts(gm)
-    _unpin_trace_device(gm)
+    _unpin_trace_device(gm, "meta")
+    _linears_from_matmuls(gm)
     return gm
 
 
-def _unpin_trace_device(gm: fx.GraphModule) -> None:
-    """Tracing runs on meta tensors, so an explicit `.to(device=x.device)` in the model's code (DeepSeek-V2's
-    complex RoPE) is recorded as device=meta: drop it, the op then keeps its input's device."""
+_TRANSPOSES = (aten.numpy_T.default, aten.t.default)
+
+
+def _linears_from_matmuls(gm: fx.GraphModule) -> None:
+    """Write `x @ W.T (+ b)` as `aten.linear(x, W, b)` for a stored 2-D weight W [out, in] (Falcon's FalconLinear
+    computes this way): the same product, now seen by every weight pass as the linear layer it is. The bias is
+    folded in only where the sum is the product's one use and b is a stored [out] vector."""
+    changed = False
+    for n in list(gm.graph.nodes):
+        if not (n.op == "call_function" and n.target is aten.matmul.default):
+            continue
+        x, wt = n.args
+        if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _TRANSPOSES):
+            continue
+        w = wt.args[0]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and get_tensor(gm, str(w.target)).dim() == 2):
+            continue
+        out_features = get_tensor(gm, str(w.target)).shape[0]
+        bias, replaced = None, n
+        (user,) = n.users if len(n.users) == 1 else (None,)
+        if user is not None and user.op == "call_function" and user.target is aten.add.Tensor and user.args[0] is n:
+            b = user.args[1]
+            if (isinstance(b, fx.Node) and b.op == "get_attr"
+                    and tuple(get_tensor(gm, str(b.target)).shape) == (out_features,)):
+                bias, replaced = b, user
+        with gm.graph.inserting_before(replaced):
+            linear = gm.graph.call_function(aten.linear.default, (x, w) if bias is None else (x, w, bias))
+        linear.meta = dict(n.meta)
+        replaced.replace_all_uses_with(linear)
+        changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+
+
+def _meta_constants(gm: fx.GraphModule) -> list[str]:
+    """The tensor constants the export lifted out of the block's code whose values are meta (lost)."""
+    targets = dict.fromkeys(str(n.target) for n in gm.graph.nodes
+                            if n.op == "get_attr" and is_code_constant(str(n.target)))
+    return [t for t in targets if get_tensor(gm, t).is_meta]
+
+
+def _unpin_trace_device(gm: fx.GraphModule, device_type: str) -> None:
+    """Tracing runs on meta (or, for blocks with constants, CPU) tensors, so an explicit `.to(device=x.device)`
+    in the model's code (DeepSeek-V2's complex RoPE) is recorded with the trace's device: drop it, the op then
+    keeps its input's device."""
     changed = False
     for n in gm.graph.nodes:
         dev = n.kwargs.get("device")
-        if n.op == "call_function" and isinstance(dev, torch.device) and dev.type == "meta":
+        if n.op == "call_function" and isinstance(dev, torch.device) and dev.type == device_type:
             n.kwargs = {k: v for k, v in n.kwargs.items() if k != "device"}
             changed = True
     if changed:
@@ -624,33 +736,34 @@ def block_signature(block: torch.nn.Module) -> str:
 
 
 class BlockTracer:
-    """trace_block with a memo: blocks with equal signatures share one export (a copy of the meta graph),
-    so a 30-block model is exported once or a few times (one per distinct layer type), not 30 times."""
+    """trace_block with a memo: blocks with equal signatures, called alike, share one export (a copy of the meta
+    graph), so a 30-block model is exported once or a few times (one per distinct layer type), not 30 times."""
 
-    def __init__(self, call: BlockCall, example: tuple[torch.Tensor, ...]):
-        self.call, self.example = call, example
-        self._graphs: dict[str, fx.GraphModule] = {}
+    def __init__(self, probe: BlockInputs):
+        self.probe = probe
+        self._graphs: dict[tuple[int, str], fx.GraphModule] = {}
         self.exports = 0
 
-    def __call__(self, block: torch.nn.Module, name: str) -> fx.GraphModule:
-        key = block_signature(block)
+    def __call__(self, index: int, block: torch.nn.Module, name: str) -> fx.GraphModule:
+        call, (example,) = self.probe.calls[index], self.probe.of_block(index)
+        key = (id(call), block_signature(block))
         if key not in self._graphs:
-            self._graphs[key] = trace_block(block, self.call, self.example, name)
+            self._graphs[key] = trace_block(block, call, example, name)
             self.exports += 1
-            self._note_unread(self._graphs[key])
+            _note_unread(self._graphs[key], call, example)
         return copy_graph(self._graphs[key])
 
-    def _note_unread(self, gm: fx.GraphModule) -> None:
-        """Record the single-tensor keywords whose placeholder feeds nothing but the export's input guards."""
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]  # (after the hidden states)
-        kwargs = pytree.tree_unflatten(list(range(len(self.example) - 1)), self.call.spec)
-        for key, index in kwargs.items():
-            if not isinstance(index, int) or index >= len(placeholders):
-                continue
-            users = placeholders[index].users
-            if all(u.op == "call_module" and str(u.target).startswith("_guards") for u in users):
-                example = self.example[1 + index]
-                self.call.unread.setdefault(key, (tuple(example.shape), example.dtype))
+
+def _note_unread(gm: fx.GraphModule, call: BlockCall, example: tuple[torch.Tensor, ...]) -> None:
+    """Record the single-tensor keywords whose placeholder feeds nothing but the export's input guards."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]  # (after the hidden states)
+    kwargs = pytree.tree_unflatten(list(range(len(example) - 1)), call.spec)
+    for key, index in kwargs.items():
+        if not isinstance(index, int) or index >= len(placeholders):
+            continue
+        users = placeholders[index].users
+        if all(u.op == "call_module" and str(u.target).startswith("_guards") for u in users):
+            call.unread.setdefault(key, (tuple(example[1 + index].shape), example[1 + index].dtype))
 
 
 def _failing_op(e: Exception) -> str:
@@ -696,12 +809,6 @@ def fill_block(gm: fx.GraphModule, block_prefix: str, source: Any, block: torch.
                 current = None
             if current is not None and not current.is_meta:
                 continue
-            if "lifted_tensor" in local and current is not None:
-                raise ModelLoadError(
-                    f"block '{block_prefix}': its code builds a tensor constant while it runs ('{local}', "
-                    f"{str(current.dtype).removeprefix('torch.')} {list(current.shape)}; e.g. Falcon's multi-query "
-                    "head split indexes with a Python list), whose value tracing on the meta device cannot keep; "
-                    "this architecture is not supported yet")
             raise ModelLoadError(f"block '{block_prefix}': tensor '{full}' is not in '{getattr(source, 'path', source)}'")
         set_tensor(gm, target, value)
 
@@ -720,6 +827,7 @@ __all__ = [
     "BlockCall",
     "build_skeleton",
     "find_blocks",
+    "BlockInputs",
     "capture_block_inputs",
     "probe_block_inputs",
     "flatten_block_kwargs",

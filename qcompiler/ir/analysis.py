@@ -330,6 +330,10 @@ _OTHER_WEIGHT_PRODUCTS = {
 }
 
 
+_TRANSPOSES = (torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.permute.default,
+               torch.ops.aten.transpose.int)
+
+
 def weight_products_not_linear(gm: fx.GraphModule) -> list[str]:
     """Module paths (with the op) of weights that enter a matrix product other than aten.linear: layers that are
     linear in the maths but that no weight pass would see (a run must refuse them by name, never skip them)."""
@@ -338,6 +342,8 @@ def weight_products_not_linear(gm: fx.GraphModule) -> list[str]:
         if n.op != "call_function" or n.target not in _OTHER_WEIGHT_PRODUCTS:
             continue
         operands = n.args[1] if n.target is torch.ops.aten.einsum.default else n.args
+        operands = [a.args[0] if isinstance(a, fx.Node) and a.op == "call_function" and a.target in _TRANSPOSES
+                    else a for a in operands]
         for w in (a for a in operands if isinstance(a, fx.Node) and a.op == "get_attr"):
             t = get_tensor(gm, str(w.target))
             if t.dim() >= 2 and t.is_floating_point():

@@ -92,6 +92,12 @@ def delete_tensor(gm: fx.GraphModule, target: str) -> None:
     mod._buffers.pop(leaf, None)
 
 
+def is_code_constant(target: str) -> bool:
+    """A tensor the block's code built while it ran (torch.export lifts it as `..lifted_tensor_N`, e.g. the
+    index tensor of Falcon's `x[..., [-2], :]`): part of the program, not of the model's state."""
+    return target.rsplit(".", 1)[-1].startswith("lifted_tensor")
+
+
 def tensor_attrs(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor the graph reads through get_attr, by target name."""
     seen: set[str] = set()

@@ -48,9 +48,10 @@ class CompiledBlock(torch.nn.Module):
             if hasattr(original, attr):
                 setattr(self, attr, getattr(original, attr))
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
         _, named = block_arguments(self._original[0], (hidden_states, *args), kwargs)
-        return self.gm(hidden_states, *flatten_block_kwargs(self._call, named, hidden_states))
+        out = self.gm(hidden_states, *flatten_block_kwargs(self._call, named, hidden_states))
+        return (out,) if self._call.tuple_output else out
 
 
 def _local(record: LayerRecord, prefix: str) -> LayerRecord:
@@ -96,7 +97,7 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
     prefix, blocks = find_blocks(model)
     if len(blocks) != desc["blocks"]["count"] or prefix != desc["blocks"]["prefix"]:
         raise ArtifactError(f"'{out}': config.json describes {len(blocks)} blocks, the description {desc['blocks']}")
-    call, probe = probe_block_inputs(model)
+    probe = probe_block_inputs(model)
     by_block: dict[str, list[LayerRecord]] = {}
     where = f"'{Path(out) / 'qcompiler.json'}'"
     for path, data in desc["layers"].items():
@@ -107,10 +108,10 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
         by_block.setdefault(block, []).append(_local(LayerRecord.from_dict(data, where), block))
     kv_by_block = {block: [KVRecord.from_dict(r, where) for r in recs]
                    for block, recs in (desc.get("kv_cache") or {}).items()}
-    tracer = BlockTracer(call, probe)
+    tracer = BlockTracer(probe)
     for i, block in enumerate(blocks):
         name = f"{prefix}.{i}"
-        gm = tracer(block, name)
+        gm = tracer(i, block, name)
         apply_kv_records(gm, kv_by_block.get(name, []), name)  # (before the linears become kernels)
         rebuild_block(gm, by_block.get(name, []), name)
         strip_routing_markers(gm)
@@ -124,6 +125,6 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
             from qcompiler.runtime.cpu_prepack import prepack_for_cpu
 
             prepack_for_cpu(gm)
-        blocks[i] = CompiledBlock(gm, call, block)
+        blocks[i] = CompiledBlock(gm, probe.calls[i], block)
     model.qcompiler_description = desc  # type: ignore[assignment]
     return model
