@@ -29,11 +29,14 @@ from pathlib import Path
 CONFIGS: dict[str, dict] = {
     "w8a16 rtn": {"scheme": "w8a16", "passes": None},
     "w4a16 per-channel rtn": {"scheme": "w4a16", "group_size": 0, "passes": "fuse_linears,rtn"},
+    "w4a16 per-channel rtn+mse-clip": {"scheme": "w4a16", "group_size": 0, "passes": "fuse_linears,rtn{clip=mse}"},
+    "w4a16 per-channel rtn+awq-clip": {"scheme": "w4a16", "group_size": 0, "passes": "fuse_linears,rtn{clip=awq}"},
     "w4a16 per-channel gptq": {"scheme": "w4a16", "group_size": 0, "algo": "gptq"},
     "w4a16 per-channel awq": {"scheme": "w4a16", "group_size": 0, "algo": "awq"},
     "w4a16 per-channel awq+gptq": {"scheme": "w4a16", "group_size": 0, "algo": "awq+gptq"},
     "w4a16 g64 rtn": {"scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,rtn"},
     "w4a16 g64 rtn+mse-clip": {"scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,rtn{clip=mse}"},
+    "w4a16 g64 rtn+awq-clip": {"scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,rtn{clip=awq}"},
     "w4a16 g64 gptq": {"scheme": "w4a16", "group_size": 64, "algo": "gptq"},
     "w4a16 g64 gptq, llm-compressor's settings": {
         "scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,gptq{clip=minmax,true_sequential=false}"},

@@ -5,7 +5,8 @@ kernels for the same schema (cpu/ here; cuda/ and ascend/ by later targets). A f
 lets torch.export / FakeTensor tracing see the ops without running them.
 
 Ops:
-  qc::linear_woq        weight-only int8/int4 linear (int4 packed two per byte), group scales, zero points
+  qc::linear_woq        weight-only int8/int4 linear (int4 packed two per byte), group scales (negative where
+                        the signed int4 grid put a positive peak on −8), zero points
   qc::linear_w8a8       int8 × int8 → int32 linear, per-token (dynamic) or per-tensor (static) activation
                         scale × per-channel weight scale epilogue
   qc::linear_int_dynamic  integer GEMM with dynamic per-token activations of 8 or 4 bits and integer weight codes

@@ -5,6 +5,8 @@ splits into G = ceil(K / g) groups; when g does not divide K the last group is s
 Scales and zero points are [N, G] (G = 1 for per-channel, and N = 1 as well for per-tensor).
 
 Symmetric:  s = absmax / qmax,              q = clamp(round(w / s), qmin, qmax),      ŵ = q·s
+            (int4: s = peak / −8, peak the group's largest-magnitude weight with its sign: all 16 codes −8…7
+            are used, as onnxruntime, GPTQ/AWQ, compressed-tensors and msModelSlim store them; s may be negative)
 Asymmetric: s = (max - min) / (2^b - 1),    z = clamp(round(-min / s), 0, 2^b - 1),
             q = clamp(round(w / s) + z, 0, 2^b - 1),                                  ŵ = (q - z)·s
 (min ≤ 0 ≤ max is enforced so that 0 is exactly representable, as every integer kernel assumes.)
@@ -57,6 +59,12 @@ def weight_qparams(
     else:
         gs = group_size_of(args, k)
         grouped = to_groups(w, gs)
+    if args.symmetric and args.bits == 4 and not args.is_float:
+        # the full signed grid −8…7: the group's largest-magnitude weight lands exactly on −8 (scale = peak / −8,
+        # negative where the peak is positive); every weight of the peak's sign then has 8 steps, the other side 7
+        peak = grouped.gather(-1, grouped.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) * clip_ratio
+        scale = peak / args.qmin
+        return torch.where(scale.abs() < _EPS, torch.full_like(scale, _EPS), scale), None
     if args.symmetric:  # (fp8: qmax = 448, the largest e4m3)
         absmax = grouped.abs().amax(dim=-1) * clip_ratio
         scale = (absmax / args.qmax).clamp_min(_EPS)

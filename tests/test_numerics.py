@@ -22,11 +22,35 @@ def test_ragged_last_group_is_handled():
     args = QuantArgs(bits=4, granularity="group", group_size=32)
     s, z = nm.weight_qparams(w, args)
     assert s.shape == (8, 3)
-    # the short last group has its own scale from its own 6 columns
-    assert torch.allclose(s[:, 2], w[:, 64:].abs().amax(dim=1) / 7)
+    # the short last group has its own scale from its own 6 columns (|s| = its largest magnitude / 8)
+    assert torch.allclose(s[:, 2].abs(), w[:, 64:].abs().amax(dim=1) / 8)
     w_hat = nm.fake_quant_weight(w, args)
-    step = nm.expand_groups(s, 32, 70)
-    assert torch.all((w - w_hat).abs() <= step / 2 + 1e-6)
+    step = nm.expand_groups(s, 32, 70).abs()
+    # half a step everywhere but at code +7, the clamp of the far end on the peak's other side (at most a step)
+    codes = nm.quantize_weight(w, s, z, args)
+    bound = torch.where(codes == 7, step, step / 2)
+    assert torch.all((w - w_hat).abs() <= bound + 1e-6)
+
+
+def test_symmetric_int4_uses_the_full_signed_grid():
+    """The 16 levels −8…7 (as onnxruntime, GPTQ/AWQ, compressed-tensors and msModelSlim store them), not −7…7: the
+    largest-magnitude weight of each group lands exactly on −8 (scale = peak / −8, negative for a positive peak), so
+    every other weight sees steps 8/7 finer than absmax/7 gives."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    args = QuantArgs(bits=4, granularity="group", group_size=32)
+    s, z = nm.weight_qparams(w, args)
+    q = nm.quantize_weight(w, s, z, args)
+    groups = nm.to_groups(w, 32)
+    peak = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.allclose(s, peak / -8) and (s < 0).any() and (s > 0).any()
+    assert int(q.min()) == -8 and int(q.max()) <= 7
+    assert torch.all(nm.to_groups(q.float(), 32).amin(-1) == -8)  # every group's peak is on −8
+    # finer steps: the mean squared error drops by about (8/7)² against the 15-level grid
+    old = torch.clamp(torch.round(groups / (groups.abs().amax(-1, keepdim=True) / 7)), -7, 7)
+    old_err = (groups - old * groups.abs().amax(-1, keepdim=True) / 7).pow(2).mean()
+    new_err = (w - nm.fake_quant_weight(w, args)).pow(2).mean()
+    assert new_err < old_err / 1.15
 
 
 def test_asymmetric_represents_zero_exactly_and_uses_unsigned_codes():
