@@ -68,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(dynamic) and -asym, e.g. int8-head or int4-token-asym; 'none' drops a preset's (w8a8c8)")
     q.add_argument("--asymmetric-activations", action="store_true",
                    help="static activations on an asymmetric grid with a zero point (w8a8; msModelSlim's default)")
-    q.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
-                   help="weight algorithm of the default pipeline (ignored with --passes/--recipe)")
+    q.add_argument("--algo", default="auto", choices=["auto", "rtn", "gptq", "awq", "awq+gptq"],
+                   help="weight algorithm of the default pipeline (ignored with --passes/--recipe); auto: GPTQ for "
+                   "4-bit weights (calibrated, activation-aware grids), RTN for 8-bit ones")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
                    help="per-layer scheme by role or checkpoint-name glob, e.g. down=w8a16 or 'model.layers.0.*=float' (repeatable)")
     q.add_argument("--fallback", choices=["none", "auto"], default="none",
@@ -164,8 +165,17 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     if overrides:
         scheme = scheme.with_overrides(overrides)
     budget = _fraction(a.max_ppl_increase)
+    onnx_input = Path(a.model).suffix == ".onnx"
+    algo = a.algo
+    if algo == "auto":
+        # 4-bit weights lose a lot to round-to-nearest (demo, g64: RTN +20.7 %, GPTQ +6.7 %), 8-bit ones almost
+        # nothing; the ONNX importer runs RTN only
+        algo = "gptq" if scheme.weight_bits == 4 and passes is None and not onnx_input else "rtn"
+        if algo == "gptq":
+            print("weights: GPTQ, the default for 4-bit weights (--algo rtn is several times faster and "
+                  "worse; --algo awq+gptq is slower and a little better)")
     cfg = QuantizeConfig(
-        model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=a.algo, passes=passes,
+        model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
@@ -174,7 +184,6 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         resume=a.resume, spill_activations=a.spill_activations, streaming=not a.no_streaming,
         calibrate_all_experts=a.calibrate_all_experts, seed=a.seed, trust_remote_code=a.trust_remote_code,
     )
-    onnx_input = Path(a.model).suffix == ".onnx"
     # the target, pipeline and stored scheme, checked once, before the model is read (or the demo converted)
     plan = plan_run(dataclasses.replace(cfg, target="onnxruntime") if onnx_input else cfg, imported=onnx_input)
     if a.dry_run:
