@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="target option, e.g. accuracy_level=0 or lm_head_bits=8 for onnxruntime (repeatable)")
     q.add_argument("--group-size", type=int, default=None,
                    help="weight group size: a positive number of inputs per scale, or 0 for one scale per output "
-                   "channel; default: the scheme's")
+                   "channel; default: the scheme's, halved until it divides every layer's input size (so that every "
+                   "serving format loads it)")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights (zero points)")
     q.add_argument("--kv-cache", default=None, metavar="SPEC",
                    help="quantize the KV cache: int8 | int4, optionally -tensor/-head/-channel (default)/-token "
@@ -145,6 +146,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _group_every_format_loads(cfg: typing.Any, plan: typing.Any) -> tuple[typing.Any, typing.Any]:
+    """With no --group-size: the scheme's group size if it divides every layer's input size of this model, else
+    the largest power of two below it that does (serving kernels and loaders take whole groups only), said so."""
+    from qcompiler.driver import plan_run
+    from qcompiler.frontends.hf import Checkpoint
+    from qcompiler.schemes import with_grid
+    from qcompiler.targets.base import linear_input_sizes
+
+    weights = cfg.scheme.weights
+    if weights is None or weights.granularity != "group" or not weights.group_size:
+        return cfg, plan
+    sizes = linear_input_sizes(Checkpoint(cfg.model, cfg.trust_remote_code).config())
+    g = weights.group_size
+    while g > 16 and any(k % g for k in sizes.values()):
+        g //= 2
+    if g == weights.group_size or any(k % g for k in sizes.values()):
+        return cfg, plan  # (nothing to change, or nothing that divides: the target's own check explains)
+    ragged = next(f"{what} = {k}" for what, k in sizes.items() if k % weights.group_size)
+    print(f"weights: group size {g}, the largest up to {weights.group_size} that divides every layer's input size "
+          f"({ragged} is not a multiple of {weights.group_size}), so every serving format loads it; "
+          "--group-size N chooses another")
+    cfg = dataclasses.replace(cfg, scheme=dataclasses.replace(cfg.scheme, weights=with_grid(weights, group_size=g)))
+    return cfg, plan_run(cfg)
+
+
 def _cmd_quant(a: argparse.Namespace) -> int:
     from qcompiler.calib.data import read_texts
     from qcompiler.demo import resolve_model
@@ -191,6 +217,8 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         return 0
     model = resolve_model(a.model)
     cfg = dataclasses.replace(cfg, model=model)
+    if a.group_size is None and passes is None and not onnx_input:
+        cfg, plan = _group_every_format_loads(cfg, plan)
     from qcompiler.distributed import init_from_env
 
     if init_from_env() and (model.suffix == ".onnx" or a.fallback != "none"):

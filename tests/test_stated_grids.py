@@ -3,6 +3,7 @@ run's scheme before any target check, and every export states the grid its tenso
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,22 @@ def test_two_weight_passes_asking_for_different_grids_are_refused(tmp_path, tiny
         quantize(_cfg(tiny_llama, tmp_path / "q", "reference", "rtn{group_size=32},gptq{group_size=16}", 32),
                  log=lambda _: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_the_cli_picks_a_group_every_format_loads_unless_one_is_given(model, tmp_path, capsys):
+    """w4a16's g128 does not divide K = 96 or 160: with no --group-size the CLI takes the largest power of two up
+    to 128 that divides every input size (32 here) and says so; a group given explicitly is refused as before."""
+    from qcompiler.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    common = ["quant", "--model", str(model), "--scheme", "w4a16", "--target", "cuda", "--algo", "rtn",
+              "--calib-text", str(text), "--num-samples", "2", "--seq-len", "32", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "auto")]) == 0
+    assert "group size 32, the largest up to 128" in capsys.readouterr().out
+    d = json.loads((tmp_path / "auto" / "qcompiler.json").read_text())
+    assert d["scheme"]["weights"]["group_size"] == 32
+    assert check_stated_grids(tmp_path / "auto")["compressed-tensors"] > 0
+    assert main([*common, "--group-size", "128", "--out", str(tmp_path / "given")]) == 2
+    assert "group size 128 does not divide" in capsys.readouterr().err
+    assert not (tmp_path / "given").exists()
