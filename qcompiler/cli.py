@@ -235,13 +235,34 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         quantize_with_fallback(cfg, budget, quantize)
     else:
         try:
-            quantize(cfg, plan=plan)
+            desc = quantize(cfg, plan=plan)
         finally:
             import torch.distributed
 
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+        if (warning := poor_result_warning(desc)) is not None:
+            print(warning)
     return 0
+
+
+# The weakest block's output SQNR on the demo model (dB) against its held-out perplexity: w8a16 ~40 (+0.4 %), w4a16
+# GPTQ g128 24.6 (+10.8 %), RTN g64 19.6 (+20.7 %), RTN + MSE clip 16.3 (+29 %), static w8a8 14.2 (+66–93 %)
+POOR_BLOCK_SQNR_DB = 20.0
+
+
+def poor_result_warning(desc: dict) -> str | None:
+    """A warning when the weakest block's measured output SQNR says the result is likely poor (a heuristic from
+    the measurements above; `qcompile eval` measures)."""
+    reports = desc.get("block_report") or {}
+    if not reports:
+        return None
+    block, worst = min(((b, r["output_sqnr_db"]) for b, r in reports.items()), key=lambda br: br[1])
+    if worst >= POOR_BLOCK_SQNR_DB:
+        return None
+    return (f"warning: block '{block}' keeps only {worst:.1f} dB output SQNR (below {POOR_BLOCK_SQNR_DB:.0f} dB the "
+            "demo measured +20 % perplexity or worse); check with `qcompile eval`, and consider --algo gptq, "
+            "w8a8_dynamic instead of static activations, or --fallback auto")
 
 
 def _check_numbers(a: argparse.Namespace) -> None:

@@ -180,3 +180,14 @@ def test_yaml_recipe(tiny_llama, tmp_path, calib_text):
     recipe.write_text("passes:\n  - smoothquant: {alpha: 0.7}\n  - rtn: {clip: mse}\n")
     passes = load_recipe(recipe)
     assert [p.spec() for p in passes] == ["smoothquant{alpha=0.7}", "rtn{clip=mse}"]
+
+
+def test_a_poor_result_is_warned_about_from_its_weakest_block():
+    from qcompiler.cli import POOR_BLOCK_SQNR_DB, poor_result_warning
+
+    good = {"block_report": {"model.layers.0": {"output_sqnr_db": 35.0}, "model.layers.1": {"output_sqnr_db": 28.0}}}
+    assert poor_result_warning(good) is None
+    poor = {"block_report": {**good["block_report"], "model.layers.2": {"output_sqnr_db": POOR_BLOCK_SQNR_DB - 5}}}
+    warning = poor_result_warning(poor)
+    assert warning is not None and "model.layers.2" in warning and "15.0 dB" in warning
+    assert poor_result_warning({}) is None
