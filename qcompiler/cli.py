@@ -148,21 +148,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _group_every_format_loads(cfg: typing.Any, plan: typing.Any) -> tuple[typing.Any, typing.Any]:
     """With no --group-size: the scheme's group size if it divides every layer's input size of this model, else
-    the largest power of two below it that does (serving kernels and loaders take whole groups only), said so."""
+    the largest power of two below it that does, if at least 16 (serving kernels and loaders take whole groups
+    only), said so."""
     from qcompiler.driver import plan_run
     from qcompiler.frontends.hf import Checkpoint
     from qcompiler.schemes import with_grid
-    from qcompiler.targets.base import linear_input_sizes
+    from qcompiler.targets.base import largest_power_of_two_divisor, linear_input_sizes
 
     weights = cfg.scheme.weights
     if weights is None or weights.granularity != "group" or not weights.group_size:
         return cfg, plan
     sizes = linear_input_sizes(Checkpoint(cfg.model, cfg.trust_remote_code).config())
-    g = weights.group_size
-    while g > 16 and any(k % g for k in sizes.values()):
-        g //= 2
-    if g == weights.group_size or any(k % g for k in sizes.values()):
-        return cfg, plan  # (nothing to change, or nothing that divides: the target's own check explains)
+    g = min(largest_power_of_two_divisor(k, weights.group_size) for k in sizes.values())
+    if g == weights.group_size or g < 16:
+        return cfg, plan  # (nothing to change, or only tiny groups divide: the target's own check explains)
     ragged = next(f"{what} = {k}" for what, k in sizes.items() if k % weights.group_size)
     print(f"weights: group size {g}, the largest up to {weights.group_size} that divides every layer's input size "
           f"({ragged} is not a multiple of {weights.group_size}), so every serving format loads it; "

@@ -479,19 +479,16 @@ def capture_block_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor]
     else:
         raise ModelLoadError(f"{model.__class__.__name__}: its blocks' inputs cannot be captured "
                              f"({' '.join(str(failure).split())[:200]})")
-    calls: dict[tuple, BlockCall] = {}
+    calls: dict[tuple, BlockCall] = {}  # (blocks called alike share one)
     block_calls, flat_kwargs = [], []
     for per_batch in captured:  # per block
-        flats = []
-        for _, kwargs in per_batch:
-            kw = {k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)}
-            flat, spec = pytree.tree_flatten(kw)
-            nones = tuple(k for k, v in sorted(kwargs.items()) if v is None)
-            key = (tuple(kw), str(spec), nones)
-            flats.append(tuple(flat))
-        call = calls.setdefault(key, BlockCall(keys=tuple(kw), spec=spec, nones=nones, tuple_output=returns_tuple))
+        tensors = [{k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)} for _, kwargs in per_batch]
+        spec = pytree.tree_structure(tensors[0])
+        nones = tuple(k for k, v in sorted(per_batch[0][1].items()) if v is None)
+        call = calls.setdefault((tuple(tensors[0]), str(spec), nones),
+                                BlockCall(keys=tuple(tensors[0]), spec=spec, nones=nones, tuple_output=returns_tuple))
         block_calls.append(call)
-        flat_kwargs.append(flats)
+        flat_kwargs.append([tuple(pytree.tree_leaves(kw)) for kw in tensors])
     return BlockInputs(block_calls, [hidden for hidden, _ in captured[0]], flat_kwargs)
 
 
@@ -659,7 +656,9 @@ def trace_block(
     return gm
 
 
-_TRANSPOSES = (aten.numpy_T.default, aten.t.default)
+# ops that are W.T for a 2-D W whatever their arguments (unlike analysis._TRANSPOSES, which also sees through
+# permute / transpose.int of any rank)
+_MATRIX_TRANSPOSES = (aten.numpy_T.default, aten.t.default)
 
 
 def _linears_from_matmuls(gm: fx.GraphModule) -> None:
@@ -671,7 +670,7 @@ def _linears_from_matmuls(gm: fx.GraphModule) -> None:
         if not (n.op == "call_function" and n.target is aten.matmul.default):
             continue
         x, wt = n.args
-        if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _TRANSPOSES):
+        if not (isinstance(wt, fx.Node) and wt.op == "call_function" and wt.target in _MATRIX_TRANSPOSES):
             continue
         w = wt.args[0]
         if not (isinstance(w, fx.Node) and w.op == "get_attr" and get_tensor(gm, str(w.target)).dim() == 2):

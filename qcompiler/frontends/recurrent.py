@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -37,21 +38,24 @@ RECURRENCES: dict[str, Callable[..., Any]] = {
 }
 
 
+def _recurrences_defined(module: torch.nn.Module) -> list[tuple[ModuleType, str]]:
+    """(modeling file, function name) of each of RECURRENCES that the files defining `module`'s modules define."""
+    files = {sys.modules.get(type(m).__module__) for m in module.modules()}
+    return [(f, name) for f in files if f is not None for name in RECURRENCES if hasattr(f, name)]
+
+
 def recurrence_functions(model_or_block: torch.nn.Module) -> list[str]:
     """The names of RECURRENCES that the modeling files of `model_or_block`'s modules define."""
-    modules = {sys.modules.get(type(m).__module__) for m in model_or_block.modules()}
-    return sorted({name for mod in modules if mod is not None for name in RECURRENCES if hasattr(mod, name)})
+    return sorted({name for _, name in _recurrences_defined(model_or_block)})
 
 
 @contextmanager
 def recurrences_as_ops(block: torch.nn.Module) -> Iterator[None]:
     """While tracing `block`, its modeling files' recurrence functions call the `qc::` ops (restored after)."""
     saved = []
-    for mod in {sys.modules.get(type(m).__module__) for m in block.modules()}:
-        for name, replacement in RECURRENCES.items():
-            if mod is not None and hasattr(mod, name):
-                saved.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, replacement)
+    for mod, name in _recurrences_defined(block):
+        saved.append((mod, name, getattr(mod, name)))
+        setattr(mod, name, RECURRENCES[name])
     try:
         yield
     finally:

@@ -172,7 +172,7 @@ def refuse_ragged_groups(target: str, consumer: str, config: Any, scheme: QuantS
             if k % g:
                 raise SchemeError(
                     f"target '{target}': group size {g} does not divide {what} = {k}, and {consumer} load only "
-                    f"whole groups; choose a group size dividing {k} (e.g. --group-size {_divisor(k, g)}) or "
+                    f"whole groups; choose a group size dividing {k} (e.g. --group-size {largest_power_of_two_divisor(k, g)}) or "
                     "per-channel scales (--group-size 0)"
                 )
 
@@ -198,7 +198,7 @@ def refuse_mla_kv_cache(target: str, fmt: str, config: Any, scheme: QuantScheme)
                           "a compressed latent; quantize its KV cache with --target reference, or drop --kv-cache")
 
 
-def _divisor(k: int, g: int) -> int:
+def largest_power_of_two_divisor(k: int, g: int) -> int:
     """The largest power of two ≤ g dividing k (what to suggest instead of g)."""
     d = 1
     while d * 2 <= g and k % (d * 2) == 0:
