@@ -171,3 +171,27 @@ def test_every_block_is_calibrated_with_the_inputs_the_model_gives_it(tmp_path, 
             assert torch.equal(got, mask), i
     # (the point: the layers are given different masks, so block 0's inputs would be wrong for block 1)
     assert (masks[0] is None) != (masks[1] is None) or not torch.equal(masks[0], masks[1])
+
+
+def test_qwen3_next_linear_attention_traces_as_one_recurrence_op_between_linears(tmp_path):
+    """The Gated DeltaNet block: one qc.gated_delta_rule node, its in/out projections aten.linear layers, and the
+    model's own function restored after the trace; a recurrent state passed in is refused, never dropped."""
+    from qcompiler.frontends.recurrent import RECURRENCES
+
+    model_dir = make_family_model(tmp_path / "q3n", BY_TYPE["qwen3_next"])
+    model = build_skeleton(Checkpoint(model_dir))
+    _, blocks = find_blocks(model)
+    assert model.config.layer_types[0] == "linear_attention"
+    gm = BlockTracer(probe_block_inputs(model))(0, blocks[0], "model.layers.0")
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.qc.gated_delta_rule.default]
+    assert len(ops) == 1
+    weights = {str(n.args[1].target) for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is aten.linear.default}
+    assert {"block.linear_attn.in_proj_qkvz.weight", "block.linear_attn.in_proj_ba.weight",
+            "block.linear_attn.out_proj.weight"} <= weights
+    import transformers.models.qwen3_next.modeling_qwen3_next as modeling
+
+    assert modeling.torch_chunk_gated_delta_rule is not RECURRENCES["torch_chunk_gated_delta_rule"]
+    x = torch.zeros(1, 3, 2, 4)
+    with pytest.raises(NotImplementedError, match="recurrent state"):
+        RECURRENCES["torch_chunk_gated_delta_rule"](x, x, x, x[..., 0], x[..., 0], initial_state=torch.zeros(1, 2, 4, 4))

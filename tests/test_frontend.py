@@ -26,7 +26,7 @@ def test_block_graph_equals_the_module_and_roles_come_from_the_graph(tiny_models
     config = AutoConfig.from_pretrained(str(tiny_models[family]))
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_models[family]), dtype=torch.float32,
                                                attn_implementation=attention_implementation(config)).eval()
-    captured = capture_block_inputs(ref, [torch.randint(3, 250, (3, 29))])
+    captured = capture_block_inputs(ref, [torch.randint(3, 250, (3, 29), generator=torch.Generator().manual_seed(0))])
     ref_inputs = captured.of_block(0)
     with torch.no_grad():
         expect = BlockAdapter(ref.model.layers[0], captured.calls[0])(*ref_inputs[0])
@@ -99,7 +99,7 @@ def test_roles_with_eager_attention_matmul_softmax_matmul():
 
     cfg = tiny_config("llama")
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    captured = capture_block_inputs(model, [torch.randint(3, 250, (2, 17))])
+    captured = capture_block_inputs(model, [torch.randint(3, 250, (2, 17), generator=torch.Generator().manual_seed(0))])
     gm = trace_block(model.model.layers[0].to("meta"), captured.calls[0], captured.of_block(0)[0], "model.layers.0")
     assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
     a = analyze_block(gm)
