@@ -19,8 +19,11 @@ q/k paths have none (NoPE: SmolLM3's every 4th layer, EXAONE 4's global ones: do
 interleaved rotary (GLM: cos/sin repeated pairwise in the block) as GroupQueryAttention's rotary_interleaved with a
 shorter cache. Where SDPA cannot express the attention, transformers' eager form is matched instead (Gemma 2:
 softmax(c·tanh(s·q·kᵀ / c) + mask)·v → softcap = c), and Gemma 2's final logit soft-capping is written after the
-head. Scalings outside the blocks (Granite's embedding_multiplier / logits_scaling) and rotary tables that change
-with the sequence length (longrope, dynamic) are refused, not dropped.
+head, as are the scalings outside the blocks (Granite's embedding_multiplier and 1 / logits_scaling, Cohere's
+logit_scale). Rotary tables that change with the sequence length (longrope, dynamic) are refused, not dropped.
+Mixture-of-experts blocks write their routed experts as one com.microsoft::QMoE (moe.py: routing and activation
+read off the graph; weight-only int4 / int8 experts); shared experts and routers are ordinary linears. LayerNorm
+blocks (StarCoder2, Phi-3.5-MoE) use LayerNormalization.
 
 A quantized KV cache (kv_quant pass, static symmetric int8 / int4 scales) is GroupQueryAttention's own:
 k_quant_type / v_quant_type PER_TENSOR or PER_CHANNEL (per-head scales repeated over the head's channels),
@@ -63,15 +66,15 @@ from qcompiler.export.onnx.emit import (
     matmulnbits_tensors,
     skip_rms_norm,
 )
+from qcompiler.export.onnx.moe import emit_qmoe, find_moe_regions
 from qcompiler.ir import qmeta
 from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, get_tensor, is_call, skip_passthrough
 from qcompiler.ir.records import HEAD_GRID, HeadGrid, KVRecord, LayerRecord
 from qcompiler.kernels.packing import store_weight_codes
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "smollm3", "exaone4",
-                           "glm", "glm4", "olmo2", "gemma2")
-# config fields that scale the embeddings or the logits outside the decoder blocks (Granite, Cohere)
-OUTER_SCALINGS = ("embedding_multiplier", "logits_scaling", "logit_scale")
+                           "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "mixtral", "qwen2_moe",
+                           "qwen3_moe", "phimoe", "granitemoe")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
@@ -230,9 +233,19 @@ def _decoder_body(model: torch.nn.Module) -> Any:
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
-def check_decoder_config(cfg: Any) -> None:
-    """Refuse an architecture or shape the decoder export cannot express, naming the fix."""
+def _routed_experts(cfg: Any) -> int:
+    """The number of routed experts of an MoE config (0: a dense model)."""
+    return max(int(getattr(cfg, f, None) or 0) for f in ("num_local_experts", "num_experts", "n_routed_experts",
+                                                          "moe_num_experts"))
+
+
+def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
+    """Refuse an architecture, shape or scheme the decoder export cannot express, naming the fix."""
     arch = cfg.model_type
+    if scheme is not None and _routed_experts(cfg) and (
+            scheme.activations is not None or scheme.weights is None or scheme.sparsity is not None):
+        raise ExportError(f"onnxruntime's QMoE runs weight-only int4 / int8 experts, not the experts of scheme "
+                          f"'{scheme.name}'; use w4a16 or w8a16 for --target onnxruntime, or --target reference")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ExportError(
             f"the ONNX Runtime decoder export supports {', '.join(SUPPORTED_ARCHITECTURES)} models, not '{arch}'; "
@@ -244,10 +257,6 @@ def check_decoder_config(cfg: Any) -> None:
     if rope_types & {"longrope", "dynamic"}:  # (their tables change with the sequence length; GQA's caches do not)
         raise ExportError(f"the ONNX Runtime decoder export takes fixed rotary tables, not {sorted(rope_types)} rope "
                           "scaling whose tables depend on the sequence length; use --target reference for this model")
-    outer = {f: getattr(cfg, f) for f in OUTER_SCALINGS if getattr(cfg, f, None) not in (None, 1, 1.0)}
-    if outer:  # (the blocks' own multipliers are in their graphs; these act outside every block)
-        raise ExportError(f"the ONNX Runtime decoder export does not apply {', '.join(f'{k}={v}' for k, v in outer.items())} "
-                          "(a scaling outside the blocks); use --target reference for this model")
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     if head_dim % 16:
@@ -403,6 +412,9 @@ class DecoderExporter:
             local_window_size=self._window(index), **softcap, **kv_attrs,
         )
         em.env[_attention_output(att.out, name)] = attn[0]
+        # (after the attention is bound: the experts' input is computed from its output)
+        for region in find_moe_regions(gm, self.cfg, name):
+            em.env[region.out] = emit_qmoe(em, region, index)
         out = next(n for n in gm.graph.nodes if n.op == "output")
         result = out.args[0][0] if isinstance(out.args[0], tuple | list) else out.args[0]
         if is_call(result, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in result.args[:2]):
@@ -542,11 +554,19 @@ class DecoderExporter:
         return self._embed_scale(b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens"), inner)
 
     def _embed_scale(self, x: str, inner: torch.nn.Module) -> str:
-        """Gemma scales its embeddings by √hidden inside the embedding module (`embed_scale`)."""
-        scale = getattr(inner.embed_tokens, "embed_scale", None)
-        if scale is None or float(scale) == 1.0:
+        """Gemma scales its embeddings by √hidden inside the embedding module (`embed_scale`), Granite by
+        `embedding_multiplier` in the model's forward."""
+        scale = float(getattr(inner.embed_tokens, "embed_scale", None) or 1.0) * float(
+            getattr(self.cfg, "embedding_multiplier", None) or 1.0)
+        if scale == 1.0:
             return x
-        return self.b.op("Mul", [x, self.b.const(np.array(float(scale), dtype=np.float32))], "/model/embed_tokens/scale")
+        return self.b.op("Mul", [x, self.b.const(np.array(scale, dtype=np.float32))], "/model/embed_tokens/scale")
+
+    def _logit_factor(self) -> float:
+        """What the causal LM multiplies its logits by after the head: Granite's 1 / logits_scaling, Cohere's
+        logit_scale."""
+        return float(getattr(self.cfg, "logit_scale", None) or 1.0) / float(
+            getattr(self.cfg, "logits_scaling", None) or 1.0)
 
     def _lm_head(self, x: str, weight: torch.Tensor, out: str = "logits") -> str:
         b = self.b
@@ -569,22 +589,20 @@ class DecoderExporter:
         if self.blocks_done != self.layers:
             raise ExportError(f"only {self.blocks_done} of {self.layers} blocks were exported")
         b = self.b
-        norm = _decoder_body(model).norm
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        gamma = b.initializer("model.norm.weight", _rms_norm_gain(norm, int(self.cfg.hidden_size), eps))
-        if self.residual is not None:
-            h = b.node("SkipSimplifiedLayerNormalization", [*self.residual, gamma], "/model/norm", domain=MS_DOMAIN,
-                       epsilon=eps)[0]
-        else:
-            h = b.op("RMSNormalization", [self.hidden, gamma], "/model/norm", axis=-1, epsilon=eps, stash_type=1)
+        h = self._final_norm(_decoder_body(model).norm)
         cap = getattr(self.cfg, "final_logit_softcapping", None)
+        factor = self._logit_factor()
+        head = model.get_output_embeddings().weight
         if cap:  # Gemma 2: logits = c·tanh(z / c)
-            z = self._lm_head(h, model.get_output_embeddings().weight, b.fresh("/lm_head/uncapped"))
+            z = self._lm_head(h, head, b.fresh("/lm_head/uncapped"))
             c = b.const(np.array(float(cap), dtype=np.float32))
             t = b.op("Tanh", [b.op("Div", [z, c], "/lm_head/softcap/div")], "/lm_head/softcap/tanh")
             b.node("Mul", [t, c], "/lm_head/softcap/mul", outputs=["logits"])
+        elif factor != 1.0:  # Granite, Cohere: logits = z · factor
+            z = self._lm_head(h, head, b.fresh("/lm_head/unscaled"))
+            b.node("Mul", [z, b.const(np.array(factor, dtype=np.float32))], "/lm_head/scale", outputs=["logits"])
         else:
-            self._lm_head(h, model.get_output_embeddings().weight)
+            self._lm_head(h, head)
         b.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", self.vocab])
         elem, last = self._cache_type()
         for i in range(self.layers):
@@ -593,6 +611,26 @@ class DecoderExporter:
                 b.add_output(f"present.{i}.{kind}", elem, ["batch_size", self.kv_heads, "total_sequence_length", last])
         b.finish("qcompiler_decoder", metadata)
         (self.out_dir / "genai_config.json").write_text(json.dumps(self.genai_config(), indent=2))
+
+    def _final_norm(self, norm: torch.nn.Module) -> str:
+        """The decoder's final norm of the last block's output (its residual add fused where the norm is RMS)."""
+        b = self.b
+        hidden = int(self.cfg.hidden_size)
+        if isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ == "CohereLayerNorm":  # (mean-subtracting)
+            eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+            weight = norm.weight if norm.weight is not None else torch.ones(hidden)
+            bias = getattr(norm, "bias", None)
+            x = b.op("Add", list(self.residual), "/model/norm/residual") if self.residual is not None else self.hidden
+            return b.op("LayerNormalization", [x, b.initializer("model.norm.weight", weight.detach().float()),
+                                               b.initializer("model.norm.bias", (torch.zeros(hidden) if bias is None
+                                                                                 else bias.detach().float()))],
+                        "/model/norm", axis=-1, epsilon=eps)
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        gamma = b.initializer("model.norm.weight", _rms_norm_gain(norm, hidden, eps))
+        if self.residual is not None:
+            return b.node("SkipSimplifiedLayerNormalization", [*self.residual, gamma], "/model/norm", domain=MS_DOMAIN,
+                          epsilon=eps)[0]
+        return b.op("RMSNormalization", [self.hidden, gamma], "/model/norm", axis=-1, epsilon=eps, stash_type=1)
 
     def abort(self) -> None:
         self.b.abort()

@@ -199,6 +199,8 @@ class GraphEmitter:
         m = self.norm(node) if is_call(node, aten.mul.Tensor) else None
         if m is not None:
             return [m[0]]
+        if is_call(node, aten.sym_size.int) and node.args[0].op == "placeholder" and node.args[0] not in self.env:  # type: ignore[union-attr]
+            return []
         return [a for a in node.all_input_nodes if a.op != "get_attr"]
 
     # ---------------------------------------------------------------- driving
@@ -288,6 +290,47 @@ def _dropout(em: GraphEmitter, n: fx.Node) -> str:
     if train:
         raise ExportError(f"{em.scope}: node '{n.name}' is dropout in training mode; export the model in eval mode")
     return em.v(n.args[0])
+
+
+@rule(aten.sym_size.int)
+def _sym_size(em: GraphEmitter, n: fx.Node) -> str:
+    """A dimension read off a tensor, as the 1-element int64 tensor Reshape's shape is built from."""
+    x, dim = n.args[:2]
+    shape = x.meta["val"].shape  # type: ignore[union-attr]
+    d = int(dim) % len(shape)  # type: ignore[call-overload]
+    if isinstance(x, fx.Node) and x.op == "placeholder" and x not in em.env:
+        # a size read off an input the export does not bind (the mask): the same symbolic size of a bound input
+        for p in em.gm.graph.nodes:
+            if p.op == "placeholder" and p in em.env:
+                for i, size in enumerate(p.meta["val"].shape):
+                    if str(size) == str(shape[d]):
+                        return em.b.op("Shape", [em.v(p)], em.name(n), start=i, end=i + 1)
+    return em.b.op("Shape", [em.v(x)], em.name(n), start=d, end=d + 1)
+
+
+@rule(aten.layer_norm.default)
+def _layer_norm(em: GraphEmitter, n: fx.Node) -> str:
+    """LayerNorm over the last dimension: (x − mean)/√(var + ε)·γ + β (γ = 1, β = 0 where absent)."""
+    x, shape = n.args[:2]
+    weight, bias = (n.args[i] if len(n.args) > i else None for i in (2, 3))
+    eps = float(n.args[4]) if len(n.args) > 4 else 1e-5  # type: ignore[arg-type]
+    if len(shape) != 1:  # type: ignore[arg-type]
+        raise ExportError(f"{em.scope}: node '{n.name}' normalizes over {len(shape)} dimensions, not the last one")  # type: ignore[arg-type]
+    width = int(shape[0])  # type: ignore[index]
+    gamma = em.v(weight) if weight is not None else em.b.initializer(f"{em.scope}.{n.name}.ones", torch.ones(width))
+    beta = em.v(bias) if bias is not None else em.b.initializer(f"{em.scope}.{n.name}.zeros", torch.zeros(width))
+    return em.b.op("LayerNormalization", [em.v(x), gamma, beta], em.name(n), axis=-1, epsilon=eps)
+
+
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _reshape(em: GraphEmitter, n: fx.Node) -> str:
+    """Reshape to sizes that are constants or dimensions read off tensors (aten.sym_size)."""
+    x, sizes = n.args[:2]
+    if any(isinstance(d, int) and d == 0 for d in sizes):  # type: ignore[union-attr]
+        raise ExportError(f"{em.scope}: node '{n.name}' reshapes to a size-0 dimension")
+    parts = [em.v(d) if isinstance(d, fx.Node) else em.b.const([int(d)], np.int64) for d in sizes]  # type: ignore[union-attr]
+    shape = parts[0] if len(parts) == 1 else em.b.op("Concat", parts, em.name(n) + "/shape", axis=0)
+    return em.b.op("Reshape", [em.v(x), shape], em.name(n))
 
 
 def _binary(op: str) -> Rule:

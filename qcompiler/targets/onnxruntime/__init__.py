@@ -77,7 +77,7 @@ class OnnxRuntimeTarget(Target):
     def check_model(self, config: Any, scheme: QuantScheme) -> None:
         from qcompiler.export.onnx.decoder import check_decoder_config
 
-        check_decoder_config(config)
+        check_decoder_config(config, scheme)
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
                  saved: SavedExporter | None = None) -> Any:
