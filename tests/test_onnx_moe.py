@@ -1,8 +1,8 @@
 """Mixture-of-experts decoders for onnxruntime: each MoE block's experts become one com.microsoft::QMoE
 (qcompiler/export/onnx/moe.py), its routing and gated activation read off the graph numerically.
 
-The tiny models are the support matrix's (tests/family_configs.py: Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Phi-3.5-MoE
-shrunk). Tolerance: onnxruntime and our runtime compute the same dequantized weights (accuracy_level 0) in float32 in
+The tiny models are the support matrix's (tests/family_configs.py: Mixtral-8x7B, Qwen1.5-MoE-A2.7B, Phi-3.5-MoE,
+gpt-oss-20b shrunk). Tolerance: onnxruntime and our runtime compute the same dequantized weights (accuracy_level 0) in float32 in
 another order, |Δ| / |y| ≤ 1e-4; quantization itself moves these logits by more than 1e-3, so a wrong weight layout,
 routing or activation cannot pass.
 """
@@ -34,7 +34,7 @@ EXACT = {"accuracy_level": "0", "lm_head_bits": "float"}
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("moe")
-    return {t: make_family_model(root / t, BY_TYPE[t]) for t in ("mixtral", "qwen2_moe", "phimoe")}
+    return {t: make_family_model(root / t, BY_TYPE[t]) for t in ("mixtral", "qwen2_moe", "phimoe", "gpt_oss")}
 
 
 def _export(model: Path, out: Path, scheme: str, group_size: int | None = None) -> None:
@@ -48,7 +48,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("family", "routing"), [("mixtral", "normalized"), ("qwen2_moe", "softmax"),
-                                                 ("phimoe", "sparse_mixer")])
+                                                 ("phimoe", "sparse_mixer"), ("gpt_oss", "normalized")])
 def test_moe_decoder_runs_its_experts_as_qmoe_and_equals_our_artefact(moe_models, tmp_path, family, routing):
     model, out = moe_models[family], tmp_path / "q"
     _export(model, out, "w4a16", group_size=32)
@@ -66,6 +66,13 @@ def test_moe_decoder_runs_its_experts_as_qmoe_and_equals_our_artefact(moe_models
         # is QMoE's own routing
         has_weights = len(node.input) > 14 and node.input[14] != ""
         assert has_weights == (routing != "normalized")
+        # gpt-oss: (clamp(up, ±l) + 1) · g·σ(1.702·g), g = min(gate, l), with biased experts; the others silu(g)·u
+        clamped = family == "gpt_oss"
+        assert (attrs.get("swiglu_limit"), attrs["activation_beta"]) == ((7.0, 1.0) if clamped else (None, 0.0))
+        assert (node.input[4] != "") == clamped  # fc1 bias
+    # gpt-oss's attention sinks are GroupQueryAttention's head_sink (input 11), one logit per head
+    sinks = [n for n in graph.node if n.op_type == "GroupQueryAttention" and len(n.input) > 11 and n.input[11]]
+    assert len(sinks) == (len(qmoe) if family == "gpt_oss" else 0)
     assert not [n for n in graph.node if n.op_type == "MatMulNBits" and ".experts." in n.name]
 
     ids = family_inputs(BY_TYPE[family], model)["input_ids"]

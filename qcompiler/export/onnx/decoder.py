@@ -73,8 +73,8 @@ from qcompiler.ir.records import HEAD_GRID, HeadGrid, KVRecord, LayerRecord
 from qcompiler.kernels.packing import store_weight_codes
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "smollm3", "exaone4",
-                           "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "mixtral", "qwen2_moe",
-                           "qwen3_moe", "phimoe", "granitemoe")
+                           "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "cohere", "mixtral",
+                           "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "gpt_oss")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
@@ -83,6 +83,8 @@ _ATTN_PLUMBING = PASSTHROUGH | {
     aten.sym_size.int, aten.contiguous.default, aten.permute.default,
     # interleaved rotary (GLM): cos/sin repeated pairwise, rotate_half as stack(−x₂, x₁).flatten
     aten.repeat_interleave.self_int, aten.stack.default, aten.flatten.using_ints,
+    # rotation by halves (gpt-oss): x₁·cos − x₂·sin, x₂·cos + x₁·sin of chunk(x, 2)
+    aten.chunk.default, operator.getitem, aten.sub.Tensor,
     # a quantized KV cache: GroupQueryAttention quantizes the new keys / values itself (k_scale, v_scale)
     torch.ops.qc.fake_quant_kv.default,
 }
@@ -162,6 +164,7 @@ class _Attention:
     scale: float | None
     softcap: float | None
     out: fx.Node
+    sinks: fx.Node | None = None  # gpt-oss: per-head logits joining the softmax's denominator (get_attr)
 
 
 def _constant_factor(n: fx.Node, op: Any) -> tuple[fx.Node, float] | None:
@@ -181,12 +184,25 @@ def _find_attention(gm: fx.GraphModule, block: str) -> _Attention:
         return _Attention(sdpa.args[0], sdpa.args[1], sdpa.args[2],  # type: ignore[arg-type]
                           sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask"),
                           sdpa.kwargs.get("scale"), None, sdpa)
-    softmaxes = [n for n in gm.graph.nodes if is_call(n, (aten.softmax.int, aten._softmax.default))]
+    softmaxes = [n for n in gm.graph.nodes if is_call(n, (aten.softmax.int, aten._softmax.default))
+                 and len(n.meta["val"].shape) == 4]  # (over [B, H, S, T] scores: not an MoE router's)
     if sdpas or len(softmaxes) != 1:
         raise ExportError(f"{block}: expected one attention (scaled_dot_product_attention or one softmax), found "
                           f"{len(sdpas)} and {len(softmaxes)} softmax")
     softmax = softmaxes[0]
     x, mask = skip_passthrough(softmax.args[0]), None  # type: ignore[arg-type]
+    # attention sinks (gpt-oss): softmax(cat([scores, sinks]) − max)[..., :−1], i.e. exp(sink) joins the denominator
+    sinks = None
+    if is_call(x, aten.sub.Tensor) and is_call(x.args[1], operator.getitem) \
+            and is_call(x.args[1].args[0], aten.max.dim) and x.args[1].args[0].args[0] is x.args[0]:  # type: ignore[union-attr]
+        x = x.args[0]  # type: ignore[assignment]  (subtracting the row maximum leaves a softmax unchanged)
+    if is_call(x, aten.cat.default) and len(x.args[0]) == 2 and x.args[1] in (-1, 3):  # type: ignore[arg-type]
+        scores, column = x.args[0]  # type: ignore[misc]
+        while is_call(column, (aten.expand.default, aten.reshape.default, aten.view.default)):
+            column = column.args[0]
+        if not (isinstance(column, fx.Node) and column.op == "get_attr"):
+            raise ExportError(f"{block}: the attention softmax reads a column '{column}' that is not per-head sinks")
+        x, sinks = skip_passthrough(scores), column  # type: ignore[arg-type]
     if is_call(x, aten.add.Tensor) and all(isinstance(a, fx.Node) for a in x.args[:2]):
         x, mask = x.args[0], x.args[1]
     softcap = None
@@ -204,13 +220,19 @@ def _find_attention(gm: fx.GraphModule, block: str) -> _Attention:
             and sorted(x.args[1].args[1:3]) == [2, 3]):  # type: ignore[union-attr]
         raise ExportError(f"{block}: the softmax '{softmax.name}' does not read q·kᵀ attention scores")
     q, k = x.args[0], x.args[1].args[0]  # type: ignore[union-attr]
-    out = softmax  # (through casts and an eval-mode dropout)
+    out = softmax  # (through casts and an eval-mode dropout; with sinks, the slice dropping the sink column)
+    if sinks is not None:
+        drop = next(iter(out.users)) if len(out.users) == 1 else None
+        if not (is_call(drop, aten.slice.Tensor) and drop.args[1] in (-1, 3) and drop.args[2] == 0  # type: ignore[union-attr]
+                and drop.args[3] == -1):  # type: ignore[union-attr]
+            raise ExportError(f"{block}: the attention probabilities '{softmax.name}' keep the sink column")
+        out = drop  # type: ignore[assignment]
     while len(out.users) == 1 and is_call(next(iter(out.users)), PASSTHROUGH | {aten.dropout.default}):
         out = next(iter(out.users))
     users = list(out.users)
     if len(users) != 1 or not is_call(users[0], aten.matmul.default) or users[0].args[0] is not out:
         raise ExportError(f"{block}: the attention probabilities '{softmax.name}' do not multiply the values")
-    return _Attention(q, k, users[0].args[1], mask, scale, softcap, users[0])  # type: ignore[arg-type]
+    return _Attention(q, k, users[0].args[1], mask, scale, softcap, users[0], sinks)  # type: ignore[arg-type]
 
 
 def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
@@ -271,7 +293,7 @@ class DecoderExporter:
     # the rest is derived again from the model and the options
     _PROGRESS: dict[str, type | tuple[type, ...]] = {
         "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "rotary": dict, "hidden": str,
-        "residual": (list, type(None)), "blocks_done": int, "tied": bool,
+        "residual": (list, type(None)), "blocks_done": int, "tied": bool, "interleaved_tables": bool,
         "embedding_name": (str, type(None)), "head_block": (int, type(None)), "head_shape": (list, type(None)),
         "head_weights": (list, type(None)),
     }
@@ -311,6 +333,7 @@ class DecoderExporter:
         t = b.op("Gather", [b.op("Shape", [mask], "/mask/shape"), b.const(1, np.int64)], "/mask/total", axis=0)
         self.total_len = b.op("Cast", [t], "/mask/total_i32", to=TensorProto.INT32)
         # cos/sin caches by layer type (Gemma 3's sliding layers rotate with another base than its full ones)
+        self.interleaved_tables = False
         self.rotary = {t: list(self._rotary_caches(model, t)) for t in dict.fromkeys(self._layer_types())}
         self.hidden = self._embedding(ids, model)
         # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
@@ -344,17 +367,26 @@ class DecoderExporter:
             x = torch.zeros(1, dtype=torch.float32)
             cos, sin = inner.rotary_emb(x, pos, layer_type) if per_type else inner.rotary_emb(x, pos)
         suffix = f"_{layer_type.removesuffix('_attention')}" if per_type else ""
+        cos, sin = cos[0], sin[0]
         rotary_dim = int(cos.shape[-1])  # (< head_dim: partial rotary, GLM's half; the rest passes through)
         if rotary_dim > self.head_dim or rotary_dim % 2:
             raise ExportError(f"a rotary embedding of {rotary_dim} dims does not fit heads of {self.head_dim}")
         half = rotary_dim // 2
+        if torch.allclose(cos[:, :half], cos[:, half:]):  # rotate-half tables: cat(f, f)
+            cos, sin = cos[:, :half], sin[:, :half]
+        elif torch.allclose(cos[:, 0::2], cos[:, 1::2]):  # interleaved tables (Cohere): f₀ f₀ f₁ f₁ …
+            cos, sin = cos[:, 0::2], sin[:, 0::2]
+            self.interleaved_tables = True
+        elif 2 * rotary_dim == self.head_dim:  # one table per frequency, the whole head rotated by halves (gpt-oss)
+            rotary_dim, half = self.head_dim, rotary_dim
+        else:
+            raise ExportError("the rotary tables are in neither the rotate-half nor the interleaved layout "
+                              "GroupQueryAttention takes")
         if rotary_dim < self.head_dim and half % 8:
             raise ExportError(f"onnxruntime's GroupQueryAttention rotates part of a head only in multiples of 16 dims; "
                               f"this model rotates {rotary_dim} of {self.head_dim}: use --target reference for it")
-        if not torch.allclose(cos[0, :, :half], cos[0, :, half:]):
-            raise ExportError("the rotary tables are not in the rotate-half layout GroupQueryAttention expects")
-        return (self.b.initializer(f"cos_cache{suffix}", cos[0, :, :half].float().contiguous()),
-                self.b.initializer(f"sin_cache{suffix}", sin[0, :, :half].float().contiguous()))
+        return (self.b.initializer(f"cos_cache{suffix}", cos.float().contiguous()),
+                self.b.initializer(f"sin_cache{suffix}", sin.float().contiguous()))
 
     def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
                   kv: Sequence[KVRecord]) -> None:
@@ -386,12 +418,14 @@ class DecoderExporter:
                               "GroupQueryAttention rotates both or neither")
         rotary = bool(q_ph)  # (none: a NoPE layer, SmolLM3's every 4th, EXAONE 4's global ones)
         # pairs (x₂ᵢ, x₂ᵢ₊₁) rotate together where the block repeats cos/sin pairwise and rotates by stack/flatten (GLM)
-        interleaved = any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes)
+        # (or where the model's rotary module builds interleaved tables itself: Cohere)
+        interleaved = self.interleaved_tables or any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes)
         if interleaved != any(is_call(n, aten.stack.default) for n in gm.graph.nodes):
             raise ExportError(f"{name}: the rotary embedding mixes the interleaved and the rotate-half layouts")
         qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
         if (qkv_split[0] is not None and qkv_split[0] is qkv_split[1] is qkv_split[2]
-                and [x.args[1] for x in (q, k, v)] == [0, 1, 2]):
+                and [x.args[1] for x in (q, k, v)] == [0, 1, 2] and len(qkv_split[0].args[1]) == 3):  # type: ignore[arg-type]
+            # (a projection fused with more than q, k, v — Cohere's parallel block fuses gate and up in — is split)
             packed = qkv_split[0].args[0]  # the fused q|k|v projection, in q, k, v order
             query, key, value = em.v(packed), "", ""
         elif q is k is v:  # one fused projection sliced into q, k, v (Phi-3's qkv_proj)
@@ -405,7 +439,8 @@ class DecoderExporter:
         attn = self.b.node(
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
-             self.total_len, *(self.rotary[self._layer_types()[index]] if rotary else ("", "")), *kv_inputs],
+             self.total_len, *(self.rotary[self._layer_types()[index]] if rotary else ("", "")),
+             *self._extra_inputs(kv_inputs, att, em, index)],
             f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
             outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
             num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=int(rotary), rotary_interleaved=int(interleaved),
@@ -423,6 +458,16 @@ class DecoderExporter:
         else:
             (self.hidden,) = em.emit([result])  # type: ignore[assignment]
         self.blocks_done += 1
+
+    def _extra_inputs(self, kv_inputs: list[str], att: _Attention, em: GraphEmitter, index: int) -> list[str]:
+        """GroupQueryAttention's inputs after the rotary caches: position_ids, attention_bias, head_sink (gpt-oss's
+        sinks: softmax with exp(sink) in the denominator), k_scale, v_scale (a quantized cache)."""
+        if att.sinks is None:
+            return kv_inputs
+        sink = self.b.initializer(f"model.layers.{index}.attn.sinks", em.tensor(att.sinks).detach().float().reshape(-1))
+        extras = list(kv_inputs) or ["", "", ""]
+        extras[2] = sink
+        return extras
 
     @staticmethod
     def _reads_projection(x: fx.Node) -> bool:
