@@ -195,9 +195,10 @@ def _find_attention(gm: fx.GraphModule, block: str) -> _Attention:
     sinks = None
     if is_call(x, aten.sub.Tensor) and is_call(x.args[1], operator.getitem) \
             and is_call(x.args[1].args[0], aten.max.dim) and x.args[1].args[0].args[0] is x.args[0]:  # type: ignore[union-attr]
-        x = x.args[0]  # type: ignore[assignment]  (subtracting the row maximum leaves a softmax unchanged)
+        # (subtracting the row maximum leaves a softmax unchanged)
+        x = x.args[0]  # type: ignore[assignment]
     if is_call(x, aten.cat.default) and len(x.args[0]) == 2 and x.args[1] in (-1, 3):  # type: ignore[arg-type]
-        scores, column = x.args[0]  # type: ignore[misc]
+        scores, column = x.args[0]  # type: ignore[misc,str-unpack]
         while is_call(column, (aten.expand.default, aten.reshape.default, aten.view.default)):
             column = column.args[0]
         if not (isinstance(column, fx.Node) and column.op == "get_attr"):
