@@ -27,6 +27,8 @@ Ops:
   qc::gated_delta_rule  Gated DeltaNet's linear-attention recurrence (Qwen3-Next's linear layers) from a zero state:
                         one node for a loop whose chunking depends on the sequence length, which export cannot
                         keep symbolic; the projections around it are ordinary linears
+  qc::lightning_attention  MiniMax's causal linear attention with per-head decay (its lightning-attention layers),
+                        from a zero state: one node for a loop over blocks of the sequence, as gated_delta_rule
   qc::hadamard_transform  y = x·H_K/√K over the last axis (QuaRot's online Hadamard before down_proj; nothing
                         stored: fast Walsh–Hadamard kernels compute the same on accelerators)
 """
@@ -192,3 +194,35 @@ def gated_delta_rule(query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta:
 @gated_delta_rule.register_fake
 def _gated_delta_rule_fake(query, key, value, g, beta, l2norm_qk):
     return query.new_empty(value.shape)
+
+
+LIGHTNING_BLOCK = 64
+
+
+@torch.library.custom_op("qc::lightning_attention", mutates_args=())
+def lightning_attention(query: Tensor, key: Tensor, value: Tensor, slope: Tensor) -> Tensor:
+    # block-parallel (MiniMax's own form): within a block of n tokens (QKᵀ ⊙ D)V with D_ij = e^(−λ(i−j)), i ≥ j;
+    # across blocks q_i e^(−λ(i+1)) S with the state S = Σ_s e^(−λ(end−s)) k_sᵀ v_s carried block to block.
+    # The same values as reference.lightning_attention's token loop, grouped by block.
+    b, h, t, dk = key.shape
+    lam = slope.float().reshape(1, h, 1, 1)
+    q, k, v = query.float(), key.float(), value.float()
+    state = q.new_zeros(b, h, dk, v.shape[-1])
+    outs = []
+    for start in range(0, t, LIGHTNING_BLOCK):
+        qb, kb, vb = (x[:, :, start:start + LIGHTNING_BLOCK] for x in (q, k, v))
+        n = qb.shape[2]
+        pos = torch.arange(n, device=q.device, dtype=torch.float32)
+        gap = pos[:, None] - pos[None, :]
+        within = torch.where(gap >= 0, torch.exp(-lam * gap.clamp(min=0)), torch.zeros((), device=q.device))
+        intra = torch.matmul(torch.matmul(qb, kb.transpose(-1, -2)) * within, vb)
+        inter = torch.matmul(qb * torch.exp(-lam * (pos + 1)[:, None]), state)
+        outs.append(intra + inter)
+        state = state * torch.exp(-lam * n) + torch.matmul(
+            (kb * torch.exp(-lam * (n - 1 - pos)[:, None])).transpose(-1, -2), vb)
+    return torch.cat(outs, dim=2).to(query.dtype)
+
+
+@lightning_attention.register_fake
+def _lightning_attention_fake(query, key, value, slope):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))

@@ -207,3 +207,21 @@ def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         state = state + k[:, i, :, :, None] * delta[:, :, None, :]
         out[:, i] = torch.einsum("bhkv,bhk->bhv", state, q[:, i])
     return out.to(query.dtype)
+
+
+def lightning_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """MiniMax's lightning attention (causal linear attention with a per-head exponential decay), token by token from
+    a zero state, in float32:
+
+        S_t = e^(−λ_h)·S_{t−1} + k_tᵀ v_t;   o_t = q_t S_t      (= Σ_{s≤t} e^(−λ_h (t − s)) (q_t·k_s) v_s)
+
+    q, k [B, H, T, Dk], v [B, H, T, Dv], slope λ [H]. Returns o [B, H, T, Dv] in q's dtype."""
+    b, h, t, dk = key.shape
+    q, k, v = query.float(), key.float(), value.float()
+    decay = torch.exp(-slope.float().reshape(1, h, 1, 1))
+    state = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float32, device=value.device)
+    out = torch.empty(b, h, t, v.shape[-1], dtype=torch.float32, device=value.device)
+    for i in range(t):
+        state = state * decay + k[:, :, i, :, None] * v[:, :, i, None, :]
+        out[:, :, i] = torch.einsum("bhk,bhkv->bhv", q[:, :, i], state)
+    return out.to(query.dtype)

@@ -195,3 +195,23 @@ def test_qwen3_next_linear_attention_traces_as_one_recurrence_op_between_linears
     x = torch.zeros(1, 3, 2, 4)
     with pytest.raises(NotImplementedError, match="recurrent state"):
         RECURRENCES["torch_chunk_gated_delta_rule"](x, x, x, x[..., 0], x[..., 0], initial_state=torch.zeros(1, 2, 4, 4))
+
+
+def test_minimax_lightning_attention_traces_as_one_op_between_linears(tmp_path):
+    """MiniMax writes its recurrence inline in the attention's forward: the trace swaps that forward (restored after)
+    and the block holds one qc.lightning_attention node, its qkv / output-gate / out projections aten.linear layers."""
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    model_dir = make_family_model(tmp_path / "minimax", BY_TYPE["minimax"])
+    model = build_skeleton(Checkpoint(model_dir))
+    _, blocks = find_blocks(model)
+    assert model.config.layer_types[0] == "linear_attention"
+    original = MiniMaxLightningAttention.forward
+    gm = BlockTracer(probe_block_inputs(model))(0, blocks[0], "model.layers.0")
+    assert MiniMaxLightningAttention.forward is original
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.qc.lightning_attention.default]
+    assert len(ops) == 1
+    weights = {str(n.args[1].target) for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is aten.linear.default}
+    assert {"block.self_attn.qkv_proj.weight", "block.self_attn.output_gate.weight",
+            "block.self_attn.out_proj.weight"} <= weights

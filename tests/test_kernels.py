@@ -88,6 +88,34 @@ def test_int8pack_cpu_kernel():
     assert float((y - ref).norm() / ref.norm()) < 2e-2
 
 
+def test_lightning_attention_op_equals_the_token_loop_and_minimax_own_attention():
+    """qc.lightning_attention (blocks of 64) computes reference.lightning_attention's token loop: 150 tokens span two
+    blocks and a short tail, three heads decay at rates 0.5 … 0.01. Then MiniMax's attention module with its forward
+    swapped for the op's (frontends/recurrent.py) equals its own block loop (block_size 16 here, so the two group
+    the sum differently). Float32 in another order: relative error ~1e-6; a wrong decay or block carry is O(1)."""
+    from transformers import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    from qcompiler.frontends.recurrent import recurrences_as_ops
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 150, 8, generator=g) for _ in range(3))
+    slope = torch.tensor([0.5, 0.1, 0.01])
+    got, expect = torch.ops.qc.lightning_attention(q, k, v, slope), reference.lightning_attention(q, k, v, slope)
+    assert float((got - expect).norm() / expect.norm()) < 1e-5
+    cfg = MiniMaxConfig(hidden_size=32, num_attention_heads=4, head_dim=8, num_hidden_layers=2, block_size=16,
+                        layer_types=["linear_attention", "full_attention"])
+    torch.manual_seed(0)
+    attn = MiniMaxLightningAttention(cfg, layer_idx=0).eval()
+    x = torch.randn(2, 70, 32, generator=g)
+    with torch.no_grad():
+        own, _ = attn(x, None, None)
+        with recurrences_as_ops(attn):
+            swapped, _ = attn(x, None, None)
+    assert float((swapped - own).norm() / own.norm()) < 1e-5
+    assert "qc" not in type(attn).forward.__qualname__  # (restored)
+
+
 def test_gated_delta_rule_op_equals_the_token_by_token_recurrence():
     """The op (transformers' chunk-parallel form, 64 tokens a chunk) computes reference.gated_delta_rule's token
     loop: 70 tokens span two chunks and a padded tail; 2 key heads serve 4 value heads. Both sum the same

@@ -359,7 +359,7 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
         # keeps the ones it knows as single ops)
         raise ModelLoadError(f"'{ckpt.path}/config.json': {config.model_type} has linear-attention layers "
                              f"({', '.join(linear)}) whose recurrence qcompiler does not trace yet (it traces "
-                             "Gated DeltaNet, as in Qwen3-Next)")
+                             "Qwen3-Next's Gated DeltaNet and MiniMax's lightning attention)")
     if multimodal:  # (older VLM checkpoints name the language model and vision tower as transformers 4 did)
         view_under_module_names(model, ckpt)
     model.eval()
