@@ -216,6 +216,16 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         return 0
     model = resolve_model(a.model)
     cfg = dataclasses.replace(cfg, model=model)
+    from qcompiler.frontends.diffusers import diffusers_class
+
+    if diffusers_class(model) is not None:  # a diffusion transformer (diffusers folder)
+        from qcompiler.driver.diffusers import quantize_dit
+
+        if a.fallback != "none" or a.resume:
+            raise PipelineError("--fallback and --resume are not available for diffusion transformers yet")
+        if (warning := poor_result_warning(quantize_dit(cfg, plan))) is not None:
+            print(warning)
+        return 0
     if a.group_size is None and passes is None and not onnx_input:
         cfg, plan = _group_every_format_loads(cfg, plan)
     from qcompiler.distributed import init_from_env

@@ -85,6 +85,10 @@ def evaluate(
     from qcompiler.runtime import load_quantized
 
     desc = read_description(out)
+    if desc.get("frontend") == "diffusers":  # a diffusion transformer: measured inside a sampling run
+        from qcompiler.eval.diffusion import evaluate_dit
+
+        return evaluate_dit(Path(out), float_model)
     if desc.get("architecture") == "onnx":
         raise ArtifactError(
             f"'{out}' is an imported ONNX graph, not a causal LM: `qcompile eval` measures perplexity; its "
@@ -137,6 +141,10 @@ def evaluate(
 
 
 def format_eval(r: dict[str, Any]) -> str:
+    if r.get("kind") == "diffusion":
+        from qcompiler.eval.diffusion import format_dit_eval
+
+        return format_dit_eval(r)
     q = r["quantized"]
     lines = [
         f"artefact   {r['artefact']}  ({r['scheme']}: {r['pipeline']})",

@@ -92,6 +92,10 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
     if lower_for not in (None, "npu"):
         raise ArtifactError(f"unknown runtime lowering '{lower_for}'; use None or 'npu'")
     desc = read_description(out)
+    if desc.get("frontend") == "diffusers":  # (a diffusion transformer: diffusers' class, not transformers')
+        from qcompiler.runtime.diffusers import load_quantized_dit
+
+        return load_quantized_dit(Path(out), desc, dtype)
     ckpt = Checkpoint(out, trust_remote_code)
     model = build_skeleton(ckpt, dtype=dtype, check=False)
     prefix, blocks = find_blocks(model)

@@ -1,0 +1,87 @@
+"""Loading a quantized diffusion transformer: diffusers' class built from the artefact's config, the weights outside
+the blocks read from the artefact, and each block replaced by its lowered FX graph, rebuilt from the description as
+for decoders (runtime/reference.py): traced again on small inputs, the recorded fusions and kernel ops applied, the
+tensors read from the artefact. The source model's float weights are never read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from qcompiler.errors import ArtifactError
+from qcompiler.frontends.diffusers import (
+    DIT_CLASSES,
+    CompiledDitBlock,
+    capture_calls,
+    dit_blocks,
+    example_inputs,
+    model_timestep,
+    trace_dit_block,
+)
+from qcompiler.ir.graph import eliminate_dead_attrs, set_tensor, tensor_attrs
+from qcompiler.ir.records import LayerRecord, checkpoint_name
+
+
+def _artefact_tensors(out: Path) -> dict[str, tuple[Path, str]]:
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    return {name: (out / file, name) for name, file in index["weight_map"].items()}
+
+
+def _read(where: tuple[Path, str]) -> torch.Tensor:
+    with safe_open(str(where[0]), framework="pt") as f:
+        return f.get_tensor(where[1])
+
+
+def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    import diffusers
+
+    from qcompiler.runtime.reference import _local, rebuild_block
+
+    arch = desc.get("architecture")
+    if arch not in DIT_CLASSES:
+        raise ArtifactError(f"'{out}/qcompiler.json': architecture '{arch}' is not a diffusion transformer qcompiler "
+                            f"writes ({', '.join(DIT_CLASSES)})")
+    cls = getattr(diffusers, arch)
+    model = cls.from_config(cls.load_config(str(out))).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    blocks = dit_blocks(model)
+    if [name for name, _ in blocks] != desc["blocks"]["names"]:
+        raise ArtifactError(f"'{out}': config.json describes blocks {[n for n, _ in blocks]}, the description "
+                            f"{desc['blocks']['names']}")
+    where = _artefact_tensors(out)
+    rest = {n for n in model.state_dict() if not any(n.startswith(b + ".") for b, _ in blocks)}
+    missing = sorted(rest - where.keys())
+    if missing:
+        raise ArtifactError(f"'{out}': tensors {missing[:5]} are missing from the artefact; quantize again")
+    model.load_state_dict({n: _read(where[n]).to(dtype) for n in rest}, strict=False)
+    # the blocks' call structure, from one run on small inputs (sizes distinct, so no two dimensions are unified)
+    gen = torch.Generator().manual_seed(0)
+    step = {**example_inputs(model, 2, gen, latent_side=3, text_tokens=5),
+            "timestep": model_timestep(model, torch.tensor(500.0), 2)}
+    calls = capture_calls(model, [step])
+    records: dict[str, list[LayerRecord]] = {}
+    for path, data in desc["layers"].items():
+        block = next((b for b, _ in blocks if path.startswith(b + ".")), None)
+        if block is None:
+            raise ArtifactError(f"'{out}/qcompiler.json': layer '{path}' is not inside a block; quantize again")
+        records.setdefault(block, []).append(_local(LayerRecord.from_dict(data, str(out)), block))
+    for name, block in blocks:
+        call, example = calls[name][0]
+        gm = trace_dit_block(block, call, example, name)
+        rebuild_block(gm, records.get(name, []), name)
+        for target, current in list(tensor_attrs(gm)):
+            key = checkpoint_name(name, target)
+            if key not in where:
+                raise ArtifactError(f"'{out}': tensor '{key}' of block '{name}' is missing from the artefact")
+            value = _read(where[key])
+            set_tensor(gm, target, value.to(dtype) if value.is_floating_point() and current.is_floating_point() else value)
+        eliminate_dead_attrs(gm)
+        parent, index = name.rsplit(".", 1)
+        getattr(model, parent)[int(index)] = CompiledDitBlock(gm, call)
+    model.qcompiler_description = desc
+    return model
