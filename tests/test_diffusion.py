@@ -1,0 +1,150 @@
+"""Diffusion transformers (issue 16): SD3 and FLUX transformers quantized block by block from tiny configs, reloaded
+into diffusers' own class, and checked against diffusers' model computing what the artefact states.
+
+Tiny configs keep the published models' structure and shrink the sizes:
+- FLUX: black-forest-labs/FLUX.1-dev's FluxTransformer2DModel (double- then single-stream blocks, guidance embedding,
+  3-axis rotary split (16, 56, 56) here (4, 6, 6), patch 1 on packed latents), 2 + 2 blocks, 4 heads of 16.
+- SD3: stabilityai/stable-diffusion-3-medium-diffusers' SD3Transformer2DModel (joint blocks, the last one
+  context-pre-only, patch 2, caption projection), 2 blocks, 4 heads of 16.
+
+The oracle (`_twin`) is diffusers' float model with every quantized layer's dequantized weight ŵ = q·s read from the
+artefact's files (tests/twin.py's reading) and, for quantized activations, the input grid applied in a pre-hook. It
+runs none of our graphs or kernels. Tolerance, weight-only: the same float32 numbers in another order, |Δ|/|y| ≤ 2e-5
+(measured ~1e-7); the quantization itself moves these outputs by ≥ 1e-4, asserted so that the check can fail. With
+quantized activations two float32 computations can put a value on the other side of a rounding tie and move one code
+by one step (tests/test_support_matrix.py's argument): the error must stay under half of what the activation grids
+themselves change (the twin without its hooks), which a missing or wrong grid exceeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from twin import _act_hook, artefact_layers
+
+from qcompiler.driver.config import QuantizeConfig
+from qcompiler.driver.diffusers import quantize_dit
+from qcompiler.driver.plan import plan_run
+from qcompiler.errors import ModelLoadError, SchemeError
+from qcompiler.frontends.diffusers import example_inputs, load_dit, model_timestep, sample
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+
+CONFIGS = {
+    "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                            attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                            pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True)),
+    "sd3": ("SD3Transformer2DModel", dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                          caption_projection_dim=64, pooled_projection_dim=32, out_channels=4,
+                                          pos_embed_max_size=32)),
+}
+
+
+@pytest.fixture(scope="module")
+def dit_models(tmp_path_factory) -> dict[str, Path]:
+    import diffusers
+
+    root = tmp_path_factory.mktemp("dit")
+    out = {}
+    for kind, (cls, cfg) in CONFIGS.items():
+        torch.manual_seed(0)
+        model = getattr(diffusers, cls)(**cfg)
+        with torch.no_grad():  # (diffusers zero-initialises some output projections: give every weight a value)
+            for p in model.parameters():
+                p.normal_(0, 0.05) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.02)
+        model.save_pretrained(str(root / kind))
+        out[kind] = root / kind
+    return out
+
+
+def _quantize(model: Path, out: Path, scheme: str, algo: str = "rtn", target: str = "reference") -> dict:
+    cfg = QuantizeConfig(model=model, scheme=get_scheme(scheme, group_size=32 if scheme == "w4a16" else None), out=out,
+                         algo=algo, target=target, num_samples=8, seq_len=64, progress=False)
+    return quantize_dit(cfg, plan_run(cfg), log=lambda _: None)
+
+
+def _twin(source: Path, out: Path, activations: bool = True) -> torch.nn.Module:
+    model = load_dit(source)
+    layers, _ = artefact_layers(out)
+    with torch.no_grad():
+        for layer in layers:
+            mod = model.get_submodule(layer.name)
+            mod.weight.copy_(layer.dequantized())
+            if layer.bias is not None:
+                mod.bias.copy_(layer.bias)
+            if activations and layer.act is not None:
+                mod.register_forward_pre_hook(_act_hook(layer))
+    return model
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("kind", "scheme", "algo"), [("flux", "w8a16", "rtn"), ("flux", "w8a8_dynamic", "rtn"),
+                                                      ("flux", "w4a16", "gptq"), ("sd3", "w8a16", "rtn"),
+                                                      ("sd3", "w8a8_dynamic", "rtn")])
+def test_quantized_dit_equals_diffusers_model_with_the_artefact_weights(dit_models, tmp_path, kind, scheme, algo):
+    source, out = dit_models[kind], tmp_path / "q"
+    desc = _quantize(source, out, scheme, algo)
+    layers = desc["layers"]
+    # every linear of every block is quantized (attention, MLP, adaLN modulation), nothing outside the blocks
+    assert layers and all(p.startswith(("transformer_blocks.", "single_transformer_blocks.")) for p in layers)
+    assert all(r["output_sqnr_db"] > 20 for r in desc["block_report"].values())
+    quantized, twin, float_ = load_quantized(out), _twin(source, out), load_dit(source)
+    acts = any(r.get("activations") for r in layers.values())
+    act_free = _twin(source, out, activations=False) if acts else None
+    assert type(quantized).__name__ == CONFIGS[kind][0]
+    # other sizes than calibration's (8² latent patches, 12 text tokens, 2 latents): the blocks are shape-dynamic
+    for batch, side, text in ((3, 5, 7), (1, 8, 12)):
+        inputs = {**example_inputs(float_, batch, torch.Generator().manual_seed(side), latent_side=side, text_tokens=text),
+                  "timestep": model_timestep(float_, torch.tensor(700.0), batch)}
+        with torch.no_grad():
+            got, expect, plain = (m(**inputs, return_dict=False)[0] for m in (quantized, twin, float_))
+            grids = _rel(act_free(**inputs, return_dict=False)[0], expect) if act_free is not None else None
+        if grids is None:
+            assert _rel(got, expect) < 2e-5, (batch, side)
+        else:  # a code flipped at a rounding tie moves far less than the grids themselves move the output
+            assert _rel(got, expect) < grids / 2, (batch, side, grids)
+        assert _rel(got, plain) > 1e-4  # (the check above can fail: quantization moves the output)
+
+
+def test_calibration_follows_a_sampling_trajectory_and_eval_reports_it(dit_models, tmp_path, capsys):
+    """The calibration inputs are the model's own sampling run (timesteps descending, each step's latents moved by
+    the model's prediction); `qcompile eval` compares the quantized transformer with the float one inside one."""
+    from qcompiler.cli import main
+
+    model = load_dit(dit_models["flux"])
+    steps, final = sample(model, 4, 2, seed=0, latent_side=4)
+    times = [float(s["timestep"][0]) for s in steps]
+    assert times == sorted(times, reverse=True) and len(set(times)) == 4
+    assert not torch.equal(steps[0]["hidden_states"], steps[1]["hidden_states"])
+    assert torch.isfinite(final).all() and not torch.equal(final, steps[-1]["hidden_states"])
+    out = tmp_path / "q"
+    assert main(["quant", "--model", str(dit_models["flux"]), "--scheme", "w8a16", "--out", str(out),
+                 "--num-samples", "4", "--seq-len", "16", "--no-progress"]) == 0
+    desc = json.loads((out / "qcompiler.json").read_text())
+    assert desc["calibration"]["sampling_steps"] == 2 and desc["frontend"] == "diffusers"
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["kind"] == "diffusion" and len(r["step_sqnr_db"]) == r["sampling"]["steps"]
+    # int8 weights on a tiny random model: every step's prediction within ~40 dB, the final latents within ~60
+    assert min(r["step_sqnr_db"]) > 30 and r["final_latent_psnr_db"] > 40 and r["final_latent_cosine"] > 0.999
+
+
+def test_dit_refusals_name_what_is_missing(dit_models, tmp_path):
+    out = tmp_path / "q"
+    with pytest.raises(SchemeError, match="diffusion transformers are written as our artefact only"):
+        _quantize(dit_models["sd3"], out, "w8a8", target="ascend")
+    assert not out.exists()
+    other = tmp_path / "unet"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"}))
+    with pytest.raises(ModelLoadError, match="'UNet2DConditionModel' is not supported"):
+        _quantize(other, out, "w8a16")
+    assert not out.exists()
