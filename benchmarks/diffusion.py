@@ -1,8 +1,8 @@
-"""Diffusion-transformer benchmark: FLUX- and SD3-shaped transformers (the published models' head sizes, rotary axes,
+"""Diffusion-transformer benchmark: FLUX-, SD3- and Wan-shaped transformers (the published models' head sizes, rotary axes,
 text and pooled widths; fewer heads and blocks), random weights, each scheme quantized by a fresh `qcompile quant`
 process and measured by `qcompile eval` (a sampling run of the quantized transformer against the float one).
 
-    python benchmarks/diffusion.py [--schemes w8a16,w8a8_dynamic,w8a8,w4a16] [--models flux,sd3]
+    python benchmarks/diffusion.py [--schemes w8a16,w8a8_dynamic,w8a8,w4a16] [--models flux,sd3,wan]
 
 Reported per model × scheme: quantization time and peak RSS (the process's VmHWM), the minimum per-step velocity SQNR
 and the final latents' PSNR / cosine against float. Random weights have no outlier channels, so these numbers say
@@ -36,6 +36,11 @@ SHAPES = {
                                           attention_head_dim=64, num_attention_heads=16, joint_attention_dim=4096,
                                           caption_projection_dim=1024, pooled_projection_dim=2048, out_channels=16,
                                           pos_embed_max_size=96)),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: heads of 128, umT5 width 4096, frequency embedding 256, video patches
+    # (1, 2, 2) over 16 channels; here 8 heads (12 there), FFN 4096 (8960), 2 blocks (30 there)
+    "wan": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=128,
+                                          in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=4096,
+                                          num_layers=2, rope_max_seq_len=1024)),
 }
 ALGO = {"w4a16": ["--algo", "gptq", "--group-size", "64"]}
 
@@ -70,7 +75,7 @@ def run(model: Path, scheme: str, out: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="w8a16,w8a8_dynamic,w8a8,w4a16")
-    ap.add_argument("--models", default="flux,sd3")
+    ap.add_argument("--models", default="flux,sd3,wan")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

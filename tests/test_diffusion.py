@@ -1,4 +1,4 @@
-"""Diffusion transformers (issue 16): SD3 and FLUX transformers quantized block by block from tiny configs, reloaded
+"""Diffusion transformers (issue 16): SD3, FLUX and Wan 2.1 transformers quantized block by block from tiny configs, reloaded
 into diffusers' own class, and checked against diffusers' model computing what the artefact states.
 
 Tiny configs keep the published models' structure and shrink the sizes:
@@ -6,6 +6,8 @@ Tiny configs keep the published models' structure and shrink the sizes:
   3-axis rotary split (16, 56, 56) here (4, 6, 6), patch 1 on packed latents), 2 + 2 blocks, 4 heads of 16.
 - SD3: stabilityai/stable-diffusion-3-medium-diffusers' SD3Transformer2DModel (joint blocks, the last one
   context-pre-only, patch 2, caption projection), 2 blocks, 4 heads of 16.
+- Wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers' WanTransformer3DModel (video latents patched (1, 2, 2), q/k RMSNorm across
+  heads, cross-attention to the text, 3-D rotary), 2 blocks, 4 heads of 16.
 
 The oracle (`_twin`) is diffusers' float model with every quantized layer's dequantized weight ŵ = q·s read from the
 artefact's files (tests/twin.py's reading) and, for quantized activations, the input grid applied in a pre-hook. It
@@ -37,6 +39,9 @@ CONFIGS = {
     "flux": ("FluxTransformer2DModel", dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
                                             attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                             pooled_projection_dim=32, axes_dims_rope=(4, 6, 6), guidance_embeds=True)),
+    "wan": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
+                                          in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=128,
+                                          num_layers=2, rope_max_seq_len=64)),
     "sd3": ("SD3Transformer2DModel", dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
                                           attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                           caption_projection_dim=64, pooled_projection_dim=32, out_channels=4,
@@ -87,13 +92,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(("kind", "scheme", "algo"), [("flux", "w8a16", "rtn"), ("flux", "w8a8_dynamic", "rtn"),
                                                       ("flux", "w4a16", "gptq"), ("sd3", "w8a16", "rtn"),
-                                                      ("sd3", "w8a8_dynamic", "rtn")])
+                                                      ("sd3", "w8a8_dynamic", "rtn"), ("wan", "w8a8_dynamic", "rtn")])
 def test_quantized_dit_equals_diffusers_model_with_the_artefact_weights(dit_models, tmp_path, kind, scheme, algo):
     source, out = dit_models[kind], tmp_path / "q"
     desc = _quantize(source, out, scheme, algo)
     layers = desc["layers"]
     # every linear of every block is quantized (attention, MLP, adaLN modulation), nothing outside the blocks
-    assert layers and all(p.startswith(("transformer_blocks.", "single_transformer_blocks.")) for p in layers)
+    assert layers and all(p.startswith(("transformer_blocks.", "single_transformer_blocks.", "blocks.")) for p in layers)
     assert all(r["output_sqnr_db"] > 20 for r in desc["block_report"].values())
     quantized, twin, float_ = load_quantized(out), _twin(source, out), load_dit(source)
     acts = any(r.get("activations") for r in layers.values())

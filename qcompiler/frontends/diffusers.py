@@ -1,8 +1,8 @@
-"""Diffusion transformers (diffusers' SD3 and FLUX transformers) as per-block FX graphs.
+"""Diffusion transformers (diffusers' SD3, FLUX and Wan 2.1 transformers) as per-block FX graphs.
 
 A diffusers transformer folder (config.json with `_class_name`, safetensors weights) is built with diffusers' own
 class; its blocks (`transformer_blocks`: joint / double-stream; `single_transformer_blocks`: FLUX's single-stream)
-are traced one by one with torch.export behind a flat adapter, dynamic in every dimension, so the same passes
+(Wan: `blocks`) are traced one by one with torch.export behind a flat adapter, dynamic in every dimension, so the same passes
 (RTN, GPTQ, activation quantization, 2:4) rewrite their linears. Everything outside the blocks (patch / timestep /
 text embeddings, rotary tables, adaLN of the output, final projection) stays float.
 
@@ -27,8 +27,12 @@ from torch.utils import _pytree as pytree
 from qcompiler.errors import ModelLoadError, TraceError
 
 # diffusers class → how its inputs are made (the families whose blocks and inputs are known here)
-DIT_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+# (HunyuanVideoTransformer3DModel is not here: its blocks take the first frame's token count as a Python int, which
+# a trace fixes to the calibration resolution; its inputs are written below for when that is solved)
+DIT_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+# the flow-matching shift each family's pipeline samples with (Wan 2.1: 5 at 720p, 3 at 480p; HunyuanVideo: 7)
+FLOW_SHIFT = {"sd3": 3.0, "flux": 1.0, "wan": 5.0, "hunyuan_video": 7.0}
 
 
 def diffusers_class(model_dir: Path) -> str | None:
@@ -74,8 +78,9 @@ def example_inputs(model: nn.Module, batch: int, generator: torch.Generator, lat
                    text_tokens: int = 12) -> dict[str, torch.Tensor]:
     """Seeded model inputs except `timestep`: Gaussian latents of latent_side² patches and text embeddings."""
     cfg = model.config
-    text = torch.randn(batch, text_tokens, cfg.joint_attention_dim, generator=generator)
-    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=generator)
+    width = cfg.get("joint_attention_dim") or cfg.get("text_dim") or cfg.get("text_embed_dim")
+    text = torch.randn(batch, text_tokens, width, generator=generator)
+    pooled = torch.randn(batch, cfg.get("pooled_projection_dim") or 1, generator=generator)
     if _kind(model) == "flux":  # packed latents [B, H·W, C] with their (0, row, column) ids
         side = torch.arange(latent_side * latent_side)
         img_ids = torch.stack([torch.zeros_like(side), side // latent_side, side % latent_side], -1).float()
@@ -85,9 +90,19 @@ def example_inputs(model: nn.Module, batch: int, generator: torch.Generator, lat
         if cfg.guidance_embeds:
             inputs["guidance"] = torch.full((batch,), 3.5)
         return inputs
-    side = latent_side * cfg.patch_size  # SD3: latents [B, C, H, W], patched inside
-    return {"hidden_states": torch.randn(batch, cfg.in_channels, side, side, generator=generator),
-            "encoder_hidden_states": text, "pooled_projections": pooled}
+    if _kind(model) == "sd3":  # latents [B, C, H, W], patched inside
+        side = latent_side * cfg.patch_size
+        return {"hidden_states": torch.randn(batch, cfg.in_channels, side, side, generator=generator),
+                "encoder_hidden_states": text, "pooled_projections": pooled}
+    # video: latents [B, C, F, H, W] of 2 latent frames, about latent_side² patches in all
+    patch_t, patch = (cfg.patch_size[0], cfg.patch_size[1]) if _kind(model) == "wan" else (cfg.patch_size_t, cfg.patch_size)
+    side = max(2, round(latent_side / 2 ** 0.5))
+    video = torch.randn(batch, cfg.in_channels, 2 * patch_t, side * patch, side * patch, generator=generator)
+    if _kind(model) == "wan":
+        return {"hidden_states": video, "encoder_hidden_states": text}
+    return {"hidden_states": video, "encoder_hidden_states": text, "pooled_projections": pooled,
+            "encoder_attention_mask": torch.ones(batch, text_tokens, dtype=torch.long),
+            **({"guidance": torch.full((batch,), 6000.0)} if cfg.guidance_embeds else {})}
 
 
 def model_timestep(model: nn.Module, t: torch.Tensor, batch: int) -> torch.Tensor:
@@ -103,7 +118,7 @@ def sample(model: nn.Module, steps: int, batch: int, seed: int, latent_side: int
     model of the same config gives the same ones)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler: Any = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0 if _kind(model) == "sd3" else 1.0)
+    scheduler: Any = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT[_kind(model)])
     scheduler.set_timesteps(steps)
     inputs = example_inputs(inputs_from or model, batch, torch.Generator().manual_seed(seed), latent_side)
     seen = []
