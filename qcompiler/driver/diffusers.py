@@ -29,7 +29,7 @@ from qcompiler.errors import SchemeError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
 from qcompiler.frontends.diffusers import capture_calls, dit_blocks, load_dit, sample, trace_dit_block
 from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
-from qcompiler.ir.records import block_records, checkpoint_name
+from qcompiler.ir.records import block_records, checkpoint_name, kv_records
 from qcompiler.memory import rss_bytes
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import PassContext
@@ -65,6 +65,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
                    "pipeline": plan.pipeline, "seed": cfg.seed}
     writer = ArtifactWriter(cfg.out, fingerprint, resume=False, owner=True, log=log)
     layers: dict[str, Any] = {}
+    kv_cache: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     try:
         for i, (name, block) in enumerate(dit_blocks(model)):
@@ -80,6 +81,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             gm = lowering.run(gm, ctx)
             records = block_records(gm, name, layer_sqnr)
             layers.update({path: rec.to_dict() for path, rec in records.items()})
+            if kv := kv_records(gm, name):  # (w8a8c8: K and V quantized at every attention of the block)
+                kv_cache[name] = [rec.to_dict() for rec in kv]
             writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
             drop_tensors(float_gm)
         if not any(r["op"] != "linear" for r in layers.values()):
@@ -96,6 +99,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
                             "latent_side": latent_side(cfg.seq_len), "scheduler": "FlowMatchEulerDiscreteScheduler",
                             "propagate": "float", "seed": cfg.seed},
             "layers": layers,
+            "kv_cache": kv_cache,
             "block_report": reports,
         }
         run = {"quantize_seconds": round(elapsed, 2), "peak_rss_bytes": rss_bytes("VmHWM")}

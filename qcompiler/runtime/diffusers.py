@@ -23,7 +23,8 @@ from qcompiler.frontends.diffusers import (
     trace_dit_block,
 )
 from qcompiler.ir.graph import eliminate_dead_attrs, set_tensor, tensor_attrs
-from qcompiler.ir.records import LayerRecord, checkpoint_name
+from qcompiler.ir.rebuild import apply_kv_records
+from qcompiler.ir.records import KVRecord, LayerRecord, checkpoint_name
 
 
 def _artefact_tensors(out: Path) -> dict[str, tuple[Path, str]]:
@@ -70,9 +71,11 @@ def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = tor
         if block is None:
             raise ArtifactError(f"'{out}/qcompiler.json': layer '{path}' is not inside a block; quantize again")
         records.setdefault(block, []).append(_local(LayerRecord.from_dict(data, str(out)), block))
+    kv = {block: [KVRecord.from_dict(r, str(out)) for r in recs] for block, recs in (desc.get("kv_cache") or {}).items()}
     for name, block in blocks:
         call, example = calls[name][0]
         gm = trace_dit_block(block, call, example, name)
+        apply_kv_records(gm, kv.get(name, []), name)  # (before the linears become kernels)
         rebuild_block(gm, records.get(name, []), name)
         for target, current in list(tensor_attrs(gm)):
             key = checkpoint_name(name, target)
