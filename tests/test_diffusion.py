@@ -30,7 +30,7 @@ from twin import _act_hook, artefact_layers
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.diffusers import quantize_dit
 from qcompiler.driver.plan import plan_run
-from qcompiler.errors import ModelLoadError, SchemeError
+from qcompiler.errors import ModelLoadError, PipelineError, SchemeError
 from qcompiler.frontends.diffusers import example_inputs, load_dit, model_timestep, sample
 from qcompiler.runtime import load_quantized
 from qcompiler.schemes import get_scheme
@@ -146,6 +146,13 @@ def test_dit_refusals_name_what_is_missing(dit_models, tmp_path):
     out = tmp_path / "q"
     with pytest.raises(SchemeError, match="diffusion transformers are written as our artefact only"):
         _quantize(dit_models["sd3"], out, "w8a8", target="ascend")
+    assert not out.exists()
+    from qcompiler.pm.pipeline import parse_pipeline
+
+    cfg = QuantizeConfig(model=dit_models["sd3"], scheme=get_scheme("w4a16"), out=out, progress=False,
+                         passes=parse_pipeline("rotate,gptq"))
+    with pytest.raises(PipelineError, match=r"passes \['rotate'\] change weights outside the blocks"):
+        quantize_dit(cfg, plan_run(cfg), log=lambda _: None)
     assert not out.exists()
     other = tmp_path / "unet"
     other.mkdir()

@@ -25,14 +25,14 @@ import torch
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.plan import RunPlan, description_head
 from qcompiler.driver.probe import compare_layers
-from qcompiler.errors import SchemeError
+from qcompiler.errors import PipelineError, SchemeError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
 from qcompiler.frontends.diffusers import capture_calls, dit_blocks, load_dit, sample, trace_dit_block
 from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
 from qcompiler.ir.records import block_records, checkpoint_name, kv_records
 from qcompiler.memory import rss_bytes
 from qcompiler.numerics import sqnr_db
-from qcompiler.pm.base import PassContext
+from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 
 Log = Callable[[str], None]
@@ -50,6 +50,10 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     if plan.target.name != "reference":
         raise SchemeError(f"target '{plan.target.name}': diffusion transformers are written as our artefact only so "
                           "far (--target reference); their msModelSlim and ONNX exports are not built yet")
+    outer = [p.name for p in plan.passes if type(p).transform_outer is not Pass.transform_outer]
+    if outer:  # (the residual rotation and the head's quantization change weights outside the blocks)
+        raise PipelineError(f"passes {outer} change weights outside the blocks, which the diffusion-transformer driver "
+                            "does not do yet; leave them out for these models")
     check_output_dir(cfg.out.absolute())
     model = load_dit(Path(cfg.model))
     steps = max(2, cfg.num_samples // CALIBRATION_BATCH)
