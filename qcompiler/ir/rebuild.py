@@ -20,7 +20,9 @@ from qcompiler.ir.graph import (
     delete_tensor,
     get_attr_node,
     get_tensor,
+    is_call,
     linear_module_attr,
+    module_path,
     set_tensor,
 )
 from qcompiler.ir.kv_cache import CachePoint, cache_points
@@ -178,3 +180,33 @@ def apply_kv_records(gm: fx.GraphModule, records: list[KVRecord], block: str) ->
                 set_tensor(gm, point.attr_prefix + "_" + key, torch.empty(0, device="meta"))
         insert_kv_node(gm, point, args)
     gm.recompile()
+
+
+def local_record(record: LayerRecord, prefix: str) -> LayerRecord:
+    """A record with block-local paths and graph attribute names (the inverse of the writer's mapping)."""
+    return record.renamed(lambda p: p.removeprefix(prefix + "."), lambda t: "block." + t.removeprefix(prefix + "."))
+
+
+def rebuild_block(gm: fx.GraphModule, records: list[LayerRecord], block: str) -> None:
+    """Apply the recorded structure (fusions, kernel ops) to a freshly traced float block graph."""
+    linears = {module_path(n): n for n in gm.graph.nodes if is_call(n, LINEAR)}
+    for rec in records:
+        if rec.fused_from:
+            paths = [m.path for m in rec.fused_from]
+            missing = [p for p in paths if p not in linears]
+            if missing:
+                raise ArtifactError(f"block '{block}': fused layer '{rec.path}' names unknown linears {missing}")
+            fused = fuse_group(gm, [linears[p] for p in paths], paths, [str(m.role) for m in rec.fused_from])
+            linears[rec.path] = fused
+    for rec in records:
+        node = linears.get(rec.path)
+        if node is None:
+            raise ArtifactError(f"block '{block}': layer '{rec.path}' is not in the traced block")
+        for target in rec.tensors.values():  # placeholders until fill_block reads the artefact
+            set_tensor(gm, target, torch.empty(0, device="meta"))
+        x = node.args[0]
+        if rec.input_rotation == "hadamard":  # QuaRot's online Hadamard before the layer
+            with gm.graph.inserting_before(node):
+                x = gm.graph.call_function(torch.ops.qc.hadamard_transform.default, (x,))
+        emit_linear_op(gm, node, x, rec)  # type: ignore[arg-type]
+    gm.graph.eliminate_dead_code()

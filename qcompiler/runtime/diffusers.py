@@ -23,7 +23,7 @@ from qcompiler.frontends.diffusers import (
     trace_dit_block,
 )
 from qcompiler.ir.graph import eliminate_dead_attrs, set_tensor, tensor_attrs
-from qcompiler.ir.rebuild import apply_kv_records
+from qcompiler.ir.rebuild import apply_kv_records, local_record, rebuild_block
 from qcompiler.ir.records import KVRecord, LayerRecord, checkpoint_name
 
 
@@ -39,8 +39,6 @@ def _read(where: tuple[Path, str]) -> torch.Tensor:
 
 def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     import diffusers
-
-    from qcompiler.runtime.reference import _local, rebuild_block
 
     arch = desc.get("architecture")
     if arch not in DIT_CLASSES:
@@ -70,7 +68,7 @@ def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = tor
         block = next((b for b, _ in blocks if path.startswith(b + ".")), None)
         if block is None:
             raise ArtifactError(f"'{out}/qcompiler.json': layer '{path}' is not inside a block; quantize again")
-        records.setdefault(block, []).append(_local(LayerRecord.from_dict(data, str(out)), block))
+        records.setdefault(block, []).append(local_record(LayerRecord.from_dict(data, str(out)), block))
     kv = {block: [KVRecord.from_dict(r, str(out)) for r in recs] for block, recs in (desc.get("kv_cache") or {}).items()}
     for name, block in blocks:
         call, example = calls[name][0]

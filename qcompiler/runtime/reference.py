@@ -30,8 +30,8 @@ from qcompiler.frontends.hf import (
     flatten_block_kwargs,
     probe_block_inputs,
 )
-from qcompiler.ir.graph import LINEAR, eliminate_dead_attrs, is_call, module_path, set_tensor
-from qcompiler.ir.rebuild import apply_kv_records, emit_linear_op, fuse_group
+from qcompiler.ir.graph import eliminate_dead_attrs
+from qcompiler.ir.rebuild import apply_kv_records, local_record, rebuild_block
 from qcompiler.ir.records import KVRecord, LayerRecord
 from qcompiler.ir.routing import strip_routing_markers
 
@@ -52,36 +52,6 @@ class CompiledBlock(torch.nn.Module):
         _, named = block_arguments(self._original[0], (hidden_states, *args), kwargs)
         out = self.gm(hidden_states, *flatten_block_kwargs(self._call, named, hidden_states))
         return (out,) if self._call.tuple_output else out
-
-
-def _local(record: LayerRecord, prefix: str) -> LayerRecord:
-    """A record with block-local paths and graph attribute names (the inverse of the writer's mapping)."""
-    return record.renamed(lambda p: p.removeprefix(prefix + "."), lambda t: "block." + t.removeprefix(prefix + "."))
-
-
-def rebuild_block(gm: fx.GraphModule, records: list[LayerRecord], block: str) -> None:
-    """Apply the recorded structure (fusions, kernel ops) to a freshly traced float block graph."""
-    linears = {module_path(n): n for n in gm.graph.nodes if is_call(n, LINEAR)}
-    for rec in records:
-        if rec.fused_from:
-            paths = [m.path for m in rec.fused_from]
-            missing = [p for p in paths if p not in linears]
-            if missing:
-                raise ArtifactError(f"block '{block}': fused layer '{rec.path}' names unknown linears {missing}")
-            fused = fuse_group(gm, [linears[p] for p in paths], paths, [str(m.role) for m in rec.fused_from])
-            linears[rec.path] = fused
-    for rec in records:
-        node = linears.get(rec.path)
-        if node is None:
-            raise ArtifactError(f"block '{block}': layer '{rec.path}' is not in the traced block")
-        for target in rec.tensors.values():  # placeholders until fill_block reads the artefact
-            set_tensor(gm, target, torch.empty(0, device="meta"))
-        x = node.args[0]
-        if rec.input_rotation == "hadamard":  # QuaRot's online Hadamard before the layer
-            with gm.graph.inserting_before(node):
-                x = gm.graph.call_function(torch.ops.qc.hadamard_transform.default, (x,))
-        emit_linear_op(gm, node, x, rec)  # type: ignore[arg-type]
-    gm.graph.eliminate_dead_code()
 
 
 def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_for: str | None = None,
@@ -109,7 +79,7 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
         if not path.startswith(prefix + ".") or "." not in rest:
             raise ArtifactError(f"{where}: layer '{path}' is not inside a block of '{prefix}'; quantize again")
         block = f"{prefix}.{rest.split('.', 1)[0]}"
-        by_block.setdefault(block, []).append(_local(LayerRecord.from_dict(data, where), block))
+        by_block.setdefault(block, []).append(local_record(LayerRecord.from_dict(data, where), block))
     kv_by_block = {block: [KVRecord.from_dict(r, where) for r in recs]
                    for block, recs in (desc.get("kv_cache") or {}).items()}
     tracer = BlockTracer(probe)
