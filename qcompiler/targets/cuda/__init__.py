@@ -12,6 +12,7 @@ Export (`--target-option format=compressed-tensors[,awq][,gptq]`), each into its
                            transformers on the CPU (`vllm serve OUT/compressed-tensors`)
   OUT/awq/                 AutoAWQ gemm (int4 groups): LMDeploy TurboMind, vLLM, SGLang
   OUT/gptq/                GPTQ v1 (int4/int8 weight-only): vLLM, SGLang, TurboMind
+  OUT/lmdeploy/            LMDeploy: smooth_quant W8A8 / fp8 (PyTorch engine), AWQ int4 g64/g128 (TurboMind)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qcompiler.errors import SchemeError
 from qcompiler.export.artifact import SavedExporter
 from qcompiler.export.autoawq import AwqFormat, GptqFormat
 from qcompiler.export.compressed_tensors import CompressedTensorsFormat
+from qcompiler.export.lmdeploy import LmdeployFormat
 from qcompiler.export.serving import Exporters, ServingFormat
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import (
@@ -35,7 +37,8 @@ from qcompiler.targets.base import (
     register_target,
 )
 
-FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat(), AwqFormat(), GptqFormat())}
+FORMATS: dict[str, ServingFormat] = {f.name: f for f in (CompressedTensorsFormat(), AwqFormat(), GptqFormat(),
+                                                          LmdeployFormat())}
 DEFAULT_FORMAT = "compressed-tensors"
 
 

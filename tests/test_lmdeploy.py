@@ -1,0 +1,149 @@
+"""LMDeploy as a consumer (issue 17): `--target cuda --target-option format=lmdeploy`.
+
+LMDeploy itself does not import on this machine (its package imports mmengine and CUDA-only extensions), so the
+files are checked against readers written from LMDeploy 0.18's own code, read, not run:
+- PyTorch engine W8A8 (`lmdeploy/pytorch/nn/linear/w8a8.py`, `lmdeploy/pytorch/models/q_modules.py`,
+  `lmdeploy/pytorch/config.py`): quantization_config {quant_method: smooth_quant, quant_dtype}, per linear `weight`
+  int8 [N, K] and `scale` fp32 [N, 1] (ŵ = weight·scale) and `bias`; activations quantized per token at run time,
+  s_t = max|x_t| / 127; `modules_to_not_convert` full module names.
+- TurboMind W4A16: the AWQ gemm folder (its unpacker is tests/test_cuda_target.py's), group 64 or 128.
+
+The W8A8 oracle is transformers' model built from the written folder with each linear's ŵ and a per-token hook —
+nothing of ours runs — compared with our artefact of the same run (`load_quantized`). Tolerance as the support
+matrix's for quantized activations: below half of what the activation grids themselves move the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from family_configs import BY_TYPE, make_family_model
+from safetensors.torch import load_file
+from tiny import TEXT
+
+from qcompiler.driver import QuantizeConfig, quantize
+from qcompiler.errors import SchemeError
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lmdeploy")
+    return {t: make_family_model(root / t, BY_TYPE[t]) for t in ("llama", "qwen2_moe")}
+
+
+def _quantize(model: Path, out: Path, scheme: str, formats: str = "lmdeploy", group: int | None = None,
+              kv_cache: str | None = None) -> dict:
+    s = get_scheme(scheme, group_size=group, kv_cache=kv_cache)
+    return quantize(QuantizeConfig(model=model, scheme=s, out=out, target="cuda", calib_texts=[TEXT], num_samples=4,
+                                   seq_len=32, batch_size=2, progress=False, target_options={"format": formats}),
+                    log=lambda _: None)
+
+
+def _files(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _lmdeploy_reader(folder: Path, activations: bool = True) -> torch.nn.Module:
+    """transformers' model of an LMDeploy smooth_quant folder, computing what LMDeploy's W8A8 modules compute."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    quant = config.quantization_config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    tensors = _files(folder)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, t in tensors.items():
+            module = name.rsplit(".", 1)[0]
+            if name.endswith(".scale"):
+                continue
+            if name.endswith(".weight") and f"{module}.scale" in tensors:  # a W8A8 linear: ŵ = weight · scale, input quantized per token
+                state[name].copy_(t.float() * tensors[f"{module}.scale"])
+                if activations:
+                    model.get_submodule(module).register_forward_pre_hook(_per_token_int8)
+            else:
+                state[name].copy_(t.float())
+    model.lmdeploy_quantization = quant
+    return model
+
+
+def _per_token_int8(_mod, args):
+    x = args[0]
+    s = (x.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-8)
+    return (torch.clamp(torch.round(x / s), -128, 127) * s, *args[1:])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_w8a8_smooth_quant_folder_is_what_lmdeploy_reads_and_computes_our_logits(models, tmp_path, family):
+    out = tmp_path / "q"
+    _quantize(models[family], out, "w8a8_dynamic")
+    folder = out / "lmdeploy"
+    config = json.loads((folder / "config.json").read_text())
+    quant = config["quantization_config"]
+    assert quant["quant_method"] == "smooth_quant" and quant["quant_dtype"] == "int8"
+    tensors = _files(folder)
+    linears = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".scale")}
+    assert linears and all(tensors[f"{m}.weight"].dtype == torch.int8 and tensors[f"{m}.scale"].dtype == torch.float32
+                           and tensors[f"{m}.scale"].shape == (tensors[f"{m}.weight"].shape[0], 1) for m in linears)
+    # the checkpoint's own module names (q/k/v and gate/up written apart, as LMDeploy fuses them itself)
+    assert any(m.endswith("self_attn.q_proj") for m in linears) and not any("qkv" in m for m in linears)
+    assert "lm_head.weight" in tensors and tensors["lm_head.weight"].is_floating_point()
+    if family == "qwen2_moe":
+        # linears we keep float are named in full for LMDeploy's ignored layers (the shared expert's gate); the routers
+        # are float in LMDeploy's own Qwen2-MoE (built without a quant config) and are written float
+        ignored = quant["modules_to_not_convert"]
+        assert ignored and all(tensors[f"{n}.weight"].is_floating_point() for n in ignored)
+        assert all(tensors[f"model.layers.{i}.mlp.gate.weight"].is_floating_point() for i in range(2))
+        # experts one linear each, under the checkpoint's names (what LMDeploy's fused-MoE loader maps)
+        assert "model.layers.0.mlp.experts.3.down_proj.scale" in tensors
+        return  # (the numbers: the dense family below; transformers 5 keeps experts stacked, this reader does not)
+    assert "modules_to_not_convert" not in quant
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = load_quantized(out)(ids).logits
+        theirs = _lmdeploy_reader(folder)(ids).logits
+        grids = _rel(_lmdeploy_reader(folder, activations=False)(ids).logits, theirs)
+    assert _rel(theirs, ours) < grids / 2, (_rel(theirs, ours), grids)
+
+
+def test_w4a16_turbomind_folder_is_the_awq_layout_with_its_groups(models, tmp_path):
+    out = tmp_path / "q"
+    _quantize(models["llama"], out, "w4a16", formats="lmdeploy,awq", group=64)
+    lmdeploy, awq = _files(out / "lmdeploy"), _files(out / "awq")
+    assert lmdeploy.keys() == awq.keys() and all(torch.equal(lmdeploy[k], awq[k]) for k in awq)
+    quant = json.loads((out / "lmdeploy" / "config.json").read_text())["quantization_config"]
+    assert (quant["quant_method"], quant["version"], quant["bits"], quant["group_size"]) == ("awq", "gemm", 4, 64)
+    with pytest.raises(SchemeError, match="groups of 64 or 128"):
+        _quantize(models["llama"], tmp_path / "g32", "w4a16", group=32)
+    assert not (tmp_path / "g32").exists()
+
+
+def test_kv_cache_and_static_activations_are_refused_with_what_lmdeploy_does_instead(models, tmp_path):
+    with pytest.raises(SchemeError, match="--quant-policy"):
+        _quantize(models["llama"], tmp_path / "kv", "w8a8_dynamic", kv_cache="int8")
+    with pytest.raises(SchemeError, match="per-token activations"):
+        _quantize(models["llama"], tmp_path / "static", "w8a8")
+    assert not (tmp_path / "kv").exists() and not (tmp_path / "static").exists()
+
+
+def test_fp8_is_the_smooth_quant_layout_in_e4m3(models, tmp_path):
+    out = tmp_path / "q"
+    _quantize(models["llama"], out, "fp8")
+    folder = out / "lmdeploy"
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_dtype"] == "float8_e4m3fn"
+    tensors = _files(folder)
+    weights = [n for n in tensors if n.endswith(".weight") and f"{n[:-7]}.scale" in tensors]
+    assert weights and all(tensors[n].dtype == torch.float8_e4m3fn for n in weights)
