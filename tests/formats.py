@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+def safetensors_in(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         out.update(load_file(str(f)))
@@ -28,7 +28,7 @@ def _groups(k: int, group_size: int | None) -> int:
 
 def _ours(out: Path) -> int:
     desc = json.loads((out / "qcompiler.json").read_text())
-    tensors = _tensors(out)
+    tensors = safetensors_in(out)
     allowed = [desc["scheme"]["weights"]] + [s["weights"] for _, s in desc["scheme"]["overrides"] if s]
     n = 0
     for rec in desc["layers"].values():
@@ -50,7 +50,7 @@ def _ours(out: Path) -> int:
 
 def _compressed_tensors(folder: Path) -> int:
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    tensors = _tensors(folder)
+    tensors = safetensors_in(folder)
     grids = [g["weights"] for g in qc["config_groups"].values() if g.get("weights")]
     n = 0
     for name, scale in tensors.items():
@@ -74,7 +74,7 @@ def _compressed_tensors(folder: Path) -> int:
 def _awq_gptq(folder: Path, packed_along_k: bool) -> int:
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     bits, g = qc["bits"], qc["group_size"]
-    tensors = _tensors(folder)
+    tensors = safetensors_in(folder)
     n = 0
     for name, scales in tensors.items():
         if not name.endswith(".scales"):
@@ -87,10 +87,26 @@ def _awq_gptq(folder: Path, packed_along_k: bool) -> int:
     return n
 
 
+def _lmdeploy(folder: Path) -> int:
+    """smooth_quant: one fp32 scale per output channel beside an 8-bit weight; awq: the AWQ folder's check."""
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if qc["quant_method"] == "awq":
+        return _awq_gptq(folder, packed_along_k=False)
+    assert qc["quant_method"] == "smooth_quant", f"{folder.name}: quant_method {qc['quant_method']}"
+    tensors = safetensors_in(folder)
+    n = 0
+    for name, scale in tensors.items():
+        if name.endswith(".scale"):
+            weight = tensors[name.removesuffix(".scale") + ".weight"]
+            assert weight.element_size() == 1 and scale.shape == (weight.shape[0], 1), f"{folder.name}: {name}"
+            n += 1
+    return n
+
+
 def _msmodelslim(folder: Path, in_features: dict[str, int]) -> int:
     desc = json.loads((folder / "quant_model_description.json").read_text())
     g = desc.get("group_size", 0)
-    tensors = _tensors(folder)
+    tensors = safetensors_in(folder)
     n = 0
     for name, kind in desc.items():
         if not (name.endswith(".weight") and kind in ("W4A16", "W8A16", "W8A8_DYNAMIC", "W4A8_DYNAMIC")):
@@ -141,6 +157,8 @@ def check_stated_grids(out: Path) -> dict[str, int]:
         checked["awq"] = _awq_gptq(out / "awq", packed_along_k=False)
     if (out / "gptq").is_dir():
         checked["gptq"] = _awq_gptq(out / "gptq", packed_along_k=True)
+    if (out / "lmdeploy").is_dir():
+        checked["lmdeploy"] = _lmdeploy(out / "lmdeploy")
     if (out / "msmodelslim").is_dir():
         checked["msmodelslim"] = _msmodelslim(out / "msmodelslim", _in_features(out))
     if (out / "model.onnx").is_file():

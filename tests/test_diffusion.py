@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from twin import _act_hook, artefact_layers
+from twin import with_artefact_layers
 
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.diffusers import quantize_dit
@@ -73,17 +73,7 @@ def _quantize(model: Path, out: Path, scheme: str, algo: str = "rtn", target: st
 
 
 def _twin(source: Path, out: Path, activations: bool = True) -> torch.nn.Module:
-    model = load_dit(source)
-    layers, _ = artefact_layers(out)
-    with torch.no_grad():
-        for layer in layers:
-            mod = model.get_submodule(layer.name)
-            mod.weight.copy_(layer.dequantized())
-            if layer.bias is not None:
-                mod.bias.copy_(layer.bias)
-            if activations and layer.act is not None:
-                mod.register_forward_pre_hook(_act_hook(layer))
-    return model
+    return with_artefact_layers(load_dit(source), out, activations)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from family_configs import BY_TYPE, make_family_model
-from safetensors.torch import load_file
+from formats import check_stated_grids, safetensors_in
 from tiny import TEXT
 
 from qcompiler.driver import QuantizeConfig, quantize
@@ -44,13 +44,6 @@ def _quantize(model: Path, out: Path, scheme: str, formats: str = "lmdeploy", gr
                     log=lambda _: None)
 
 
-def _files(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def _lmdeploy_reader(folder: Path, activations: bool = True) -> torch.nn.Module:
     """transformers' model of an LMDeploy smooth_quant folder, computing what LMDeploy's W8A8 modules compute."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -59,7 +52,7 @@ def _lmdeploy_reader(folder: Path, activations: bool = True) -> torch.nn.Module:
     quant = config.quantization_config
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
-    tensors = _files(folder)
+    tensors = safetensors_in(folder)
     state = model.state_dict()
     with torch.no_grad():
         for name, t in tensors.items():
@@ -91,10 +84,11 @@ def test_w8a8_smooth_quant_folder_is_what_lmdeploy_reads_and_computes_our_logits
     out = tmp_path / "q"
     _quantize(models[family], out, "w8a8_dynamic")
     folder = out / "lmdeploy"
+    assert check_stated_grids(out)["lmdeploy"] > 0
     config = json.loads((folder / "config.json").read_text())
     quant = config["quantization_config"]
     assert quant["quant_method"] == "smooth_quant" and quant["quant_dtype"] == "int8"
-    tensors = _files(folder)
+    tensors = safetensors_in(folder)
     linears = {n.rsplit(".", 1)[0] for n in tensors if n.endswith(".scale")}
     assert linears and all(tensors[f"{m}.weight"].dtype == torch.int8 and tensors[f"{m}.scale"].dtype == torch.float32
                            and tensors[f"{m}.scale"].shape == (tensors[f"{m}.weight"].shape[0], 1) for m in linears)
@@ -122,7 +116,7 @@ def test_w8a8_smooth_quant_folder_is_what_lmdeploy_reads_and_computes_our_logits
 def test_w4a16_turbomind_folder_is_the_awq_layout_with_its_groups(models, tmp_path):
     out = tmp_path / "q"
     _quantize(models["llama"], out, "w4a16", formats="lmdeploy,awq", group=64)
-    lmdeploy, awq = _files(out / "lmdeploy"), _files(out / "awq")
+    lmdeploy, awq = safetensors_in(out / "lmdeploy"), safetensors_in(out / "awq")
     assert lmdeploy.keys() == awq.keys() and all(torch.equal(lmdeploy[k], awq[k]) for k in awq)
     quant = json.loads((out / "lmdeploy" / "config.json").read_text())["quantization_config"]
     assert (quant["quant_method"], quant["version"], quant["bits"], quant["group_size"]) == ("awq", "gemm", 4, 64)
@@ -144,6 +138,6 @@ def test_fp8_is_the_smooth_quant_layout_in_e4m3(models, tmp_path):
     _quantize(models["llama"], out, "fp8")
     folder = out / "lmdeploy"
     assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_dtype"] == "float8_e4m3fn"
-    tensors = _files(folder)
+    tensors = safetensors_in(folder)
     weights = [n for n in tensors if n.endswith(".weight") and f"{n[:-7]}.scale" in tensors]
     assert weights and all(tensors[n].dtype == torch.float8_e4m3fn for n in weights)

@@ -78,6 +78,12 @@ def transformers_twin(source: Path, out: Path, activations: bool = True) -> torc
     ckpt = Checkpoint(source)
     unfuse_experts(model, ckpt, prefix)  # per-expert linears under the checkpoint's names (weightless)
     fill_meta_parameters(model, ckpt)
+    return with_artefact_layers(model, out, activations)
+
+
+def with_artefact_layers(model: torch.nn.Module, out: Path, activations: bool = True) -> torch.nn.Module:
+    """`model` (float, named as the artefact names its layers) with the artefact's rewritten float tensors, each
+    quantized layer's ŵ and, with `activations`, its input grid in a pre-hook."""
     layers, tensors = artefact_layers(out)
     state = model.state_dict()
     with torch.no_grad():
