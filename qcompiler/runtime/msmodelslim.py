@@ -78,8 +78,11 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     float_tensors = {k: v.to(dtype) for k, v in tensors.items() if desc.get(k) in ("FLOAT", "W16A16S")
                      and k.rsplit(".", 1)[0] not in quantized}
     missing, unexpected = model.load_state_dict(float_tensors, strict=False, assign=True)  # (unfused experts: meta)
+    # (buffers the model computes when it is built — rotary tables, MiniMax's decay factors — are not in
+    # checkpoints, as transformers loads them too)
+    computed = {n for n, _ in model.named_buffers()}
     missing = [m for m in missing if not (m == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))
-               and m.rsplit(".", 1)[0] not in quantized]
+               and m.rsplit(".", 1)[0] not in quantized and m not in computed]
     if missing or unexpected:
         raise ArtifactError(f"'{folder}': tensors missing {missing[:5]} / not in the model {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
