@@ -382,7 +382,7 @@ def emit_qmoe(em: Any, region: MoeRegion, index: int) -> str:
             fc1_bias.append(_interleave(g[2], u[2]))  # type: ignore[arg-type]
         if d[2] is not None:
             fc2_bias.append(d[2])
-    bits = {g[3] for g in [_codes_and_scales(gm, p, block) for p in (region.experts[0].gate, region.experts[0].down)]}
+    bits = {b for layout in layouts for b in layout[0::2]}  # (gate, up and down bits of every expert)
     if len(layouts) != 1 or len(bits) != 1:
         raise ExportError(f"{block}: the experts are quantized with different bits or groups; QMoE takes one grid")
     (n_bits,) = bits
