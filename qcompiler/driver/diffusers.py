@@ -59,7 +59,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     steps = max(2, cfg.num_samples // CALIBRATION_BATCH)
     inputs, _ = sample(model, steps, CALIBRATION_BATCH, cfg.seed, latent_side(cfg.seq_len))
     calls = capture_calls(model, inputs)
-    log(f"quantizing {cfg.model} ({type(model).__name__}, {len(calls)} blocks) as {cfg.scheme.describe()}")
+    scheme = plan.scheme  # (as stored: what the pipeline makes of the requested one)
+    log(f"quantizing {cfg.model} ({type(model).__name__}, {len(calls)} blocks) as {scheme.describe()}")
     log(f"pipeline: {plan.pipeline}")
     log(f"calibration: {steps} sampling steps × {CALIBRATION_BATCH} latents of {latent_side(cfg.seq_len) ** 2} tokens")
     passes = plan.passes
@@ -77,7 +78,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             gm = trace_dit_block(block, call, example, name)
             float_gm = copy_graph(gm, share_tensors=True)
             calib = [tensors for _, tensors in calls[name]]
-            ctx = PassContext(block=name, scheme=cfg.scheme, target=plan.target, calib=calib)
+            ctx = PassContext(block=name, scheme=scheme, target=plan.target, calib=calib)
             gm = transform.run(gm, ctx)
             y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])
             flat = (lambda ys: torch.cat([y.reshape(-1) for y in ys if y is not None]))  # noqa: E731
