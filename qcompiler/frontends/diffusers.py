@@ -28,11 +28,11 @@ from qcompiler.errors import ModelLoadError, TraceError
 
 # diffusers class → how its inputs are made (the families whose blocks and inputs are known here)
 # (HunyuanVideoTransformer3DModel is not here: its blocks take the first frame's token count as a Python int, which
-# a trace fixes to the calibration resolution; its inputs are written below for when that is solved)
+# a trace fixes to the calibration resolution)
 DIT_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-# the flow-matching shift each family's pipeline samples with (Wan 2.1: 5 at 720p, 3 at 480p; HunyuanVideo: 7)
-FLOW_SHIFT = {"sd3": 3.0, "flux": 1.0, "wan": 5.0, "hunyuan_video": 7.0}
+# the flow-matching shift each family's pipeline samples with (Wan 2.1: 5 at 720p, 3 at 480p)
+FLOW_SHIFT = {"sd3": 3.0, "flux": 1.0, "wan": 5.0}
 
 
 def diffusers_class(model_dir: Path) -> str | None:
@@ -94,15 +94,11 @@ def example_inputs(model: nn.Module, batch: int, generator: torch.Generator, lat
         side = latent_side * cfg.patch_size
         return {"hidden_states": torch.randn(batch, cfg.in_channels, side, side, generator=generator),
                 "encoder_hidden_states": text, "pooled_projections": pooled}
-    # video: latents [B, C, F, H, W] of 2 latent frames, about latent_side² patches in all
-    patch_t, patch = (cfg.patch_size[0], cfg.patch_size[1]) if _kind(model) == "wan" else (cfg.patch_size_t, cfg.patch_size)
+    # Wan: video latents [B, C, F, H, W] of 2 latent frames, about latent_side² patches in all
+    patch_t, patch = cfg.patch_size[0], cfg.patch_size[1]
     side = max(2, round(latent_side / 2 ** 0.5))
     video = torch.randn(batch, cfg.in_channels, 2 * patch_t, side * patch, side * patch, generator=generator)
-    if _kind(model) == "wan":
-        return {"hidden_states": video, "encoder_hidden_states": text}
-    return {"hidden_states": video, "encoder_hidden_states": text, "pooled_projections": pooled,
-            "encoder_attention_mask": torch.ones(batch, text_tokens, dtype=torch.long),
-            **({"guidance": torch.full((batch,), 6000.0)} if cfg.guidance_embeds else {})}
+    return {"hidden_states": video, "encoder_hidden_states": text}
 
 
 def model_timestep(model: nn.Module, t: torch.Tensor, batch: int) -> torch.Tensor:
