@@ -185,5 +185,7 @@ def test_w8a8c8_quantizes_every_attention_key_and_value_as_recorded(dit_models, 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", quantized_sdpa)
         expect = twin(**inputs, return_dict=False)[0]
     assert len(calls) == len(grids)  # (one attention per block, in block order)
-    # (rounding ties aside, equal; a dropped or wrong K/V grid moves the output by what the grids move it)
-    assert _rel(got, expect) < _rel(without_kv, expect) / 10
+    # Rounding ties aside, equal: an activation at a tie may take the neighbouring code (CPU-dependent last-ulp
+    # differences, measured up to a sixth of the K/V grids' own effect); a dropped or wrong K/V grid moves the
+    # output by at least what the grids move it.
+    assert _rel(got, expect) < _rel(without_kv, expect) / 2

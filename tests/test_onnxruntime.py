@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 from tiny import TEXT, make_tiny_model
+from twin import transformers_twin
 
 from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import ExportError, SchemeError
@@ -107,6 +108,10 @@ def tiny32(tmp_path_factory) -> dict[str, Path]:
     return models
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:
     s = get_scheme(scheme, group_size=32) if scheme.startswith("w4") else get_scheme(scheme)
     return quantize(QuantizeConfig(model=model, scheme=s, out=out, target="onnxruntime", calib_texts=[TEXT],
@@ -144,14 +149,22 @@ def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family
     ref = load_quantized(out)(input_ids=ids).logits
     m = OrtCausalLM(out)
     got = m(ids).logits
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
     # prefill 16 tokens, then decode one token at a time through the KV cache
     _, past = m.run(ids[:, :16].numpy())
     steps = []
     for t in range(16, 24):
         logits, past = m.run(ids[:, t:t + 1].numpy(), past)
         steps.append(logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), got[:, 16:].numpy(), rtol=1e-4, atol=2e-4)
+    decoded = torch.from_numpy(np.concatenate(steps, axis=1))
+    if scheme.endswith("a16"):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(decoded, got[:, 16:], rtol=1e-4, atol=2e-4)
+    else:
+        # Quantized activations: onnxruntime's fused norms and kernels round differently from torch in the last
+        # ulp, so now and then an activation at a rounding tie takes the neighbouring code (one step, s_x·w) — a
+        # CPU-dependent, sparse difference. Bound: far below what the activation grids move the logits at all.
+        grids = _rel(transformers_twin(tiny32[family], out, activations=False)(input_ids=ids).logits, ref)
+        assert _rel(got, ref) < grids / 10 and _rel(decoded, got[:, 16:]) < grids / 10, grids
 
 
 def test_accuracy_level_4_and_quantized_head_stay_close_and_shrink_the_file(tiny32, tmp_path):
