@@ -51,9 +51,13 @@ def demo_model_dir() -> Path:
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists() and not (out / "config.json").is_file():
+            shutil.rmtree(out)  # (an incomplete folder from before the atomic rename existed)
+        try:
+            tmp.rename(out)  # atomic; refused when another process published its conversion first: keep that one
+        except OSError:
+            if not (out / "model.safetensors").is_file():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,10 @@ from tiny import TEXT, make_tiny_model  # noqa: E402
 
 torch.manual_seed(0)
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs two workers on two cores: one torch thread each (two each would oversubscribe the cores)
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
