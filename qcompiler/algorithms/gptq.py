@@ -69,6 +69,19 @@ def _fit_grid(
     return weight_qparams(w, one_group, ratio)
 
 
+def _fit_grids(
+    w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale/zero [N, G] of every group of w [N, K] at once (static groups): the same numbers as _fit_grid on each
+    group's slice, since every clip search scores each group on its own columns (and its own block of H)."""
+    ratio: torch.Tensor | float = 1.0
+    if clip == "mse":
+        ratio = mse_clip_search(w, args)
+    elif clip == "awq":
+        ratio = activation_aware_clip(w, h, args)
+    return weight_qparams(w, args, ratio)
+
+
 def _quant_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
     q = torch.round(w / s)
     if z is not None:
@@ -129,12 +142,10 @@ def gptq_quantize(
     zero = None if args.symmetric else torch.zeros(n, n_groups)
     h_float = H.float()
     if static:
-        for g in range(n_groups):
-            cols = slice(g * gs, (g + 1) * gs)
-            s, z = _fit_grid(W[:, cols], args, clip, h_float[cols, cols])
-            scale[:, g] = s[:, 0]
-            if zero is not None and z is not None:
-                zero[:, g] = z[:, 0]
+        grid_args = args if grouped else QuantArgs(bits=args.bits, symmetric=args.symmetric, granularity="channel")
+        scale, fitted_zero = _fit_grids(W, grid_args, clip, h_float)
+        if zero is not None and fitted_zero is not None:
+            zero = fitted_zero
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W = W[:, perm]
     H = H[perm][:, perm]
