@@ -57,6 +57,23 @@ def test_gptq_pass_structure_numerics_and_sequential_stages(tiny_llama):
     assert not any(is_call(n, LINEAR) for n in lowered.graph.nodes)
 
 
+def test_gptq_hands_the_driver_its_final_outputs_and_a_later_pass_withdraws_them(tiny_llama):
+    """GPTQ's staged runs, finished after the last stage, are the block's outputs for the quantized graph: equal bit
+    for bit to running the block again (what the driver would otherwise do). A pass after it may change the graph,
+    so the manager clears them before every pass."""
+    gm, inputs = traced_block(tiny_llama, seq=24, n_batches=2)
+    ctx = context(inputs, W4G32)
+    gm = apply(gm, ctx, "gptq")
+    assert ctx.block_outputs is not None and len(ctx.block_outputs) == len(inputs)
+    with torch.no_grad():
+        for y, args in zip(ctx.block_outputs, inputs, strict=True):
+            assert torch.equal(y, gm(*args))
+    gm = apply(gm, ctx, "rtn")
+    assert ctx.block_outputs is None
+    _, _, one_stage = block_error(tiny_llama, "gptq{true_sequential=false}")
+    assert one_stage.block_outputs is None  # (one stage: no staged runs to finish)
+
+
 @pytest.mark.slow
 def test_gptq_act_order_and_one_shot_variants(tiny_llama):
     err_rtn, _, _ = block_error(tiny_llama, "rtn")

@@ -98,6 +98,10 @@ class GPTQ(Pass):
                     "output_error_vs_rtn": round(r.proxy_loss / max(r.rtn_proxy_loss, 1e-30), 4),
                     "damp": r.damp_used,
                 }
+        if staged is not None:
+            # the runs are paused at the last stage's input: finishing them gives the block's outputs with every
+            # stage quantized, which the driver would otherwise compute in one more run over all batches
+            ctx.block_outputs = staged.outputs()
         default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
         details = {"quantized": len(layers), "weights": default.describe(), "stages": len(stages), "layers": layers}
         return PassResult(gm, bool(layers), details)

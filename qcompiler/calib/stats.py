@@ -304,6 +304,24 @@ class _Resumable(fx.Interpreter):
                 "(stages must be requested in graph order)"
             )
 
+    def finish(self) -> Any:
+        """Run the remaining nodes and return the graph's output (what gm(*args) returns for the graph as it is
+        now: every node still to run reads the weights the passes have set)."""
+        self.advance(set(), lambda *_: None)  # (only re-reads the weights; pending is empty)
+        result = None
+        while self.pos < len(self.order):
+            node = self.order[self.pos]
+            self.pos += 1
+            value = self.run_node(node)
+            if node.op == "output":
+                result = self.graph.process_outputs(value)  # (as Interpreter.run and gm(*args) return it)
+                break
+            self.env[node] = value
+            for dead in self.user_to_last_uses.get(node, []):
+                del self.env[dead]
+        self.env.clear()
+        return result
+
 
 class StagedCollector:
     """Statistics for passes that change the graph between stages (GPTQ's true-sequential order): each batch
@@ -331,6 +349,12 @@ class StagedCollector:
                 acc.batch_index = global_batch_index(j)
                 run.advance(set(by_node), on_value)
         return acc.finish()
+
+    def outputs(self) -> list[Any]:
+        """Every batch's run finished: the graph's outputs for the graph as the pass left it (one per batch) —
+        the block's calibration outputs without running the block again."""
+        with torch.no_grad():
+            return [run.finish() for run in self.runs]
 
 
 def routed_rows(node: fx.Node, value_of: Any) -> torch.Tensor | None:

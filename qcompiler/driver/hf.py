@@ -311,9 +311,11 @@ class HFRun:
         # layers), cut to the windows run here
         captured = self.block_inputs
         following_kwargs = captured.kwargs[min(i + 1, len(self.block_modules) - 1)]
+        # (the last pass may have run every batch through the final graph already: GPTQ's staged runs)
+        ready = ctx.block_outputs if cfg.propagate == "quantized" else None
         with torch.no_grad():
             for b, args in enumerate(inputs):
-                y = source(*args)
+                y = ready[b] if ready is not None else source(*args)
                 following.append((y, *first_windows((captured.hidden[b], *following_kwargs[b]), y.shape[0])[1:]))
         drop_tensors(float_gm)
         del float_gm

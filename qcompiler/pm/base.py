@@ -36,6 +36,10 @@ class PassContext:
     calib_digest: str | None = None  # digest of `calib` (computed once per block by the driver)
     # MoE: measure every expert's inputs over all calibration tokens instead of the tokens routed to it
     calibrate_all_experts: bool = False
+    # The block's outputs on `calib` (one per batch) for the graph as the last pass left it, when that pass ran the
+    # whole graph anyway (GPTQ's staged runs); the driver propagates them instead of running the block again.
+    # The manager clears them before every pass, so only the last pass's outputs survive.
+    block_outputs: list[torch.Tensor] | None = None
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None

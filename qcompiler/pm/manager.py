@@ -22,6 +22,7 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
+            ctx.block_outputs = None  # (computed by an earlier pass: this one may change the graph)
             stats = ctx.statistics(gm, p.stat_requests(gm, ctx))
             self._dump(gm, ctx, i, p, "before")
             result = p.run(gm, ctx, stats)
