@@ -113,3 +113,14 @@ def test_scheme_validation_and_presets():
         QuantArgs(bits=4, granularity="group")
     with pytest.raises(SchemeError, match="bits"):
         QuantArgs(bits=3)
+
+
+@pytest.mark.parametrize(("tokens", "k", "blocks"), [(64, 576, 4), (33, 130, 4), (20, 7, 3), (10, 5, 8), (8, 96, 1)])
+def test_gram_computes_the_upper_blocks_and_mirrors_them(tokens, k, blocks):
+    """gram(x) = xᵀx, every block (computed or mirrored) against float64 within float32 rounding of a T-term sum
+    (each entry's error ≤ T·ε·Σ_t |x_ti||x_tj|)."""
+    x = torch.randn(tokens, k, generator=torch.Generator().manual_seed(k))
+    h = nm.gram(x, blocks)
+    exact = x.double().t() @ x.double()
+    bound = tokens * torch.finfo(torch.float32).eps * (x.abs().double().t() @ x.abs().double())
+    assert h.shape == (k, k) and bool(((h.double() - exact).abs() <= bound).all())

@@ -42,6 +42,7 @@ from qcompiler.distributed import active as dist_active
 from qcompiler.distributed import all_gather_objects, all_reduce, global_batch_index
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.routing import ROUTED
+from qcompiler.numerics import gram
 
 StatKind = Literal["absmax_channel", "absmean_channel", "sqsum_channel", "minmax", "minmax_head_dim", "percentile", "histogram",
                    "hessian"]
@@ -166,7 +167,7 @@ class Accumulator:
         elif req.kind == "hessian":
             # float32 batch products summed in float64: exact for the few batches of a calibration set, so
             # the sum does not depend on the order (or the rank) the batches arrive in
-            h = (x2.t() @ x2).double()
+            h = gram(x2).double()
             prev = self.acc.get(req)
             self.acc[req] = h if prev is None else prev + h
         else:  # pragma: no cover - Literal guards this
