@@ -197,3 +197,23 @@ def test_observer_thresholds_order_and_bounds():
     assert all(err(best) <= err(t) * (1 + 1e-5) for t in torch.linspace(top / 200, top, 200).tolist())
     with pytest.raises(ValueError, match="unknown observer"):
         threshold(h, "entropy")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_calibration_refuses_a_non_finite_activation_and_accepts_a_huge_finite_one(bad):
+    """One NaN/Inf anywhere in a calibrated value is refused naming its node; values whose sum overflows float32 but
+    that are all finite are statistics like any other (the fast check is a sum, the exact one decides)."""
+    from torch import fx
+
+    from qcompiler.calib.stats import StatRequest, collect_stats
+
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity()))
+    node = next(n.name for n in gm.graph.nodes if n.op == "call_module")
+    requests = [StatRequest(node, "absmax_channel")]
+    x = torch.ones(4, 3)
+    x[2, 1] = bad
+    with pytest.raises(CalibrationError, match=f"node '{node}' produced NaN/Inf"):
+        collect_stats(gm, requests, [(x,)])
+    huge = torch.full((4, 3), 3e38)
+    assert not torch.isfinite(huge.sum())
+    assert torch.equal(collect_stats(gm, requests, [(huge,)]).values[requests[0]], torch.full((3,), 3e38))

@@ -152,7 +152,7 @@ def gptq_quantize(
     keep = None if mask is None else mask[:, perm]
     U, damp_used = _inverse_cholesky(H.float(), damp)  # float32 like the reference code; damping escalates
 
-    col_group = perm // gs  # original group of each processed column
+    col_group = (perm // gs).tolist()  # original group of each processed column (a list: read once per column)
 
     if grouped and not static:
         block_size = max(block_size // gs, 1) * gs  # a group never straddles two blocks
@@ -165,7 +165,7 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = int(col_group[col])
+            g = col_group[col]
             if not static and col % gs == 0:  # no act_order here: processing order = original order
                 s, z = _fit_grid(W1[:, i : i + gs], args, clip, h_float[col : col + gs, col : col + gs])
                 scale[:, g] = s[:, 0]

@@ -105,6 +105,7 @@ def token_stream(tokenizer, texts: list[Sample], chat_template: bool = False) ->
     samples: list[Sample] = []
     for t in texts:
         samples.extend(chat_conversations(t) if chat_template and isinstance(t, str) else [t])
+    strings: list[str] = []
     for t in samples:
         if isinstance(t, list):
             if not getattr(tokenizer, "chat_template", None):
@@ -113,7 +114,10 @@ def token_stream(tokenizer, texts: list[Sample], chat_template: bool = False) ->
                     f"'{getattr(tokenizer, 'name_or_path', '?')}' has none (use plain text)"
                 )
             t = tokenizer.apply_chat_template(t, tokenize=False)
-        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        strings.append(t)
+    # one batched call: a fast tokenizer encodes the texts in parallel (the same ids as one call per text)
+    for encoded in (tokenizer(strings, add_special_tokens=False)["input_ids"] if strings else []):
+        ids.extend(encoded)
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
