@@ -76,6 +76,14 @@ def test_artefact_description_and_determinism(tiny_llama, tmp_path, calib_text):
     assert set(qkv["output_sqnr_db"]) == {m["path"] for m in qkv["fused_from"]}
     assert all(v > 20 for v in qkv["output_sqnr_db"].values())
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    # run.json says where the time went: every phase of the block loop, summing to the run's time (the laps cover it)
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    phases = run["phase_seconds"]
+    assert {"prologue: load, tokenize, first block inputs", "trace and read weights", "passes: own arithmetic",
+            "passes: calibration forwards and statistics", "per-layer error report", "propagate to the next block",
+            "lower", "write: export, block files, checkpoint"} == set(phases)
+    assert all(v >= 0 for v in phases.values()) and phases["passes: calibration forwards and statistics"] > 0
+    assert abs(sum(phases.values()) - run["quantize_seconds"]) < 0.05 * run["quantize_seconds"] + 0.1
 
 
 def test_existing_foreign_folder_is_never_overwritten(tiny_llama, tmp_path, calib_text):

@@ -173,7 +173,8 @@ class HFRun:
     """One run of the HF driver: the steps of the module docstring over the run's state."""
 
     def __init__(self, cfg: QuantizeConfig, log: Log, plan: RunPlan):
-        self.t_start = time.perf_counter()
+        self.t_start = self.t_lap = time.perf_counter()
+        self.phases: dict[str, float] = {}  # this process's time by phase (a resumed run counts from its resume)
         self.cfg = dataclasses.replace(cfg, scheme=plan.scheme)  # (the scheme as stored: the plan's)
         self.log = log
         self.plan = plan
@@ -278,10 +279,18 @@ class HFRun:
             self.block(i, block)
             bar.set_postfix(sqnr=f"{self.progress.block_reports[f'{self.prefix}.{i}']['output_sqnr_db']:.1f}dB")
 
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to `phase` (run.json's phase_seconds: where a run's time went)."""
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.t_lap
+        self.t_lap = now
+
     def block(self, i: int, block: torch.nn.Module) -> None:
         """Trace, fill, transform, measure, propagate, lower, write and checkpoint block i."""
         cfg, inputs = self.cfg, self.inputs
         name = f"{self.prefix}.{i}"
+        self.lap("prologue: load, tokenize, first block inputs" if not self.phases else
+                 "write: export, block files, checkpoint")  # (since the previous block's lowering)
         gm = self.tracer(i, block, name)
         if cfg.scheme.weights is not None and (other := weight_products_not_linear(gm)):
             raise PipelineError(f"block '{name}': layers {other} multiply a stored weight without aten.linear (e.g. "
@@ -296,7 +305,12 @@ class HFRun:
             calibrate_all_experts=cfg.calibrate_all_experts,
         )
         experts = _expert_tokens(gm, inputs) if self.calibrated else {}
+        self.lap("trace and read weights")
         gm = self.transform.run(gm, ctx)
+        self.lap("passes: own arithmetic")
+        self.phases["passes: own arithmetic"] -= ctx.forward_seconds
+        self.phases["passes: calibration forwards and statistics"] = (
+            self.phases.get("passes: calibration forwards and statistics", 0.0) + ctx.forward_seconds)
         # Per-layer output error on two calibration windows (enough to rank layers; the fallback search uses it),
         # then propagate every batch through the quantized (or float) block.
         y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, first_windows(inputs[0], 2))
@@ -305,6 +319,7 @@ class HFRun:
             report["expert_tokens"] = experts
         self.progress.block_reports[name] = report
         del y_float, y_quant
+        self.lap("per-layer error report")
         source = gm if cfg.propagate == "quantized" else float_gm
         following = ActivationStore(self.acts_dir / f"acts-{i + 1:05d}" if cfg.spill_activations else None)
         # with the next block's own keyword inputs (its mask may differ from this one's: sliding / full / linear
@@ -319,7 +334,9 @@ class HFRun:
                 following.append((y, *first_windows((captured.hidden[b], *following_kwargs[b]), y.shape[0])[1:]))
         drop_tensors(float_gm)
         del float_gm
+        self.lap("propagate to the next block")
         gm = self.lowering.run(gm, ctx)
+        self.lap("lower")
         records, kv = block_records(gm, name, layer_sqnr), kv_records(gm, name)
         if self.exporter is not None:
             self.exporter.add_block(i, name, gm, records, kv)
@@ -363,6 +380,7 @@ class HFRun:
             self.resumable = False  # (nothing a --resume could continue)
             raise PipelineError(f"no layer of '{cfg.model}' was quantized (every layer float: overrides, ignore list or "
                                 "an architecture whose layers are not linears); nothing to write")
+        self.lap("write: export, block files, checkpoint")
         elapsed = time.perf_counter() - self.t_start
         description = {
             **description_head(cfg, self.plan),
@@ -382,6 +400,7 @@ class HFRun:
         run = {
             "quantize_seconds": round(elapsed, 2),
             "pass_seconds": {k: round(v, 2) for k, v in (self.transform.timings | self.lowering.timings).items()},
+            "phase_seconds": {k: round(v, 2) for k, v in self.phases.items()},
             "block_exports": self.tracer.exports,
             "resumed_from_block": p.resumed_from,
             "data_parallel_ranks": dist.world_size(),

@@ -8,6 +8,7 @@ returning a PassResult. The manager lints the graph after every pass and can dum
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,6 +41,9 @@ class PassContext:
     # whole graph anyway (GPTQ's staged runs); the driver propagates them instead of running the block again.
     # The manager clears them before every pass, so only the last pass's outputs survive.
     block_outputs: list[torch.Tensor] | None = None
+    # seconds the passes spent running calibration data through the block (statistics, staged runs): the rest of a
+    # pass's time is its own arithmetic (the driver reports the two apart)
+    forward_seconds: float = 0.0
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None
@@ -47,8 +51,10 @@ class PassContext:
         """Run the calibration batches through `gm` (or read the cache) to fill `requests`. Passes that need
         statistics of an intermediate state (GPTQ's sequential stages) call this themselves, with a
         StagedCollector so that each stage continues the previous one's runs."""
+        t0 = time.perf_counter()
         stats = collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest, staged,
                               routed_only=not self.calibrate_all_experts)
+        self.forward_seconds += time.perf_counter() - t0
         if stats.all_token_fallback:
             from qcompiler.ir.analysis import expert_of
 
