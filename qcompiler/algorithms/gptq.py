@@ -156,10 +156,16 @@ def gptq_quantize(
 
     if grouped and not static:
         block_size = max(block_size // gs, 1) * gs  # a group never straddles two blocks
-    Q = torch.zeros_like(W)
+    # The sweep works on transposed copies ([K, N]): column j of W is row j, contiguous, so the per-column vector
+    # maths and the rank-1 updates stream through memory instead of striding across rows.
+    Wt = W.t().contiguous()
+    St = scale.t().contiguous()  # [G, N]
+    Zt = None if zero is None else zero.t().contiguous()
+    keep_t = None if keep is None else keep.t().contiguous()
+    Qt = torch.zeros_like(Wt)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
@@ -167,20 +173,23 @@ def gptq_quantize(
             col = i1 + i
             g = col_group[col]
             if not static and col % gs == 0:  # no act_order here: processing order = original order
-                s, z = _fit_grid(W1[:, i : i + gs], args, clip, h_float[col : col + gs, col : col + gs])
-                scale[:, g] = s[:, 0]
-                if zero is not None and z is not None:
-                    zero[:, g] = z[:, 0]
-            w_col = W1[:, i]
-            q_col = _quant_column(w_col, scale[:, g], None if zero is None else zero[:, g], args)
-            if keep is not None:
-                q_col = torch.where(keep[:, col], q_col, torch.zeros_like(q_col))
-            Q1[:, i] = q_col
+                s, z = _fit_grid(W1[i : i + gs].t(), args, clip, h_float[col : col + gs, col : col + gs])
+                St[g] = s[:, 0]
+                if Zt is not None and z is not None:
+                    Zt[g] = z[:, 0]
+            w_col = W1[i]
+            q_col = _quant_column(w_col, St[g], None if Zt is None else Zt[g], args)
+            if keep_t is not None:
+                q_col = torch.where(keep_t[col], q_col, torch.zeros_like(q_col))
+            Q1[i] = q_col
             e = (w_col - q_col) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
-            E1[:, i] = e
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            W1[i:] -= U1[i, i:][:, None] * e[None, :]
+            E1[i] = e
+        Qt[i1:i2] = Q1
+        Wt[i2:] -= U[i1:i2, i2:].t() @ E1
+    Q = Qt.t()
+    scale = St.t().contiguous()
+    zero = None if Zt is None else Zt.t().contiguous()
 
     inv = torch.argsort(perm)
     w_hat = Q[:, inv]
