@@ -1,0 +1,96 @@
+"""The README's main command, timed: what a newcomer waits for and sees.
+
+    python benchmarks/main_command.py              # w4a16 GPTQ g64 on the demo model, then `qcompile eval`
+    python benchmarks/main_command.py --scheme w8a8_dynamic --algo auto --group-size 0
+
+Runs `qcompile quant --model demo --scheme w4a16 --algo gptq --group-size 64 --out <tmp>` and `qcompile eval <tmp>`
+as fresh processes (the demo model already converted from its GGUF, a one-time step timed apart), the eval with
+the float perplexity computed (a fresh machine's first run) rather than read from the cache. Reported: wall seconds
+of each command, perplexities, and where the quantization's time went (run.json's phase_seconds). This machine's
+speed varies by 2x from day to day, so the time is also given as a ratio to one float perplexity pass over the
+same evaluation text, measured in the same run: a figure that travels between machines and days.
+JSON lines on stdout; the Markdown table goes to benchmarks/results/main-command-latest.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "main-command-latest.txt"
+
+
+def _timed(cmd: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return seconds, done.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scheme", default="w4a16")
+    ap.add_argument("--algo", default="gptq")
+    ap.add_argument("--group-size", default="64")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    from qcompiler.demo import demo_model_dir
+
+    demo_model_dir()  # (converts the GGUF once; every later run reads the converted folder)
+    convert_s = time.perf_counter() - t0
+    qcompile = [sys.executable, "-m", "qcompiler.cli"]
+    with tempfile.TemporaryDirectory(prefix="qc-main-") as tmp:
+        out = Path(tmp) / "out"
+        quant_cmd = [*qcompile, "quant", "--model", "demo", "--scheme", args.scheme, "--algo", args.algo,
+                     "--group-size", args.group_size, "--out", str(out), "--no-progress"]
+        quant_s, _ = _timed(quant_cmd)
+        run = json.loads((out / "run.json").read_text())
+        eval_s, stdout = _timed([*qcompile, "eval", str(out), "--json", "--no-float-cache"])
+        result = json.loads(stdout)
+    f, q = result["float"], result["quantized"]
+    row = {
+        "command": f"qcompile quant --model demo --scheme {args.scheme} --algo {args.algo} --group-size "
+                   f"{args.group_size} --out out/ && qcompile eval out/",
+        "quant_s": round(quant_s, 1), "eval_s": round(eval_s, 1), "total_s": round(quant_s + eval_s, 1),
+        "total_float_cached_s": round(quant_s + eval_s - f["seconds"], 1),
+        "float_ppl_pass_s": round(f["seconds"], 1),
+        "total_in_float_passes": round((quant_s + eval_s) / f["seconds"], 2),
+        "quant_in_float_passes": round(quant_s / f["seconds"], 2),
+        "ppl_float": round(f["perplexity"], 3), "ppl_quantized": round(q["perplexity"], 3),
+        "delta_pct": round(100 * (q["perplexity"] / f["perplexity"] - 1), 2),
+        "demo_conversion_s": round(convert_s, 1),
+        "phase_seconds": run["phase_seconds"], "peak_rss_mb": round(run["peak_rss_bytes"] / 2**20, 1),
+    }
+    print(json.dumps(row))
+    lines = [
+        f"`{row['command']}` — one run, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| quant s | eval s (float + quantized) | total s | total, float ppl cached | float ppl pass s "
+        "| total / float pass | Δ ppl | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {row['quant_s']} | {row['eval_s']} | {row['total_s']} | {row['total_float_cached_s']} "
+        f"| {row['float_ppl_pass_s']} | {row['total_in_float_passes']}× | {row['delta_pct']:+.2f} % "
+        f"| {row['peak_rss_mb']} |",
+        "",
+        "Where the quantization's time went (run.json phase_seconds):",
+        "",
+        "| phase | s | share |",
+        "|---|---:|---:|",
+    ]
+    total = sum(run["phase_seconds"].values())
+    for phase, s in sorted(run["phase_seconds"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {phase} | {s:.1f} | {100 * s / total:.0f} % |")
+    RESULTS.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
