@@ -247,18 +247,60 @@ def test_unsupported_models_are_refused_before_anything_is_written(tmp_path, tin
     out = tmp_path / "q"
     with pytest.raises(ExportError, match="head size divisible by 16"):
         _quantize(tiny_models["llama"], out, "w4a16")  # head_dim 24
-    with pytest.raises(ExportError, match="not 'gpt_neox'"):
-        _quantize(make_tiny_model(tmp_path / "gpt_neox", "gpt_neox", head_dim=32), out, "w4a16")
+    with pytest.raises(ExportError, match="not 'deepseek_v2'"):  # (MLA: keys and values of different head sizes)
+        _quantize(make_tiny_model(tmp_path / "deepseek_v2", "deepseek_v2"), out, "w4a16")
     longrope = dict(rope_type="longrope", short_factor=[1.0] * 12, long_factor=[4.0] * 12,  # (head_dim 24)
                     original_max_position_embeddings=64)  # (Phi-3.5-mini's scaling: tables change past 64 tokens)
     with pytest.raises(ExportError, match="longrope"):
         _quantize(make_tiny_model(tmp_path / "phi3", "phi3", rope_scaling=longrope), out, "w4a16")
-    # past the architecture list, the attention pattern check itself refuses HunYuan's q/k norms after the rotary
-    # embedding (GroupQueryAttention rotates inside the op, after anything emitted before it)
-    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "hunyuan_v1_dense"))
-    with pytest.raises(ExportError, match="per-head norm reads"):
-        _quantize(make_tiny_model(tmp_path / "hunyuan", "hunyuan_v1_dense", head_dim=32), out, "w4a16")
+    # past the architecture list, the export itself refuses what it cannot rotate with: DeepSeek V2's rotary module
+    # returns one complex tensor, not (cos, sin) tables
+    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "deepseek_v2"))
+    with pytest.raises(ExportError, match="returns Tensor, not the \\(cos, sin\\) tables"):
+        _quantize(make_tiny_model(tmp_path / "deepseek_v2", "deepseek_v2"), out, "w4a16")
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+@pytest.mark.parametrize("family", [
+    "hunyuan_v1_dense",  # q/k RMSNorms after the rotary embedding
+    "gpt_neox",  # 4 of 16 dims rotated, heads interleaved in the fused qkv projection
+])
+def test_heads_the_op_cannot_rotate_are_rotated_in_the_graph(tmp_path, family):
+    """Where GroupQueryAttention cannot rotate the heads itself (a norm after the rotation, a rotated part that is not
+    a multiple of 16 dims), the block's own q/k arithmetic is exported with the model's cos/sin tables gathered at
+    each token's position, and the op runs with do_rotary=0 on rotated inputs. Positions must be right on all three
+    of GroupQueryAttention's paths: a right-padded first prompt (s), single-token decoding and a chunk after cached
+    tokens (seqlens_k + 1 − S + s): each equals the reference runtime on the same tokens."""
+    from family_configs import BY_TYPE, make_family_model
+
+    model = make_family_model(tmp_path / family, BY_TYPE[family])  # (the matrix's tiny configs of the real ones)
+    out = tmp_path / "q"
+    _quantize(model, out, "w8a16", accuracy_level="0", lm_head_bits="float")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(a.i == 0 for n in gqa for a in n.attribute if a.name == "do_rotary")
+    tables = {i.name for i in graph.initializer}
+    assert {"cos_table", "sin_table"} <= tables and not any(n.startswith("cos_cache") for n in tables)
+    ids = torch.randint(3, 250, (2, 20), generator=torch.Generator().manual_seed(0))
+    ref = load_quantized(out)(input_ids=ids).logits
+    m = OrtCausalLM(out)
+    torch.testing.assert_close(m(ids).logits, ref, rtol=1e-4, atol=2e-4)
+    padded = ids.clone()
+    padded[1, 14:] = 0
+    mask = np.ones((2, 20), np.int64)
+    mask[1, 14:] = 0
+    logits, _ = m.run(padded.numpy(), mask=mask)
+    short = load_quantized(out)(input_ids=ids[1:, :14]).logits
+    np.testing.assert_allclose(logits[1, :14], short[0].numpy(), rtol=1e-4, atol=2e-4)
+    _, past = m.run(ids[:, :16].numpy())
+    steps = []
+    for t in range(16, 20):
+        logits, past = m.run(ids[:, t:t + 1].numpy(), past)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), ref[:, 16:].numpy(), rtol=1e-4, atol=2e-4)
+    _, past = m.run(ids[:1, :10].numpy())  # (onnxruntime takes a chunk after cached tokens at batch size 1 only)
+    chunk, _ = m.run(ids[:1, 10:16].numpy(), past)
+    np.testing.assert_allclose(chunk, ref[:1, 10:16].numpy(), rtol=1e-4, atol=2e-4)
 
 
 def test_cli_quant_for_onnxruntime_and_eval_through_it(tiny32, tmp_path, capsys):

@@ -17,7 +17,11 @@ sliced as Phi-3's qkv_proj) is the op's packed input after its slices are checke
 layer type (Gemma 3 rotates sliding and full layers with different bases), and no rotation at all on a layer whose
 q/k paths have none (NoPE: SmolLM3's every 4th layer, EXAONE 4's global ones: do_rotary=0); partial and
 interleaved rotary (GLM: cos/sin repeated pairwise in the block) as GroupQueryAttention's rotary_interleaved with a
-shorter cache. Where SDPA cannot express the attention, transformers' eager form is matched instead (Gemma 2:
+shorter cache. Where the op cannot rotate the heads itself — q/k norms after the rotation (HunYuan), a rotated part
+that is not a multiple of 16 dims (GPT-NeoX), heads interleaved in a fused projection (GPT-NeoX, Falcon's multi-query
+split) — the block's own q/k arithmetic is emitted, its cos/sin inputs gathered from the model's rotary tables at each
+token's position, and the op runs with do_rotary=0 on rotated inputs (its cache then holds rotated keys, as the
+model's own cache does). Where SDPA cannot express the attention, transformers' eager form is matched instead (Gemma 2:
 softmax(c·tanh(s·q·kᵀ / c) + mask)·v → softcap = c), and Gemma 2's final logit soft-capping is written after the
 head, as are the scalings outside the blocks (Granite's embedding_multiplier and 1 / logits_scaling, Cohere's
 logit_scale). Rotary tables that change with the sequence length (longrope, dynamic) are refused, not dropped.
@@ -74,7 +78,8 @@ from qcompiler.kernels.packing import store_weight_codes
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "smollm3", "exaone4",
                            "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "cohere", "mixtral",
-                           "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "gpt_oss")
+                           "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "gpt_oss", "hunyuan_v1_dense",
+                           "hunyuan_v1_moe", "gpt_neox", "falcon")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
@@ -215,10 +220,13 @@ def _find_attention(gm: fx.GraphModule, block: str) -> _Attention:
         x, softcap = inner[0], capped[1]
     scale = 1.0
     scaled = _constant_factor(x, aten.mul.Tensor)  # type: ignore[arg-type]
+    divided = _constant_factor(x, (aten.div.Tensor, aten.div_.Tensor))  # type: ignore[arg-type]  # (Falcon: s /= √d)
     if scaled is not None:
         x, scale = scaled
+    elif divided is not None:
+        x, scale = divided[0], 1.0 / divided[1]
     if not (is_call(x, aten.matmul.default) and is_call(x.args[1], aten.transpose.int)  # type: ignore[union-attr]
-            and sorted(x.args[1].args[1:3]) == [2, 3]):  # type: ignore[union-attr]
+            and sorted(int(d) % 4 for d in x.args[1].args[1:3]) == [2, 3]):  # type: ignore[union-attr]
         raise ExportError(f"{block}: the softmax '{softmax.name}' does not read q·kᵀ attention scores")
     q, k = x.args[0], x.args[1].args[0]  # type: ignore[union-attr]
     out = softmax  # (through casts and an eval-mode dropout; with sinks, the slice dropping the sink column)
@@ -254,6 +262,31 @@ def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
 def _decoder_body(model: torch.nn.Module) -> Any:
     """The causal LM's inner model (embeddings, rotary module, blocks, final norm)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module computing the rotary tables the blocks take (`rotary_emb` of the decoder body)."""
+    for owner in (_decoder_body(model), getattr(model, "model", None)):
+        if isinstance(getattr(owner, "rotary_emb", None), torch.nn.Module):
+            return owner.rotary_emb  # type: ignore[union-attr]
+    return None
+
+
+def _final_norm_module(body: torch.nn.Module) -> torch.nn.Module:
+    """The decoder's final norm (`norm`; GPT-NeoX: `final_layer_norm`; Falcon, BLOOM: `ln_f`)."""
+    for attr in ("norm", "final_layer_norm", "ln_f"):
+        if isinstance(getattr(body, attr, None), torch.nn.Module):
+            return getattr(body, attr)
+    raise ExportError(f"{type(body).__name__}: no final norm module (norm, final_layer_norm or ln_f) to export")
+
+
+def _kv_heads(cfg: Any) -> int:
+    """Key/value heads of the attention (the cache's heads). Falcon names them num_kv_heads, and its original
+    architecture (falcon-7b) has one shared head under multi_query, else one per query head."""
+    heads = int(cfg.num_attention_heads)
+    if cfg.model_type == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
+        return 1 if cfg.multi_query else heads
+    return int(getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads)
 
 
 def _routed_experts(cfg: Any) -> int:
@@ -296,13 +329,15 @@ class DecoderExporter:
         "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "rotary": dict, "hidden": str,
         "residual": (list, type(None)), "blocks_done": int, "tied": bool, "interleaved_tables": bool,
         "embedding_name": (str, type(None)), "head_block": (int, type(None)), "head_shape": (list, type(None)),
-        "head_weights": (list, type(None)),
+        "head_weights": (list, type(None)), "positions": (str, type(None)),
     }
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, options: EmitOptions | None = None,
                  saved: SavedExporter | None = None):
         cfg = model.config
         self.cfg = cfg
+        self._model = model  # (its rotary module makes the tables of blocks that rotate in the graph)
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}  # by layer type, computed once
         check_decoder_config(cfg)
         self.options = options or EmitOptions()
         # a head the quantize_head pass quantized is written as MatMulNBits with its grid; otherwise float
@@ -310,7 +345,7 @@ class DecoderExporter:
         self.lm_head_bits = None if grid is None else int(grid.args.bits)
         self.out_dir = Path(out_dir)
         self.heads = int(cfg.num_attention_heads)
-        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.kv_heads = _kv_heads(cfg)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads)
         self.layers = int(cfg.num_hidden_layers)
         self.vocab = int(cfg.vocab_size)
@@ -335,7 +370,9 @@ class DecoderExporter:
         self.total_len = b.op("Cast", [t], "/mask/total_i32", to=TensorProto.INT32)
         # cos/sin caches by layer type (Gemma 3's sliding layers rotate with another base than its full ones)
         self.interleaved_tables = False
-        self.rotary = {t: list(self._rotary_caches(model, t)) for t in dict.fromkeys(self._layer_types())}
+        # per layer type: whether GroupQueryAttention can rotate with the model's tables (written on first use)
+        self.rotary = {t: self._rotary_caches(model, t) is not None for t in dict.fromkeys(self._layer_types())}
+        self.positions: str | None = None  # each token's position [B, S], made when a block first needs it
         self.hidden = self._embedding(ids, model)
         # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
         self.residual: tuple[str, str] | None = None
@@ -359,16 +396,38 @@ class DecoderExporter:
         return int(cfg.sliding_window) if getattr(cfg, "sliding_window", None) and getattr(
             cfg, "use_sliding_window", True) else -1
 
-    def _rotary_caches(self, model: torch.nn.Module, layer_type: str) -> tuple[str, str]:
-        inner = _decoder_body(model)
-        n = int(self.cfg.max_position_embeddings)
-        pos = torch.arange(n)[None]
-        per_type = "layer_type" in inspect.signature(inner.rotary_emb.forward).parameters
+    def _model_rotary_tables(self, model: torch.nn.Module, layer_type: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """cos and sin [max_positions, rotary dims] as the model's rotary module computes them for every position
+        (attention scaling included), and the suffix naming this layer type's tables."""
+        if layer_type in self._tables:
+            return self._tables[layer_type]
+        rotary = _rotary_module(model)
+        if rotary is None:
+            raise ExportError(f"{type(model).__name__} has no rotary module (rotary_emb) whose tables the ONNX Runtime "
+                              "decoder export could rotate with; use --target reference for this model")
+        pos = torch.arange(int(self.cfg.max_position_embeddings))[None]
+        per_type = "layer_type" in inspect.signature(rotary.forward).parameters
         with torch.no_grad():
             x = torch.zeros(1, dtype=torch.float32)
-            cos, sin = inner.rotary_emb(x, pos, layer_type) if per_type else inner.rotary_emb(x, pos)
-        suffix = f"_{layer_type.removesuffix('_attention')}" if per_type else ""
-        cos, sin = cos[0], sin[0]
+            tables = rotary(x, pos, layer_type) if per_type else rotary(x, pos)
+        if not (isinstance(tables, tuple | list) and len(tables) == 2):  # (DeepSeek V2, Llama 4: one complex tensor)
+            raise ExportError(f"{type(rotary).__name__} returns {type(tables).__name__}, not the (cos, sin) tables the "
+                              "ONNX Runtime decoder export rotates with; use --target reference for this model")
+        cos, sin = tables
+        self._tables[layer_type] = (cos[0].float(), sin[0].float(),
+                                    f"_{layer_type.removesuffix('_attention')}" if per_type else "")
+        return self._tables[layer_type]
+
+    def _rotary_caches(self, model: torch.nn.Module, layer_type: str) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+        """GroupQueryAttention's cos/sin caches [max_positions, rotary dims / 2] for this layer type and their names'
+        suffix, or None where the op cannot rotate these heads (a part of a head that is not a multiple of 16 dims, a
+        table layout it does not take): such blocks rotate in the graph (`_rotated_attention_inputs`)."""
+        if _rotary_module(model) is None:
+            return None
+        try:
+            cos, sin, suffix = self._model_rotary_tables(model, layer_type)
+        except ExportError:  # (not (cos, sin) tables: the blocks' own graphs say whether they rotate at all)
+            return None
         rotary_dim = int(cos.shape[-1])  # (< head_dim: partial rotary, GLM's half; the rest passes through)
         if rotary_dim > self.head_dim or rotary_dim % 2:
             raise ExportError(f"a rotary embedding of {rotary_dim} dims does not fit heads of {self.head_dim}")
@@ -381,13 +440,16 @@ class DecoderExporter:
         elif 2 * rotary_dim == self.head_dim:  # one table per frequency, the whole head rotated by halves (gpt-oss)
             rotary_dim, half = self.head_dim, rotary_dim
         else:
-            raise ExportError("the rotary tables are in neither the rotate-half nor the interleaved layout "
-                              "GroupQueryAttention takes")
-        if rotary_dim < self.head_dim and half % 8:
-            raise ExportError(f"onnxruntime's GroupQueryAttention rotates part of a head only in multiples of 16 dims; "
-                              f"this model rotates {rotary_dim} of {self.head_dim}: use --target reference for it")
-        return (self.b.initializer(f"cos_cache{suffix}", cos.float().contiguous()),
-                self.b.initializer(f"sin_cache{suffix}", sin.float().contiguous()))
+            return None
+        if rotary_dim < self.head_dim and half % 8:  # (onnxruntime rotates part of a head in multiples of 16 dims)
+            return None
+        return cos.contiguous(), sin.contiguous(), suffix
+
+    def _gqa_tables(self, layer_type: str) -> list[str]:
+        """The initializers of `_rotary_caches`, written once, when the first block rotates in the op."""
+        cos, sin, suffix = self._rotary_caches(self._model, layer_type)  # type: ignore[misc]
+        return [self.b.shared_initializer(f"cos_cache{suffix}", lambda: cos),
+                self.b.shared_initializer(f"sin_cache{suffix}", lambda: sin)]
 
     def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
                   kv: Sequence[KVRecord]) -> None:
@@ -405,42 +467,19 @@ class DecoderExporter:
         # itself from seqlens_k, the total length and local_window_size
         kv_fq = {n.meta[qmeta.KV_FQ]["kind"]: n for n in gm.graph.nodes if qmeta.KV_FQ in n.meta}
         kv_inputs, kv_attrs = self._kv_quantization(gm, kv_fq, index, name)
-        # per-head q/k RMSNorms (Qwen3) run before GroupQueryAttention, on [B, S, H, D], then back to [B, S, H·D]
-        head_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
-                      and len(n.meta["val"].shape) == 4}
-        # RMSNorms over a whole projection's output, before the head split (OLMo 2's q/k norms): emitted as they are
-        width_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
-                       and len(n.meta["val"].shape) == 3 and self._reads_projection(em.norm(n)[0])}  # type: ignore[index]
-        head_norms |= width_norms
-        (q, q_ph), (k, k_ph), (v, _) = (_projection(x, w, name, head_norms)
-                                        for x, w in zip((att.q, att.k, att.v), ("query", "key", "value"), strict=True))
-        if bool(q_ph) != bool(k_ph):
-            raise ExportError(f"{name}: a rotary embedding on the {'query' if q_ph else 'key'} path only; "
-                              "GroupQueryAttention rotates both or neither")
-        rotary = bool(q_ph)  # (none: a NoPE layer, SmolLM3's every 4th, EXAONE 4's global ones)
-        # pairs (x₂ᵢ, x₂ᵢ₊₁) rotate together where the block repeats cos/sin pairwise and rotates by stack/flatten (GLM)
-        # (or where the model's rotary module builds interleaved tables itself: Cohere)
-        interleaved = self.interleaved_tables or any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes)
-        if interleaved != any(is_call(n, aten.stack.default) for n in gm.graph.nodes):
-            raise ExportError(f"{name}: the rotary embedding mixes the interleaved and the rotate-half layouts")
-        qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
-        if (qkv_split[0] is not None and qkv_split[0] is qkv_split[1] is qkv_split[2]
-                and [x.args[1] for x in (q, k, v)] == [0, 1, 2] and len(qkv_split[0].args[1]) == 3):  # type: ignore[arg-type]
-            # (a projection fused with more than q, k, v — Cohere's parallel block fuses gate and up in — is split)
-            packed = qkv_split[0].args[0]  # the fused q|k|v projection, in q, k, v order
-            query, key, value = em.v(packed), "", ""
-        elif q is k is v:  # one fused projection sliced into q, k, v (Phi-3's qkv_proj)
-            self._check_packed_slices(q, [att.q, att.k, att.v], name)
-            query, key, value = em.v(q), "", ""
-        else:
-            query, key, value = (em.v(x) if x in width_norms or x not in head_norms else self._head_norm(em, x)
-                                 for x in (q, k, v))
+        layer_type = self._layer_types()[index]
+        try:
+            query, key, value, rotary, interleaved = self._rotating_attention_inputs(em, gm, att, name,
+                                                                                     self.rotary[layer_type])
+        except ExportError as refusal:  # q/k paths GroupQueryAttention cannot rotate itself: the graph rotates them
+            query, key, value = self._rotated_attention_inputs(em, gm, att, name, index, str(refusal))
+            rotary = interleaved = False
         scale = att.scale or 1.0 / math.sqrt(self.head_dim)
         softcap = {"softcap": float(att.softcap)} if att.softcap else {}
         attn = self.b.node(
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
-             self.total_len, *(self.rotary[self._layer_types()[index]] if rotary else ("", "")),
+             self.total_len, *(self._gqa_tables(layer_type) if rotary else ("", "")),
              *self._extra_inputs(kv_inputs, att, em, index)],
             f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
             outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
@@ -459,6 +498,158 @@ class DecoderExporter:
         else:
             (self.hidden,) = em.emit([result])  # type: ignore[assignment]
         self.blocks_done += 1
+
+    def _rotating_attention_inputs(self, em: GraphEmitter, gm: fx.GraphModule, att: _Attention, name: str,
+                                   tables: bool) -> tuple[str, str, str, bool, bool]:
+        """GroupQueryAttention's query, key, value inputs ([B, S, ·] before rotary; key and value empty where the
+        query is the packed q|k|v), whether it rotates them and in which layout, where the q/k paths are the
+        projections, reshapes, per-head norms and rotary arithmetic the op computes itself; ExportError otherwise."""
+        # per-head q/k RMSNorms (Qwen3) run before GroupQueryAttention, on [B, S, H, D], then back to [B, S, H·D]
+        head_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
+                      and len(n.meta["val"].shape) == 4}
+        # RMSNorms over a whole projection's output, before the head split (OLMo 2's q/k norms): emitted as they are
+        width_norms = {n for n in gm.graph.nodes if is_call(n, aten.mul.Tensor) and em.norm(n) is not None
+                       and len(n.meta["val"].shape) == 3 and self._reads_projection(em.norm(n)[0])}  # type: ignore[index]
+        head_norms |= width_norms
+        (q, q_ph), (k, k_ph), (v, _) = (_projection(x, w, name, head_norms)
+                                        for x, w in zip((att.q, att.k, att.v), ("query", "key", "value"), strict=True))
+        if bool(q_ph) != bool(k_ph):
+            raise ExportError(f"{name}: a rotary embedding on the {'query' if q_ph else 'key'} path only; "
+                              "GroupQueryAttention rotates both or neither")
+        rotary = bool(q_ph)  # (none: a NoPE layer, SmolLM3's every 4th, EXAONE 4's global ones)
+        # pairs (x₂ᵢ, x₂ᵢ₊₁) rotate together where the block repeats cos/sin pairwise and rotates by stack/flatten (GLM)
+        # (or where the model's rotary module builds interleaved tables itself: Cohere)
+        interleaved = self.interleaved_tables or any(is_call(n, aten.repeat_interleave.self_int) for n in gm.graph.nodes)
+        if interleaved != any(is_call(n, aten.stack.default) for n in gm.graph.nodes):
+            raise ExportError(f"{name}: the rotary embedding mixes the interleaved and the rotate-half layouts")
+        if rotary and not tables:
+            raise ExportError(f"{name}: GroupQueryAttention cannot take this model's rotary tables (a part of a head "
+                              "that is not a multiple of 16 dims, or a layout it does not rotate)")
+        qkv_split = [x.args[0] if is_call(x, operator.getitem) else None for x in (q, k, v)]
+        if (qkv_split[0] is not None and qkv_split[0] is qkv_split[1] is qkv_split[2]
+                and [x.args[1] for x in (q, k, v)] == [0, 1, 2] and len(qkv_split[0].args[1]) == 3):  # type: ignore[arg-type]
+            # (a projection fused with more than q, k, v — Cohere's parallel block fuses gate and up in — is split)
+            packed = qkv_split[0].args[0]  # the fused q|k|v projection, in q, k, v order
+            query, key, value = em.v(packed), "", ""
+        elif q is k is v:  # one fused projection sliced into q, k, v (Phi-3's qkv_proj)
+            self._check_packed_slices(q, [att.q, att.k, att.v], name)
+            query, key, value = em.v(q), "", ""
+        else:
+            query, key, value = (em.v(x) if x in width_norms or x not in head_norms else self._head_norm(em, x)
+                                 for x in (q, k, v))
+        return query, key, value, rotary, interleaved
+
+    def _rotated_attention_inputs(self, em: GraphEmitter, gm: fx.GraphModule, att: _Attention, name: str, index: int,
+                                  refusal: str) -> tuple[str, str, str]:
+        """GroupQueryAttention's query, key, value inputs [B, S, H·D] computed by the block's own graph, rotary
+        included (do_rotary=0): for q/k paths the op cannot rotate itself — a norm after the rotary embedding
+        (HunYuan), a partial rotation of fewer than 16 dims (GPT-NeoX), heads interleaved in a fused projection. The
+        cache then holds rotated keys, as the model's own cache does. The block's cos / sin inputs [B, S, R] are the
+        model's rotary tables [max_positions, R] gathered at each token's position (`_positions`); which input is
+        sin is read off the graph: the one multiplying the rotate-half term (a path through neg)."""
+        ph_reads: dict[fx.Node, set[fx.Node]] = {}  # rotary placeholder -> the muls it scales
+        for start in (att.q, att.k):
+            stack, seen = [start], set()
+            while stack:
+                n = stack.pop()
+                if n in seen or _is_linear_like(n) or n.op == "get_attr" or is_call(n, aten.sym_size.int):
+                    continue  # (a size read off an input, the mask's, is not its values)
+                seen.add(n)
+                if n.op == "placeholder":
+                    ph_reads.setdefault(n, set())
+                    continue
+                stack.extend(n.all_input_nodes)
+        layer_type = self._layer_types()[index]
+        for ph in ph_reads:
+            shape = ph.meta["val"].shape
+            cos, sin, suffix = self._model_rotary_tables(self._model, layer_type)
+            if len(shape) != 3 or int(shape[-1]) != int(cos.shape[-1]):
+                raise ExportError(f"{name}: the query/key paths read block input '{ph.name}' {list(shape)}, which is "
+                                  f"not the model's rotary table [batch, seq, {int(cos.shape[-1])}] ({refusal})")
+            kind = "sin" if self._scales_rotated_half(ph) else "cos"
+            values = (sin if kind == "sin" else cos).contiguous()
+            table = self.b.shared_initializer(f"{kind}_table{suffix}", lambda values=values: values)  # type: ignore[misc]
+            em.env[ph] = self.b.op("Gather", [table, self._positions()], f"{em.scope}/{ph.name}_{kind}", axis=0)
+        kinds = [self._scales_rotated_half(ph) for ph in ph_reads]
+        if ph_reads and sorted(kinds) != [False, True]:
+            raise ExportError(f"{name}: the query/key paths read {len(ph_reads)} block inputs, not one cosine and one "
+                              f"sine table ({refusal})")
+        inputs = []
+        for x, heads in ((att.q, self.heads), (att.k, self.kv_heads), (att.v, self.kv_heads)):
+            x = self._unrepeated(x, heads, name)
+            try:
+                y = em.v(x)
+            except ExportError as e:
+                raise ExportError(f"{e} ({refusal})") from e
+            merged = self.b.op("Transpose", [y], f"{em.scope}/attn/{x.name}_to_bshd", perm=[0, 2, 1, 3])
+            inputs.append(self.b.op("Reshape", [merged, self.b.const([0, 0, -1], np.int64)],
+                                    f"{em.scope}/attn/{x.name}_merge_heads"))
+        return inputs[0], inputs[1], inputs[2]
+
+    @staticmethod
+    def _scales_rotated_half(table: fx.Node) -> bool:
+        """Whether a rotary table input multiplies a rotate-half term (sin in x·cos + rotate_half(x)·sin): a
+        factor whose values pass a neg on the way from the projection."""
+        muls, stack = [], list(table.users)
+        while stack:
+            n = stack.pop()
+            if is_call(n, aten.mul.Tensor):
+                muls.append(n)
+            elif is_call(n, PASSTHROUGH | {aten.unsqueeze.default, aten.slice.Tensor, aten.view.default,
+                                           aten.reshape.default, aten.expand.default}):
+                stack.extend(n.users)
+
+        def through_neg(x: Any) -> bool:
+            stack, seen = [x], set()
+            while stack:
+                n = stack.pop()
+                if not isinstance(n, fx.Node) or n in seen or n.op != "call_function" or _is_linear_like(n):
+                    continue
+                seen.add(n)
+                if is_call(n, aten.neg.default):
+                    return True
+                stack.extend(n.all_input_nodes)
+            return False
+
+        return any(through_neg(a) for m in muls for a in m.args[:2] if isinstance(a, fx.Node)
+                   and not _from_placeholder(a))
+
+    def _unrepeated(self, x: fx.Node, heads: int, name: str) -> fx.Node:
+        """The [B, heads, S, D] tensor before GQA's repetition of key/value heads (repeat_kv: unsqueeze, expand,
+        reshape) and a quantized cache's fake quantization (GroupQueryAttention repeats and quantizes itself)."""
+        n = x
+        while (len(n.meta["val"].shape) != 4 or int(n.meta["val"].shape[1]) != heads
+               or is_call(n, torch.ops.qc.fake_quant_kv.default)):
+            whole_slice = is_call(n, aten.slice.Tensor) and n.meta["val"].shape == n.args[0].meta["val"].shape  # type: ignore[union-attr]
+            if not (whole_slice or is_call(n, PASSTHROUGH | {
+                    aten.reshape.default, aten.view.default, aten.expand.default, aten.unsqueeze.default,
+                    aten.clone.default, aten.contiguous.default, torch.ops.qc.fake_quant_kv.default})):
+                raise ExportError(f"{name}: attention input '{x.name}' is not [batch, {heads} heads, seq, "
+                                  f"{self.head_dim}] repeated over query heads")
+            n = n.args[0]  # type: ignore[assignment]
+        shape = n.meta["val"].shape
+        if len(shape) != 4 or int(shape[-1]) != self.head_dim:
+            raise ExportError(f"{name}: attention input '{n.name}' has shape {list(shape)}, not [batch, {heads}, seq, "
+                              f"{self.head_dim}]")
+        return n
+
+    def _positions(self) -> str:
+        """Each token's position [B, S] (int64), as GroupQueryAttention rotates: s on the first prompt (the cache
+        empty: total length = S), else seqlens_k[b] + 1 − S + s (the tokens follow each row's cached ones)."""
+        if self.positions is None:
+            b = self.b
+            seq = b.op("Gather", [b.op("Shape", ["input_ids"], "/positions/shape"), b.const(1, np.int64)],
+                       "/positions/seq", axis=0)
+            offsets = b.op("Sub", [b.op("Cast", [self.seqlens_k], "/positions/seqlens", to=TensorProto.INT64),
+                                   b.op("Sub", [seq, b.const(1, np.int64)], "/positions/seq_minus_1")],
+                           "/positions/offsets")
+            first = b.op("Equal", [b.op("Cast", [self.total_len], "/positions/total", to=TensorProto.INT64), seq],
+                         "/positions/first_prompt")
+            start = b.op("Where", [first, b.const(0, np.int64), offsets], "/positions/start")
+            steps = b.op("Range", [b.const(0, np.int64), seq, b.const(1, np.int64)], "/positions/range")
+            self.positions = b.op("Add", [b.op("Unsqueeze", [start, b.const([1], np.int64)], "/positions/column"),
+                                          steps], "/positions")
+        return self.positions
 
     def _extra_inputs(self, kv_inputs: list[str], att: _Attention, em: GraphEmitter, index: int) -> list[str]:
         """GroupQueryAttention's inputs after the rotary caches: position_ids, attention_bias, head_sink (gpt-oss's
@@ -581,8 +772,7 @@ class DecoderExporter:
         """Embedding lookup; a tied embedding with a quantized head reads the head's integer table
         (com.microsoft::GatherBlockQuantized, same blocks and scales) instead of storing a float copy."""
         b = self.b
-        inner = _decoder_body(model)
-        self.embedding = inner.embed_tokens.weight
+        self.embedding = model.get_input_embeddings().weight
         head = model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.embedding
         if self.lm_head_bits is not None:
@@ -595,14 +785,14 @@ class DecoderExporter:
                 scales = b.op("Reshape", [head_scales, b.const([n, kb], np.int64)], "/model/embed_tokens/scales")
                 return self._embed_scale(b.op(
                     "GatherBlockQuantized", [data, ids, scales], "/model/embed_tokens", domain=MS_DOMAIN,
-                    bits=self.lm_head_bits, block_size=self.head_block, gather_axis=0, quantize_axis=1), inner)
+                    bits=self.lm_head_bits, block_size=self.head_block, gather_axis=0, quantize_axis=1), model)
         self.embedding_name = b.initializer("model.embed_tokens.weight", self.embedding.detach().float())
-        return self._embed_scale(b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens"), inner)
+        return self._embed_scale(b.op("Gather", [self.embedding_name, ids], "/model/embed_tokens"), model)
 
-    def _embed_scale(self, x: str, inner: torch.nn.Module) -> str:
+    def _embed_scale(self, x: str, model: torch.nn.Module) -> str:
         """Gemma scales its embeddings by √hidden inside the embedding module (`embed_scale`), Granite by
         `embedding_multiplier` in the model's forward."""
-        scale = float(getattr(inner.embed_tokens, "embed_scale", None) or 1.0) * float(
+        scale = float(getattr(model.get_input_embeddings(), "embed_scale", None) or 1.0) * float(
             getattr(self.cfg, "embedding_multiplier", None) or 1.0)
         if scale == 1.0:
             return x
@@ -635,7 +825,7 @@ class DecoderExporter:
         if self.blocks_done != self.layers:
             raise ExportError(f"only {self.blocks_done} of {self.layers} blocks were exported")
         b = self.b
-        h = self._final_norm(_decoder_body(model).norm)
+        h = self._final_norm(_final_norm_module(_decoder_body(model)))
         cap = getattr(self.cfg, "final_logit_softcapping", None)
         factor = self._logit_factor()
         head = model.get_output_embeddings().weight

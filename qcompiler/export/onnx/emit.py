@@ -196,6 +196,8 @@ class GraphEmitter:
     def deps(self, node: fx.Node) -> list[fx.Node]:
         if is_call(node, CONV) and qmeta.RECORD in node.meta:  # the kernel comes from the record's int8 tensors
             return [node.args[0]]  # type: ignore[list-item]
+        if is_call(node, aten.index.Tensor):  # (its index is a constant, read at export: _index)
+            return [node.args[0]]  # type: ignore[list-item]
         m = self.norm(node) if is_call(node, aten.mul.Tensor) else None
         if m is not None:
             return [m[0]]
@@ -218,7 +220,10 @@ class GraphEmitter:
         for n in needed:
             m = self.norm(n) if is_call(n, aten.mul.Tensor) else None
             if m is not None and m[0] in needed and is_call(m[0], aten.add.Tensor) and m[0] not in skip_norm \
+                    and len(m[0].meta["val"].shape) <= 3 \
                     and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in m[0].args[:2]):
+                # (the fused op takes [B, S, N] or [T, N]; a per-head norm of a sum, HunYuan's q/k norm after
+                # rotary, stays Add + RMSNormalization)
                 skip_norm[m[0]] = n
         for n in self.gm.graph.nodes:
             if n in needed and n not in self.env:
@@ -352,6 +357,26 @@ def _unary(op: str) -> Rule:
 for _t, _op in ((aten.add.Tensor, "Add"), (aten.sub.Tensor, "Sub"), (aten.mul.Tensor, "Mul"),
                 (aten.div.Tensor, "Div")):
     RULES[_t] = _binary(_op)
+
+
+def _in_place(op: str) -> Rule:
+    """x.op_(y) (Falcon's `mlp_output += attention_output`) as the out-of-place op: its result is the node's value,
+    which is exact where nothing reads x after the mutation (checked: a later reader would see the new value)."""
+    out_of_place = _binary(op)
+
+    def emit(em: GraphEmitter, n: fx.Node) -> str:
+        x = n.args[0]
+        order = {node: i for i, node in enumerate(em.gm.graph.nodes)}
+        if isinstance(x, fx.Node) and any(order[u] > order[n] for u in x.users if u is not n):
+            raise ExportError(f"{em.scope}: node '{n.name}' updates '{x.name}' in place and a later node reads it")
+        return out_of_place(em, n)
+
+    return emit
+
+
+for _t, _op in ((aten.add_.Tensor, "Add"), (aten.sub_.Tensor, "Sub"), (aten.mul_.Tensor, "Mul"),
+                (aten.div_.Tensor, "Div")):
+    RULES[_t] = _in_place(_op)
 for _t, _op in ((aten.neg.default, "Neg"), (aten.sigmoid.default, "Sigmoid"), (aten.tanh.default, "Tanh"),
                 (aten.relu.default, "Relu"), (aten.exp.default, "Exp"), (aten.sqrt.default, "Sqrt"),
                 (aten.reciprocal.default, "Reciprocal")):
@@ -402,6 +427,67 @@ def _chunk(em: GraphEmitter, n: fx.Node) -> list[str]:
     axis = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
     sizes = [int(t.shape[axis]) for t in n.meta["val"]]
     return em.b.node("Split", [em.v(n.args[0]), em.b.const(sizes, np.int64)], em.name(n), n_out=len(sizes), axis=axis)
+
+
+@rule(aten.transpose.int)
+def _transpose(em: GraphEmitter, n: fx.Node) -> str:
+    rank = len(n.meta["val"].shape)
+    a, b = (int(d) % rank for d in n.args[1:3])  # type: ignore[call-overload]
+    perm = list(range(rank))
+    perm[a], perm[b] = perm[b], perm[a]
+    return em.b.op("Transpose", [em.v(n.args[0])], em.name(n), perm=perm)
+
+
+@rule(aten.permute.default)
+def _permute(em: GraphEmitter, n: fx.Node) -> str:
+    rank = len(n.meta["val"].shape)
+    return em.b.op("Transpose", [em.v(n.args[0])], em.name(n), perm=[int(d) % rank for d in n.args[1]])  # type: ignore[union-attr]
+
+
+@rule(aten.unsqueeze.default)
+def _unsqueeze(em: GraphEmitter, n: fx.Node) -> str:
+    rank = len(n.meta["val"].shape)
+    return em.b.op("Unsqueeze", [em.v(n.args[0]), em.b.const([int(n.args[1]) % rank], np.int64)], em.name(n))  # type: ignore[call-overload]
+
+
+@rule(aten.slice.Tensor)
+def _slice(em: GraphEmitter, n: fx.Node) -> str:
+    """x[start:end:step] along one dimension (the rotated and passed-through parts of a partially rotated head);
+    constant bounds only (an end past the dimension, torch's "to the end", is clipped by Slice itself)."""
+    x = n.args[0]
+    rank = len(x.meta["val"].shape)  # type: ignore[union-attr]
+    dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+    if not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+        raise ExportError(f"{em.scope}: node '{n.name}' slices with bounds computed at run time")
+    last = int(np.iinfo(np.int64).max)
+    bounds = [0 if start is None else int(start), last if end is None else min(int(end), last)]  # type: ignore[arg-type]
+    return em.b.op("Slice", [em.v(x), em.b.const([bounds[0]], np.int64), em.b.const([bounds[1]], np.int64),
+                             em.b.const([int(dim) % rank], np.int64), em.b.const([int(step or 1)], np.int64)],  # type: ignore[call-overload]
+                   em.name(n))
+
+
+@rule(aten.cat.default)
+def _cat(em: GraphEmitter, n: fx.Node) -> str:
+    rank = len(n.meta["val"].shape)
+    dim = int(n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0))  # type: ignore[call-overload]
+    return em.b.op("Concat", [em.v(x) for x in n.args[0]], em.name(n), axis=dim % rank)  # type: ignore[union-attr]
+
+
+@rule(aten.index.Tensor)
+def _index(em: GraphEmitter, n: fx.Node) -> str:
+    """x[..., idx, ...] with one constant integer index tensor (Falcon's multi-query split `qkv[..., [-2], :]`):
+    Gather along that dimension."""
+    x, indices = n.args[:2]
+    given = [(d, i.args[0] if is_call(i, aten.lift_fresh_copy.default) else i)  # (a constant lifted into the graph)
+             for d, i in enumerate(indices) if i is not None]  # type: ignore[arg-type]
+    if len(given) != 1 or not (isinstance(given[0][1], fx.Node) and given[0][1].op == "get_attr"):
+        raise ExportError(f"{em.scope}: node '{n.name}' indexes with tensors computed at run time or along several "
+                          "dimensions")
+    dim, index = given[0]
+    values = em.tensor(index)
+    if values.dtype not in (torch.int64, torch.int32) or values.dim() != 1:
+        raise ExportError(f"{em.scope}: node '{n.name}' indexes with a {values.dtype} tensor of {values.dim()} dims")
+    return em.b.op("Gather", [em.v(x), em.b.const(values.tolist(), np.int64)], em.name(n), axis=dim)
 
 
 @rule(operator.getitem)

@@ -117,7 +117,10 @@ def _evaluate(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, Any])
             continue
         if n.op != "call_function":
             raise ExportError(f"node '{n.name}' ({n.op}) cannot be evaluated")
-        if is_call(n, PASSTHROUGH):  # (float32 graphs: casts are identities; type_as's other input names a dtype)
+        dtype = n.kwargs.get("dtype") or next((a for a in n.args[1:] if isinstance(a, torch.dtype)), None)
+        if is_call(n, PASSTHROUGH) and not (isinstance(dtype, torch.dtype) and not dtype.is_floating_point):
+            # (float32 graphs: float casts are identities; type_as's other input names a dtype. A cast to bool or
+            # an integer type — GLM-4.5's group mask — is computed.)
             env[n] = env[n.args[0]]
             continue
         args = fx.node.map_arg(n.args, lambda a: env[a])
