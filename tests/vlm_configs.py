@@ -71,6 +71,50 @@ VLMS = (
         vision_config=dict(model_type="internvl_vision", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, image_size=[56, 56], patch_size=[14, 14]),
         image_token_id=IMAGE, image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1)),
+    Vlm("qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen/Qwen3-VL-30B-A3B-Instruct (sparse MoE language model, DeepStack)", dict(
+        text_config=dict(TEXT, model_type="qwen3_vl_moe_text", num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=64, decoder_sparse_step=1, tie_word_embeddings=True, rope_scaling={
+                             "rope_type": "default", "mrope_section": [4, 4, 4], "mrope_interleaved": True,
+                             "rope_theta": 5000000.0}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END, video_token_id=293,
+        tie_word_embeddings=True)),
+    Vlm("glm4v", "GLM-4.1V", "zai-org/GLM-4.1V-9B-Thinking (M-RoPE on half the head, 2×2 merger, sandwich norms)", dict(
+        text_config=dict(TEXT, model_type="glm4v_text", rope_parameters={
+            "rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56),
+        image_token_id=IMAGE, image_start_token_id=START, image_end_token_id=END, video_token_id=293)),
+    Vlm("glm4v_moe", "GLM-4.5V", "zai-org/GLM-4.5V (GLM-4.5-Air MoE language model, shared expert, q/k/v bias)", dict(
+        text_config=dict(TEXT, model_type="glm4v_moe_text", n_routed_experts=4, n_shared_experts=1,
+                         first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+                         routed_scaling_factor=1.0, num_experts_per_tok=2, moe_intermediate_size=64,
+                         attention_bias=True, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
+                                                               "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56),
+        image_token_id=IMAGE, image_start_token_id=START, image_end_token_id=END, video_token_id=293)),
+    Vlm("llava_next", "LLaVA-NeXT", "llava-hf/llava-v1.6-mistral-7b-hf (any-resolution tiles, row newlines)", dict(
+        text_config=dict(TEXT, model_type="mistral"), image_token_index=IMAGE, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32))),
+    Vlm("mistral3", "Mistral 3", "mistralai/Mistral-Small-3.1-24B-Instruct-2503 (Pixtral ViT, 2×2 patch merger)", dict(
+        text_config=dict(TEXT, model_type="mistral"), image_token_index=IMAGE, spatial_merge_size=2,
+        vision_feature_layer=-1, projector_hidden_act="gelu", multimodal_projector_bias=False,
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, head_dim=16, image_size=56, patch_size=14))),
+    Vlm("idefics3", "Idefics3", "HuggingFaceM4/Idefics3-8B-Llama3 (SigLIP, pixel shuffle ×2, Llama 3)", dict(
+        text_config=dict(TEXT, model_type="llama"), image_token_id=IMAGE, scale_factor=2,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14))),
+    Vlm("smolvlm", "SmolVLM", "HuggingFaceTB/SmolVLM2-2.2B-Instruct (Idefics3 layout, SmolLM2 language model)", dict(
+        text_config=dict(TEXT, model_type="llama", tie_word_embeddings=True), image_token_id=IMAGE, scale_factor=2,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=14), tie_word_embeddings=True)),
 )
 
 
@@ -78,7 +122,7 @@ def image_inputs(vlm: Vlm, config: Any, seed: int = 0) -> dict[str, torch.Tensor
     """One prompt with one image, as the family's processor lays it out (2 sequences of the same layout)."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, 250, (2, 24), generator=g)
-    if vlm.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if vlm.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
         v = config.vision_config
         grid = (1, 4, 6)  # t, h, w patches; 4·6 / merge² = 6 image tokens
         tokens = grid[1] * grid[2] // v.spatial_merge_size ** 2
@@ -91,6 +135,21 @@ def image_inputs(vlm: Vlm, config: Any, seed: int = 0) -> dict[str, torch.Tensor
     v = config.vision_config
     size = v.image_size if isinstance(v.image_size, int) else v.image_size[0]
     pixels = torch.randn(2, 3, size, size, generator=g)
+    if vlm.model_type == "mistral3":  # one [IMG] per merged patch, then [IMG_END] (row breaks are plain text ids)
+        tokens = (size // (v.patch_size * config.spatial_merge_size)) ** 2
+        ids = torch.cat([text[:, :4], torch.tensor([[IMAGE] * tokens + [END]] * 2), text[:, 4:]], dim=1)
+        return {"input_ids": ids, "pixel_values": pixels, "image_sizes": torch.tensor([[size, size]] * 2)}
+    if vlm.model_type == "llava_next":  # a 2×2-tile image (56²): base tile + 4 tiles, each tile row ends in a newline
+        tile, side = v.image_size, 2 * v.image_size
+        per_side = side // v.patch_size
+        tokens = (v.image_size // v.patch_size) ** 2 + per_side * per_side + per_side
+        tiles = torch.randn(2, 5, 3, tile, tile, generator=g)
+        ids = torch.cat([text[:, :4], torch.tensor([[IMAGE] * tokens] * 2), text[:, 4:]], dim=1)
+        return {"input_ids": ids, "pixel_values": tiles, "image_sizes": torch.tensor([[side, side]] * 2)}
+    if vlm.model_type in ("idefics3", "smolvlm"):  # one image of one tile: (patches / scale²) tokens
+        tokens = (size // v.patch_size) ** 2 // config.scale_factor ** 2
+        ids = torch.cat([text[:, :4], torch.tensor([[START] + [IMAGE] * tokens + [END]] * 2), text[:, 4:]], dim=1)
+        return {"input_ids": ids, "pixel_values": pixels[:, None]}
     if vlm.model_type == "internvl":
         image = torch.tensor([[START] + [IMAGE] * config.image_seq_length + [END]] * 2)
     elif vlm.model_type == "llava":
