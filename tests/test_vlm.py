@@ -69,3 +69,88 @@ def test_qwen2_vl_ascend_description_names_the_vision_layers_float(tmp_path):
                 and k.endswith("proj.weight")}
     assert vision and set(vision.values()) == {"FLOAT"}
     assert language and set(language.values()) == {"W8A8_DYNAMIC"}
+
+
+def _llava_with_processor(path, projector_gain: float = 1.0):
+    """The matrix's tiny LLaVA, saved with a processor (qcompiler.synthetic.write_random_llava)."""
+    from qcompiler.synthetic import write_random_llava
+
+    fields = BY_TYPE["llava"].fields
+    return write_random_llava(path, text=fields["text_config"],
+                              vision={k: v for k, v in fields["vision_config"].items() if k != "model_type"},
+                              outlier_gain=projector_gain)
+
+
+def _images(folder, seeds) -> list:
+    from qcompiler.synthetic import write_random_images
+
+    return [p for s in seeds for p in write_random_images(folder, 1, seed=s)]
+
+
+def test_calib_images_calibrate_the_image_positions_through_the_models_processor(tmp_path):
+    """Static W8A8 on a LLaVA whose image tokens carry a 40× outlier channel (the projector's first output): calibrated
+    on text only, the activation grids clip every image position; calibrated with --calib-images on image + prompt samples (the
+    model's own processor places and expands the image token), image prompts come out several times closer to the
+    float model. Both artefacts are the same code path but for the calibration batches."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from qcompiler.calib.images import prompt_with_image
+    from qcompiler.runtime import load_quantized
+
+    src = _llava_with_processor(tmp_path / "llava", projector_gain=40.0)
+    calib = tmp_path / "calib"
+    names = [p.name for p in _images(calib, seeds=[1, 2, 3, 4])]
+    (calib / "prompts.jsonl").write_text("".join(json.dumps({"image": n, "prompt": f"What is in picture {i}?"}) + "\n"
+                                                 for i, n in enumerate(names)))
+    (held_out,) = _images(tmp_path / "eval", seeds=[99])
+    processor = AutoProcessor.from_pretrained(str(src))
+    from PIL import Image
+
+    inputs = dict(processor(images=[Image.open(held_out).convert("RGB")],
+                            text=[prompt_with_image(processor, "Describe this image in detail.")], return_tensors="pt"))
+    inputs.pop("attention_mask")
+    assert (inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 4  # (2×2 patches)
+    with torch.no_grad():
+        float_logits = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32)(**inputs).logits
+
+    def error(**calibration) -> float:
+        out = tmp_path / f"q-{len(calibration)}-{sorted(calibration)[0]}"
+        quantize(QuantizeConfig(model=src, scheme=get_scheme("w8a8"), out=out, num_samples=4, seq_len=32,
+                                batch_size=2, progress=False, **calibration), log=lambda _: None)
+        with torch.no_grad():
+            ours = load_quantized(out)(**inputs).logits
+        return float((ours - float_logits).norm() / float_logits.norm())
+
+    text_calibrated = error(calib_texts=[TEXT])
+    image_calibrated = error(calib_images=calib)
+    assert image_calibrated < 0.5 * text_calibrated, (image_calibrated, text_calibrated)
+
+
+def test_calib_images_refuses_a_text_model_and_a_bad_listing_by_name(tiny_llama, tmp_path, capsys):
+    from qcompiler.calib.images import read_image_prompts
+    from qcompiler.cli import main
+    from qcompiler.errors import QCompilerError
+
+    calib = tmp_path / "calib"
+    _images(calib, seeds=[1])
+    out = tmp_path / "q"
+    capsys.readouterr()
+    rc = main(["quant", "--model", str(tiny_llama), "--scheme", "w8a16", "--out", str(out), "--calib-images",
+               str(calib), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "--calib-images calibrates vision-language models" in err[0] and "--calib-text" in err[0]
+    assert not out.exists()
+    (calib / "prompts.jsonl").write_text(json.dumps({"image": "../secret.png", "prompt": "x"}) + "\n")
+    for listing, expected in [({"image": "../secret.png"}, "points outside the folder"),
+                              ({"image": "missing.png"}, "is not a file inside"),
+                              ({"picture": "image-1-0.png"}, 'expected {"image"')]:
+        (calib / "prompts.jsonl").write_text(json.dumps(listing) + "\n")
+        try:
+            read_image_prompts(calib)
+        except QCompilerError as e:
+            assert expected in str(e) and "prompts.jsonl:1" in str(e), str(e)
+        else:
+            raise AssertionError(listing)
+    (calib / "prompts.jsonl").unlink()
+    assert [p.name for p, _ in read_image_prompts(calib)] == ["image-1-0.png"]

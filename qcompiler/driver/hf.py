@@ -208,9 +208,13 @@ class HFRun:
         self.model = build_skeleton(self.ckpt)
         self.ckpt.release()  # (the outer weights are float32 copies now; their file pages leave RSS)
         self.outer = transform_outer(self.plan.passes, self.model)
-        texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
-        self.batches = calib_data.calibration_batches(self.tokenizer, texts, cfg.num_samples, cfg.seq_len,
-                                                      cfg.batch_size, chat_template=cfg.chat_template)
+        self.batches: list[torch.Tensor] | list[dict[str, torch.Tensor]]
+        if cfg.calib_images is not None:
+            self.batches = _image_batches(cfg, self.model)
+        else:
+            texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
+            self.batches = calib_data.calibration_batches(self.tokenizer, texts, cfg.num_samples, cfg.seq_len,
+                                                          cfg.batch_size, chat_template=cfg.chat_template)
         world = dist.world_size()
         if world > 1 and cfg.stats_cache is not None:
             raise PipelineError("--stats-cache cannot be combined with data-parallel calibration (each rank holds "
@@ -218,7 +222,9 @@ class HFRun:
         if world > len(self.batches) and self.calibrated:
             raise PipelineError(f"{world} data-parallel ranks but only {len(self.batches)} calibration batches; lower "
                                 "--batch-size or use fewer processes")
-        self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(list(self.batches)))
+        flat = [(k, v) for b in self.batches for k, v in sorted(b.items())] if cfg.calib_images is not None else \
+            list(self.batches)
+        self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(flat))
         self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
         self.exporter: Any = None
 
@@ -254,7 +260,9 @@ class HFRun:
         world = dist.world_size()
         self.log(f"quantizing {cfg.model} ({n} blocks) as {cfg.scheme.describe()} for target '{self.plan.target.name}'")
         self.log(f"pipeline: {self.plan.pipeline}")
-        self.log(f"calibration: {cfg.num_samples} × {cfg.seq_len} tokens" + (f" over {world} ranks" if world > 1 else "")
+        samples = (f"{len(self.batches)} image + prompt samples from {cfg.calib_images} (the model's processor)"
+                   if cfg.calib_images is not None else f"{cfg.num_samples} × {cfg.seq_len} tokens")
+        self.log(f"calibration: {samples}" + (f" over {world} ranks" if world > 1 else "")
                  if self.calibrated else
                  "calibration: not read by this pipeline (2 windows run for the per-layer error report)")
         # Lowering runs last and apart: measuring and propagating on the fake-quantized graph before it computes
@@ -443,6 +451,19 @@ class HFRun:
             raise ArtifactError(f"disk full while writing '{writer.work}' ({' '.join(str(e).split())[:200]}); free "
                                 "space and rerun " + ("with --resume to continue from the last finished block"
                                                       if progress else "the same command")) from None
+
+
+def _image_batches(cfg: QuantizeConfig, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """--calib-images: the VLM's keyword inputs for each (image, prompt) sample, made by its own processor."""
+    from qcompiler.calib.images import image_calibration_batches, load_processor, read_image_prompts
+    from qcompiler.frontends.multimodal import is_multimodal
+
+    assert cfg.calib_images is not None
+    if not is_multimodal(model.config):
+        raise PipelineError(f"--calib-images calibrates vision-language models; '{cfg.model}' is a "
+                            f"'{model.config.model_type}' text model: use --calib-text")
+    pairs = read_image_prompts(cfg.calib_images)
+    return image_calibration_batches(load_processor(Path(cfg.model), cfg.trust_remote_code), pairs, cfg.num_samples)
 
 
 def _store(batches: list[tuple[torch.Tensor, ...]], folder: Path | None) -> ActivationStore:

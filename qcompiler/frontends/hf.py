@@ -463,7 +463,8 @@ class BlockInputs:
         return [(h, *kw) for h, kw in zip(self.hidden, self.kwargs[i], strict=True)]
 
 
-def capture_block_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> BlockInputs:
+def capture_block_inputs(model: torch.nn.Module,
+                         batches: Iterable[torch.Tensor] | Iterable[dict[str, torch.Tensor]]) -> BlockInputs:
     """Run the model on each batch of input ids with every block stood in for by a pass-through that records
     its arguments (so nothing but the prologue computes), stopping at the last block."""
     _, blocks = find_blocks(model)
@@ -492,7 +493,8 @@ def capture_block_inputs(model: torch.nn.Module, batches: Iterable[torch.Tensor]
     return BlockInputs(block_calls, [hidden for hidden, _ in captured[0]], flat_kwargs)
 
 
-def _run_with_recording_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList, batches: list[torch.Tensor],
+def _run_with_recording_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList,
+                               batches: list[torch.Tensor] | list[dict[str, torch.Tensor]],
                                returns_tuple: bool) -> list[list[tuple[torch.Tensor, dict]]]:
     """Per block, per batch: (hidden states, keyword arguments) of its call."""
     captured: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in blocks]
@@ -513,9 +515,9 @@ def _run_with_recording_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleLi
         for i, block in enumerate(blocks):
             block.forward = stand_in(i)  # (an instance attribute: nn.Module.__call__ runs it)
         with torch.no_grad():
-            for ids in batches:
+            for batch in batches:  # (input ids, or a VLM's keyword inputs: ids, pixels, image grids, ...)
                 try:
-                    model(input_ids=ids, use_cache=False)
+                    model(**(batch if isinstance(batch, dict) else {"input_ids": batch}), use_cache=False)
                 except _Stop:
                     pass
     finally:
