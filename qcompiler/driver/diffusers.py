@@ -9,7 +9,9 @@ pipeline → lowered blocks → our artefact, which `load_quantized` runs as the
 
 Every block is calibrated on the inputs the float model gives it (propagate = "float"): a block's inputs here come
 from several streams (image and text tokens, the timestep embedding, rotary tables), captured as the model makes
-them. Written for the `reference` target (our artefact); the msModelSlim and ONNX exports of DiTs are not built yet.
+them. Written for the `reference` target (our artefact) and the `ascend` target (also OUT/msmodelslim/: the
+quantized linears in msModelSlim's ascend v1 layout under the transformer's own module names, everything else FLOAT);
+the ONNX export of DiTs is not built yet.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from qcompiler.pm.manager import PassManager
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 2  # latents per sampling step
+DIT_TARGETS = ("reference", "ascend")
 
 
 def latent_side(seq_len: int) -> int:
@@ -47,9 +50,14 @@ def latent_side(seq_len: int) -> int:
 def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[str, Any]:
     """Quantize a diffusion transformer block by block (module docstring); returns the description."""
     t_start = time.perf_counter()
-    if plan.target.name != "reference":
-        raise SchemeError(f"target '{plan.target.name}': diffusion transformers are written as our artefact only so "
-                          "far (--target reference); their msModelSlim and ONNX exports are not built yet")
+    if plan.target.name not in DIT_TARGETS:
+        raise SchemeError(f"target '{plan.target.name}': diffusion transformers are written for --target "
+                          f"{' or '.join(DIT_TARGETS)} so far (our artefact; ascend adds msModelSlim's layout); their "
+                          "compressed-tensors and ONNX exports are not built yet")
+    if plan.target.name == "ascend" and plan.scheme.kv_cache is not None:
+        raise SchemeError(f"scheme '{cfg.scheme.name}': msModelSlim's layout for a DiT's quantized attention (its FA3 "
+                          "scales) is not written yet; use --target reference for quantized attention, or a scheme "
+                          "without it for --target ascend")
     outer = [p.name for p in plan.passes if type(p).transform_outer is not Pass.transform_outer]
     if outer:  # (the residual rotation and the head's quantization change weights outside the blocks)
         raise PipelineError(f"passes {outer} change weights outside the blocks, which the diffusion-transformer driver "
@@ -69,6 +77,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     fingerprint = {"model": str(Path(cfg.model).absolute()), "scheme": str(plan.scheme.to_dict()),
                    "pipeline": plan.pipeline, "seed": cfg.seed}
     writer = ArtifactWriter(cfg.out, fingerprint, resume=False, owner=True, log=log)
+    exporter = (plan.target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
+                if plan.target.name != "reference" else None)
     layers: dict[str, Any] = {}
     kv_cache: dict[str, Any] = {}
     reports: dict[str, Any] = {}
@@ -89,6 +99,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             if kv := kv_records(gm, name):  # (w8a8c8: K and V quantized at every attention of the block)
                 kv_cache[name] = [rec.to_dict() for rec in kv]
             writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
+            if exporter is not None:
+                exporter.add_block(i, name, gm, records, kv_records(gm, name))
             drop_tensors(float_gm)
         if not any(r["op"] != "linear" for r in layers.values()):
             raise SchemeError(f"no layer of '{cfg.model}' was quantized; nothing to write")
@@ -107,9 +119,13 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             "kv_cache": kv_cache,
             "block_report": reports,
         }
+        if exporter is not None:
+            exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": plan.pipeline})
         run = {"quantize_seconds": round(elapsed, 2), "peak_rss_bytes": rss_bytes("VmHWM")}
         writer.finish(description, copy_from=Path(cfg.model), tokenizer=None, run_info=run)
     except BaseException:
+        if exporter is not None:
+            exporter.abort()
         writer.abort(keep_progress=False)
         raise
     log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(layers)} quantized layers)")

@@ -96,7 +96,7 @@ class FormatExporter:
         self.float_tensors: list[str] = []
         self.kv_tensors: list[str] = []  # KV-cache scales written (names as the format has them)
         self.kv_args: dict[str, Any] | None = None  # the KV cache's QuantArgs (as a dict), when quantized
-        self.prefix: str | None = None
+        self.blocks: list[str] = []  # every block written (a DiT has two lists: double- and single-stream)
         if saved is None:
             self.folder.mkdir()
         else:
@@ -107,7 +107,7 @@ class FormatExporter:
         return {"shards": [[name, names] for name, names in self.shards],
                 "layers": [dataclasses.asdict(layer) for layer in self.layers],
                 "float_tensors": self.float_tensors, "kv_tensors": self.kv_tensors, "kv_args": self.kv_args,
-                "prefix": self.prefix}
+                "blocks": self.blocks}
 
     def _restore(self, saved: SavedExporter) -> None:
         where = f"'{saved.folder}': {self.fmt.name} exporter state"
@@ -121,7 +121,7 @@ class FormatExporter:
             self.float_tensors = [str(n) for n in saved.get("float_tensors", list)]
             self.kv_tensors = [str(n) for n in saved.get("kv_tensors", list)]
             self.kv_args = saved.get("kv_args", dict | type(None))
-            self.prefix = saved.get("prefix", str | type(None))
+            self.blocks = [str(n) for n in saved.get("blocks", list)]
         except (TypeError, ValueError, KeyError) as e:
             raise ArtifactError(f"{where} is damaged ({e}); run without --resume to start over") from None
 
@@ -133,7 +133,7 @@ class FormatExporter:
 
     def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
                   kv: Sequence[KVRecord]) -> None:
-        self.prefix = name.rsplit(".", 1)[0]
+        self.blocks.append(name)
         tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
         out: dict[str, torch.Tensor] = {}
         used: set[str] = set()
@@ -183,8 +183,9 @@ class FormatExporter:
         self._write(out)
 
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
+        inside = tuple(f"{b}." for b in self.blocks)
         rest = {n: p.detach().to(self.dtype) for n, p in model.named_parameters(remove_duplicate=True)
-                if self.prefix is None or not n.startswith(self.prefix + ".")}
+                if not n.startswith(inside)}
         self._write(rest)
         self.float_tensors.extend(rest)
         total = len(self.shards)

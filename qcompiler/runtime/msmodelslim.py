@@ -1,6 +1,7 @@
 """Load an msModelSlim ascend v1 folder (ours, or msModelSlim's own output) as a runnable model whose quantized
 linears run as the torch_npu calls Ascend serving makes (kernels/ascend/layout.py): what vllm-ascend and MindIE
 do with the folder, on the emulated ops off an NPU. Used to check our exports and to compare with msModelSlim.
+A causal LM / VLM folder is built by transformers' class, a diffusion transformer's by its diffusers class.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from qcompiler.errors import ArtifactError
 from qcompiler.export.msmodelslim import DESCRIPTION
+from qcompiler.frontends.diffusers import DIT_CLASSES, diffusers_class
 from qcompiler.frontends.hf import find_blocks
 from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.frontends.multimodal import auto_model_class
@@ -59,10 +61,23 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
 
     folder = Path(folder)
     desc, tensors = read_folder(folder)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
-    # MoE: transformers' stacked experts become one linear per expert under the folder's names (as our frontend does)
-    unfuse_experts(model, SimpleNamespace(path=folder, weight_map=dict.fromkeys(tensors, "")), find_blocks(model)[0])
+    dit = diffusers_class(folder)
+    if dit is not None:  # a diffusion transformer: built by its diffusers class from config.json (MindIE's DiT case)
+        import diffusers
+
+        if dit not in DIT_CLASSES:
+            raise ArtifactError(f"'{folder}/config.json': '{dit}' is not a diffusion transformer qcompiler writes "
+                                f"({', '.join(DIT_CLASSES)})")
+        cls = getattr(diffusers, dit)
+        model = cls.from_config(cls.load_config(str(folder))).to(dtype)
+        config = SimpleNamespace()
+    else:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
+        # MoE: transformers' stacked experts become one linear per expert under the folder's names (as our frontend
+        # does)
+        unfuse_experts(model, SimpleNamespace(path=folder, weight_map=dict.fromkeys(tensors, "")),
+                       find_blocks(model)[0])
     if any(kind == "C8" for kind in desc.values()):
         raise ArtifactError(f"'{folder}': its KV cache is C8 (int8), which this loader's emulation does not run; "
                             "load our artefact with qcompiler.runtime.load_quantized instead")
