@@ -1,8 +1,9 @@
-"""Diffusion-transformer benchmark: FLUX-, SD3- and Wan-shaped transformers (the published models' head sizes, rotary axes,
-text and pooled widths; fewer heads and blocks), random weights, each scheme quantized by a fresh `qcompile quant`
-process and measured by `qcompile eval` (a sampling run of the quantized transformer against the float one).
+"""Diffusion-transformer benchmark: FLUX-, SD3-, Wan- and HunyuanVideo-shaped transformers (the published models'
+head sizes, rotary axes, text and pooled widths; fewer heads and blocks), random weights, each scheme quantized by a
+fresh `qcompile quant` process and measured by `qcompile eval` (a sampling run of the quantized transformer against the
+float one).
 
-    python benchmarks/diffusion.py [--schemes w8a16,w8a8_dynamic,w8a8,w4a16] [--models flux,sd3,wan]
+    python benchmarks/diffusion.py [--schemes w8a16,w8a8_dynamic,w8a8,w4a16] [--models flux,sd3,wan,hunyuan]
 
 Reported per model × scheme: quantization time and peak RSS (the process's VmHWM), the minimum per-step velocity SQNR
 and the final latents' PSNR / cosine against float. Random weights have no outlier channels, so these numbers say
@@ -41,6 +42,13 @@ SHAPES = {
     "wan": ("WanTransformer3DModel", dict(patch_size=(1, 2, 2), num_attention_heads=8, attention_head_dim=128,
                                           in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=4096,
                                           num_layers=2, rope_max_seq_len=1024)),
+    # hunyuanvideo-community/HunyuanVideo: heads of 128, rotary axes (16, 56, 56), LLaMA text width 4096, CLIP pooled
+    # 768, patches (1, 2, 2) over 16 channels; here 8 heads (24 there), 2 dual + 2 single blocks (20 + 40 there)
+    "hunyuan": ("HunyuanVideoTransformer3DModel", dict(in_channels=16, out_channels=16, num_attention_heads=8,
+                                                       attention_head_dim=128, num_layers=2, num_single_layers=2,
+                                                       num_refiner_layers=2, patch_size=2, patch_size_t=1,
+                                                       text_embed_dim=4096, pooled_projection_dim=768,
+                                                       rope_axes_dim=(16, 56, 56), guidance_embeds=True)),
 }
 ALGO = {"w4a16": ["--algo", "gptq", "--group-size", "64"]}
 
@@ -75,7 +83,7 @@ def run(model: Path, scheme: str, out: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="w8a16,w8a8_dynamic,w8a8,w4a16")
-    ap.add_argument("--models", default="flux,sd3,wan")
+    ap.add_argument("--models", default="flux,sd3,wan,hunyuan")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +100,8 @@ def main() -> None:
              "| cosine |", "|---|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['model']} | {r['scheme']} | {r['pipeline']} | {r['quantize_s']} | {r['peak_rss_gb']} | "
               f"{r['min_step_sqnr_db']} | {r['final_latent_psnr_db']} | {r['final_latent_cosine']} |" for r in rows]
-    results = Path(__file__).parent / "results" / "diffusion-latest.txt"
+    subset = "" if a.models == ap.get_default("models") else "-" + a.models.replace(",", "-")
+    results = Path(__file__).parent / "results" / f"diffusion{subset}-latest.txt"
     results.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,4 +1,4 @@
-"""Diffusion transformers (issue 16): SD3, FLUX and Wan 2.1 transformers quantized block by block from tiny configs, reloaded
+"""Diffusion transformers (issue 16): SD3, FLUX, Wan 2.1 and HunyuanVideo transformers quantized block by block from tiny configs, reloaded
 into diffusers' own class, and checked against diffusers' model computing what the artefact states.
 
 Tiny configs keep the published models' structure and shrink the sizes:
@@ -8,6 +8,10 @@ Tiny configs keep the published models' structure and shrink the sizes:
   context-pre-only, patch 2, caption projection), 2 blocks, 4 heads of 16.
 - Wan: Wan-AI/Wan2.1-T2V-1.3B-Diffusers' WanTransformer3DModel (video latents patched (1, 2, 2), q/k RMSNorm across
   heads, cross-attention to the text, 3-D rotary), 2 blocks, 4 heads of 16.
+- HunyuanVideo: hunyuanvideo-community/HunyuanVideo's HunyuanVideoTransformer3DModel (dual- then single-stream
+  blocks, token refiner, masked text of unequal lengths, 3-axis rotary, guidance embedding), 2 + 2 blocks, 2 heads of
+  16. Its blocks are called with the first frame's token count, which they do not read: the trace leaves it out, so
+  the artefact runs at other resolutions.
 
 The oracle (`_twin`) is diffusers' float model with every quantized layer's dequantized weight ŵ = q·s read from the
 artefact's files (tests/twin.py's reading) and, for quantized activations, the input grid applied in a pre-hook. It
@@ -46,6 +50,12 @@ CONFIGS = {
                                           attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
                                           caption_projection_dim=64, pooled_projection_dim=32, out_channels=4,
                                           pos_embed_max_size=32)),
+    # tencent/HunyuanVideo (diffusers): dual- then single-stream blocks, a token refiner, a text mask, 3D rotary
+    "hunyuan": ("HunyuanVideoTransformer3DModel", dict(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                       attention_head_dim=16, num_layers=2, num_single_layers=2,
+                                                       num_refiner_layers=1, patch_size=2, patch_size_t=1,
+                                                       text_embed_dim=32, pooled_projection_dim=32,
+                                                       rope_axes_dim=(4, 6, 6), guidance_embeds=True)),
 }
 
 
@@ -82,7 +92,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize(("kind", "scheme", "algo"), [("flux", "w8a16", "rtn"), ("flux", "w8a8_dynamic", "rtn"),
                                                       ("flux", "w4a16", "gptq"), ("sd3", "w8a16", "rtn"),
-                                                      ("sd3", "w8a8_dynamic", "rtn"), ("wan", "w8a8_dynamic", "rtn")])
+                                                      ("sd3", "w8a8_dynamic", "rtn"), ("wan", "w8a8_dynamic", "rtn"),
+                                                      ("hunyuan", "w8a16", "rtn"), ("hunyuan", "w8a8_dynamic", "rtn")])
 def test_quantized_dit_equals_diffusers_model_with_the_artefact_weights(dit_models, tmp_path, kind, scheme, algo):
     source, out = dit_models[kind], tmp_path / "q"
     desc = _quantize(source, out, scheme, algo)
@@ -133,7 +144,7 @@ def test_calibration_follows_a_sampling_trajectory_and_eval_reports_it(dit_model
 
 
 @pytest.mark.parametrize(("kind", "scheme"), [("flux", "w8a8"), ("flux", "w8a8_dynamic"), ("sd3", "w8a16"),
-                                               ("wan", "w8a8")])
+                                               ("wan", "w8a8"), ("hunyuan", "w8a8")])
 def test_ascend_target_writes_msmodelslim_layout_that_runs_as_our_artefact(dit_models, tmp_path, kind, scheme):
     """--target ascend: OUT/msmodelslim/ holds every quantized linear of both block lists in msModelSlim's ascend v1
     layout under the transformer's module names, everything else FLOAT; built by the diffusers class and run as the
@@ -192,6 +203,11 @@ def test_dit_refusals_name_what_is_missing(dit_models, tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"}))
     with pytest.raises(ModelLoadError, match="'UNet2DConditionModel' is not supported"):
+        _quantize(other, out, "w8a16")
+    assert not out.exists()
+    i2v = json.loads((dit_models["hunyuan"] / "config.json").read_text()) | {"image_condition_type": "token_replace"}
+    (other / "config.json").write_text(json.dumps(i2v))
+    with pytest.raises(ModelLoadError, match="image-to-video variant .* is not supported"):
         _quantize(other, out, "w8a16")
     assert not out.exists()
 

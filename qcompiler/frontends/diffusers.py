@@ -27,12 +27,15 @@ from torch.utils import _pytree as pytree
 from qcompiler.errors import ModelLoadError, TraceError
 
 # diffusers class → how its inputs are made (the families whose blocks and inputs are known here)
-# (HunyuanVideoTransformer3DModel is not here: its blocks take the first frame's token count as a Python int, which
-# a trace fixes to the calibration resolution)
-DIT_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan"}
+DIT_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "WanTransformer3DModel": "wan",
+               "HunyuanVideoTransformer3DModel": "hunyuan_video"}
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-# the flow-matching shift each family's pipeline samples with (Wan 2.1: 5 at 720p, 3 at 480p)
-FLOW_SHIFT = {"sd3": 3.0, "flux": 1.0, "wan": 5.0}
+# the flow-matching shift each family's pipeline samples with (Wan 2.1: 5 at 720p, 3 at 480p; HunyuanVideo: 7)
+FLOW_SHIFT = {"sd3": 3.0, "flux": 1.0, "wan": 5.0, "hunyuan_video": 7.0}
+# Blocks called with trailing positional arguments their forward takes as *args and never reads: HunyuanVideo's
+# text-to-video blocks are called like its image-to-video ones, with token_replace_emb and the first frame's token
+# count (a Python int a trace would fix to the calibration resolution). Only the leading ones are kept.
+READ_POSITIONAL_ARGS = {"HunyuanVideoTransformerBlock": 5, "HunyuanVideoSingleTransformerBlock": 5}
 
 
 def diffusers_class(model_dir: Path) -> str | None:
@@ -47,7 +50,18 @@ def diffusers_class(model_dir: Path) -> str | None:
     if name not in DIT_CLASSES:
         raise ModelLoadError(f"'{model_dir}/config.json': diffusers class '{name}' is not supported; qcompiler "
                              f"quantizes {', '.join(DIT_CLASSES)}")
+    if cfg.get("image_condition_type") == "token_replace":  # (HunyuanVideo-I2V: its blocks read the first frame's
+        # token count, which a trace would fix to one resolution)
+        raise ModelLoadError(f"'{model_dir}/config.json': HunyuanVideo's image-to-video variant (image_condition_type "
+                             "'token_replace') is not supported; its text-to-video transformer is")
     return str(name)
+
+
+def read_arguments(block: nn.Module | str, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The positional arguments a block reads (READ_POSITIONAL_ARGS)."""
+    name = block if isinstance(block, str) else type(block).__name__
+    keep = READ_POSITIONAL_ARGS.get(name)
+    return args if keep is None else args[:keep]
 
 
 def load_dit(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -94,6 +108,17 @@ def example_inputs(model: nn.Module, batch: int, generator: torch.Generator, lat
         side = latent_side * cfg.patch_size
         return {"hidden_states": torch.randn(batch, cfg.in_channels, side, side, generator=generator),
                 "encoder_hidden_states": text, "pooled_projections": pooled}
+    if _kind(model) == "hunyuan_video":  # video latents [B, C, F, H, W] of 2 latent frames, a text mask, pooled CLIP
+        patch_t, patch = cfg.patch_size_t, cfg.patch_size
+        side = max(2, round(latent_side / 2 ** 0.5))
+        video = torch.randn(batch, cfg.in_channels, 2 * patch_t, side * patch, side * patch, generator=generator)
+        mask = torch.ones(batch, text_tokens, dtype=torch.long)
+        mask[1:, text_tokens - text_tokens // 4:] = 0  # (prompts of different lengths: the padding is masked)
+        inputs = {"hidden_states": video, "encoder_hidden_states": text, "encoder_attention_mask": mask,
+                  "pooled_projections": pooled}
+        if cfg.guidance_embeds:  # (the pipeline's embedded guidance, scaled by 1000 as it passes it)
+            inputs["guidance"] = torch.full((batch,), 6000.0)
+        return inputs
     # Wan: video latents [B, C, F, H, W] of 2 latent frames, about latent_side² patches in all
     patch_t, patch = cfg.patch_size[0], cfg.patch_size[1]
     side = max(2, round(latent_side / 2 ** 0.5))
@@ -172,8 +197,8 @@ def capture_calls(model: nn.Module, steps: list[dict[str, torch.Tensor]]
     calls: dict[str, list[tuple[DitCall, tuple[torch.Tensor, ...]]]] = {}
     hooks = []
     for name, block in dit_blocks(model):
-        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
-            calls.setdefault(name, []).append(DitCall.of(args, kwargs))
+        def record(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+            calls.setdefault(name, []).append(DitCall.of(read_arguments(m, args), kwargs))
 
         def returned(_m: nn.Module, _args: Any, _kwargs: Any, out: Any, name: str = name) -> None:
             calls[name][-1][0].tuple_output = isinstance(out, tuple | list)
@@ -191,9 +216,11 @@ def capture_calls(model: nn.Module, steps: list[dict[str, torch.Tensor]]
 
 def trace_dit_block(block: nn.Module, call: DitCall, example: tuple[torch.Tensor, ...], name: str) -> fx.GraphModule:
     """The block as an FX graph of flat tensors, dynamic in every dimension but the features (batch, image and text
-    tokens; rotary tables over both)."""
+    tokens; rotary tables over both; every dimension of a mask)."""
     adapter = DitBlockAdapter(block, call).eval()
-    dynamic = (tuple({d: torch.export.Dim.AUTO for d in range(t.dim() - 1)} for t in example),)
+    # (the last dimension of a float input is its features; a mask's — HunyuanVideo's [B, 1, 1, tokens] — is tokens)
+    dynamic = (tuple({d: torch.export.Dim.AUTO for d in range(t.dim() - (1 if t.is_floating_point() else 0))}
+                     for t in example),)
     try:
         with torch.no_grad():
             return torch.export.export(adapter, example, dynamic_shapes=dynamic, strict=False).module()
@@ -204,13 +231,14 @@ def trace_dit_block(block: nn.Module, call: DitCall, example: tuple[torch.Tensor
 class CompiledDitBlock(nn.Module):
     """A lowered block graph called the way the model calls the block it replaces."""
 
-    def __init__(self, gm: fx.GraphModule, call: DitCall):
+    def __init__(self, gm: fx.GraphModule, call: DitCall, block_class: str):
         super().__init__()
         self.gm = gm
         self._call = call
+        self._block_class = block_class
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        call, tensors = DitCall.of(args, kwargs)
+        call, tensors = DitCall.of(read_arguments(self._block_class, args), kwargs)
         if call.spec != self._call.spec or call.constants != self._call.constants:
             raise TypeError("the model calls this compiled block with other arguments than it was traced with")
         out = self.gm(*tensors)

@@ -83,6 +83,6 @@ def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = tor
             set_tensor(gm, target, value.to(dtype) if value.is_floating_point() and current.is_floating_point() else value)
         eliminate_dead_attrs(gm)
         parent, index = name.rsplit(".", 1)
-        getattr(model, parent)[int(index)] = CompiledDitBlock(gm, call)
+        getattr(model, parent)[int(index)] = CompiledDitBlock(gm, call, type(block).__name__)
     model.qcompiler_description = desc
     return model
