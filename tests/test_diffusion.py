@@ -212,16 +212,19 @@ def test_dit_refusals_name_what_is_missing(dit_models, tmp_path):
     assert not out.exists()
 
 
-def test_w8a8c8_quantizes_every_attention_key_and_value_as_recorded(dit_models, tmp_path, monkeypatch):
-    """w8a8c8 on a DiT: K and V of every block's attention pass a static int8 per-channel grid, recorded per block
-    and applied again on reload. Oracle: the twin with torch's SDPA wrapped to fake-quantize its key and value with
-    the recorded scales, x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s, the i-th call with block i's grid."""
+@pytest.mark.parametrize("kind", ["flux", "hunyuan"])
+def test_w8a8c8_quantizes_every_attention_query_key_and_value_as_recorded(dit_models, tmp_path, monkeypatch, kind):
+    """w8a8c8 on a DiT is quantized attention (msModelSlim's FA3): Q, K and V of every block's attention pass a static
+    int8 per-channel grid, recorded per block and applied again on reload. Oracle: the twin with torch's SDPA wrapped
+    to fake-quantize its query, key and value with the recorded scales, x̂ = (clamp(round(x/s) + z, qmin, qmax) − z)·s,
+    the i-th call with block i's grid."""
     from safetensors.torch import load_file
 
-    source, out = dit_models["flux"], tmp_path / "q"
+    source, out = dit_models[kind], tmp_path / "q"
     desc = _quantize(source, out, "w8a8c8")
     kv = desc["kv_cache"]
-    assert list(kv) == desc["blocks"]["names"] and all([r["kind"] for r in recs] == ["k", "v"] for recs in kv.values())
+    assert list(kv) == desc["blocks"]["names"]
+    assert all([r["kind"] for r in recs] == ["q", "k", "v"] for recs in kv.values())
     tensors: dict[str, torch.Tensor] = {}
     for f in out.glob("*.safetensors"):
         tensors.update(load_file(str(f)))
@@ -229,12 +232,15 @@ def test_w8a8c8_quantizes_every_attention_key_and_value_as_recorded(dit_models, 
               for r in kv[name]} for name in desc["blocks"]["names"]]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = []
+    outer = CONFIGS[kind][1].get("num_refiner_layers", 0)  # (HunyuanVideo's token refiner attends first, float)
 
     def quantized_sdpa(query, key, value, *args, **kwargs):
-        grid = grids[len(calls) % len(grids)]
         calls.append(1)
+        if len(calls) <= outer:
+            return sdpa(query, key, value, *args, **kwargs)
+        grid = grids[len(calls) - outer - 1]
         fq = (lambda x, g: (torch.clamp(torch.round(x / g[0]) + g[1], g[2], g[3]) - g[1]) * g[0])  # noqa: E731
-        return sdpa(query, fq(key, grid["k"]), fq(value, grid["v"]), *args, **kwargs)
+        return sdpa(fq(query, grid["q"]), fq(key, grid["k"]), fq(value, grid["v"]), *args, **kwargs)
 
     quantized, twin = load_quantized(out), _twin(source, out)
     inputs = {**example_inputs(twin, 2, torch.Generator().manual_seed(3), latent_side=6, text_tokens=9),
@@ -244,8 +250,8 @@ def test_w8a8c8_quantizes_every_attention_key_and_value_as_recorded(dit_models, 
         without_kv = twin(**inputs, return_dict=False)[0]
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", quantized_sdpa)
         expect = twin(**inputs, return_dict=False)[0]
-    assert len(calls) == len(grids)  # (one attention per block, in block order)
+    assert len(calls) == outer + len(grids)  # (one attention per block, in block order)
     # Rounding ties aside, equal: an activation at a tie may take the neighbouring code (CPU-dependent last-ulp
-    # differences, measured up to a sixth of the K/V grids' own effect); a dropped or wrong K/V grid moves the
+    # differences, measured up to a sixth of the Q/K/V grids' own effect); a dropped or wrong grid moves the
     # output by at least what the grids move it.
     assert _rel(got, expect) < _rel(without_kv, expect) / 2

@@ -20,6 +20,10 @@ positions calibration never reached can exceed its calibrated one; only the pair
 position-free. Channel i and its partner therefore share the range ±√(a_i² + a_j²) (a = calibrated max |k'|), an
 upper bound of both at every position. (Partial rotary embeddings pair channels differently: use per-head
 scales.) `rotary_pairs=false` keeps the calibrated ranges (better for static int4, see the KV table in docs/kv-rotation-sparsity.md).
+
+`query=true` quantizes Q where attention reads it as well (point "q", rotary like K): quantized attention, Q, K and
+V int8 into the attention kernel, as msModelSlim's FA3 quantization does for DiTs (the DiT driver turns it on for
+schemes with a KV grid, w8a8c8).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class InsertKVQuant(Pass):
     granularity: Literal["tensor", "head", "channel", "token"] | None = None
     symmetric: bool | None = None
     rotary_pairs: bool = True  # per-channel key scales: tie each rotary pair's range (module docstring)
+    query: bool = False  # Q too (quantized attention: a DiT's w8a8c8, msModelSlim's FA3), same grid kind as K
 
     def args(self, ctx: PassContext) -> QuantArgs:
         base = ctx.scheme.kv_cache
@@ -81,7 +86,7 @@ class InsertKVQuant(Pass):
 
     def _points(self, gm: fx.GraphModule, ctx: PassContext) -> list[CachePoint]:
         try:
-            return cache_points(gm)
+            return cache_points(gm, query=self.query)
         except ValueError as e:
             raise PassError(f"block '{ctx.block}': kv_quant: {e}") from None
 
@@ -104,7 +109,7 @@ class InsertKVQuant(Pass):
                 lo, hi = stats[StatRequest(point.node.name, "minmax_head_dim")]
                 heads, dim = point.node.meta["val"].shape[1], point.node.meta["val"].shape[3]
                 scale, zero = kv_qparams(lo.reshape(heads, dim), hi.reshape(heads, dim), args,
-                                         rotary=self.rotary_pairs and point.kind in ("k", "k_rope"))
+                                         rotary=self.rotary_pairs and point.kind in ("q", "k", "k_rope"))
                 set_tensor(gm, point.attr_prefix + "_scale", scale)
                 set_tensor(gm, point.attr_prefix + "_zero", zero)
             insert_kv_node(gm, point, args)

@@ -16,6 +16,7 @@ the ONNX export of DiTs is not built yet.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -71,7 +72,9 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     log(f"quantizing {cfg.model} ({type(model).__name__}, {len(calls)} blocks) as {scheme.describe()}")
     log(f"pipeline: {plan.pipeline}")
     log(f"calibration: {steps} sampling steps × {CALIBRATION_BATCH} latents of {latent_side(cfg.seq_len) ** 2} tokens")
-    passes = plan.passes
+    # quantized attention on a DiT is Q, K and V in int8 (msModelSlim's FA3): no cache, the kernel reads all three
+    passes = [dataclasses.replace(p, query=True) if p.name == "kv_quant" else p  # type: ignore[call-arg]
+              for p in plan.passes]
     assert passes[-1].name == "lower"
     transform, lowering = PassManager(passes[:-1]), PassManager(passes[-1:])
     fingerprint = {"model": str(Path(cfg.model).absolute()), "scheme": str(plan.scheme.to_dict()),
@@ -96,7 +99,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             gm = lowering.run(gm, ctx)
             records = block_records(gm, name, layer_sqnr)
             layers.update({path: rec.to_dict() for path, rec in records.items()})
-            if kv := kv_records(gm, name):  # (w8a8c8: K and V quantized at every attention of the block)
+            if kv := kv_records(gm, name):  # (w8a8c8: Q, K and V quantized at every attention of the block)
                 kv_cache[name] = [rec.to_dict() for rec in kv]
             writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
             if exporter is not None:

@@ -11,6 +11,9 @@ Multi-head latent attention (DeepSeek-V2/V3): K and V come out of one projection
 latent, and what serving engines cache is that latent c_kv (the input of kv_b_proj, [B, 1, S, r]) and the
 rotary part of the key k_pe ([B, 1, S, d_rope], shared by all heads: broadcast by an expand). Those two are
 the cache points "kv_latent" and "k_rope".
+
+Quantized attention (a DiT's `w8a8c8`, msModelSlim's FA3): Q, K and V all enter the attention kernel in int8; Q is
+the point "q", found like K from attention's query operand.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ _REPEAT = PASSTHROUGH | {
     aten.clone.default, aten.contiguous.default,
     aten.slice.Tensor,  # (a sliding window's view of the cache)
 }
-KINDS = ("k", "v", "kv_latent", "k_rope")
+KINDS = ("q", "k", "v", "kv_latent", "k_rope")
 
 
 @dataclass(frozen=True)
 class CachePoint:
-    kind: str  # "k" | "v" | "kv_latent" | "k_rope"
+    kind: str  # "q" | "k" | "v" | "kv_latent" | "k_rope"
     node: fx.Node  # its output is the cached tensor [B, H_kv, S, D]
     attention: int  # index of the attention in the block (graph order)
     module: str  # the attention module's path in the block, e.g. "self_attn"
@@ -60,8 +63,10 @@ def _rank4(n: fx.Node) -> bool:
     return getattr(val, "dim", lambda: 0)() == 4
 
 
-def cache_points(gm: fx.GraphModule) -> list[CachePoint]:
-    """Every cache point of the block, in attention order (K before V; MLA: latent before k_rope)."""
+def cache_points(gm: fx.GraphModule, query: bool = False) -> list[CachePoint]:
+    """Every cache point of the block, in attention order (K before V; MLA: latent before k_rope). `query`: Q as
+    attention reads it too, before K (quantized attention — a DiT's Q, K, V int8 into the attention kernel — not a
+    cache; MLA has none here)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     points: list[CachePoint] = []
     for i, att in enumerate(analyze_block(gm).attention):
@@ -81,8 +86,8 @@ def cache_points(gm: fx.GraphModule) -> list[CachePoint]:
         if not is_call(node, SDPA_OPS):
             raise ValueError(f"attention '{att.node}' is written out as matmul/softmax (eager attention); KV-cache "
                              "points are found on scaled_dot_product_attention (Hugging Face's sdpa blocks)")
-        k_operand, v_operand = node.args[1], node.args[2]
-        for kind, operand in (("k", k_operand), ("v", v_operand)):
+        operands = (("q", node.args[0]),) if query else ()
+        for kind, operand in (*operands, ("k", node.args[1]), ("v", node.args[2])):
             point = _cached(operand)  # type: ignore[arg-type]
             if not _rank4(point) or is_call(point, LINEAR):
                 raise ValueError(f"attention '{att.node}': the cached {kind} ('{point.name}') is not a "

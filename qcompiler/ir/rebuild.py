@@ -168,7 +168,7 @@ def apply_kv_records(gm: fx.GraphModule, records: list[KVRecord], block: str) ->
     tensors are read from the artefact afterwards like every other tensor of the block."""
     if not records:
         return
-    points = {(p.attention, p.kind): p for p in cache_points(gm)}
+    points = {(p.attention, p.kind): p for p in cache_points(gm, query=any(r.kind == "q" for r in records))}
     for rec in records:
         point = points.get((rec.attention, rec.kind))
         if point is None:
