@@ -1,4 +1,5 @@
-"""LMDeploy as a consumer (issue 17): `--target cuda --target-option format=lmdeploy`.
+"""LMDeploy as a consumer (issue 17): `--target cuda --target-option format=lmdeploy`, and on the ascend target
+(`format=msmodelslim,lmdeploy`: LMDeploy's PyTorch engine on Atlas 800T A2 reads the same folders).
 
 LMDeploy itself does not import on this machine (its package imports mmengine and CUDA-only extensions), so the
 files are checked against readers written from LMDeploy 0.18's own code, read, not run:
@@ -37,9 +38,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def _quantize(model: Path, out: Path, scheme: str, formats: str = "lmdeploy", group: int | None = None,
-              kv_cache: str | None = None) -> dict:
+              kv_cache: str | None = None, target: str = "cuda") -> dict:
     s = get_scheme(scheme, group_size=group, kv_cache=kv_cache)
-    return quantize(QuantizeConfig(model=model, scheme=s, out=out, target="cuda", calib_texts=[TEXT], num_samples=4,
+    return quantize(QuantizeConfig(model=model, scheme=s, out=out, target=target, calib_texts=[TEXT], num_samples=4,
                                    seq_len=32, batch_size=2, progress=False, target_options={"format": formats}),
                     log=lambda _: None)
 
@@ -141,3 +142,21 @@ def test_fp8_is_the_smooth_quant_layout_in_e4m3(models, tmp_path):
     tensors = safetensors_in(folder)
     weights = [n for n in tensors if n.endswith(".weight") and f"{n[:-7]}.scale" in tensors]
     assert weights and all(tensors[n].dtype == torch.float8_e4m3fn for n in weights)
+
+
+@pytest.mark.parametrize(("scheme", "group"), [("w8a8_dynamic", None), ("w4a16", 64)])
+def test_ascend_target_writes_the_same_lmdeploy_folder_beside_msmodelslim(models, tmp_path, scheme, group):
+    """LMDeploy's PyTorch engine on Ascend (`--device ascend`) loads the smooth_quant W8A8 and AWQ W4A16 folders that
+    `lmdeploy lite ... --device npu` writes: --target ascend writes OUT/lmdeploy/ equal, tensor for tensor and in its
+    config, to the cuda target's (checked above against LMDeploy's loaders), and OUT/msmodelslim/ as before."""
+    cuda, ascend = tmp_path / "cuda", tmp_path / "ascend"
+    _quantize(models["llama"], cuda, scheme, group=group)
+    _quantize(models["llama"], ascend, scheme, formats="msmodelslim,lmdeploy", group=group, target="ascend")
+    a, b = safetensors_in(cuda / "lmdeploy"), safetensors_in(ascend / "lmdeploy")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (json.loads((cuda / "lmdeploy" / "config.json").read_text())
+            == json.loads((ascend / "lmdeploy" / "config.json").read_text()))
+    assert (ascend / "msmodelslim" / "quant_model_description.json").is_file()
+    with pytest.raises(SchemeError, match="unknown format \\['awq'\\]; formats: msmodelslim, lmdeploy"):
+        _quantize(models["llama"], tmp_path / "bad", scheme, formats="awq", group=group, target="ascend")
+    assert not (tmp_path / "bad").exists()

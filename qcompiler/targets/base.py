@@ -16,6 +16,7 @@ from qcompiler.ir.records import KVRecord, LayerRecord
 from qcompiler.schemes import QuantScheme, int_gemm_reason
 
 if TYPE_CHECKING:
+    from qcompiler.export.serving import ServingFormat
     from qcompiler.pm.rewrite import RewriteRule
 
 
@@ -216,3 +217,26 @@ def register_target(name: str) -> Callable[[type[Target]], type[Target]]:
         return cls
 
     return deco
+
+
+def choose_formats(options: dict[str, str], formats: Mapping[str, ServingFormat], default: str) -> list[ServingFormat]:
+    """The formats `--target-option format=a,b` names (default: `default`), each one known."""
+    names = [n.strip() for n in options.get("format", default).split(",") if n.strip()]
+    unknown = [n for n in names if n not in formats]
+    if unknown or not names:
+        raise SchemeError(f"unknown format {unknown or '(empty)'}; formats: {', '.join(formats)} "
+                          f"(comma-separated, e.g. format={','.join(formats)})")
+    return [formats[n] for n in names]
+
+
+def refuse_unwritable(target: Target, scheme: QuantScheme, formats: Sequence[ServingFormat]) -> None:
+    """Refuse a scheme one of the chosen formats cannot hold, naming the presets it does hold."""
+    for fmt in formats:
+        reason = fmt.unsupported_reason(scheme)
+        if reason is not None:
+            from qcompiler.schemes import PRESETS
+
+            fits = [n for n, s in PRESETS.items() if target.unsupported_reason(s) is None
+                    and fmt.unsupported_reason(s) is None]
+            raise SchemeError(f"target '{target.name}': format '{fmt.name}' cannot hold {scheme.describe()}: "
+                              f"{reason}. It holds: {', '.join(fits) or 'none of the presets'}")

@@ -8,7 +8,10 @@ Quantization and the artefact use the portable `qc::` ops (like every target); t
     npu_quant_matmul / npu_weight_quant_batchmatmul, run by `load_quantized(out, lower_for="npu")`, on torch_npu
     when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere (qc::linear_int_dynamic — W4A4,
     grouped W4A8 — and the KV-cache ops have no NPU mapping here: they run their torch oracle);
-  - runtime/msmodelslim.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops.
+  - runtime/msmodelslim.py: any ascend v1 folder (ours or msModelSlim's) as a runnable model on the same ops;
+  - `--target-option format=msmodelslim,lmdeploy` adds OUT/lmdeploy/ (export/lmdeploy.py): LMDeploy's PyTorch engine
+    on Atlas 800T A2 (`--backend pytorch --device ascend`) loads the same smooth_quant W8A8 and AWQ W4A16 folders
+    `lmdeploy lite smooth_quant / auto_awq --device npu` write (LMDeploy's Ascend guide).
 
 What loads where (vllm-ascend at its 2026-08 head): W8A8, W8A8_DYNAMIC, W8A16 dense in vllm-ascend and MindIE;
 dense W4A16 and W4A8_DYNAMIC in MindIE only (vllm-ascend registers them for MoE experts only); W8A8S / W16A16S
@@ -22,18 +25,25 @@ from typing import Any
 
 import torch
 
+from qcompiler.errors import SchemeError
 from qcompiler.export.artifact import SavedExporter
+from qcompiler.export.lmdeploy import LmdeployFormat
 from qcompiler.export.msmodelslim import MsModelSlimFormat
-from qcompiler.export.serving import FormatExporter
+from qcompiler.export.serving import Exporters, ServingFormat
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import (
     Target,
+    choose_formats,
     refuse_mla_kv_cache,
     refuse_ragged_groups,
+    refuse_unwritable,
     register_target,
 )
 
 FORMAT = MsModelSlimFormat()
+LMDEPLOY = LmdeployFormat()
+FORMATS: dict[str, ServingFormat] = {f.name: f for f in (FORMAT, LMDEPLOY)}
+LMDEPLOY_CONSUMERS = "LMDeploy PyTorch engine on Atlas 800T A2 (--device ascend: w8a8_dynamic, w4a16 AWQ g64/g128)"
 
 
 @register_target("ascend")
@@ -58,15 +68,30 @@ class AscendTarget(Target):
     def consumers(self, scheme: QuantScheme) -> list[str]:
         if self.unsupported_reason(scheme) is not None:
             return []
+        lmdeploy = [f"lmdeploy: {LMDEPLOY_CONSUMERS}"] if LMDEPLOY.unsupported_reason(scheme) is None else []
+        return [self._msmodelslim_consumers(scheme), *lmdeploy]
+
+    @staticmethod
+    def _msmodelslim_consumers(scheme: QuantScheme) -> str:
         if scheme.sparsity:  # W8A8S / W16A16S: MindIE only
-            return ["msmodelslim: MindIE (W8A8S / W16A16S)"]
+            return "msmodelslim: MindIE (W8A8S / W16A16S)"
         if scheme.activations is not None and scheme.activations.bits == 4:
-            return ["msmodelslim: vllm-ascend, MindIE (W4A4_DYNAMIC)"]
+            return "msmodelslim: vllm-ascend, MindIE (W4A4_DYNAMIC)"
         if scheme.weight_bits == 4:  # vllm-ascend (2026-08 head) registers its int4 types for MoE experts only
             kind = "W4A16" if scheme.weight_only else "W4A8_DYNAMIC"
-            return [f"msmodelslim: MindIE (vllm-ascend: {kind} for MoE experts only)"]
-        return ["msmodelslim: vllm-ascend, MindIE"]
+            return f"msmodelslim: MindIE (vllm-ascend: {kind} for MoE experts only)"
+        return "msmodelslim: vllm-ascend, MindIE"
+
+    def check_options(self, options: dict[str, str]) -> None:
+        unknown = set(options) - {"format"}
+        if unknown:
+            raise SchemeError(f"target 'ascend' has no option {', '.join(sorted(unknown))}; options: "
+                              f"format={'|'.join(FORMATS)} (comma-separated)")
+        choose_formats(options, FORMATS, FORMAT.name)
+
+    def check_export(self, scheme: QuantScheme, options: dict[str, str]) -> None:
+        refuse_unwritable(self, scheme, choose_formats(options, FORMATS, FORMAT.name))
 
     def exporter(self, out_dir: Path, model: torch.nn.Module, options: dict[str, str], source: Path,
                  saved: SavedExporter | None = None) -> Any:
-        return FormatExporter(out_dir, model, FORMAT, source, saved)
+        return Exporters.of(out_dir, model, choose_formats(options, FORMATS, FORMAT.name), source, saved)

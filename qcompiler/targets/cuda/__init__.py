@@ -17,7 +17,6 @@ Export (`--target-option format=compressed-tensors[,awq][,gptq]`), each into its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,10 @@ from qcompiler.export.serving import Exporters, ServingFormat
 from qcompiler.schemes import QuantScheme
 from qcompiler.targets.base import (
     Target,
+    choose_formats,
     refuse_mla_kv_cache,
     refuse_ragged_groups,
+    refuse_unwritable,
     register_target,
 )
 
@@ -43,24 +44,7 @@ DEFAULT_FORMAT = "compressed-tensors"
 
 
 def chosen_formats(options: dict[str, str]) -> list[ServingFormat]:
-    names = [n.strip() for n in options.get("format", DEFAULT_FORMAT).split(",") if n.strip()]
-    unknown = [n for n in names if n not in FORMATS]
-    if unknown or not names:
-        raise SchemeError(f"unknown format {unknown or '(empty)'}; formats: {', '.join(FORMATS)} "
-                          "(comma-separated, e.g. format=compressed-tensors,awq)")
-    return [FORMATS[n] for n in names]
-
-
-def refuse_unwritable(target: Target, scheme: QuantScheme, formats: Sequence[ServingFormat]) -> None:
-    for fmt in formats:
-        reason = fmt.unsupported_reason(scheme)
-        if reason is not None:
-            from qcompiler.schemes import PRESETS
-
-            fits = [n for n, s in PRESETS.items() if target.unsupported_reason(s) is None
-                    and fmt.unsupported_reason(s) is None]
-            raise SchemeError(f"target '{target.name}': format '{fmt.name}' cannot hold {scheme.describe()}: "
-                              f"{reason}. It holds: {', '.join(fits) or 'none of the presets'}")
+    return choose_formats(options, FORMATS, DEFAULT_FORMAT)
 
 
 @register_target("cuda")
