@@ -129,3 +129,73 @@ def test_gated_delta_rule_op_equals_the_token_by_token_recurrence():
         expect = reference.gated_delta_rule(q, k, v, log_decay, beta, l2norm)
         assert got.shape == v.shape
         assert float((got - expect).norm() / expect.norm()) < 1e-5, l2norm
+
+
+def test_cuda_dispatch_table_sends_each_shape_to_a_kernel_that_takes_it():
+    """kernels/cuda/table.py: cuBLASLt's int8 GEMM only for M > 16 and K, N multiples of 8; its fp8 GEMM only for
+    M > 16, K, N multiples of 16 and half-precision output; everything else on Triton."""
+    from qcompiler.kernels.cuda.table import choose
+
+    bf16 = torch.bfloat16
+    assert choose("linear_w8a8", 1, 4096, 4096, bf16).kernel == "triton"
+    assert choose("linear_w8a8", 16, 4096, 4096, bf16).kernel == "triton"
+    assert choose("linear_w8a8", 17, 4096, 14336, bf16).kernel == "int_mm"
+    assert choose("linear_w8a8", 2048, 4100, 4096, bf16).kernel == "triton"  # (K not a multiple of 8)
+    assert choose("linear_fp8", 2048, 4096, 4096, bf16).kernel == "scaled_mm"
+    assert choose("linear_fp8", 2048, 4096, 4096, torch.float32).kernel == "triton"
+    assert choose("linear_fp8", 2048, 4104, 4096, bf16).kernel == "triton"  # (K not a multiple of 16)
+    assert choose("linear_fp8", 8, 4096, 4096, bf16).kernel == "triton"
+    assert choose("linear_woq", 2048, 4096, 4096, bf16).kernel == "triton"
+
+
+def test_library_int8_gemm_is_bit_equal_to_the_oracle_static_and_dynamic():
+    from qcompiler.kernels.library_gemm import linear_w8a8_int_mm
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 24, 64, generator=g)
+    qweight = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(48, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(48, generator=g)
+    for x_scale, x_zero in [(None, None), (torch.tensor(0.03), torch.tensor(5.0))]:
+        got = linear_w8a8_int_mm(x, qweight, w_scale, x_scale, x_zero, bias)
+        assert torch.equal(got, reference.linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias))
+
+
+def test_library_fp8_gemm_equals_the_oracle_up_to_summation_order():
+    """torch._scaled_mm with the scales inside the GEMM (row-wise for per-token activations and per-channel weights,
+    per tensor for static ones) computes the oracle's y = s_x·s_w ⊙ (x8·w8ᵀ) + b: e4m3 products are exact in
+    float32, so only the order of the K-term float32 sums differs — relative error ~K·2⁻²⁴, bounded here by 1e-5."""
+    from qcompiler.kernels.library_gemm import linear_fp8_scaled_mm
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 20, 128, generator=g)
+    qweight = (torch.randn(64, 128, generator=g) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+    bias = torch.randn(64, generator=g)
+    for w_scale, x_scale in [(torch.rand(64, generator=g) * 0.01 + 1e-3, None),  # row-wise
+                             (torch.tensor(0.004), torch.tensor(0.02)),  # per tensor
+                             (torch.rand(64, generator=g) * 0.01 + 1e-3, torch.tensor(0.02))]:  # mixed: row-wise
+        got = linear_fp8_scaled_mm(x, qweight, w_scale, x_scale, bias)
+        expect = reference.linear_fp8(x, qweight, w_scale, x_scale, bias)
+        assert float((got - expect).norm() / expect.norm()) < 1e-5
+        assert float((got - expect).norm() / expect.norm()) < float(
+            (reference.linear_fp8(x, qweight, w_scale * 1.01, x_scale, bias) - expect).norm() / expect.norm())
+
+
+def test_cuda_registrations_route_prefill_shapes_to_the_library_gemms():
+    """The functions registered for CUDA, called on the CPU (where the library GEMMs also run): a prefill-sized call
+    goes to torch._int_mm / torch._scaled_mm and returns the oracle's numbers (a decode-sized one would go to
+    Triton, which needs a GPU or TRITON_INTERPRET: tests/test_triton_kernels.py)."""
+    from qcompiler.kernels.cuda import dispatch
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, 64, generator=g)
+    qweight = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(32, generator=g) * 0.01 + 1e-3
+    got = dispatch._linear_w8a8_cuda(x, qweight, w_scale, None, None, None)
+    assert torch.equal(got, reference.linear_w8a8(x, qweight, w_scale, None, None, None))
+    w8 = (torch.randn(32, 64, generator=g) * 50).to(torch.float8_e4m3fn)
+    xb = x.to(torch.bfloat16)
+    got = dispatch._linear_fp8_cuda(xb, w8, w_scale, None, None)
+    expect = reference.linear_fp8(xb, w8, w_scale, None, None)
+    # (both written in bf16: a value rounded the other way at a tie differs by one bf16 step, 2⁻⁸ relative)
+    assert got.dtype == torch.bfloat16 and float((got.float() - expect.float()).norm() / expect.float().norm()) < 1e-2

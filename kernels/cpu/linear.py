@@ -1,8 +1,8 @@
 """CPU implementations of the qc:: linear ops, on the fast paths measured on this 2-core x86 CPU.
 
 - w8a8: activations are quantized to int8 and multiplied with `torch._int_mm` (int8 × int8 → int32,
-  exact); the epilogue applies s_x · s_w in float32 exactly as the oracle does, so results are bit-equal
-  to reference.linear_w8a8.
+  exact; kernels/library_gemm.py, shared with CUDA); the epilogue applies s_x · s_w in float32 exactly as the
+  oracle does, so results are bit-equal to reference.linear_w8a8.
 - weight-only: `_weight_int4pack_mm_for_cpu` / `_weight_int8pack_mm` are only fast with bf16 activations
   (30–60× slower in fp32), so they are used through prepacked ops that the CPU target's prepack lowering
   inserts when a model runs in bf16. With fp32 activations qc::linear_woq keeps the oracle's exact
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qcompiler.kernels import reference
+from qcompiler.kernels import library_gemm
 from qcompiler.kernels.packing import default_zero, load_weight_codes
 
 _INT4PACK_GROUPS = (256, 128, 64, 32)
@@ -29,21 +29,7 @@ def linear_w8a8_cpu(
     x_zero: Tensor | None,
     bias: Tensor | None,
 ) -> Tensor:
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x_scale is None:
-        qx, sx = reference.quantize_act_dynamic(x2)
-    else:
-        zero = x_zero if x_zero is not None else torch.zeros((), dtype=torch.float32)
-        qx, sx = reference.quantize_act_static(x2, x_scale, zero), x_scale
-    acc = torch._int_mm(qx, qweight.t())
-    if x_zero is not None and x_scale is not None:
-        # (q_x - z)·q_wᵀ = q_x·q_wᵀ - z·Σ_k q_w[n, k]; both terms are exact integers.
-        acc = acc - x_zero.to(torch.int32) * qweight.to(torch.int32).sum(dim=1)
-    y = acc.float() * sx.float() * w_scale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*shape[:-1], -1).to(x.dtype)
+    return library_gemm.linear_w8a8_int_mm(x, qweight, w_scale, x_scale, x_zero, bias)
 
 
 # ------------------------------------------------------------------ prepacked weight-only (bf16)

@@ -1,13 +1,22 @@
-"""Registers the Triton kernels as the CUDA implementations of the `qc::` linear ops.
+"""Registers the CUDA implementations of the `qc::` linear ops: each call goes to the kernel the dispatch table
+(kernels/cuda/table.py) picks for its shape — torch's cuBLASLt int8 / fp8 GEMMs (kernels/library_gemm.py) or our
+Triton kernels.
 
-Triton is imported on the first call with a CUDA tensor, so importing qcompiler never needs Triton (it is the
-optional `cuda` extra) and a CPU-only machine never pays for it.
+Triton is imported on the first call that runs it, so importing qcompiler never needs Triton (it is the optional
+`cuda` extra) and a CPU-only machine never pays for it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from qcompiler.kernels import library_gemm
+from qcompiler.kernels.cuda.table import Choice, choose
+
+
+def _rows_cols(x: Tensor, qweight: Tensor, op: str) -> Choice:
+    return choose(op, x.numel() // max(x.shape[-1], 1), x.shape[-1], qweight.shape[0], x.dtype)
 
 
 @torch.library.register_kernel("qc::linear_woq", "cuda")
@@ -21,6 +30,8 @@ def _linear_woq_cuda(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | N
 @torch.library.register_kernel("qc::linear_w8a8", "cuda")
 def _linear_w8a8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None,
                       x_zero: Tensor | None, bias: Tensor | None) -> Tensor:
+    if _rows_cols(x, qweight, "linear_w8a8").kernel == "int_mm":
+        return library_gemm.linear_w8a8_int_mm(x, qweight, w_scale, x_scale, x_zero, bias)
     from qcompiler.kernels.cuda import triton_linear
 
     return triton_linear.linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias)
@@ -29,6 +40,8 @@ def _linear_w8a8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tens
 @torch.library.register_kernel("qc::linear_fp8", "cuda")
 def _linear_fp8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None,
                      bias: Tensor | None) -> Tensor:
+    if _rows_cols(x, qweight, "linear_fp8").kernel == "scaled_mm":
+        return library_gemm.linear_fp8_scaled_mm(x, qweight, w_scale, x_scale, bias, out_dtype=x.dtype)
     from qcompiler.kernels.cuda import triton_linear
 
     return triton_linear.linear_fp8(x, qweight, w_scale, x_scale, bias)

@@ -1,0 +1,57 @@
+"""The `qc::` int8 and fp8 linears on torch's own library GEMMs, for any device that has them.
+
+- w8a8: int8 activations (static per tensor with a zero point, or dynamic per token) × int8 weights through
+  `torch._int_mm` (int8 × int8 → int32, exact: cuBLASLt on CUDA, oneDNN on the CPU), then the epilogue
+  y = acc · s_x · s_w + b in float32 exactly as the oracle (kernels/reference.py) applies it, so the result is
+  bit-equal to `reference.linear_w8a8`. An activation zero point z enters as (q_x − z)·q_wᵀ = q_x·q_wᵀ − z·Σ_k q_w.
+- fp8: e4m3 activations (static per tensor, or dynamic per token, s = max|x| / 448) × e4m3 weights through
+  `torch._scaled_mm` with the scales applied inside the GEMM — both per tensor, or row-wise (s_x [M, 1] and
+  s_w [1, N], what Hopper's cuBLASLt takes); e4m3 × e4m3 products are exact in float32, so only the summation
+  order differs from the oracle.
+
+Where each is worth calling (shape limits, M buckets) is kernels/cuda/table.py's business.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qcompiler.kernels import reference
+
+
+def linear_w8a8_int_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, x_zero: Tensor | None,
+                       bias: Tensor | None) -> Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x_scale is None:
+        qx, sx = reference.quantize_act_dynamic(x2)
+    else:
+        zero = x_zero if x_zero is not None else x2.new_zeros((), dtype=torch.float32)
+        qx, sx = reference.quantize_act_static(x2, x_scale, zero), x_scale
+    acc = torch._int_mm(qx, qweight.t())
+    if x_zero is not None and x_scale is not None:
+        acc = acc - x_zero.to(torch.int32) * qweight.to(torch.int32).sum(dim=1)
+    y = acc.float() * sx.float() * w_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def linear_fp8_scaled_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, bias: Tensor | None,
+                         out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """`out_dtype`: what the GEMM writes (Hopper's row-wise scaled GEMM writes bf16; float32 on the CPU)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    x8, sx = reference.quantize_act_fp8(x2, x_scale)
+    m, n = x8.shape[0], qweight.shape[0]
+    sx, sw = sx.float(), w_scale.float()
+    if sx.numel() == 1 and sw.numel() == 1:  # both per tensor
+        scale_a, scale_b = sx.reshape(()), sw.reshape(())
+    else:  # row-wise: every row of x and every output channel its own scale
+        scale_a = sx.reshape(-1, 1).expand(m, 1).contiguous()
+        scale_b = sw.reshape(1, -1).expand(1, n).contiguous()
+    y = torch._scaled_mm(x8, qweight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
