@@ -186,7 +186,7 @@ def test_ascend_target_writes_msmodelslim_layout_that_runs_as_our_artefact(dit_m
 
 def test_dit_refusals_name_what_is_missing(dit_models, tmp_path):
     out = tmp_path / "q"
-    with pytest.raises(SchemeError, match="diffusion transformers are written for --target reference or ascend"):
+    with pytest.raises(SchemeError, match="diffusion transformers are written for --target reference, ascend, onnxruntime"):
         _quantize(dit_models["sd3"], out, "w8a8", target="cuda")
     assert not out.exists()
     with pytest.raises(SchemeError, match="DiT's quantized attention .* is not written yet"):
@@ -255,3 +255,46 @@ def test_w8a8c8_quantizes_every_attention_query_key_and_value_as_recorded(dit_mo
     # differences, measured up to a sixth of the Q/K/V grids' own effect); a dropped or wrong grid moves the
     # output by at least what the grids move it.
     assert _rel(got, expect) < _rel(without_kv, expect) / 2
+
+
+def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_artefact(dit_models, tmp_path):
+    """--target onnxruntime on a DiT (static W8A8): OUT/model.onnx, the diffusers transformer with every quantized
+    linear as QuantizeLinear → DequantizeLinear(int8 codes) → GEMM, run by onnxruntime with its default
+    optimizations, computes what our artefact computes (activation codes may differ at rounding ties: the same
+    budget as the other static-activation checks); w8a16 and per-token schemes are refused by name."""
+    import onnx
+    import onnxruntime as ort
+
+    source, out = dit_models["flux"], tmp_path / "q"
+    _quantize(source, out, "w8a8", target="onnxruntime")
+    proto = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    ours, float_model = load_quantized(out), load_dit(source)
+    blocks = tuple(f"{n}." for n in json.loads((out / "qcompiler.json").read_text())["blocks"]["names"])
+    linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+    # every block linear's weight is stored as int8 codes (no float copy), its input passes a QuantizeLinear
+    assert len(int8) == len(linears) and ops.count("DequantizeLinear") >= len(linears)
+    assert ops.count("QuantizeLinear") > 0 and not any(i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) ==
+                                                       tuple(float_model.get_submodule(linears[0]).weight.shape)
+                                                       and i.name.endswith("w_hat") for i in proto.graph.initializer)
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    side = int(shapes["hidden_states"][1] ** 0.5)
+    inputs = {**example_inputs(float_model, 2, torch.Generator().manual_seed(11), latent_side=side,
+                               text_tokens=shapes["encoder_hidden_states"][1]),
+              "timestep": model_timestep(float_model, torch.tensor(300.0), 2)}
+    got = torch.from_numpy(session.run(None, {n: inputs[n].numpy() for n in shapes})[0])
+    with torch.no_grad():
+        expect = ours(**inputs, return_dict=False)[0]
+        act_free = _twin(source, out, activations=False)(**inputs, return_dict=False)[0]
+
+    def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+    err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
+    assert err < 0.5 * budget, (err, budget)
+    for scheme, reason in [("w8a16", "dynamic int8 GEMM"), ("w8a8_dynamic", "one activation scale per tensor")]:
+        with pytest.raises(SchemeError, match=reason):
+            _quantize(source, tmp_path / scheme, scheme, target="onnxruntime")
+        assert not (tmp_path / scheme).exists()

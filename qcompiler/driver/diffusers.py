@@ -9,9 +9,9 @@ pipeline → lowered blocks → our artefact, which `load_quantized` runs as the
 
 Every block is calibrated on the inputs the float model gives it (propagate = "float"): a block's inputs here come
 from several streams (image and text tokens, the timestep embedding, rotary tables), captured as the model makes
-them. Written for the `reference` target (our artefact) and the `ascend` target (also OUT/msmodelslim/: the
-quantized linears in msModelSlim's ascend v1 layout under the transformer's own module names, everything else FLOAT);
-the ONNX export of DiTs is not built yet.
+them. Written for the `reference` target (our artefact), the `ascend` target (also OUT/msmodelslim/: the quantized
+linears in msModelSlim's ascend v1 layout under the transformer's own module names, everything else FLOAT) and the
+`onnxruntime` target (also OUT/model.onnx: a QDQ model of the transformer, static w8a8 only; export/onnx/dit.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,20 @@ import torch
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.plan import RunPlan, description_head
 from qcompiler.driver.probe import compare_layers
-from qcompiler.errors import PipelineError, SchemeError
+from qcompiler.errors import ExportError, PipelineError, SchemeError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
-from qcompiler.frontends.diffusers import capture_calls, dit_blocks, load_dit, sample, trace_dit_block
-from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
+from qcompiler.export.layers import ExportLayer, from_record
+from qcompiler.export.onnx.dit import export_dit_qdq, qdq_scheme_reason
+from qcompiler.frontends.diffusers import (
+    capture_calls,
+    dit_blocks,
+    example_inputs,
+    load_dit,
+    model_timestep,
+    sample,
+    trace_dit_block,
+)
+from qcompiler.ir.graph import copy_graph, drop_tensors, is_code_constant, tensor_attrs
 from qcompiler.ir.records import block_records, checkpoint_name, kv_records
 from qcompiler.memory import rss_bytes
 from qcompiler.numerics import sqnr_db
@@ -40,7 +50,7 @@ from qcompiler.pm.manager import PassManager
 
 Log = Callable[[str], None]
 CALIBRATION_BATCH = 2  # latents per sampling step
-DIT_TARGETS = ("reference", "ascend")
+DIT_TARGETS = ("reference", "ascend", "onnxruntime")
 
 
 def latent_side(seq_len: int) -> int:
@@ -53,12 +63,16 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     t_start = time.perf_counter()
     if plan.target.name not in DIT_TARGETS:
         raise SchemeError(f"target '{plan.target.name}': diffusion transformers are written for --target "
-                          f"{' or '.join(DIT_TARGETS)} so far (our artefact; ascend adds msModelSlim's layout); their "
-                          "compressed-tensors and ONNX exports are not built yet")
+                          f"{', '.join(DIT_TARGETS)} so far (our artefact; ascend adds msModelSlim's layout, "
+                          "onnxruntime a QDQ model.onnx); their compressed-tensors export is not built yet")
     if plan.target.name == "ascend" and plan.scheme.kv_cache is not None:
         raise SchemeError(f"scheme '{cfg.scheme.name}': msModelSlim's layout for a DiT's quantized attention (its FA3 "
                           "scales) is not written yet; use --target reference for quantized attention, or a scheme "
                           "without it for --target ascend")
+    if plan.target.name == "onnxruntime" and (reason := qdq_scheme_reason(plan.scheme)) is not None:
+        raise SchemeError(f"scheme '{cfg.scheme.name}' for a diffusion transformer on --target onnxruntime: {reason}")
+    # (a DiT has no LM head: the head quantization a decoder target adds does not apply)
+    plan = dataclasses.replace(plan, passes=[p for p in plan.passes if p.name != "quantize_head"])
     outer = [p.name for p in plan.passes if type(p).transform_outer is not Pass.transform_outer]
     if outer:  # (the residual rotation and the head's quantization change weights outside the blocks)
         raise PipelineError(f"passes {outer} change weights outside the blocks, which the diffusion-transformer driver "
@@ -81,7 +95,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
                    "pipeline": plan.pipeline, "seed": cfg.seed}
     writer = ArtifactWriter(cfg.out, fingerprint, resume=False, owner=True, log=log)
     exporter = (plan.target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
-                if plan.target.name != "reference" else None)
+                if plan.target.name == "ascend" else None)
+    qdq: QdqCollector | None = QdqCollector(model) if plan.target.name == "onnxruntime" else None
     layers: dict[str, Any] = {}
     kv_cache: dict[str, Any] = {}
     reports: dict[str, Any] = {}
@@ -104,6 +119,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
             if exporter is not None:
                 exporter.add_block(i, name, gm, records, kv_records(gm, name))
+            if qdq is not None:
+                qdq.add_block(name, gm, records)
             drop_tensors(float_gm)
         if not any(r["op"] != "linear" for r in layers.values()):
             raise SchemeError(f"no layer of '{cfg.model}' was quantized; nothing to write")
@@ -124,6 +141,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
         }
         if exporter is not None:
             exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": plan.pipeline})
+        if qdq is not None:
+            qdq.finish(writer.tmp / "model.onnx", latent_side(cfg.seq_len))
         run = {"quantize_seconds": round(elapsed, 2), "peak_rss_bytes": rss_bytes("VmHWM")}
         writer.finish(description, copy_from=Path(cfg.model), tokenizer=None, run_info=run)
     except BaseException:
@@ -134,3 +153,37 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(layers)} quantized layers)")
     return {**description, "run": run}
 
+
+
+class QdqCollector:
+    """--target onnxruntime: every block's quantized layers (split back to the model's own linears) and the other
+    tensors the passes changed (smoothed norms), put into the float model at the end and exported as QDQ ONNX."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.state_names = set(model.state_dict())
+        self.layers: dict[str, ExportLayer] = {}
+        self.changed: dict[str, torch.Tensor] = {}
+
+    def add_block(self, name: str, gm: torch.fx.GraphModule, records: dict[str, Any]) -> None:
+        tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
+        used: set[str] = set()
+        for rec in records.values():
+            used.update(rec.tensors.values())
+            if rec.bias:
+                used.add(rec.bias)
+            self.layers.update({layer.name: layer for layer in from_record(rec, tensors)})
+        for k, v in tensors.items():
+            if k in used or is_code_constant(k):
+                continue
+            if k not in self.state_names:
+                raise ExportError(f"onnxruntime QDQ: block '{name}' holds tensor '{k}' that the model's own layers "
+                                  "do not have (an unfolded smoothing scale); use a pipeline whose scales fold")
+            self.changed[k] = v.detach().clone()
+
+    def finish(self, path: Path, side: int) -> None:
+        self.model.load_state_dict(self.changed, strict=False)
+        example = {**example_inputs(self.model, 2, torch.Generator().manual_seed(0), latent_side=side),
+                   "timestep": model_timestep(self.model, torch.tensor(500.0), 2)}
+        export_dit_qdq(self.model, {n: rec for n, rec in self.layers.items() if rec.bits is not None}, example,
+                       path)

@@ -1,0 +1,157 @@
+"""A QDQ ONNX model of a quantized diffusion transformer (`--target onnxruntime` for a diffusers folder): OUT/model.onnx.
+
+The diffusers class with its float weights outside the blocks, every quantized linear of the blocks (fused q/k/v
+split back to the model's own layers, export/layers.py) replaced by its QDQ form, exported by torch's ONNX exporter:
+
+    x̂ = DequantizeLinear(QuantizeLinear(x, s_x, z_x))                 static per-tensor int8 activations (w8a8)
+    ŵ = DequantizeLinear(q_w, s_w, axis=0)                               int8 codes per output channel
+    y = x̂ · ŵᵀ + b                                                       (MatMul / Gemm on the dequantized operands)
+
+which onnxruntime's QDQ transformers fuse into integer GEMMs, and which computes, value for value, what our artefact
+computes (q = clamp(round(x / s) + z, −128, 127), round half to even on both sides). The weights are stored as int8
+initializers (each QuantizeLinear the exporter puts on a constant weight is folded into its codes).
+
+Held: int8 weights per output channel with static per-tensor int8 activations (w8a8). Refused by name: weight-only
+schemes (onnxruntime's extended optimizations turn DequantizeLinear → MatMul into its dynamic int8 GEMM, which
+quantizes the activations per tensor at run time: measured, not w8a16's numbers), int4 or grouped weights
+(DequantizeLinear's blocked form needs opset 21 and torch has no exporter path for it), per-token dynamic activations
+(QuantizeLinear takes one scale per tensor), fp8, quantized attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from qcompiler.errors import ExportError
+from qcompiler.export.layers import ExportLayer
+from qcompiler.schemes import QuantScheme
+
+
+def qdq_scheme_reason(scheme: QuantScheme) -> str | None:
+    """Why a DiT quantized with `scheme` has no QDQ ONNX form here (None: it has one)."""
+    w, a = scheme.weights, scheme.activations
+    if w is None or w.bits != 8 or w.granularity != "channel" or w.type != "int":
+        return "QDQ ONNX holds int8 weights per output channel with static int8 activations; use w8a8"
+    if a is None:  # (measured: ORT_ENABLE_EXTENDED rewrites DequantizeLinear → MatMul into its dynamic int8 GEMM)
+        return ("onnxruntime runs a weight-only QDQ linear through its dynamic int8 GEMM (activations quantized per "
+                "tensor at run time), which is not w8a16's numbers; use w8a8 (static) or --target reference")
+    if a.dynamic or a.granularity != "tensor" or a.type != "int":
+        return "QuantizeLinear takes one activation scale per tensor (static); use w8a8"
+    if scheme.kv_cache is not None or scheme.sparsity is not None:
+        return "quantized attention / 2:4 sparsity have no QDQ form here; use w8a8"
+    return None
+
+
+def qdq_reason(layer: ExportLayer) -> str | None:
+    """Why `layer` has no QDQ form here (None: it has one)."""
+    if layer.type != "int":
+        return "fp8 layers have no int8 QDQ form; use w8a8 or w8a16"
+    if layer.bits != 8 or layer.group_size is not None:
+        return (f"{layer.bits}-bit weights in groups have no per-channel DequantizeLinear; use w8a8 or w8a16 "
+                "(int8 per channel)")
+    if layer.act == "dynamic":
+        return "per-token dynamic activations have no QuantizeLinear (one scale per tensor); use w8a8 (static)"
+    return None
+
+
+class QdqLinear(nn.Module):
+    """One quantized linear as QuantizeLinear / DequantizeLinear pairs around a float GEMM."""
+
+    def __init__(self, layer: ExportLayer):
+        super().__init__()
+        assert layer.codes is not None and layer.scale is not None
+        scale = layer.scale.reshape(-1).float()
+        zero = (layer.zero.reshape(-1) if layer.zero is not None else torch.zeros_like(scale)).round().to(torch.int32)
+        self.register_buffer("w_hat", (layer.codes.float() - zero[:, None].float()) * scale[:, None])
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero", zero)
+        self.register_buffer("bias", layer.bias.float() if layer.bias is not None else None)
+        self.static = layer.act == "static"
+        self.x_scale = float(layer.input_scale) if self.static and layer.input_scale is not None else 1.0
+        self.x_zero = int(round(float(layer.input_zero))) if self.static and layer.input_zero is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.static:
+            x = torch.fake_quantize_per_tensor_affine(x, self.x_scale, self.x_zero, -128, 127)
+        w = torch.fake_quantize_per_channel_affine(self.w_hat, self.w_scale, self.w_zero, 0, -128, 127)
+        return nn.functional.linear(x, w, self.bias)
+
+
+class _ByName(nn.Module):
+    """The transformer called with its keyword inputs as positional ones (ONNX inputs are named in this order)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs, strict=True)), return_dict=False)[0]
+
+
+def export_dit_qdq(model: nn.Module, layers: Mapping[str, ExportLayer], example: dict[str, torch.Tensor],
+                   path: Path) -> None:
+    """Write `model` (float, diffusers) with `layers` in QDQ form to `path`, traced on `example` inputs."""
+    for layer in layers.values():
+        reason = qdq_reason(layer)
+        if reason is not None:
+            raise ExportError(f"onnxruntime QDQ: layer '{layer.name}': {reason}")
+        parent, _, leaf = layer.name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, QdqLinear(layer))
+    names = list(example)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(_ByName(model, names).eval(), tuple(example.values()), input_names=names,
+                                        output_names=["sample"], dynamo=True, verbose=False)
+    except Exception as e:  # (the exporter raises many kinds for an op it cannot translate)
+        raise ExportError(f"onnxruntime QDQ: torch's ONNX exporter cannot export {type(model).__name__} "
+                          f"({' '.join(str(e).split())[:200]})") from None
+    assert program is not None
+    proto = _int8_weights(program.model_proto)
+    onnx.save(proto, str(path))
+
+
+def _int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold every QuantizeLinear of a constant (a weight) into int8 codes: DequantizeLinear then reads the codes
+    directly (the QDQ layout onnxruntime's quantizer writes), and the float weights leave the file."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        node = consts.get(name)
+        if node is not None and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    keep = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and (w := value(node.input[0])) is not None:
+            scale = value(node.input[1])
+            zero = value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if scale is not None and w.ndim == 2:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                shape = [-1, 1] if axis == 0 else [1, -1]
+                s = scale.reshape(shape) if scale.ndim else scale
+                z = (zero.astype(np.float32).reshape(shape) if zero is not None and zero.ndim
+                     else np.float32(zero if zero is not None else 0))
+                codes = np.clip(np.rint(w / s) + z, -128, 127).astype(np.int8)
+                graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
+                continue
+        keep.append(node)
+    used = {i for n in keep for i in n.input}
+    keep = [n for n in keep if n.op_type != "Constant" or n.output[0] in used]  # (the float weights' constants)
+    del graph.node[:]
+    graph.node.extend(keep)
+    unused = [i for i in graph.initializer if i.name not in used and i.name not in {o.name for o in graph.output}]
+    for i in unused:
+        graph.initializer.remove(i)
+    return proto
