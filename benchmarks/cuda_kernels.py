@@ -29,10 +29,12 @@ LAYERS = {"llama3-8b qkv/o": (4096, 4096), "llama3-8b gate/up": (4096, 14336), "
 TOKENS = (1, 16, 128, 2048)
 
 
-def timed_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median milliseconds of `fn` after warm-up (CUDA events on a GPU, the wall clock elsewhere)."""
-    for _ in range(2):
+def timed_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of `fn` after `warmup` calls (CUDA events on a GPU, the wall clock elsewhere)."""
+    for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         if device.type == "cuda":

@@ -12,24 +12,14 @@ from __future__ import annotations
 import json
 
 import torch
+from cuda_kernels import timed_ms  # (benchmarks/ is the script's folder: sys.path[0])
 
 SHAPES = [(16, 576, 1536), (2048, 576, 1536), (2048, 1536, 576), (16, 4096, 4096), (2048, 4096, 4096)]
 
 
 def _time(fn, reps: int = 20) -> float:
     """Median milliseconds of `fn` on the GPU (after warm-up)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return timed_ms(fn, torch.device("cuda"), reps, warmup=3)
 
 
 def measure_shape(m: int, k: int, n: int) -> list[dict]:

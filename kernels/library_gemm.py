@@ -24,11 +24,7 @@ def linear_w8a8_int_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Ten
                        bias: Tensor | None) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x_scale is None:
-        qx, sx = reference.quantize_act_dynamic(x2)
-    else:
-        zero = x_zero if x_zero is not None else x2.new_zeros((), dtype=torch.float32)
-        qx, sx = reference.quantize_act_static(x2, x_scale, zero), x_scale
+    qx, sx = reference.quantize_act_w8a8(x2, x_scale, x_zero)
     acc = torch._int_mm(qx, qweight.t())
     if x_zero is not None and x_scale is not None:
         acc = acc - x_zero.to(torch.int32) * qweight.to(torch.int32).sum(dim=1)

@@ -52,6 +52,16 @@ def quantize_act_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_act_w8a8(x: torch.Tensor, x_scale: torch.Tensor | None, x_zero: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qc::linear_w8a8's activation codes and scales for x [M, K]: static per tensor (x_scale, zero point x_zero,
+    0 when None) or, when x_scale is None, dynamic symmetric per token (scales [M, 1])."""
+    if x_scale is None:
+        return quantize_act_dynamic(x)
+    zero = x_zero if x_zero is not None else x.new_zeros((), dtype=torch.float32)
+    return quantize_act_static(x, x_scale, zero), x_scale
+
+
 def linear_w8a8(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -68,12 +78,8 @@ def linear_w8a8(
     """
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x_scale is None:
-        qx, sx = quantize_act_dynamic(x2)
-        zx: torch.Tensor | float = 0.0
-    else:
-        qx, sx = quantize_act_static(x2, x_scale, x_zero if x_zero is not None else torch.zeros(())), x_scale
-        zx = x_zero.double() if x_zero is not None else 0.0
+    qx, sx = quantize_act_w8a8(x2, x_scale, x_zero)
+    zx = x_zero.double() if x_scale is not None and x_zero is not None else 0.0
     acc = (qx.double() - zx) @ qweight.double().t()
     y = acc.float() * sx.float() * w_scale.float()
     if bias is not None:

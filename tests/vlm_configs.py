@@ -37,6 +37,16 @@ def _qwen_vl_vision(kind: str) -> dict[str, Any]:
                 fullatt_block_indexes=[1])
 
 
+# shared by the dense and MoE variants of a family (Qwen3-VL / Qwen3-VL-MoE; GLM-4.1V / GLM-4.5V)
+QWEN3_VL_ROPE = {"rope_type": "default", "mrope_section": [4, 4, 4], "mrope_interleaved": True, "rope_theta": 5000000.0}
+QWEN3_VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                       deepstack_visual_indexes=[0])
+GLM4V_ROPE = {"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+GLM4V_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56)
+
+
 VLMS = (
     Vlm("qwen2_vl", "Qwen2-VL", "Qwen/Qwen2-VL-2B-Instruct (M-RoPE sections, 2×2 patch merger)", dict(
         text_config=dict(TEXT, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [4, 4, 4]}),
@@ -48,11 +58,8 @@ VLMS = (
         vision_config=_qwen_vl_vision("qwen2_5_vl"), image_token_id=IMAGE, vision_start_token_id=START,
         vision_end_token_id=END, video_token_id=293)),
     Vlm("qwen3_vl", "Qwen3-VL", "Qwen/Qwen3-VL-2B-Instruct (interleaved M-RoPE, DeepStack features, tied head)", dict(
-        text_config=dict(TEXT, model_type="qwen3_vl_text", tie_word_embeddings=True, rope_scaling={
-            "rope_type": "default", "mrope_section": [4, 4, 4], "mrope_interleaved": True, "rope_theta": 5000000.0}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        text_config=dict(TEXT, model_type="qwen3_vl_text", tie_word_embeddings=True, rope_scaling=QWEN3_VL_ROPE),
+        vision_config=QWEN3_VL_VISION,
         image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END, video_token_id=293,
         tie_word_embeddings=True)),
     Vlm("llava", "LLaVA-1.5", "llava-hf/llava-1.5-7b-hf (CLIP ViT, 2-layer MLP projector, feature layer −2)", dict(
@@ -73,28 +80,20 @@ VLMS = (
         image_token_id=IMAGE, image_seq_length=4, downsample_ratio=0.5, vision_feature_layer=-1)),
     Vlm("qwen3_vl_moe", "Qwen3-VL-MoE", "Qwen/Qwen3-VL-30B-A3B-Instruct (sparse MoE language model, DeepStack)", dict(
         text_config=dict(TEXT, model_type="qwen3_vl_moe_text", num_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=64, decoder_sparse_step=1, tie_word_embeddings=True, rope_scaling={
-                             "rope_type": "default", "mrope_section": [4, 4, 4], "mrope_interleaved": True,
-                             "rope_theta": 5000000.0}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                         moe_intermediate_size=64, decoder_sparse_step=1, tie_word_embeddings=True, rope_scaling=QWEN3_VL_ROPE),
+        vision_config=QWEN3_VL_VISION,
         image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END, video_token_id=293,
         tie_word_embeddings=True)),
     Vlm("glm4v", "GLM-4.1V", "zai-org/GLM-4.1V-9B-Thinking (M-RoPE on half the head, 2×2 merger, sandwich norms)", dict(
-        text_config=dict(TEXT, model_type="glm4v_text", rope_parameters={
-            "rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56),
+        text_config=dict(TEXT, model_type="glm4v_text", rope_parameters=GLM4V_ROPE),
+        vision_config=GLM4V_VISION,
         image_token_id=IMAGE, image_start_token_id=START, image_end_token_id=END, video_token_id=293)),
     Vlm("glm4v_moe", "GLM-4.5V", "zai-org/GLM-4.5V (GLM-4.5-Air MoE language model, shared expert, q/k/v bias)", dict(
         text_config=dict(TEXT, model_type="glm4v_moe_text", n_routed_experts=4, n_shared_experts=1,
                          first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
                          routed_scaling_factor=1.0, num_experts_per_tok=2, moe_intermediate_size=64,
-                         attention_bias=True, rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 2],
-                                                               "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56),
+                         attention_bias=True, rope_parameters=GLM4V_ROPE),
+        vision_config=GLM4V_VISION,
         image_token_id=IMAGE, image_start_token_id=START, image_end_token_id=END, video_token_id=293)),
     Vlm("llava_next", "LLaVA-NeXT", "llava-hf/llava-v1.6-mistral-7b-hf (any-resolution tiles, row newlines)", dict(
         text_config=dict(TEXT, model_type="mistral"), image_token_index=IMAGE, projector_hidden_act="gelu",

@@ -182,12 +182,8 @@ def linear_w8a8(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | N
     """qc::linear_w8a8 on a GPU (semantics: reference.linear_w8a8)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x_scale is None:
-        qx, sx = reference.quantize_act_dynamic(x2)
-        zero = 0
-    else:
-        z = x_zero if x_zero is not None else torch.zeros((), device=x.device)
-        qx, sx, zero = reference.quantize_act_static(x2, x_scale, z), x_scale, int(z)
+    qx, sx = reference.quantize_act_w8a8(x2, x_scale, x_zero)
+    zero = int(x_zero) if x_scale is not None and x_zero is not None else 0
     y = _scaled_gemm(qx, qweight, sx, w_scale, bias, x.dtype, zero, x_per_token=x_scale is None)
     return y.reshape(*shape[:-1], -1)
 

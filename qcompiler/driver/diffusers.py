@@ -28,10 +28,11 @@ import torch
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.plan import RunPlan, description_head
 from qcompiler.driver.probe import compare_layers
-from qcompiler.errors import ExportError, PipelineError, SchemeError
+from qcompiler.errors import PipelineError, SchemeError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
-from qcompiler.export.layers import ExportLayer, from_record
+from qcompiler.export.layers import ExportLayer
 from qcompiler.export.onnx.dit import export_dit_qdq, qdq_scheme_reason
+from qcompiler.export.serving import split_block
 from qcompiler.frontends.diffusers import (
     capture_calls,
     dit_blocks,
@@ -41,7 +42,7 @@ from qcompiler.frontends.diffusers import (
     sample,
     trace_dit_block,
 )
-from qcompiler.ir.graph import copy_graph, drop_tensors, is_code_constant, tensor_attrs
+from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
 from qcompiler.ir.records import block_records, checkpoint_name, kv_records
 from qcompiler.memory import rss_bytes
 from qcompiler.numerics import sqnr_db
@@ -114,11 +115,12 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             gm = lowering.run(gm, ctx)
             records = block_records(gm, name, layer_sqnr)
             layers.update({path: rec.to_dict() for path, rec in records.items()})
-            if kv := kv_records(gm, name):  # (w8a8c8: Q, K and V quantized at every attention of the block)
+            kv = kv_records(gm, name)
+            if kv:  # (w8a8c8: Q, K and V quantized at every attention of the block)
                 kv_cache[name] = [rec.to_dict() for rec in kv]
             writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
             if exporter is not None:
-                exporter.add_block(i, name, gm, records, kv_records(gm, name))
+                exporter.add_block(i, name, gm, records, kv)
             if qdq is not None:
                 qdq.add_block(name, gm, records)
             drop_tensors(float_gm)
@@ -166,20 +168,9 @@ class QdqCollector:
         self.changed: dict[str, torch.Tensor] = {}
 
     def add_block(self, name: str, gm: torch.fx.GraphModule, records: dict[str, Any]) -> None:
-        tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
-        used: set[str] = set()
-        for rec in records.values():
-            used.update(rec.tensors.values())
-            if rec.bias:
-                used.add(rec.bias)
-            self.layers.update({layer.name: layer for layer in from_record(rec, tensors)})
-        for k, v in tensors.items():
-            if k in used or is_code_constant(k):
-                continue
-            if k not in self.state_names:
-                raise ExportError(f"onnxruntime QDQ: block '{name}' holds tensor '{k}' that the model's own layers "
-                                  "do not have (an unfolded smoothing scale); use a pipeline whose scales fold")
-            self.changed[k] = v.detach().clone()
+        block = split_block("onnxruntime QDQ", name, gm, records, [], self.state_names)
+        self.layers.update({layer.name: layer for layer in block.layers})
+        self.changed.update({k: v.detach().clone() for k, v in block.rest.items()})
 
     def finish(self, path: Path, side: int) -> None:
         self.model.load_state_dict(self.changed, strict=False)

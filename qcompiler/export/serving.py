@@ -71,6 +71,43 @@ def source_dtype(config: dict[str, Any]) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
 
 
+@dataclasses.dataclass
+class BlockTensors:
+    """A lowered block's tensors as a format sees them."""
+
+    tensors: dict[str, torch.Tensor]  # every tensor of the block graph, by checkpoint name
+    layers: list[ExportLayer]  # the original linears of the layer records (fused groups split back)
+    rest: dict[str, torch.Tensor]  # the others under the model's own names (norms, smoothed ones, the block's biases)
+
+
+def split_block(who: str, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord], kv: Sequence[KVRecord],
+                state_names: set[str]) -> BlockTensors:
+    """The block's quantized layers and its remaining tensors; ExportError naming the tensor where the graph holds
+    one the model's own modules do not (a transformation left a graph-only op that `who`'s format cannot express)."""
+    tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
+    used: set[str] = set()
+    split: list[ExportLayer] = []
+    for rec in layers.values():
+        used.update(rec.tensors.values())
+        if rec.bias:
+            used.add(rec.bias)
+        split.extend(from_record(rec, tensors))
+    for kv_rec in kv:
+        used.update((kv_rec.tensors or {}).values())
+    rest = {}
+    for k, v in tensors.items():
+        if k in used or is_code_constant(k):
+            continue
+        if k not in state_names:
+            raise ExportError(
+                f"{who}: block '{name}' holds tensor '{k}' that the model's own layers do not have "
+                "(a transformation left a graph-only op, e.g. an unfolded smoothing scale); its serving "
+                f"format cannot express it. Use a pipeline whose scales fold into norms or linears."
+            )
+        rest[k] = v
+    return BlockTensors(tensors, split, rest)
+
+
 class FormatExporter:
     """A BlockExporter (targets/base.py) for one ServingFormat."""
 
@@ -134,50 +171,36 @@ class FormatExporter:
     def add_block(self, index: int, name: str, gm: fx.GraphModule, layers: Mapping[str, LayerRecord],
                   kv: Sequence[KVRecord]) -> None:
         self.blocks.append(name)
-        tensors = {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)}
-        out: dict[str, torch.Tensor] = {}
-        used: set[str] = set()
         for rec in layers.values():
             if rec.input_rotation:
                 raise ExportError(f"{self.fmt.name}: layer '{rec.path}' reads its input through an online Hadamard "
                                   "transform, which this format cannot express; rotate{online=false}")
-            used.update(rec.tensors.values())
-            if rec.bias:
-                used.add(rec.bias)
-            for layer in from_record(rec, tensors):
-                try:
-                    if layer.bits is None and not layer.sparse:
-                        assert layer.weight is not None
-                        out[layer.name + ".weight"] = layer.weight.to(self.dtype)
-                        if layer.bias is not None:
-                            out[layer.name + ".bias"] = layer.bias.to(self.dtype)
-                        self.float_tensors.extend(k for k in (layer.name + ".weight", layer.name + ".bias") if k in out)
-                        continue
-                    written = {f"{layer.name}.{suffix}": t
-                               for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
-                except ExportError as e:
-                    raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
-                out.update(written)
-                self.layers.append(layer.written(list(written)))
-        if kv:
-            for rec in kv:
-                used.update((rec.tensors or {}).values())
+        block = split_block(self.fmt.name, name, gm, layers, kv, self.state_names)
+        out: dict[str, torch.Tensor] = {}
+        for layer in block.layers:
             try:
-                written_kv = self.fmt.kv_cache_tensors(kv, tensors)
+                if layer.bits is None and not layer.sparse:
+                    assert layer.weight is not None
+                    out[layer.name + ".weight"] = layer.weight.to(self.dtype)
+                    if layer.bias is not None:
+                        out[layer.name + ".bias"] = layer.bias.to(self.dtype)
+                    self.float_tensors.extend(k for k in (layer.name + ".weight", layer.name + ".bias") if k in out)
+                    continue
+                written = {f"{layer.name}.{suffix}": t
+                           for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
+            except ExportError as e:
+                raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
+            out.update(written)
+            self.layers.append(layer.written(list(written)))
+        if kv:
+            try:
+                written_kv = self.fmt.kv_cache_tensors(kv, block.tensors)
             except ExportError as e:
                 raise ExportError(f"{self.fmt.name}: block '{name}': KV cache: {e}") from None
             out.update(written_kv)
             self.kv_tensors.extend(written_kv)
             self.kv_args = dict(kv[0].args)
-        for k, v in tensors.items():
-            if k in used or is_code_constant(k):
-                continue
-            if k not in self.state_names:
-                raise ExportError(
-                    f"{self.fmt.name}: block '{name}' holds tensor '{k}' that the model's own layers do not have "
-                    "(a transformation left a graph-only op, e.g. an unfolded smoothing scale); its serving "
-                    f"format cannot express it. Use a pipeline whose scales fold into norms or linears."
-                )
+        for k, v in block.rest.items():
             out[k] = v.to(self.dtype) if v.is_floating_point() else v
             self.float_tensors.append(k)
         self._write(out)

@@ -422,11 +422,10 @@ class DecoderExporter:
         """GroupQueryAttention's cos/sin caches [max_positions, rotary dims / 2] for this layer type and their names'
         suffix, or None where the op cannot rotate these heads (a part of a head that is not a multiple of 16 dims, a
         table layout it does not take): such blocks rotate in the graph (`_rotated_attention_inputs`)."""
-        if _rotary_module(model) is None:
-            return None
         try:
             cos, sin, suffix = self._model_rotary_tables(model, layer_type)
-        except ExportError:  # (not (cos, sin) tables: the blocks' own graphs say whether they rotate at all)
+        except ExportError:  # (no rotary module, or not (cos, sin) tables: the blocks' own graphs say whether they
+            # rotate at all)
             return None
         rotary_dim = int(cos.shape[-1])  # (< head_dim: partial rotary, GLM's half; the rest passes through)
         if rotary_dim > self.head_dim or rotary_dim % 2:
@@ -559,19 +558,20 @@ class DecoderExporter:
                     ph_reads.setdefault(n, set())
                     continue
                 stack.extend(n.all_input_nodes)
-        layer_type = self._layer_types()[index]
+        if ph_reads:
+            cos, sin, suffix = self._model_rotary_tables(self._model, self._layer_types()[index])
+        is_sin: list[bool] = []
         for ph in ph_reads:
             shape = ph.meta["val"].shape
-            cos, sin, suffix = self._model_rotary_tables(self._model, layer_type)
             if len(shape) != 3 or int(shape[-1]) != int(cos.shape[-1]):
                 raise ExportError(f"{name}: the query/key paths read block input '{ph.name}' {list(shape)}, which is "
                                   f"not the model's rotary table [batch, seq, {int(cos.shape[-1])}] ({refusal})")
-            kind = "sin" if self._scales_rotated_half(ph) else "cos"
+            is_sin.append(self._scales_rotated_half(ph))
+            kind = "sin" if is_sin[-1] else "cos"
             values = (sin if kind == "sin" else cos).contiguous()
             table = self.b.shared_initializer(f"{kind}_table{suffix}", lambda values=values: values)  # type: ignore[misc]
             em.env[ph] = self.b.op("Gather", [table, self._positions()], f"{em.scope}/{ph.name}_{kind}", axis=0)
-        kinds = [self._scales_rotated_half(ph) for ph in ph_reads]
-        if ph_reads and sorted(kinds) != [False, True]:
+        if ph_reads and sorted(is_sin) != [False, True]:
             raise ExportError(f"{name}: the query/key paths read {len(ph_reads)} block inputs, not one cosine and one "
                               f"sine table ({refusal})")
         inputs = []
