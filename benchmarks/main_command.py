@@ -6,7 +6,8 @@
 Runs `qcompile quant --model demo --scheme w4a16 --algo gptq --group-size 64 --out <tmp>` and `qcompile eval <tmp>`
 as fresh processes (the demo model already converted from its GGUF, a one-time step timed apart), the eval with
 the float perplexity computed (a fresh machine's first run) rather than read from the cache. Reported: wall seconds
-of each command, perplexities, and where the quantization's time went (run.json's phase_seconds). This machine's
+of each command, perplexities, and where the quantization's time went (run.json's phase_seconds); with --ieee-too
+the same commands again with plain IEEE float32 GEMMs (`qcompile --ieee-fp32`), for the ratio in one run. This machine's
 speed varies by 2x from day to day, so the time is also given as a ratio to one float perplexity pass over the
 same evaluation text, measured in the same run: a figure that travels between machines and days.
 JSON lines on stdout; the Markdown table goes to benchmarks/results/main-command-latest.txt.
@@ -34,19 +35,9 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scheme", default="w4a16")
-    ap.add_argument("--algo", default="gptq")
-    ap.add_argument("--group-size", default="64")
-    args = ap.parse_args()
-
-    t0 = time.perf_counter()
-    from qcompiler.demo import demo_model_dir
-
-    demo_model_dir()  # (converts the GGUF once; every later run reads the converted folder)
-    convert_s = time.perf_counter() - t0
-    qcompile = [sys.executable, "-m", "qcompiler.cli"]
+def run_command(args: argparse.Namespace, ieee: bool) -> tuple[dict, dict]:
+    """The quant command and the eval command as fresh processes: (row, run.json)."""
+    qcompile = [sys.executable, "-m", "qcompiler.cli", *(["--ieee-fp32"] if ieee else [])]
     with tempfile.TemporaryDirectory(prefix="qc-main-") as tmp:
         out = Path(tmp) / "out"
         quant_cmd = [*qcompile, "quant", "--model", "demo", "--scheme", args.scheme, "--algo", args.algo,
@@ -57,8 +48,9 @@ def main() -> None:
         result = json.loads(stdout)
     f, q = result["float"], result["quantized"]
     row = {
-        "command": f"qcompile quant --model demo --scheme {args.scheme} --algo {args.algo} --group-size "
-                   f"{args.group_size} --out out/ && qcompile eval out/",
+        "command": f"qcompile {'--ieee-fp32 ' if ieee else ''}quant --model demo --scheme {args.scheme} --algo "
+                   f"{args.algo} --group-size {args.group_size} --out out/ && qcompile eval out/",
+        "fp32_matmul": "ieee" if ieee else "default (bf16 units where the CPU has them)",
         "quant_s": round(quant_s, 1), "eval_s": round(eval_s, 1), "total_s": round(quant_s + eval_s, 1),
         "total_float_cached_s": round(quant_s + eval_s - f["seconds"], 1),
         "float_ppl_pass_s": round(f["seconds"], 1),
@@ -66,19 +58,41 @@ def main() -> None:
         "quant_in_float_passes": round(quant_s / f["seconds"], 2),
         "ppl_float": round(f["perplexity"], 3), "ppl_quantized": round(q["perplexity"], 3),
         "delta_pct": round(100 * (q["perplexity"] / f["perplexity"] - 1), 2),
-        "demo_conversion_s": round(convert_s, 1),
         "phase_seconds": run["phase_seconds"], "peak_rss_mb": round(run["peak_rss_bytes"] / 2**20, 1),
     }
+    return row, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scheme", default="w4a16")
+    ap.add_argument("--algo", default="gptq")
+    ap.add_argument("--group-size", default="64")
+    ap.add_argument("--ieee-too", action="store_true",
+                    help="also time the same commands with --ieee-fp32 (plain float32 GEMMs), in the same run")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    from qcompiler.demo import demo_model_dir
+
+    demo_model_dir()  # (converts the GGUF once; every later run reads the converted folder)
+    convert_s = time.perf_counter() - t0
+    row, run = run_command(args, ieee=False)
+    row["demo_conversion_s"] = round(convert_s, 1)
+    rows = [row]
+    if args.ieee_too:
+        rows.append(run_command(args, ieee=True)[0])
+        print(json.dumps(rows[-1]))
     print(json.dumps(row))
     lines = [
         f"`{row['command']}` — one run, {time.strftime('%Y-%m-%d')}",
         "",
         "| quant s | eval s (float + quantized) | total s | total, float ppl cached | float ppl pass s "
-        "| total / float pass | Δ ppl | peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {row['quant_s']} | {row['eval_s']} | {row['total_s']} | {row['total_float_cached_s']} "
-        f"| {row['float_ppl_pass_s']} | {row['total_in_float_passes']}× | {row['delta_pct']:+.2f} % "
-        f"| {row['peak_rss_mb']} |",
+        "| total / float pass | Δ ppl | peak RSS MB | float32 GEMMs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        *(f"| {r['quant_s']} | {r['eval_s']} | {r['total_s']} | {r['total_float_cached_s']} "
+          f"| {r['float_ppl_pass_s']} | {r['total_in_float_passes']}× | {r['delta_pct']:+.2f} % | {r['peak_rss_mb']} "
+          f"| {r['fp32_matmul']} |" for r in rows),
         "",
         "Where the quantization's time went (run.json phase_seconds):",
         "",

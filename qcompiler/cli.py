@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--debug", action="store_true", help="print the Python traceback of an internal error")
+    p.add_argument("--ieee-fp32", action="store_true",
+                   help="plain IEEE float32 GEMMs (default on CPUs with bf16 hardware: oneDNN's float32 GEMMs through "
+                        "bf16 units, float32-class accuracy at twice the speed; see qcompiler.kernels.cpu)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     q = sub.add_parser("quant", help="quantize a model and write the artefact",
@@ -404,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"quant": _cmd_quant, "eval": _cmd_eval, "inspect": _cmd_inspect, "passes": _cmd_passes,
                 "schemes": _cmd_schemes, "verify": _cmd_verify}
     try:
-        if args.command in ("quant", "eval", "inspect"):
-            _quiet_libraries()
-        return handlers[args.command](args)
+        if args.command not in ("quant", "eval", "inspect"):
+            return handlers[args.command](args)
+        _quiet_libraries()
+        from qcompiler.kernels.cpu import fast_fp32_matmul
+
+        with fast_fp32_matmul(enabled=not args.ieee_fp32):
+            return handlers[args.command](args)
     except QCompilerError as e:
         return _one_line(args.command, "error", str(e), 2)
     except KeyboardInterrupt:

@@ -54,11 +54,14 @@ def weight_qparams(
     """Min-max scales (and zero points) for w [N, K]; `clip_ratio` ([N, G] or scalar) shrinks the range."""
     w = w.float()
     n, k = w.shape
-    if args.granularity == "tensor":
-        gs, grouped = k, w.reshape(1, 1, n * k)
-    else:
-        gs = group_size_of(args, k)
-        grouped = to_groups(w, gs)
+    grouped = w.reshape(1, 1, n * k) if args.granularity == "tensor" else to_groups(w, group_size_of(args, k))
+    return grouped_qparams(grouped, args, clip_ratio)
+
+
+def grouped_qparams(
+    grouped: torch.Tensor, args: QuantArgs, clip_ratio: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """weight_qparams on a weight already cut into groups ([N, G, g], float32): scales (and zeros) [N, G]."""
     if args.symmetric and args.bits == 4 and not args.is_float:
         # the full signed grid −8…7: the group's largest-magnitude weight lands exactly on −8 (scale = peak / −8,
         # negative where the peak is positive); every weight of the peak's sign then has 8 steps, the other side 7
@@ -74,6 +77,19 @@ def weight_qparams(
     scale = ((wmax - wmin) / (args.qmax - args.qmin)).clamp_min(_EPS)
     zero = torch.clamp(torch.round(-wmin / scale), args.qmin, args.qmax)
     return scale, zero
+
+
+def grouped_fake_quant(
+    grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, args: QuantArgs
+) -> torch.Tensor:
+    """ŵ for a grouped integer-grid weight [N, G, g] with scales (zeros) [N, G]: the numbers quantize_weight then
+    dequantize_weight give on the [N, K] weight, without expanding the grids to [N, K]."""
+    s = scale[..., None]
+    q = torch.round(grouped / s)
+    if zero is None:
+        return torch.clamp(q, args.qmin, args.qmax) * s
+    z = zero[..., None]
+    return (torch.clamp(q + z, args.qmin, args.qmax) - z) * s
 
 
 def _full(t: torch.Tensor, shape: torch.Size, gs: int) -> torch.Tensor:

@@ -153,6 +153,40 @@ def test_activation_aware_clip_minimises_each_groups_output_error():
     assert torch.equal(activation_aware_clip(w, torch.eye(70), G32), mse_clip_search(w, G32))
 
 
+@pytest.mark.parametrize("args", [
+    QuantArgs(bits=4, symmetric=True, granularity="group", group_size=64),
+    QuantArgs(bits=4, symmetric=False, granularity="group", group_size=96),
+    QuantArgs(bits=8, symmetric=True, granularity="channel"),
+], ids=["int4-sym-g64", "int4-asym-g96", "int8-channel"])
+def test_activation_aware_clip_searched_in_row_chunks_equals_the_search_on_the_whole_weight(args):
+    """The search runs a few hundred rows at a time in the grouped layout; each group's choice is the ratio of
+    least δ H_JJ δᵀ over the same grid as fake-quantizing the whole [N, K] weight at each ratio (K = 1000: the
+    last group is short; N = 1200 spans three chunks)."""
+    from qcompiler.numerics import rows_per_chunk, to_groups
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 1200, 1000
+    w = torch.randn(n, k, generator=g) * (torch.rand(k, generator=g) + 0.2)
+    x = torch.randn(400, k, generator=g) * (torch.rand(k, generator=g) * 3)
+    h = x.T @ x / 400
+    assert rows_per_chunk(w) < n / 2
+    ratio = activation_aware_clip(w, h, args)
+    gs = args.group_size or k
+    groups = -(-k // gs)
+    hp = torch.nn.functional.pad(h, (0, groups * gs - k, 0, groups * gs - k))
+    errs = []
+    for i in range(21):
+        r = 1.0 - 0.5 * i / 20
+        d = to_groups(w - fake_quant_weight(w, args, r), gs)  # [N, G, g]
+        errs.append(torch.stack([(d[:, j] @ hp[j * gs:(j + 1) * gs, j * gs:(j + 1) * gs] * d[:, j]).sum(-1)
+                                 for j in range(groups)], 1))
+    err = torch.stack(errs)  # [21, N, G]
+    chosen = torch.round((1.0 - ratio) / 0.5 * 20).long()  # the grid index of each chosen ratio
+    picked = err.gather(0, chosen[None])[0]
+    # the chosen ratio's error is the least (to float rounding: the two sums run in different orders)
+    assert bool((picked <= err.min(0).values * (1 + 1e-5) + 1e-9).all())
+
+
 # ------------------------------------------------------------------------------------------ observers
 
 

@@ -199,3 +199,25 @@ def test_cuda_registrations_route_prefill_shapes_to_the_library_gemms():
     expect = reference.linear_fp8(xb, w8, w_scale, None, None)
     # (both written in bf16: a value rounded the other way at a tie differs by one bf16 step, 2⁻⁸ relative)
     assert got.dtype == torch.bfloat16 and float((got.float() - expect.float()).norm() / expect.float().norm()) < 1e-2
+
+
+def test_fast_fp32_matmul_keeps_float32_accuracy_and_restores_the_setting():
+    """oneDNN's bf16 path for float32 GEMMs (on CPUs with bf16 hardware) must stay float32-class: on operands
+    1 + 1e-3·noise, which a plain bf16 GEMM cannot resolve (its error is ~K·2⁻⁹ ≈ 0.5 here), the error against
+    float64 stays within a few times float32's own. Elsewhere the block changes nothing."""
+    from qcompiler.kernels.cpu import fast_fp32_matmul, fp32_matmul_precision
+
+    g = torch.Generator().manual_seed(0)
+    x = 1.0 + 1e-3 * torch.randn(256, 256, generator=g)
+    w = 1.0 + 1e-3 * torch.randn(64, 256, generator=g)
+    exact = torch.nn.functional.linear(x.double(), w.double())
+    fp32_err = float((torch.nn.functional.linear(x, w).double() - exact).abs().max())
+    bf16_err = float((torch.nn.functional.linear(x.bfloat16(), w.bfloat16()).double() - exact).abs().max())
+    before = fp32_matmul_precision()
+    with fast_fp32_matmul() as precision:
+        fast = torch.nn.functional.linear(x, w)
+        assert precision in ("bf16x3", "ieee") and fp32_matmul_precision() == ("bf16" if precision == "bf16x3" else "ieee")
+    assert fp32_matmul_precision() == before
+    assert fast.dtype == torch.float32
+    err = float((fast.double() - exact).abs().max())
+    assert err <= 4 * fp32_err + 1e-6 and err < bf16_err / 100

@@ -18,12 +18,19 @@ diagonal part of tr(ΔHΔᵀ), the same criterion as AutoAWQ's auto_clip, comput
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from qcompiler.numerics import fake_quant_weight, group_size_of, to_groups
+from qcompiler.numerics import (
+    fake_quant_weight,
+    group_size_of,
+    grouped_fake_quant,
+    grouped_qparams,
+    rows_per_chunk,
+    to_groups,
+)
 from qcompiler.schemes import QuantArgs
 
 
@@ -91,7 +98,11 @@ def awq_search_scales(
 def activation_aware_clip(
     w: torch.Tensor, h: torch.Tensor, args: QuantArgs, grid: int = 20, min_ratio: float = 0.5
 ) -> torch.Tensor:
-    """Per-group clip ratio r ∈ [min_ratio, 1] ([N, G]) minimising each group's output error δ H_JJ δᵀ."""
+    """Per-group clip ratio r ∈ [min_ratio, 1] ([N, G]) minimising each group's output error δ H_JJ δᵀ.
+
+    Integer grids are searched in the grouped layout, groups first ([G, rows, g]; the grid of ratio r is r times
+    the min-max one), so each group's error is one batched product [G, rows, g] @ [G, g, g]; a few hundred rows
+    at a time keep every temporary below the allocator's mmap threshold (no page faults per candidate)."""
     w = w.float()
     n, k = w.shape
     gs = group_size_of(args, k)
@@ -99,17 +110,35 @@ def activation_aware_clip(
     pad = g * gs - k
     hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad))
     h_blocks = torch.stack([hp[j * gs : (j + 1) * gs, j * gs : (j + 1) * gs] for j in range(g)])  # [G, g, g]
-    wg = to_groups(w, gs)  # [N, G, g]
+    ratios = [1.0 - (1.0 - min_ratio) * i / grid for i in range(grid + 1)]
+    if args.is_float or args.granularity == "tensor":
+        # fp8 grids round onto e4m3 and a per-tensor grid is one scale for all rows: the whole [N, K] weight
+        candidates = (to_groups(fake_quant_weight(w, args, r), gs).transpose(0, 1) for r in ratios)
+        return _best_ratio(to_groups(w, gs).transpose(0, 1), candidates, h_blocks, ratios).t().contiguous()
+    wg_all = to_groups(w, gs).transpose(0, 1)  # [G, N, g] (a view)
+    best = torch.empty(g, n)
+    rows = rows_per_chunk(w)
+    for r0 in range(0, n, rows):
+        wg = wg_all[:, r0 : r0 + rows].contiguous()
+        candidates = (grouped_fake_quant(wg, *grouped_qparams(wg, args, r), args) for r in ratios)
+        best[:, r0 : r0 + rows] = _best_ratio(wg, candidates, h_blocks, ratios)
+    return best.t().contiguous()
+
+
+def _best_ratio(
+    wg: torch.Tensor, candidates: Iterator[torch.Tensor], h_blocks: torch.Tensor, ratios: list[float]
+) -> torch.Tensor:
+    """[G, rows]: the ratio whose candidate ŵ (one per ratio, [G, rows, g]) has the least error δ H_JJ δᵀ (the
+    first one on ties)."""
     best_err: torch.Tensor | None = None
-    best_ratio = torch.ones(n, g)
-    for i in range(grid + 1):
-        ratio = 1.0 - (1.0 - min_ratio) * i / grid
-        d = wg - to_groups(fake_quant_weight(w, args, ratio), gs)
-        err = torch.einsum("ngi,gij,ngj->ng", d, h_blocks, d)
+    best = torch.ones(wg.shape[:2])
+    for ratio, w_hat in zip(ratios, candidates, strict=True):
+        d = wg - w_hat
+        err = (torch.bmm(d, h_blocks) * d).sum(-1)
         if best_err is None:
             best_err = err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+        best = torch.where(better, torch.full_like(best, ratio), best)
+    return best

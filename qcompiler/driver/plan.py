@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qcompiler.errors import PipelineError
+from qcompiler.kernels.cpu import fp32_matmul_precision
 from qcompiler.pm.base import Pass
 from qcompiler.pm.pipeline import format_pipeline, make_pass
 from qcompiler.schemes import QuantScheme, with_grid
@@ -188,6 +189,8 @@ def description_head(cfg: Any, plan: RunPlan) -> dict[str, Any]:
         "target_options": dict(cfg.target_options),
         "pipeline": plan.pipeline,
         "source_model": str(Path(cfg.model).absolute()),
+        # how float32 GEMMs ran (qcompiler.kernels.cpu.fast_fp32_matmul): "bf16" = oneDNN's float32-class bf16 path
+        "fp32_matmul": fp32_matmul_precision(),
     }
 
 
