@@ -117,6 +117,30 @@ def test_awq_preserves_the_float_block_and_reports_its_groups(tiny_llama):
     assert "GQA" in rep["skipped"]["self_attn.v_proj->self_attn.o_proj"]
 
 
+def test_awq_publishes_the_hessians_of_the_graph_it_leaves_and_the_next_pass_reads_them(tiny_llama, monkeypatch):
+    """After awq, every quantized linear's input Hessian is known as the rewritten graph computes it (S⁻¹HS⁻¹ for a
+    scaled group's input): equal to measuring the rewritten block again, so rtn{clip=awq} runs no calibration
+    forward; a pass that changes values (rtn) drops them."""
+    from qcompiler.calib import stats as stats_module
+    from qcompiler.calib.stats import StatRequest, collect_stats
+
+    gm, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    ctx = context(inputs, W4G32)
+    gm = apply(gm, ctx, "awq,fuse_linears")
+    assert any(g["alpha"] is not None for g in ctx.report["awq"]["groups"].values())  # something was scaled
+    known = ctx.known_hessians
+    assert len(known) == 4  # q/k/v, o, gate/up and down inputs
+    fresh = collect_stats(gm, [StatRequest(n, "hessian") for n in known], inputs)
+    for node, (h, tokens) in known.items():
+        h2, tokens2 = fresh[StatRequest(node, "hessian")]
+        assert tokens == tokens2 and rel_err(h, h2) < 1e-5, node  # (float32 products summed in float64)
+    runs = []
+    monkeypatch.setattr(stats_module, "collect_stats", lambda *a, **k: runs.append(a[1]) or collect_stats(*a, **k))
+    monkeypatch.setattr("qcompiler.pm.base.collect_stats", stats_module.collect_stats)
+    apply(gm, ctx, "rtn{clip=awq}")
+    assert runs == [[]] and ctx.known_hessians == {}  # nothing left to measure; rtn moved the values
+
+
 @pytest.mark.slow
 def test_awq_with_clipping_and_with_gptq_beats_rtn(tiny_llama):
     err_rtn, _, _ = block_error(tiny_llama, "rtn")

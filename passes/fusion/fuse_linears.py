@@ -39,6 +39,7 @@ def check_group(gm: fx.GraphModule, nodes: list[fx.Node]) -> MatchResult:
 class FuseSharedInputLinears(Pass):
     name = "fuse_linears"
     summary = "merge linears that share one input (q/k/v, gate/up) into one linear + split"
+    keeps_values = True  # (the members' outputs become slices of the fused output: equal values)
     force: bool = False  # fuse even if the target does not ask for it
 
     def uses_calibration(self) -> bool:

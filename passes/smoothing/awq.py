@@ -10,6 +10,11 @@ s = mean|X|^α / mean|Ŵ|^(1−α), scored by the exact calibration output error
 own weight grids (H = XᵀX/T, Δ = W − Q(W·s)/s), keeping s = 1 when nothing beats it. Statistics
 (mean |X| and H per group input) are collected once on the float block, like AutoAWQ.
 
+The Hessian of every quantized linear's input is collected in the same run and published after the rewrite
+(ctx.known_hessians): a scaled group's input is now X·diag(s)⁻¹, so its Hessian is S⁻¹HS⁻¹ (every other input is
+unchanged); the weight pass that follows (rtn{clip=awq}, gptq's first stage) reads them instead of running the
+calibration data through the block a second time.
+
 The weights stay float: a weight pass follows (`rtn{clip=awq}` for AWQ proper, or `gptq`).
 """
 
@@ -108,12 +113,16 @@ class AWQ(Pass):
 
     def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
         groups, _ = self._groups(gm, ctx)
-        return [StatRequest(g.input_node, k) for g in groups for k in ("absmean_channel", "hessian")]  # type: ignore[arg-type]
+        requests = [StatRequest(g.input_node, k) for g in groups for k in ("absmean_channel", "hessian")]  # type: ignore[arg-type]
+        targets, _ = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)
+        inputs = dict.fromkeys(node.args[0].name for node, _, _ in targets)  # type: ignore[union-attr]
+        return requests + [StatRequest(x, "hessian") for x in inputs]
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         analysis = analyze_block(gm)
         groups, skipped = self._groups(gm, ctx)
         applied: dict[str, dict[str, float | None]] = {}
+        scaled_inputs: dict[str, torch.Tensor] = {}
         for g in groups:
             infos = [analysis.linears[c] for c in g.consumers]
             args = layer_weight_args(ctx, infos[0], self.bits, self.group_size, self.symmetric)
@@ -129,6 +138,7 @@ class AWQ(Pass):
             if r.alpha is None:
                 continue
             s = r.scales
+            scaled_inputs[g.input_node] = s
             for i in infos:
                 scale_linear_inputs(gm, i.weight, s)
             if g.kind == "norm":
@@ -138,5 +148,11 @@ class AWQ(Pass):
                 prod = analysis.linears[g.producer]
                 _scale_rows(gm, prod.weight, s)
                 _scale_rows(gm, prod.bias, s)
+        # every input Hessian measured, as the rewritten graph computes it: X·diag(s)⁻¹ for a scaled group's input
+        known = {r.node: stats[r] for r in stats.values if r.kind == "hessian"}
+        for node, s in scaled_inputs.items():
+            h, tokens = known[node]
+            known[node] = (h / (s.double()[:, None] * s.double()[None, :]), tokens)
+        ctx.known_hessians = known
         return PassResult(gm, any(v["alpha"] is not None for v in applied.values()),
                           {"groups": applied, "skipped": skipped})

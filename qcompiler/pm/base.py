@@ -44,6 +44,11 @@ class PassContext:
     # seconds the passes spent running calibration data through the block (statistics, staged runs): the rest of a
     # pass's time is its own arithmetic (the driver reports the two apart)
     forward_seconds: float = 0.0
+    # Hessians (Σ xᵀx, tokens) of node values as the graph computes them now, published by a pass that measured
+    # them and knows how its own rewrite moved them (AWQ: X → X·diag(s)⁻¹ gives H → S⁻¹HS⁻¹), so that a later pass
+    # asking for them does not run the calibration data through the block again. The manager drops them after
+    # every pass that neither published them nor keeps every node's value (Pass.keeps_values).
+    known_hessians: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None
@@ -51,10 +56,13 @@ class PassContext:
         """Run the calibration batches through `gm` (or read the cache) to fill `requests`. Passes that need
         statistics of an intermediate state (GPTQ's sequential stages) call this themselves, with a
         StagedCollector so that each stage continues the previous one's runs."""
+        known = {r: self.known_hessians[r.node] for r in requests
+                 if staged is None and r.kind == "hessian" and r.node in self.known_hessians}
         t0 = time.perf_counter()
-        stats = collect_stats(gm, requests, self.calib, self.stats_cache, self.calib_digest, staged,
-                              routed_only=not self.calibrate_all_experts)
+        stats = collect_stats(gm, [r for r in requests if r not in known], self.calib, self.stats_cache,
+                              self.calib_digest, staged, routed_only=not self.calibrate_all_experts)
         self.forward_seconds += time.perf_counter() - t0
+        stats.values.update(known)
         if stats.all_token_fallback:
             from qcompiler.ir.analysis import expert_of
 
@@ -91,6 +99,7 @@ class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     quantizes_weights: ClassVar[bool] = False  # it writes weight grids (a pipeline without one keeps weights float)
+    keeps_values: ClassVar[bool] = False  # every node value the graph computed before, it computes after (fusion)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

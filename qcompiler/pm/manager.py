@@ -25,7 +25,10 @@ class PassManager:
             ctx.block_outputs = None  # (computed by an earlier pass: this one may change the graph)
             stats = ctx.statistics(gm, p.stat_requests(gm, ctx))
             self._dump(gm, ctx, i, p, "before")
+            published = ctx.known_hessians
             result = p.run(gm, ctx, stats)
+            if ctx.known_hessians is published and not p.keeps_values:
+                ctx.known_hessians = {}  # (this pass may have moved the values they describe)
             if not isinstance(result, PassResult):
                 raise PassError(f"pass '{p.name}' returned {type(result).__name__}, not PassResult")
             gm = result.graph_module
