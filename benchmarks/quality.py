@@ -45,6 +45,11 @@ CONFIGS: dict[str, dict] = {
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8 static + smoothquant": {"scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant"},
     "w8a8 static + smoothquant + gptq": {"scheme": "w8a8", "algo": "gptq"},
+    "w8a8 static + rotate": {"scheme": "w8a8", "passes": "rotate,fuse_linears,rtn,act_quant"},
+    "w8a8 static + rotate + mse observer": {"scheme": "w8a8",
+                                            "passes": "rotate,fuse_linears,rtn,act_quant{observer=mse}"},
+    "w8a8 static + rotate (offline only) + mse observer": {
+        "scheme": "w8a8", "passes": "rotate{online=False},fuse_linears,rtn,act_quant{observer=mse}"},
     "w8a8 static + smoothquant, fallback auto ≤10%": {"scheme": "w8a8", "fallback": 0.10},
     "w8a8_dynamic (no smoothing)": {"scheme": "w8a8_dynamic", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant": {"scheme": "w8a8_dynamic", "passes": None},

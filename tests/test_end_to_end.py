@@ -198,4 +198,9 @@ def test_a_poor_result_is_warned_about_from_its_weakest_block():
     poor = {"block_report": {**good["block_report"], "model.layers.2": {"output_sqnr_db": POOR_BLOCK_SQNR_DB - 5}}}
     warning = poor_result_warning(poor)
     assert warning is not None and "model.layers.2" in warning and "15.0 dB" in warning
+    assert "--algo gptq" in warning  # (weight-only: the weight algorithm is the remedy)
+    static = {**poor, "scheme": get_scheme("w8a8").to_dict(), "pipeline": "smoothquant,fuse_linears,rtn,act_quant,lower"}
+    assert "--passes rotate," in (poor_result_warning(static) or "")  # static activations: the rotation is
+    rotated = {**static, "pipeline": "rotate,fuse_linears,rtn,act_quant,lower"}
+    assert "--passes rotate," not in (poor_result_warning(rotated) or "")
     assert poor_result_warning({}) is None
