@@ -154,3 +154,18 @@ def test_calib_images_refuses_a_text_model_and_a_bad_listing_by_name(tiny_llama,
             raise AssertionError(listing)
     (calib / "prompts.jsonl").unlink()
     assert [p.name for p, _ in read_image_prompts(calib)] == ["image-1-0.png"]
+
+
+def test_the_residual_rotation_is_refused_for_a_vlm_whose_image_features_it_would_not_rotate(tmp_path, capsys):
+    """w4a4's default pipeline rotates the residual stream (embeddings E·R, every block's weights); a VLM's projector
+    writes image features into that stream unrotated, so its blocks would compute garbage on image tokens: the run is
+    refused by name, before anything is written."""
+    from qcompiler.cli import main
+
+    src = make_family_model(tmp_path / "llava", BY_TYPE["llava"])
+    out = tmp_path / "q"
+    capsys.readouterr()  # (the fixture's own output)
+    assert main(["quant", "--model", str(src), "--scheme", "w4a4", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "vision-language model" in err and "'llava'" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -17,7 +17,8 @@ Online (online=True): down_proj's input x (intermediate size k, not part of the 
 run time, x' = x·H_k (H_k normalized Hadamard, qc::hadamard_transform: deterministic, nothing stored), with
 W_down ← W_down·H_k. Skipped (reported) for an intermediate size no Hadamard matrix is built for.
 
-Refused with the reason (before changing anything): a residual add whose other operand is not a linear's output
+Refused with the reason (before changing anything): a vision-language model (its projector's image features enter
+the stream unrotated), a residual add whose other operand is not a linear's output
 (Gemma 2/3 post-norms, MoE mixtures), a stream read by something other than an RMSNorm or the next add
 (LayerNorm's mean subtraction does not commute with R), norms that cannot be folded.
 """
@@ -180,6 +181,14 @@ class Rotate(Pass):
 
     def transform_outer(self, model: torch.nn.Module) -> dict[str, Any]:
         """The residual rotation outside the blocks: E ← E·R; W_head ← W_head·diag(γ_f)·R; γ_f ← 1; untied head."""
+        from qcompiler.frontends.multimodal import is_multimodal
+
+        if is_multimodal(model.config):
+            # the projector writes image features into the stream unrotated: the blocks would read them as if rotated
+            raise PassError(f"rotate: '{model.config.model_type}' is a vision-language model, whose projector writes "
+                            "image features into the residual stream that the rotation of the embeddings does not "
+                            "reach; rotating it is not implemented (use a scheme without rotation: w8a8_dynamic, "
+                            "w4a16, ...)")
         embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         norm = model.get_decoder().norm if hasattr(model, "get_decoder") else None
