@@ -282,9 +282,9 @@ def poor_result_warning(desc: dict) -> str | None:
         return None
     acts = (desc.get("scheme") or {}).get("activations") or {}
     if acts and not acts.get("dynamic") and "rotate" not in str(desc.get("pipeline", "")):
-        remedy = ("static activations: rotate the residual stream first (--passes rotate,fuse_linears,rtn,"
-                  "act_quant{observer=mse}: demo static w8a8 +8.2 % instead of +92 % with SmoothQuant; pre-norm "
-                  "RMSNorm models), or w8a8_dynamic")
+        remedy = ("w8a8_dynamic (per-token scales), or the residual rotation before static activations (the "
+                  "reference target's default for a pre-norm RMSNorm model with dense MLPs; demo static w8a8 +8.2 % "
+                  "rotated vs +93 % smoothed)")
     else:
         remedy = "--algo gptq, w8a8_dynamic instead of static activations, or --fallback auto"
     return (f"warning: block '{block}' keeps only {worst:.1f} dB output SQNR (below {POOR_BLOCK_SQNR_DB:.0f} dB the "

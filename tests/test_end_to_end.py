@@ -200,7 +200,7 @@ def test_a_poor_result_is_warned_about_from_its_weakest_block():
     assert warning is not None and "model.layers.2" in warning and "15.0 dB" in warning
     assert "--algo gptq" in warning  # (weight-only: the weight algorithm is the remedy)
     static = {**poor, "scheme": get_scheme("w8a8").to_dict(), "pipeline": "smoothquant,fuse_linears,rtn,act_quant,lower"}
-    assert "--passes rotate," in (poor_result_warning(static) or "")  # static activations: the rotation is
+    assert "residual rotation" in (poor_result_warning(static) or "")  # static activations: the rotation is
     rotated = {**static, "pipeline": "rotate,fuse_linears,rtn,act_quant,lower"}
-    assert "--passes rotate," not in (poor_result_warning(rotated) or "")
+    assert "residual rotation" not in (poor_result_warning(rotated) or "")
     assert poor_result_warning({}) is None

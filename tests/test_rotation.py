@@ -121,3 +121,36 @@ def test_rotation_refuses_moe_blocks_and_formats_without_an_online_rotation(tmp_
     _quantize(tiny_llama, out / "ok", get_scheme("w8a16"), calib_text, passes="rotate{online=false},rtn",
               target="cuda")
     assert (out / "ok" / "compressed-tensors" / "config.json").is_file()
+
+
+def test_static_w8a8_default_rotates_where_the_model_admits_it_and_smooths_elsewhere(tiny_models, tmp_path, calib_text):
+    """The default pipeline for static int8 activations on the reference target rotates the residual stream (and
+    fits the activation grids by MSE); a model the rotation refuses (Gemma 2's post-norms) gets SmoothQuant instead,
+    with the reason said once; other targets and dynamic activations keep SmoothQuant. (The numerics of each family's
+    default are cells of the support matrix.)"""
+    from family_configs import BY_TYPE, make_family_model
+
+    from qcompiler.driver import default_pipeline
+    from qcompiler.pm.pipeline import format_pipeline
+    from qcompiler.targets import get_target
+
+    w8a8 = get_scheme("w8a8")
+    assert format_pipeline(default_pipeline(w8a8, get_target("reference"))) == \
+        "rotate,fuse_linears,rtn,act_quant{observer=mse},lower"
+    assert format_pipeline(default_pipeline(w8a8, get_target("reference"), rotation=False)).startswith("smoothquant,")
+    assert format_pipeline(default_pipeline(w8a8, get_target("cuda"))).startswith("smoothquant,")
+    assert format_pipeline(default_pipeline(get_scheme("w8a8_dynamic"), get_target("reference"))).startswith("smoothquant,")
+    models = {"llama": tiny_models["llama"], "gemma2": make_family_model(tmp_path / "gemma2-src", BY_TYPE["gemma2"])}
+    for family, expect in (("llama", "rotate,"), ("gemma2", "smoothquant,")):
+        logs: list[str] = []
+        cfg = QuantizeConfig(model=models[family], scheme=w8a8, out=tmp_path / family, calib_texts=[calib_text],
+                             num_samples=2, seq_len=32, batch_size=2, progress=False)
+        desc = quantize(cfg, log=logs.append)
+        assert desc["pipeline"].startswith(expect), (family, desc["pipeline"])
+        # errors are measured against the float block in the same basis (rotated too): int8 grids keep every layer
+        # and block output far above 0 dB (comparing x·R with x, the reports read about −5 dB)
+        sqnr = [r["output_sqnr_db"] for r in desc["block_report"].values()]
+        sqnr += [v for rec in desc["layers"].values() for v in rec["output_sqnr_db"].values()]
+        assert min(sqnr) > 15, (family, sqnr)
+        said = [line for line in logs if line.startswith("outliers:")]
+        assert said == ([] if expect == "rotate," else [said[0]]) and (not said or "post-norm" in said[0]), said

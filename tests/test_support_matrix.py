@@ -5,7 +5,9 @@ checks three cells against transformers' own model:
 
 - reference: our artefact (`load_quantized`) equals `transformers_twin` — transformers' model with the artefact's
   dequantized weights and activation grids (tests/twin.py). The artefact is target independent (the two runs'
-  block files are asserted equal), so the cuda run's artefact stands for the reference target's.
+  block files are asserted equal), so the cuda run's artefact stands for the reference target's — except where the
+  reference target's default pipeline differs (static w8a8: the residual rotation, online Hadamard included), which
+  is quantized for the reference target itself.
 - cuda: transformers loads the compressed-tensors folder (the client decompresses it) and its logits equal ours.
   Where transformers cannot build the client model on the CPU (it cannot stack int8 per-expert tensors), the cell
   records why, prefixed "weights:" (◐ in the table) when the compressed-tensors package's own compressor
@@ -77,6 +79,16 @@ def _quantize(model: Path, out: Path, scheme: str, target: str) -> str | None:
     except QCompilerError as e:
         return str(e).splitlines()[0].replace(str(model), "<model>")  # (the reason, without this run's folder)
     return None
+
+
+def _default_pipeline(scheme: str, target: str) -> str:
+    from qcompiler.driver import default_pipeline
+    from qcompiler.pm.pipeline import format_pipeline
+    from qcompiler.targets import get_target
+
+    spec = MATRIX_SCHEMES[scheme]
+    return format_pipeline(default_pipeline(get_scheme(spec["preset"], group_size=spec.get("group_size")),
+                                            get_target(target), spec.get("algo", "rtn")))
 
 
 def _token_rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -180,13 +192,22 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
         return {**cells, **{t: r or "ok" for t, r in runs.items()}, "onnxruntime": onnx_refusal}
 
     weight_only = "a16" in scheme
+    # the reference target's own artefact where its default pipeline differs (static w8a8: the residual rotation)
+    ref_artefact = artefact
+    if "reference" not in cells and _default_pipeline(scheme, "reference") != _default_pipeline(scheme, "cuda"):
+        refusal = _quantize(model, tmp / "reference", scheme, "reference")
+        assert refusal is None, refusal
+        ref_artefact = tmp / "reference"
     with torch.no_grad():
         ours = load_quantized(artefact)(**inputs).logits
-        twin = transformers_twin(model, artefact)(**inputs).logits
         act_free = None if weight_only else transformers_twin(model, artefact, activations=False)(**inputs).logits
+        ref_ours = ours if ref_artefact == artefact else load_quantized(ref_artefact)(**inputs).logits
+        ref_act_free = act_free if ref_artefact == artefact or weight_only else \
+            transformers_twin(model, ref_artefact, activations=False)(**inputs).logits
+        twin = transformers_twin(model, ref_artefact)(**inputs).logits
         float_logits = auto.from_pretrained(str(model), dtype=torch.float32)(**inputs).logits
-    assert _rel(ours, float_logits) > 1e-4, "nothing was quantized"  # (10× the weight-only tolerance)
-    _check_close(ours, twin, act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
+    assert _rel(ref_ours, float_logits) > 1e-4, "nothing was quantized"  # (10× the weight-only tolerance)
+    _check_close(ref_ours, twin, ref_act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
     cells["reference"] = "ok"
 
     if runs["cuda"] is None:

@@ -52,6 +52,17 @@ def _act_hook(layer: ExportLayer):
     return dynamic
 
 
+def _hadamard_hook(k: int):
+    from qcompiler.algorithms.hadamard import normalized_hadamard
+
+    h = normalized_hadamard(k)
+    assert h is not None, k
+
+    def rotate(_mod, args):
+        return (args[0].double() @ h.double()).to(args[0].dtype), *args[1:]
+    return rotate
+
+
 def fill_meta_parameters(model: torch.nn.Module, ckpt) -> None:
     """Give every parameter still on the meta device (unfuse_experts' per-expert linears) its checkpoint tensor,
     read under the module's own name (through the checkpoint's views where it stores experts stacked)."""
@@ -85,6 +96,14 @@ def with_artefact_layers(model: torch.nn.Module, out: Path, activations: bool = 
     """`model` (float, named as the artefact names its layers) with the artefact's rewritten float tensors, each
     quantized layer's ŵ and, with `activations`, its input grid in a pre-hook."""
     layers, tensors = artefact_layers(out)
+    desc = json.loads((out / "qcompiler.json").read_text())
+    written_config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    if getattr(model.config, "tie_word_embeddings", False) and written_config.get("tie_word_embeddings") is False:
+        # the artefact gave the head its own weight (the residual rotation rotates it apart from the embeddings)
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    rotated = {path for path, rec in desc.get("layers", {}).items() if rec.get("input_rotation") == "hadamard"}
     state = model.state_dict()
     with torch.no_grad():
         for name, t in tensors.items():  # float tensors the passes rewrote (smoothed norms, ...)
@@ -95,6 +114,8 @@ def with_artefact_layers(model: torch.nn.Module, out: Path, activations: bool = 
             mod.weight.copy_(layer.dequantized())
             if layer.bias is not None:
                 mod.bias.copy_(layer.bias)
+            if layer.name in rotated:  # x·H_K/√K feeds the layer (QuaRot's online Hadamard), before its grid
+                mod.register_forward_pre_hook(_hadamard_hook(layer.in_features))
             if activations and layer.act is not None:
                 mod.register_forward_pre_hook(_act_hook(layer))
     return model

@@ -25,6 +25,7 @@ the stream unrotated), a residual add whose other operand is not a linear's outp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,54 @@ def residual_stream(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     return values, writers
 
 
+def _stream_roles(gm: fx.GraphModule) -> tuple[list[fx.Node], list[Any], list[Any]]:
+    """(linears writing into the residual stream, the norm groups reading it, the linears those norms feed). Raises
+    ValueError with the reason when the block is not one the rotation keeps exact; changes nothing."""
+    values, writers = residual_stream(gm)
+    analysis = analyze_block(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    value_set = set(values)
+    groups = []
+    for g in analysis.norm_groups:  # the norms of the stream (not e.g. MLA's q_a_layernorm of a projection)
+        if _reads_stream(nodes[g.mul_node], value_set):
+            m = check_norm_group(gm, g)
+            if not m:
+                raise ValueError(m.reason)
+            groups.append(g)
+    readers = [analysis.linears[name] for g in groups for name in g.linears]
+    all_readers = {n.name for n in gm.graph.nodes if is_call(n, LINEAR) and any(
+        x in value_set for x in n.all_input_nodes)}
+    if all_readers:
+        raise ValueError(f"linears {sorted(all_readers)} read the residual stream without a norm in between; "
+                         "fold-then-rotate needs a norm before every reader")
+    return writers, groups, readers
+
+
+def block_refusal(gm: fx.GraphModule) -> str | None:
+    """Why the residual rotation cannot rotate this traced block (None: it can); nothing is changed."""
+    try:
+        _stream_roles(gm)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def model_refusal(model: torch.nn.Module) -> str | None:
+    """Why the rotation cannot be applied outside the blocks of `model` (None: it can)."""
+    from qcompiler.frontends.multimodal import is_multimodal
+
+    if is_multimodal(model.config):
+        # the projector writes image features into the stream unrotated: the blocks would read them as if rotated
+        return (f"'{model.config.model_type}' is a vision-language model, whose projector writes image features into "
+                "the residual stream that the rotation of the embeddings does not reach; rotating it is not "
+                "implemented (use a scheme without rotation: w8a8_dynamic, w4a16, ...)")
+    norm = getattr(model.get_decoder(), "norm", None) if hasattr(model, "get_decoder") else None
+    if model.get_input_embeddings() is None or model.get_output_embeddings() is None or norm is None \
+            or getattr(norm, "bias", None) is not None:
+        return "the model needs input embeddings, an output head and a final RMSNorm named 'norm' (no bias)"
+    return None
+
+
 @dataclass(frozen=True)
 class Rotate(Pass):
     name = "rotate"
@@ -111,30 +160,24 @@ class Rotate(Pass):
     def uses_calibration(self) -> bool:
         return False
 
+    def refusal(self, model: torch.nn.Module, blocks: Iterable[tuple[str, fx.GraphModule]]) -> str | None:
+        if (reason := model_refusal(model)) is not None:
+            return reason
+        for name, gm in blocks:
+            if (reason := block_refusal(gm)) is not None:
+                return f"block '{name}': {reason}"
+        return None
+
     def rotation(self, d: int) -> tuple[torch.Tensor, str]:
         return random_hadamard(d, self.seed)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         try:
-            values, writers = residual_stream(gm)
+            writers, groups, readers = _stream_roles(gm)
         except ValueError as e:
             raise PassError(f"block '{ctx.block}': rotate: {e}") from None
         analysis = analyze_block(gm)
         nodes = {n.name: n for n in gm.graph.nodes}
-        value_set = set(values)
-        groups = []
-        for g in analysis.norm_groups:  # the norms of the stream (not e.g. MLA's q_a_layernorm of a projection)
-            if _reads_stream(nodes[g.mul_node], value_set):
-                m = check_norm_group(gm, g)
-                if not m:
-                    raise PassError(f"block '{ctx.block}': rotate: {m.reason}")
-                groups.append(g)
-        readers = [analysis.linears[name] for g in groups for name in g.linears]
-        all_readers = {n.name for n in gm.graph.nodes if is_call(n, LINEAR) and any(
-            x in value_set for x in n.all_input_nodes)}
-        if all_readers:
-            raise PassError(f"block '{ctx.block}': rotate: linears {sorted(all_readers)} read the residual stream without "
-                            "a norm in between; fold-then-rotate needs a norm before every reader")
         d = int(get_tensor(gm, readers[0].weight).shape[1]) if readers else None
         if d is None:
             return PassResult(gm, False, {"skipped": "no norm-fed linear in this block"})
@@ -181,19 +224,11 @@ class Rotate(Pass):
 
     def transform_outer(self, model: torch.nn.Module) -> dict[str, Any]:
         """The residual rotation outside the blocks: E ← E·R; W_head ← W_head·diag(γ_f)·R; γ_f ← 1; untied head."""
-        from qcompiler.frontends.multimodal import is_multimodal
-
-        if is_multimodal(model.config):
-            # the projector writes image features into the stream unrotated: the blocks would read them as if rotated
-            raise PassError(f"rotate: '{model.config.model_type}' is a vision-language model, whose projector writes "
-                            "image features into the residual stream that the rotation of the embeddings does not "
-                            "reach; rotating it is not implemented (use a scheme without rotation: w8a8_dynamic, "
-                            "w4a16, ...)")
+        if (reason := model_refusal(model)) is not None:
+            raise PassError(f"rotate: {reason}")
         embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
-        norm = model.get_decoder().norm if hasattr(model, "get_decoder") else None
-        if embed is None or head is None or norm is None or getattr(norm, "bias", None) is not None:
-            raise PassError("rotate: the model needs input embeddings, an output head and a final RMSNorm (no bias)")
+        norm = model.get_decoder().norm
         # (float32 products: the vocabulary-sized matrices are the largest of the model; float64 copies of them
         # doubled the run's peak memory for no accuracy a float32 model keeps)
         d = embed.weight.shape[1]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qcompiler.driver.config import QuantizeConfig
-from qcompiler.driver.plan import RunPlan, description_head
+from qcompiler.driver.plan import RunPlan, description_head, plan_run
 from qcompiler.driver.probe import compare_layers
 from qcompiler.errors import PipelineError, SchemeError
 from qcompiler.export.artifact import ArtifactWriter, check_output_dir
@@ -73,6 +73,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     if plan.target.name == "onnxruntime" and (reason := qdq_scheme_reason(plan.scheme)) is not None:
         raise SchemeError(f"scheme '{cfg.scheme.name}' for a diffusion transformer on --target onnxruntime: {reason}")
     # (a DiT has no LM head: the head quantization a decoder target adds does not apply)
+    if plan.rotation_fallback:  # (the default's rotation before static activations: not for DiTs, which smooth)
+        plan = plan_run(cfg, rotation=False)
     plan = dataclasses.replace(plan, passes=[p for p in plan.passes if p.name != "quantize_head"])
     outer = [p.name for p in plan.passes if type(p).transform_outer is not Pass.transform_outer]
     if outer:  # (the residual rotation and the head's quantization change weights outside the blocks)

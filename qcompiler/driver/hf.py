@@ -207,6 +207,7 @@ class HFRun:
             self.ckpt.load_all()
         self.model = build_skeleton(self.ckpt)
         self.ckpt.release()  # (the outer weights are float32 copies now; their file pages leave RSS)
+        self.choose_outlier_pass()
         self.outer = transform_outer(self.plan.passes, self.model)
         self.batches: list[torch.Tensor] | list[dict[str, torch.Tensor]]
         if cfg.calib_images is not None:
@@ -227,6 +228,33 @@ class HFRun:
         self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(flat))
         self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
         self.exporter: Any = None
+
+    def float_reference(self, gm: fx.GraphModule, name: str) -> fx.GraphModule:
+        """The float block the quantized one is measured against (and, with --propagate float, propagated from):
+        the block itself, or — when the pipeline rotates the residual stream — the block rotated in float, so that
+        both compute in the same basis (the rotation is a float identity up to that basis: without it every error
+        report of a rotated run compared x·R with x)."""
+        ref = copy_graph(gm, share_tensors=True)  # (passes set new tensors, never write in place)
+        rotations = [p for p in self.plan.passes if p.name == "rotate"]
+        if rotations:
+            ref = PassManager(rotations).run(ref, PassContext(block=name, scheme=self.cfg.scheme, target=self.plan.target))
+        return ref
+
+    def choose_outlier_pass(self) -> None:
+        """The default pipeline rotates the residual stream before static activations; a model the rotation does
+        not admit (post-norms, LayerNorms, MoE mixtures, a VLM) is quantized with SmoothQuant instead, said once."""
+        if not self.plan.rotation_fallback:
+            return
+        rotate = next(p for p in self.plan.passes if p.name == "rotate")
+        prefix, blocks = find_blocks(self.model)
+        tracer = BlockTracer(probe_block_inputs(self.model))
+        traced = ((f"{prefix}.{i}", tracer(i, block, f"{prefix}.{i}")) for i, block in enumerate(blocks))
+        reason = rotate.refusal(self.model, traced)
+        if reason is None:
+            return
+        self.log(f"outliers: SmoothQuant, not the residual rotation ({reason})")
+        self.plan = plan_run(self.cfg, rotation=False)
+        self.calibrated = any(p.uses_calibration() for p in self.plan.passes)
 
     def prologue(self) -> None:
         """Where the blocks start: the first block's inputs from the model's own prologue, or a resumed run's
@@ -306,7 +334,7 @@ class HFRun:
                                 "supported yet (it would be written unquantized)")
         fill_block(gm, name, self.ckpt, block, torch.float32)
         self.ckpt.release()  # the block's file pages leave RSS now (its tensors were converted to float32)
-        float_gm = copy_graph(gm, share_tensors=True)
+        float_gm = self.float_reference(gm, name)
         ctx = PassContext(
             block=name, scheme=cfg.scheme, target=self.plan.target, calib=inputs, stats_cache=self.cache,
             calib_digest=digest_tensors([t for b in inputs for t in b]) if self.cache is not None else None,

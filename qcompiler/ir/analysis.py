@@ -175,10 +175,19 @@ def _source_linear(n: object) -> fx.Node | None:
     return n if is_call(n, LINEAR) else None
 
 
+def _through_online_rotation(x: fx.Node) -> fx.Node:
+    """The input of QuaRot's online Hadamard (qc::hadamard_transform before down_proj), else x: a rotated down_proj
+    keeps its role (its scheme, its overrides). Roles only: the rotation mixes channels, so nothing that trades
+    per-channel scales across it (up_down_pairs) may see through it."""
+    if x.op == "call_function" and str(x.target) == "qc.hadamard_transform.default":
+        return skip_passthrough(x.args[0])  # type: ignore[arg-type]
+    return x
+
+
 def _mlp_roles(gm: fx.GraphModule, roles: dict[str, str]) -> None:
     """down = linear(act(gate) ⊙ up); a non-gated MLP: down = linear(act(up))."""
     for lin in linear_nodes(gm):
-        x = skip_passthrough(lin.args[0])  # type: ignore[arg-type]
+        x = _through_online_rotation(skip_passthrough(lin.args[0]))  # type: ignore[arg-type]
         if is_call(x, aten.mul.Tensor):
             a, b = (skip_passthrough(t) if isinstance(t, fx.Node) else t for t in x.args[:2])
             for act, other in ((a, b), (b, a)):

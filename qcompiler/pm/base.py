@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -126,6 +126,12 @@ class Pass:
         symmetric that differ from None); empty for passes whose options only choose how to quantize. The driver
         writes them into the scheme before any target check, so the scheme stated and checked is what is stored."""
         return {}
+
+    def refusal(self, model: torch.nn.Module, blocks: Iterable[tuple[str, fx.GraphModule]]) -> str | None:
+        """Why this pass cannot transform `model` (None: it can), decided before anything changes from the model
+        and its traced blocks (name, meta graph), which are traced only as far as this reads them. A default
+        pipeline uses it to choose between passes (the rotation, else SmoothQuant). Default: None."""
+        return None
 
     def transform_outer(self, model: torch.nn.Module) -> dict[str, Any] | None:
         """Change the weights outside the blocks (embeddings, final norm, head) the way `run` changes every block

@@ -54,6 +54,9 @@ class Target:
     consumer: str = ""  # what loads the output (README matrix); targets writing several formats override consumers()
     # whether the target's runtime and formats hold qc::online_rotation (QuaRot's online Hadamard before down_proj)
     online_rotation: bool = True
+    # whether the default pipeline rotates the residual stream (QuaRot, online Hadamard included) before static int8
+    # activations, where the model admits it (else SmoothQuant): the targets whose exports are checked rotated
+    rotates_static_activations: bool = False
     refuses: ClassVar[dict[str, str]] = {}  # scheme feature (scheme_features) -> why this target cannot run it
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
