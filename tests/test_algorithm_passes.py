@@ -272,7 +272,8 @@ def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tm
     # a different pipeline whose first statistics are the same reuses them, and only them
     d3 = _q(tiny_llama, tmp_path / "c", calib_text, **{**kw, "algo": "awq"})
     assert d3["run"]["stats_cache"]["hits"] == 2  # awq's, per block
-    assert d3["run"]["stats_cache"]["misses"] == 2  # rtn{clip=awq} sees scaled weights
+    # (rtn{clip=awq} reads the Hessians awq published for the graph it left: nothing more to measure or cache)
+    assert d3["run"]["stats_cache"]["misses"] == 0
 
 
 def test_statistics_cache_key_depends_on_weights_and_inputs(tiny_llama, tmp_path):
