@@ -62,6 +62,11 @@ def _through_passthrough(node: fx.Node) -> list[fx.Node]:
     return out
 
 
+def _eval_dropout(node: fx.Node) -> bool:
+    """aten.dropout(x, p, train=False): the identity a model traced in eval mode keeps (Phi-3's resid dropouts)."""
+    return is_call(node, aten.dropout.default) and len(node.args) > 2 and node.args[2] is False
+
+
 def residual_stream(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     """(values of the residual stream — the block input and each residual add —, the linears writing into it).
     Raises ValueError naming the node when the block is not a pre-norm residual stack rotation keeps exact."""
@@ -79,7 +84,7 @@ def residual_stream(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
         add = adds[0]
         other = next(x for x in add.args[:2] if x not in aliases)
         src = other
-        while is_call(src, PASSTHROUGH):
+        while is_call(src, PASSTHROUGH) or _eval_dropout(src):
             src = src.args[0]  # type: ignore[assignment]
         if not is_call(src, LINEAR):
             raise ValueError(f"the residual add '{add.name}' adds '{src.name}' ({src.target}), not a linear's output "
