@@ -25,15 +25,16 @@ def fast_fp32_matmul(enabled: bool = True) -> Iterator[str]:
     (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`): float32 in and out at twice the speed, with
     float32-class accuracy (measured on this CPU against float64: 1.4e-7 relative where plain float32 gives 0.9e-7
     and a bf16 GEMM 3e-3; on operands 1 + 1e-3·noise, which a bf16 GEMM cannot resolve, twice float32's error —
-    oneDNN compensates the bf16 rounding, tests/test_kernels.py checks it). Only matmuls change (linear, mm, bmm); elementwise ops, attention and int8 GEMMs do not.
-    Yields the precision in force ("ieee" where the CPU has no bf16 hardware or `enabled` is False)."""
+    oneDNN compensates the bf16 rounding, tests/test_kernels.py checks it). Only matmuls change (linear, mm, bmm);
+    elementwise ops, attention and int8 GEMMs do not. Yields the precision in force, as fp32_matmul_precision names
+    it ("ieee" where the CPU has no bf16 hardware or `enabled` is False)."""
     backend = _matmul_backend()
     before = backend.fp32_precision
     use = enabled and native_bf16()
     if use:
         backend.fp32_precision = "bf16"
     try:
-        yield "bf16x3" if use else "ieee"
+        yield fp32_matmul_precision()
     finally:
         backend.fp32_precision = before
 

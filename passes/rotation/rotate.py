@@ -36,7 +36,7 @@ from qcompiler.algorithms.hadamard import normalized_hadamard, random_hadamard
 from qcompiler.calib.stats import Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
-from qcompiler.ir.analysis import analyze_block, norm_multiplier_value
+from qcompiler.ir.analysis import BlockAnalysis, LinearInfo, NormGroup, analyze_block, norm_multiplier_value
 from qcompiler.ir.graph import (
     LINEAR,
     PASSTHROUGH,
@@ -107,9 +107,10 @@ def residual_stream(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
     return values, writers
 
 
-def _stream_roles(gm: fx.GraphModule) -> tuple[list[fx.Node], list[Any], list[Any]]:
-    """(linears writing into the residual stream, the norm groups reading it, the linears those norms feed). Raises
-    ValueError with the reason when the block is not one the rotation keeps exact; changes nothing."""
+def _stream_roles(gm: fx.GraphModule) -> tuple[list[fx.Node], list[NormGroup], list[LinearInfo], BlockAnalysis]:
+    """(linears writing into the residual stream, the norm groups reading it, the linears those norms feed, the
+    block's analysis). Raises ValueError with the reason when the block is not one the rotation keeps exact; changes
+    nothing."""
     values, writers = residual_stream(gm)
     analysis = analyze_block(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -127,7 +128,7 @@ def _stream_roles(gm: fx.GraphModule) -> tuple[list[fx.Node], list[Any], list[An
     if all_readers:
         raise ValueError(f"linears {sorted(all_readers)} read the residual stream without a norm in between; "
                          "fold-then-rotate needs a norm before every reader")
-    return writers, groups, readers
+    return writers, groups, readers, analysis
 
 
 def block_refusal(gm: fx.GraphModule) -> str | None:
@@ -178,10 +179,9 @@ class Rotate(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         try:
-            writers, groups, readers = _stream_roles(gm)
+            writers, groups, readers, analysis = _stream_roles(gm)
         except ValueError as e:
             raise PassError(f"block '{ctx.block}': rotate: {e}") from None
-        analysis = analyze_block(gm)
         nodes = {n.name: n for n in gm.graph.nodes}
         d = int(get_tensor(gm, readers[0].weight).shape[1]) if readers else None
         if d is None:

@@ -181,6 +181,7 @@ class HFRun:
         self.owner = dist.rank() == 0
         self.calibrated = any(p.uses_calibration() for p in plan.passes)
         self.resumable = True  # False: a failure that a --resume cannot mend removes the work folder
+        self._tracer: BlockTracer | None = None  # (block_tracer)
 
     # ------------------------------------------------------------------ steps
     def execute(self) -> dict[str, Any]:
@@ -229,6 +230,13 @@ class HFRun:
         self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
         self.exporter: Any = None
 
+    def block_tracer(self) -> BlockTracer:
+        """How the model calls its blocks (one probe run, which needs the outer weights loaded), each kind of block
+        traced once: made by the first caller — the rotation's admission check or the prologue — and shared."""
+        if self._tracer is None:
+            self._tracer = BlockTracer(probe_block_inputs(self.model))
+        return self._tracer
+
     def float_reference(self, gm: fx.GraphModule, name: str) -> fx.GraphModule:
         """The float block the quantized one is measured against (and, with --propagate float, propagated from):
         the block itself, or — when the pipeline rotates the residual stream — the block rotated in float, so that
@@ -247,7 +255,7 @@ class HFRun:
             return
         rotate = next(p for p in self.plan.passes if p.name == "rotate")
         prefix, blocks = find_blocks(self.model)
-        tracer = BlockTracer(probe_block_inputs(self.model))
+        tracer = self.block_tracer()
         traced = ((f"{prefix}.{i}", tracer(i, block, f"{prefix}.{i}")) for i, block in enumerate(blocks))
         reason = rotate.refusal(self.model, traced)
         if reason is None:
@@ -284,7 +292,7 @@ class HFRun:
             if not self.calibrated:  # nothing reads calibration data: only the windows the error report uses
                 captured = [first_windows(captured[0], 2)]
             self.inputs = _store(captured, self.acts_dir / "acts-00000" if cfg.spill_activations else None)
-        self.tracer = BlockTracer(probe_block_inputs(self.model))
+        self.tracer = self.block_tracer()
         world = dist.world_size()
         self.log(f"quantizing {cfg.model} ({n} blocks) as {cfg.scheme.describe()} for target '{self.plan.target.name}'")
         self.log(f"pipeline: {self.plan.pipeline}")
