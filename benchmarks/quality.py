@@ -52,10 +52,17 @@ CONFIGS: dict[str, dict] = {
     "w8a8 static + rotate (offline only) + mse observer": {
         "scheme": "w8a8", "passes": "rotate{online=False},fuse_linears,rtn,act_quant{observer=mse}"},
     "w8a8 static (default: rotation), fallback auto ≤10%": {"scheme": "w8a8", "fallback": 0.10},
+    "w8a8 static + smoothquant, fallback auto ≤10%": {
+        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant", "fallback": 0.10},
+    "w8a8 static + smoothquant, fallback auto ≤10%, ranked by own SQNR": {
+        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant", "fallback": 0.10,
+        "ranking": "sqnr"},
     "w8a8_dynamic (no smoothing)": {"scheme": "w8a8_dynamic", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant": {"scheme": "w8a8_dynamic", "passes": None},
     "w8a8_dynamic + smoothquant + gptq": {"scheme": "w8a8_dynamic", "algo": "gptq"},
     "w8a8_dynamic + smoothquant, fallback auto ≤1%": {"scheme": "w8a8_dynamic", "fallback": 0.01},
+    "w8a8_dynamic + smoothquant, fallback auto ≤1%, ranked by own SQNR": {
+        "scheme": "w8a8_dynamic", "fallback": 0.01, "ranking": "sqnr"},
     # issue 7: int4 × int8, int4 × int4 with and without rotations, fp8, KV cache, 2:4 sparsity
     "w4a8 per-channel + smoothquant": {"scheme": "w4a8"},
     "w4a8 g64 + smoothquant": {"scheme": "w4a8", "group_size": 64,
@@ -121,10 +128,13 @@ def quantize_one(name: str, out: Path) -> dict:
     if "fallback" in c:
         from qcompiler.driver.fallback import quantize_with_fallback
 
-        desc = quantize_with_fallback(cfg, c["fallback"], quantize, max_trials=6, log=lambda s: None)
+        desc = quantize_with_fallback(cfg, c["fallback"], quantize, max_trials=8, log=lambda s: None,
+                                      ranking=c.get("ranking", "fisher"))
         fb = desc["fallback"]
         extra = {"fallback_float_layers": len(fb["chosen_float_layers"]), "fallback_met": fb["met"],
-                 "fallback_trials": len(fb["trials"])}
+                 "fallback_trials": len(fb["trials"]), "fallback_ranking": fb["ranking"],
+                 "fallback_layers_total": len(desc["layers"]) + len(fb["chosen_float_layers"]),
+                 "fallback_validation": [(t["float_layers"], t["increase"]) for t in fb["trials"]]}
     else:
         desc = quantize(cfg, log=lambda s: None)
     sparse = [rec for rec in desc["layers"].values() if rec.get("sparsity") == "2:4"]
@@ -253,8 +263,10 @@ def main() -> None:
             compressed = (r["size_mb"] - r["sparse_saved_mb"]) / rows[0]["size_mb"]
             notes += f"; {r['sparse_layers']} layers 2:4 (50% zeros), {compressed:.3f}× compressed"
         if "fallback_float_layers" in r:
-            notes += (f"; {r['fallback_float_layers']} layers kept float after {r['fallback_trials']} trials"
-                      f"{'' if r['fallback_met'] else ' (budget not met)'}")
+            trials = ", ".join(f"{k}: {100 * inc:+.2f}%" for k, inc in r["fallback_validation"])
+            notes += (f"; {r['fallback_float_layers']} of {r['fallback_layers_total']} layers kept float "
+                      f"({r['fallback_ranking']} ranking) after {r['fallback_trials']} trials"
+                      f"{'' if r['fallback_met'] else ' (budget not met)'}; validation by float layers: {trials}")
         print(f"| {r['config']} | {r['tool']} | {r['ppl']:.3f} | {r['delta_pct']:+.2f}% | {size} | "
               f"{r['quantize_s'] or '-'} | {r['peak_rss_mb'] or '-'} | {notes} |")
 

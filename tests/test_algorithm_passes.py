@@ -305,8 +305,9 @@ def test_fallback_search_keeps_the_most_sensitive_layers_float(tiny_llama, tmp_p
     on_disk = json.loads((tmp_path / "fb" / "qcompiler.json").read_text())
     assert on_disk["fallback"] == fb
     chosen = fb["chosen_float_layers"]
-    sens = list(fb["sensitivity_sqnr_db"].values())
-    assert chosen == list(fb["sensitivity_sqnr_db"])[: len(chosen)] and sens == sorted(sens)  # least accurate first
+    harm = [s["predicted_nll_increase"] for s in fb["sensitivity"]]
+    assert fb["ranking"] == "fisher"
+    assert chosen == [s["layer"] for s in fb["sensitivity"]][: len(chosen)] and harm == sorted(harm, reverse=True)
     if fb["met"]:  # the fewest float layers among the trials that met the budget
         assert trials[len(chosen)] <= 1e-6
         assert all(inc > 1e-6 for k, inc in trials.items() if k < len(chosen))
@@ -319,6 +320,57 @@ def test_fallback_search_keeps_the_most_sensitive_layers_float(tiny_llama, tmp_p
         cfg.__class__(**{**cfg.__dict__, "out": tmp_path / "fb2"}), 0.5, quantize, validation_count=2,
         log=lambda s: None)
     assert d2["fallback"]["met"] and d2["fallback"]["chosen_float_layers"] == []
+
+
+def test_float_fisher_accumulates_each_linears_output_gradient_and_energy(tiny_llama):
+    """The hooks' sums equal autograd's on the same window: Σ‖∂NLL/∂y‖² and Σ‖y‖² of a chosen linear, and the
+    perplexity equals the no-grad evaluation's."""
+    from qcompiler.driver.fallback import float_fisher
+    from qcompiler.eval.perplexity import perplexity
+    from qcompiler.eval.report import load_float
+
+    model = load_float(tiny_llama)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=gen)
+    ppl, stats = float_fisher(model, ids)
+    assert ppl == pytest.approx(perplexity(model, ids, "t").perplexity, rel=1e-5)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())  # no weight gradients formed
+    name = "model.layers.1.mlp.down_proj"
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, y: captured.append(y))
+    grad_sq = out_sq = 0.0
+    for window in ids:
+        captured.clear()
+        logits = model(input_ids=window[None]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[1:], reduction="sum")
+        (g,) = torch.autograd.grad(loss, captured[0])
+        grad_sq += float(g.square().sum())
+        out_sq += float(captured[0].detach().square().sum())
+    handle.remove()
+    rec = stats[name]
+    assert rec.grad_sq == pytest.approx(grad_sq, rel=1e-4) and rec.out_sq == pytest.approx(out_sq, rel=1e-5)
+    assert rec.elements == ids.shape[0] * ids.shape[1] * model.config.hidden_size
+    assert set(stats) == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_layer_sensitivity_ranks_by_predicted_loss_not_sqnr_alone():
+    """A 20 dB layer the loss ignores ranks below a 30 dB one it listens to; a layer without statistics gets the
+    median weight; an exact layer (SQNR None) never ranks first."""
+    from qcompiler.driver.fallback import OutputFisher, layer_sensitivity
+
+    desc = {"layers": {"a": {"output_sqnr_db": {"quiet": 20.0, "loud": 30.0}},
+                       "b": {"output_sqnr_db": {"unseen": 35.0, "exact": None}}}}
+    fisher = {"quiet": OutputFisher(grad_sq=1.0, out_sq=1.0, elements=1),
+              "loud": OutputFisher(grad_sq=10000.0, out_sq=1.0, elements=1),
+              "exact": OutputFisher(grad_sq=1e9, out_sq=1.0, elements=1)}
+    ranked = layer_sensitivity(desc, fisher)
+    assert [r[0] for r in ranked] == ["loud", "unseen", "quiet", "exact"]
+    loud = ranked[0][2]
+    assert loud == pytest.approx(0.5 * 10000.0 * 1e-3)  # ½ · E[y²] · Σ‖g‖² · 10^(−30/10)
+    # the median weight of the measured inexact layers (quiet 0.5, loud 5000 -> 2500.25) times 10^(−3.5)
+    assert ranked[1][2] == pytest.approx(2500.25 * 10 ** -3.5)
+    assert ranked[3][2] == 0.0
+    assert [r[0] for r in layer_sensitivity(desc)][:3] == ["quiet", "loud", "unseen"]  # SQNR order without weights
 
 
 def test_fallback_refuses_a_bad_budget_and_too_little_text(tiny_llama, tmp_path, calib_text):
