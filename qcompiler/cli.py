@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-images", type=Path, default=None,
                    help="vision-language models: calibrate on the images of this folder (with prompts.jsonl lines "
                         "{\"image\": NAME, \"prompt\": TEXT}, else one default prompt) through the model's processor")
+    q.add_argument("--vision-scheme", choices=["w8a16", "w8a8_dynamic", "w8a8"], default=None,
+                   help="vision-language models: quantize the vision tower's linears too (RTN per channel; w8a8 "
+                        "static needs --calib-images); default: the vision tower stays float")
     q.add_argument("--calib-inputs", type=Path, default=None,
                    help="ONNX models: .npz with one array per graph input (first axis = samples); default: generated")
     q.add_argument("--chat-template", action="store_true", help="render calibration samples with the tokenizer's chat template")
@@ -211,7 +214,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     cfg = QuantizeConfig(
         model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
-        calib_images=a.calib_images,
+        calib_images=a.calib_images, vision_scheme=a.vision_scheme,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
@@ -231,9 +234,9 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     if diffusers_class(model) is not None:  # a diffusion transformer (diffusers folder)
         from qcompiler.driver.diffusers import quantize_dit
 
-        if a.fallback != "none" or a.resume or a.calib_images is not None:
-            raise PipelineError("--fallback, --resume and --calib-images are not available for diffusion transformers "
-                                "(they calibrate along a sampling trajectory)")
+        if a.fallback != "none" or a.resume or a.calib_images is not None or a.vision_scheme is not None:
+            raise PipelineError("--fallback, --resume, --calib-images and --vision-scheme are not available for "
+                                "diffusion transformers (they calibrate along a sampling trajectory)")
         if (warning := poor_result_warning(quantize_dit(cfg, plan))) is not None:
             print(warning)
         return 0
@@ -246,8 +249,8 @@ def _cmd_quant(a: argparse.Namespace) -> int:
     if model.suffix == ".onnx":
         from qcompiler.driver.onnx import quantize_onnx
 
-        if a.fallback != "none":
-            raise PipelineError("--fallback is not available for ONNX models yet")
+        if a.fallback != "none" or a.vision_scheme is not None:
+            raise PipelineError("--fallback and --vision-scheme are not available for ONNX models")
         quantize_onnx(cfg)
     elif a.fallback == "auto":
         from qcompiler.driver.fallback import quantize_with_fallback

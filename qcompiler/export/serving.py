@@ -40,8 +40,10 @@ class ServingFormat(Protocol):
     shard_prefix: str  # <prefix>-00001-of-0000N.safetensors and <prefix>.safetensors.index.json
     consumers: str  # who loads it (README matrix)
     # whether its clients read a model's experts one linear each where the source checkpoint stores them stacked
-    # (GraniteMoE): our msModelSlim loader does; compressed-tensors / AWQ / GPTQ clients read the checkpoint's layout
-    unstacked_experts: bool
+    # (GraniteMoE, gpt-oss, Llama 4): True for every family (our msModelSlim loader), False for none (AWQ / GPTQ:
+    # their clients read the checkpoint's layout), or the model_types whose clients do (compressed-tensors: vLLM's
+    # loaders of those families map per-expert names too)
+    unstacked_experts: bool | frozenset[str]
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None: ...
 
@@ -124,10 +126,11 @@ class FormatExporter:
         # modules the checkpoint names differently: a float one is listed under both names (clients match either)
         self.aliases = module_aliases(model)
         stacked = [n for n, m in model.named_modules() if getattr(m, "stored_stacked", False)]
-        if stacked and not fmt.unstacked_experts:
+        unstacked = fmt.unstacked_experts
+        if stacked and not (unstacked is True or (unstacked and self.config.get("model_type") in unstacked)):
             raise ExportError(f"{fmt.name}: the checkpoint stores the experts of '{stacked[0]}' stacked (one tensor "
-                              "per layer), the layout this format's clients read them in; it holds quantized experts "
-                              "one linear each only (use --target ascend or reference)")
+                              "per layer), the layout this format's clients read them in for this architecture; it "
+                              "holds quantized experts one linear each only (use --target ascend or reference)")
         self.shards: list[tuple[str, list[str]]] = []
         self.layers: list[WrittenLayer] = []
         self.float_tensors: list[str] = []
@@ -206,7 +209,8 @@ class FormatExporter:
         self._write(out)
 
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
-        inside = tuple(f"{b}." for b in self.blocks)
+        quantized_outside = self._outer_quantized_layers(model)
+        inside = tuple(f"{b}." for b in self.blocks) + tuple(f"{n}." for n in quantized_outside)
         rest = {n: p.detach().to(self.dtype) for n, p in model.named_parameters(remove_duplicate=True)
                 if not n.startswith(inside)}
         self._write(rest)
@@ -234,6 +238,28 @@ class FormatExporter:
         self.fmt.finish(self.folder, config, self.layers, self.float_tensors,
                         sorted({a for n in self.linear_names if n not in quantized for a in (n, self.aliases.get(n, n))}),
                         self.kv_tensors, self.kv_args)
+
+    def _outer_quantized_layers(self, model: torch.nn.Module) -> list[str]:
+        """Write the quantized linears outside the blocks (a VLM's vision tower under --vision-scheme: modules that
+        carry their LayerRecord, frontends/vision.py) in the format, as a block's layers are; returns their paths."""
+        paths = []
+        out: dict[str, torch.Tensor] = {}
+        for mod in model.modules():
+            record = getattr(mod, "layer_record", None)
+            if not isinstance(record, LayerRecord):
+                continue
+            for layer in from_record(record, mod.record_tensors()):
+                try:
+                    written = {f"{layer.name}.{suffix}": t
+                               for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
+                except ExportError as e:
+                    raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
+                out.update(written)
+                self.layers.append(layer.written(list(written)))
+            paths.append(record.path)
+        if out:
+            self._write(out)
+        return paths
 
     def abort(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -323,10 +323,13 @@ def attention_implementation(config: Any) -> str:
     return ATTENTION
 
 
-def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: bool = True) -> torch.nn.Module:
+def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: bool = True,
+                   before_weights: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """The causal-LM module with meta parameters; non-block weights (embeddings, norms, head) loaded. With
     `check`, the checkpoint's tensors are checked against the model first (Checkpoint.check_tensors); our own
-    artefacts, which hold quantized tensors under other names, are checked by their manifest instead."""
+    artefacts, which hold quantized tensors under other names, are checked by their manifest instead.
+    `before_weights(model)` runs just before the outer weights are read (an artefact's quantized vision linears
+    replace the float ones there)."""
     from accelerate import init_empty_weights
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -373,6 +376,8 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
         if name.startswith(prefix + ".") and name in ckpt and not buf.is_meta:
             *path, leaf = name.split(".")
             model.get_submodule(".".join(path))._buffers[leaf] = buf.to("meta")
+    if before_weights is not None:
+        before_weights(model)
     load_outer_weights(model, ckpt, dtype)
     return model
 

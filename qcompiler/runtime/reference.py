@@ -30,6 +30,7 @@ from qcompiler.frontends.hf import (
     flatten_block_kwargs,
     probe_block_inputs,
 )
+from qcompiler.frontends.vision import load_vision_tower
 from qcompiler.ir.graph import eliminate_dead_attrs
 from qcompiler.ir.rebuild import apply_kv_records, local_record, rebuild_block
 from qcompiler.ir.records import KVRecord, LayerRecord
@@ -67,13 +68,23 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
 
         return load_quantized_dit(Path(out), desc, dtype)
     ckpt = Checkpoint(out, trust_remote_code)
-    model = build_skeleton(ckpt, dtype=dtype, check=False)
+    vision = desc.get("vision")
+    where = f"'{Path(out) / 'qcompiler.json'}'"
+
+    def vision_tower(model: torch.nn.Module) -> None:  # (--vision-scheme: its linears are quantized too)
+        if vision is None:
+            return
+        if not isinstance(vision, dict) or not isinstance(vision.get("layers"), dict):
+            raise ArtifactError(f"{where}: the 'vision' section is damaged; quantize again")
+        records = {p: LayerRecord.from_dict(d, where) for p, d in vision["layers"].items()}
+        load_vision_tower(model, records, ckpt.tensor)
+
+    model = build_skeleton(ckpt, dtype=dtype, check=False, before_weights=vision_tower)
     prefix, blocks = find_blocks(model)
     if len(blocks) != desc["blocks"]["count"] or prefix != desc["blocks"]["prefix"]:
         raise ArtifactError(f"'{out}': config.json describes {len(blocks)} blocks, the description {desc['blocks']}")
     probe = probe_block_inputs(model)
     by_block: dict[str, list[LayerRecord]] = {}
-    where = f"'{Path(out) / 'qcompiler.json'}'"
     for path, data in desc["layers"].items():
         rest = path[len(prefix) + 1:]
         if not path.startswith(prefix + ".") or "." not in rest:
