@@ -9,6 +9,7 @@ routing or activation cannot pass.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -105,16 +106,61 @@ def test_sparse_mixer_equals_transformers_phimoe_routing_and_its_onnx_form(tmp_p
 
 
 def test_moe_schemes_and_routings_qmoe_cannot_express_are_refused(moe_models, tmp_path, monkeypatch):
-    from qcompiler.export.onnx import decoder
 
     out = tmp_path / "q"
     # quantized activations in the experts: refused before any work, nothing written
     with pytest.raises(ExportError, match="QMoE runs weight-only int4 / int8 experts, not the experts of scheme 'w8a8_dynamic'"):
         _export(moe_models["mixtral"], out, "w8a8_dynamic")
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
-    # ERNIE 4.5's routing selects by bias-corrected scores: read off the graph, matched with no QMoE routing, refused
-    monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "ernie4_5_moe"))
-    ernie = make_family_model(tmp_path / "ernie", BY_TYPE["ernie4_5_moe"])
-    with pytest.raises(ExportError, match="does not route by softmax"):
-        _export(ernie, out, "w8a16")
+    # GLM-4.5's routing limited to the best of 2 expert groups (DeepSeek V3's n_group > 1): read off the graph, matched
+    # with no routing this export can give QMoE, refused by name
+    family = BY_TYPE["glm4_moe"]
+    grouped = dataclasses.replace(family, fields={**family.fields, "n_group": 2, "topk_group": 1})
+    glm = make_family_model(tmp_path / "glm", grouped)
+    with pytest.raises(ExportError, match="group-limited routing is not expressible"):
+        _export(glm, out, "w8a16")
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_bias_corrected_routing_equals_transformers_and_its_onnx_form(tmp_path, score):
+    """GLM-4.5's (sigmoid, scaled) and ERNIE 4.5's (softmax) routings as SelectedRouting equal transformers' own
+    routers on the same logits, and the ONNX ops computing its dense weights equal SelectedRouting.dense."""
+    from types import SimpleNamespace
+
+    from qcompiler.export.onnx.moe import SelectedRouting, _selected_weights
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 8, generator=g) * 2.0
+    bias = torch.randn(8, generator=g) * 0.3
+    if score == "sigmoid":
+        from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+        router = Glm4MoeTopkRouter(SimpleNamespace(num_experts_per_tok=2, num_local_experts=8, hidden_size=8,
+                                                   routed_scaling_factor=2.5, n_group=1, topk_group=1,
+                                                   norm_topk_prob=True))
+        with torch.no_grad():
+            router.weight.copy_(torch.eye(8))  # (the router's linear passes the logits through)
+            router.e_score_correction_bias.copy_(bias)
+        _, w, idx = router(logits)
+        routing = SelectedRouting("sigmoid", bias, True, 2.5)
+    else:
+        from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeTopKRouter
+
+        router = Ernie4_5_MoeTopKRouter(SimpleNamespace(num_experts=8, hidden_size=8, num_experts_per_tok=2,
+                                                        moe_norm_min=1e-12))
+        with torch.no_grad():
+            router.weight.copy_(torch.eye(8))
+            router.moe_statics.e_score_correction_bias.copy_(bias[None])
+        _, w, idx = router(logits)
+        routing = SelectedRouting("softmax", bias, True, 1.0)
+    expect = torch.zeros(300, 8).scatter(-1, idx, w.float())
+    got = routing.dense(logits, 2)
+    torch.testing.assert_close(got, expect, atol=1e-6, rtol=1e-6)
+    b = OnnxBuilder(tmp_path / "m.onnx")
+    x = b.add_input("logits", TensorProto.FLOAT, ["t", 8])
+    b.node("Identity", [_selected_weights(b, x, routing, 2, "/t")], "/out", outputs=["weights"])
+    b.add_output("weights", TensorProto.FLOAT, ["t", 8])
+    b.finish("selected")
+    dense = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"logits": logits.numpy()})[0]
+    np.testing.assert_allclose(dense, got.numpy(), atol=1e-6)

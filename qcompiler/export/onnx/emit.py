@@ -198,6 +198,8 @@ class GraphEmitter:
             return [node.args[0]]  # type: ignore[list-item]
         if is_call(node, aten.index.Tensor):  # (its index is a constant, read at export: _index)
             return [node.args[0]]  # type: ignore[list-item]
+        if is_call(node, aten.linear.default):  # (its weight, through any cast, is read at export: _linear)
+            return [a for a in (node.args[0], *node.args[2:3]) if isinstance(a, fx.Node) and a.op != "get_attr"]
         m = self.norm(node) if is_call(node, aten.mul.Tensor) else None
         if m is not None:
             return [m[0]]
@@ -508,8 +510,9 @@ def _bias(em: GraphEmitter, y: str, bias: fx.Node | None, name: str) -> str:
 
 @rule(aten.linear.default)
 def _linear(em: GraphEmitter, n: fx.Node) -> str:
-    w = em.tensor(n.args[1])
-    wt = em.b.initializer(f"{em.scope}.{n.args[1].target}.T", w.float().t().contiguous())
+    weight = skip_passthrough(n.args[1])  # (a router computing in float32 casts its weight: GLM-4.5)
+    w = em.tensor(weight)
+    wt = em.b.initializer(f"{em.scope}.{weight.target}.T", w.float().t().contiguous())
     y = em.b.op("MatMul", [em.v(n.args[0]), wt], em.name(n))
     return _bias(em, y, n.args[2] if len(n.args) > 2 else None, em.name(n))
 

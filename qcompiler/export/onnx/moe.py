@@ -20,8 +20,12 @@ onnxruntime 1.32's CPU kernel always renormalizes over the selected experts unle
 - The routing is read off the graph numerically, not by op pattern: the nodes from the router logits to
   expert_routing are evaluated on random logits and compared with the two routings QMoE computes — softmax → top-k
   → renormalize (Mixtral, Qwen3-MoE; top-k of the logits then softmax is the same function), and softmax → top-k
-  without renormalizing (Qwen2-MoE: router_weights = softmax(r)). Anything else (sigmoid scores, group-limited or
-  bias-corrected selection: DeepSeek V3, GLM-4.5) is refused by name.
+  without renormalizing (Qwen2-MoE: router_weights = softmax(r)) — and with the bias-corrected selection of GLM-4.5 and
+  ERNIE 4.5 (`SelectedRouting`: p = sigmoid or softmax of r, experts chosen by top-k of p + b, weighted by p there,
+  renormalized or not, times a scaling factor; b the one [E] constant of the routing nodes). QMoE's own top-k cannot
+  compute that selection, so the dense weights w [T, E] are computed in ONNX ops and given as router_weights, and as
+  router_probs too: its top-k of w are exactly the k experts with w > 0. Group-limited selection (DeepSeek V3's
+  n_group > 1) and anything else is refused by name.
 - The gated activation is read the same way: the nodes between an expert's gate / up outputs and its down input are
   evaluated and compared with swiglu(α = 1, β = 0, no limit) = silu(g)·u, and with gpt-oss's clamped form where the
   config has a swiglu_limit.
@@ -88,12 +92,32 @@ class MoeRegion:
 
     x: fx.Node  # the tokens every expert reads, [T, H]
     router: fx.Node  # router logits, [T, E]
-    routing: str  # "normalized" | "softmax" (router_weights = softmax(logits)) | "sparse_mixer"
+    routing: str  # "normalized" | "softmax" (router_weights = softmax(logits)) | "sparse_mixer" | "selected"
     k: int
     jitter_eps: float | None  # the sparse mixer's ε (Phi-3.5-MoE: router_jitter_noise)
     experts: list[_Expert]
     glu: Swiglu
     out: fx.Node
+    selected: SelectedRouting | None = None  # routing "selected": how
+
+
+@dataclass(frozen=True)
+class SelectedRouting:
+    """Bias-corrected top-k selection (GLM-4.5, ERNIE 4.5): p = score(r); chosen = top-k(p + bias); w = p at chosen,
+    divided by max(Σ, 1e-20) when `normalize`, times `scale`; zero elsewhere."""
+
+    score: str  # "sigmoid" | "softmax"
+    bias: torch.Tensor  # [E]
+    normalize: bool
+    scale: float
+
+    def dense(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        p = torch.sigmoid(logits) if self.score == "sigmoid" else torch.softmax(logits, -1)
+        idx = (p + self.bias).topk(k, -1).indices
+        w = p.gather(-1, idx)
+        if self.normalize:
+            w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
+        return torch.zeros_like(p).scatter(-1, idx, w * self.scale)
 
 
 def _tensor(gm: Any, node: Any) -> torch.Tensor:
@@ -157,11 +181,12 @@ def sparse_mixer_top2(scores: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
     return torch.cat(weights, -1), torch.cat(indices, -1)
 
 
-def _routing_semantics(gm: fx.GraphModule, router: fx.Node, routing: fx.Node, block: str, jitter_eps: float | None
-                       ) -> tuple[str, int]:
+def _routing_semantics(gm: fx.GraphModule, router: fx.Node, routing: fx.Node, block: str, cfg: Any
+                       ) -> tuple[str, int, SelectedRouting | None]:
     """How the routing from the router logits to expert_routing selects and weights experts, checked on random
     logits against QMoE's routings: "normalized" (softmax → top-k → renormalized), "softmax" (not renormalized),
-    "sparse_mixer" (Phi-3.5-MoE's top-2)."""
+    "sparse_mixer" (Phi-3.5-MoE's top-2), "selected" (a bias-corrected SelectedRouting, given as dense weights)."""
+    jitter_eps = getattr(cfg, "router_jitter_noise", None)
     index, weights, n_experts = routing.args[:3]
     nodes = _between(gm, {router}, [index, weights], block, "routing")  # type: ignore[list-item]
     gen = torch.Generator().manual_seed(0)
@@ -178,10 +203,21 @@ def _routing_semantics(gm: fx.GraphModule, router: fx.Node, routing: fx.Node, bl
         candidates["sparse_mixer"] = sparse_mixer_top2(logits, jitter_eps)
     for kind, (w, i) in candidates.items():
         if torch.allclose(combine, torch.zeros_like(p).scatter(-1, i, w), atol=1e-6):
-            return kind, k
-    raise ExportError(f"{block}: the router '{router.name}' does not route by softmax → top-{k} (renormalized or not) "
-                      "or Phi-3.5-MoE's sparse mixer, the routings onnxruntime's QMoE computes (sigmoid, group-limited "
-                      "or bias-corrected routing is not expressible); use --target reference for this model")
+            return kind, k, None
+    constants = [_tensor(gm, n) for n in nodes if n.op == "get_attr"]
+    biases = [t for t in constants if t.numel() == int(n_experts) and t.squeeze().dim() == 1]  # ([E], ERNIE: [1, E])
+    if len(biases) <= 1 and (getattr(cfg, "n_group", None) or 1) == 1:
+        bias = biases[0].float().reshape(-1) if biases else torch.zeros(int(n_experts))
+        scale = float(getattr(cfg, "routed_scaling_factor", None) or 1.0)
+        for score in ("sigmoid", "softmax"):
+            for normalize in (True, False):
+                selected = SelectedRouting(score, bias, normalize, scale)
+                if torch.allclose(combine, selected.dense(logits, k), atol=1e-6):
+                    return "selected", k, selected
+    raise ExportError(f"{block}: the router '{router.name}' does not route by softmax → top-{k} (renormalized or not), "
+                      "Phi-3.5-MoE's sparse mixer or a bias-corrected top-k without expert groups, the routings this "
+                      "export gives onnxruntime's QMoE (group-limited routing is not expressible); use --target "
+                      "reference for this model")
 
 
 def _column(node: fx.Node, routing: fx.Node) -> int | None:
@@ -284,8 +320,9 @@ def find_moe_regions(gm: fx.GraphModule, cfg: Any, block: str) -> list[MoeRegion
         if stray:
             raise ExportError(f"{block}: expert projections {stray} do not read the tokens the first expert reads")
         router = _router_logits(routing)
-        kind, k = _routing_semantics(gm, router, routing, block, getattr(cfg, "router_jitter_noise", None))
-        regions.append(MoeRegion(x, router, kind, k, getattr(cfg, "router_jitter_noise", None), experts, glu_used.pop(), out))  # type: ignore[arg-type]
+        kind, k, selected = _routing_semantics(gm, router, routing, block, cfg)
+        regions.append(MoeRegion(x, router, kind, k, getattr(cfg, "router_jitter_noise", None), experts,  # type: ignore[arg-type]
+                                 glu_used.pop(), out, selected))
     return regions
 
 
@@ -434,7 +471,29 @@ def emit_qmoe(em: Any, region: MoeRegion, index: int) -> str:
         inputs += ["", "", "", "", "", "", b.op("Softmax", [inputs[1]], f"{block}/moe/router_softmax", axis=-1)]
     elif region.routing == "sparse_mixer":  # (onnxruntime's CPU kernel ignores use_sparse_mixer: weights given)
         inputs += ["", "", "", "", "", "", _sparse_mixer_weights(b, inputs[1], float(region.jitter_eps), block)]
+    elif region.routing == "selected":  # dense weights as router_probs (its top-k: the chosen experts) and weights
+        assert region.selected is not None
+        dense = _selected_weights(b, inputs[1], region.selected, region.k, block)
+        inputs[1] = dense
+        inputs += ["", "", "", "", "", "", dense]
     return b.op("QMoE", inputs, f"{block}/moe/QMoE", domain=MS_DOMAIN, **attrs)
+
+
+def _selected_weights(b: Any, logits: str, routing: SelectedRouting, k: int, scope: str) -> str:
+    """SelectedRouting.dense in ONNX ops: [T, E] weights, zero off the k chosen experts."""
+    name = f"{scope}/moe/selected"
+    p = (b.op("Sigmoid", [logits], f"{name}/sigmoid") if routing.score == "sigmoid"
+         else b.op("Softmax", [logits], f"{name}/softmax", axis=-1))
+    choice = b.op("Add", [p, b.initializer(f"{name}.bias", routing.bias.float().numpy())], f"{name}/choice")
+    _, idx = b.node("TopK", [choice, b.const([k], np.int64)], f"{name}/topk", n_out=2, axis=-1, largest=1, sorted=1)
+    w = b.op("GatherElements", [p, idx], f"{name}/gather", axis=-1)
+    if routing.normalize:
+        total = b.op("ReduceSum", [w, b.const([-1], np.int64)], f"{name}/sum", keepdims=1)
+        w = b.op("Div", [w, b.op("Max", [total, b.const(1e-20)], f"{name}/clamp")], f"{name}/normalize")
+    if routing.scale != 1.0:
+        w = b.op("Mul", [w, b.const(routing.scale)], f"{name}/scale")
+    zeros = b.op("Mul", [p, b.const(0.0)], f"{name}/zeros")
+    return b.op("ScatterElements", [zeros, idx, w], f"{name}/weights", axis=-1)
 
 
 def _sparse_mixer_weights(b: Any, scores: str, eps: float, scope: str) -> str:
