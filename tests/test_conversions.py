@@ -4,7 +4,8 @@ Each test writes a tiny native model's weights in the family's own layout (Inter
 Baichuan's W_pack and Baichuan2's NormHead as Llama; ChatGLM3's query_key_value and dense_h_to_4h as GLM), with an
 `auto_map` whose Python would leave a marker file if it ever ran, then quantizes that folder without
 --trust-remote-code: the result must equal transformers' native model with the artefact's weights (tests/twin.py) up
-to float32 summation order, and be written as that native model.
+to float32 summation order, be written as that native model, and stay close to the native float model (a wrong split or
+swap moves the logits by O(1), int8 weights by a few %).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny import TEXT, make_tiny_model
+from transformers import AutoModelForCausalLM
 from twin import transformers_twin
 
 from qcompiler.driver import QuantizeConfig, quantize
@@ -49,7 +51,11 @@ def _quantize_and_compare(tmp_path, folder, reference, native: str = "llama") ->
     ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, expect = load_quantized(out)(ids).logits, transformers_twin(reference, out)(ids).logits
+        native = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32)(ids).logits
     assert float((got - expect).norm() / expect.norm()) < 1e-5
+    # and the conversion is the native model: int8 per-channel RTN moves each weight by ≤ max|w_row| / 254, about 1 %
+    # of the rows' spread, and these logits by a few %; a split, swap or misplaced tensor moves them by O(1)
+    assert float((got - native).norm() / native.norm()) < 0.1
 
 
 def test_internlm2_packed_wqkv_is_read_as_llama(tmp_path):
@@ -110,6 +116,48 @@ def test_baichuan2_w_pack_and_norm_head_are_read_as_llama(tmp_path):
               "z_loss_weight": 0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     _remote_code_folder(tmp_path / "baichuan2", config, tensors, "modeling_baichuan")
     _quantize_and_compare(tmp_path, tmp_path / "baichuan2", src)
+
+
+def test_qwen_v1_c_attn_and_swapped_mlp_are_read_as_qwen2(tmp_path):
+    """Qwen (v1) packs q/k/v with their biases in c_attn and computes its MLP as w1(x)·silu(w2(x)): w2 is the gate.
+    A swapped gate/up or a misplaced bias moves every logit; the reference is transformers' Qwen2 with the same
+    (random, non-zero) biases."""
+    src, cfg, t = _llama(tmp_path, "qwen2", num_key_value_heads=4)  # (Qwen v1 has no grouped-query attention)
+    gen = torch.Generator().manual_seed(2)
+    for name in t:
+        if name.endswith("_proj.bias"):
+            t[name] = torch.randn(t[name].shape, generator=gen) * 0.1
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {"transformer.wte.weight": t["model.embed_tokens.weight"], "transformer.ln_f.weight": t["model.norm.weight"],
+               "lm_head.weight": t["lm_head.weight"]}
+    for i in range(cfg["num_hidden_layers"]):
+        p, c = f"model.layers.{i}.", f"transformer.h.{i}."
+        for kind in ("weight", "bias"):
+            tensors[f"{c}attn.c_attn.{kind}"] = torch.cat([t[f"{p}self_attn.{n}_proj.{kind}"] for n in "qkv"])
+        tensors.update({
+            f"{c}attn.c_proj.weight": t[f"{p}self_attn.o_proj.weight"],
+            f"{c}mlp.w1.weight": t[f"{p}mlp.up_proj.weight"],
+            f"{c}mlp.w2.weight": t[f"{p}mlp.gate_proj.weight"],
+            f"{c}mlp.c_proj.weight": t[f"{p}mlp.down_proj.weight"],
+            f"{c}ln_1.weight": t[f"{p}input_layernorm.weight"],
+            f"{c}ln_2.weight": t[f"{p}post_attention_layernorm.weight"],
+        })
+    # Qwen/Qwen-7B's config fields (sizes from the tiny Qwen2; its intermediate_size counts w1 and w2 together)
+    config = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": cfg["hidden_size"],
+              "intermediate_size": 2 * cfg["intermediate_size"], "num_attention_heads": cfg["num_attention_heads"],
+              "num_hidden_layers": cfg["num_hidden_layers"], "kv_channels": cfg["hidden_size"] // cfg["num_attention_heads"],
+              "layer_norm_epsilon": cfg["rms_norm_eps"], "max_position_embeddings": 8192, "seq_length": 8192,
+              "rotary_emb_base": cfg.get("rope_theta", 10000.0), "rotary_pct": 1.0, "scale_attn_weights": True,
+              "use_dynamic_ntk": True, "use_logn_attn": True, "no_bias": True, "vocab_size": cfg["vocab_size"],
+              "tie_word_embeddings": False, "bf16": False, "fp16": False, "fp32": False, "use_flash_attn": "auto"}
+    _remote_code_folder(tmp_path / "qwen", config, tensors, "modeling_qwen")
+    _quantize_and_compare(tmp_path, tmp_path / "qwen", src, native="qwen2")
+    config["rotary_pct"] = 0.5
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="only Qwen2's layout is converted"):
+        quantize(QuantizeConfig(model=tmp_path / "qwen", scheme=get_scheme("w8a16"), out=tmp_path / "q2",
+                                calib_texts=[TEXT], num_samples=2, seq_len=32, progress=False), log=lambda _: None)
+    assert not (tmp_path / "q2").exists()
 
 
 def test_baichuan_13b_alibi_and_a_foreign_layout_are_refused_by_name(tmp_path):

@@ -16,6 +16,14 @@ rows. Baichuan2 (its config has `z_loss_weight`) computes its head as NormHead: 
 converted lm_head holds the normalised rows. The 13B models use ALiBi instead of rotary positions (their config has
 no `max_position_embeddings`): not Llama, refused by name.
 
+Qwen (v1: Qwen-7B / 14B / 72B and their chat models, `model_type: qwen`): Qwen2 (q/k/v biases, none on the
+output projection, no grouped-query attention) with `attn.c_attn` = [q; k; v] rows (with bias), the MLP's
+`w2` as the gate and `w1` as the up projection (Qwen's MLP computes w1(x) · silu(w2(x)), each of
+intermediate_size / 2 rows), RMSNorms `ln_1` / `ln_2` / `ln_f`, rotary on whole heads with base rotary_emb_base.
+Its dynamic-NTK and log-n attention scaling (use_dynamic_ntk, use_logn_attn) act only beyond seq_length tokens,
+so the converted model is the same function up to seq_length, which becomes its max_position_embeddings; a
+rotary_pct below 1 or kv_channels other than hidden_size / heads is another architecture, refused by name.
+
 ChatGLM2 / ChatGLM3 / GLM-4 (`model_type: chatglm`, THUDM's original folders): transformers' GLM (the class of
 THUDM/glm-4-9b-chat-hf). `query_key_value` = [q (H·d); k (H_kv·d); v (H_kv·d)] rows with biases, `dense_h_to_4h`
 = [gate; up] (GLM's gate_up_proj as is), rotary on the first half of each head in interleaved pairs with base
@@ -134,6 +142,45 @@ def _baichuan(src: dict[str, Any], names: set[str], where: str) -> Conversion:
                       tensors)
 
 
+def _qwen(src: dict[str, Any], names: set[str], where: str) -> Conversion:
+    h, hidden = int(src["num_attention_heads"]), int(src["hidden_size"])
+    d = int(src.get("kv_channels") or hidden // h)
+    if float(src.get("rotary_pct", 1.0)) != 1.0 or d * h != hidden:
+        raise ModelLoadError(f"{where}: this Qwen model rotates {src.get('rotary_pct')} of each head or has "
+                             f"kv_channels {d} ≠ hidden_size / heads; only Qwen2's layout is converted")
+
+    def part(i: int) -> Convert:
+        return lambda w: w[i * hidden:(i + 1) * hidden].contiguous()
+
+    tensors: dict[str, tuple[tuple[str, ...], Convert]] = {
+        "model.embed_tokens.weight": (("transformer.wte.weight",), _same),
+        "model.norm.weight": (("transformer.ln_f.weight",), _same),
+        "lm_head.weight": (("lm_head.weight",), _same),
+    }
+    for i in range(int(src["num_hidden_layers"])):
+        p, c = f"model.layers.{i}.", f"transformer.h.{i}."
+        for j, n in enumerate("qkv"):
+            for kind in ("weight", "bias"):
+                tensors[f"{p}self_attn.{n}_proj.{kind}"] = ((f"{c}attn.c_attn.{kind}",), part(j))
+        tensors.update({
+            f"{p}self_attn.o_proj.weight": ((f"{c}attn.c_proj.weight",), _same),
+            f"{p}mlp.gate_proj.weight": ((f"{c}mlp.w2.weight",), _same),
+            f"{p}mlp.up_proj.weight": ((f"{c}mlp.w1.weight",), _same),
+            f"{p}mlp.down_proj.weight": ((f"{c}mlp.c_proj.weight",), _same),
+            f"{p}input_layernorm.weight": ((f"{c}ln_1.weight",), _same),
+            f"{p}post_attention_layernorm.weight": ((f"{c}ln_2.weight",), _same),
+        })
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu",
+              "hidden_size": hidden, "intermediate_size": int(src["intermediate_size"]) // 2,
+              "num_hidden_layers": src["num_hidden_layers"], "num_attention_heads": h, "num_key_value_heads": h,
+              "max_position_embeddings": src.get("seq_length", src.get("max_position_embeddings", 8192)),
+              "rms_norm_eps": src.get("layer_norm_epsilon", 1e-6), "vocab_size": src["vocab_size"],
+              "rope_theta": float(src.get("rotary_emb_base", 10000)), "tie_word_embeddings": False,
+              "use_sliding_window": False}
+    config.update({k: src[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype") if k in src})
+    return Conversion("Qwen", config, tensors)
+
+
 def _chatglm(src: dict[str, Any], names: set[str], where: str) -> Conversion:
     # the fields of ChatGLM2/3 and GLM-4 that make it transformers' GLM; any other value is another architecture
     required = {"rmsnorm": True, "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
@@ -184,6 +231,7 @@ _CONVERSIONS: dict[str, Callable[[dict[str, Any], set[str], str], Conversion]] =
     "internlm2": _internlm2,
     "baichuan": _baichuan,
     "chatglm": _chatglm,
+    "qwen": _qwen,
 }
 CONVERTED = frozenset(_CONVERSIONS)
 
