@@ -133,7 +133,9 @@ def quantize_one(name: str, out: Path) -> dict:
         fb = desc["fallback"]
         extra = {"fallback_float_layers": len(fb["chosen_float_layers"]), "fallback_met": fb["met"],
                  "fallback_trials": len(fb["trials"]), "fallback_ranking": fb["ranking"],
-                 "fallback_layers_total": len(desc["layers"]) + len(fb["chosen_float_layers"]),
+                 # (every original linear: fused records count their members)
+                 "fallback_layers_total": sum(len(r.get("output_sqnr_db") or {}) for r in desc["layers"].values())
+                 + len(fb["chosen_float_layers"]),
                  "fallback_validation": [(t["float_layers"], t["increase"]) for t in fb["trials"]]}
     else:
         desc = quantize(cfg, log=lambda s: None)
