@@ -175,9 +175,10 @@ def test_the_residual_rotation_is_refused_for_a_vlm_whose_image_features_it_woul
 # ------------------------------------------------------------------ --vision-scheme: the vision tower quantized too
 
 
-def _vision_block_linears(model_dir) -> set[str]:
-    """The linears of the vision encoder's blocks, found independently of qcompiler: transformers' model, every
-    nn.Linear under its vision tower's module whose path goes through a numbered layer."""
+def _vision_block_linears(model_dir) -> tuple[set[str], set[str]]:
+    """(the linears of the vision encoder's blocks, the other linears of the tower and projector), found independently
+    of qcompiler: transformers' model, every nn.Linear under its vision tower's module whose path goes through a
+    numbered layer."""
     import re
 
     from transformers import AutoConfig
@@ -187,15 +188,20 @@ def _vision_block_linears(model_dir) -> set[str]:
     model = auto_model_class(AutoConfig.from_pretrained(str(model_dir))).from_pretrained(str(model_dir))
     tower = next(n for n in ("model.visual", "model.vision_tower") if any(k.startswith(n + ".")
                                                                           for k, _ in model.named_modules()))
-    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(tower + ".")
-            and re.search(r"\.(blocks|layers)\.\d+\.", n)}
+    # (the encoder's numbered blocks; Qwen3-VL's DeepStack mergers, also numbered, are not blocks)
+    blocks = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(tower + ".")
+              and re.search(r"\.(blocks|layers)\.\d+\.", n)}
+    others = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in blocks
+              and (n.startswith(tower + ".") or "projector" in n)}
+    return blocks, others
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize(("family", "vision"), [("qwen2_vl", "w8a8_dynamic"), ("llava", "w8a16")])
+@pytest.mark.parametrize(("family", "vision"), [("qwen2_vl", "w8a8_dynamic"), ("llava", "w8a16"),
+                                                ("qwen3_vl", "w8a8_dynamic"), ("gemma3", "w8a8_dynamic")])
 def test_vision_scheme_quantizes_the_vision_tower_for_every_consumer(tmp_path, family, vision):
     """--vision-scheme: every linear of the vision encoder's blocks is quantized (the merger / projector are not);
     our artefact equals transformers' model with those layers' ŵ and activation grids (tests/twin.py), the msModelSlim
@@ -213,7 +219,7 @@ def test_vision_scheme_quantizes_the_vision_tower_for_every_consumer(tmp_path, f
 
     src = make_family_model(tmp_path / family, BY_TYPE[family])
     inputs = family_inputs(BY_TYPE[family], src)
-    expected = _vision_block_linears(src)
+    expected, outside = _vision_block_linears(src)
     runs = {}
     for target, vision_scheme in (("cuda", vision), ("ascend", vision), ("reference", None)):
         out = tmp_path / f"q-{target}"
@@ -237,13 +243,13 @@ def test_vision_scheme_quantizes_the_vision_tower_for_every_consumer(tmp_path, f
     described = json.loads((folder / "quant_model_description.json").read_text())
     kind = {"w8a16": "W8A16", "w8a8_dynamic": "W8A8_DYNAMIC"}[vision]
     assert {described[f"{n}.weight"] for n in expected} == {kind}
-    assert all(v == "FLOAT" for k, v in described.items() if "merger" in k or "projector" in k)
+    assert {described[f"{n}.weight"] for n in outside} <= {"FLOAT"}
     with torch.no_grad():
         assert _rel(load_msmodelslim(folder)(**inputs).logits, ours) <= 1e-5
 
     client_dir = out / "compressed-tensors"
     ignore = set(json.loads((client_dir / "config.json").read_text())["quantization_config"]["ignore"])
-    assert not expected & ignore and any("merger" in i or "projector" in i for i in ignore)
+    assert not expected & ignore and outside <= ignore  # (mergers, projectors and pooling heads stay float)
     client = auto_model_class(AutoConfig.from_pretrained(str(src))).from_pretrained(str(client_dir),
                                                                                    dtype=torch.float32)
     layers, _ = artefact_layers(out)

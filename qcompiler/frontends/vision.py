@@ -52,19 +52,23 @@ def vision_scheme(name: str) -> QuantScheme:
 
 
 def vision_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The vision encoder's blocks: the ModuleList holding the most parameters outside the language model."""
+    """The vision encoder's blocks: outside the language model, the ModuleList as long as the vision config's depth
+    (`depth` / `num_hidden_layers`) holding the most parameters — not Qwen3-VL's DeepStack mergers, a shorter list of
+    wide linears — or, where the config states no depth, the ModuleList holding the most parameters."""
     language = language_model_path(model)
-    best: tuple[int, str, nn.ModuleList] | None = None
+    vision_config = getattr(model.config, "vision_config", None)
+    depth = getattr(vision_config, "depth", None) or getattr(vision_config, "num_hidden_layers", None)
+    best: tuple[bool, int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
         if not language or name == language or name.startswith(language + "."):
             continue
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            size = sum(p.numel() for p in mod.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, mod)
+            key = (len(mod) == depth, sum(p.numel() for p in mod.parameters()))
+            if best is None or key > best[:2]:
+                best = (*key, name, mod)
     if best is None:
         raise PipelineError(f"{model.__class__.__name__}: no vision encoder blocks found outside the language model")
-    return best[1], best[2]
+    return best[2], best[3]
 
 
 def vision_linears(model: nn.Module) -> list[str]:
