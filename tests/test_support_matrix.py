@@ -11,7 +11,9 @@ checks three cells against transformers' own model:
 - cuda: transformers loads the compressed-tensors folder (the client decompresses it) and its logits equal ours.
   Where transformers cannot build the client model on the CPU (it cannot stack int8 per-expert tensors), the cell
   records why, prefixed "weights:" (◐ in the table) when the compressed-tensors package's own compressor
-  decompresses every layer to our weights bit for bit.
+  decompresses every layer to our weights bit for bit. Where the source checkpoint stores its experts stacked (gpt-oss,
+  Llama 4, Qwen3-VL-MoE), the folder holds them one linear each, the layout vLLM's loaders of those families read and
+  transformers' does not: that compressor check is the cell (◐).
 - ascend: the msModelSlim folder, run by our loader as its NPU call sequences, equals ours.
 - onnxruntime: a third run; the exported decoder, run by onnxruntime on the prompt and then through its KV cache,
   equals that run's artefact (target options chosen so that the kernels compute exactly what it states).
@@ -121,13 +123,20 @@ def _check_client_weights(client: torch.nn.Module, artefact: Path, where: str) -
     """Dynamic per-token activations: compressed-tensors' CPU emulation scales them by absmax/127.5 where vLLM's
     kernels and ours use absmax/127 (see test_cuda_target), so its logits differ by about as much as activation
     quantization itself. What must agree is exact: the client's decompressed weights are ours, bit for bit."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
     from twin import artefact_layers
 
     layers, _ = artefact_layers(artefact)
+    # (the artefact names layers as the checkpoint does; the client as transformers renames them on loading)
+    rules = [r for r in get_model_conversion_mapping(client) if isinstance(r, WeightRenaming)]
+    state = client.state_dict()
     checked = 0
     for layer in layers:
+        name, _ = rename_source_key(layer.name + ".weight", rules, [], base_model_prefix=client.base_model_prefix,
+                                    meta_state_dict=state)
         try:
-            mod = client.get_submodule(layer.name)
+            mod = client.get_submodule(name.removesuffix(".weight"))
         except AttributeError:  # (an expert stacked by transformers' loader: no module of its own)
             continue
         assert torch.equal(mod.weight.float(), layer.dequantized()), (where, layer.name)
@@ -163,6 +172,18 @@ def _package_decompresses_every_layer(out: Path, artefact: Path) -> bool:
         got = compressor.decompress(local, scheme)["weight"]
         assert torch.equal(got.float(), layer.dequantized()), layer.name
     return bool(layers)
+
+
+def _stores_experts_stacked(model: Path) -> bool:
+    """Whether the source checkpoint keeps a layer's experts in one stacked tensor (gpt-oss, Llama 4, GraniteMoE)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    for f in sorted(model.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            names += list(st.keys())
+    stacked = ("experts.gate_up_proj", "experts.gate_up_proj_blocks", "input_linear.weight")  # (+ gpt-oss's MXFP4)
+    return any(n.endswith(stacked) for n in names)
 
 
 def _digest(out: Path) -> str:
@@ -210,7 +231,12 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
     _check_close(ref_ours, twin, ref_act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
     cells["reference"] = "ok"
 
-    if runs["cuda"] is None:
+    if runs["cuda"] is None and _stores_experts_stacked(model):
+        assert _package_decompresses_every_layer(tmp / "cuda", artefact), "compressed-tensors' compressor disagrees"
+        cells["cuda"] = ("weights: compressed-tensors decompresses every layer to ours, bit for bit; the experts are "
+                         "written one linear each (vLLM's loader of this family reads them so), which transformers, "
+                         "reading this family's experts stacked, does not load")
+    elif runs["cuda"] is None:
         try:
             client = auto.from_pretrained(str(tmp / "cuda" / "compressed-tensors"), dtype=torch.float32)
             with torch.no_grad():

@@ -59,7 +59,7 @@ class AwqFormat:
     folder = "awq"
     shard_prefix = "model"
     consumers = "LMDeploy TurboMind, vLLM, SGLang"
-    unstacked_experts = False
+    unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.kv_cache is not None:
@@ -103,7 +103,7 @@ class GptqFormat:
     folder = "gptq"
     shard_prefix = "model"
     consumers = "vLLM, SGLang, LMDeploy TurboMind (int4)"
-    unstacked_experts = False
+    unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.kv_cache is not None:

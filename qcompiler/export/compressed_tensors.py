@@ -67,7 +67,12 @@ class CompressedTensorsFormat:
     folder = "compressed-tensors"
     shard_prefix = "model"
     consumers = "vLLM, SGLang, transformers (CPU)"
-    unstacked_experts = False
+    # Experts a checkpoint stores stacked are written one linear each, `<experts>.<e>.gate_proj / up_proj / down_proj`
+    # (llm-compressor's linearized layout), for the families whose vLLM loaders map those per-expert names onto their
+    # fused-MoE parameters besides the stacked ones (llama4.py, qwen3_vl_moe.py, gpt_oss.py: expert_params_mapping);
+    # GraniteMoE's loader reads input_linear / output_linear only. transformers reads these families' experts
+    # stacked, so it is no client of such a folder.
+    unstacked_experts: bool | frozenset[str] = frozenset({"llama4", "llama4_text", "gpt_oss", "qwen3_vl_moe"})
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         kv = scheme.kv_cache

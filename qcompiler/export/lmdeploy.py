@@ -59,7 +59,7 @@ class LmdeployFormat:
     folder = "lmdeploy"
     shard_prefix = "model"
     consumers = "LMDeploy PyTorch engine (w8a8_dynamic, fp8), TurboMind (w4a16 g64/g128)"
-    unstacked_experts = False
+    unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.kv_cache is not None:

@@ -137,7 +137,7 @@ class MsModelSlimFormat:
     folder = "msmodelslim"
     shard_prefix = "quant_model_weights"
     consumers = "vllm-ascend, MindIE"
-    unstacked_experts = True
+    unstacked_experts: bool | frozenset[str] = True
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         kv = scheme.kv_cache
