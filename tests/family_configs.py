@@ -42,6 +42,12 @@ FAMILIES: tuple[Family, ...] = (
         n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
         qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=True,
         routed_scaling_factor=2.5, num_key_value_heads=4, **_ROUTED), drop=("head_dim",)),
+    Family("deepseek_v32", "DeepSeek", "deepseek-ai/DeepSeek-V3.2-Exp (sparse attention: an indexer keeps index_topk "
+           "2048 keys, here 64)", dict(
+        n_routed_experts=4, n_shared_experts=1, mlp_layer_types=["dense", "sparse"], q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4, index_n_heads=2, index_head_dim=32,
+        index_topk=64, layer_types=["indexed_attention", "indexed_attention"], **_ROUTED)),
     Family("qwen2", "Qwen", "Qwen/Qwen2.5-7B-Instruct (q/k/v bias)", dict(use_sliding_window=False,
                                                                           rope_theta=1000000.0)),
     Family("qwen2_moe", "Qwen", "Qwen/Qwen1.5-MoE-A2.7B", dict(
@@ -61,6 +67,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("hunyuan_v1_dense", "HunYuan", "tencent/Hunyuan-7B-Instruct (q/k norms)", dict()),
     Family("hunyuan_v1_moe", "HunYuan", "tencent/Hunyuan-A13B-Instruct", dict(
         num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1)),
+    Family("hy_v3", "HunYuan", "tencent/Hy3 (192 experts with sigmoid routing and expert bias, here 4; q/k norms, dense "
+           "first layer)", dict(num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
+                                router_scaling_factor=2.826, **_ROUTED)),
+    Family("internlm3", "InternLM", "internlm/internlm3-8b-instruct (dynamic rope scaling ×6, no biases)", dict(
+        rope_parameters=dict(rope_type="dynamic", factor=6.0, rope_theta=50000000.0))),
     Family("llama", "Llama", "meta-llama/Llama-3.1-8B (llama3 rope scaling)", dict(
         rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                high_freq_factor=4.0, original_max_position_embeddings=64))),
@@ -96,6 +107,8 @@ FAMILIES: tuple[Family, ...] = (
            drop=("head_dim",)),
     Family("minimax", "MiniMax", "MiniMaxAI/MiniMax-Text-01 (lightning attention : full, here 1 : 1)", dict(
         num_local_experts=4, num_experts_per_tok=2, layer_types=["linear_attention", "full_attention"])),
+    Family("minimax_m2", "MiniMax", "MiniMaxAI/MiniMax-M2 (full attention, q/k norms over all heads, 256 experts, here 4)",
+           dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
     Family("exaone4", "EXAONE", "LGAI-EXAONE/EXAONE-4.0-1.2B (3 sliding : 1 full, here 1 : 1)", dict(
         sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
     Family("olmo2", "OLMo", "allenai/OLMo-2-1124-7B (post-norms, q/k norms)", dict()),
@@ -110,6 +123,10 @@ FAMILIES: tuple[Family, ...] = (
         rotary_pct=0.25, use_parallel_residual=True), drop=("num_key_value_heads", "head_dim")),
     Family("smollm3", "SmolLM3", "HuggingFaceTB/SmolLM3-3B (no rope every 4th layer, here the 2nd)", dict(
         no_rope_layer_interval=2, tie_word_embeddings=True)),
+    Family("minicpm3", "MiniCPM", "openbmb/MiniCPM3-4B (multi-head latent attention, scaled embeddings, residuals and "
+           "logits, tied head)", dict(
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_key_value_heads=4,
+        scale_emb=12, scale_depth=1.4, dim_model_base=32, tie_word_embeddings=True)),
 )
 # Vision-language models (issue 16): the language model's blocks quantized, vision tower and projector float; checked
 # on prompts holding an image (tests/vlm_configs.py builds the pixels and placeholder tokens as the processors do).

@@ -215,3 +215,28 @@ def test_minimax_lightning_attention_traces_as_one_op_between_linears(tmp_path):
                if n.op == "call_function" and n.target is aten.linear.default}
     assert {"block.self_attn.qkv_proj.weight", "block.self_attn.output_gate.weight",
             "block.self_attn.out_proj.weight"} <= weights
+
+
+def test_a_sparse_attention_indexer_is_traced_for_the_lengths_it_keeps_every_key_and_refuses_longer(tmp_path):
+    """DeepSeek V3.2's indexer attends to the top min(index_topk, S) keys: up to index_topk tokens every key (causal
+    attention), which is what the block graph computes (equal to transformers there); longer inputs are refused by
+    the runtime and longer calibration windows before any work, never computed as the dense regime."""
+    from twin import transformers_twin
+
+    from qcompiler.errors import ArtifactError
+
+    src = make_family_model(tmp_path / "ds32", BY_TYPE["deepseek_v32"])  # (index_topk 64)
+    out = tmp_path / "q"
+    quantize(QuantizeConfig(model=src, scheme=get_scheme("w8a16"), out=out, calib_texts=[TEXT], num_samples=2,
+                            seq_len=32, batch_size=2, progress=False), log=lambda _: None)
+    ids = torch.randint(3, 250, (2, 70), generator=torch.Generator().manual_seed(0))
+    model = load_quantized(out)
+    with torch.no_grad():
+        got, expect = model(ids[:, :64]).logits, transformers_twin(src, out)(ids[:, :64]).logits
+    assert float((got - expect).norm() / expect.norm()) < 1e-5
+    with pytest.raises(ArtifactError, match="keeps 64 keys"):
+        model(ids)
+    with pytest.raises(PipelineError, match="--seq-len 64 or less"):
+        quantize(QuantizeConfig(model=src, scheme=get_scheme("w8a16"), out=tmp_path / "q2", calib_texts=[TEXT * 4],
+                                num_samples=2, seq_len=80, batch_size=2, progress=False), log=lambda _: None)
+    assert not (tmp_path / "q2").exists()

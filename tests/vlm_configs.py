@@ -42,6 +42,10 @@ QWEN3_VL_ROPE = {"rope_type": "default", "mrope_section": [4, 4, 4], "mrope_inte
 QWEN3_VL_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96, patch_size=16,
                        spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
                        deepstack_visual_indexes=[0])
+QWEN3_5_ROPE = {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                "mrope_section": [1, 1, 1], "mrope_interleaved": True}
+QWEN3_5_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64)
 GLM4V_ROPE = {"rope_type": "default", "mrope_section": [2, 2, 2], "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
 GLM4V_VISION = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=96, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, in_channels=3, image_size=56)
@@ -84,6 +88,21 @@ VLMS = (
         vision_config=QWEN3_VL_VISION,
         image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END, video_token_id=293,
         tie_word_embeddings=True)),
+    Vlm("qwen3_5", "Qwen3.5", "transformers' Qwen3.5 defaults (3 Gated DeltaNet : 1 gated full attention, here 1 : 1; "
+        "a quarter of each head rotated, interleaved M-RoPE)", dict(
+            text_config=dict(TEXT, model_type="qwen3_5_text", layer_types=["linear_attention", "full_attention"],
+                             linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
+                             linear_value_head_dim=16, rope_parameters=QWEN3_5_ROPE),
+            vision_config=QWEN3_5_VISION, image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END,
+            video_token_id=293)),
+    Vlm("qwen3_5_moe", "Qwen3.5-MoE", "transformers' Qwen3.5-MoE defaults (Qwen3.5's hybrid layers, routed + gated "
+        "shared experts)", dict(
+            text_config=dict(TEXT, model_type="qwen3_5_moe_text", layer_types=["linear_attention", "full_attention"],
+                             linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
+                             linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                             shared_expert_intermediate_size=64, rope_parameters=QWEN3_5_ROPE),
+            vision_config=QWEN3_5_VISION, image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END,
+            video_token_id=293)),
     Vlm("glm4v", "GLM-4.1V", "zai-org/GLM-4.1V-9B-Thinking (M-RoPE on half the head, 2×2 merger, sandwich norms)", dict(
         text_config=dict(TEXT, model_type="glm4v_text", rope_parameters=GLM4V_ROPE),
         vision_config=GLM4V_VISION,
@@ -121,7 +140,8 @@ def image_inputs(vlm: Vlm, config: Any, seed: int = 0) -> dict[str, torch.Tensor
     """One prompt with one image, as the family's processor lays it out (2 sequences of the same layout)."""
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, 250, (2, 24), generator=g)
-    if vlm.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"):
+    if vlm.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v",
+                          "glm4v_moe"):
         v = config.vision_config
         grid = (1, 4, 6)  # t, h, w patches; 4·6 / merge² = 6 image tokens
         tokens = grid[1] * grid[2] // v.spatial_merge_size ** 2

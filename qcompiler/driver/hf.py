@@ -55,7 +55,9 @@ from qcompiler.frontends.hf import (
     drop_outer_weights,
     fill_block,
     find_blocks,
+    keep_unread_weights,
     load_outer_weights,
+    longest_traced_sequence,
     probe_block_inputs,
 )
 from qcompiler.frontends.moe import expert_token_counts
@@ -297,6 +299,12 @@ class HFRun:
         # hidden states from its saved activations)
         own = dist.shard(self.batches) if self.calibrated else self.batches[:1]
         self.block_inputs = capture_block_inputs(self.model, own)
+        longest = max(h.shape[1] for h in self.block_inputs.hidden)
+        bounds = [b for b in map(longest_traced_sequence, self.block_modules) if b is not None]
+        if bounds and longest > min(bounds):
+            raise PipelineError(f"calibration sequences of {longest} tokens, but the blocks' sparse-attention indexer "
+                                f"keeps {min(bounds)} keys (index_topk) and is traced for at most that many tokens; "
+                                f"use --seq-len {min(bounds)} or less")
         captured = self.block_inputs.of_block(0)
         if state and start == n:
             self.inputs = ActivationStore.in_memory([])  # (every block is done: only the end of the run is left)
@@ -400,6 +408,7 @@ class HFRun:
         gm = self.lowering.run(gm, ctx)
         self.lap("lower")
         records, kv = block_records(gm, name, layer_sqnr), kv_records(gm, name)
+        keep_unread_weights(gm, name, self.ckpt, block, {m.path for r in records.values() for m in r.members})
         if self.exporter is not None:
             self.exporter.add_block(i, name, gm, records, kv)
         self.progress.layers.update({path: rec.to_dict() for path, rec in records.items()})

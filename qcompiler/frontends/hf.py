@@ -603,9 +603,20 @@ class BlockAdapter(torch.nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
-def _dynamic_shapes(example: tuple[torch.Tensor, ...]) -> tuple:
+def longest_traced_sequence(block: torch.nn.Module) -> int | None:
+    """The sequence length a block's graph is valid up to, None for any. A sparse-attention indexer (DeepSeek V3.2's
+    DSA) attends to the top min(index_topk, S) keys its scores select: up to index_topk tokens that is every key,
+    i.e. causal attention, and that is the function traced (export cannot keep min(k, S) symbolic across both
+    regimes: it specializes to S ≤ index_topk). Callers refuse longer inputs (HFRun.prologue, CompiledBlock) rather
+    than compute the dense regime where the model is sparse."""
+    bounds = [int(m.index_topk) for m in block.modules() if isinstance(getattr(m, "index_topk", None), int)]
+    return min(bounds) if bounds else None
+
+
+def _dynamic_shapes(example: tuple[torch.Tensor, ...], seq_max: int | None = None) -> tuple:
     batch, seq = example[0].shape[0], example[0].shape[1]
-    b, s = Dim("batch", min=1), Dim("seq", min=2)
+    # (a bounded block: Dim.AUTO lets export assume S ≤ seq_max where a named range cannot prove min(k, S) = S)
+    b, s = Dim("batch", min=1), (Dim("seq", min=2) if seq_max is None else Dim.AUTO)
 
     def dims(t: torch.Tensor) -> dict[int, Dim]:
         d: dict[int, Dim] = {}
@@ -623,7 +634,7 @@ def _export(block: torch.nn.Module, call: BlockCall, example: tuple[torch.Tensor
     """torch.export of the block behind its flat adapter, dynamic in batch and sequence, its linear-attention
     recurrences as single ops (frontends/recurrent.py)."""
     adapter = BlockAdapter(block, call).eval()
-    dynamic = _dynamic_shapes(example)
+    dynamic = _dynamic_shapes(example, longest_traced_sequence(block))
     try:
         with recurrences_as_ops(block):
             gm = torch.export.export(adapter, example, dynamic_shapes=dynamic, strict=False).module()
@@ -817,6 +828,27 @@ def fill_block(gm: fx.GraphModule, block_prefix: str, source: Any, block: torch.
                 continue
             raise ModelLoadError(f"block '{block_prefix}': tensor '{full}' is not in '{getattr(source, 'path', source)}'")
         set_tensor(gm, target, value)
+
+
+def keep_unread_weights(gm: fx.GraphModule, block_prefix: str, source: Any, block: torch.nn.Module,
+                        quantized: set[str]) -> list[str]:
+    """Stored tensors of the block that its lowered graph does not read — DeepSeek V3.2's indexer, whose scores
+    select every key up to index_topk tokens, so the trace drops it — become unused graph attributes (float, as
+    stored), so the artefact and every export hold each weight the serving engines load. `quantized`: the module
+    paths (checkpoint names) of the block's quantized layers, whose float weights are replaced by their codes.
+    Returns the checkpoint names kept."""
+    read = {str(n.target).removeprefix(ADAPTER_PREFIX) for n in gm.graph.nodes if n.op == "get_attr"}
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    kept = []
+    for local in block.state_dict():
+        full = f"{block_prefix}.{local}"
+        if local in read or full.rpartition(".")[0] in quantized or full not in source:
+            continue
+        set_tensor(gm, ADAPTER_PREFIX + local, source.tensor(full))
+        with gm.graph.inserting_before(output):
+            gm.graph.get_attr(ADAPTER_PREFIX + local)
+        kept.append(full)
+    return kept
 
 
 def _is_float_weight(local: str) -> bool:

@@ -244,10 +244,41 @@ def rename_to_checkpoint(model: nn.Module, ckpt: Any, rules: list[Any]) -> int:
                 names = [n for n in ckpt.weight_map if n.rsplit(".", 1)[0] == target]
                 ckpt.add_views({f"{path}.{n.rsplit('.', 1)[1]}": ((n,), lambda t: t) for n in names}, replace=names)
                 moved += 1
-            elif target in prefixes and path not in stored and (not parent or _has_module(model, parent)):
+            elif target in prefixes and path not in stored and (not parent or _has_module(model, parent)
+                                                                 or _has_module(model, parent.rpartition(".")[0])):
+                if parent and not _has_module(model, parent):  # (HunYuan 3: `mlp.gate` is stored as `mlp.router.gate`)
+                    grand, _, leaf = parent.rpartition(".")
+                    model.get_submodule(grand)._modules[leaf] = nn.Module()
                 _move_module(model, path, target)
                 moved += 1
+    view_renamed_tensors(model, ckpt, rules)
     return moved
+
+
+def view_renamed_tensors(model: nn.Module, ckpt: Any, rules: list[Any]) -> int:
+    """Serve a stored tensor that transformers loads under another leaf name of the same module (HunYuan 3's
+    `mlp.expert_bias` is the router's `mlp.e_score_correction_bias`) under the module's name; returns how many."""
+    if ckpt is None or not hasattr(ckpt, "add_views"):
+        return 0
+    state = set(model.state_dict())
+    views: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for rule in rules:
+        src, dst = list(rule.source_patterns), list(rule.target_patterns)
+        if len(src) != 1 or len(dst) != 1:
+            continue
+        ends = [p.removeprefix("^").replace("\\.", ".").strip(".") for p in (src[0], dst[0])]
+        if not all(part.isidentifier() for e in ends for part in e.split(".")):
+            continue  # (a real regular expression)
+        if ends[0].rpartition(".")[0] != ends[1].rpartition(".")[0] or ends[0] == ends[1]:
+            continue  # (a module rename: rename_to_checkpoint)
+        for stored in ckpt.weight_map:
+            if stored.endswith("." + ends[0]):
+                name = stored[: len(stored) - len(ends[0])] + ends[1]
+                if name in state and name not in ckpt.weight_map:
+                    views[name] = ((stored,), lambda t: t)
+    if views:
+        ckpt.add_views(views, replace=[sources[0] for sources, _ in views.values()])
+    return len(views)
 
 
 def _has_module(model: nn.Module, path: str) -> bool:

@@ -28,6 +28,7 @@ from qcompiler.frontends.hf import (
     fill_block,
     find_blocks,
     flatten_block_kwargs,
+    longest_traced_sequence,
     probe_block_inputs,
 )
 from qcompiler.frontends.vision import load_vision_tower
@@ -45,11 +46,16 @@ class CompiledBlock(torch.nn.Module):
         self.gm = gm
         self._call = call
         self._original = [original]  # (its signature binds positional inputs; a list keeps it out of the modules)
+        self._seq_max = longest_traced_sequence(original)
         for attr in ("attention_type", "layer_idx", "is_sliding"):
             if hasattr(original, attr):
                 setattr(self, attr, getattr(original, attr))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
+        if self._seq_max is not None and hidden_states.shape[1] > self._seq_max:
+            raise ArtifactError(f"{hidden_states.shape[1]} tokens in one call: this block's sparse-attention indexer "
+                                f"keeps {self._seq_max} keys, and the graph holds the function of up to that many "
+                                "tokens (every key kept); run longer sequences in the serving engine")
         _, named = block_arguments(self._original[0], (hidden_states, *args), kwargs)
         out = self.gm(hidden_states, *flatten_block_kwargs(self._call, named, hidden_states))
         return (out,) if self._call.tuple_output else out

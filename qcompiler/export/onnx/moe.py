@@ -208,12 +208,14 @@ def _routing_semantics(gm: fx.GraphModule, router: fx.Node, routing: fx.Node, bl
     biases = [t for t in constants if t.numel() == int(n_experts) and t.squeeze().dim() == 1]  # ([E], ERNIE: [1, E])
     if len(biases) <= 1 and (getattr(cfg, "n_group", None) or 1) == 1:
         bias = biases[0].float().reshape(-1) if biases else torch.zeros(int(n_experts))
-        scale = float(getattr(cfg, "routed_scaling_factor", None) or 1.0)
+        # (the config's scaling factor: GLM-4.5 `routed_scaling_factor`, HunYuan 3 `router_scaling_factor`)
+        scales = {float(getattr(cfg, f, None) or 1.0) for f in ("routed_scaling_factor", "router_scaling_factor")}
         for score in ("sigmoid", "softmax"):
             for normalize in (True, False):
-                selected = SelectedRouting(score, bias, normalize, scale)
-                if torch.allclose(combine, selected.dense(logits, k), atol=1e-6):
-                    return "selected", k, selected
+                for scale in sorted(scales):
+                    selected = SelectedRouting(score, bias, normalize, scale)
+                    if torch.allclose(combine, selected.dense(logits, k), atol=1e-6):
+                        return "selected", k, selected
     raise ExportError(f"{block}: the router '{router.name}' does not route by softmax → top-{k} (renormalized or not), "
                       "Phi-3.5-MoE's sparse mixer or a bias-corrected top-k without expert groups, the routings this "
                       "export gives onnxruntime's QMoE (group-limited routing is not expressible); use --target "
