@@ -4,6 +4,10 @@ ViT-L/14-336 heads of 64 and 576 image tokens per image; 2 language and 2 vision
 corpus) and on image + prompt samples (`--calib-images`, through the model's processor).
 
     python benchmarks/vlm.py [--schemes w8a16,w4a16,w8a8_dynamic,w8a8] [--outlier-gain 20]
+                             [--vision-schemes w8a16,w8a8_dynamic,w8a8]
+
+--vision-schemes adds rows with the vision tower quantized too (`--vision-scheme`, image calibration), the language
+model at w8a16, beside the same run with the tower float: what quantizing the ViT costs in logits SQNR.
 
 Reported per scheme × calibration: quantization time, peak RSS (the process's VmHWM) and the SQNR of the logits on
 4 held-out image prompts against the float model. Random weights have no outlier channels of their own; the
@@ -59,10 +63,10 @@ def logits_sqnr(out: Path, reference: list[torch.Tensor], inputs: list[dict[str,
     return round(sqnr_db(torch.cat([r.flatten() for r in reference]), ours), 2)
 
 
-def run(model: Path, scheme: str, calibration: list[str], out: Path) -> dict[str, Any]:
+def run(model: Path, scheme: str, calibration: list[str], out: Path, vision: str | None = None) -> dict[str, Any]:
     quant = [sys.executable, "-m", "qcompiler.cli", "quant", "--model", str(model), "--scheme", scheme, "--out",
              str(out), "--num-samples", "8", "--seq-len", "256", "--no-progress", *calibration,
-             *ALGO.get(scheme, ["--algo", "rtn"])]
+             *ALGO.get(scheme, ["--algo", "rtn"]), *(["--vision-scheme", vision] if vision else [])]
     subprocess.run(quant, check=True, capture_output=True, text=True)
     run_info = json.loads((out / "run.json").read_text())
     return {"quantize_s": run_info["quantize_seconds"], "peak_rss_gb": round(run_info["peak_rss_bytes"] / 1e9, 2)}
@@ -76,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schemes", default="w8a16,w4a16,w8a8_dynamic,w8a8")
     ap.add_argument("--outlier-gain", type=float, default=20.0)
+    ap.add_argument("--vision-schemes", default="", help="also quantize the vision tower with each of these")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,18 +92,23 @@ def main() -> None:
             float_model = LlavaForConditionalGeneration.from_pretrained(str(model), dtype=torch.float32)
             reference = [float_model(**x).logits for x in inputs]
         del float_model
-        for scheme in a.schemes.split(","):
-            for name, calibration in [("text", []), ("images", ["--calib-images", str(root / "calib")])]:
-                out = root / f"{scheme}-{name}"
-                row = {"model": "llava-1.5-shaped", "scheme": scheme, "calibration": name,
-                       **run(model, scheme, calibration, out), "logits_sqnr_db": logits_sqnr(out, reference, inputs)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-                shutil.rmtree(out)
-    lines = ["| model (shape) | scheme | calibration | quantize s | peak RSS GB | logits SQNR dB (image prompts) |",
-             "|---|---|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['scheme']} | {r['calibration']} | {r['quantize_s']} | {r['peak_rss_gb']} | "
-              f"{r['logits_sqnr_db']} |" for r in rows]
+        images = ["--calib-images", str(root / "calib")]
+        jobs = [(scheme, name, calibration, None) for scheme in filter(None, a.schemes.split(","))
+                for name, calibration in [("text", []), ("images", images)]]
+        if a.vision_schemes:
+            jobs += [("w8a16", "images", images, v) for v in ["float", *a.vision_schemes.split(",")]]
+        for scheme, name, calibration, vision in jobs:
+            out = root / f"{scheme}-{name}-{vision}"
+            row = {"model": "llava-1.5-shaped", "scheme": scheme, "vision_tower": vision or "float",
+                   "calibration": name, **run(model, scheme, calibration, out, None if vision == "float" else vision),
+                   "logits_sqnr_db": logits_sqnr(out, reference, inputs)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            shutil.rmtree(out)
+    lines = ["| model (shape) | scheme | vision tower | calibration | quantize s | peak RSS GB | logits SQNR dB "
+             "(image prompts) |", "|---|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['scheme']} | {r['vision_tower']} | {r['calibration']} | {r['quantize_s']} | "
+              f"{r['peak_rss_gb']} | {r['logits_sqnr_db']} |" for r in rows]
     results = Path(__file__).parent / "results" / "vlm-latest.txt"
     results.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
