@@ -64,6 +64,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("glm4_moe", "GLM", "zai-org/GLM-4.5-Air (dense first layer, shared expert, q/k/v bias)", dict(
         n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
         norm_topk_prob=True, partial_rotary_factor=0.5, routed_scaling_factor=1.0, **_ROUTED)),
+    Family("glm4_moe_lite", "GLM", "zai-org/GLM-4.7-Flash (multi-head latent attention, interleaved rotary, dense first "
+           "layer, 64 experts, here 4)", dict(
+        n_routed_experts=4, n_shared_experts=1, mlp_layer_types=["dense", "sparse"], q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_key_value_heads=4, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=1.8, **_ROUTED), drop=("head_dim",)),
     Family("hunyuan_v1_dense", "HunYuan", "tencent/Hunyuan-7B-Instruct (q/k norms)", dict()),
     Family("hunyuan_v1_moe", "HunYuan", "tencent/Hunyuan-A13B-Instruct", dict(
         num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1)),
