@@ -181,20 +181,14 @@ class FormatExporter:
         block = split_block(self.fmt.name, name, gm, layers, kv, self.state_names)
         out: dict[str, torch.Tensor] = {}
         for layer in block.layers:
-            try:
-                if layer.bits is None and not layer.sparse:
-                    assert layer.weight is not None
-                    out[layer.name + ".weight"] = layer.weight.to(self.dtype)
-                    if layer.bias is not None:
-                        out[layer.name + ".bias"] = layer.bias.to(self.dtype)
-                    self.float_tensors.extend(k for k in (layer.name + ".weight", layer.name + ".bias") if k in out)
-                    continue
-                written = {f"{layer.name}.{suffix}": t
-                           for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
-            except ExportError as e:
-                raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
-            out.update(written)
-            self.layers.append(layer.written(list(written)))
+            if layer.bits is None and not layer.sparse:
+                assert layer.weight is not None
+                out[layer.name + ".weight"] = layer.weight.to(self.dtype)
+                if layer.bias is not None:
+                    out[layer.name + ".bias"] = layer.bias.to(self.dtype)
+                self.float_tensors.extend(k for k in (layer.name + ".weight", layer.name + ".bias") if k in out)
+            else:
+                out.update(self._quantized_layer(layer))
         if kv:
             try:
                 written_kv = self.fmt.kv_cache_tensors(kv, block.tensors)
@@ -239,6 +233,15 @@ class FormatExporter:
                         sorted({a for n in self.linear_names if n not in quantized for a in (n, self.aliases.get(n, n))}),
                         self.kv_tensors, self.kv_args)
 
+    def _quantized_layer(self, layer: ExportLayer) -> dict[str, torch.Tensor]:
+        """The format's tensors of one quantized layer under checkpoint names, the layer noted as written."""
+        try:
+            written = {f"{layer.name}.{suffix}": t for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
+        except ExportError as e:
+            raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
+        self.layers.append(layer.written(list(written)))
+        return written
+
     def _outer_quantized_layers(self, model: torch.nn.Module) -> list[str]:
         """Write the quantized linears outside the blocks (a VLM's vision tower under --vision-scheme: modules that
         carry their LayerRecord, frontends/vision.py) in the format, as a block's layers are; returns their paths."""
@@ -249,13 +252,7 @@ class FormatExporter:
             if not isinstance(record, LayerRecord):
                 continue
             for layer in from_record(record, mod.record_tensors()):
-                try:
-                    written = {f"{layer.name}.{suffix}": t
-                               for suffix, t in self.fmt.layer_tensors(layer, self.dtype).items()}
-                except ExportError as e:
-                    raise ExportError(f"{self.fmt.name}: layer '{layer.name}': {e}") from None
-                out.update(written)
-                self.layers.append(layer.written(list(written)))
+                out.update(self._quantized_layer(layer))
             paths.append(record.path)
         if out:
             self._write(out)

@@ -172,14 +172,16 @@ def _module_path(pattern: str) -> tuple[str, bool] | None:
     """A rename pattern as a plain module path ('.gate.weight' -> 'gate', 'mlp.moe_statics.bias' -> 'mlp.moe_statics',
     '^embed_out\\.' -> 'embed_out', anchored),
     None when it is a real regular expression."""
-    anchored = pattern.startswith("^")
     p = pattern.removeprefix("^").replace("\\.", ".")
-    if not p.endswith("."):  # a tensor's full name: its module is what moves
-        p = p.rpartition(".")[0]
-    p = p.strip(".")
-    if not p or not all(part.isidentifier() for part in p.split(".")):
-        return None
-    return p, anchored
+    path = _plain_path(p if p.endswith(".") else p.rpartition(".")[0])  # (a tensor's name: its module is what moves)
+    return None if path is None else (path, pattern.startswith("^"))
+
+
+def _plain_path(pattern: str) -> str | None:
+    """A rename pattern (unescaped) as a dotted path without its outer dots, None when it is a real regular
+    expression."""
+    p = pattern.removeprefix("^").replace("\\.", ".").strip(".")
+    return p if p and all(part.isidentifier() for part in p.split(".")) else None
 
 
 def _move_module(model: nn.Module, path: str, to: str) -> None:
@@ -251,7 +253,6 @@ def rename_to_checkpoint(model: nn.Module, ckpt: Any, rules: list[Any]) -> int:
                     model.get_submodule(grand)._modules[leaf] = nn.Module()
                 _move_module(model, path, target)
                 moved += 1
-    view_renamed_tensors(model, ckpt, rules)
     return moved
 
 
@@ -266,8 +267,8 @@ def view_renamed_tensors(model: nn.Module, ckpt: Any, rules: list[Any]) -> int:
         src, dst = list(rule.source_patterns), list(rule.target_patterns)
         if len(src) != 1 or len(dst) != 1:
             continue
-        ends = [p.removeprefix("^").replace("\\.", ".").strip(".") for p in (src[0], dst[0])]
-        if not all(part.isidentifier() for e in ends for part in e.split(".")):
+        ends = [_plain_path(p) for p in (src[0], dst[0])]
+        if ends[0] is None or ends[1] is None:
             continue  # (a real regular expression)
         if ends[0].rpartition(".")[0] != ends[1].rpartition(".")[0] or ends[0] == ends[1]:
             continue  # (a module rename: rename_to_checkpoint)
@@ -358,10 +359,12 @@ def _view_stacked_experts(ckpt: Any, rules: list[Any], modules: set[str], full: 
 
 def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
     """Replace every stacked-experts module under `prefix` by ExpertLinears named as in `ckpt` (a Checkpoint,
-    or None to use gate/up/down_proj) and move modules the checkpoint names differently (rename_to_checkpoint).
+    or None to use gate/up/down_proj) and move modules the checkpoint names differently (rename_to_checkpoint; a
+    tensor it names differently within its module is served under the module's name: view_renamed_tensors).
     Returns the number of experts modules replaced."""
     rules = _renaming_rules(model)
     rename_to_checkpoint(model, ckpt, rules)
+    view_renamed_tensors(model, ckpt, rules)
     # module paths of the checkpoint's tensors ("model.layers.0.mlp.experts.3.gate_proj", ...)
     modules = {k.rsplit(".", 1)[0] for k in (ckpt.weight_map if ckpt is not None else ())}
     replaced = 0
