@@ -5,7 +5,7 @@
     python benchmarks/memory.py --large              # 30 GB, larger than this machine's RAM; streaming only
     python benchmarks/memory.py --demo               # the demo model (SmolLM2-135M): streamed = not streamed
 
-Each run is a fresh `qcompile quant` process. The streaming run gets an RSS budget of a third of the
+Each run is a fresh `qcompile quant` process. The streaming run (with --low-memory) gets an RSS budget of a third of the
 checkpoint's size, enforced the way a cgroup memory limit would be: a watchdog polls the process every 20 ms
 and kills it past the budget (the kernel's high-water mark, VmHWM, in run.json confirms the true peak). The
 --no-streaming run (every weight read into memory first, the way whole-model loaders work) runs without a
@@ -118,7 +118,7 @@ def main() -> None:
     rows = []
     for scheme in a.schemes.split(","):
         calib = ["--num-samples", str(a.num_samples), "--seq-len", str(a.seq_len)]
-        streamed = run(model, a.work / f"out-{scheme}-stream", scheme, True, budget, calib)
+        streamed = run(model, a.work / f"out-{scheme}-stream", scheme, True, budget, [*calib, "--low-memory"])
         whole = None if a.large else run(model, a.work / f"out-{scheme}-whole", scheme, False, None, calib)
         for r in (streamed, whole):
             if r is None:

@@ -10,21 +10,26 @@ Measured on the demo model (w4a16 g64 rtn, 30 blocks, this 2-core machine): with
 is 2.0-2.2 GB; with a full gc.collect() per block 1.15 GB at ~0.16 s per block (it walks every live Python
 object); with drop_tensors + gc.collect(1) 1.14 GB at a few ms per block.
 
-Within a block, glibc's *dynamic* mmap threshold is the larger problem: once a large (mmapped) chunk is freed
-the threshold rises to its size, and every later weight-sized temporary is carved from the heap, where
-freed space is kept. `use_mmap_for_large_allocations` pins the threshold at 4 MB, so every weight-sized
-tensor is its own mapping and returns to the system when freed, while the 2 MB row chunks the weight maths
-works in (numerics.ROW_CHUNK_BYTES) stay on the reused heap (mmapping those costs page faults: a 1 MB
-threshold ran 2.5x slower). Random 2048/5632 Llama, 8 blocks, w4a16: no threshold 50 s / peak 1.41 GB;
-1 MB 126 s / 1.27 GB; 4 MB with 2 MB chunks 43 s / 1.33 GB.
+Within a block, glibc's *dynamic* mmap threshold decides between speed and memory: once a large (mmapped)
+chunk is freed the threshold rises to its size (up to 32 MB), and later buffers of that size are carved from the
+heap, where freed space is kept and reused without page faults. `large_allocations_returned` pins the
+threshold at 4 MB instead, so every weight-sized tensor is its own mapping and returns to the system when freed
+(the 2 MB row chunks of the weight maths, numerics.ROW_CHUNK_BYTES, stay on the heap: a 1 MB threshold ran 2.5x
+slower), at the price of fresh zeroed pages for every such buffer. It is the `--low-memory` mode
+(QuantizeConfig.low_memory); the default keeps glibc's own policy. Measured 2026-12-03 on this 2-core machine,
+w4a16 GPTQ (the default for 4-bit): random 2048/5632 Llama, 8 blocks, 16 × 256 tokens: glibc's policy 102 s /
+peak 2.86 GB, pinned 4 MB 142 s / 2.41 GB (a 64 MB threshold 101 s / 3.00 GB); the demo model, 32 × 512
+tokens: 48.8 s / 1.18 GB against 64.7 s / 1.02 GB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import gc
+from collections.abc import Iterator
 
 
 @functools.cache
@@ -46,20 +51,32 @@ def release_free_memory() -> None:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_GLIBC_MMAP_THRESHOLD_MAX = 32 << 20  # where glibc's dynamic threshold stops rising (64-bit)
 
 
-@functools.cache
-def use_mmap_for_large_allocations(threshold: int = 4 << 20) -> bool:
-    """Serve every allocation ≥ `threshold` bytes from its own mmap (returned to the OS on free) instead of
-    the heap. Once per process; False where the C library has no mallopt (not glibc)."""
+def _mallopt():  # type: ignore[no-untyped-def]
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+        return ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+@contextlib.contextmanager
+def large_allocations_returned(threshold: int = 4 << 20) -> Iterator[bool]:
+    """Inside this block every allocation ≥ `threshold` bytes is its own mmap, returned to the OS when freed,
+    instead of heap space glibc keeps for reuse. Yields False where the C library has no mallopt (not glibc).
+    Afterwards the threshold is glibc's 32 MB ceiling: a pinned threshold cannot be made dynamic again, and the
+    ceiling is where the dynamic one settles in these runs (measured: the same speed as the dynamic policy)."""
+    mallopt = _mallopt()
+    pinned = mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+    try:
+        yield pinned
+    finally:
+        if pinned:
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
 
 
 def rss_bytes(field: str = "VmRSS") -> int | None:

@@ -67,13 +67,14 @@ def test_equal_runs_are_bit_identical_and_the_manifest_catches_changes(llama4, t
 
 
 @pytest.mark.slow
-def test_streaming_whole_model_loading_and_spilled_activations_give_identical_files(llama4, tmp_path):
+def test_streaming_whole_model_loading_and_low_memory_give_identical_files(llama4, tmp_path):
     quantize(_cfg(llama4, tmp_path / "stream"), log=lambda _: None)
     quantize(_cfg(llama4, tmp_path / "whole", streaming=False), log=lambda _: None)
-    quantize(_cfg(llama4, tmp_path / "spill", spill_activations=True), log=lambda _: None)
+    quantize(_cfg(llama4, tmp_path / "spill", spill_activations=True, low_memory=True), log=lambda _: None)  # --low-memory
     stream = _files(tmp_path / "stream")
     assert _files(tmp_path / "whole") == stream
     assert _files(tmp_path / "spill") == stream
+    assert json.loads((tmp_path / "spill" / "run.json").read_text())["low_memory"] is True
     assert not list(tmp_path.glob(".*"))  # no partial folder or lock left behind
 
 

@@ -34,6 +34,7 @@ class QuantizeConfig:
     progress: bool = True
     streaming: bool = True  # False: read every weight into memory first (as whole-model loaders do)
     spill_activations: bool = False  # keep calibration activations on disk between blocks, not in memory
+    low_memory: bool = False  # glibc returns every freed buffer ≥ 4 MB to the system at once (memory.py): lower peak, slower
     resume: bool = False  # continue the unfinished run of the same inputs for this --out (export/artifact.py)
     calibrate_all_experts: bool = False  # MoE: every expert's statistics over all tokens (frontends/moe.py)
     seed: int = 0  # seeds torch's generator; the pipeline's own sampling is seeded by batch index

@@ -18,6 +18,7 @@ propagate="float"). Only one block's weights and the calibration activations are
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -65,7 +66,7 @@ from qcompiler.frontends.vision import QuantizedLinear, quantize_vision_tower, v
 from qcompiler.ir.analysis import weight_products_not_linear
 from qcompiler.ir.graph import copy_graph, drop_tensors, tensor_attrs
 from qcompiler.ir.records import LayerRecord, block_records, checkpoint_name, kv_records
-from qcompiler.memory import release_free_memory, rss_bytes, use_mmap_for_large_allocations
+from qcompiler.memory import large_allocations_returned, release_free_memory, rss_bytes
 from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
@@ -79,8 +80,8 @@ def quantize(cfg: QuantizeConfig, log: Log = print, plan: RunPlan | None = None)
     `plan`: the run's plan when the caller made it already (the CLI, to refuse before reading the model). With
     torch.distributed initialised (qcompiler.distributed) every rank runs this on its share of the calibration
     batches and rank 0 writes."""
-    use_mmap_for_large_allocations()
-    with torch.random.fork_rng(devices=[]):  # seed torch's generator for this run, not for the caller
+    allocator = large_allocations_returned() if cfg.low_memory else contextlib.nullcontext()
+    with allocator, torch.random.fork_rng(devices=[]):  # seed torch's generator for this run, not the caller's
         torch.manual_seed(cfg.seed)
         run = HFRun(cfg, log if dist.rank() == 0 else (lambda _msg: None), plan or plan_run(cfg))
         return run.execute()
@@ -477,6 +478,7 @@ class HFRun:
             "data_parallel_ranks": dist.world_size(),
             "streaming": cfg.streaming,
             "spill_activations": cfg.spill_activations,
+            "low_memory": cfg.low_memory,
             "stats_cache": None if self.cache is None else {"hits": self.cache.hits, "misses": self.cache.misses},
             # memory of this process (rank 0): as the first block starts (imports, tokenizer, calibration
             # inputs; the outer weights are dropped by then) and its peak over the whole run
