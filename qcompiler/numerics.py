@@ -62,18 +62,33 @@ def grouped_qparams(
     grouped: torch.Tensor, args: QuantArgs, clip_ratio: torch.Tensor | float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """weight_qparams on a weight already cut into groups ([N, G, g], float32): scales (and zeros) [N, G]."""
+    return qparams_from_ranges(grouped_ranges(grouped, args), args, clip_ratio)
+
+
+def grouped_ranges(grouped: torch.Tensor, args: QuantArgs) -> tuple[torch.Tensor, ...]:
+    """The per-group reductions a min-max grid is made of ([N, G] each), which do not depend on the clip ratio:
+    a clip search computes them once and every candidate ratio from them (qparams_from_ranges)."""
     if args.symmetric and args.bits == 4 and not args.is_float:
-        # the full signed grid −8…7: the group's largest-magnitude weight lands exactly on −8 (scale = peak / −8,
-        # negative where the peak is positive); every weight of the peak's sign then has 8 steps, the other side 7
-        peak = grouped.gather(-1, grouped.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) * clip_ratio
-        scale = peak / args.qmin
+        # the full signed grid −8…7 is set by the group's largest-magnitude weight, with its sign
+        return (grouped.gather(-1, grouped.abs().argmax(dim=-1, keepdim=True)).squeeze(-1),)
+    if args.symmetric:
+        return (grouped.abs().amax(dim=-1),)
+    return grouped.amin(dim=-1).clamp_max(0), grouped.amax(dim=-1).clamp_min(0)
+
+
+def qparams_from_ranges(
+    ranges: tuple[torch.Tensor, ...], args: QuantArgs, clip_ratio: torch.Tensor | float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points) [N, G] of the grid whose range is `ranges` (grouped_ranges) shrunk by `clip_ratio`."""
+    if args.symmetric and args.bits == 4 and not args.is_float:
+        # the group's largest-magnitude weight lands exactly on −8 (scale = peak / −8, negative where the peak is
+        # positive); every weight of the peak's sign then has 8 steps, the other side 7
+        scale = ranges[0] * clip_ratio / args.qmin
         return torch.where(scale.abs() < _EPS, torch.full_like(scale, _EPS), scale), None
     if args.symmetric:  # (fp8: qmax = 448, the largest e4m3)
-        absmax = grouped.abs().amax(dim=-1) * clip_ratio
-        scale = (absmax / args.qmax).clamp_min(_EPS)
-        return scale, None
-    wmin = grouped.amin(dim=-1).clamp_max(0) * clip_ratio
-    wmax = grouped.amax(dim=-1).clamp_min(0) * clip_ratio
+        absmax = ranges[0] * clip_ratio
+        return (absmax / args.qmax).clamp_min(_EPS), None
+    wmin, wmax = ranges[0] * clip_ratio, ranges[1] * clip_ratio
     scale = ((wmax - wmin) / (args.qmax - args.qmin)).clamp_min(_EPS)
     zero = torch.clamp(torch.round(-wmin / scale), args.qmin, args.qmax)
     return scale, zero

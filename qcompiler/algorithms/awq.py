@@ -27,7 +27,8 @@ from qcompiler.numerics import (
     fake_quant_weight,
     group_size_of,
     grouped_fake_quant,
-    grouped_qparams,
+    grouped_ranges,
+    qparams_from_ranges,
     rows_per_chunk,
     to_groups,
 )
@@ -120,7 +121,8 @@ def activation_aware_clip(
     rows = rows_per_chunk(w)
     for r0 in range(0, n, rows):
         wg = wg_all[:, r0 : r0 + rows].contiguous()
-        candidates = (grouped_fake_quant(wg, *grouped_qparams(wg, args, r), args) for r in ratios)
+        ranges = grouped_ranges(wg, args)  # (once: every ratio's grid is this range shrunk)
+        candidates = (grouped_fake_quant(wg, *qparams_from_ranges(ranges, args, r), args) for r in ratios)
         best[:, r0 : r0 + rows] = _best_ratio(wg, candidates, h_blocks, ratios)
     return best.t().contiguous()
 
