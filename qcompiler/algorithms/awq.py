@@ -9,7 +9,7 @@ normalised to geometric mean 1, on a grid α ∈ {0, 1/n, ..., (n−1)/n}, plus 
 minimises the output error over the calibration tokens. That error is exact and needs no replay of the
 tokens: with H = XᵀX / T and Δ_i = W_i − Q(W_i·diag(s))·diag(s)⁻¹,
     (1/T)·Σ_t ‖x_t·Δ_iᵀ‖² = tr(Δ_i H Δ_iᵀ),
-so the search is one [N, K]×[K, K] product per candidate.
+so the search is one Gram matrix ΔᵀΔ [K, K] per candidate.
 
 Activation-aware clipping. For each group of K (columns J) and output row n, find the range shrink r that
 minimises the output error of that group's partial product, δ_nJ H_JJ δ_nJᵀ (δ = w − Q_r(w)): the block-
@@ -25,6 +25,7 @@ import torch
 
 from qcompiler.numerics import (
     fake_quant_weight,
+    gram,
     group_size_of,
     grouped_fake_quant,
     grouped_ranges,
@@ -44,9 +45,10 @@ class AWQResult:
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    """tr((W − Ŵ)·H·(W − Ŵ)ᵀ): mean squared output error for inputs with second moment H."""
+    """tr((W − Ŵ)·H·(W − Ŵ)ᵀ) = ⟨H, ΔᵀΔ⟩: mean squared output error for inputs with second moment H. ΔᵀΔ is
+    symmetric, so numerics.gram computes it in 5/8 of the N·K² products that Δ·H would take."""
     d = w.float() - w_hat.float()
-    return float(((d @ h) * d).sum())
+    return float((gram(d) * h).sum())
 
 
 def normalized_weight_mean(ws: Sequence[torch.Tensor], args: QuantArgs) -> torch.Tensor:

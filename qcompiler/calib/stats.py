@@ -141,7 +141,9 @@ class Accumulator:
             v = x2.abs().amax(dim=0) if x2.shape[0] else x2.new_zeros(c)
             self.acc[req] = v if req not in self.acc else torch.maximum(self.acc[req], v)
         elif req.kind in ("absmean_channel", "sqsum_channel"):
-            v = (x2.abs().double() if req.kind == "absmean_channel" else x2.double().pow(2)).sum(dim=0)
+            # (float64 sums; |x| is cast element by element inside the sum, without a float64 copy of the batch)
+            v = (x2.abs().sum(dim=0, dtype=torch.float64) if req.kind == "absmean_channel"
+                 else x2.double().pow(2).sum(dim=0))
             prev = self.acc.get(req)
             self.acc[req] = v if prev is None else prev + v
         elif req.kind == "histogram":
