@@ -2,8 +2,9 @@
 kernels/cuda/table.py — beside torch's half-precision `F.linear` on the same shape, in one run, as ratios.
 
 Shapes: Llama-3-8B's (4096 → 4096, 4096 → 14336, 14336 → 4096) and Qwen2.5-7B's (3584 → 18944) layers at M = 1, 16,
-128, 2048 tokens. Ops: w4a16 (int4 g128 weight-only), w8a16, w8a8 (int8 × int8, per-token activations), fp8
-(e4m3 × e4m3, per-token activations). Each row also checks the result against the oracle (kernels/reference.py).
+128, 2048 tokens. Ops: w4a16 (int4 g128 weight-only: as stored, and on a GPU with the tinygemm layout the cuda
+runtime gives it at load time), w8a16, w8a8 (int8 × int8, per-token activations), fp8 (e4m3 × e4m3, per-token
+activations). Each row also checks the result against the oracle (kernels/reference.py).
 
     python benchmarks/cuda_kernels.py            (a CUDA GPU: bf16 activations, CUDA-event timing)
     python benchmarks/cuda_kernels.py --quick    (any device: shapes / 8, M ≤ 128; on the CPU the baseline is
@@ -90,6 +91,15 @@ def measure(name: str, m: int, k: int, n: int, device: torch.device, dtype: torc
         "fp8 dynamic": ("linear_fp8", lambda: qc.linear_fp8(xd, d["wf8"], d["sf8"], None, None),
                         lambda: reference.linear_fp8(x, ops["wf8"], ops["sf8"], None, None)),
     }
+    if device.type == "cuda":  # the layout runtime/cuda_prepack.py makes once at load time (not timed)
+        from qcompiler.kernels.cuda.tinygemm import tinygemm_weight
+
+        tg = tinygemm_weight(d["w4"], d["s4"], None, 128, k)
+        cases["w4a16 g128 tinygemm layout"] = (
+            "linear_woq_tinygemm",
+            lambda: qc.linear_woq_tinygemm(xd, tg.packed, tg.scales_and_zeros, d["w4"], d["s4"], None, None, 128, k,
+                                           tg.kernel_group, tg.k_pad),
+            cases["w4a16 g128"][2])
     rows = []
     for op_name, (op, run, oracle) in cases.items():
         got, want = run().float().cpu(), oracle()

@@ -51,3 +51,16 @@ def linear_fp8_scaled_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: T
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def linear_woq_dequant_mm(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None,
+                          bits: int, group_size: int, in_features: int) -> Tensor:
+    """Weight-only linear as the oracle's dequantized weight, rounded once to the activations' dtype, into the
+    library GEMM of that dtype (cuBLAS for bf16 / fp16 on CUDA). In float32 it is the oracle itself; in half
+    precision ŵ is rounded to it (one rounding, as a half-precision model's own weights are) and the GEMM
+    accumulates in float32. The dequantization reads N·K/2 (int4) or N·K (int8) bytes and writes N·K halves:
+    at prefill sizes negligible beside the GEMM, at decode about 2.25× the weight bytes of a plain half GEMM."""
+    w = reference.dequantize(qweight, scale, zero, bits, group_size, in_features)
+    if x.dtype == torch.float32:
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.float())
+    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))

@@ -16,6 +16,8 @@ Ops:
   qc::linear_int4pack_cpu / qc::linear_int8pack_cpu
                         CPU-prepacked weight-only variants (bf16 activations), produced by the CPU
                         target's prepack lowering from qc::linear_woq; never stored on disk
+  qc::linear_woq_tinygemm  int4 weight-only with CUDA tinygemm's tiled copy beside the portable storage (made by
+                        the cuda runtime lowering at load time; kernels/cuda/tinygemm.py); never stored on disk
   qc::fake_quant_act    per-tensor static activation fake-quantization (simulation in the fake-quant graph)
   qc::fake_quant_act_per_token   dynamic symmetric per-token fake-quantization
   qc::fake_quant_act_fp8 / qc::fake_quant_act_fp8_per_token
@@ -179,6 +181,7 @@ def _fake_quant_kv_dynamic_fake(x, bits, symmetric):
 from qcompiler.kernels.ascend import dispatch as _ascend_dispatch  # noqa: E402,F401
 from qcompiler.kernels.cpu import linear as _cpu_linear  # noqa: E402,F401
 from qcompiler.kernels.cuda import dispatch as _cuda_dispatch  # noqa: E402,F401
+from qcompiler.kernels.cuda import tinygemm as _cuda_tinygemm  # noqa: E402,F401
 
 
 @torch.library.custom_op("qc::gated_delta_rule", mutates_args=())

@@ -85,3 +85,54 @@ def unpack_int32(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     w = words.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     return ((w.unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(words.shape[0], -1)[:, :count]
+
+
+# ---------------------------------------------------------------- torch's int4pack kernels (CPU and CUDA tinygemm)
+
+INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4pack kernels take
+
+
+def int4pack_group(group_size: int) -> int | None:
+    """The int4pack kernels take groups of 32..256; a larger logical group is split into equal ones (each copy
+    carries the same scale). None when the group is not a multiple of 32."""
+    for g in INT4PACK_GROUPS:
+        if group_size % g == 0:
+            return g
+    return None
+
+
+def int4pack_operands(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Our int4 storage -> what torch's int4pack kernels read, on the storage's device: unsigned codes u int32
+    [N, K'] (K zero-padded to K', a whole number of logical groups; padded columns meet zero activations), the
+    scale-and-zero table [K'/g', N, 2] bf16, the kernel's group g' and K'.
+
+    Both kernels (`_weight_int4pack_mm_for_cpu`, CUDA's tinygemm `_weight_int4pack_mm`) compute ŵ = (u − 8)·s + m
+    per group; our ŵ = (u − z)·s, so m = (8 − z)·s (z = 8 for symmetric storage: m = 0)."""
+    kernel_group = int4pack_group(group_size)
+    if kernel_group is None:
+        raise ValueError(f"group size {group_size} is not a multiple of 32; no int4pack layout")
+    u = unpack_int4(qweight, k).to(torch.int32)
+    k_pad = scale.shape[1] * group_size
+    u = torch.nn.functional.pad(u, (0, k_pad - k), value=8)
+    z = zero.float() if zero is not None else torch.full_like(scale.float(), default_zero(4))
+    m = (8.0 - z) * scale.float()
+    reps = group_size // kernel_group
+    s_rep = scale.float().repeat_interleave(reps, dim=1)
+    m_rep = m.repeat_interleave(reps, dim=1)
+    scales_and_zeros = torch.stack([s_rep.t(), m_rep.t()], dim=-1).contiguous().to(torch.bfloat16)
+    return u.contiguous(), scales_and_zeros, kernel_group, k_pad
+
+
+def tinygemm_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Unsigned codes int32 [N, K] (K even) -> uint8 [N, K/2] as CUDA's `_convert_weight_to_int4pack` reads them:
+    column 2i in the HIGH nibble, 2i+1 in the low one (the opposite of our storage's order)."""
+    if u.shape[1] % 2:
+        raise ValueError(f"tinygemm packs pairs of columns; K = {u.shape[1]} is odd")
+    return ((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8).contiguous()
+
+
+def tinygemm_codes(nibbles: torch.Tensor) -> torch.Tensor:
+    """The inverse of tinygemm_nibbles: uint8 [N, K/2] -> int32 codes [N, K]."""
+    hi, lo = (nibbles >> 4).to(torch.int32), (nibbles & 0x0F).to(torch.int32)
+    return torch.stack([hi, lo], dim=-1).reshape(nibbles.shape[0], -1)

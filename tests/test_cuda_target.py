@@ -321,3 +321,25 @@ def test_tied_head_is_listed_as_ignored_and_reloads(tmp_path):
     ids = torch.randint(3, 250, (1, 16))
     got = AutoModelForCausalLM.from_pretrained(str(out / "compressed-tensors"), dtype=torch.float32)(ids).logits
     torch.testing.assert_close(got, load_quantized(out)(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_runtime_lowering_gives_every_int4_layer_the_tinygemm_layout(tiny_llama, tmp_path):
+    """load_quantized(lower_for="cuda")'s per-block step on a real artefact's graphs, on the meta device (no GPU
+    here): every int4 linear of every block (q/k/v and gate/up fused) gets tinygemm's tiled layout and the block
+    still maps hidden states to hidden states; without a CUDA device the lowering is refused before any work."""
+    from qcompiler.errors import ArtifactError
+    from qcompiler.runtime.cuda_prepack import prepack_for_cuda
+
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, "w4a16", group=32)
+    model = load_quantized(out)  # (float32: the CPU's own prepack leaves qc::linear_woq in place)
+    woq = torch.ops.qc.linear_woq.default
+    for block in model.model.layers:
+        before = sum(1 for n in block.gm.graph.nodes if n.target == woq)
+        assert before == 4  # (q/k/v fused, o, gate/up fused, down)
+        block.gm.to("meta")
+        assert prepack_for_cuda(block.gm) == {"tinygemm": 4, "kept": 0}
+        assert not any(n.target == woq for n in block.gm.graph.nodes)
+    if not torch.cuda.is_available():
+        with pytest.raises(ArtifactError, match="needs a CUDA device"):
+            load_quantized(out, lower_for="cuda")

@@ -133,7 +133,8 @@ def test_gated_delta_rule_op_equals_the_token_by_token_recurrence():
 
 def test_cuda_dispatch_table_sends_each_shape_to_a_kernel_that_takes_it():
     """kernels/cuda/table.py: cuBLASLt's int8 GEMM only for M > 16 and K, N multiples of 8; its fp8 GEMM only for
-    M > 16, K, N multiples of 16 and half-precision output; everything else on Triton."""
+    M > 16, K, N multiples of 16 and half-precision output; tinygemm for decode sizes with bf16 activations;
+    weight-only otherwise dequantized into cuBLAS; everything else on Triton."""
     from qcompiler.kernels.cuda.table import choose
 
     bf16 = torch.bfloat16
@@ -145,7 +146,12 @@ def test_cuda_dispatch_table_sends_each_shape_to_a_kernel_that_takes_it():
     assert choose("linear_fp8", 2048, 4096, 4096, torch.float32).kernel == "triton"
     assert choose("linear_fp8", 2048, 4104, 4096, bf16).kernel == "triton"  # (K not a multiple of 16)
     assert choose("linear_fp8", 8, 4096, 4096, bf16).kernel == "triton"
-    assert choose("linear_woq", 2048, 4096, 4096, bf16).kernel == "triton"
+    assert choose("linear_woq", 2048, 4096, 4096, bf16).kernel == "dequant_mm"
+    assert choose("linear_woq", 1, 4096, 4096, bf16).kernel == "dequant_mm"
+    assert choose("linear_woq_tinygemm", 1, 4096, 4096, bf16).kernel == "tinygemm"
+    assert choose("linear_woq_tinygemm", 16, 4096, 14336, bf16).kernel == "tinygemm"
+    assert choose("linear_woq_tinygemm", 17, 4096, 4096, bf16).kernel == "dequant_mm"
+    assert choose("linear_woq_tinygemm", 1, 4096, 4096, torch.float16).kernel == "dequant_mm"
 
 
 def test_library_int8_gemm_is_bit_equal_to_the_oracle_static_and_dynamic():
@@ -221,3 +227,108 @@ def test_fast_fp32_matmul_keeps_float32_accuracy_and_restores_the_setting():
     assert fast.dtype == torch.float32
     err = float((fast.double() - exact).abs().max())
     assert err <= 4 * fp32_err + 1e-6 and err < bf16_err / 100
+
+
+def _int4_layer(n, k, group, symmetric, seed):
+    g = torch.Generator().manual_seed(seed)
+    args = QuantArgs(bits=4, symmetric=symmetric, granularity="group", group_size=group)
+    w = torch.randn(n, k, generator=g)
+    s, z = nm.weight_qparams(w, args)
+    q = nm.quantize_weight(w, s, z, args)
+    return store_weight_codes(q, 4, symmetric), s, None if z is None else z.to(torch.uint8)
+
+
+def test_tinygemm_table_and_nibble_order_reproduce_the_oracle():
+    """CUDA tinygemm's operands made on the CPU: the [K'/g', N, 2] bf16 table (ŵ = (u − 8)·s + m) and the uint8
+    codes with column 2i in the high nibble. Its arithmetic in pure torch (reference_tinygemm) against the oracle:
+    x, s and m rounded to bf16 (2⁻⁹ relative each) and the output too — random-sign errors, so the relative error
+    of y stays near 2·2⁻⁹; bound 2⁻⁷. torch's CPU int4pack kernel reads the same table: fed the codes back out of
+    the nibbles it must agree with reference_tinygemm up to float32 summation order and one bf16 rounding of y
+    (bound 2⁻⁸)."""
+    from qcompiler.kernels.cuda.tinygemm import reference_tinygemm
+    from qcompiler.kernels.packing import int4pack_operands, tinygemm_codes, tinygemm_nibbles
+
+    for n, k, group, symmetric in [(64, 128, 64, True), (48, 96, 32, False), (32, 512, 256, True), (48, 200, 128, False)]:
+        qweight, s, z = _int4_layer(n, k, group, symmetric, seed=k)
+        u, table, kernel_group, k_pad = int4pack_operands(qweight, s, z, group, k)
+        assert table.shape == (k_pad // kernel_group, n, 2) and table.dtype == torch.bfloat16
+        nibbles = tinygemm_nibbles(u)
+        assert nibbles.shape == (n, k_pad // 2) and int(nibbles[1, 0]) == (int(u[1, 0]) << 4) | int(u[1, 1])
+        assert torch.equal(tinygemm_codes(nibbles), u)
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+        xp = torch.nn.functional.pad(x, (0, k_pad - k))
+        got = reference_tinygemm(xp, u, table, kernel_group).float()
+        want = reference.linear_woq(x, qweight, s, z, None, 4, group, k)
+        assert float((got - want).norm() / want.norm()) < 2**-7, (n, k, group)
+        cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(tinygemm_codes(nibbles), 2)
+        cpu = torch.ops.aten._weight_int4pack_mm_for_cpu(xp.bfloat16(), cpu_packed, kernel_group, table).float()
+        assert float((cpu - got).norm() / got.norm()) < 2**-8, (n, k, group)
+
+
+def test_tinygemm_layout_shapes_on_meta_tensors_and_refusals():
+    """The tiled layout through torch's meta kernels (what CUDA returns, without a GPU): [N/8, K'/(16·t), 32, t/2]
+    int32 for the largest t of 8, 4, 2 with 16·t dividing K'; layers tinygemm cannot take are named."""
+    from qcompiler.kernels.cuda.tinygemm import tinygemm_refusal, tinygemm_weight
+
+    for n, k, group, tiles in [(64, 256, 128, 8), (32, 96, 32, 2), (16, 160, 64, 4)]:
+        qweight, s, z = _int4_layer(n, k, group, True, seed=n)
+        t = tinygemm_weight(qweight.to("meta"), s.to("meta"), None, group, k)
+        k_pad = -(-k // group) * group
+        assert t.packed.shape == (n // 8, k_pad // (16 * tiles), 32, tiles // 2) and t.packed.dtype == torch.int32
+        assert t.k_pad == k_pad and t.scales_and_zeros.shape == (k_pad // t.kernel_group, n, 2)
+    assert "multiple of 32" in tinygemm_refusal(64, 48, 96)
+    assert "multiple of 8" in tinygemm_refusal(12, 64, 128)
+    assert tinygemm_refusal(64, 64, 128) is None
+
+
+def test_cuda_prepack_rewrites_int4_layers_and_keeps_the_rest():
+    """runtime/cuda_prepack.py on a graph whose tensors are on the meta device (a CUDA device's stand-in): the int4
+    g64 layer becomes qc::linear_woq_tinygemm with the tiled copy beside its storage, the int8 one stays; the
+    rewritten op computes the oracle's numbers anywhere but CUDA."""
+    from torch import fx
+
+    from qcompiler.runtime.cuda_prepack import prepack_for_cuda
+
+    q4, s4, _ = _int4_layer(64, 128, 64, True, seed=3)
+    g = torch.Generator().manual_seed(4)
+    q8 = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    s8 = torch.rand(32, 1, generator=g) * 0.01
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, t in {"q4": q4, "s4": s4, "q8": q8, "s8": s8}.items():
+                self.register_buffer(name, t)
+
+        def forward(self, x):
+            h = qc.linear_woq.default(x, self.q4, self.s4, None, None, 4, 64, 128)  # (as lowered graphs call it)
+            return qc.linear_woq.default(h, self.q8, self.s8, None, None, 8, 64, 64)
+
+    gm = fx.symbolic_trace(TwoLayers()).to("meta")
+    assert prepack_for_cuda(gm) == {"tinygemm": 1, "kept": 1}
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops == [qc.linear_woq_tinygemm.default, qc.linear_woq.default]
+    assert gm.get_buffer("q4").shape == (64, 64)  # (the portable storage stays for the prefill path)
+    assert gm(torch.empty(3, 128, device="meta")).shape == (3, 32)
+    x = torch.randn(3, 128, generator=g)
+    table = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
+    got = qc.linear_woq_tinygemm(x, torch.zeros(8, 1, 32, 4, dtype=torch.int32), table, q4, s4, None, None, 64, 128,
+                                 64, 128)
+    assert torch.equal(got, reference.linear_woq(x, q4, s4, None, None, 4, 64, 128))
+
+
+def test_cuda_weight_only_prefill_path_is_the_oracle_in_float32():
+    """The CUDA registrations' dequantize + GEMM path (every weight-only call tinygemm does not take), called on the
+    CPU: in float32 it is the oracle exactly; in bf16 ŵ is rounded once, the error of a bf16 model's own weights
+    (bound 2⁻⁷ relative with bf16 activations and output)."""
+    from qcompiler.kernels.cuda import dispatch, tinygemm
+
+    qweight, s, z = _int4_layer(64, 128, 64, False, seed=9)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))
+    want = reference.linear_woq(x, qweight, s, z, None, 4, 64, 128)
+    assert torch.equal(dispatch._linear_woq_cuda(x, qweight, s, z, None, 4, 64, 128), want)
+    unused = torch.zeros(8, 1, 32, 4, dtype=torch.int32)
+    table = torch.zeros(2, 64, 2, dtype=torch.bfloat16)
+    assert torch.equal(tinygemm._linear_woq_tinygemm_cuda(x, unused, table, qweight, s, z, None, 64, 128, 64, 128), want)
+    half = dispatch._linear_woq_cuda(x.bfloat16(), qweight, s, z, None, 4, 64, 128).float()
+    assert float((half - want).norm() / want.norm()) < 2**-7

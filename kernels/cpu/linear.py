@@ -15,9 +15,7 @@ import torch
 from torch import Tensor
 
 from qcompiler.kernels import library_gemm
-from qcompiler.kernels.packing import default_zero, load_weight_codes
-
-_INT4PACK_GROUPS = (256, 128, 64, 32)
+from qcompiler.kernels.packing import int4pack_operands
 
 
 @torch.library.register_kernel("qc::linear_w8a8", "cpu")
@@ -35,38 +33,13 @@ def linear_w8a8_cpu(
 # ------------------------------------------------------------------ prepacked weight-only (bf16)
 
 
-def int4pack_group(group_size: int) -> int | None:
-    """The int4pack kernel supports groups of 32..256; a larger logical group is split into equal ones."""
-    for g in _INT4PACK_GROUPS:
-        if group_size % g == 0:
-            return g
-    return None
-
-
 def prepack_int4(
     qweight: Tensor, scale: Tensor, zero: Tensor | None, group_size: int, k: int
 ) -> tuple[Tensor, Tensor, int, int]:
-    """Canonical int4 storage -> (packed, scales_and_zeros [K'/g', N, 2] bf16, g', K').
-
-    The kernel computes ŵ = (u - 8)·s + m per group; with ŵ = (u - z)·s we set m = (8 - z)·s.
-    K is zero-padded to K' (a multiple of the logical group); padded columns meet zero activations.
-    """
-    kernel_group = int4pack_group(group_size)
-    if kernel_group is None:
-        raise ValueError(f"group size {group_size} is not a multiple of 32; no int4pack layout")
-    u = load_weight_codes(qweight, 4, k).to(torch.int32)
-    n = u.shape[0]
-    n_groups = scale.shape[1]
-    k_pad = n_groups * group_size
-    u = torch.nn.functional.pad(u, (0, k_pad - k), value=8)
-    z = zero.float() if zero is not None else torch.full_like(scale.float(), default_zero(4))
-    m = (8.0 - z) * scale.float()
-    reps = group_size // kernel_group
-    s_rep = scale.float().repeat_interleave(reps, dim=1)
-    m_rep = m.repeat_interleave(reps, dim=1)
-    scales_and_zeros = torch.stack([s_rep.t(), m_rep.t()], dim=-1).contiguous().to(torch.bfloat16)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
-    del n
+    """Canonical int4 storage -> (packed, scales_and_zeros [K'/g', N, 2] bf16, g', K') for
+    `_weight_int4pack_mm_for_cpu` (packing.int4pack_operands has the maths)."""
+    u, scales_and_zeros, kernel_group, k_pad = int4pack_operands(qweight, scale, zero, group_size, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 2)
     return packed, scales_and_zeros, kernel_group, k_pad
 
 

@@ -1,6 +1,6 @@
 """Registers the CUDA implementations of the `qc::` linear ops: each call goes to the kernel the dispatch table
-(kernels/cuda/table.py) picks for its shape — torch's cuBLASLt int8 / fp8 GEMMs (kernels/library_gemm.py) or our
-Triton kernels.
+(kernels/cuda/table.py) picks for its shape — torch's cuBLAS / cuBLASLt GEMMs (kernels/library_gemm.py), tinygemm
+(kernels/cuda/tinygemm.py, its own op) or our Triton kernels.
 
 Triton is imported on the first call that runs it, so importing qcompiler never needs Triton (it is the optional
 `cuda` extra) and a CPU-only machine never pays for it.
@@ -22,9 +22,9 @@ def _rows_cols(x: Tensor, qweight: Tensor, op: str) -> Choice:
 @torch.library.register_kernel("qc::linear_woq", "cuda")
 def _linear_woq_cuda(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None,
                      bits: int, group_size: int, in_features: int) -> Tensor:
-    from qcompiler.kernels.cuda import triton_linear
-
-    return triton_linear.linear_woq(x, qweight, scale, zero, bias, bits, group_size, in_features)
+    # (the table has one kernel for this op: int4 layers the cuda prepack gave a tinygemm layout call
+    # qc::linear_woq_tinygemm instead, kernels/cuda/tinygemm.py)
+    return library_gemm.linear_woq_dequant_mm(x, qweight, scale, zero, bias, bits, group_size, in_features)
 
 
 @torch.library.register_kernel("qc::linear_w8a8", "cuda")

@@ -15,7 +15,8 @@ from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.ir.graph import eliminate_dead_attrs, get_tensor, is_call, set_tensor
-from qcompiler.kernels.cpu.linear import int4pack_group, prepack_int4
+from qcompiler.kernels.cpu.linear import prepack_int4
+from qcompiler.kernels.packing import int4pack_group
 
 WOQ = torch.ops.qc.linear_woq.default
 

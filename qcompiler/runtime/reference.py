@@ -6,7 +6,9 @@ tensors, re-fuse the recorded groups, emit the recorded kernel op for every quan
 tensors the graph needs from the artefact. The original float weights are never read.
 
 With dtype=torch.bfloat16 the CPU prepack lowering swaps weight-only ops for torch's int4/int8 CPU kernels
-(fast only with bf16 activations); in float32 the ops keep the oracle's exact semantics.
+(fast only with bf16 activations); in float32 the ops keep the oracle's exact semantics. lower_for="cuda" moves
+each block to the GPU and gives its int4 layers tinygemm's layout (runtime/cuda_prepack.py); every other op runs
+the kernel kernels/cuda/table.py picks.
 """
 
 from __future__ import annotations
@@ -65,9 +67,12 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
                    trust_remote_code: bool = False) -> torch.nn.Module:
     """The quantized causal LM in `out`, ready to call like any transformers model (`model(ids).logits`).
 
-    lower_for="npu": every quantized linear runs as the torch_npu calls Ascend uses (emulated off an NPU)."""
-    if lower_for not in (None, "npu"):
-        raise ArtifactError(f"unknown runtime lowering '{lower_for}'; use None or 'npu'")
+    lower_for="npu": every quantized linear runs as the torch_npu calls Ascend uses (emulated off an NPU);
+    lower_for="cuda": the model on the first CUDA device, int4 layers on tinygemm (bf16 activations for it)."""
+    if lower_for not in (None, "npu", "cuda"):
+        raise ArtifactError(f"unknown runtime lowering '{lower_for}'; use None, 'npu' or 'cuda'")
+    if lower_for == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError("lower_for='cuda' needs a CUDA device, and torch sees none here; load without it")
     desc = read_description(out)
     if desc.get("frontend") == "diffusers":  # (a diffusion transformer: diffusers' class, not transformers')
         from qcompiler.runtime.diffusers import load_quantized_dit
@@ -112,10 +117,17 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
             from qcompiler.runtime.npu import lower_for_npu
 
             lower_for_npu(gm, dtype)
+        elif lower_for == "cuda":
+            from qcompiler.runtime.cuda_prepack import prepack_for_cuda
+
+            gm.to("cuda")  # (the tiled layout is made on the device)
+            prepack_for_cuda(gm)
         elif dtype == torch.bfloat16:
             from qcompiler.runtime.cpu_prepack import prepack_for_cpu
 
             prepack_for_cpu(gm)
         blocks[i] = CompiledBlock(gm, probe.calls[i], block)
+    if lower_for == "cuda":
+        model.to("cuda")
     model.qcompiler_description = desc  # type: ignore[assignment]
     return model

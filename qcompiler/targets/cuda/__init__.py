@@ -1,8 +1,11 @@
-"""The `cuda` target: NVIDIA GPUs through our Triton kernels, and the checkpoints CUDA serving engines load.
+"""The `cuda` target: NVIDIA GPUs through torch's library kernels and ours, and the checkpoints CUDA serving engines
+load.
 
 Lowering is the shared linear rules (kernel ops `qc::linear_woq`, `qc::linear_w8a8`, `qc::linear_fp8`,
-`qc::linear_int_dynamic` for w4a8 group scales), whose CUDA implementations are the Triton GEMMs in kernels/cuda
-(registered for CUDA tensors; the oracle elsewhere). No int4 × int4 GEMM: w4a4 is refused.
+`qc::linear_int_dynamic` for w4a8 group scales); their CUDA implementations pick a kernel per call from
+kernels/cuda/table.py — tinygemm for int4 weight-only at decode sizes (the layout made at load time,
+runtime/cuda_prepack.py), dequantize + cuBLAS, cuBLASLt int8 / fp8 GEMMs, our Triton GEMMs where no library
+kernel fits (the oracle off CUDA). No int4 × int4 GEMM: w4a4 is refused.
 Linears sharing an input are fused (one GEMM for q/k/v, one for gate/up); the exports split them back.
 
 Export (`--target-option format=compressed-tensors[,awq][,gptq]`), each into its own folder of the artefact:
@@ -49,8 +52,8 @@ def chosen_formats(options: dict[str, str]) -> list[ServingFormat]:
 
 @register_target("cuda")
 class CudaTarget(Target):
-    description = ("NVIDIA GPU: Triton int4/int8 weight-only and int8×int8 GEMMs; exports compressed-tensors "
-                   "(vLLM, SGLang), AWQ (LMDeploy), GPTQ")
+    description = ("NVIDIA GPU: tinygemm / cuBLAS weight-only, cuBLASLt and Triton int8×int8 and fp8 GEMMs; exports "
+                   "compressed-tensors (vLLM, SGLang), AWQ (LMDeploy), GPTQ")
     fuse_shared_input_linears = True
     online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online transform before a linear)
 
