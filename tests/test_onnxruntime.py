@@ -167,6 +167,28 @@ def test_exported_decoder_matches_the_reference_runtime(tiny32, tmp_path, family
         assert _rel(got, ref) < grids / 10 and _rel(decoded, got[:, 16:]) < grids / 10, grids
 
 
+@pytest.mark.slow
+def test_rotated_decoder_with_online_hadamards_matches_the_reference_runtime(tiny32, tmp_path):
+    """QuaRot's online Hadamards before o_proj and down_proj (the rotate pass) are MatMuls in the exported decoder:
+    o_proj's sits between GroupQueryAttention's output and the projection. Weight-only int8: the same function."""
+    from qcompiler.pm.pipeline import parse_pipeline
+
+    out = tmp_path / "q"
+    desc = quantize(QuantizeConfig(model=tiny32["llama"], scheme=get_scheme("w8a16"), out=out, target="onnxruntime",
+                                   calib_texts=[TEXT], num_samples=4, seq_len=32, batch_size=2, progress=False,
+                                   passes=parse_pipeline("rotate,fuse_linears,rtn,quantize_head,lower"),
+                                   target_options={"accuracy_level": "0", "lm_head_bits": "float"}),
+                    log=lambda _: None)
+    online = {block: rep["passes"]["rotate"]["online"] for block, rep in desc["block_report"].items()}
+    assert all(v == ["self_attn.o_proj", "mlp.down_proj"] for v in online.values()), online
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    hadamards = [n for n in graph.node if n.op_type == "MatMul" and any(i.startswith("hadamard_") for i in n.input)]
+    assert len(hadamards) == 2 * 2  # two per block
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(OrtCausalLM(out)(ids).logits, load_quantized(out)(input_ids=ids).logits,
+                               rtol=1e-4, atol=2e-4)
+
+
 def test_accuracy_level_4_and_quantized_head_stay_close_and_shrink_the_file(tiny32, tmp_path):
     exact, fast = tmp_path / "exact", tmp_path / "fast"
     _quantize(tiny32["llama"], exact, "w4a16", accuracy_level="0", lm_head_bits="float")

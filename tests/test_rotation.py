@@ -62,9 +62,9 @@ def test_rotated_block_computes_the_rotated_function(tiny_models, family):
     gm = PassManager(parse_pipeline("rotate{seed=5}")).run(gm, ctx)
     rep = ctx.report["rotate"]
     assert rep["residual_rotation"] == "hadamard" and rep["folded_norms"] == 2
-    assert rep["rotated_outputs"] == 2 and rep["online"] == ["mlp.down_proj"]
+    assert rep["rotated_outputs"] == 2 and rep["online"] == ["self_attn.o_proj", "mlp.down_proj"]
     rots = [n for n in gm.graph.nodes if n.target == ROT]
-    assert len(rots) == 1 and next(iter(rots[0].users)).meta[qmeta.ROTATION] == "hadamard"
+    assert len(rots) == 2 and all(next(iter(n.users)).meta[qmeta.ROTATION] == "hadamard" for n in rots)
     norms = [t for t in ("block.input_layernorm.weight", "block.post_attention_layernorm.weight")]
     for t in norms:  # folded: the norm multiplies by 1 (Gemma's (1 + γ) by γ = 0)
         g = get_tensor(gm, t)

@@ -245,14 +245,16 @@ def _find_attention(gm: fx.GraphModule, block: str) -> _Attention:
 
 
 def _attention_output(sdpa: fx.Node, block: str) -> fx.Node:
-    """The input of the o projection: the node after the attention output's transpose/reshape plumbing."""
+    """The attention's output as [B, S, heads·head size]: the node after the transpose/reshape plumbing, which o_proj
+    reads directly or through QuaRot's online Hadamard (emitted by its own rule after the op)."""
     n = sdpa
     while True:
         users = list(n.users)
         if len(users) != 1:
             raise ExportError(f"{block}: attention output '{n.name}' has {len(users)} users; expected a chain to o_proj")
         u = users[0]
-        if _is_linear_like(u):
+        if _is_linear_like(u) or (is_call(u, torch.ops.qc.hadamard_transform.default) and len(u.users) == 1
+                                  and _is_linear_like(next(iter(u.users)))):
             return n
         if not is_call(u, _ATTN_PLUMBING):
             raise ExportError(f"{block}: unexpected op '{u.target}' between attention and o_proj (node '{u.name}')")
