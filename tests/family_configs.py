@@ -31,6 +31,9 @@ class Family:
     fields: dict[str, Any] = field(default_factory=dict)
     drop: tuple[str, ...] = ()  # SIZES fields the family's config does not have
     multimodal: bool = False  # a vision-language model: `fields` is its whole config (tests/vlm_configs.py)
+    # a family that ships its own modeling code: the transformers model_type its tiny model is built as, then written
+    # in the family's layout (tests/remote_layouts.py) — what qcompiler reads as that native model, no code run
+    native: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -52,6 +55,8 @@ FAMILIES: tuple[Family, ...] = (
                                                                           rope_theta=1000000.0)),
     Family("qwen2_moe", "Qwen", "Qwen/Qwen1.5-MoE-A2.7B", dict(
         num_experts=4, shared_expert_intermediate_size=96, use_sliding_window=False, **_ROUTED)),
+    Family("qwen", "Qwen", "Qwen/Qwen-7B (own code: q/k/v in c_attn, w1·silu(w2); read as Qwen2)", dict(
+        num_key_value_heads=4, use_sliding_window=False), native="qwen2"),
     Family("qwen3", "Qwen", "Qwen/Qwen3-0.6B (q/k norms, tied head)", dict(tie_word_embeddings=True)),
     Family("qwen3_moe", "Qwen", "Qwen/Qwen3-30B-A3B", dict(num_experts=4, norm_topk_prob=True, **_ROUTED)),
     Family("qwen3_next", "Qwen", "Qwen/Qwen3-Next-80B-A3B-Instruct (3 linear-attention : 1 full, here 1 : 1)", dict(
@@ -60,6 +65,8 @@ FAMILIES: tuple[Family, ...] = (
         partial_rotary_factor=0.25, **_ROUTED)),
     Family("glm", "GLM", "THUDM/glm-4-9b-chat-hf (partial rotary, q/k/v bias)", dict(partial_rotary_factor=0.5,
                                                                                       head_dim=32)),
+    Family("chatglm", "GLM", "THUDM/chatglm3-6b (own code: query_key_value, dense_h_to_4h; read as GLM)", dict(
+        partial_rotary_factor=0.5, head_dim=32), native="glm"),
     Family("glm4", "GLM", "THUDM/GLM-4-9B-0414 (sandwich norms)", dict(partial_rotary_factor=0.5, head_dim=32)),
     Family("glm4_moe", "GLM", "zai-org/GLM-4.5-Air (dense first layer, shared expert, q/k/v bias)", dict(
         n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
@@ -75,6 +82,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("hy_v3", "HunYuan", "tencent/Hy3 (192 experts with sigmoid routing and expert bias, here 4; q/k norms, dense "
            "first layer)", dict(num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
                                 router_scaling_factor=2.826, **_ROUTED)),
+    Family("internlm2", "InternLM", "internlm/internlm2_5-7b-chat (own code: q/k/v packed per kv group in wqkv; read "
+           "as Llama)", dict(), native="llama"),
     Family("internlm3", "InternLM", "internlm/internlm3-8b-instruct (dynamic rope scaling ×6, no biases)", dict(
         rope_parameters=dict(rope_type="dynamic", factor=6.0, rope_theta=50000000.0))),
     Family("llama", "Llama", "meta-llama/Llama-3.1-8B (llama3 rope scaling)", dict(
@@ -97,6 +106,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("phi3", "Phi", "microsoft/Phi-3-mini-4k-instruct (fused qkv / gate_up)", dict()),
     Family("phimoe", "Phi", "microsoft/Phi-3.5-MoE-instruct", dict(num_local_experts=4, num_experts_per_tok=2),
            drop=("head_dim",)),
+    Family("baichuan", "Baichuan", "baichuan-inc/Baichuan2-7B-Base (own code: W_pack, NormHead; read as Llama)", dict(
+        num_key_value_heads=4), native="llama"),
     Family("gpt_oss", "gpt-oss", "openai/gpt-oss-20b (attention sinks, sliding / full, biased experts)", dict(
         num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention"])),
@@ -147,14 +158,28 @@ def family_config(family: Family) -> Any:
     fields = {k: v for k, v in SIZES.items() if k not in family.drop}
     fields.setdefault("tie_word_embeddings", False)
     fields.update(family.fields)
-    return AutoConfig.for_model(family.model_type, **fields)
+    return AutoConfig.for_model(family.native or family.model_type, **fields)
+
+
+def native_reference(family: Family, model: Path) -> Path:
+    """The transformers model `family`'s tiny checkpoint at `model` is read as: itself, or for a family with its own
+    modeling code the native model it was written from (beside it)."""
+    return model.with_name(model.name + "-native") if family.native else model
 
 
 def make_family_model(path: Path, family: Family, seed: int = 0) -> Path:
     """Save `family`'s tiny model with random weights (σ 0.05; norm weights around their neutral value) and the
-    byte tokenizer to `path`."""
+    byte tokenizer to `path` (a family with its own modeling code: the native model beside it, in its own layout
+    at `path`)."""
     from qcompiler.frontends.multimodal import auto_model_class
     from qcompiler.synthetic import byte_tokenizer
+
+    if family.native:
+        from remote_layouts import WRITERS
+
+        native = native_reference(family, path)
+        make_family_model(native, Family(family.native, family.row, family.real, family.fields, family.drop), seed)
+        return WRITERS[family.model_type](native, path)
 
     torch.manual_seed(seed)
     config = family_config(family)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from family_configs import FAMILIES, Family, family_inputs, make_family_model
+from family_configs import FAMILIES, Family, family_inputs, make_family_model, native_reference
 from tiny import TEXT
 from twin import transformers_twin
 
@@ -196,8 +196,9 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
     from qcompiler.frontends.multimodal import auto_model_class
     from qcompiler.runtime.msmodelslim import load_msmodelslim
 
-    inputs = family_inputs(family, model)
-    auto = auto_model_class(AutoConfig.from_pretrained(str(model)))
+    reference = native_reference(family, model)  # (what transformers builds: the model itself, or what it is read as)
+    inputs = family_inputs(family, reference)
+    auto = auto_model_class(AutoConfig.from_pretrained(str(reference)))
     cells: dict[str, str] = {}
     runs = {t: _quantize(model, tmp / t, scheme, t) for t in ("cuda", "ascend")}
     artefact = next((tmp / t for t, refusal in runs.items() if refusal is None), None)
@@ -221,12 +222,12 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
         ref_artefact = tmp / "reference"
     with torch.no_grad():
         ours = load_quantized(artefact)(**inputs).logits
-        act_free = None if weight_only else transformers_twin(model, artefact, activations=False)(**inputs).logits
+        act_free = None if weight_only else transformers_twin(reference, artefact, activations=False)(**inputs).logits
         ref_ours = ours if ref_artefact == artefact else load_quantized(ref_artefact)(**inputs).logits
         ref_act_free = act_free if ref_artefact == artefact or weight_only else \
-            transformers_twin(model, ref_artefact, activations=False)(**inputs).logits
-        twin = transformers_twin(model, ref_artefact)(**inputs).logits
-        float_logits = auto.from_pretrained(str(model), dtype=torch.float32)(**inputs).logits
+            transformers_twin(reference, ref_artefact, activations=False)(**inputs).logits
+        twin = transformers_twin(reference, ref_artefact)(**inputs).logits
+        float_logits = auto.from_pretrained(str(reference), dtype=torch.float32)(**inputs).logits
     assert _rel(ref_ours, float_logits) > 1e-4, "nothing was quantized"  # (10× the weight-only tolerance)
     _check_close(ref_ours, twin, ref_act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
     cells["reference"] = "ok"
@@ -270,11 +271,12 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
             cells["ascend"] = "ok"
     else:
         cells["ascend"] = runs["ascend"]
-    cells["onnxruntime"] = _onnxruntime_cell(model, scheme, tmp, inputs["input_ids"], act_free is not None)
+    cells["onnxruntime"] = _onnxruntime_cell(model, reference, scheme, tmp, inputs["input_ids"], act_free is not None)
     return cells
 
 
-def _onnxruntime_cell(model: Path, scheme: str, tmp: Path, ids: torch.Tensor, quantized_acts: bool) -> str:
+def _onnxruntime_cell(model: Path, reference: Path, scheme: str, tmp: Path, ids: torch.Tensor,
+                      quantized_acts: bool) -> str:
     """The exported decoder run by onnxruntime (prompt, then the KV cache one token at a time) equals the artefact of
     the same run: |Δ| / |y| ≤ 1e-4 (MatMulNBits and GroupQueryAttention accumulate in their own order), or, with
     quantized activations, the rounding-tie bound above against the artefact's act-free twin."""
@@ -286,7 +288,7 @@ def _onnxruntime_cell(model: Path, scheme: str, tmp: Path, ids: torch.Tensor, qu
     out = tmp / "onnxruntime"
     with torch.no_grad():
         ours = load_quantized(out)(ids).logits
-        act_free = transformers_twin(model, out, activations=False)(ids).logits if quantized_acts else None
+        act_free = transformers_twin(reference, out, activations=False)(ids).logits if quantized_acts else None
     session = OrtCausalLM(out)
     prompt = session(ids).logits
     _, past = session.run(ids[:, :32].numpy())  # prefill 32 tokens, then decode through the KV cache
@@ -294,7 +296,7 @@ def _onnxruntime_cell(model: Path, scheme: str, tmp: Path, ids: torch.Tensor, qu
     for t in (32, 33):
         logits, past = session.run(ids[:, t:t + 1].numpy(), past)
         steps.append(torch.from_numpy(logits))
-    where = f"{model.name} {scheme}: onnxruntime vs ours"
+    where = f"{model.name} {scheme}: onnxruntime vs ours"  # (`reference`: the transformers model it is read as)
     if act_free is None:
         assert _rel(prompt, ours) < 1e-4, (where, _rel(prompt, ours))
         for j, step in enumerate(steps):
