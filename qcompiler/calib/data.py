@@ -123,10 +123,22 @@ def token_stream(tokenizer, texts: list[Sample], chat_template: bool = False) ->
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     parts = []
     for start in range(0, len(strings), TEXTS_PER_CALL):
-        encoded = tokenizer(strings[start:start + TEXTS_PER_CALL], add_special_tokens=False,
-                            return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        encoded = encode_texts(tokenizer, strings[start:start + TEXTS_PER_CALL])
         parts.append(torch.tensor([i for e in encoded for i in (*e, *eos)], dtype=torch.long))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def encode_texts(tokenizer, strings: list[str]) -> list[list[int]]:
+    """Token ids of each string, no special tokens: what `tokenizer(strings, add_special_tokens=False)` gives. A fast
+    tokenizer's backend encodes them without character offsets (`encode_batch_fast`: a third less time on the default
+    corpus's 2.2 M tokens) where transformers would call it with nothing else set (no truncation or padding stored in
+    tokenizer.json); otherwise through transformers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None and backend.truncation is None and backend.padding is None:
+        return [e.ids for e in fast(strings, add_special_tokens=False)]
+    return tokenizer(strings, add_special_tokens=False, return_attention_mask=False,
+                     return_token_type_ids=False)["input_ids"]
 
 
 def windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -421,7 +421,7 @@ class HFRun:
         self.inputs = following
         drop_tensors(gm)
         del gm
-        release_free_memory()
+        release_free_memory(trim=cfg.low_memory)  # (trimming every block costs page faults: memory.py)
 
     def checkpoint(self, i: int, following: ActivationStore) -> None:
         """The next block's inputs (every rank its own), then the exporter's state and the state file that points at

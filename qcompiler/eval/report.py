@@ -23,7 +23,7 @@ def _float_key(model_dir: Path, ids: torch.Tensor, tok_name: str, dtype: torch.d
     from qcompiler.frontends.hf import Checkpoint
 
     identity = Checkpoint(model_dir, trust_remote_code).fingerprint()  # (config, index, weight files' sizes and times)
-    h = hashlib.sha256(f"v1|{identity}|{tok_name}|{dtype}|{batch_size}|".encode())
+    h = hashlib.sha256(f"v2|{identity}|{tok_name}|{dtype}|{batch_size}|".encode())
     h.update(digest_tensors([ids]).encode())
     return h.hexdigest()
 
