@@ -179,9 +179,25 @@ def _dequantize_weight(
 
 
 def fake_quant_weight(w: torch.Tensor, args: QuantArgs, clip_ratio: torch.Tensor | float = 1.0) -> torch.Tensor:
-    scale, zero = weight_qparams(w, args, clip_ratio)
-    q = quantize_weight(w, scale, zero, args)
-    return dequantize_weight(q, scale, zero, group_size_of(args, w.shape[1])).to(w.dtype)
+    """ŵ = dequantize(quantize(w)) on the min-max grid shrunk by `clip_ratio`. Integer grids per channel or group
+    are computed in the grouped layout a chunk of rows at a time (the same operations on the same numbers as
+    quantize_weight then dequantize_weight, without expanding the grids to [N, K]: the scale searches call this
+    once per candidate)."""
+    if args.is_float or args.granularity == "tensor" or w.dim() != 2:
+        scale, zero = weight_qparams(w, args, clip_ratio)
+        q = quantize_weight(w, scale, zero, args)
+        return dequantize_weight(q, scale, zero, group_size_of(args, w.shape[1])).to(w.dtype)
+    n, k = w.shape
+    gs = group_size_of(args, k)
+    per_row = isinstance(clip_ratio, torch.Tensor) and clip_ratio.dim() > 0 and clip_ratio.shape[0] == n
+    out = torch.empty(n, k, dtype=w.dtype)
+    rows = rows_per_chunk(w)
+    for r0 in range(0, n, rows):
+        grouped = to_groups(w[r0:r0 + rows].float(), gs)
+        ratio = clip_ratio[r0:r0 + rows] if per_row else clip_ratio  # type: ignore[index]
+        scale, zero = grouped_qparams(grouped, args, ratio)
+        out[r0:r0 + rows] = grouped_fake_quant(grouped, scale, zero, args).reshape(grouped.shape[0], -1)[:, :k]
+    return out
 
 
 def mse_clip_search(
