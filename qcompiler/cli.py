@@ -112,8 +112,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep calibration activations on disk between blocks (large calibration sets)")
     q.add_argument("--low-memory", action="store_true",
                    help="the smallest peak memory: every freed buffer of 4 MB or more goes back to the system at once "
-                   "and calibration activations wait on disk between blocks (implies --spill-activations); about 15 "
-                   "%% lower peak RSS, 30 %% slower (docs/big-models.md)")
+                   "and the heap's free pages after every block; "
+                   "calibration activations wait on disk between blocks (implies --spill-activations); about 20 "
+                   "%% lower peak RSS, 40 %% slower (docs/big-models.md)")
     q.add_argument("--no-streaming", action="store_true",
                    help="read every weight into memory before starting (for comparison; streaming is the default)")
     q.add_argument("--calibrate-all-experts", action="store_true",
