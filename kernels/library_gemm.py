@@ -60,7 +60,7 @@ def linear_woq_dequant_mm(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tenso
     precision ŵ is rounded to it (one rounding, as a half-precision model's own weights are) and the GEMM
     accumulates in float32. The dequantization reads N·K/2 (int4) or N·K (int8) bytes and writes N·K halves:
     at prefill sizes negligible beside the GEMM, at decode about 2.25× the weight bytes of a plain half GEMM."""
-    w = reference.dequantize(qweight, scale, zero, bits, group_size, in_features)
     if x.dtype == torch.float32:
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.float())
-    return torch.nn.functional.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return reference.linear_woq(x, qweight, scale, zero, bias, bits, group_size, in_features)
+    w = reference.dequantize(qweight, scale, zero, bits, group_size, in_features).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

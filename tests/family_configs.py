@@ -8,6 +8,7 @@ shares are in SIZES; an entry's fields override them. Windows are 24 tokens so t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,7 @@ def make_family_model(path: Path, family: Family, seed: int = 0) -> Path:
         from remote_layouts import WRITERS
 
         native = native_reference(family, path)
-        make_family_model(native, Family(family.native, family.row, family.real, family.fields, family.drop), seed)
+        make_family_model(native, dataclasses.replace(family, model_type=family.native, native=None), seed)
         return WRITERS[family.model_type](native, path)
 
     torch.manual_seed(seed)

@@ -10,8 +10,8 @@ from qcompiler.schemes import QuantArgs
 qc = torch.ops.qc
 
 
-def _quantized(n, k, args):
-    w = torch.randn(n, k)
+def _quantized(n, k, args, seed=None):
+    w = torch.randn(n, k, generator=None if seed is None else torch.Generator().manual_seed(seed))
     s, z = nm.weight_qparams(w, args)
     q = nm.quantize_weight(w, s, z, args)
     gs = nm.group_size_of(args, k)
@@ -230,11 +230,8 @@ def test_fast_fp32_matmul_keeps_float32_accuracy_and_restores_the_setting():
 
 
 def _int4_layer(n, k, group, symmetric, seed):
-    g = torch.Generator().manual_seed(seed)
     args = QuantArgs(bits=4, symmetric=symmetric, granularity="group", group_size=group)
-    w = torch.randn(n, k, generator=g)
-    s, z = nm.weight_qparams(w, args)
-    q = nm.quantize_weight(w, s, z, args)
+    _, q, s, z, _ = _quantized(n, k, args, seed)
     return store_weight_codes(q, 4, symmetric), s, None if z is None else z.to(torch.uint8)
 
 

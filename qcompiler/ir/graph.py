@@ -154,6 +154,13 @@ def module_path(node: fx.Node) -> str:
     return str(path).removeprefix(ADAPTER_PREFIX)
 
 
+def swap_node(node: fx.Node, new: fx.Node) -> None:
+    """`new` takes `node`'s place: its metadata and its users; `node` leaves the graph."""
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
 def eliminate_dead_attrs(gm: fx.GraphModule) -> None:
     """Remove dead nodes, then tensors no get_attr reads any more (frees replaced float weights)."""
     gm.graph.eliminate_dead_code()

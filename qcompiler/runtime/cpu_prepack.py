@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
-from qcompiler.ir.graph import eliminate_dead_attrs, get_tensor, is_call, set_tensor
+from qcompiler.ir.graph import eliminate_dead_attrs, get_tensor, is_call, set_tensor, swap_node
 from qcompiler.kernels.cpu.linear import prepack_int4
 from qcompiler.kernels.packing import int4pack_group
 
@@ -50,8 +50,6 @@ def prepack_for_cpu(gm: fx.GraphModule) -> dict[str, int]:
             else:
                 counts["kept"] += 1
                 continue
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        swap_node(node, new)
     eliminate_dead_attrs(gm)
     return counts

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
-from qcompiler.ir.graph import eliminate_dead_attrs, get_tensor, is_call, set_tensor
+from qcompiler.ir.graph import eliminate_dead_attrs, get_tensor, is_call, set_tensor, swap_node
 from qcompiler.kernels.cuda.tinygemm import tinygemm_refusal, tinygemm_weight
 
 WOQ = torch.ops.qc.linear_woq.default
@@ -44,9 +44,7 @@ def prepack_for_cuda(gm: fx.GraphModule) -> dict[str, int]:
                 (x, gm.graph.get_attr(base + "_tinygemm"), gm.graph.get_attr(base + "_tinygemm_scales_and_zeros"),
                  qw, sc, zp, bias, group, k, tiled.kernel_group, tiled.k_pad),
             )
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        swap_node(node, new)
         counts["tinygemm"] += 1
     eliminate_dead_attrs(gm)
     return counts

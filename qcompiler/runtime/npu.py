@@ -19,7 +19,7 @@ import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.export.layers import from_record
 from qcompiler.export.msmodelslim import msmodelslim_tensors
 from qcompiler.ir import qmeta
-from qcompiler.ir.graph import eliminate_dead_attrs, is_call, set_tensor, tensor_attrs
+from qcompiler.ir.graph import eliminate_dead_attrs, is_call, set_tensor, swap_node, tensor_attrs
 from qcompiler.kernels.ascend import layout
 
 LINEAR_OPS = {torch.ops.qc.linear_w8a8.default, torch.ops.qc.linear_woq.default}
@@ -47,10 +47,7 @@ def lower_for_npu(gm: fx.GraphModule, model_dtype: torch.dtype = torch.float16) 
                 else:
                     proxies[key] = value
             out = layout.forward(kind, fx.Proxy(node.args[0], tracer), proxies)  # type: ignore[arg-type]
-        new: fx.Node = out.node  # type: ignore[attr-defined]
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        swap_node(node, out.node)  # type: ignore[attr-defined]
         counts[kind] = counts.get(kind, 0) + 1
     eliminate_dead_attrs(gm)
     gm.recompile()
