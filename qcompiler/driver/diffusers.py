@@ -10,7 +10,8 @@ pipeline → lowered blocks → our artefact, which `load_quantized` runs as the
 Every block is calibrated on the inputs the float model gives it (propagate = "float"): a block's inputs here come
 from several streams (image and text tokens, the timestep embedding, rotary tables), captured as the model makes
 them. Written for the `reference` target (our artefact), the `ascend` target (also OUT/msmodelslim/: the quantized
-linears in msModelSlim's ascend v1 layout under the transformer's own module names, everything else FLOAT) and the
+linears in msModelSlim's ascend v1 layout under the transformer's own module names, everything else FLOAT, and
+w8a8c8's Q / K / V grids as FAQuant scales) and the
 `onnxruntime` target (also OUT/model.onnx: a QDQ model of the transformer, static w8a8 only; export/onnx/dit.py).
 """
 
@@ -66,10 +67,6 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
         raise SchemeError(f"target '{plan.target.name}': diffusion transformers are written for --target "
                           f"{', '.join(DIT_TARGETS)} so far (our artefact; ascend adds msModelSlim's layout, "
                           "onnxruntime a QDQ model.onnx); their compressed-tensors export is not built yet")
-    if plan.target.name == "ascend" and plan.scheme.kv_cache is not None:
-        raise SchemeError(f"scheme '{cfg.scheme.name}': msModelSlim's layout for a DiT's quantized attention (its FA3 "
-                          "scales) is not written yet; use --target reference for quantized attention, or a scheme "
-                          "without it for --target ascend")
     if plan.target.name == "onnxruntime" and (reason := qdq_scheme_reason(plan.scheme)) is not None:
         raise SchemeError(f"scheme '{cfg.scheme.name}' for a diffusion transformer on --target onnxruntime: {reason}")
     # (a DiT has no LM head: the head quantization a decoder target adds does not apply)

@@ -80,8 +80,8 @@ class AwqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
-    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise ExportError(f"the {self.name} format has no KV-cache scales")
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
@@ -131,8 +131,8 @@ class GptqFormat:
             out["bias"] = layer.bias.to(torch.float16)
         return out
 
-    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise ExportError(f"the {self.name} format has no KV-cache scales")
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],

@@ -84,8 +84,8 @@ class CompressedTensorsFormat:
             return "per-tensor integer weight scales are not a compressed-tensors integer strategy we write"
         return None
 
-    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for rec in records:
             if rec.kind not in ("k", "v"):

@@ -89,8 +89,8 @@ class LmdeployFormat:
             out["bias"] = layer.bias.to(dtype)
         return out
 
-    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise ExportError("LMDeploy reads no KV-cache scales (it quantizes the cache online: --quant-policy 4/8)")
 
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],

@@ -25,6 +25,10 @@ Per layer type (signed codes q, signed zero point z, ŵ = (q − z)·s; weight i
   C8 (KV cache)  <attn>.k_proj.kv_cache_scale, <attn>.k_proj.kv_cache_offset fp32 [H_kv·D] (one value per channel
                 of the cache; per-tensor / per-head scales repeated), same under v_proj; the cache stores
                 q = round(x / s) + offset in int8 (offset = signed zero point); global kv_quant_type = "C8"
+  FAQuant       quantized attention (a DiT's w8a8c8: Q, K and V int8 into the FA3 kernel): <attn>.fa_q.scale,
+                <attn>.fa_q.offset [H_q, D], fa_k / fa_v [H_kv, D] in the model's dtype (fp32 for an fp32 model),
+                type "FAQuant", global fa_quant_type = "FAQuant" (MindIE's attention-quantization layout); the
+                kernel reads q = round(x / s) + offset as C8 does
 A float bias is written as `bias` (type FLOAT) in every type. Norms, embeddings, head and float layers: FLOAT.
 """
 
@@ -159,9 +163,11 @@ class MsModelSlimFormat:
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return msmodelslim_tensors(layer, dtype == torch.bfloat16)[1]
 
-    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        if any(rec.kind == "q" for rec in records):
+            return fa_quant_tensors(records, tensors, dtype)
         for rec in records:
             if rec.kind not in ("k", "v"):
                 raise ExportError("C8 scales sit on k_proj / v_proj; multi-head latent attention caches a latent "
@@ -177,7 +183,8 @@ class MsModelSlimFormat:
     def finish(self, folder: Path, config: dict[str, Any], layers: Sequence[WrittenLayer],
                float_tensors: Sequence[str], float_linears: Sequence[str], kv_tensors: Sequence[str],
                kv_args: dict[str, Any] | None) -> None:
-        description: dict[str, Any] = dict.fromkeys(kv_tensors, "C8")
+        fa_tensors = [n for n in kv_tensors if n.rsplit(".", 2)[-2] in FA_MODULES]
+        description: dict[str, Any] = {n: "FAQuant" if n in fa_tensors else "C8" for n in kv_tensors}
         groups = set()
         for layer in layers:
             kind = written_type(layer)
@@ -197,10 +204,37 @@ class MsModelSlimFormat:
             "model_quant_type": max(types, key=PRIORITY.index), "version": VERSION, "metadata": {},
             "group_size": groups.pop() if groups else 0, "optional": {},
         })
-        if kv_tensors:
+        if len(fa_tensors) < len(kv_tensors):
             description.update({"kv_quant_type": "C8", "kv_cache_type": "C8"})
+        if fa_tensors:
+            description["fa_quant_type"] = "FAQuant"
         (folder / DESCRIPTION).write_text(json.dumps(description, indent=2))
         (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+FA_MODULES = ("fa_q", "fa_k", "fa_v")  # quantized attention's scale holders under the attention module
+
+
+def fa_quant_tensors(records: Sequence[KVRecord], tensors: dict[str, torch.Tensor], dtype: torch.dtype
+                     ) -> dict[str, torch.Tensor]:
+    """FAQuant (module docstring) of one block: each attention's Q, K and V grids as [heads, head_dim] scale and
+    signed offset in `dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    kinds: dict[str, set[str]] = {}
+    for rec in records:
+        if rec.kind not in ("q", "k", "v"):
+            raise ExportError(f"quantized attention holds Q, K and V grids, not '{rec.kind}'")
+        if rec.args["dynamic"] or rec.args["bits"] != 8 or rec.tensors is None:
+            raise ExportError("FAQuant is int8 with calibrated scales")
+        scale, zero = rec.per_channel(tensors)
+        base = rec.tensors["scale"].removesuffix(f"{rec.kind}_cache_scale")
+        kinds.setdefault(base, set()).add(rec.kind)
+        out[f"{base}fa_{rec.kind}.scale"] = scale.reshape(rec.heads, rec.head_dim).to(dtype).contiguous()
+        out[f"{base}fa_{rec.kind}.offset"] = rec.signed_zero(zero).reshape(rec.heads, rec.head_dim).to(dtype).contiguous()
+    for base, found in kinds.items():
+        if found != {"q", "k", "v"}:
+            raise ExportError(f"attention '{base.rstrip('.')}' has grids for {sorted(found)}; FAQuant needs Q, K and V")
+    return out
 
 
 # Linears the serving engines fuse into one kernel (one quantization type per group).

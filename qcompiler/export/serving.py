@@ -52,8 +52,8 @@ class ServingFormat(Protocol):
         ExportError if the format cannot hold it."""
         ...
 
-    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
+                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Checkpoint name -> tensor of one block's KV-cache quantization (`records`: kv_records of the block,
         `tensors` its tensors by checkpoint name); raises ExportError if the format cannot hold it."""
         ...
@@ -191,7 +191,7 @@ class FormatExporter:
                 out.update(self._quantized_layer(layer))
         if kv:
             try:
-                written_kv = self.fmt.kv_cache_tensors(kv, block.tensors)
+                written_kv = self.fmt.kv_cache_tensors(kv, block.tensors, self.dtype)
             except ExportError as e:
                 raise ExportError(f"{self.fmt.name}: block '{name}': KV cache: {e}") from None
             out.update(written_kv)

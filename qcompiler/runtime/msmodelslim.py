@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from qcompiler.errors import ArtifactError
-from qcompiler.export.msmodelslim import DESCRIPTION
+from qcompiler.export.msmodelslim import DESCRIPTION, FA_MODULES
 from qcompiler.frontends.diffusers import diffusers_class
 from qcompiler.frontends.hf import find_blocks
 from qcompiler.frontends.moe import unfuse_experts
@@ -75,6 +75,7 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
         # does)
         unfuse_experts(model, SimpleNamespace(path=folder, weight_map=dict.fromkeys(tensors, "")),
                        find_blocks(model)[0])
+    fa_grids = fa_quant_grids(folder, desc, tensors)
     if any(kind == "C8" for kind in desc.values()):
         raise ArtifactError(f"'{folder}': its KV cache is C8 (int8), which this loader's emulation does not run; "
                             "load our artefact with qcompiler.runtime.load_quantized instead")
@@ -99,4 +100,65 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
         raise ArtifactError(f"'{folder}': tensors missing {missing[:5]} / not in the model {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    for module_name, grid in fa_grids.items():
+        install_fa_quant(folder, model, module_name, grid)
     return model.eval()
+
+
+FaGrid = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "q" / "k" / "v" -> (scale, signed offset) [heads, head_dim]
+
+
+def fa_quant_grids(folder: Path, desc: dict, tensors: dict[str, torch.Tensor]) -> dict[str, FaGrid]:
+    """The FAQuant grids of the folder by attention module (export/msmodelslim.py: <attn>.fa_q.scale, ...)."""
+    grids: dict[str, FaGrid] = {}
+    for name, kind in desc.items():
+        if kind != "FAQuant" or not name.endswith(".scale"):
+            continue
+        module, holder, _ = name.rsplit(".", 2)
+        offset = f"{module}.{holder}.offset"
+        if holder not in FA_MODULES or desc.get(offset) != "FAQuant":
+            raise ArtifactError(f"'{folder}': FAQuant tensor '{name}' is not fa_q / fa_k / fa_v.scale with its offset")
+        grids.setdefault(module, {})[holder.removeprefix("fa_")] = (tensors[name].float(), tensors[offset].float())
+    for module, grid in grids.items():
+        if set(grid) != {"q", "k", "v"}:
+            raise ArtifactError(f"'{folder}': attention '{module}' has FAQuant grids for {sorted(grid)}, not Q, K and V")
+    return grids
+
+
+def install_fa_quant(folder: Path, model: torch.nn.Module, module_name: str, grid: FaGrid) -> None:
+    """Make the attention `module_name` run its scaled-dot-product attention on Q, K and V in int8, as the FA3
+    kernel reads them: x̂ = (clamp(round(x / s) + offset, −128, 127) − offset)·s per (head, channel) of x [B, H, S, D].
+    (Emulated by swapping torch's SDPA for the length of the module's call: diffusers' attention processors call it.)"""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise ArtifactError(f"'{folder}': FAQuant scales name attention '{module_name}', which the model does not "
+                            "have") from None
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fake_quant(x: torch.Tensor, which: str) -> torch.Tensor:
+        scale, offset = grid[which]
+        if x.dim() != 4 or tuple(x.shape[1::2]) != tuple(scale.shape):
+            raise ArtifactError(f"'{folder}': attention '{module_name}': {which} is {list(x.shape)}, its FAQuant grid "
+                                f"{list(scale.shape)} (heads, head_dim)")
+        s, o = scale[None, :, None, :], offset[None, :, None, :]
+        return ((torch.clamp(torch.round(x.float() / s) + o, -128, 127) - o) * s).to(x.dtype)
+
+    calls = [0]
+
+    def quantized_sdpa(query, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return sdpa(fake_quant(query, "q"), fake_quant(key, "k"), fake_quant(value, "v"), *args, **kwargs)
+
+    def enter(*_: object) -> None:
+        calls[0] = 0
+        torch.nn.functional.scaled_dot_product_attention = quantized_sdpa
+
+    def leave(_module: object, _args: object, output: object) -> None:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        if output is not None and calls[0] != 1:  # (None: the call raised, and that error propagates)  # (an attention that bypassed torch's SDPA would run unquantized, silently)
+            raise ArtifactError(f"'{folder}': attention '{module_name}' called torch's scaled_dot_product_attention "
+                                f"{calls[0]} times, not once: the FAQuant emulation cannot quantize its Q, K and V")
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
