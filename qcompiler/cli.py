@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8,
                    help="calibration windows run through a block at once (memory grows with it, results do not change)")
     q.add_argument("--propagate", choices=["quantized", "float"], default="quantized",
-                   help="calibrate each block on the quantized (default) or float outputs of the previous block")
+                   help="calibrate each block on the quantized (default) or float outputs of the previous block "
+                        "(float: one block forward less, the first pass's statistics run gives them; AWQ on the demo "
+                        "56 s instead of 68 s, +11.1 %% instead of +10.2 %% perplexity)")
     q.add_argument("--dump-ir", type=Path, default=None, help="write every block graph before/after each pass here")
     q.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay)")
     q.add_argument("--trust-remote-code", action="store_true",

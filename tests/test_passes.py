@@ -93,6 +93,23 @@ def test_smoothquant_flattens_activation_outliers(tiny_llama):
         assert ratio(after[r]) < ratio(before[r])
 
 
+def test_statistics_run_can_keep_the_block_outputs(tiny_llama):
+    """collect_stats(outputs=True) runs every batch through the whole graph (past the last requested node) and
+    returns what the graph returns: --propagate float takes the next block's inputs from the first pass's run."""
+    from qcompiler.calib.stats import StatRequest
+
+    gm, inputs = traced_block(tiny_llama)
+    reqs = [StatRequest(analyze_block(gm).norm_groups[0].mul_node, "absmax_channel")]  # (an early node)
+    stats = collect_stats(gm, reqs, inputs, outputs=True)
+    with torch.no_grad():
+        expect = [gm(*batch) for batch in inputs]
+    assert stats.outputs is not None and len(stats.outputs) == len(inputs)
+    for got, want in zip(stats.outputs, expect, strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(stats[reqs[0]], collect_stats(gm, reqs, inputs)[reqs[0]])
+    assert collect_stats(gm, reqs, inputs).outputs is None
+
+
 def test_fold_norm_is_exact_and_sets_norm_to_identity(tiny_models):
     for family, identity in (("llama", 1.0), ("gemma", 0.0)):
         gm, inputs = traced_block(tiny_models[family])

@@ -98,6 +98,8 @@ class Stats:
     values: dict[StatRequest, Any] = field(default_factory=dict)
     empty: list[StatRequest] = field(default_factory=list)  # requests no calibration token reached
     all_token_fallback: list[str] = field(default_factory=list)  # expert inputs measured over all tokens
+    # the graph's outputs, one per batch, when the run was asked to go on to the end (collect_stats(outputs=True))
+    outputs: list[Any] | None = None
 
     def __getitem__(self, req: StatRequest) -> Any:
         return self.values[req]
@@ -241,11 +243,13 @@ class StatCollector(fx.Interpreter):
     the last requested node (statistics of an early node, e.g. the q/k/v input, cost a fraction of a
     block forward)."""
 
-    def __init__(self, gm: fx.GraphModule, requests: Sequence[StatRequest], routed_only: bool = True):
+    def __init__(self, gm: fx.GraphModule, requests: Sequence[StatRequest], routed_only: bool = True,
+                 run_to_end: bool = False):
         super().__init__(gm)
         self.by_node = _by_node(gm, requests)
         self.accumulator = Accumulator(requests)
         self.routed_only = routed_only
+        self.run_to_end = run_to_end  # run every batch through the whole graph and keep its outputs
         self._pending: set[str] = set()
 
     def run_node(self, n: fx.Node) -> Any:
@@ -256,22 +260,26 @@ class StatCollector(fx.Interpreter):
             for req in reqs:
                 self.accumulator.update(req, out, rows)
             self._pending.discard(n.name)
-            if not self._pending:
+            if not self._pending and not self.run_to_end:
                 raise _AllSeen
         return out
 
     def collect(self, batches: Sequence[tuple[torch.Tensor, ...]]) -> Stats:
         if not batches:
             raise CalibrationError("no calibration batches")
+        outputs = []
         with torch.no_grad():
             for j, args in enumerate(batches):
                 self.accumulator.batch_index = global_batch_index(j)
                 self._pending = set(self.by_node)
                 try:
-                    self.run(*args)
+                    outputs.append(self.run(*args))
                 except _AllSeen:
                     pass
-        return self.accumulator.finish()
+        stats = self.accumulator.finish()
+        if self.run_to_end:
+            stats.outputs = outputs
+        return stats
 
 
 class _Resumable(fx.Interpreter):
@@ -476,19 +484,21 @@ def collect_stats(
     calib_digest: str | None = None,
     staged: StagedCollector | None = None,
     routed_only: bool = True,
+    outputs: bool = False,
 ) -> Stats:
     """Fill `requests` by running `batches` through `gm` (or through `staged`, continuing its runs), or read
-    them from `cache`.
+    them from `cache`. `outputs`: run every batch through the whole graph and keep the graph's outputs in
+    `Stats.outputs` (None when the statistics came from the cache or a staged run: no full run happened).
 
     An expert's inputs (qc::routed markers) are measured over the tokens routed to that expert
     (`routed_only`); an expert that no calibration token reached is measured over all tokens instead, and
     named in `Stats.all_token_fallback`, rather than left with empty statistics. Any other request that saw
     no data is an error."""
-    if not requests:
+    if not requests and not outputs:
         return Stats()
     requests = list(dict.fromkeys(requests))
     key = None
-    if cache is not None:
+    if cache is not None and requests:
         key = cache.key(gm, requests, (calib_digest or digest_tensors([t for b in batches for t in b]))
                         + f"|routed_only={routed_only}")
         hit = cache.load(key, requests)
@@ -498,7 +508,7 @@ def collect_stats(
         staged.routed_only = routed_only
         stats = staged.collect(requests)
     else:
-        stats = StatCollector(gm, requests, routed_only).collect(batches)
+        stats = StatCollector(gm, requests, routed_only, run_to_end=outputs).collect(batches)
     if stats.empty:
         nodes = {n.name: n for n in gm.graph.nodes}
         unreached = sorted({r.node for r in stats.empty if nodes[r.node].target is not ROUTED})

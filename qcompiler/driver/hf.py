@@ -374,6 +374,9 @@ class HFRun:
             block=name, scheme=cfg.scheme, target=self.plan.target, calib=inputs, stats_cache=self.cache,
             calib_digest=digest_tensors([t for b in inputs for t in b]) if self.cache is not None else None,
             calibrate_all_experts=cfg.calibrate_all_experts,
+            # (not with a rotation: the float reference propagated is the rotated block, the first pass sees the
+            # block before the rotation)
+            keep_float_outputs=cfg.propagate == "float" and not any(p.name == "rotate" for p in self.plan.passes),
         )
         experts = _expert_tokens(gm, inputs) if self.calibrated else {}
         self.lap("trace and read weights")
@@ -398,7 +401,8 @@ class HFRun:
         captured = self.block_inputs
         following_kwargs = captured.kwargs[min(i + 1, len(self.block_modules) - 1)]
         # (the last pass may have run every batch through the final graph already: GPTQ's staged runs)
-        ready = ctx.block_outputs if cfg.propagate == "quantized" else None
+        # (or the first pass's statistics run gave the float block's outputs: --propagate float)
+        ready = ctx.block_outputs if cfg.propagate == "quantized" else ctx.float_block_outputs
         with torch.no_grad():
             for b, args in enumerate(inputs):
                 y = ready[b] if ready is not None else source(*args)

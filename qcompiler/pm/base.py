@@ -41,6 +41,11 @@ class PassContext:
     # whole graph anyway (GPTQ's staged runs); the driver propagates them instead of running the block again.
     # The manager clears them before every pass, so only the last pass's outputs survive.
     block_outputs: list[torch.Tensor] | None = None
+    # --propagate float: the float block's outputs on `calib`, kept from the first pass's statistics run (the graph
+    # is still the float block then; that run goes on to the end when `keep_float_outputs` asks for it), so that the
+    # driver does not run the float block again
+    keep_float_outputs: bool = False
+    float_block_outputs: list[torch.Tensor] | None = None
     # seconds the passes spent running calibration data through the block (statistics, staged runs): the rest of a
     # pass's time is its own arithmetic (the driver reports the two apart)
     forward_seconds: float = 0.0
@@ -51,7 +56,8 @@ class PassContext:
     known_hessians: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
 
     def statistics(
-        self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None
+        self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None,
+        outputs: bool = False,
     ) -> Stats:
         """Run the calibration batches through `gm` (or read the cache) to fill `requests`. Passes that need
         statistics of an intermediate state (GPTQ's sequential stages) call this themselves, with a
@@ -60,7 +66,7 @@ class PassContext:
                  if staged is None and r.kind == "hessian" and r.node in self.known_hessians}
         t0 = time.perf_counter()
         stats = collect_stats(gm, [r for r in requests if r not in known], self.calib, self.stats_cache,
-                              self.calib_digest, staged, routed_only=not self.calibrate_all_experts)
+                              self.calib_digest, staged, routed_only=not self.calibrate_all_experts, outputs=outputs)
         self.forward_seconds += time.perf_counter() - t0
         stats.values.update(known)
         if stats.all_token_fallback:

@@ -23,7 +23,12 @@ class PassManager:
         for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
             ctx.block_outputs = None  # (computed by an earlier pass: this one may change the graph)
-            stats = ctx.statistics(gm, p.stat_requests(gm, ctx))
+            requests = p.stat_requests(gm, ctx)
+            # the first pass sees the float block: its statistics run may as well give the float outputs
+            float_outputs = i == 0 and ctx.keep_float_outputs and bool(requests)
+            stats = ctx.statistics(gm, requests, outputs=float_outputs)
+            if float_outputs:
+                ctx.float_block_outputs = stats.outputs
             self._dump(gm, ctx, i, p, "before")
             published = ctx.known_hessians
             result = p.run(gm, ctx, stats)
