@@ -300,15 +300,18 @@ def test_w8a8c8_quantizes_every_attention_query_key_and_value_as_recorded(dit_mo
     assert _rel(got, expect) < _rel(without_kv, expect) / 2
 
 
-def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_artefact(dit_models, tmp_path):
+@pytest.mark.parametrize("kind", ["flux", "hunyuan"])
+def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_artefact(dit_models, tmp_path, kind):
     """--target onnxruntime on a DiT (static W8A8): OUT/model.onnx, the diffusers transformer with every quantized
     linear as QuantizeLinear → DequantizeLinear(int8 codes) → GEMM, run by onnxruntime with its default
     optimizations, computes what our artefact computes (activation codes may differ at rounding ties: the same
-    budget as the other static-activation checks); w8a16 and per-token schemes are refused by name."""
+    budget as the other static-activation checks) at other batch sizes, resolutions and text lengths than the
+    export's (every input dimension symbolic; HunyuanVideo's boolean text mask included); w8a16 and per-token schemes
+    are refused by name."""
     import onnx
     import onnxruntime as ort
 
-    source, out = dit_models["flux"], tmp_path / "q"
+    source, out = dit_models[kind], tmp_path / "q"
     _quantize(source, out, "w8a8", target="onnxruntime")
     proto = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
@@ -321,22 +324,26 @@ def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_arte
     assert ops.count("QuantizeLinear") > 0 and not any(i.data_type == onnx.TensorProto.FLOAT and tuple(i.dims) ==
                                                        tuple(float_model.get_submodule(linears[0]).weight.shape)
                                                        and i.name.endswith("w_hat") for i in proto.graph.initializer)
+    assert all(i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input if i.name != "txt_ids")
     session = ort.InferenceSession(str(out / "model.onnx"))
-    shapes = {i.name: i.shape for i in session.get_inputs()}
-    side = int(shapes["hidden_states"][1] ** 0.5)
-    inputs = {**example_inputs(float_model, 2, torch.Generator().manual_seed(11), latent_side=side,
-                               text_tokens=shapes["encoder_hidden_states"][1]),
-              "timestep": model_timestep(float_model, torch.tensor(300.0), 2)}
-    got = torch.from_numpy(session.run(None, {n: inputs[n].numpy() for n in shapes})[0])
-    with torch.no_grad():
-        expect = ours(**inputs, return_dict=False)[0]
-        act_free = _twin(source, out, activations=False)(**inputs, return_dict=False)[0]
+    for seed, batch, side, text in ((11, 3, 6, 9), (12, 1, 4, 12)):
+        inputs = {**example_inputs(float_model, batch, torch.Generator().manual_seed(seed), latent_side=side,
+                                   text_tokens=text),
+                  "timestep": model_timestep(float_model, torch.tensor(300.0), batch)}
+        got = torch.from_numpy(session.run(None, {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0])
+        with torch.no_grad():
+            expect = ours(**inputs, return_dict=False)[0]
+            act_free = _twin(source, out, activations=False)(**inputs, return_dict=False)[0]
+        assert got.shape == expect.shape
 
-    def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a - b).norm(dim=-1) / b.norm(dim=-1)
+        def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (video: channels last first)
+            a, b = (t.movedim(1, -1) if t.dim() > 3 else t for t in (a, b))
+            return (a - b).norm(dim=-1) / b.norm(dim=-1)
 
-    err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
-    assert err < 0.5 * budget, (err, budget)
+        err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
+        assert err < 0.5 * budget, (batch, side, text, err, budget)
+    if kind != "flux":
+        return
     for scheme, reason in [("w8a16", "dynamic int8 GEMM"), ("w8a8_dynamic", "one activation scale per tensor")]:
         with pytest.raises(SchemeError, match=reason):
             _quantize(source, tmp_path / scheme, scheme, target="onnxruntime")

@@ -16,6 +16,10 @@ schemes (onnxruntime's extended optimizations turn DequantizeLinear → MatMul i
 quantizes the activations per tensor at run time: measured, not w8a16's numbers), int4 or grouped weights
 (DequantizeLinear's blocked form needs opset 21 and torch has no exporter path for it), per-token dynamic activations
 (QuantizeLinear takes one scale per tensor), fp8, quantized attention.
+
+Every input dimension is exported symbolic (torch.export's Dim.AUTO): the model runs at any batch, resolution, frame
+count and text length, as the diffusers class does. (The QDQ pairs are torch's quantized_decomposed ops, which have
+shape functions for symbolic sizes and which the exporter writes as QuantizeLinear / DequantizeLinear.)
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 from onnx import numpy_helper
 from torch import nn
 
@@ -78,9 +83,12 @@ class QdqLinear(nn.Module):
         self.x_zero = int(round(float(layer.input_zero))) if self.static and layer.input_zero is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
         if self.static:
-            x = torch.fake_quantize_per_tensor_affine(x, self.x_scale, self.x_zero, -128, 127)
-        w = torch.fake_quantize_per_channel_affine(self.w_hat, self.w_scale, self.w_zero, 0, -128, 127)
+            q = qd.quantize_per_tensor(x, self.x_scale, self.x_zero, -128, 127, torch.int8)
+            x = qd.dequantize_per_tensor(q, self.x_scale, self.x_zero, -128, 127, torch.int8)
+        codes = qd.quantize_per_channel(self.w_hat, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel(codes, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -105,16 +113,43 @@ def export_dit_qdq(model: nn.Module, layers: Mapping[str, ExportLayer], example:
         parent, _, leaf = layer.name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, QdqLinear(layer))
     names = list(example)
+    # every dimension symbolic (batch, latent frames / height / width or packed tokens, text tokens): the exporter
+    # keeps the ones the model computes with and fixes the ones it reads as constants
+    dims = tuple({i: torch.export.Dim.AUTO for i in range(t.dim())} for t in example.values())
     try:
         with torch.no_grad():
             program = torch.onnx.export(_ByName(model, names).eval(), tuple(example.values()), input_names=names,
-                                        output_names=["sample"], dynamo=True, verbose=False)
+                                        output_names=["sample"], dynamo=True, verbose=False, dynamic_shapes=(dims,))
     except Exception as e:  # (the exporter raises many kinds for an op it cannot translate)
         raise ExportError(f"onnxruntime QDQ: torch's ONNX exporter cannot export {type(model).__name__} "
                           f"({' '.join(str(e).split())[:200]})") from None
     assert program is not None
-    proto = _int8_weights(program.model_proto)
+    proto = _boolean_where_as_logic(_int8_weights(program.model_proto))
     onnx.save(proto, str(path))
+
+
+def _boolean_where_as_logic(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Where(c, x, y) on boolean x, y (HunyuanVideo's text mask: masked_fill of a bool tensor), which onnxruntime
+    has no kernel for, as (c ∧ x) ∨ (¬c ∧ y): the same truth table in ops it runs."""
+    graph = proto.graph
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    nodes = []
+    for node in graph.node:
+        c, x, y = node.input if node.op_type == "Where" else ("", "", "")
+        if node.op_type == "Where" and types.get(x) == types.get(y) == onnx.TensorProto.BOOL:
+            out, tag = node.output[0], node.output[0] + "_bool_where"
+            nodes += [onnx.helper.make_node("And", [c, x], [tag + "_then"]),
+                      onnx.helper.make_node("Not", [c], [tag + "_not"]),
+                      onnx.helper.make_node("And", [tag + "_not", y], [tag + "_else"]),
+                      onnx.helper.make_node("Or", [tag + "_then", tag + "_else"], [out], name=node.name)]
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
 
 
 def _int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
