@@ -153,6 +153,9 @@ def _package_decompresses_every_layer(out: Path, artefact: Path) -> bool:
     from safetensors.torch import load_file
     from twin import artefact_layers
 
+    from qcompiler.export.compressed_tensors import CompressedTensorsFormat
+    from qcompiler.export.serving import expert_checkpoint_name
+
     folder = out / "compressed-tensors"
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     if len(qc["config_groups"]) != 1:
@@ -167,8 +170,13 @@ def _package_decompresses_every_layer(out: Path, artefact: Path) -> bool:
     for f in sorted(folder.glob("*.safetensors")):
         files.update(load_file(str(f)))
     layers, _ = artefact_layers(artefact)
+    # (per-expert linears under the names the format's clients read for this family: GraniteMoE's w1 / w3 / w2)
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    leaves = CompressedTensorsFormat.expert_leaves.get(model_type, {})
     for layer in layers:
-        local = {k.removeprefix(layer.name + "."): v for k, v in files.items() if k.startswith(layer.name + ".")}
+        name = expert_checkpoint_name(leaves, layer.name)
+        local = {k.removeprefix(name + "."): v for k, v in files.items() if k.startswith(name + ".")}
+        assert local, f"{name}: not in the compressed-tensors folder"
         got = compressor.decompress(local, scheme)["weight"]
         assert torch.equal(got.float(), layer.dequantized()), layer.name
     return bool(layers)

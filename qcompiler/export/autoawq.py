@@ -15,7 +15,7 @@ Symmetric layers get u_z = 2^(b−1). Both need K divisible by the group, and N 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class AwqFormat:
     shard_prefix = "model"
     consumers = "LMDeploy TurboMind, vLLM, SGLang"
     unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
+    expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.kv_cache is not None:
@@ -104,6 +105,7 @@ class GptqFormat:
     shard_prefix = "model"
     consumers = "vLLM, SGLang, LMDeploy TurboMind (int4)"
     unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
+    expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         if scheme.kv_cache is not None:

@@ -21,7 +21,7 @@ when one scheme covers every quantized layer, else the layers' names) and the fl
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +70,13 @@ class CompressedTensorsFormat:
     # Experts a checkpoint stores stacked are written one linear each, `<experts>.<e>.gate_proj / up_proj / down_proj`
     # (llm-compressor's linearized layout), for the families whose vLLM loaders map those per-expert names onto their
     # fused-MoE parameters besides the stacked ones (llama4.py, qwen3_vl_moe.py, gpt_oss.py: expert_params_mapping);
-    # GraniteMoE's loader reads input_linear / output_linear only. transformers reads these families' experts
-    # stacked, so it is no client of such a folder.
-    unstacked_experts: bool | frozenset[str] = frozenset({"llama4", "llama4_text", "gpt_oss", "qwen3_vl_moe"})
+    # and GraniteMoE's (granitemoe.py: its stacked input_linear / output_linear are split into experts.<e>.w1 / w3 /
+    # w2, and per-expert tensors under those names pass to the same fused-MoE mapping, so they are written so named).
+    # transformers reads these families' experts stacked, so it is no client of such a folder.
+    unstacked_experts: bool | frozenset[str] = frozenset({"llama4", "llama4_text", "gpt_oss", "qwen3_vl_moe",
+                                                          "granitemoe"})
+    expert_leaves: Mapping[str, Mapping[str, str]] = {
+        "granitemoe": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         kv = scheme.kv_cache

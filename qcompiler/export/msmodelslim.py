@@ -35,7 +35,7 @@ A float bias is written as `bias` (type FLOAT) in every type. Norms, embeddings,
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,7 @@ class MsModelSlimFormat:
     shard_prefix = "quant_model_weights"
     consumers = "vllm-ascend, MindIE"
     unstacked_experts: bool | frozenset[str] = True
+    expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
         kv = scheme.kv_cache

@@ -44,6 +44,9 @@ class ServingFormat(Protocol):
     # their clients read the checkpoint's layout), or the model_types whose clients do (compressed-tensors: vLLM's
     # loaders of those families map per-expert names too)
     unstacked_experts: bool | frozenset[str]
+    # model_type -> {our per-expert linear's leaf name: the one its clients read} (GraniteMoE on compressed-tensors:
+    # vLLM reads experts.<e>.w1 / w3 / w2); families not listed keep our names (experts.<e>.gate_proj / ...)
+    expert_leaves: Mapping[str, Mapping[str, str]]
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None: ...
 
@@ -71,6 +74,15 @@ class ServingFormat(Protocol):
 def source_dtype(config: dict[str, Any]) -> torch.dtype:
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(str(name), torch.float32)
+
+
+def expert_checkpoint_name(leaves: Mapping[str, str], module: str) -> str:
+    """A linear's name in a format's checkpoint: ours, or for one expert's linear, the leaf the format's clients read
+    for this family (`leaves`: the format's expert_leaves[model_type]; `...experts.3.gate_proj` -> `...experts.3.w1`)."""
+    parent, _, leaf = module.rpartition(".")
+    if leaf in leaves and parent.rpartition(".")[2].isdigit() and ".experts." in f"{parent}.":
+        return f"{parent}.{leaves[leaf]}"
+    return module
 
 
 @dataclasses.dataclass
@@ -131,6 +143,7 @@ class FormatExporter:
             raise ExportError(f"{fmt.name}: the checkpoint stores the experts of '{stacked[0]}' stacked (one tensor "
                               "per layer), the layout this format's clients read them in for this architecture; it "
                               "holds quantized experts one linear each only (use --target ascend or reference)")
+        self.leaves = fmt.expert_leaves.get(str(self.config.get("model_type")), {})
         self.shards: list[tuple[str, list[str]]] = []
         self.layers: list[WrittenLayer] = []
         self.float_tensors: list[str] = []
@@ -181,6 +194,7 @@ class FormatExporter:
         block = split_block(self.fmt.name, name, gm, layers, kv, self.state_names)
         out: dict[str, torch.Tensor] = {}
         for layer in block.layers:
+            layer = dataclasses.replace(layer, name=self.checkpoint_name(layer.name))
             if layer.bits is None and not layer.sparse:
                 assert layer.weight is not None
                 out[layer.name + ".weight"] = layer.weight.to(self.dtype)
@@ -229,9 +243,13 @@ class FormatExporter:
         if getattr(model.config, "tie_word_embeddings", None) is False and config.get("tie_word_embeddings"):
             config["tie_word_embeddings"] = False  # (a rotation gave the head its own weight)
         quantized = {layer.name for layer in self.layers}
+        linears = [self.checkpoint_name(n) for n in self.linear_names]
         self.fmt.finish(self.folder, config, self.layers, self.float_tensors,
-                        sorted({a for n in self.linear_names if n not in quantized for a in (n, self.aliases.get(n, n))}),
+                        sorted({a for n in linears if n not in quantized for a in (n, self.aliases.get(n, n))}),
                         self.kv_tensors, self.kv_args)
+
+    def checkpoint_name(self, module: str) -> str:
+        return expert_checkpoint_name(self.leaves, module)
 
     def _quantized_layer(self, layer: ExportLayer) -> dict[str, torch.Tensor]:
         """The format's tensors of one quantized layer under checkpoint names, the layer noted as written."""
