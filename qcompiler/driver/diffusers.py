@@ -12,7 +12,7 @@ from several streams (image and text tokens, the timestep embedding, rotary tabl
 them. Written for the `reference` target (our artefact), the `ascend` target (also OUT/msmodelslim/: the quantized
 linears in msModelSlim's ascend v1 layout under the transformer's own module names, everything else FLOAT, and
 w8a8c8's Q / K / V grids as FAQuant scales) and the
-`onnxruntime` target (also OUT/model.onnx: a QDQ model of the transformer, static w8a8 only; export/onnx/dit.py).
+`onnxruntime` target (also OUT/model.onnx: static w8a8 as QDQ, w8a16 / w4a16 as MatMulNBits; export/onnx/dit.py).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     if plan.target.name not in DIT_TARGETS:
         raise SchemeError(f"target '{plan.target.name}': diffusion transformers are written for --target "
                           f"{', '.join(DIT_TARGETS)} so far (our artefact; ascend adds msModelSlim's layout, "
-                          "onnxruntime a QDQ model.onnx); their compressed-tensors export is not built yet")
+                          "onnxruntime a model.onnx); their compressed-tensors export is not built yet")
     if plan.target.name == "onnxruntime" and (reason := qdq_scheme_reason(plan.scheme)) is not None:
         raise SchemeError(f"scheme '{cfg.scheme.name}' for a diffusion transformer on --target onnxruntime: {reason}")
     # (a DiT has no LM head: the head quantization a decoder target adds does not apply)

@@ -11,11 +11,19 @@ which onnxruntime's QDQ transformers fuse into integer GEMMs, and which computes
 computes (q = clamp(round(x / s) + z, −128, 127), round half to even on both sides). The weights are stored as int8
 initializers (each QuantizeLinear the exporter puts on a constant weight is folded into its codes).
 
-Held: int8 weights per output channel with static per-tensor int8 activations (w8a8). Refused by name: weight-only
-schemes (onnxruntime's extended optimizations turn DequantizeLinear → MatMul into its dynamic int8 GEMM, which
-quantizes the activations per tensor at run time: measured, not w8a16's numbers), int4 or grouped weights
-(DequantizeLinear's blocked form needs opset 21 and torch has no exporter path for it), per-token dynamic activations
-(QuantizeLinear takes one scale per tensor), fp8, quantized attention.
+Weight-only layers (w8a16, w4a16: int8 / int4 codes per channel or in groups) are written as onnxruntime's
+MatMulNBits instead (com.microsoft, the op its own weight-only quantizer writes), accuracy_level 0:
+
+    y = x · ŵᵀ + b,  ŵ = (u − z)·s per block of K                         (u unsigned codes, z = 2^(bits−1) if none)
+
+computed in float32, our numbers up to summation order. (A weight-only QDQ pair is no such thing: onnxruntime's
+extended optimizations turn DequantizeLinear → MatMul into its dynamic int8 GEMM, which quantizes the activations
+per tensor at run time.) The export traces `qc::onnx_matmulnbits`, a linear on ŵ for torch, translated into the
+MatMulNBits node; ŵ does not reach the file.
+
+Held: int8 weights per output channel with static per-tensor int8 activations (w8a8); int8 / int4 weight-only with
+groups that are whole MatMulNBits blocks. Refused by name: per-token dynamic activations (QuantizeLinear takes one
+scale per tensor), fp8, quantized attention, groups no power of two ≥ 16 divides.
 
 Every input dimension is exported symbolic (torch.export's Dim.AUTO): the model runs at any batch, resolution, frame
 count and text length, as the diffusers class does. (The QDQ pairs are torch's quantized_decomposed ops, which have
@@ -32,21 +40,30 @@ import onnx
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
 from onnx import numpy_helper
+from onnx.defs import OpSchema
 from torch import nn
 
 from qcompiler.errors import ExportError
 from qcompiler.export.layers import ExportLayer
+from qcompiler.export.onnx.emit import dividing_block, matmulnbits_block, matmulnbits_from_unsigned
 from qcompiler.schemes import QuantScheme
 
 
 def qdq_scheme_reason(scheme: QuantScheme) -> str | None:
     """Why a DiT quantized with `scheme` has no QDQ ONNX form here (None: it has one)."""
     w, a = scheme.weights, scheme.activations
-    if w is None or w.bits != 8 or w.granularity != "channel" or w.type != "int":
+    if w is None or w.type != "int":
+        return "the DiT ONNX export holds int8 / int4 weights; use w8a8, w8a16 or w4a16"
+    if a is None:  # weight-only: MatMulNBits
+        if w.bits not in (4, 8) or w.granularity == "tensor" or (
+                w.granularity == "group" and dividing_block(w.group_size or 0) is None):
+            return ("onnxruntime's MatMulNBits takes int4 / int8 weights per channel or in groups of a multiple of "
+                    "16 (a power of two ≥ 16 dividing the group); use w4a16 / w8a16 with such a group")
+        if scheme.kv_cache is not None or scheme.sparsity is not None:
+            return "quantized attention / 2:4 sparsity have no ONNX form here; use w8a16 or w4a16"
+        return None
+    if w.bits != 8 or w.granularity != "channel":
         return "QDQ ONNX holds int8 weights per output channel with static int8 activations; use w8a8"
-    if a is None:  # (measured: ORT_ENABLE_EXTENDED rewrites DequantizeLinear → MatMul into its dynamic int8 GEMM)
-        return ("onnxruntime runs a weight-only QDQ linear through its dynamic int8 GEMM (activations quantized per "
-                "tensor at run time), which is not w8a16's numbers; use w8a8 (static) or --target reference")
     if a.dynamic or a.granularity != "tensor" or a.type != "int":
         return "QuantizeLinear takes one activation scale per tensor (static); use w8a8"
     if scheme.kv_cache is not None or scheme.sparsity is not None:
@@ -55,9 +72,14 @@ def qdq_scheme_reason(scheme: QuantScheme) -> str | None:
 
 
 def qdq_reason(layer: ExportLayer) -> str | None:
-    """Why `layer` has no QDQ form here (None: it has one)."""
+    """Why `layer` has no QDQ / MatMulNBits form here (None: it has one)."""
     if layer.type != "int":
         return "fp8 layers have no int8 QDQ form; use w8a8 or w8a16"
+    if layer.act is None:
+        if layer.bits not in (4, 8) or matmulnbits_block(layer.group_size or layer.in_features,
+                                                         layer.in_features) is None:
+            return f"group size {layer.group_size} has no MatMulNBits block (a power of two ≥ 16 must divide it)"
+        return None
     if layer.bits != 8 or layer.group_size is not None:
         return (f"{layer.bits}-bit weights in groups have no per-channel DequantizeLinear; use w8a8 or w8a16 "
                 "(int8 per channel)")
@@ -92,6 +114,67 @@ class QdqLinear(nn.Module):
         return nn.functional.linear(x, w, self.bias)
 
 
+# MatMulNBits as onnxscript knows it (its schema is onnxruntime's, not in onnx's registry): A, B, scales, optional
+# zero_points, g_idx (unused here) and bias; the attributes we set
+_MATMULNBITS = OpSchema(
+    "MatMulNBits", "com.microsoft", 1,
+    inputs=[OpSchema.FormalParameter("A", "T1"), OpSchema.FormalParameter("B", "T2"),
+            OpSchema.FormalParameter("scales", "T1"),
+            OpSchema.FormalParameter("zero_points", "T3", param_option=OpSchema.FormalParameterOption.Optional),
+            OpSchema.FormalParameter("g_idx", "T4", param_option=OpSchema.FormalParameterOption.Optional),
+            OpSchema.FormalParameter("bias", "T1", param_option=OpSchema.FormalParameterOption.Optional)],
+    outputs=[OpSchema.FormalParameter("Y", "T1")],
+    type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], ""),
+                      ("T4", ["tensor(int32)"], "")],
+    attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in ("K", "N", "bits", "block_size",
+                                                                          "accuracy_level")],
+)
+
+
+@torch.library.custom_op("qc::onnx_matmulnbits", mutates_args=())
+def onnx_matmulnbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                     bias: torch.Tensor | None, w_hat: torch.Tensor, k: int, n: int, bits: int, block: int
+                     ) -> torch.Tensor:
+    """For torch: the linear on ŵ it stands for (b, scales, zero_points are MatMulNBits' operands of ŵ)."""
+    return nn.functional.linear(x, w_hat, bias)
+
+
+@onnx_matmulnbits.register_fake
+def _onnx_matmulnbits_fake(x, b, scales, zero_points, bias, w_hat, k, n, bits, block):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _matmulnbits_translation(x, b, scales, zero_points, bias, w_hat, k: int, n: int, bits: int,  # type: ignore[no-untyped-def]
+                             block: int):
+    import onnxscript  # (what torch's ONNX exporter itself needs: the `onnx` extra)
+
+    op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", op_schema=_MATMULNBITS)
+    return op(x, b, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+
+
+class NBitsLinear(nn.Module):
+    """One weight-only linear as onnxruntime's MatMulNBits (module docstring)."""
+
+    def __init__(self, layer: ExportLayer):
+        super().__init__()
+        assert layer.codes is not None and layer.scale is not None and layer.bits is not None
+        offset = 2 ** (layer.bits - 1)
+        unsigned_zero = None if layer.zero is None else (layer.zero.round() + offset).to(torch.int32)
+        self.k, self.n, self.bits = layer.in_features, layer.out_features, layer.bits
+        self.block, b, scales, zp = matmulnbits_from_unsigned(
+            layer.codes.to(torch.int32) + offset, layer.scale, unsigned_zero, layer.bits,
+            layer.group_size or layer.in_features, layer.in_features)
+        self.register_buffer("b", torch.from_numpy(b))
+        self.register_buffer("scales", torch.from_numpy(scales))
+        self.register_buffer("zero_points", None if zp is None else torch.from_numpy(zp))
+        self.register_buffer("bias", layer.bias.float() if layer.bias is not None else None)
+        self.register_buffer("w_hat", layer.dequantized())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qc.onnx_matmulnbits(x, self.b, self.scales, self.zero_points, self.bias, self.w_hat,
+                                            self.k, self.n, self.bits, self.block)
+
+
 class _ByName(nn.Module):
     """The transformer called with its keyword inputs as positional ones (ONNX inputs are named in this order)."""
 
@@ -111,7 +194,8 @@ def export_dit_qdq(model: nn.Module, layers: Mapping[str, ExportLayer], example:
         if reason is not None:
             raise ExportError(f"onnxruntime QDQ: layer '{layer.name}': {reason}")
         parent, _, leaf = layer.name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, QdqLinear(layer))
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                NBitsLinear(layer) if layer.act is None else QdqLinear(layer))
     names = list(example)
     # every dimension symbolic (batch, latent frames / height / width or packed tokens, text tokens): the exporter
     # keeps the ones the model computes with and fixes the ones it reads as constants
@@ -119,7 +203,9 @@ def export_dit_qdq(model: nn.Module, layers: Mapping[str, ExportLayer], example:
     try:
         with torch.no_grad():
             program = torch.onnx.export(_ByName(model, names).eval(), tuple(example.values()), input_names=names,
-                                        output_names=["sample"], dynamo=True, verbose=False, dynamic_shapes=(dims,))
+                                        output_names=["sample"], dynamo=True, verbose=False, dynamic_shapes=(dims,),
+                                        custom_translation_table={
+                                            torch.ops.qc.onnx_matmulnbits.default: _matmulnbits_translation})
     except Exception as e:  # (the exporter raises many kinds for an op it cannot translate)
         raise ExportError(f"onnxruntime QDQ: torch's ONNX exporter cannot export {type(model).__name__} "
                           f"({' '.join(str(e).split())[:200]})") from None

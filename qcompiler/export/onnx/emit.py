@@ -81,14 +81,21 @@ def matmulnbits_tensors(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.
                         group_size: int, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
     """Our stored weight (packing.py layout) → MatMulNBits (block, B [N, kb, block·bits/8], scales [N·kb],
     zero points or None)."""
-    block = matmulnbits_block(group_size, k)
-    if block is None:
-        raise ExportError(f"group size {group_size} has no MatMulNBits block (a power of two ≥ 16 must divide it)")
-    n = qweight.shape[0]
-    kb = -(-k // block)
     codes = load_weight_codes(qweight, bits, k).to(torch.int32)  # unsigned for int4; int8 may be signed
     if bits == 8 and qweight.dtype == torch.int8:
         codes = codes + 128  # symmetric int8 → unsigned with the default zero point 128
+    return matmulnbits_from_unsigned(codes, scale, zero, bits, group_size, k)
+
+
+def matmulnbits_from_unsigned(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                              group_size: int, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Unsigned codes u [N, K] in [0, 2^bits), scales [N, G] and unsigned zero points [N, G] (None: the default
+    2^(bits−1)) → MatMulNBits (block, B, scales, zero points or None); ŵ = (u − z)·s."""
+    block = matmulnbits_block(group_size, k)
+    if block is None:
+        raise ExportError(f"group size {group_size} has no MatMulNBits block (a power of two ≥ 16 must divide it)")
+    n = codes.shape[0]
+    kb = -(-k // block)
     pad_code = 2 ** (bits - 1) if zero is None else 0
     codes = torch.nn.functional.pad(codes, (0, kb * block - k), value=pad_code).to(torch.uint8)
     # group index of each block (blocks never straddle groups by construction)
