@@ -24,7 +24,9 @@ token's position, and the op runs with do_rotary=0 on rotated inputs (its cache 
 model's own cache does). Where SDPA cannot express the attention, transformers' eager form is matched instead (Gemma 2:
 softmax(c·tanh(s·q·kᵀ / c) + mask)·v → softcap = c), and Gemma 2's final logit soft-capping is written after the
 head, as are the scalings outside the blocks (Granite's embedding_multiplier and 1 / logits_scaling, Cohere's
-logit_scale). Rotary tables that change with the sequence length (longrope, dynamic) are refused, not dropped.
+logit_scale). Dynamic NTK rope scaling (InternLM3) changes the tables only for sequences longer than
+max_position_embeddings, the export's max_length: its tables are the unscaled ones, exact for every sequence the
+model runs. Longrope's short and long factors switch within that length: refused, not dropped.
 Mixture-of-experts blocks write their routed experts as one com.microsoft::QMoE (moe.py: routing and activation
 read off the graph; weight-only int4 / int8 experts); shared experts and routers are ordinary linears. LayerNorm
 blocks (StarCoder2, Phi-3.5-MoE) use LayerNormalization.
@@ -312,9 +314,11 @@ def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     per_layer_type = all(isinstance(r, dict) for r in rope.values())  # (Gemma 3: parameters by layer type)
     rope_types = {str(r.get("rope_type", r.get("type"))) for r in (rope.values() if per_layer_type else [rope])}
-    if rope_types & {"longrope", "dynamic"}:  # (their tables change with the sequence length; GQA's caches do not)
-        raise ExportError(f"the ONNX Runtime decoder export takes fixed rotary tables, not {sorted(rope_types)} rope "
-                          "scaling whose tables depend on the sequence length; use --target reference for this model")
+    # (longrope's tables change with the sequence length within max_length; GQA's caches do not. Dynamic NTK scaling
+    # changes them only past max_position_embeddings, which genai's max_length stops at: module docstring)
+    if "longrope" in rope_types:
+        raise ExportError("the ONNX Runtime decoder export takes fixed rotary tables, not longrope scaling, whose "
+                          "tables depend on the sequence length; use --target reference for this model")
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     if head_dim % 16:
