@@ -271,16 +271,58 @@ def test_unsupported_models_are_refused_before_anything_is_written(tmp_path, tin
         _quantize(tiny_models["llama"], out, "w4a16")  # head_dim 24
     with pytest.raises(ExportError, match="no decoder for 'deepseek_v2'"):  # (MLA: keys, values of other head sizes)
         _quantize(make_tiny_model(tmp_path / "deepseek_v2", "deepseek_v2"), out, "w4a16")
-    longrope = dict(rope_type="longrope", short_factor=[1.0] * 12, long_factor=[4.0] * 12,  # (head_dim 24)
-                    original_max_position_embeddings=64)  # (Phi-3.5-mini's scaling: tables change past 64 tokens)
-    with pytest.raises(ExportError, match="longrope"):
-        _quantize(make_tiny_model(tmp_path / "phi3", "phi3", rope_scaling=longrope), out, "w4a16")
     # past the architecture list, the export itself refuses what it cannot rotate with: DeepSeek V2's rotary module
     # returns one complex tensor, not (cos, sin) tables
     monkeypatch.setattr(decoder, "SUPPORTED_ARCHITECTURES", (*decoder.SUPPORTED_ARCHITECTURES, "deepseek_v2"))
     with pytest.raises(ExportError, match="returns Tensor, not the \\(cos, sin\\) tables"):
         _quantize(make_tiny_model(tmp_path / "deepseek_v2", "deepseek_v2"), out, "w4a16")
     assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+def test_longrope_switches_to_its_long_factors_past_the_original_length(tmp_path):
+    """Longrope (Phi-3.5-mini's scaling, here switching past 16 tokens): a prompt within the original length rotates
+    with the short factors, a longer one with the long factors (both equal to the reference runtime, which recomputes
+    the whole sequence), and decoding past the switch rotates the new tokens with the long factors while the cached
+    keys keep their short rotation — transformers' own cached decoding (the twin with its cache), step by step."""
+    longrope = dict(rope_type="longrope", short_factor=[1.0] * 16, long_factor=[4.0] * 16,
+                    original_max_position_embeddings=16)
+    model = make_tiny_model(tmp_path / "phi3", "phi3", hidden_size=128, head_dim=32, rope_scaling=longrope,
+                            max_position_embeddings=64, original_max_position_embeddings=16)
+    from transformers import AutoModelForCausalLM
+
+    sharp = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    with torch.no_grad():  # (queries and keys 10× larger: attention that the rotation moves, so the checks can fail)
+        for layer in sharp.model.layers:
+            layer.self_attn.qkv_proj.weight[:2 * 128].mul_(10.0)
+    sharp.save_pretrained(str(model))
+    out = tmp_path / "q"
+    _quantize(model, out, "w8a16", accuracy_level="0", lm_head_bits="float")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(len(n.input) > 9 and n.input[9] for n in gqa)  # (position_ids: the rows to rotate with)
+    cos = next(i for i in graph.initializer if i.name.startswith("cos_cache"))
+    assert cos.dims[0] == 2 * 64  # short then long tables
+    ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(0))
+    ours, m = load_quantized(out), OrtCausalLM(out)
+    for length in (12, 40):  # within, past the original length
+        torch.testing.assert_close(m(ids[:, :length]).logits, ours(input_ids=ids[:, :length]).logits,
+                                   rtol=1e-4, atol=2e-4)
+    twin = transformers_twin(model, out)
+    with torch.no_grad():
+        cached = twin(input_ids=ids[:, :12], use_cache=True)
+        past_hf, expect = cached.past_key_values, []
+        for t in range(12, 24):
+            step = twin(input_ids=ids[:, t:t + 1], past_key_values=past_hf, use_cache=True)
+            past_hf = step.past_key_values
+            expect.append(step.logits)
+    _, past = m.run(ids[:, :12].numpy())
+    steps = []
+    for t in range(12, 24):
+        logits, past = m.run(ids[:, t:t + 1].numpy(), past)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), torch.cat(expect, dim=1).numpy(), rtol=1e-4, atol=2e-4)
+    # past the switch, cached keys keep their short rotation: not what a recomputation of the whole sequence gives
+    assert _rel(torch.from_numpy(steps[-1]), ours(input_ids=ids[:, :24]).logits[:, -1:]) > 1e-3
 
 
 @pytest.mark.parametrize("family", [

@@ -26,7 +26,11 @@ softmax(c·tanh(s·q·kᵀ / c) + mask)·v → softcap = c), and Gemma 2's final
 head, as are the scalings outside the blocks (Granite's embedding_multiplier and 1 / logits_scaling, Cohere's
 logit_scale). Dynamic NTK rope scaling (InternLM3) changes the tables only for sequences longer than
 max_position_embeddings, the export's max_length: its tables are the unscaled ones, exact for every sequence the
-model runs. Longrope's short and long factors switch within that length: refused, not dropped.
+model runs. Longrope (Phi-3 128k, Phi-3.5, Phi-4-mini) rotates with its short factors while the sequence fits
+original_max_position_embeddings and with its long ones past it: both tables are written, one after the other, and
+the positions the attention rotates with are shifted into the long half once the total length passes that point —
+what transformers does step by step with its cache (tokens already cached keep the rotation they had), and what
+onnxruntime-genai's own builder writes. Per-layer-type longrope is refused.
 Mixture-of-experts blocks write their routed experts as one com.microsoft::QMoE (moe.py: routing and activation
 read off the graph; weight-only int4 / int8 experts); shared experts and routers are ordinary linears. LayerNorm
 blocks (StarCoder2, Phi-3.5-MoE) use LayerNormalization.
@@ -314,11 +318,11 @@ def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     per_layer_type = all(isinstance(r, dict) for r in rope.values())  # (Gemma 3: parameters by layer type)
     rope_types = {str(r.get("rope_type", r.get("type"))) for r in (rope.values() if per_layer_type else [rope])}
-    # (longrope's tables change with the sequence length within max_length; GQA's caches do not. Dynamic NTK scaling
-    # changes them only past max_position_embeddings, which genai's max_length stops at: module docstring)
-    if "longrope" in rope_types:
-        raise ExportError("the ONNX Runtime decoder export takes fixed rotary tables, not longrope scaling, whose "
-                          "tables depend on the sequence length; use --target reference for this model")
+    # (dynamic NTK scaling changes the tables only past max_position_embeddings, which genai's max_length stops at;
+    # longrope's switch is written into the graph: module docstring)
+    if "longrope" in rope_types and per_layer_type:
+        raise ExportError("the ONNX Runtime decoder export switches one longrope table pair by the sequence length, "
+                          "not one per layer type; use --target reference for this model")
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     if head_dim % 16:
@@ -335,7 +339,7 @@ class DecoderExporter:
         "kv_bits": (int, type(None)), "seqlens_k": str, "total_len": str, "rotary": dict, "hidden": str,
         "residual": (list, type(None)), "blocks_done": int, "tied": bool, "interleaved_tables": bool,
         "embedding_name": (str, type(None)), "head_block": (int, type(None)), "head_shape": (list, type(None)),
-        "head_weights": (list, type(None)), "positions": (str, type(None)),
+        "head_weights": (list, type(None)), "positions": (str, type(None)), "rope_positions": (str, type(None)),
     }
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, options: EmitOptions | None = None,
@@ -345,6 +349,11 @@ class DecoderExporter:
         self._model = model  # (its rotary module makes the tables of blocks that rotate in the graph)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}  # by layer type, computed once
         check_decoder_config(cfg)
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        # longrope: the length past which the long factors rotate (module docstring); None for other rotations
+        self.longrope_from: int | None = (int(rope.get("original_max_position_embeddings") or
+                                              cfg.original_max_position_embeddings)
+                                          if rope.get("rope_type", rope.get("type")) == "longrope" else None)
         self.options = options or EmitOptions()
         # a head the quantize_head pass quantized is written as MatMulNBits with its grid; otherwise float
         grid = getattr(model.get_output_embeddings(), HEAD_GRID, None)
@@ -379,6 +388,7 @@ class DecoderExporter:
         # per layer type: whether GroupQueryAttention can rotate with the model's tables (written on first use)
         self.rotary = {t: self._rotary_caches(model, t) is not None for t in dict.fromkeys(self._layer_types())}
         self.positions: str | None = None  # each token's position [B, S], made when a block first needs it
+        self.rope_positions: str | None = None  # (longrope: the table rows they rotate with)
         self.hidden = self._embedding(ids, model)
         # the previous block's final residual add (a, b), left for the next norm to fuse (SkipSimplifiedLayerNorm)
         self.residual: tuple[str, str] | None = None
@@ -416,6 +426,11 @@ class DecoderExporter:
         with torch.no_grad():
             x = torch.zeros(1, dtype=torch.float32)
             tables = rotary(x, pos, layer_type) if per_type else rotary(x, pos)
+            if self.longrope_from is not None and isinstance(tables, tuple | list) and len(tables) == 2:
+                # rows [0, P): the short factors (what a sequence within original_max_position_embeddings rotates
+                # with; rows past it are never read so, they repeat the long ones), rows [P, 2P): the long factors
+                short = rotary(x, pos[:, :self.longrope_from])
+                tables = tuple(torch.cat([s, t[:, s.shape[1]:], t], dim=1) for s, t in zip(short, tables, strict=True))
         if not (isinstance(tables, tuple | list) and len(tables) == 2):  # (DeepSeek V2, Llama 4: one complex tensor)
             raise ExportError(f"{type(rotary).__name__} returns {type(tables).__name__}, not the (cos, sin) tables the "
                               "ONNX Runtime decoder export rotates with; use --target reference for this model")
@@ -485,7 +500,7 @@ class DecoderExporter:
             "GroupQueryAttention",
             [query, key, value, f"past_key_values.{index}.key", f"past_key_values.{index}.value", self.seqlens_k,
              self.total_len, *(self._gqa_tables(layer_type) if rotary else ("", "")),
-             *self._extra_inputs(kv_inputs, att, em, index)],
+             *self._extra_inputs(kv_inputs, att, em, index, rotary)],
             f"/model/layers.{index}/attn/GroupQueryAttention", domain=MS_DOMAIN,
             outputs=[self.b.fresh(f"/model/layers.{index}/attn/output"), f"present.{index}.key", f"present.{index}.value"],
             num_heads=self.heads, kv_num_heads=self.kv_heads, scale=float(scale), do_rotary=int(rotary), rotary_interleaved=int(interleaved),
@@ -576,7 +591,7 @@ class DecoderExporter:
             kind = "sin" if is_sin[-1] else "cos"
             values = (sin if kind == "sin" else cos).contiguous()
             table = self.b.shared_initializer(f"{kind}_table{suffix}", lambda values=values: values)  # type: ignore[misc]
-            em.env[ph] = self.b.op("Gather", [table, self._positions()], f"{em.scope}/{ph.name}_{kind}", axis=0)
+            em.env[ph] = self.b.op("Gather", [table, self._rope_positions()], f"{em.scope}/{ph.name}_{kind}", axis=0)
         if ph_reads and sorted(is_sin) != [False, True]:
             raise ExportError(f"{name}: the query/key paths read {len(ph_reads)} block inputs, not one cosine and one "
                               f"sine table ({refusal})")
@@ -657,14 +672,34 @@ class DecoderExporter:
                                           steps], "/positions")
         return self.positions
 
-    def _extra_inputs(self, kv_inputs: list[str], att: _Attention, em: GraphEmitter, index: int) -> list[str]:
-        """GroupQueryAttention's inputs after the rotary caches: position_ids, attention_bias, head_sink (gpt-oss's
-        sinks: softmax with exp(sink) in the denominator), k_scale, v_scale (a quantized cache)."""
-        if att.sinks is None:
-            return kv_inputs
-        sink = self.b.initializer(f"model.layers.{index}.attn.sinks", em.tensor(att.sinks).detach().float().reshape(-1))
-        extras = list(kv_inputs) or ["", "", ""]
-        extras[2] = sink
+    def _rope_positions(self) -> str:
+        """The rows of the rotary tables each token rotates with: its position, shifted into the long-factor half
+        of a longrope table pair once the total length passes original_max_position_embeddings (module docstring)."""
+        if self.longrope_from is None:
+            return self._positions()
+        if self.rope_positions is None:
+            b = self.b
+            long = b.op("Greater", [b.op("Cast", [self.total_len], "/rope_positions/total", to=TensorProto.INT64),
+                                    b.const(self.longrope_from, np.int64)], "/rope_positions/long")
+            shift = b.op("Where", [long, b.const(int(self.cfg.max_position_embeddings), np.int64),
+                                   b.const(0, np.int64)], "/rope_positions/shift")
+            self.rope_positions = b.op("Add", [self._positions(), shift], "/rope_positions")
+        return self.rope_positions
+
+    def _extra_inputs(self, kv_inputs: list[str], att: _Attention, em: GraphEmitter, index: int,
+                      rotary: bool) -> list[str]:
+        """GroupQueryAttention's inputs after the rotary caches: position_ids (a longrope table pair: the rows to
+        rotate with), attention_bias, head_sink (gpt-oss's sinks: softmax with exp(sink) in the denominator), k_scale,
+        v_scale (a quantized cache)."""
+        extras = list(kv_inputs)  # (from position_ids on: "" where unused)
+        if att.sinks is not None:
+            sink = self.b.initializer(f"model.layers.{index}.attn.sinks",
+                                      em.tensor(att.sinks).detach().float().reshape(-1))
+            extras = extras or ["", "", ""]
+            extras[2] = sink
+        if rotary and self.longrope_from is not None:
+            extras = extras or [""]
+            extras[0] = self._rope_positions()  # (int64 [B, S])
         return extras
 
     @staticmethod
