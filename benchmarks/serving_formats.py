@@ -6,6 +6,9 @@ exported folder is then evaluated the way its consumer would run it, with one pe
   - ascend v1 folders (ours and msModelSlim's): loaded as vllm-ascend does (offsets negated, weights [K, N],
     int64 deq_scale decoded) onto the emulated torch_npu kernels (qcompiler.runtime.msmodelslim);
   - our compressed-tensors folder: reloaded by transformers + compressed-tensors (the real client, on the CPU);
+  - our LMDeploy folders (smooth_quant W8A8 for its PyTorch engine, AWQ W4A16 for TurboMind): run as LMDeploy
+    computes them (qcompiler.runtime.lmdeploy: ŵ = weight·scale with per-token int8 activations; AWQ unpacked),
+    LMDeploy itself not importing here;
   - llm-compressor (optional, --llmcompressor-python): its own GPTQ in its venv, evaluated in memory by the
     peer script of benchmarks/quality.py with the same loop.
 msModelSlim 26.1.0 (`msmodelslim` on PATH or --msmodelslim) calibrates on its own bundled data (its CLI takes
@@ -40,6 +43,11 @@ ROWS: dict[str, tuple[list[str], list[str] | None]] = {
                               None),
     "cuda w4a16 g64 gptq (compressed-tensors)": (
         ["--scheme", "w4a16", "--group-size", "64", "--algo", "gptq", "--target", "cuda"], None),
+    "cuda w8a8_dynamic (lmdeploy smooth_quant)": (
+        ["--scheme", "w8a8_dynamic", "--target", "cuda", "--target-option", "format=lmdeploy"], None),
+    "cuda w4a16 g64 gptq (lmdeploy turbomind awq)": (
+        ["--scheme", "w4a16", "--group-size", "64", "--algo", "gptq", "--target", "cuda", "--target-option",
+         "format=lmdeploy"], None),
 }
 
 
@@ -92,6 +100,7 @@ def main() -> None:
     from qcompiler.demo import demo_model_dir
     from qcompiler.eval.perplexity import evaluation_windows, perplexity
     from qcompiler.eval.report import load_float
+    from qcompiler.runtime.lmdeploy import load_lmdeploy
     from qcompiler.runtime.msmodelslim import load_msmodelslim
 
     torch.manual_seed(0)
@@ -129,6 +138,9 @@ def main() -> None:
                 add(config, "qcompiler", "-", None, run)
             elif "ascend" in config:
                 add(config, "qcompiler", "emulated NPU kernels", load_msmodelslim(out / "msmodelslim"), run)
+            elif "lmdeploy" in config:
+                add(config, "qcompiler", "LMDeploy's arithmetic (qcompiler.runtime.lmdeploy)",
+                    load_lmdeploy(out / "lmdeploy"), run)
             else:
                 ct = AutoModelForCausalLM.from_pretrained(str(out / "compressed-tensors"), dtype=torch.float32)
                 add(config, "qcompiler", "transformers + compressed-tensors", ct, run)

@@ -24,10 +24,12 @@ import torch
 from family_configs import BY_TYPE, make_family_model
 from formats import check_stated_grids, safetensors_in
 from tiny import TEXT
+from transformers import AutoModelForCausalLM
 
 from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.errors import SchemeError
 from qcompiler.runtime import load_quantized
+from qcompiler.runtime.lmdeploy import load_lmdeploy
 from qcompiler.schemes import get_scheme
 
 
@@ -111,16 +113,28 @@ def test_w8a8_smooth_quant_folder_is_what_lmdeploy_reads_and_computes_our_logits
         ours = load_quantized(out)(ids).logits
         theirs = _lmdeploy_reader(folder)(ids).logits
         grids = _rel(_lmdeploy_reader(folder, activations=False)(ids).logits, theirs)
+        loaded = load_lmdeploy(folder)(ids).logits  # (the loader benchmarks/serving_formats.py evaluates with)
     assert _rel(theirs, ours) < grids / 2, (_rel(theirs, ours), grids)
+    # (the same arithmetic as this test's reader, through transformers' default attention instead of eager: float32
+    # order, so at most a tie's code apart)
+    assert _rel(loaded, theirs) < grids / 2, (_rel(loaded, theirs), grids)
 
 
 def test_w4a16_turbomind_folder_is_the_awq_layout_with_its_groups(models, tmp_path):
+    """The TurboMind folder is the AWQ export's tensors with LMDeploy's group sizes; loaded by load_lmdeploy (ŵ
+    unpacked with its float16 scales) it computes our artefact's logits up to that rounding: each scale moves by at
+    most 2⁻¹¹ relative, so the logits by a few 2⁻¹¹ (bound 4·2⁻¹¹), while the quantization itself moves them by more."""
     out = tmp_path / "q"
     _quantize(models["llama"], out, "w4a16", formats="lmdeploy,awq", group=64)
     lmdeploy, awq = safetensors_in(out / "lmdeploy"), safetensors_in(out / "awq")
     assert lmdeploy.keys() == awq.keys() and all(torch.equal(lmdeploy[k], awq[k]) for k in awq)
     quant = json.loads((out / "lmdeploy" / "config.json").read_text())["quantization_config"]
     assert (quant["quant_method"], quant["version"], quant["bits"], quant["group_size"]) == ("awq", "gemm", 4, 64)
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, loaded = load_quantized(out)(ids).logits, load_lmdeploy(out / "lmdeploy")(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(models["llama"]), dtype=torch.float32)(ids).logits
+    assert _rel(loaded, ours) < 4 * 2.0**-11 < _rel(ours, plain), (_rel(loaded, ours), _rel(ours, plain))
     with pytest.raises(SchemeError, match="groups of 64 or 128"):
         _quantize(models["llama"], tmp_path / "g32", "w4a16", group=32)
     assert not (tmp_path / "g32").exists()
@@ -160,3 +174,33 @@ def test_ascend_target_writes_the_same_lmdeploy_folder_beside_msmodelslim(models
     with pytest.raises(SchemeError, match="unknown format \\['awq'\\]; formats: msmodelslim, lmdeploy"):
         _quantize(models["llama"], tmp_path / "bad", scheme, formats="awq", group=group, target="ascend")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("family", ["internlm2", "baichuan", "qwen"])
+def test_turbomind_folder_of_a_converted_family_is_its_native_awq_layout(tmp_path, family):
+    """InternLM2's packed wqkv, Baichuan's W_pack and Qwen (v1)'s c_attn — the layouts TurboMind converts when it loads
+    those families — are read as their native architecture (frontends/conversions.py), so the TurboMind folder is
+    that architecture's AWQ folder: config.json names it, q / k / v (and gate / up) are separate AWQ linears, and each
+    unpacks (our unpacker of the AutoAWQ gemm layout, from its description) to our artefact's codes exactly, its
+    scales to ours in the format's float16."""
+    from test_cuda_target import _awq_unpack
+    from twin import artefact_layers
+
+    model = make_family_model(tmp_path / family, BY_TYPE[family])
+    native = json.loads((model.with_name(model.name + "-native") / "config.json").read_text())
+    out = tmp_path / "q"
+    _quantize(model, out, "w4a16", group=64)
+    folder = out / "lmdeploy"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == native["architectures"] and config["model_type"] == native["model_type"]
+    tensors = safetensors_in(folder)
+    assert not [n for n in tensors if any(packed in n for packed in ("wqkv", "W_pack", "c_attn"))]
+    layers, _ = artefact_layers(out)
+    assert {f"{la.name}.qweight" for la in layers} <= tensors.keys()
+    assert {la.name.rsplit(".", 1)[1] for la in layers} >= {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    for layer in layers:
+        assert layer.codes is not None and layer.scale is not None
+        u = _awq_unpack(tensors[f"{layer.name}.qweight"])  # [K, N], unsigned
+        z = _awq_unpack(tensors[f"{layer.name}.qzeros"]).repeat_interleave(64, dim=0)
+        assert torch.equal((u - z).t(), layer.codes.long()), layer.name
+        assert torch.equal(tensors[f"{layer.name}.scales"], layer.scale.t().half()), layer.name
