@@ -349,16 +349,16 @@ def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_arte
     assert not (tmp_path / "dyn").exists()
 
 
-@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
-def test_onnxruntime_target_writes_weight_only_layers_as_matmulnbits(dit_models, tmp_path, scheme):
+@pytest.mark.parametrize(("kind", "scheme"), [("flux", "w8a16"), ("flux", "w4a16"), ("sd3", "w8a16"), ("wan", "w4a16")])
+def test_onnxruntime_target_writes_weight_only_layers_as_matmulnbits(dit_models, tmp_path, kind, scheme):
     """Weight-only schemes on --target onnxruntime: every block linear of the DiT is onnxruntime's MatMulNBits
     (int8 per channel, int4 in groups of 32; no float copy of the weight in the file), accuracy_level 0, which
     computes x·ŵᵀ + b in float32: onnxruntime's output equals our artefact's up to summation order (|Δ|/|y| ≤ 1e-5)
-    at two shapes other than the export's, while the quantization itself moves it by ≥ 1e-4."""
+    at two shapes other than the export's, while the quantization itself moves it by ≥ 1e-4 (FLUX, SD3, Wan)."""
     import onnx
     import onnxruntime as ort
 
-    source, out = dit_models["flux"], tmp_path / "q"
+    source, out = dit_models[kind], tmp_path / "q"
     _quantize(source, out, scheme, target="onnxruntime")
     proto = onnx.load(str(out / "model.onnx"))
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
