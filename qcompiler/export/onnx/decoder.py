@@ -351,9 +351,13 @@ class DecoderExporter:
         check_decoder_config(cfg)
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         # longrope: the length past which the long factors rotate (module docstring); None for other rotations
-        self.longrope_from: int | None = (int(rope.get("original_max_position_embeddings") or
-                                              cfg.original_max_position_embeddings)
-                                          if rope.get("rope_type", rope.get("type")) == "longrope" else None)
+        self.longrope_from: int | None = None
+        if rope.get("rope_type", rope.get("type")) == "longrope":
+            start = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", 0)
+            if not start:
+                raise ExportError("longrope scaling without original_max_position_embeddings (where its long factors "
+                                  "start) in config.json; use --target reference for this model")
+            self.longrope_from = int(start)
         self.options = options or EmitOptions()
         # a head the quantize_head pass quantized is written as MatMulNBits with its grid; otherwise float
         grid = getattr(model.get_output_embeddings(), HEAD_GRID, None)
