@@ -303,6 +303,12 @@ def _routed_experts(cfg: Any) -> int:
                                                           "moe_num_experts"))
 
 
+def _longrope_start(cfg: Any) -> int:
+    """The length past which longrope's long factors rotate (0 when the config does not say)."""
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return int(rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", 0) or 0)
+
+
 def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
     """Refuse an architecture, shape or scheme the decoder export cannot express, naming the fix."""
     arch = cfg.model_type
@@ -323,6 +329,9 @@ def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
     if "longrope" in rope_types and per_layer_type:
         raise ExportError("the ONNX Runtime decoder export switches one longrope table pair by the sequence length, "
                           "not one per layer type; use --target reference for this model")
+    if "longrope" in rope_types and not _longrope_start(cfg):
+        raise ExportError("longrope scaling without original_max_position_embeddings (where its long factors start) "
+                          "in config.json; use --target reference for this model")
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     if head_dim % 16:
@@ -351,13 +360,8 @@ class DecoderExporter:
         check_decoder_config(cfg)
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         # longrope: the length past which the long factors rotate (module docstring); None for other rotations
-        self.longrope_from: int | None = None
-        if rope.get("rope_type", rope.get("type")) == "longrope":
-            start = rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", 0)
-            if not start:
-                raise ExportError("longrope scaling without original_max_position_embeddings (where its long factors "
-                                  "start) in config.json; use --target reference for this model")
-            self.longrope_from = int(start)
+        self.longrope_from: int | None = _longrope_start(cfg) if rope.get("rope_type", rope.get("type")) == "longrope" \
+            else None
         self.options = options or EmitOptions()
         # a head the quantize_head pass quantized is written as MatMulNBits with its grid; otherwise float
         grid = getattr(model.get_output_embeddings(), HEAD_GRID, None)
