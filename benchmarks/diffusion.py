@@ -4,6 +4,7 @@ fresh `qcompile quant` process and measured by `qcompile eval` (a sampling run o
 float one).
 
     python benchmarks/diffusion.py [--schemes w8a16,w8a8_dynamic,w8a8,w4a16] [--models flux,sd3,wan,hunyuan]
+    python benchmarks/diffusion.py --schemes w8a8,w8a8:tg4    (:tgN: static grids per group of steps, --timestep-groups)
 
 Reported per model × scheme: quantization time and peak RSS (the process's VmHWM), the minimum per-step velocity SQNR
 and the final latents' PSNR / cosine against float. Random weights have no outlier channels, so these numbers say
@@ -67,8 +68,11 @@ def make_model(kind: str, folder: Path) -> Path:
 
 
 def run(model: Path, scheme: str, out: Path) -> dict[str, Any]:
-    quant = [sys.executable, "-m", "qcompiler.cli", "quant", "--model", str(model), "--scheme", scheme, "--out",
-             str(out), "--num-samples", "8", "--seq-len", "256", "--no-progress", *ALGO.get(scheme, ["--algo", "rtn"])]
+    """One `qcompile quant` + `qcompile eval`; `scheme` may end in :tgN (--timestep-groups N)."""
+    name, _, groups = scheme.partition(":tg")
+    quant = [sys.executable, "-m", "qcompiler.cli", "quant", "--model", str(model), "--scheme", name, "--out",
+             str(out), "--num-samples", "8", "--seq-len", "256", "--no-progress", *ALGO.get(name, ["--algo", "rtn"]),
+             *(["--timestep-groups", groups] if groups else [])]
     subprocess.run(quant, check=True, capture_output=True, text=True)
     run_info = json.loads((out / "run.json").read_text())
     ev = subprocess.run([sys.executable, "-m", "qcompiler.cli", "eval", str(out), "--json"], check=True,

@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibrate each block on the quantized (default) or float outputs of the previous block "
                         "(float: one block forward less, the first pass's statistics run gives them; AWQ on the demo "
                         "56 s instead of 68 s, +11.1 %% instead of +10.2 %% perplexity)")
+    q.add_argument("--timestep-groups", type=int, default=1, metavar="G",
+                   help="a diffusion transformer with static activations (w8a8): one activation grid per group of "
+                        "sampling steps (G groups, early to late), switched by the timestep at run time; --target "
+                        "reference only (the serving formats hold one grid)")
     q.add_argument("--dump-ir", type=Path, default=None, help="write every block graph before/after each pass here")
     q.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay)")
     q.add_argument("--trust-remote-code", action="store_true",
@@ -223,6 +227,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
         calib_images=a.calib_images, vision_scheme=a.vision_scheme,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
+        timestep_groups=a.timestep_groups,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
         extra={"calib_inputs": a.calib_inputs} if a.calib_inputs else {},

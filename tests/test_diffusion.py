@@ -230,6 +230,59 @@ def test_ascend_target_writes_quantized_attention_as_fa_quant_scales(dit_models,
     assert _rel(got, expect) < 1e-5, _rel(got, expect)
 
 
+def test_timestep_groups_fit_and_switch_static_activation_grids(dit_models, tmp_path):
+    """--timestep-groups 2 (FLUX, static w8a8): every static activation grid is fitted again on each half of the
+    sampling run (early: high t, late), recorded per group with the timestep between them; the graph keeps the
+    all-steps grid, which for symmetric min-max grids is the widest group's (the range over all steps is the widest
+    group range). Reloaded, the model at a timestep of group g computes what the artefact with group g's grids
+    written into its files computes (diffusers' model with those grids, tests/twin.py), rounding ties aside; other
+    targets and schemes without static grids are refused by name."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    source, out = dit_models["flux"], tmp_path / "q"
+    cfg = QuantizeConfig(model=source, scheme=get_scheme("w8a8"), out=out, num_samples=8, seq_len=64,
+                         progress=False, timestep_groups=2)
+    desc = quantize_dit(cfg, plan_run(cfg), log=lambda _: None)
+    section = desc["timestep_groups"]
+    static = {r["tensors"]["input_scale"] for r in desc["layers"].values()
+              if r["activations"] and not r["activations"]["dynamic"]}
+    assert set(section["grids"]) == static and len(section["bounds"]) == 1
+    files = {k: v for f in out.glob("*.safetensors") for k, v in _load(f).items()}
+    assert all(float(files[name]) == max(values) for name, values in section["grids"].items())
+    assert any(values[0] != values[1] for values in section["grids"].values())
+    ours = load_quantized(out)
+    for group, t in enumerate((900.0, 100.0)):  # (FLUX takes t / 1000: 0.9 and 0.1 lie either side of the bound)
+        copy = tmp_path / f"group{group}"
+        shutil.copytree(out, copy)
+        for f in copy.glob("block-*.safetensors"):
+            tensors = _load(f)
+            tensors.update({k: torch.tensor(section["grids"][k][group], dtype=v.dtype).reshape(v.shape)
+                            for k, v in tensors.items() if k in section["grids"]})
+            save_file(tensors, str(f), metadata={"format": "pt"})
+        inputs = {**example_inputs(ours, 2, torch.Generator().manual_seed(5), latent_side=6, text_tokens=9),
+                  "timestep": model_timestep(ours, torch.tensor(t), 2)}
+        with torch.no_grad():
+            got = ours(**inputs, return_dict=False)[0]
+            expect = _twin(source, copy)(**inputs, return_dict=False)[0]
+            act_free = _twin(source, copy, activations=False)(**inputs, return_dict=False)[0]
+
+        def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return (a - b).norm(dim=-1) / b.norm(dim=-1)
+
+        err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
+        assert err < 0.5 * budget, (group, err, budget)
+    for target, scheme, groups, reason in [("ascend", "w8a8", 2, "one activation grid per layer"),
+                                           ("reference", "w8a8_dynamic", 2, "no static activation grid"),
+                                           ("reference", "w8a8", 5, "at most 4 groups")]:
+        bad = QuantizeConfig(model=source, scheme=get_scheme(scheme), out=tmp_path / "bad", target=target,
+                             num_samples=8, seq_len=64, progress=False, timestep_groups=groups)
+        with pytest.raises(SchemeError, match=reason):
+            quantize_dit(bad, plan_run(bad), log=lambda _: None)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_dit_refusals_name_what_is_missing(dit_models, tmp_path):
     out = tmp_path / "q"
     with pytest.raises(SchemeError, match="diffusion transformers are written for --target reference, ascend, onnxruntime"):

@@ -10,10 +10,17 @@ symmetric grids only). Dynamic (per token): s_t = max_k |X_tk| / 127 at run time
 fp8 activations: s = max |X| / 448 (static, minmax or percentile) or per token at run time, X̂ = e4m3(X / s)·s
                                                        [qc::fake_quant_act_fp8, qc::fake_quant_act_fp8_per_token]
 The graph stays a runnable fake-quantized model; lowering fuses each pair into an int8 GEMM.
+
+Timestep groups (a diffusion transformer's --timestep-groups, ctx.calib_groups): activation ranges move with the
+denoising step (Q-Diffusion, PTQ4DiT), so besides the grid over every step the pass fits each static grid again on
+each group's calibration batches (a group: consecutive sampling steps) and reports the tables
+(details["timestep_grids"]: tensor name -> one value per group); the graph keeps the all-steps grid, and the DiT
+runtime writes the group's values into it for each call (runtime/diffusers.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -76,6 +83,9 @@ class InsertActQuant(Pass):
         if not targets:
             return PassResult(gm, False, {"skipped": "no layer of this block quantizes activations"})
         inserted = 0
+        timestep_grids: dict[str, list[float]] = {}
+        # (each timestep group's statistics of every static input: one run over the group's batches)
+        group_stats = [self._group_stats(gm, ctx, self.stat_requests(gm, ctx), g) for g in ctx.calib_groups or []]
         for lin, acts in targets:
             x = lin.args[0]
             assert isinstance(x, fx.Node)
@@ -88,15 +98,13 @@ class InsertActQuant(Pass):
                     fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_per_token.default, (x, acts.bits))
                     fq.meta[qmeta.ACT_FQ] = {"dynamic": True, "bits": acts.bits}
                 else:
-                    value = stats[StatRequest(x.name, self._kind(), self.percentile)]  # type: ignore[arg-type]
-                    if self.observer == "minmax":
-                        lo, hi = value
-                    elif self.observer == "percentile":
-                        lo, hi = -value, value
-                    else:
-                        t = torch.tensor(threshold(value, self.observer, acts.bits))
-                        lo, hi = -t, t
-                    scale, zero = act_qparams_from_range(lo, hi, acts)
+                    request = StatRequest(x.name, self._kind(), self.percentile)  # type: ignore[arg-type]
+                    scale, zero = self._grid(stats[request], acts)
+                    if group_stats:
+                        per_group = [self._grid(stats_g[request], acts) for stats_g in group_stats]
+                        timestep_grids[base + ".input_scale"] = [float(s) for s, _ in per_group]
+                        if not acts.is_float and not acts.symmetric:  # (a symmetric grid's zero point is 0)
+                            timestep_grids[base + ".input_zero"] = [float(z) for _, z in per_group]
                     set_tensor(gm, base + ".input_scale", scale.reshape(()))
                     s_node = gm.graph.get_attr(base + ".input_scale")
                     if acts.is_float:  # (fp8: symmetric, no zero point)
@@ -115,4 +123,25 @@ class InsertActQuant(Pass):
                         }
             lin.replace_input_with(x, fq)
             inserted += 1
-        return PassResult(gm, inserted > 0, {"inserted": inserted, "observer": self.observer})
+        details: dict[str, object] = {"inserted": inserted, "observer": self.observer}
+        if timestep_grids:
+            details["timestep_grids"] = timestep_grids
+        return PassResult(gm, inserted > 0, details)
+
+    def _grid(self, value: object, acts: QuantArgs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of one static grid from its statistic."""
+        if self.observer == "minmax":
+            lo, hi = value  # type: ignore[misc]
+        elif self.observer == "percentile":
+            lo, hi = -value, value  # type: ignore[operator]
+        else:
+            t = torch.tensor(threshold(value, self.observer, acts.bits))  # type: ignore[arg-type]
+            lo, hi = -t, t
+        return act_qparams_from_range(lo, hi, acts)
+
+    @staticmethod
+    def _group_stats(gm: fx.GraphModule, ctx: PassContext, requests: list[StatRequest], batches: list[int]) -> Stats:
+        """`requests` measured on the calibration batches of one timestep group only (no cache: a subset)."""
+        sub = dataclasses.replace(ctx, calib=[ctx.calib[j] for j in batches], calib_digest=None, stats_cache=None,
+                                  known_hessians={}, calib_groups=None)
+        return sub.statistics(gm, requests)

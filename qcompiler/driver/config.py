@@ -37,6 +37,8 @@ class QuantizeConfig:
     low_memory: bool = False  # glibc returns every freed buffer ≥ 4 MB to the system at once (memory.py): lower peak, slower
     resume: bool = False  # continue the unfinished run of the same inputs for this --out (export/artifact.py)
     calibrate_all_experts: bool = False  # MoE: every expert's statistics over all tokens (frontends/moe.py)
+    # a diffusion transformer's static activation grids per group of sampling steps (driver/diffusers.py); 1: one grid
+    timestep_groups: int = 1
     seed: int = 0  # seeds torch's generator; the pipeline's own sampling is seeded by batch index
     trust_remote_code: bool = False  # let transformers import Python files from the model folder (auto_map)
     extra: dict[str, Any] = field(default_factory=dict)  # calib_inputs: an .npz for ONNX models

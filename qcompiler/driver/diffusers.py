@@ -80,8 +80,13 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     check_output_dir(cfg.out.absolute())
     model = load_dit(Path(cfg.model))
     steps = max(2, cfg.num_samples // CALIBRATION_BATCH)
+    if cfg.timestep_groups > steps:
+        raise SchemeError(f"--timestep-groups {cfg.timestep_groups}: calibration runs {steps} sampling steps "
+                          f"(--num-samples {cfg.num_samples} / {CALIBRATION_BATCH} latents a step); give at most "
+                          f"{steps} groups or more samples")
     inputs, _ = sample(model, steps, CALIBRATION_BATCH, cfg.seed, latent_side(cfg.seq_len))
     calls = capture_calls(model, inputs)
+    groups, bounds = timestep_groups(inputs, cfg.timestep_groups)
     scheme = plan.scheme  # (as stored: what the pipeline makes of the requested one)
     log(f"quantizing {cfg.model} ({type(model).__name__}, {len(calls)} blocks) as {scheme.describe()}")
     log(f"pipeline: {plan.pipeline}")
@@ -100,16 +105,20 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     layers: dict[str, Any] = {}
     kv_cache: dict[str, Any] = {}
     reports: dict[str, Any] = {}
+    timestep_grids: dict[str, list[float]] = {}  # activation grid tensor -> its value per timestep group
     try:
         for i, (name, block) in enumerate(dit_blocks(model)):
             call, example = calls[name][0]
             gm = trace_dit_block(block, call, example, name)
             float_gm = copy_graph(gm, share_tensors=True)
             calib = [tensors for _, tensors in calls[name]]
-            ctx = PassContext(block=name, scheme=scheme, target=plan.target, calib=calib)
+            ctx = PassContext(block=name, scheme=scheme, target=plan.target, calib=calib,
+                              calib_groups=groups if len(groups) > 1 else None)
             gm = transform.run(gm, ctx)
             y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])
             flat = (lambda ys: torch.cat([y.reshape(-1) for y in ys if y is not None]))  # noqa: E731
+            grids = ctx.report.get("act_quant", {}).pop("timestep_grids", {})
+            timestep_grids.update({checkpoint_name(name, t): values for t, values in grids.items()})
             reports[name] = {"output_sqnr_db": round(sqnr_db(flat(y_float), flat(y_quant)), 2), "passes": ctx.report}
             gm = lowering.run(gm, ctx)
             records = block_records(gm, name, layer_sqnr)
@@ -140,6 +149,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             "kv_cache": kv_cache,
             "block_report": reports,
         }
+        if len(groups) > 1:
+            description["timestep_groups"] = {"bounds": bounds, "grids": timestep_grids}
         if exporter is not None:
             exporter.finish(model, {"qcompiler.scheme": cfg.scheme.describe(), "qcompiler.pipeline": plan.pipeline})
         if qdq is not None:
@@ -154,6 +165,18 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     log(f"wrote {cfg.out} in {elapsed:.1f} s ({len(layers)} quantized layers)")
     return {**description, "run": run}
 
+
+
+def timestep_groups(inputs: list[dict[str, torch.Tensor]], count: int) -> tuple[list[list[int]], list[float]]:
+    """The calibration batches (one per sampling step, in sampling order) cut into `count` groups of consecutive
+    steps, early to late, and the timesteps between groups: bounds[g] is the midpoint of the last timestep of
+    group g and the first of group g + 1, in the units the model takes. A call at timestep t belongs to the first
+    group g with t > bounds[g] (the timesteps fall along the run), else to the last."""
+    steps = len(inputs)
+    groups = [[j for j in range(steps) if j * count // steps == g] for g in range(count)]
+    t = [float(step["timestep"].reshape(-1)[0]) for step in inputs]
+    bounds = [(t[groups[g][-1]] + t[groups[g + 1][0]]) / 2 for g in range(count - 1)]
+    return groups, bounds
 
 
 class QdqCollector:

@@ -39,7 +39,7 @@ from qcompiler.calib.stats import StatsCache, digest_tensors
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.plan import RunPlan, description_head, plan_run
 from qcompiler.driver.probe import compare_layers, first_windows
-from qcompiler.errors import ArtifactError, ModelLoadError, PipelineError
+from qcompiler.errors import ArtifactError, ModelLoadError, PipelineError, SchemeError
 from qcompiler.export.artifact import (
     ArtifactWriter,
     SavedExporter,
@@ -80,6 +80,9 @@ def quantize(cfg: QuantizeConfig, log: Log = print, plan: RunPlan | None = None)
     `plan`: the run's plan when the caller made it already (the CLI, to refuse before reading the model). With
     torch.distributed initialised (qcompiler.distributed) every rank runs this on its share of the calibration
     batches and rank 0 writes."""
+    if cfg.timestep_groups != 1:
+        raise SchemeError(f"--timestep-groups {cfg.timestep_groups}: activation grids per group of sampling steps are "
+                          f"for diffusion transformers; '{cfg.model}' is a language model (one grid per layer)")
     allocator = large_allocations_returned() if cfg.low_memory else contextlib.nullcontext()
     with allocator, torch.random.fork_rng(devices=[]):  # seed torch's generator for this run, not the caller's
         torch.manual_seed(cfg.seed)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qcompiler.errors import PipelineError
+from qcompiler.errors import PipelineError, SchemeError
 from qcompiler.kernels.cpu import fp32_matmul_precision
 from qcompiler.pm.base import Pass
 from qcompiler.pm.pipeline import format_pipeline, make_pass
@@ -186,6 +186,15 @@ def plan_run(cfg: Any, imported: bool = False, rotation: bool = True) -> RunPlan
     `rotation`: False re-plans a default pipeline without the rotation before static activations (the driver, for a
     model the rotation does not admit)."""
     target = get_target(cfg.target)
+    groups = getattr(cfg, "timestep_groups", 1)
+    if groups < 1:
+        raise SchemeError(f"--timestep-groups {groups}: give 1 (one grid for every step) or more")
+    if groups > 1 and target.name != "reference":
+        raise SchemeError(f"--timestep-groups {groups}: target '{target.name}' writes formats that hold one "
+                          "activation grid per layer; use --target reference (our artefact switches them by timestep)")
+    if groups > 1 and (cfg.scheme.activations is None or cfg.scheme.activations.dynamic):
+        raise SchemeError(f"--timestep-groups {groups}: scheme '{cfg.scheme.name}' has no static activation grid to "
+                          "fit per group of steps (w8a8 has)")
     options = None if imported else cfg.target_options
     passes = (complete_pipeline(cfg.passes, cfg.scheme, target, options) if cfg.passes is not None
               else default_pipeline(cfg.scheme, target, cfg.algo, options, rotation))

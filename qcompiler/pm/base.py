@@ -45,6 +45,9 @@ class PassContext:
     # is still the float block then; that run goes on to the end when `keep_float_outputs` asks for it), so that the
     # driver does not run the float block again
     keep_float_outputs: bool = False
+    # a diffusion transformer's calibration batches by group of sampling steps (--timestep-groups): the act_quant
+    # pass fits one static grid per group besides the one over every step (driver/diffusers.py)
+    calib_groups: list[list[int]] | None = None
     float_block_outputs: list[torch.Tensor] | None = None
     # seconds the passes spent running calibration data through the block (statistics, staged runs): the rest of a
     # pass's time is its own arithmetic (the driver reports the two apart)

@@ -70,6 +70,8 @@ def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = tor
             raise ArtifactError(f"'{out}/qcompiler.json': layer '{path}' is not inside a block; quantize again")
         records.setdefault(block, []).append(local_record(LayerRecord.from_dict(data, str(out)), block))
     kv = {block: [KVRecord.from_dict(r, str(out)) for r in recs] for block, recs in (desc.get("kv_cache") or {}).items()}
+    grids = desc.get("timestep_groups")
+    switched: dict[str, torch.Tensor] = {}  # (--timestep-groups) checkpoint name -> the block graph's grid tensor
     for name, block in blocks:
         call, example = calls[name][0]
         gm = trace_dit_block(block, call, example, name)
@@ -82,7 +84,42 @@ def load_quantized_dit(out: Path, desc: dict[str, Any], dtype: torch.dtype = tor
             value = _read(where[key])
             set_tensor(gm, target, value.to(dtype) if value.is_floating_point() and current.is_floating_point() else value)
         eliminate_dead_attrs(gm)
+        if grids is not None:
+            switched.update({checkpoint_name(name, t): v for t, v in tensor_attrs(gm)
+                             if checkpoint_name(name, t) in grids.get("grids", {})})
         parent, index = name.rsplit(".", 1)
         getattr(model, parent)[int(index)] = CompiledDitBlock(gm, call, type(block).__name__)
+    if grids is not None:
+        switch_grids_by_timestep(out, model, grids, switched)
     model.qcompiler_description = desc
     return model
+
+
+def switch_grids_by_timestep(out: Path, model: torch.nn.Module, section: Any, tensors: dict[str, torch.Tensor]
+                             ) -> None:
+    """--timestep-groups: before every call of the model, write the group's value of each activation grid into the
+    block graphs' grid tensors, the group chosen by the call's timestep (driver/diffusers.timestep_groups: the first
+    group g with t > bounds[g], else the last)."""
+    try:
+        bounds = [float(b) for b in section["bounds"]]
+        tables = {name: [float(v) for v in values] for name, values in section["grids"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"'{out}/qcompiler.json': the timestep_groups section is damaged ({e}); quantize again") \
+            from None
+    missing = sorted(set(tables) - set(tensors))
+    if missing or any(len(values) != len(bounds) + 1 for values in tables.values()):
+        raise ArtifactError(f"'{out}/qcompiler.json': timestep grids {missing[:3] or 'of the wrong length'} do not "
+                            "match the blocks' tensors; quantize again")
+
+    def select(_model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        timestep = kwargs.get("timestep")
+        if not isinstance(timestep, torch.Tensor):
+            raise ArtifactError(f"'{out}': this transformer switches its activation grids by timestep; call it with "
+                                "timestep= (a tensor), as diffusers' pipelines do")
+        t = float(timestep.reshape(-1)[0])
+        group = next((g for g, bound in enumerate(bounds) if t > bound), len(bounds))
+        with torch.no_grad():
+            for name, values in tables.items():
+                tensors[name].fill_(values[group])
+
+    model.register_forward_pre_hook(select, with_kwargs=True)
