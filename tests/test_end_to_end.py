@@ -163,6 +163,10 @@ def test_cli_quant_eval_inspect(tiny_llama, tmp_path, calib_text, capsys, monkey
         (["quant", "--model", "MODEL", "--scheme", "w4a16", "--passes", "gptqq", "--out", "x"], "unknown pass"),
         (["quant", "--model", "MODEL", "--scheme", "w4a16", "--target", "tpu", "--out", "x"], "unknown target"),
         (["eval", "/no/such/out"], "not a qcompiler artefact"),
+        (["quant", "--model", "MODEL", "--scheme", "w8a8", "--timestep-groups", "2", "--out", "x"],
+         "for diffusion transformers"),
+        (["quant", "--model", "MODEL", "--scheme", "w8a8", "--timestep-groups", "2", "--target", "cuda", "--out", "x"],
+         "one activation grid per layer"),
     ],
 )
 def test_cli_bad_input_exits_2_with_a_clear_message(tiny_llama, args, message, capsys, tmp_path):
