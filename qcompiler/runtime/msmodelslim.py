@@ -116,8 +116,9 @@ def fa_quant_grids(folder: Path, desc: dict, tensors: dict[str, torch.Tensor]) -
             continue
         module, holder, _ = name.rsplit(".", 2)
         offset = f"{module}.{holder}.offset"
-        if holder not in FA_MODULES or desc.get(offset) != "FAQuant":
-            raise ArtifactError(f"'{folder}': FAQuant tensor '{name}' is not fa_q / fa_k / fa_v.scale with its offset")
+        if holder not in FA_MODULES or desc.get(offset) != "FAQuant" or name not in tensors or offset not in tensors:
+            raise ArtifactError(f"'{folder}': FAQuant tensor '{name}' is not fa_q / fa_k / fa_v.scale with its offset "
+                                "in the weights; export the folder again")
         grids.setdefault(module, {})[holder.removeprefix("fa_")] = (tensors[name].float(), tensors[offset].float())
     for module, grid in grids.items():
         if set(grid) != {"q", "k", "v"}:
@@ -156,7 +157,9 @@ def install_fa_quant(folder: Path, model: torch.nn.Module, module_name: str, gri
 
     def leave(_module: object, _args: object, output: object) -> None:
         torch.nn.functional.scaled_dot_product_attention = sdpa
-        if output is not None and calls[0] != 1:  # (None: the call raised, and that error propagates)  # (an attention that bypassed torch's SDPA would run unquantized, silently)
+        # (an attention that bypassed torch's SDPA would run unquantized, silently; output None: the call raised,
+        # and that error propagates)
+        if output is not None and calls[0] != 1:
             raise ArtifactError(f"'{folder}': attention '{module_name}' called torch's scaled_dot_product_attention "
                                 f"{calls[0]} times, not once: the FAQuant emulation cannot quantize its Q, K and V")
 
