@@ -402,7 +402,8 @@ def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_arte
     assert not (tmp_path / "dyn").exists()
 
 
-@pytest.mark.parametrize(("kind", "scheme"), [("flux", "w8a16"), ("flux", "w4a16"), ("sd3", "w8a16"), ("wan", "w4a16")])
+@pytest.mark.parametrize(("kind", "scheme"), [("flux", "w8a16"), ("flux", "w4a16"), ("flux", "w4a16-asym"),
+                                            ("sd3", "w8a16"), ("wan", "w4a16")])
 def test_onnxruntime_target_writes_weight_only_layers_as_matmulnbits(dit_models, tmp_path, kind, scheme):
     """Weight-only schemes on --target onnxruntime: every block linear of the DiT is onnxruntime's MatMulNBits
     (int8 per channel, int4 in groups of 32; no float copy of the weight in the file), accuracy_level 0, which
@@ -412,9 +413,15 @@ def test_onnxruntime_target_writes_weight_only_layers_as_matmulnbits(dit_models,
     import onnxruntime as ort
 
     source, out = dit_models[kind], tmp_path / "q"
-    _quantize(source, out, scheme, target="onnxruntime")
+    if scheme.endswith("-asym"):  # (zero points: MatMulNBits' zero_points input)
+        cfg = QuantizeConfig(model=source, scheme=get_scheme("w4a16", group_size=32, symmetric=False), out=out,
+                             target="onnxruntime", num_samples=8, seq_len=64, progress=False)
+        quantize_dit(cfg, plan_run(cfg), log=lambda _: None)
+    else:
+        _quantize(source, out, scheme, target="onnxruntime")
     proto = onnx.load(str(out / "model.onnx"))
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert all(len(n.input) > 3 and n.input[3] for n in nbits) == scheme.endswith("-asym")
     ours, float_model = load_quantized(out), load_dit(source)
     blocks = tuple(f"{n}." for n in json.loads((out / "qcompiler.json").read_text())["blocks"]["names"])
     linears = {n: m for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)}
