@@ -143,9 +143,11 @@ def _parser() -> argparse.ArgumentParser:
                    "(~/.cache/qcompiler/float-perplexity, keyed by the model files, the token windows, dtype and batch)")
     e.add_argument("--float-model", type=Path, default=None, help="float checkpoint to compare against (default: the source)")
     e.add_argument("--bf16", action="store_true", help="run in bfloat16 with the CPU int4/int8 kernels (faster)")
-    e.add_argument("--runtime", choices=["auto", "reference", "onnxruntime"], default="auto",
-                   help="run the quantized model with our reference runtime or the exported model.onnx "
-                   "(auto: onnxruntime when the folder has one)")
+    e.add_argument("--runtime", choices=["auto", "reference", "onnxruntime", "msmodelslim", "lmdeploy",
+                                         "compressed-tensors"], default="auto",
+                   help="run the quantized model with our reference runtime, the exported model.onnx, or a serving "
+                   "folder as its engine computes it (msmodelslim: the emulated NPU calls; lmdeploy: its W8A8 / AWQ "
+                   "arithmetic; compressed-tensors: transformers) (auto: onnxruntime when the folder has one)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.add_argument("--trust-remote-code", action="store_true",

@@ -204,3 +204,34 @@ def test_turbomind_folder_of_a_converted_family_is_its_native_awq_layout(tmp_pat
         z = _awq_unpack(tensors[f"{layer.name}.qzeros"]).repeat_interleave(64, dim=0)
         assert torch.equal((u - z).t(), layer.codes.long()), layer.name
         assert torch.equal(tensors[f"{layer.name}.scales"], layer.scale.t().half()), layer.name
+
+
+def test_eval_runs_a_serving_folder_as_its_engine_computes_it(models, tmp_path, capsys):
+    """`qcompile eval OUT --runtime lmdeploy | compressed-tensors` evaluates the written serving folder instead of our
+    artefact, on the same windows. LMDeploy's arithmetic on its folder holds our grids: its perplexity is ours up to
+    per-token rounding ties, within a fifth of what the quantization itself moves the perplexity from float's.
+    compressed-tensors runs through transformers' own CPU path (whose dynamic activations the support matrix does not
+    claim equal to ours: it checks that client's weights); here only that it runs and is reported as such. A folder
+    that was not written is one clear error."""
+    import math
+
+    from qcompiler.cli import main
+
+    out = tmp_path / "q"
+    _quantize(models["llama"], out, "w8a8_dynamic", formats="lmdeploy,compressed-tensors")
+    text = tmp_path / "eval.txt"
+    text.write_text(TEXT)
+    ppl, float_ppl = {}, None
+    for runtime in ("reference", "lmdeploy", "compressed-tensors"):
+        assert main(["eval", str(out), "--text", str(text), "--seq-len", "64", "--runtime", runtime, "--json",
+                     *(["--no-float-cache"] if runtime == "reference" else ["--no-float"])]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["runtime"] == runtime
+        ppl[runtime] = result["quantized"]["perplexity"]
+        float_ppl = result.get("float", {}).get("perplexity", float_ppl)
+    assert float_ppl is not None
+    effect = abs(ppl["reference"] / float_ppl - 1)
+    assert abs(ppl["lmdeploy"] / ppl["reference"] - 1) < effect / 5, (ppl, float_ppl)
+    assert math.isfinite(ppl["compressed-tensors"])
+    assert main(["eval", str(out), "--text", str(text), "--runtime", "msmodelslim", "--no-float"]) == 2
+    assert "has no msmodelslim/ folder" in capsys.readouterr().err

@@ -64,6 +64,29 @@ def load_float(model_dir: Path, dtype: torch.dtype = torch.float32, trust_remote
                                                 trust_remote_code=trust_remote_code).eval()
 
 
+def _msmodelslim(folder: Path, dtype: torch.dtype) -> Any:
+    from qcompiler.runtime.msmodelslim import load_msmodelslim
+
+    return load_msmodelslim(folder, dtype)
+
+
+def _lmdeploy(folder: Path, dtype: torch.dtype) -> Any:
+    from qcompiler.runtime.lmdeploy import load_lmdeploy
+
+    return load_lmdeploy(folder, dtype)
+
+
+def _compressed_tensors(folder: Path, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=False).eval()
+
+
+# `qcompile eval --runtime NAME`: the serving folder OUT/NAME/ as its engine computes it — msModelSlim's on the
+# emulated NPU calls, LMDeploy's with its W8A8 / AWQ arithmetic, compressed-tensors through transformers (its client)
+SERVING_RUNTIMES = {"msmodelslim": _msmodelslim, "lmdeploy": _lmdeploy, "compressed-tensors": _compressed_tensors}
+
+
 def evaluate(
     out: Path,
     text: Path | None = None,
@@ -130,6 +153,12 @@ def evaluate(
         if dtype != torch.float32:
             raise ModelLoadError("the ONNX export is float32; drop --bf16 or use --runtime reference")
         qm: Any = OrtCausalLM(out)
+    elif runtime in SERVING_RUNTIMES:  # a serving folder the target wrote, run as its engine computes it
+        folder = out / runtime
+        if not folder.is_dir():
+            raise ArtifactError(f"'{out}' has no {runtime}/ folder (written by --target-option format={runtime}); "
+                                "evaluate with --runtime reference")
+        qm = SERVING_RUNTIMES[runtime](folder, dtype)
     else:
         qm = load_quantized(out, dtype=dtype, trust_remote_code=trust_remote_code)
     result["quantized"] = perplexity(qm, ids, tok_name, batch_size, progress, "quantized").to_dict()
