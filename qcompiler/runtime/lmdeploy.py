@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.errors import ArtifactError
 from qcompiler.frontends.multimodal import auto_model_class
+from qcompiler.numerics import fake_quant_act_per_token
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + AWQ_ORDER[i]
 
@@ -35,14 +37,9 @@ def awq_unpack(words: torch.Tensor) -> torch.Tensor:
 
 
 def per_token(x: torch.Tensor, fp8: bool) -> torch.Tensor:
-    """x quantized per token (last dimension) and back, as LMDeploy's W8A8 kernels read it."""
-    top = 448.0 if fp8 else 127.0
-    s = (x.float().abs().amax(-1, keepdim=True) / top).clamp_min(1e-12)
-    if fp8:
-        q = (x.float() / s).clamp(-top, top).to(torch.float8_e4m3fn).float()
-    else:
-        q = torch.clamp(torch.round(x.float() / s), -128, 127)
-    return (q * s).to(x.dtype)
+    """x quantized per token (last dimension) and back, as LMDeploy's W8A8 kernels read it: our dynamic per-token
+    grids (int8 absmax / 127; fp8 absmax / 448 and an e4m3 cast)."""
+    return torch.ops.qc.fake_quant_act_fp8_per_token(x) if fp8 else fake_quant_act_per_token(x, 8)
 
 
 def load_lmdeploy(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -303,9 +303,17 @@ def _routed_experts(cfg: Any) -> int:
                                                           "moe_num_experts"))
 
 
-def _longrope_start(cfg: Any) -> int:
-    """The length past which longrope's long factors rotate (0 when the config does not say)."""
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+def _rope_parameters(cfg: Any) -> dict[str, Any]:
+    """The config's rotary parameters (transformers 5's rope_parameters, or an older config's rope_scaling)."""
+    return getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+
+
+def _longrope_start(cfg: Any) -> int | None:
+    """For a model-wide longrope, the length past which its long factors rotate (0 when the config does not say);
+    None for any other rotation."""
+    rope = _rope_parameters(cfg)
+    if rope.get("rope_type", rope.get("type")) != "longrope":
+        return None
     return int(rope.get("original_max_position_embeddings") or getattr(cfg, "original_max_position_embeddings", 0) or 0)
 
 
@@ -321,7 +329,7 @@ def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
         # so that this reason stays one line and does not change with every architecture added)
         raise ExportError(f"the ONNX Runtime decoder export has no decoder for '{arch}' models (the support matrix, "
                           "`qcompile schemes --families`, shows which it builds); use --target reference for this model")
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope = _rope_parameters(cfg)
     per_layer_type = all(isinstance(r, dict) for r in rope.values())  # (Gemma 3: parameters by layer type)
     rope_types = {str(r.get("rope_type", r.get("type"))) for r in (rope.values() if per_layer_type else [rope])}
     # (dynamic NTK scaling changes the tables only past max_position_embeddings, which genai's max_length stops at;
@@ -329,7 +337,7 @@ def check_decoder_config(cfg: Any, scheme: Any = None) -> None:
     if "longrope" in rope_types and per_layer_type:
         raise ExportError("the ONNX Runtime decoder export switches one longrope table pair by the sequence length, "
                           "not one per layer type; use --target reference for this model")
-    if "longrope" in rope_types and not _longrope_start(cfg):
+    if _longrope_start(cfg) == 0:
         raise ExportError("longrope scaling without original_max_position_embeddings (where its long factors start) "
                           "in config.json; use --target reference for this model")
     heads = int(cfg.num_attention_heads)
@@ -358,10 +366,8 @@ class DecoderExporter:
         self._model = model  # (its rotary module makes the tables of blocks that rotate in the graph)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = {}  # by layer type, computed once
         check_decoder_config(cfg)
-        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         # longrope: the length past which the long factors rotate (module docstring); None for other rotations
-        self.longrope_from: int | None = _longrope_start(cfg) if rope.get("rope_type", rope.get("type")) == "longrope" \
-            else None
+        self.longrope_from = _longrope_start(cfg)
         self.options = options or EmitOptions()
         # a head the quantize_head pass quantized is written as MatMulNBits with its grid; otherwise float
         grid = getattr(model.get_output_embeddings(), HEAD_GRID, None)
