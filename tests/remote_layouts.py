@@ -38,6 +38,12 @@ def _rope_theta(cfg: dict) -> float:
     return float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
+def _renamed(t: dict[str, torch.Tensor], native: str, remote: str, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """One layer's tensors under the remote layout's names: {remote + name + ".weight": t[native + ours + ".weight"]}
+    for each (ours -> name) of `names`."""
+    return {f"{remote}{theirs}.weight": t[f"{native}{ours}.weight"] for ours, theirs in names.items()}
+
+
 def write_internlm2(native: Path, dest: Path) -> Path:
     """InternLM2 packs q/k/v per KV group: [H_kv, H/H_kv + 2, d, hidden] (the group's query heads, its key, its
     value); internlm/internlm2_5-7b-chat's config fields, sizes from the native Llama."""
@@ -50,15 +56,11 @@ def write_internlm2(native: Path, dest: Path) -> Path:
         q = t[f"{p}self_attn.q_proj.weight"].reshape(kv, h // kv, d, hidden)
         k = t[f"{p}self_attn.k_proj.weight"].reshape(kv, 1, d, hidden)
         v = t[f"{p}self_attn.v_proj.weight"].reshape(kv, 1, d, hidden)
-        tensors.update({
-            f"{p}attention.wqkv.weight": torch.cat([q, k, v], dim=1).reshape(-1, hidden),
-            f"{p}attention.wo.weight": t[f"{p}self_attn.o_proj.weight"],
-            f"{p}feed_forward.w1.weight": t[f"{p}mlp.gate_proj.weight"],
-            f"{p}feed_forward.w3.weight": t[f"{p}mlp.up_proj.weight"],
-            f"{p}feed_forward.w2.weight": t[f"{p}mlp.down_proj.weight"],
-            f"{p}attention_norm.weight": t[f"{p}input_layernorm.weight"],
-            f"{p}ffn_norm.weight": t[f"{p}post_attention_layernorm.weight"],
-        })
+        tensors[f"{p}attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+        tensors.update(_renamed(t, p, p, {
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+            "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+            "post_attention_layernorm": "ffn_norm"}))
     config = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "bias": False,
               "hidden_act": "silu", "hidden_size": hidden, "intermediate_size": cfg["intermediate_size"],
               "num_attention_heads": h, "num_key_value_heads": kv, "num_hidden_layers": cfg["num_hidden_layers"],
@@ -84,9 +86,9 @@ def write_baichuan2(native: Path, dest: Path) -> Path:
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         tensors[f"{p}self_attn.W_pack.weight"] = torch.cat([t[f"{p}self_attn.{n}_proj.weight"] for n in "qkv"])
-        for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
-                  "post_attention_layernorm"):
-            tensors[f"{p}{n}.weight"] = t[f"{p}{n}.weight"]
+        tensors.update(_renamed(t, p, p, {n: n for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                         "mlp.down_proj", "input_layernorm",
+                                                         "post_attention_layernorm")}))
     config = {"model_type": "baichuan", "architectures": ["BaichuanForCausalLM"], "hidden_act": "silu",
               "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
               "num_attention_heads": cfg["num_attention_heads"], "num_hidden_layers": cfg["num_hidden_layers"],
@@ -108,14 +110,9 @@ def write_qwen_v1(native: Path, dest: Path) -> Path:
         p, c = f"model.layers.{i}.", f"transformer.h.{i}."
         for kind in ("weight", "bias"):
             tensors[f"{c}attn.c_attn.{kind}"] = torch.cat([t[f"{p}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-        tensors.update({
-            f"{c}attn.c_proj.weight": t[f"{p}self_attn.o_proj.weight"],
-            f"{c}mlp.w1.weight": t[f"{p}mlp.up_proj.weight"],
-            f"{c}mlp.w2.weight": t[f"{p}mlp.gate_proj.weight"],
-            f"{c}mlp.c_proj.weight": t[f"{p}mlp.down_proj.weight"],
-            f"{c}ln_1.weight": t[f"{p}input_layernorm.weight"],
-            f"{c}ln_2.weight": t[f"{p}post_attention_layernorm.weight"],
-        })
+        tensors.update(_renamed(t, p, c, {
+            "self_attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.w1", "mlp.gate_proj": "mlp.w2",
+            "mlp.down_proj": "mlp.c_proj", "input_layernorm": "ln_1", "post_attention_layernorm": "ln_2"}))
     config = {"model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": cfg["hidden_size"],
               "intermediate_size": 2 * cfg["intermediate_size"], "num_attention_heads": cfg["num_attention_heads"],
               "num_hidden_layers": cfg["num_hidden_layers"], "kv_channels": cfg["hidden_size"] // cfg["num_attention_heads"],
@@ -139,13 +136,10 @@ def write_chatglm3(native: Path, dest: Path, **fields) -> Path:
         for kind in ("weight", "bias"):
             tensors[f"{c}self_attention.query_key_value.{kind}"] = torch.cat(
                 [t[f"{p}self_attn.{n}_proj.{kind}"] for n in "qkv"])
-        tensors.update({
-            f"{c}self_attention.dense.weight": t[f"{p}self_attn.o_proj.weight"],
-            f"{c}mlp.dense_h_to_4h.weight": t[f"{p}mlp.gate_up_proj.weight"],
-            f"{c}mlp.dense_4h_to_h.weight": t[f"{p}mlp.down_proj.weight"],
-            f"{c}input_layernorm.weight": t[f"{p}input_layernorm.weight"],
-            f"{c}post_attention_layernorm.weight": t[f"{p}post_attention_layernorm.weight"],
-        })
+        tensors.update(_renamed(t, p, c, {
+            "self_attn.o_proj": "self_attention.dense", "mlp.gate_up_proj": "mlp.dense_h_to_4h",
+            "mlp.down_proj": "mlp.dense_4h_to_h", "input_layernorm": "input_layernorm",
+            "post_attention_layernorm": "post_attention_layernorm"}))
     config = {"model_type": "chatglm", "architectures": ["ChatGLMModel"], "add_bias_linear": False,
               "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
               "apply_residual_connection_post_layernorm": False, "attention_softmax_in_fp32": True,

@@ -25,6 +25,7 @@ themselves change (the twin without its hooks), which a missing or wrong grid ex
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,30 @@ def _twin(source: Path, out: Path, activations: bool = True) -> torch.nn.Module:
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def _median_token_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The median over tokens of |a − b| / |b| (per position over the channels for video outputs [B, C, F, H, W])."""
+    a, b = (t.movedim(1, -1) if t.dim() > 3 else t for t in (a, b))
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).median())
+
+
+def _block_prefixes(out: Path) -> tuple[str, ...]:
+    return tuple(f"{n}." for n in json.loads((out / "qcompiler.json").read_text())["blocks"]["names"])
+
+
+def _onnxruntime_runs(out: Path, model: torch.nn.Module) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """OUT/model.onnx run by onnxruntime at two shapes other than the export's (batch 3 and 1, 6² and 4² latent
+    patches, 9 and 12 text tokens): (the inputs, its output) each."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    for seed, batch, side, text in ((11, 3, 6, 9), (12, 1, 4, 12)):
+        inputs = {**example_inputs(model, batch, torch.Generator().manual_seed(seed), latent_side=side,
+                                   text_tokens=text),
+                  "timestep": model_timestep(model, torch.tensor(300.0), batch)}
+        got = session.run(None, {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0]
+        yield inputs, torch.from_numpy(got)
 
 
 @pytest.mark.parametrize(("kind", "scheme", "algo"), [("flux", "w8a16", "rtn"), ("flux", "w8a8_dynamic", "rtn"),
@@ -183,10 +208,7 @@ def test_ascend_target_writes_msmodelslim_layout_that_runs_as_our_artefact(dit_m
     else:  # int8 activations: two correct implementations differ only where an input sits on a rounding tie of its
         # grid; on the typical token they agree far better than either agrees with the model without activation
         # quantization (a wrong scale, zero point or bias moves every token)
-        def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return (a - b).norm(dim=-1) / b.norm(dim=-1)
-
-        err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
+        err, budget = _median_token_error(got, expect), _median_token_error(act_free, expect)
         assert err < 0.5 * budget, (err, budget)
 
 
@@ -268,10 +290,7 @@ def test_timestep_groups_fit_and_switch_static_activation_grids(dit_models, tmp_
             expect = _twin(source, copy)(**inputs, return_dict=False)[0]
             act_free = _twin(source, copy, activations=False)(**inputs, return_dict=False)[0]
 
-        def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return (a - b).norm(dim=-1) / b.norm(dim=-1)
-
-        err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
+        err, budget = _median_token_error(got, expect), _median_token_error(act_free, expect)
         assert err < 0.5 * budget, (group, err, budget)
     for target, scheme, groups, reason in [("ascend", "w8a8", 2, "one activation grid per layer"),
                                            ("reference", "w8a8_dynamic", 2, "no static activation grid"),
@@ -362,7 +381,6 @@ def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_arte
     export's (every input dimension symbolic; HunyuanVideo's boolean text mask included); w8a16 and per-token schemes
     are refused by name."""
     import onnx
-    import onnxruntime as ort
 
     source, out = dit_models[kind], tmp_path / "q"
     _quantize(source, out, "w8a8", target="onnxruntime")
@@ -370,7 +388,7 @@ def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_arte
     ops = [n.op_type for n in proto.graph.node]
     int8 = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
     ours, float_model = load_quantized(out), load_dit(source)
-    blocks = tuple(f"{n}." for n in json.loads((out / "qcompiler.json").read_text())["blocks"]["names"])
+    blocks = _block_prefixes(out)
     linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
     # every block linear's weight is stored as int8 codes (no float copy), its input passes a QuantizeLinear
     assert len(int8) == len(linears) and ops.count("DequantizeLinear") >= len(linears)
@@ -378,23 +396,13 @@ def test_onnxruntime_target_writes_a_qdq_model_that_onnxruntime_runs_as_our_arte
                                                        tuple(float_model.get_submodule(linears[0]).weight.shape)
                                                        and i.name.endswith("w_hat") for i in proto.graph.initializer)
     assert all(i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input if i.name != "txt_ids")
-    session = ort.InferenceSession(str(out / "model.onnx"))
-    for seed, batch, side, text in ((11, 3, 6, 9), (12, 1, 4, 12)):
-        inputs = {**example_inputs(float_model, batch, torch.Generator().manual_seed(seed), latent_side=side,
-                                   text_tokens=text),
-                  "timestep": model_timestep(float_model, torch.tensor(300.0), batch)}
-        got = torch.from_numpy(session.run(None, {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0])
+    for inputs, got in _onnxruntime_runs(out, float_model):
         with torch.no_grad():
             expect = ours(**inputs, return_dict=False)[0]
             act_free = _twin(source, out, activations=False)(**inputs, return_dict=False)[0]
         assert got.shape == expect.shape
-
-        def per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # (video: channels last first)
-            a, b = (t.movedim(1, -1) if t.dim() > 3 else t for t in (a, b))
-            return (a - b).norm(dim=-1) / b.norm(dim=-1)
-
-        err, budget = float(per_token(got, expect).median()), float(per_token(act_free, expect).median())
-        assert err < 0.5 * budget, (batch, side, text, err, budget)
+        err, budget = _median_token_error(got, expect), _median_token_error(act_free, expect)
+        assert err < 0.5 * budget, (list(got.shape), err, budget)
     if kind != "flux":
         return
     with pytest.raises(SchemeError, match="one activation scale per tensor"):
@@ -410,7 +418,6 @@ def test_onnxruntime_target_writes_weight_only_layers_as_matmulnbits(dit_models,
     computes x·ŵᵀ + b in float32: onnxruntime's output equals our artefact's up to summation order (|Δ|/|y| ≤ 1e-5)
     at two shapes other than the export's, while the quantization itself moves it by ≥ 1e-4 (FLUX, SD3, Wan)."""
     import onnx
-    import onnxruntime as ort
 
     source, out = dit_models[kind], tmp_path / "q"
     if scheme.endswith("-asym"):  # (zero points: MatMulNBits' zero_points input)
@@ -423,19 +430,14 @@ def test_onnxruntime_target_writes_weight_only_layers_as_matmulnbits(dit_models,
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert all(len(n.input) > 3 and n.input[3] for n in nbits) == scheme.endswith("-asym")
     ours, float_model = load_quantized(out), load_dit(source)
-    blocks = tuple(f"{n}." for n in json.loads((out / "qcompiler.json").read_text())["blocks"]["names"])
+    blocks = _block_prefixes(out)
     linears = {n: m for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)}
     assert len(nbits) == len(linears) and "DequantizeLinear" not in {n.op_type for n in proto.graph.node}
     assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(scheme[1])}
     assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {0}
     assert not [i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
                 and i.name.removeprefix("model.").startswith(blocks)]  # (the blocks' weights: codes only)
-    session = ort.InferenceSession(str(out / "model.onnx"))
-    for seed, batch, side, text in ((11, 3, 6, 9), (12, 1, 4, 12)):
-        inputs = {**example_inputs(float_model, batch, torch.Generator().manual_seed(seed), latent_side=side,
-                                   text_tokens=text),
-                  "timestep": model_timestep(float_model, torch.tensor(300.0), batch)}
-        got = torch.from_numpy(session.run(None, {i.name: inputs[i.name].numpy() for i in session.get_inputs()})[0])
+    for inputs, got in _onnxruntime_runs(out, float_model):
         with torch.no_grad():
             expect = ours(**inputs, return_dict=False)[0]
             plain = float_model(**inputs, return_dict=False)[0]
