@@ -133,6 +133,15 @@ VLMS = (
         text_config=dict(TEXT, model_type="llama", tie_word_embeddings=True), image_token_id=IMAGE, scale_factor=2,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=56, patch_size=14), tie_word_embeddings=True)),
+    Vlm("llama4", "Llama 4", "meta-llama/Llama-4-Scout-17B-16E-Instruct (MoE language model with chunked / no-rope "
+        "layers, pixel-shuffle ViT 0.5)", dict(
+            text_config=dict(TEXT, model_type="llama4_text", num_local_experts=4, num_experts_per_tok=1,
+                             intermediate_size_mlp=160, attention_chunk_size=24, no_rope_layers=[1, 0],
+                             interleave_moe_layer_step=1),
+            vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=56, patch_size=14, pixel_shuffle_ratio=0.5, vision_output_dim=32,
+                               projector_input_dim=32, projector_output_dim=32, vision_feature_layer=-1),
+            image_token_index=IMAGE, boi_token_index=START, eoi_token_index=END)),
 )
 
 
@@ -171,6 +180,9 @@ def image_inputs(vlm: Vlm, config: Any, seed: int = 0) -> dict[str, torch.Tensor
         return {"input_ids": ids, "pixel_values": pixels[:, None]}
     if vlm.model_type == "internvl":
         image = torch.tensor([[START] + [IMAGE] * config.image_seq_length + [END]] * 2)
+    elif vlm.model_type == "llama4":  # (patches · pixel_shuffle_ratio²) tokens between image start and end
+        tokens = int((size // v.patch_size) ** 2 * v.pixel_shuffle_ratio ** 2)
+        image = torch.tensor([[START] + [IMAGE] * tokens + [END]] * 2)
     elif vlm.model_type == "llava":
         tokens = (v.image_size // v.patch_size) ** 2
         image = torch.tensor([[IMAGE] * tokens] * 2)

@@ -39,6 +39,7 @@ from qcompiler.errors import CalibrationError
 from qcompiler.eval.perplexity import perplexity
 from qcompiler.export.artifact import DESCRIPTION, check_output_dir, publish, write_manifest
 from qcompiler.files import dumps
+from qcompiler.frontends.multimodal import model_logits
 
 
 def validation_windows(
@@ -108,7 +109,7 @@ def float_fisher(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, dict
                 embeds = embed(batch)
             embeds.requires_grad_(True)
             with torch.enable_grad():
-                logits = model(inputs_embeds=embeds, use_cache=False).logits.float()
+                logits = model_logits(model, inputs_embeds=embeds, use_cache=False).float()
                 loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
                 loss.backward()
             nll += float(loss.detach())

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qcompiler.calib.data import token_stream, windows
+from qcompiler.frontends.multimodal import model_logits
 
 
 @dataclass
@@ -50,7 +51,7 @@ def perplexity(
     with torch.no_grad():
         for i in tqdm(range(0, ids.shape[0], batch_size), desc=desc, disable=not progress, unit="batch"):
             batch = ids[i : i + batch_size]
-            logits = model(input_ids=batch, use_cache=False).logits.float()
+            logits = model_logits(model, input_ids=batch, use_cache=False).float()
             # −log p(t) = logsumexp(x) − x_t: no [B, S, V] log-probability tensor (a third faster than log_softmax
             # at a 49k vocabulary), each token's term in float32, the sum in float64
             x, tgt = logits[:, :-1], batch[:, 1:]

@@ -34,6 +34,24 @@ def auto_model_class(config: Any) -> Any:
     return AutoModelForImageTextToText if is_multimodal(config) else AutoModelForCausalLM
 
 
+def model_logits(model: Any, **inputs: Any) -> torch.Tensor:
+    """`model(**inputs).logits`. transformers 5.24.0's Llama 4 VLM computes its logits, then fails building its
+    output object (it reads `image_outputs` off its language model's output, which has none): for it, the steps its
+    forward takes up to that line (image features, projector, placeholders filled, language model)."""
+    if type(model).__name__ != "Llama4ForConditionalGeneration":
+        return model(**inputs).logits
+    ids, pixels = inputs.pop("input_ids", None), inputs.pop("pixel_values", None)
+    embeds = inputs.pop("inputs_embeds", None)
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)
+    if pixels is not None:
+        features = model.get_image_features(pixel_values=pixels, return_dict=True).last_hidden_state
+        projected = model.multi_modal_projector(features.view(-1, features.size(-1))).to(embeds.dtype)
+        mask = model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=projected)
+        embeds = embeds.masked_scatter(mask, projected)
+    return model.language_model(inputs_embeds=embeds, **inputs).logits
+
+
 def language_model_path(model: torch.nn.Module) -> str:
     """The module path of a VLM's language decoder ("" for a causal LM: the whole model is searched)."""
     if not is_multimodal(model.config) or not hasattr(model, "get_decoder"):
