@@ -4,7 +4,8 @@
 tensor the artefact rewrote (norms scaled by smoothing, an embedding, a head), puts each quantized layer's
 dequantized weight ŵ = (q − z)·s into the layer of the same name (fused groups split back, stacked experts
 unfused into per-expert linears named as the checkpoint names them) and, for layers with quantized activations,
-quantizes the layer's input in a forward pre-hook as the artefact states it:
+quantizes the layer's input in a forward pre-hook as the artefact states it (and a quantized KV cache through
+transformers' attention interface, qcompiler/runtime/kv_attention.py):
 
     static per tensor:      x̂ = (clamp(round(x / s_x) + z_x, −128, 127) − z_x) · s_x
     dynamic per token:      s_t = max_k |x_tk| / (2^(b−1) − 1),  x̂_t = clamp(round(x_t / s_t), −2^(b−1), 2^(b−1)−1) · s_t
@@ -22,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from qcompiler.export.layers import ExportLayer, from_record
-from qcompiler.ir.records import LayerRecord
+from qcompiler.ir.records import KVRecord, LayerRecord
+from qcompiler.runtime.kv_attention import KvGrid, install_kv_cache_grids
 
 
 def artefact_layers(out: Path) -> tuple[list[ExportLayer], dict[str, torch.Tensor]]:
@@ -119,4 +121,23 @@ def with_artefact_layers(model: torch.nn.Module, out: Path, activations: bool = 
                 mod.register_forward_pre_hook(_hadamard_hook(layer.in_features))
             if activations and layer.act is not None:
                 mod.register_forward_pre_hook(_act_hook(layer))
+    kv = desc.get("kv_cache") or {}
+    # (a DiT's quantized attention, with Q: tests/test_diffusion.py runs it through its FAQuant emulation)
+    if activations and kv and not any(r["kind"] == "q" for recs in kv.values() for r in recs):
+        install_kv_cache_grids(model, kv_grids(desc["kv_cache"], tensors), str(out))
     return model
+
+
+def kv_grids(records: dict, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, KvGrid]]:
+    """The artefact's static KV-cache grids by attention module path, each expanded per channel of its cache:
+    [1, H, 1, D] for K / V, [D] for MLA's latent and rotary key (one cache shared by every head)."""
+    grids: dict[str, dict[str, KvGrid]] = {}
+    for block, recs in records.items():
+        for raw in recs:
+            rec = KVRecord.from_dict(raw)
+            assert rec.tensors is not None and rec.qmin is not None and rec.qmax is not None, "dynamic KV: not here"
+            scale, zero = rec.per_channel(tensors)
+            shape = (1, rec.heads, 1, rec.head_dim) if rec.kind in ("k", "v") else (rec.head_dim,)
+            grids.setdefault(f"{block}.{rec.module}", {})[rec.kind] = KvGrid(
+                scale.reshape(shape), zero.reshape(shape), rec.qmin, rec.qmax)
+    return grids

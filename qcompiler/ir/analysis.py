@@ -71,6 +71,7 @@ class AttentionInfo:
     k: list[str]
     v: list[str]
     o: list[str]
+    operands: tuple[str, str, str] = ("", "", "")  # the nodes attention reads Q, K (eager: Kᵀ) and V from
 
 
 @dataclass
@@ -157,7 +158,8 @@ def _attention(gm: fx.GraphModule) -> list[AttentionInfo]:
         o_nodes = _nearest(out.users, LINEAR, upstream=False)
         result.append(
             AttentionInfo(
-                node=n.name, q=producers(q), k=producers(k), v=producers(v), o=sorted(x.name for x in o_nodes)
+                node=n.name, q=producers(q), k=producers(k), v=producers(v), o=sorted(x.name for x in o_nodes),
+                operands=(q.name, k.name, v.name),
             )
         )
     return result

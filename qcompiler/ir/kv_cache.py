@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
+from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block
 from qcompiler.ir.graph import LINEAR, PASSTHROUGH, SDPA_OPS, aten, is_call, module_path
 
@@ -47,15 +48,27 @@ class CachePoint:
         return f"block.{self.module}.{self.kind}_cache" if self.module else f"block.{self.kind}_cache"
 
 
-def _cached(operand: fx.Node) -> fx.Node:
-    """Walk up from an attention operand through repetition / layout ops to the cached tensor."""
+def _cached(operand: fx.Node, transposed: bool = False) -> fx.Node:
+    """Walk up from an attention operand through repetition / layout ops to the cached tensor. `transposed`: the
+    operand is Kᵀ (eager attention's matmul(q, kᵀ)): the one transpose of the last two axes is walked through too."""
     n = operand
-    while isinstance(n, fx.Node) and is_call(n, _REPEAT):
+    while isinstance(n, fx.Node):
+        if transposed and is_call(n, aten.transpose.int) and _last_two(n):
+            transposed = False
+        elif not is_call(n, _REPEAT):
+            break
         src = n.args[0]
         if not isinstance(src, fx.Node):
             break
         n = src
     return n
+
+
+def _last_two(n: fx.Node) -> bool:
+    """A transpose of the last two axes of a rank-4 tensor."""
+    src = n.args[0]
+    rank = src.meta["val"].dim() if isinstance(src, fx.Node) and "val" in src.meta else 0
+    return rank == 4 and {d % rank for d in n.args[1:3]} == {rank - 2, rank - 1}  # type: ignore[operator]
 
 
 def _rank4(n: fx.Node) -> bool:
@@ -75,6 +88,8 @@ def cache_points(gm: fx.GraphModule, query: bool = False) -> list[CachePoint]:
         if att.k and att.k == att.v and att.k != att.q:  # K and V (not Q) from one projection: MLA
             kv = nodes[att.k[0]]
             latent = kv.args[0]
+            if isinstance(latent, fx.Node) and qmeta.ACT_FQ in latent.meta:  # (the cache holds the latent itself,
+                latent = latent.args[0]                                      # not kv_b_proj's quantized input)
             rope = [e.args[0] for e in gm.graph.nodes if is_call(e, aten.expand.default)
                     and isinstance(e.args[0], fx.Node) and _rank4(e.args[0])
                     and e.args[0].meta["val"].shape[1] == 1 and module_path(e) == module]
@@ -83,12 +98,15 @@ def cache_points(gm: fx.GraphModule, query: bool = False) -> list[CachePoint]:
                                  "its latent / shared rotary key are not the [B, 1, S, ·] tensors of MLA")
             points += [CachePoint("kv_latent", latent, i, module), CachePoint("k_rope", rope[0], i, module)]
             continue
-        if not is_call(node, SDPA_OPS):
-            raise ValueError(f"attention '{att.node}' is written out as matmul/softmax (eager attention); KV-cache "
-                             "points are found on scaled_dot_product_attention (Hugging Face's sdpa blocks)")
-        operands = (("q", node.args[0]),) if query else ()
-        for kind, operand in (*operands, ("k", node.args[1]), ("v", node.args[2])):
-            point = _cached(operand)  # type: ignore[arg-type]
+        # scaled_dot_product_attention(q, k, v), or eager attention's softmax(q·kᵀ)·v (soft-capping, sinks)
+        eager = not is_call(node, SDPA_OPS)
+        q_in, k_in, v_in = (nodes[name] for name in att.operands)
+        if query and eager:
+            raise ValueError(f"attention '{att.node}' is written out as matmul/softmax (eager attention); quantized "
+                             "attention (Q, K and V int8) is inserted on scaled_dot_product_attention")
+        operands = (("q", q_in),) if query else ()
+        for kind, operand in (*operands, ("k", k_in), ("v", v_in)):
+            point = _cached(operand, transposed=eager and kind == "k")
             if not _rank4(point) or is_call(point, LINEAR):
                 raise ValueError(f"attention '{att.node}': the cached {kind} ('{point.name}') is not a "
                                  "[B, H, S, D] tensor")

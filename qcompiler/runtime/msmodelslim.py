@@ -20,6 +20,7 @@ from qcompiler.frontends.hf import find_blocks
 from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.frontends.multimodal import auto_model_class
 from qcompiler.kernels.ascend import layout
+from qcompiler.runtime.kv_attention import KvGrid, install_kv_cache_grids
 
 
 class NpuLinear(torch.nn.Module):
@@ -76,9 +77,7 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
         unfuse_experts(model, SimpleNamespace(path=folder, weight_map=dict.fromkeys(tensors, "")),
                        find_blocks(model)[0])
     fa_grids = fa_quant_grids(folder, desc, tensors)
-    if any(kind == "C8" for kind in desc.values()):
-        raise ArtifactError(f"'{folder}': its KV cache is C8 (int8), which this loader's emulation does not run; "
-                            "load our artefact with qcompiler.runtime.load_quantized instead")
+    c8_grids = c8_cache_grids(folder, model, desc, tensors)
     # W16A16S: a float (2:4-sparse) weight, loaded as it is
     quantized = {name.removesuffix(".weight"): kind for name, kind in desc.items()
                  if name.endswith(".weight") and isinstance(kind, str) and kind not in ("FLOAT", "W16A16S")}
@@ -102,7 +101,38 @@ def load_msmodelslim(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
         model.tie_weights()
     for module_name, grid in fa_grids.items():
         install_fa_quant(folder, model, module_name, grid)
+    if c8_grids:
+        install_kv_cache_grids(model, c8_grids, f"'{folder}'")
     return model.eval()
+
+
+def c8_cache_grids(folder: Path, model: torch.nn.Module, desc: dict, tensors: dict[str, torch.Tensor]
+                   ) -> dict[str, dict[str, KvGrid]]:
+    """The C8 KV-cache grids by attention module: `<attn>.k_proj.kv_cache_scale` / `.kv_cache_offset` fp32 [H_kv·D]
+    (v_proj's likewise), the cache holding q = clamp(round(x / s) + offset, −128, 127), laid over K / V [B, H_kv, S, D]
+    as [1, H_kv, 1, D]."""
+    grids: dict[str, dict[str, KvGrid]] = {}
+    for name, kind in desc.items():
+        if kind != "C8" or not name.endswith(".kv_cache_scale"):
+            continue
+        attention, proj, _ = name.rsplit(".", 2)
+        offset = name.removesuffix("scale") + "offset"
+        if proj not in ("k_proj", "v_proj") or desc.get(offset) != "C8" or name not in tensors or offset not in tensors:
+            raise ArtifactError(f"'{folder}': C8 tensor '{name}' is not k_proj / v_proj.kv_cache_scale with its "
+                                "kv_cache_offset in the weights; export the folder again")
+        try:
+            module = model.get_submodule(attention)
+        except AttributeError:
+            raise ArtifactError(f"'{folder}': C8 scales name attention '{attention}', which the model does not "
+                                "have") from None
+        head_dim = int(getattr(module, "head_dim", 0) or getattr(module, "head_size", 0))  # (GPT-NeoX: head_size)
+        scale, zero = tensors[name].float(), tensors[offset].float()
+        if head_dim <= 0 or scale.numel() % head_dim or scale.shape != zero.shape:
+            raise ArtifactError(f"'{folder}': C8 tensor '{name}' {list(scale.shape)} is not one value per channel "
+                                f"of {attention}'s cache (head_dim {head_dim})")
+        shape = (1, scale.numel() // head_dim, 1, head_dim)
+        grids.setdefault(attention, {})[proj[0]] = KvGrid(scale.reshape(shape), zero.reshape(shape), -128, 127)
+    return grids
 
 
 FaGrid = dict[str, tuple[torch.Tensor, torch.Tensor]]  # "q" / "k" / "v" -> (scale, signed offset) [heads, head_dim]

@@ -38,6 +38,7 @@ MATRIX_SCHEMES: dict[str, dict[str, Any]] = {
     "w8a8_dynamic": {"preset": "w8a8_dynamic"},
     "w4a8": {"preset": "w4a8"},
     "w8a8s": {"preset": "w8a8s"},
+    "w8a8c8": {"preset": "w8a8c8"},
 }
 FAMILY_TARGETS = ("reference", "cuda", "ascend", "onnxruntime")
 _RECORD = Path(__file__).with_name("families.json")

@@ -653,10 +653,18 @@ class DecoderExporter:
         """The [B, heads, S, D] tensor before GQA's repetition of key/value heads (repeat_kv: unsqueeze, expand,
         reshape) and a quantized cache's fake quantization (GroupQueryAttention repeats and quantizes itself)."""
         n = x
+
+        def whole_slice(n: fx.Node) -> bool:
+            return is_call(n, aten.slice.Tensor) and n.meta["val"].shape == n.args[0].meta["val"].shape  # type: ignore[union-attr]
+
+        def identity_to_cache(n: fx.Node) -> bool:  # (a whole-window slice or copy of the quantized cache)
+            while whole_slice(n) or is_call(n, {aten.clone.default, aten.contiguous.default}):
+                n = n.args[0]  # type: ignore[assignment]
+            return is_call(n, torch.ops.qc.fake_quant_kv.default)
+
         while (len(n.meta["val"].shape) != 4 or int(n.meta["val"].shape[1]) != heads
-               or is_call(n, torch.ops.qc.fake_quant_kv.default)):
-            whole_slice = is_call(n, aten.slice.Tensor) and n.meta["val"].shape == n.args[0].meta["val"].shape  # type: ignore[union-attr]
-            if not (whole_slice or is_call(n, PASSTHROUGH | {
+               or is_call(n, torch.ops.qc.fake_quant_kv.default) or identity_to_cache(n)):
+            if not (whole_slice(n) or is_call(n, PASSTHROUGH | {
                     aten.reshape.default, aten.view.default, aten.expand.default, aten.unsqueeze.default,
                     aten.clone.default, aten.contiguous.default, torch.ops.qc.fake_quant_kv.default})):
                 raise ExportError(f"{name}: attention input '{x.name}' is not [batch, {heads} heads, seq, "

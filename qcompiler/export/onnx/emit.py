@@ -252,6 +252,10 @@ class GraphEmitter:
         if is_call(n, aten.mul.Tensor) and self.norm(n) is not None:
             return _rms_norm(self, n)
         fn = RULES.get(n.target)
+        if fn is None and n.target is torch.ops.qc.fake_quant_kv.default:
+            raise ExportError(f"{self.scope}: a quantized KV cache ('{n.name}') is kept only by GroupQueryAttention "
+                              "(k_scale / v_scale), which this attention's key or value path does not reach; drop "
+                              "--kv-cache for --target onnxruntime")
         if fn is None:
             raise ExportError(
                 f"{self.scope}: op '{n.target}' (node '{n.name}') has no ONNX Runtime lowering; supported: "
