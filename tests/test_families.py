@@ -104,6 +104,25 @@ def test_a_layer_that_is_linear_but_not_aten_linear_is_refused_by_name(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
 
 
+def test_alibi_attention_is_refused_by_name_before_anything_is_written(tmp_path):
+    """BLOOM's ALiBi bias is [batch · heads, 1, seq] (two sizes in one dimension): one line naming it, no traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qcompiler.errors import ModelLoadError
+    from qcompiler.synthetic import byte_tokenizer
+
+    cfg = AutoConfig.for_model("bloom", vocab_size=259, hidden_size=96, n_layer=2, n_head=4, bos_token_id=1,
+                               eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "bloom")
+    byte_tokenizer().save_pretrained(tmp_path / "bloom")
+    with pytest.raises(ModelLoadError, match=r"block 'transformer\.h\.0' takes ALiBi position biases"):
+        quantize(QuantizeConfig(model=tmp_path / "bloom", scheme=get_scheme("w8a16"), out=tmp_path / "q",
+                                calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2, progress=False),
+                 log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom"]
+
+
 def test_a_run_that_quantizes_no_layer_is_an_error(tiny_llama, tmp_path):
     scheme = get_scheme("w8a16").with_overrides([("model.layers.*", None)])
     with pytest.raises(PipelineError, match="no layer .* was quantized"):

@@ -657,6 +657,12 @@ def trace_block(
 
     The example must have batch ≠ seq and seq > 2 so that the two dims are told apart and kept dynamic.
     """
+    if "alibi" in call.keys:
+        # (the bias is [batch · heads, 1, seq]: one dimension holding two sizes, which the exported graph's dynamic
+        # batch cannot take)
+        raise ModelLoadError(f"block '{name}' takes ALiBi position biases (BLOOM, MPT, Falcon with alibi=true), which "
+                             "merge batch and heads in one dimension; qcompiler traces rotary or no-position "
+                             "attention only: this model is not supported")
     gm = _export(block, call, tuple(t.to("meta") for t in example), name)
     if _meta_constants(gm):
         # The block's code built a tensor constant while it ran (Falcon's multi-query split indexes with the
