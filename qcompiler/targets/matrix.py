@@ -78,8 +78,8 @@ def family_matrix() -> str:
             cells.append(" ".join(parts))
         lines.append(f"| {fam['row']} | `{fam['model_type']}` ({fam['real']}) | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("R: reference target (our artefact = transformers' model with the artefact's weights and activation "
-                 "grids), C: cuda (compressed-tensors loaded by transformers = ours), A: ascend (msModelSlim folder "
+    lines.append("R: reference target (our artefact = transformers' model with the artefact's weights, activation "
+                 "and KV-cache grids), C: cuda (compressed-tensors loaded by transformers = ours), A: ascend (msModelSlim folder "
                  "run as its NPU call sequences = ours), O: onnxruntime (the exported decoder, prompt and KV-cache "
                  "decode = ours). ◐: the weights were checked, the client could not run here.")
     for reason, n in reasons.items():
