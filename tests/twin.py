@@ -66,6 +66,10 @@ def _hadamard_hook(k: int):
     return rotate
 
 
+def _has_kv_cache(out: Path) -> bool:
+    return bool(json.loads((out / "qcompiler.json").read_text()).get("kv_cache"))
+
+
 def fill_meta_parameters(model: torch.nn.Module, ckpt) -> None:
     """Give every parameter still on the meta device (unfuse_experts' per-expert linears) its checkpoint tensor,
     read under the module's own name (through the checkpoint's views where it stores experts stacked)."""
@@ -88,6 +92,9 @@ def transformers_twin(source: Path, out: Path, activations: bool = True) -> torc
 
     auto = auto_model_class(AutoConfig.from_pretrained(str(source)))
     model = auto.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager").eval()
+    if activations and _has_kv_cache(out) and not model._can_set_attn_implementation():
+        # (its attention does not go through the attention interface: the cache is quantized on its SDPA call)
+        model = auto.from_pretrained(str(source), dtype=torch.float32, attn_implementation="sdpa").eval()
     prefix, _ = find_blocks(model)
     ckpt = Checkpoint(source)
     unfuse_experts(model, ckpt, prefix)  # per-expert linears under the checkpoint's names (weightless)

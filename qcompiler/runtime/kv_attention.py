@@ -7,7 +7,8 @@ repeats the KV heads: exactly the tensors the cache holds. Each is replaced by
     x̂ = (clamp(round(x / s) + z, qmin, qmax) − z) · s        s, z: [1, H_kv, 1, D] (per tensor / head / channel)
 
 by wrapping the model's attention implementation (transformers' attention interface, which every modern decoder
-calls with (module, query, key, value, mask, ...)). Multi-head latent attention caches its latent instead: the
+calls with (module, query, key, value, mask, ...); an attention that calls torch's SDPA itself, as Falcon's does,
+has that call's K and V quantized instead). Multi-head latent attention caches its latent instead: the
 kv_b_proj input [B, S, r] gets the latent's grid (a forward pre-hook) and the key's last d_rope channels, the
 rotary key shared by all heads, get k_rope's.
 
@@ -88,7 +89,40 @@ def install_kv_cache_grids(model: Any, grids: dict[str, dict[str, KvGrid]], wher
             latent = grid["kv_latent"]
             module.kv_b_proj.register_forward_pre_hook(lambda _m, args, g=latent: (g(args[0]), *args[1:]),
                                                        prepend=True)
-    if not decoder._can_set_attn_implementation():
+    if decoder._can_set_attn_implementation():
+        decoder.set_attn_implementation(name)
+        return
+    if base != "sdpa" or any(set(g) - {"k", "v"} for g in grids.values()):
         raise ArtifactError(f"{where}: {type(decoder).__name__} does not route its attention through transformers' "
-                            "attention interface, so its KV cache cannot be quantized here")
-    decoder.set_attn_implementation(name)
+                            "attention interface, so its KV cache cannot be quantized here (with sdpa attention, "
+                            "its calls of torch's scaled_dot_product_attention are)")
+    for path, grid in grids.items():  # (Falcon: its attention calls torch's SDPA itself)
+        _quantize_sdpa_operands(model.get_submodule(path), grid, f"{where}: attention '{path}'")
+
+
+def _quantize_sdpa_operands(module: torch.nn.Module, grids: dict[str, KvGrid], where: str) -> None:
+    """K and V quantized as `module` passes them to torch's scaled_dot_product_attention (swapped for the length of
+    the module's call), for attention modules that call it directly rather than through the attention interface."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = [0]
+
+    def quantized_sdpa(query, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        for which, x in (("k", key), ("v", value)):
+            if x.dim() != 4 or x.shape[1] != grids[which].scale.shape[1]:
+                raise ArtifactError(f"{where}: its {which} enters attention as {list(x.shape)}, not with the "
+                                    f"{grids[which].scale.shape[1]} heads its cache grid has")
+        return sdpa(query, grids["k"](key), grids["v"](value), *args, **kwargs)
+
+    def enter(*_: object) -> None:
+        calls[0] = 0
+        torch.nn.functional.scaled_dot_product_attention = quantized_sdpa
+
+    def leave(_module: object, _args: object, output: object) -> None:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        if output is not None and calls[0] != 1:  # (None: the call raised, and that error propagates)
+            raise ArtifactError(f"{where} called torch's scaled_dot_product_attention {calls[0]} times, not once: "
+                                "its KV cache cannot be quantized here")
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
