@@ -77,6 +77,12 @@ FAMILIES: tuple[Family, ...] = (
         n_routed_experts=4, n_shared_experts=1, mlp_layer_types=["dense", "sparse"], q_lora_rank=32, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, num_key_value_heads=4, n_group=1, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=1.8, **_ROUTED), drop=("head_dim",)),
+    Family("glm_moe_dsa", "GLM", "zai-org/GLM-5 (multi-head latent attention with a DSA indexer keeping index_topk 2048 "
+           "keys, here 64; dense first layers)", dict(
+        n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, qk_head_dim=32, head_dim=16, n_group=1, topk_group=1,
+        norm_topk_prob=True, routed_scaling_factor=2.5, num_key_value_heads=4, index_n_heads=2, index_head_dim=32,
+        index_topk=64, **_ROUTED)),
     Family("hunyuan_v1_dense", "HunYuan", "tencent/Hunyuan-7B-Instruct (q/k norms)", dict()),
     Family("hunyuan_v1_moe", "HunYuan", "tencent/Hunyuan-A13B-Instruct", dict(
         num_experts=4, moe_topk=2, moe_intermediate_size=64, num_shared_expert=1)),
@@ -95,6 +101,7 @@ FAMILIES: tuple[Family, ...] = (
         no_rope_layers=[1, 0], interleave_moe_layer_step=1)),
     Family("mistral", "Mistral", "mistralai/Mistral-7B-v0.1 (sliding window)", dict(sliding_window=WINDOW)),
     Family("mixtral", "Mistral", "mistralai/Mixtral-8x7B-v0.1", dict(num_local_experts=4, num_experts_per_tok=2)),
+    Family("ministral3", "Mistral", "transformers' Ministral 3 defaults", dict()),
     Family("gemma", "Gemma", "google/gemma-2b (embedding scale, tied head, 1 kv head)", dict(
         hidden_activation="gelu_pytorch_tanh", num_key_value_heads=1, tie_word_embeddings=True)),
     Family("gemma2", "Gemma", "google/gemma-2-2b (soft-capping, sliding / full)", dict(
@@ -104,6 +111,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3_text", "Gemma", "google/gemma-3-1b-pt (5 sliding : 1 full, here 1 : 1)", dict(
         hidden_activation="gelu_pytorch_tanh", sliding_window=WINDOW, query_pre_attn_scalar=16,
         tie_word_embeddings=True, layer_types=["sliding_attention", "full_attention"])),
+    Family("gemma4_text", "Gemma", "transformers' Gemma 4 text defaults (sliding / full layers, per-layer input "
+           "embeddings, tied head)", dict(
+        hidden_activation="gelu_pytorch_tanh", sliding_window=WINDOW, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=32,
+        vocab_size_per_layer_input=259)),
     Family("phi3", "Phi", "microsoft/Phi-3-mini-4k-instruct (fused qkv / gate_up)", dict()),
     Family("phimoe", "Phi", "microsoft/Phi-3.5-MoE-instruct", dict(num_local_experts=4, num_experts_per_tok=2),
            drop=("head_dim",)),
@@ -129,8 +141,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("exaone4", "EXAONE", "LGAI-EXAONE/EXAONE-4.0-1.2B (3 sliding : 1 full, here 1 : 1)", dict(
         sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
     Family("olmo2", "OLMo", "allenai/OLMo-2-1124-7B (post-norms, q/k norms)", dict()),
+    Family("olmo3", "OLMo", "transformers' OLMo 3 defaults (sliding / full layers, post-norms, q/k norms)", dict(
+        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
     Family("cohere", "Cohere", "CohereForAI/c4ai-command-r-v01 (parallel block, logit scale)", dict(
         logit_scale=0.0625, tie_word_embeddings=True), drop=("head_dim",)),
+    Family("cohere2", "Cohere", "CohereLabs/c4ai-command-r7b-12-2024 (sliding layers with rope : full layers without, "
+           "here 1 : 1)", dict(logit_scale=0.25, sliding_window=WINDOW, tie_word_embeddings=True,
+                               layer_types=["sliding_attention", "full_attention"])),
     Family("starcoder2", "StarCoder2", "bigcode/starcoder2-3b (biases, gelu MLP)", dict(sliding_window=WINDOW),
            drop=("head_dim",)),
     Family("falcon", "Falcon", "tiiuae/falcon-7b (parallel attention, multi-query)", dict(

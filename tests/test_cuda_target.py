@@ -343,3 +343,20 @@ def test_cuda_runtime_lowering_gives_every_int4_layer_the_tinygemm_layout(tiny_l
     if not torch.cuda.is_available():
         with pytest.raises(ArtifactError, match="needs a CUDA device"):
             load_quantized(out, lower_for="cuda")
+
+
+def test_group_check_reads_per_layer_sizes_of_heterogeneous_configs():
+    """Gemma 4's config holds head_dim per layer (reading the global value raises) and adds per-layer input
+    projections of hidden_size_per_layer_input columns: the up-front ragged-group check sees both."""
+    from family_configs import BY_TYPE, family_config
+
+    from qcompiler.errors import SchemeError
+    from qcompiler.targets.base import linear_input_sizes, refuse_ragged_groups
+
+    config = family_config(BY_TYPE["gemma4_text"])
+    sizes = linear_input_sizes(config)
+    head_dims = {layer.head_dim for layer in (config.per_layer_config[i] for i in range(config.num_hidden_layers))}
+    assert len(head_dims) == 2 and {4 * d for d in head_dims} <= set(sizes.values())  # (4 heads; sliding, full)
+    config.hidden_size_per_layer_input = 16
+    with pytest.raises(SchemeError, match="per_layer_projection"):
+        refuse_ragged_groups("cuda", "vLLM", config, get_scheme("w4a16", group_size=32))

@@ -17,7 +17,7 @@ import hashlib
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,6 +445,12 @@ class BlockCall:
     unread: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
     # the model indexes its blocks' results (Falcon): a compiled block must return a tuple of the hidden states
     tuple_output: bool = False
+    # the model unpacks more than the hidden states (GLM-5: (hidden, top-k indices) handed to the next layer, which
+    # reads them only on a "shared" indexer layer): a compiled block returns that many Nones after them
+    trailing_nones: int = 0
+    # empty mutable mappings the model hands every block to write into (Gemma 4's shared_kv_states, read only by
+    # layers that reuse an earlier layer's K/V, which are refused): each call gets a fresh one of that type
+    scratch: dict[str, type] = field(default_factory=dict)
 
 
 class _Stop(Exception):
@@ -476,9 +482,16 @@ def capture_block_inputs(model: torch.nn.Module,
     batches = list(batches)
     if not batches:
         raise ModelLoadError("no calibration batches: cannot capture block inputs")
-    for returns_tuple in (False, True):  # (a model that indexes its blocks' tuple results needs one back)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
+        # (such a layer attends to keys and values another block computed: a dependency between blocks' graphs)
+        raise ModelLoadError(f"{model.__class__.__name__}: its last {config.num_kv_shared_layers} layers reuse earlier "
+                             "layers' keys and values (num_kv_shared_layers), which qcompiler does not trace: this "
+                             "model is not supported")
+    # (a model that indexes its blocks' tuple results needs one back; one that unpacks two values, a pair)
+    for returns_tuple, trailing_nones in ((False, 0), (True, 0), (True, 1)):
         try:
-            captured = _run_with_recording_blocks(model, blocks, batches, returns_tuple)
+            captured = _run_with_recording_blocks(model, blocks, batches, returns_tuple, trailing_nones)
             break
         except Exception as e:  # noqa: BLE001 (the model's code after a stand-in block fails as it may)
             failure = e
@@ -491,8 +504,11 @@ def capture_block_inputs(model: torch.nn.Module,
         tensors = [{k: v for k, v in sorted(kwargs.items()) if _is_tensor_tree(v)} for _, kwargs in per_batch]
         spec = pytree.tree_structure(tensors[0])
         nones = tuple(k for k, v in sorted(per_batch[0][1].items()) if v is None)
-        call = calls.setdefault((tuple(tensors[0]), str(spec), nones),
-                                BlockCall(keys=tuple(tensors[0]), spec=spec, nones=nones, tuple_output=returns_tuple))
+        scratch = {k: type(v) for k, v in sorted(per_batch[0][1].items())
+                   if isinstance(v, MutableMapping) and not v and k not in tensors[0]}
+        call = calls.setdefault((tuple(tensors[0]), str(spec), nones, tuple(scratch)),
+                                BlockCall(keys=tuple(tensors[0]), spec=spec, nones=nones, tuple_output=returns_tuple,
+                                          trailing_nones=trailing_nones, scratch=scratch))
         block_calls.append(call)
         flat_kwargs.append([tuple(pytree.tree_leaves(kw)) for kw in tensors])
     return BlockInputs(block_calls, [hidden for hidden, _ in captured[0]], flat_kwargs)
@@ -500,7 +516,7 @@ def capture_block_inputs(model: torch.nn.Module,
 
 def _run_with_recording_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList,
                                batches: list[torch.Tensor] | list[dict[str, torch.Tensor]],
-                               returns_tuple: bool) -> list[list[tuple[torch.Tensor, dict]]]:
+                               returns_tuple: bool, trailing_nones: int = 0) -> list[list[tuple[torch.Tensor, dict]]]:
     """Per block, per batch: (hidden states, keyword arguments) of its call."""
     captured: list[list[tuple[torch.Tensor, dict]]] = [[] for _ in blocks]
 
@@ -513,7 +529,7 @@ def _run_with_recording_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleLi
             captured[i].append((hidden, named))
             if i == len(blocks) - 1:
                 raise _Stop
-            return (hidden,) if returns_tuple else hidden
+            return (hidden, *[None] * trailing_nones) if returns_tuple else hidden
         return forward
 
     try:
@@ -554,7 +570,11 @@ def block_arguments(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
     if len(args) <= 1:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         return hidden, dict(kwargs)
-    names = [p for p in inspect.signature(block.forward).parameters if p not in ("self", "args", "kwargs")]
+    # (the class's forward: while inputs are captured, the instance's forward is a stand-in taking *args)
+    names = [p for p in inspect.signature(type(block).forward).parameters if p not in ("self", "args", "kwargs")]
+    if len(args) > len(names):  # (never drop an input: the block would be traced and run without it)
+        raise ModelLoadError(f"{type(block).__name__} is called with {len(args)} positional inputs, more than its "
+                             f"forward names ({names})")
     named = dict(zip(names[1:], args[1:], strict=False))
     return args[0], {**named, **kwargs}
 
@@ -599,7 +619,8 @@ class BlockAdapter(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
         kwargs = pytree.tree_unflatten(list(flat), self._call.spec)
-        out = self.block(hidden, **dict.fromkeys(self._call.nones), **kwargs, use_cache=False)
+        scratch = {k: kind() for k, kind in self._call.scratch.items()}
+        out = self.block(hidden, **dict.fromkeys(self._call.nones), **scratch, **kwargs, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
 

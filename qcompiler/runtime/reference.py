@@ -60,7 +60,7 @@ class CompiledBlock(torch.nn.Module):
                                 "tokens (every key kept); run longer sequences in the serving engine")
         _, named = block_arguments(self._original[0], (hidden_states, *args), kwargs)
         out = self.gm(hidden_states, *flatten_block_kwargs(self._call, named, hidden_states))
-        return (out,) if self._call.tuple_output else out
+        return (out, *[None] * self._call.trailing_nones) if self._call.tuple_output else out
 
 
 def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_for: str | None = None,

@@ -152,18 +152,32 @@ def linear_input_sizes(config: Any) -> dict[str, int]:
     the q / kv latents; its o_proj reads heads × v_head_dim). A vision-language model's: its language model's."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "v_head_dim", None) or getattr(config, "head_dim", None) or (
-        config.hidden_size // heads if heads else None)
     sizes = {"hidden_size (q/k/v, gate/up)": config.hidden_size}
-    if heads and head_dim:
-        sizes["num_attention_heads × head_dim (o_proj)"] = heads * head_dim
+    # (multi-head latent attention: o_proj reads heads × v_head_dim; head_dim there is the rotary part)
+    head_dims = sorted({d for d in layer_values(config, "v_head_dim") if d}
+                       or {d for d in layer_values(config, "head_dim") if d})
+    if not head_dims and heads:
+        head_dims = [config.hidden_size // heads]
+    for head_dim in head_dims if heads else ():
+        where = "" if len(head_dims) == 1 else f", layers of head_dim {head_dim}"
+        sizes[f"num_attention_heads × head_dim (o_proj{where})"] = heads * head_dim
     for key, what in (("intermediate_size", "down_proj"), ("moe_intermediate_size", "experts' down_proj"),
                       ("shared_expert_intermediate_size", "shared expert's down_proj"),
-                      ("q_lora_rank", "q_b_proj"), ("kv_lora_rank", "kv_b_proj")):
+                      ("q_lora_rank", "q_b_proj"), ("kv_lora_rank", "kv_b_proj"),
+                      ("hidden_size_per_layer_input", "Gemma 4's per_layer_projection")):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             sizes[f"{key} ({what})"] = value
     return sizes
+
+
+def layer_values(config: Any, key: str) -> list[Any]:
+    """`key` of a config: its one value, or each layer's where transformers' config holds it per layer (Gemma 4's
+    head_dim: sliding and full layers differ; reading the global value raises)."""
+    if key in (getattr(config, "per_layer_attributes", None) or ()):
+        view = config.per_layer_config
+        return [getattr(view[i], key, None) for i in range(len(view))]
+    return [getattr(config, key, None)]
 
 
 def refuse_ragged_groups(target: str, consumer: str, config: Any, scheme: QuantScheme) -> None:

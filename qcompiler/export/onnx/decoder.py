@@ -85,7 +85,8 @@ from qcompiler.kernels.packing import store_weight_codes
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "smollm3", "exaone4",
                            "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "cohere", "mixtral",
                            "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "gpt_oss", "hunyuan_v1_dense",
-                           "hunyuan_v1_moe", "gpt_neox", "falcon", "glm4_moe", "ernie4_5_moe", "minimax_m2", "internlm3", "hy_v3")
+                           "hunyuan_v1_moe", "gpt_neox", "falcon", "glm4_moe", "ernie4_5_moe", "minimax_m2", "internlm3", "hy_v3",
+                           "ministral3", "olmo3")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
