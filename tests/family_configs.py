@@ -119,6 +119,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("phi3", "Phi", "microsoft/Phi-3-mini-4k-instruct (fused qkv / gate_up)", dict()),
     Family("phimoe", "Phi", "microsoft/Phi-3.5-MoE-instruct", dict(num_local_experts=4, num_experts_per_tok=2),
            drop=("head_dim",)),
+    Family("phi", "Phi", "microsoft/phi-2 (parallel attention and MLP, partial rotary 0.4, biases, LayerNorm, biased "
+           "head)", dict(partial_rotary_factor=0.4, num_key_value_heads=4), drop=("head_dim",)),
     Family("baichuan", "Baichuan", "baichuan-inc/Baichuan2-7B-Base (own code: W_pack, NormHead; read as Llama)", dict(
         num_key_value_heads=4), native="llama"),
     Family("gpt_oss", "gpt-oss", "openai/gpt-oss-20b (attention sinks, sliding / full, biased experts)", dict(

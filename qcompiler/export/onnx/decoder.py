@@ -86,7 +86,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma
                            "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "cohere", "mixtral",
                            "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "gpt_oss", "hunyuan_v1_dense",
                            "hunyuan_v1_moe", "gpt_neox", "falcon", "glm4_moe", "ernie4_5_moe", "minimax_m2", "internlm3", "hy_v3",
-                           "ministral3", "olmo3")
+                           "ministral3", "olmo3", "phi")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
@@ -282,11 +282,11 @@ def _rotary_module(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def _final_norm_module(body: torch.nn.Module) -> torch.nn.Module:
-    """The decoder's final norm (`norm`; GPT-NeoX: `final_layer_norm`; Falcon, BLOOM: `ln_f`)."""
-    for attr in ("norm", "final_layer_norm", "ln_f"):
+    """The decoder's final norm (`norm`; GPT-NeoX: `final_layer_norm`; Phi-2: `final_layernorm`; Falcon: `ln_f`)."""
+    for attr in ("norm", "final_layer_norm", "final_layernorm", "ln_f"):
         if isinstance(getattr(body, attr, None), torch.nn.Module):
             return getattr(body, attr)
-    raise ExportError(f"{type(body).__name__}: no final norm module (norm, final_layer_norm or ln_f) to export")
+    raise ExportError(f"{type(body).__name__}: no final norm module (norm, final_layer_norm, final_layernorm or ln_f) to export")
 
 
 def _kv_heads(cfg: Any) -> int:
@@ -885,6 +885,13 @@ class DecoderExporter:
         wt = b.initializer("lm_head.weight.T", w.t().contiguous())
         return b.node("MatMul", [x, wt], "/lm_head/MatMul", outputs=[out])[0]
 
+    def _biased_head(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, out: str = "logits") -> str:
+        if bias is None:
+            return self._lm_head(x, weight, out)
+        z = self._lm_head(x, weight, self.b.fresh("/lm_head/unbiased"))
+        bias_name = self.b.initializer("lm_head.bias", bias.detach().float().contiguous())
+        return self.b.node("Add", [z, bias_name], "/lm_head/bias", outputs=[out])[0]
+
     def finish(self, model: torch.nn.Module, metadata: dict[str, str]) -> None:
         if self.blocks_done != self.layers:
             raise ExportError(f"only {self.blocks_done} of {self.layers} blocks were exported")
@@ -893,16 +900,17 @@ class DecoderExporter:
         cap = getattr(self.cfg, "final_logit_softcapping", None)
         factor = self._logit_factor()
         head = model.get_output_embeddings().weight
+        head_bias = getattr(model.get_output_embeddings(), "bias", None)  # (Phi-2's head has one)
         if cap:  # Gemma 2: logits = c·tanh(z / c)
-            z = self._lm_head(h, head, b.fresh("/lm_head/uncapped"))
+            z = self._biased_head(h, head, head_bias, b.fresh("/lm_head/uncapped"))
             c = b.const(np.array(float(cap), dtype=np.float32))
             t = b.op("Tanh", [b.op("Div", [z, c], "/lm_head/softcap/div")], "/lm_head/softcap/tanh")
             b.node("Mul", [t, c], "/lm_head/softcap/mul", outputs=["logits"])
         elif factor != 1.0:  # Granite, Cohere: logits = z · factor
-            z = self._lm_head(h, head, b.fresh("/lm_head/unscaled"))
+            z = self._biased_head(h, head, head_bias, b.fresh("/lm_head/unscaled"))
             b.node("Mul", [z, b.const(np.array(factor, dtype=np.float32))], "/lm_head/scale", outputs=["logits"])
         else:
-            self._lm_head(h, head)
+            self._biased_head(h, head, head_bias)
         b.add_output("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", self.vocab])
         elem, last = self._cache_type()
         for i in range(self.layers):
