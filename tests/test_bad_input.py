@@ -306,3 +306,11 @@ def test_a_refusal_is_one_line_on_the_real_stderr(model, text, tmp_path, damage)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_target_option_value_out_of_its_choices_is_one_line_before_any_work(model, text, tmp_path, capsys):
+    """(two options in one flag read as one value: it was an internal error while the pipeline was planned)"""
+    rc, err = quant(capsys, model, tmp_path / "out", text, "--target", "onnxruntime", "--target-option",
+                    "lm_head_bits=float,accuracy_level=0")
+    assert rc == 2 and "has no option lm_head_bits=float,accuracy_level=0" in err and "internal error" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -86,7 +86,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma
                            "glm", "glm4", "olmo2", "gemma2", "granite", "starcoder2", "ernie4_5", "cohere", "mixtral",
                            "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "gpt_oss", "hunyuan_v1_dense",
                            "hunyuan_v1_moe", "gpt_neox", "falcon", "glm4_moe", "ernie4_5_moe", "minimax_m2", "internlm3", "hy_v3",
-                           "ministral3", "olmo3", "phi")
+                           "ministral3", "olmo3", "phi", "cohere2")
 LINEAR_LIKE = {LINEAR, WOQ, W8A8}
 # ops allowed between a projection and attention: head reshapes, rotary arithmetic, GQA repetition
 _ATTN_PLUMBING = PASSTHROUGH | {
@@ -924,7 +924,7 @@ class DecoderExporter:
         """The decoder's final norm of the last block's output (its residual add fused where the norm is RMS)."""
         b = self.b
         hidden = int(self.cfg.hidden_size)
-        if isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ == "CohereLayerNorm":  # (mean-subtracting)
+        if isinstance(norm, torch.nn.LayerNorm) or type(norm).__name__ in ("CohereLayerNorm", "Cohere2LayerNorm"):
             eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
             weight = norm.weight if norm.weight is not None else torch.ones(hidden)
             bias = getattr(norm, "bias", None)

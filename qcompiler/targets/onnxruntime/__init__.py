@@ -86,5 +86,6 @@ class OnnxRuntimeTarget(Target):
         return DecoderExporter(out_dir, model, emit_options(options), saved=saved)
 
     def head_bits(self, options: dict[str, str]) -> int | None:
+        self.check_options(options)  # (asked while the pipeline is planned, before the target's own check)
         head = options.get("lm_head_bits", "8")
         return None if head == "float" else int(head)
