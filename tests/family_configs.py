@@ -89,6 +89,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("hy_v3", "HunYuan", "tencent/Hy3 (192 experts with sigmoid routing and expert bias, here 4; q/k norms, dense "
            "first layer)", dict(num_experts=4, num_shared_experts=1, mlp_layer_types=["dense", "sparse"],
                                 router_scaling_factor=2.826, **_ROUTED)),
+    Family("hy_v4", "HunYuan", "transformers' HY v4 defaults (latent attention with a sparse-attention indexer, 4 "
+           "hyper-connection streams, clamped SwiGLU experts: 256, here 4)", dict(
+        num_key_value_heads=4, moe_intermediate_size=64, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, index_topk=64,
+        index_head_dim=16, index_n_heads=2)),
     Family("internlm2", "InternLM", "internlm/internlm2_5-7b-chat (own code: q/k/v packed per kv group in wqkv; read "
            "as Llama)", dict(), native="llama"),
     Family("internlm3", "InternLM", "internlm/internlm3-8b-instruct (dynamic rope scaling ×6, no biases)", dict(

@@ -295,6 +295,7 @@ def _listed(names: list[str], n: int = 5) -> str:
 
 
 ATTENTION = "qcompiler_sdpa"
+RENAMED_ON_LOADING = ("hy_v4",)
 
 
 def attention_implementation(config: Any) -> str:
@@ -363,7 +364,9 @@ def build_skeleton(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, check: 
         raise ModelLoadError(f"'{ckpt.path}/config.json': {config.model_type} has linear-attention layers "
                              f"({', '.join(linear)}) whose recurrence qcompiler does not trace yet (it traces "
                              "Qwen3-Next's Gated DeltaNet and MiniMax's lightning attention)")
-    if multimodal:  # (older VLM checkpoints name the language model and vision tower as transformers 4 did)
+    # (older VLM checkpoints name the language model and vision tower as transformers 4 did; HunYuan v4's keep
+    # their own names, which transformers renames on loading)
+    if multimodal or config.model_type in RENAMED_ON_LOADING:
         view_under_module_names(model, ckpt)
     model.eval()
     prefix, _ = find_blocks(model)

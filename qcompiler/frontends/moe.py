@@ -68,6 +68,17 @@ class ClampedSwiGLU(nn.Module):
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
+class ClampedSiLUGLU(nn.Module):
+    """HunYuan v4: silu(min(gate, l)) ⊙ clamp(up, −l, l) (a SwiGLU with both halves clamped at swiglu_limit)."""
+
+    def __init__(self, limit: float):
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, gate: Tensor, up: Tensor) -> Tensor:
+        return nn.functional.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+
+
 class ExpertMLP(nn.Module):
     """One expert: down(glu(gate(x), up(x))), its linears named as in the checkpoint."""
 
@@ -379,6 +390,8 @@ def unfuse_experts(model: nn.Module, ckpt: Any, prefix: str) -> int:
             glu = GatedActivation(mod.act_fn)
         elif isinstance(getattr(mod, "alpha", None), float) and isinstance(getattr(mod, "limit", None), float):
             glu = ClampedSwiGLU(mod.alpha, mod.limit)  # (gpt-oss's _apply_gate)
+        elif isinstance(getattr(mod, "swiglu_limit", None), int | float):
+            glu = ClampedSiLUGLU(float(mod.swiglu_limit))  # (HunYuan v4's _apply_gate)
         if glu is None or not layout["has_gate"]:
             raise ModelLoadError(f"{model.config.model_type}: experts '{name}' use an activation or an ungated "
                                  f"layout ({type(mod).__name__}) that qcompiler does not unfuse yet")

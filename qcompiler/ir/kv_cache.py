@@ -72,8 +72,9 @@ def _last_two(n: fx.Node) -> bool:
 
 
 def _rank4(n: fx.Node) -> bool:
+    """A [B, H, S, D] tensor: rank 4 with fixed heads and channels (batch and sequence may be symbolic)."""
     val = n.meta.get("val")
-    return getattr(val, "dim", lambda: 0)() == 4
+    return getattr(val, "dim", lambda: 0)() == 4 and all(isinstance(val.shape[i], int) for i in (1, 3))
 
 
 def cache_points(gm: fx.GraphModule, query: bool = False) -> list[CachePoint]:
