@@ -86,41 +86,35 @@ def test_sliding_window_models_keep_their_window_beyond_the_calibration_length(t
         assert err < 1e-5, (family, part, float(err))
 
 
-def test_a_layer_that_is_linear_but_not_aten_linear_is_refused_by_name(tmp_path):
-    """GPT-2 computes its projections with Conv1D (addmm, weight [in, out]): refused, never written unquantized."""
+def _refused_before_writing(tmp_path, model_type: str, error: type[Exception], match: str, **fields) -> None:
+    """A tiny random `model_type` model (byte tokenizer) is refused with `error` matching `match`, nothing written."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qcompiler.synthetic import byte_tokenizer
 
-    cfg = AutoConfig.for_model("gpt2", vocab_size=259, n_embd=96, n_layer=2, n_head=4, n_positions=128,
-                               bos_token_id=1, eos_token_id=2)
+    cfg = AutoConfig.for_model(model_type, vocab_size=259, bos_token_id=1, eos_token_id=2, **fields)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "gpt2")
-    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(PipelineError, match=r"attn\.c_attn \(addmm.default\).*not supported yet"):
-        quantize(QuantizeConfig(model=tmp_path / "gpt2", scheme=get_scheme("w8a16"), out=tmp_path / "q",
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / model_type)
+    byte_tokenizer().save_pretrained(tmp_path / model_type)
+    with pytest.raises(error, match=match):
+        quantize(QuantizeConfig(model=tmp_path / model_type, scheme=get_scheme("w8a16"), out=tmp_path / "q",
                                 calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2, progress=False),
                  log=lambda _: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [model_type]
+
+
+def test_a_layer_that_is_linear_but_not_aten_linear_is_refused_by_name(tmp_path):
+    """GPT-2 computes its projections with Conv1D (addmm, weight [in, out]): refused, never written unquantized."""
+    _refused_before_writing(tmp_path, "gpt2", PipelineError, r"attn\.c_attn \(addmm.default\).*not supported yet",
+                            n_embd=96, n_layer=2, n_head=4, n_positions=128)
 
 
 def test_alibi_attention_is_refused_by_name_before_anything_is_written(tmp_path):
     """BLOOM's ALiBi bias is [batch · heads, 1, seq] (two sizes in one dimension): one line naming it, no traceback."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from qcompiler.errors import ModelLoadError
-    from qcompiler.synthetic import byte_tokenizer
 
-    cfg = AutoConfig.for_model("bloom", vocab_size=259, hidden_size=96, n_layer=2, n_head=4, bos_token_id=1,
-                               eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "bloom")
-    byte_tokenizer().save_pretrained(tmp_path / "bloom")
-    with pytest.raises(ModelLoadError, match=r"block 'transformer\.h\.0' takes ALiBi position biases"):
-        quantize(QuantizeConfig(model=tmp_path / "bloom", scheme=get_scheme("w8a16"), out=tmp_path / "q",
-                                calib_texts=[TEXT], num_samples=2, seq_len=32, batch_size=2, progress=False),
-                 log=lambda _: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bloom"]
+    _refused_before_writing(tmp_path, "bloom", ModelLoadError, r"block 'transformer\.h\.0' takes ALiBi position biases",
+                            hidden_size=96, n_layer=2, n_head=4)
 
 
 def test_a_run_that_quantizes_no_layer_is_an_error(tiny_llama, tmp_path):

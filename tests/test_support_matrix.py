@@ -62,11 +62,6 @@ def family_models(tmp_path_factory):
     return {f.model_type: make_family_model(root / f.model_type, f) for f in FAMILIES}
 
 
-def _logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    # (transformers 5.24.0's Llama 4 VLM fails after computing its logits: model_logits takes them before that)
-    return model_logits(model, **inputs)
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -235,17 +230,17 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
         assert refusal is None, refusal
         ref_artefact = tmp / "reference"
     with torch.no_grad():
-        ours = _logits(load_quantized(artefact), inputs)
-        act_free = None if weight_only else _logits(transformers_twin(reference, artefact, activations=False), inputs)
-        ref_ours = ours if ref_artefact == artefact else _logits(load_quantized(ref_artefact), inputs)
+        ours = model_logits(load_quantized(artefact), **inputs)
+        act_free = None if weight_only else model_logits(transformers_twin(reference, artefact, activations=False), **inputs)
+        ref_ours = ours if ref_artefact == artefact else model_logits(load_quantized(ref_artefact), **inputs)
         ref_act_free = act_free if ref_artefact == artefact or weight_only else \
-            _logits(transformers_twin(reference, ref_artefact, activations=False), inputs)
+            model_logits(transformers_twin(reference, ref_artefact, activations=False), **inputs)
         try:
-            twin = _logits(transformers_twin(reference, ref_artefact), inputs)
+            twin = model_logits(transformers_twin(reference, ref_artefact), **inputs)
         except ArtifactError as e:  # (a quantized KV cache where transformers' attention cannot take one)
             twin = None
             cells["reference"] = "not checked: " + str(e).split(": ", 1)[1]
-        float_logits = _logits(auto.from_pretrained(str(reference), dtype=torch.float32), inputs)
+        float_logits = model_logits(auto.from_pretrained(str(reference), dtype=torch.float32), **inputs)
     assert _rel(ref_ours, float_logits) > 1e-4, "nothing was quantized"  # (10× the weight-only tolerance)
     if twin is not None:
         _check_close(ref_ours, twin, ref_act_free, f"{family.model_type} {scheme}: artefact vs transformers twin")
@@ -260,7 +255,7 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
         try:
             client = auto.from_pretrained(str(tmp / "cuda" / "compressed-tensors"), dtype=torch.float32)
             with torch.no_grad():
-                theirs = _logits(client, inputs)
+                theirs = model_logits(client, **inputs)
         except Exception as e:  # the client's own refusal is the cell's reason
             import transformers
 
@@ -285,7 +280,7 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
             cells["ascend"] = f"msModelSlim loader: {str(e).splitlines()[0].replace(str(tmp), '<out>')[:160]}"
         else:
             with torch.no_grad():
-                theirs = _logits(loaded, inputs)
+                theirs = model_logits(loaded, **inputs)
             _check_close(theirs, ours, act_free, f"{family.model_type} {scheme}: msModelSlim loader vs ours")
             cells["ascend"] = "ok"
     else:

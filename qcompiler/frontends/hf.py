@@ -508,7 +508,7 @@ def capture_block_inputs(model: torch.nn.Module,
         spec = pytree.tree_structure(tensors[0])
         nones = tuple(k for k, v in sorted(per_batch[0][1].items()) if v is None)
         scratch = {k: type(v) for k, v in sorted(per_batch[0][1].items())
-                   if isinstance(v, MutableMapping) and not v and k not in tensors[0]}
+                   if isinstance(v, MutableMapping) and not v}
         call = calls.setdefault((tuple(tensors[0]), str(spec), nones, tuple(scratch)),
                                 BlockCall(keys=tuple(tensors[0]), spec=spec, nones=nones, tuple_output=returns_tuple,
                                           trailing_nones=trailing_nones, scratch=scratch))

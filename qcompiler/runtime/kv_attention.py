@@ -97,22 +97,25 @@ def install_kv_cache_grids(model: Any, grids: dict[str, dict[str, KvGrid]], wher
                             "attention interface, so its KV cache cannot be quantized here (with sdpa attention, "
                             "its calls of torch's scaled_dot_product_attention are)")
     for path, grid in grids.items():  # (Falcon: its attention calls torch's SDPA itself)
-        _quantize_sdpa_operands(model.get_submodule(path), grid, f"{where}: attention '{path}'")
+        scope = f"{where}: attention '{path}'"
+        quantize_sdpa_operands(model.get_submodule(path), _cache_operands(grid, scope), scope,
+                               "its KV cache cannot be quantized here")
 
 
-def _quantize_sdpa_operands(module: torch.nn.Module, grids: dict[str, KvGrid], where: str) -> None:
-    """K and V quantized as `module` passes them to torch's scaled_dot_product_attention (swapped for the length of
-    the module's call), for attention modules that call it directly rather than through the attention interface."""
+def quantize_sdpa_operands(module: torch.nn.Module,
+                           operands: Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                              tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                           where: str, consequence: str) -> None:
+    """Run `module`'s call of torch's scaled_dot_product_attention on `operands(q, k, v)` (torch's SDPA swapped for
+    the length of the module's call): for attention that calls SDPA itself rather than through transformers'
+    attention interface (Falcon's; diffusers' attention processors). A call that bypassed SDPA, or called it more
+    than once, is refused: it would run unquantized, silently."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls = [0]
 
     def quantized_sdpa(query, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls[0] += 1
-        for which, x in (("k", key), ("v", value)):
-            if x.dim() != 4 or x.shape[1] != grids[which].scale.shape[1]:
-                raise ArtifactError(f"{where}: its {which} enters attention as {list(x.shape)}, not with the "
-                                    f"{grids[which].scale.shape[1]} heads its cache grid has")
-        return sdpa(query, grids["k"](key), grids["v"](value), *args, **kwargs)
+        return sdpa(*operands(query, key, value), *args, **kwargs)
 
     def enter(*_: object) -> None:
         calls[0] = 0
@@ -122,7 +125,18 @@ def _quantize_sdpa_operands(module: torch.nn.Module, grids: dict[str, KvGrid], w
         torch.nn.functional.scaled_dot_product_attention = sdpa
         if output is not None and calls[0] != 1:  # (None: the call raised, and that error propagates)
             raise ArtifactError(f"{where} called torch's scaled_dot_product_attention {calls[0]} times, not once: "
-                                "its KV cache cannot be quantized here")
+                                f"{consequence}")
 
     module.register_forward_pre_hook(enter)
     module.register_forward_hook(leave, always_call=True)
+
+
+def _cache_operands(grids: dict[str, KvGrid], where: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """(q, k, v) -> (q, k̂, v̂) with K and V on their cache grids, checked to enter attention unrepeated."""
+    def operands(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        for which, x in (("k", key), ("v", value)):
+            if x.dim() != 4 or x.shape[1] != grids[which].scale.shape[1]:
+                raise ArtifactError(f"{where}: its {which} enters attention as {list(x.shape)}, not with the "
+                                    f"{grids[which].scale.shape[1]} heads its cache grid has")
+        return query, grids["k"](key), grids["v"](value)
+    return operands

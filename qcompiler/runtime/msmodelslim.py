@@ -20,7 +20,7 @@ from qcompiler.frontends.hf import find_blocks
 from qcompiler.frontends.moe import unfuse_experts
 from qcompiler.frontends.multimodal import auto_model_class
 from qcompiler.kernels.ascend import layout
-from qcompiler.runtime.kv_attention import KvGrid, install_kv_cache_grids
+from qcompiler.runtime.kv_attention import KvGrid, install_kv_cache_grids, quantize_sdpa_operands
 
 
 class NpuLinear(torch.nn.Module):
@@ -165,8 +165,6 @@ def install_fa_quant(folder: Path, model: torch.nn.Module, module_name: str, gri
     except AttributeError:
         raise ArtifactError(f"'{folder}': FAQuant scales name attention '{module_name}', which the model does not "
                             "have") from None
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
     def fake_quant(x: torch.Tensor, which: str) -> torch.Tensor:
         scale, offset = grid[which]
         if x.dim() != 4 or tuple(x.shape[1::2]) != tuple(scale.shape):
@@ -175,23 +173,6 @@ def install_fa_quant(folder: Path, model: torch.nn.Module, module_name: str, gri
         s, o = scale[None, :, None, :], offset[None, :, None, :]
         return ((torch.clamp(torch.round(x.float() / s) + o, -128, 127) - o) * s).to(x.dtype)
 
-    calls = [0]
-
-    def quantized_sdpa(query, key, value, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return sdpa(fake_quant(query, "q"), fake_quant(key, "k"), fake_quant(value, "v"), *args, **kwargs)
-
-    def enter(*_: object) -> None:
-        calls[0] = 0
-        torch.nn.functional.scaled_dot_product_attention = quantized_sdpa
-
-    def leave(_module: object, _args: object, output: object) -> None:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
-        # (an attention that bypassed torch's SDPA would run unquantized, silently; output None: the call raised,
-        # and that error propagates)
-        if output is not None and calls[0] != 1:
-            raise ArtifactError(f"'{folder}': attention '{module_name}' called torch's scaled_dot_product_attention "
-                                f"{calls[0]} times, not once: the FAQuant emulation cannot quantize its Q, K and V")
-
-    module.register_forward_pre_hook(enter)
-    module.register_forward_hook(leave, always_call=True)
+    quantize_sdpa_operands(module, lambda q, k, v: (fake_quant(q, "q"), fake_quant(k, "k"), fake_quant(v, "v")),
+                           f"'{folder}': attention '{module_name}'",
+                           "the FAQuant emulation cannot quantize its Q, K and V")
