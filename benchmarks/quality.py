@@ -76,6 +76,10 @@ CONFIGS: dict[str, dict] = {
         "scheme": "w4a4", "passes": "rotate{online=False},fuse_linears,rtn{clip=mse}"},
     "w4a4 + rotation (QuaRot)": {"scheme": "w4a4"},
     "w4a4 + rotation + gptq (QuaRot)": {"scheme": "w4a4", "algo": "gptq"},
+    "w4a4 + learned rotation (SpinQuant R1, 40 steps)": {
+        "scheme": "w4a4", "passes": "rotate{learn=40},fuse_linears,rtn{clip=mse},act_quant"},
+    "w4a4 + learned rotation + gptq (SpinQuant R1, 40 steps)": {
+        "scheme": "w4a4", "passes": "rotate{learn=40},fuse_linears,gptq,act_quant"},
     "fp8 (dynamic per-token acts)": {"scheme": "fp8"},
     "fp8_static": {"scheme": "fp8_static"},
     "w8a8c8 (w8a8 static + smoothquant, int8 KV)": {"scheme": "w8a8c8"},

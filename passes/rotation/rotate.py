@@ -20,6 +20,12 @@ QuaRot rotates both; o_proj's input is the worst-conditioned activation of a 4-b
 at w4a4: o_proj output SQNR 4–9 dB in most blocks; with it +88 % perplexity instead of +107 %). Skipped
 (reported) for a size no Hadamard matrix is built for.
 
+Learned (learn=N, SpinQuant's R1): R = R₀·C(B) is fitted first, on the whole float model and the calibration tokens,
+to the quantized model's next-token loss (algorithms/spinquant.py: Cayley parametrization, straight-through
+quantizers, N Adam steps at lr, bfloat16 autocast; float weights when GPTQ follows, as SpinQuant trains for it); the
+driver hands R to the pass before any block runs, and every block and the outer weights use it. Only the Hugging
+Face driver learns (it reads the whole model); dynamic per-token or no activation grids only.
+
 Refused with the reason (before changing anything): a vision-language model (its projector's image features enter
 the stream unrotated), a residual add whose other operand is not a linear's output
 (Gemma 2/3 post-norms, MoE mixtures), a stream read by something other than an RMSNorm or the next add
@@ -29,7 +35,7 @@ the stream unrotated), a residual add whose other operand is not a linear's outp
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -166,9 +172,13 @@ class Rotate(Pass):
                "o_proj and down_proj")
     seed: int = 0
     online: bool = True  # the online Hadamards before o_proj and down_proj
+    learn: int = 0  # > 0: SpinQuant's R1 — the residual rotation learned in this many steps (algorithms/spinquant.py)
+    lr: float = 1e-4  # the learning rate of those steps (Adam on the Cayley parameter)
+    # the learned R (float64), set by the driver before any block runs (not an option)
+    learned: torch.Tensor | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
 
     def uses_calibration(self) -> bool:
-        return False
+        return self.learn > 0
 
     def refusal(self, model: torch.nn.Module, blocks: Iterable[tuple[str, fx.GraphModule]]) -> str | None:
         if (reason := model_refusal(model)) is not None:
@@ -179,6 +189,14 @@ class Rotate(Pass):
         return None
 
     def rotation(self, d: int) -> tuple[torch.Tensor, str]:
+        if self.learned is not None:
+            if tuple(self.learned.shape) != (d, d):
+                raise PassError(f"rotate: the learned rotation is {tuple(self.learned.shape)}, the residual stream "
+                                f"has {d} channels")
+            return self.learned, f"learned (SpinQuant R1, {self.learn} steps from a randomized Hadamard)"
+        if self.learn:
+            raise PassError("rotate{learn=...} learns the rotation on the whole model before the blocks run; only "
+                            "the Hugging Face checkpoint driver (qcompile quant --model FOLDER) does that")
         return random_hadamard(d, self.seed)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx
@@ -71,6 +71,9 @@ from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 from qcompiler.targets.base import refuse_oversized_groups
+
+if TYPE_CHECKING:
+    from qcompiler.passes.rotation.rotate import Rotate
 
 Log = Callable[[str], None]
 
@@ -217,7 +220,6 @@ class HFRun:
         self.model = build_skeleton(self.ckpt)
         self.ckpt.release()  # (the outer weights are float32 copies now; their file pages leave RSS)
         self.choose_outlier_pass()
-        self.outer = transform_outer(self.plan.passes, self.model)
         self.batches: list[torch.Tensor] | list[dict[str, torch.Tensor]]
         if cfg.calib_images is not None:
             self.batches = _image_batches(cfg, self.model)
@@ -238,6 +240,83 @@ class HFRun:
         self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(flat))
         self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
         self.exporter: Any = None
+        self.learn_rotations()
+        self.outer = transform_outer(self.plan.passes, self.model)
+
+    def learn_rotations(self) -> None:
+        """rotate{learn=N}: the residual rotation learned on the whole float model over the calibration tokens
+        (algorithms/spinquant.py) before any block is quantized, kept in the work folder (a --resume reads it back
+        instead of learning again), and handed to the pass. Refused, before anything is written, where the
+        training does not describe the run: static activation grids, several processes, non-Llama layers."""
+        from qcompiler.algorithms import spinquant
+        from qcompiler.passes.rotation.rotate import Rotate
+
+        cfg = self.cfg
+        for i, p in enumerate(self.plan.passes):
+            if not isinstance(p, Rotate) or not p.learn:
+                continue
+            if cfg.calib_images is not None:
+                raise PipelineError("rotate{learn=...}: calibration images: a vision-language model's projector "
+                                    "writes into the residual stream unrotated")
+            prefix, blocks = find_blocks(self.model)
+            tracer = self.block_tracer()
+            traced = ((f"{prefix}.{j}", tracer(j, block, f"{prefix}.{j}")) for j, block in enumerate(blocks))
+            if (reason := p.refusal(self.model, traced)) is not None:
+                raise PipelineError(f"rotate{{learn=...}}: {reason}")
+            acts = cfg.scheme.activations
+            if acts is not None and not (acts.dynamic and acts.granularity == "token" and not acts.is_float):
+                raise SchemeError(f"rotate{{learn=...}} learns under per-token integer activations; '{cfg.scheme.name}'"
+                                  " quantizes activations otherwise; use rotate without learn")
+            if dist.world_size() > 1:
+                raise PipelineError("rotate{learn=...} learns on the whole model in one process; run it without "
+                                    "data-parallel ranks")
+            stored = self.writer.state_dir / "learned-rotation.safetensors"
+            d = self.model.get_input_embeddings().weight.shape[1]
+            if cfg.resume and stored.is_file():
+                r = spinquant.read_rotation(stored, d)
+                self.log(f"learned rotation: read back from '{stored}'")
+            else:
+                r = self._learn_rotation(p, d)
+                spinquant.write_rotation(stored, r)
+            self.plan.passes[i] = dataclasses.replace(p, learned=r)
+
+    def _learn_rotation(self, rotate: Rotate, d: int) -> torch.Tensor:
+        """Learn R on a float copy of the model (read whole: the training needs every weight at once)."""
+        from qcompiler.algorithms import spinquant
+        from qcompiler.algorithms.hadamard import random_hadamard
+        from qcompiler.eval.report import load_float
+
+        cfg = self.cfg
+        need = spinquant.training_bytes(self.model)
+        if (avail := spinquant.available_bytes()) is not None and need > avail:
+            raise PipelineError(f"rotate{{learn=...}} trains on the whole model in float32 (about {need / 2**30:.1f} "
+                                f"GiB with its activations) but {avail / 2**30:.1f} GiB are available; use rotate "
+                                "without learn, which runs block by block")
+        model = load_float(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        model.requires_grad_(False)
+        prefix, layers = find_blocks(model)
+        if (reason := spinquant.layout_refusal(model, layers)) is not None:
+            raise PipelineError(f"rotate{{learn=...}}: {reason}; use rotate without learn")
+        # SpinQuant: a rotation learned for GPTQ is trained with float weights (GPTQ compensates weight rounding
+        # itself); for round-to-nearest weights it is trained on the grid (and clipping) they will use
+        gptq = any(q.name == "gptq" for q in self.plan.passes)
+        rtn = next((q for q in self.plan.passes if q.name == "rtn"), None)
+        clip = 10 if rtn is not None and getattr(rtn, "clip", "minmax") != "minmax" else 0
+        weights = None if gptq or not any(q.quantizes_weights for q in self.plan.passes) else cfg.scheme.weights
+        qmodel = spinquant.QuantizedRotatedModel(model, prefix, layers, weights, cfg.scheme.activations,
+                                                 online=rotate.online, clip_grid=clip)
+        sequences = [b[j:j + 1] for b in self.batches for j in range(b.shape[0])]  # type: ignore[union-attr]
+        r0, _ = random_hadamard(d, rotate.seed)
+        self.lap("prologue: load, tokenize, first block inputs")
+        self.log(f"learned rotation: {rotate.learn} steps of one calibration sequence each, "
+                 f"{'float' if weights is None else 'round-to-nearest'} weights, bfloat16 autocast")
+        with torch.autocast("cpu", torch.bfloat16):
+            r, losses = spinquant.learn_rotation(qmodel, sequences, r0, rotate.learn,
+                                                 rotate.lr, log=self.log)
+        self.lap("learn rotation")
+        del model, qmodel
+        release_free_memory()
+        return r
 
     def quantize_vision_tower(self) -> dict[str, LayerRecord]:
         """--vision-scheme: the VLM's vision-encoder linears quantized in place (frontends/vision.py), static input

@@ -153,6 +153,8 @@ class Pass:
         opts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.metadata.get("internal"):
+                continue  # (set by the driver, not an option: e.g. rotate's learned rotation)
             if v != f.default:
                 opts.append(f"{f.name}={v}")
         return f"{self.name}{{{','.join(opts)}}}" if opts else self.name

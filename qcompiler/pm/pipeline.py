@@ -60,7 +60,7 @@ def _convert(pass_name: str, field: dataclasses.Field, raw: Any, hints: dict[str
 
 def make_pass(name: str, options: dict[str, Any]) -> Pass:
     cls = get_pass_class(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, raw in options.items():
