@@ -118,3 +118,48 @@ def test_refusals_name_the_reason(tmp_path, tiny_llama, calib_text):
     save_file({"rotation": 2 * torch.eye(8, dtype=torch.float64)}, str(bad))
     with pytest.raises(ArtifactError, match="orthogonal"):
         read_rotation(bad, 8)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_resumed_run_reads_the_learned_rotation_back(tmp_path, tiny_llama, calib_text, monkeypatch):
+    """Killed after block 0's files: --resume reads R from the work folder (learning again could give another R
+    on another machine, and the finished blocks used the first) and ends with the uninterrupted run's files."""
+    import json
+
+    from qcompiler.algorithms import spinquant
+    from qcompiler.export import artifact
+    from qcompiler.export.artifact import verify_manifest
+
+    def cfg(out, **kw):
+        return QuantizeConfig(model=tiny_llama, scheme=get_scheme("w4a4"), out=out, calib_texts=[calib_text],
+                              num_samples=4, seq_len=32, batch_size=2, progress=False,
+                              passes=parse_pipeline("rotate{learn=2,lr=0.01},fuse_linears,rtn{clip=mse}"), **kw)
+
+    def files(out):
+        verify_manifest(out)
+        return {k: v["sha256"] for k, v in json.loads((out / "manifest.json").read_text())["files"].items()}
+
+    quantize(cfg(tmp_path / "whole"), log=lambda s: None)
+    real = artifact.ArtifactWriter.checkpoint
+
+    def crash_after_first(*args, **kwargs):
+        real(*args, **kwargs)
+        raise _Crash
+
+    monkeypatch.setattr(artifact.ArtifactWriter, "checkpoint", crash_after_first)
+    with pytest.raises(_Crash):
+        quantize(cfg(tmp_path / "out"), log=lambda s: None)
+    monkeypatch.undo()
+    assert (tmp_path / ".out.partial" / "state" / "learned-rotation.safetensors").is_file()
+
+    def no_learning(*args, **kwargs):
+        raise AssertionError("a resumed run learned the rotation again")
+
+    monkeypatch.setattr(spinquant, "learn_rotation", no_learning)
+    logs: list[str] = []
+    desc = quantize(cfg(tmp_path / "out", resume=True), log=logs.append)
+    assert desc["run"]["resumed_from_block"] == 1 and any("read back" in m for m in logs)
+    assert files(tmp_path / "out") == files(tmp_path / "whole")
