@@ -104,10 +104,11 @@ def test_the_driver_uses_one_learned_rotation_in_the_blocks_and_outside(tmp_path
 def test_refusals_name_the_reason(tmp_path, tiny_llama, calib_text):
     with pytest.raises(SchemeError, match="per-token"):
         _quantize(tiny_llama, tmp_path / "static", "w8a8", calib_text, "rotate{learn=2},rtn,act_quant")
-    assert not (tmp_path / "static").exists()
+    assert not (tmp_path / "static").exists() and not (tmp_path / ".static.partial").exists()
     gemma2 = make_tiny_model(tmp_path / "g2", "gemma2")
     with pytest.raises(PipelineError, match="rotate\\{learn=...\\}: block"):
         _quantize(gemma2, tmp_path / "g2out", "w4a4", calib_text, "rotate{learn=2},rtn,act_quant")
+    assert not any(tmp_path.glob("*g2out*"))  # (refused before the work folder is made)
     layers = find_blocks(_float_model(gemma2))[1]
     assert "post-norms" in (layout_refusal(_float_model(gemma2), layers) or "")
     from qcompiler.passes.rotation.rotate import Rotate

@@ -237,32 +237,33 @@ class HFRun:
                                 "--batch-size or use fewer processes")
         flat = [(k, v) for b in self.batches for k, v in sorted(b.items())] if cfg.calib_images is not None else \
             list(self.batches)
+        learned = self.learned_rotations()
         self.fingerprint = run_fingerprint(cfg, self.plan, self.ckpt, digest_tensors(flat))
         self.writer = ArtifactWriter(cfg.out, self.fingerprint, resume=cfg.resume, owner=self.owner, log=self.log)
         self.exporter: Any = None
-        self.learn_rotations()
+        self.learn_rotations(learned)
         self.outer = transform_outer(self.plan.passes, self.model)
 
-    def learn_rotations(self) -> None:
-        """rotate{learn=N}: the residual rotation learned on the whole float model over the calibration tokens
-        (algorithms/spinquant.py) before any block is quantized, kept in the work folder (a --resume reads it back
-        instead of learning again), and handed to the pass. Refused, before anything is written, where the
-        training does not describe the run: static activation grids, several processes, non-Llama layers."""
+    def learned_rotations(self) -> list[int]:
+        """The pipeline positions of rotate{learn=N}, each checked on the skeleton before anything is written: the
+        rotation must admit the model (every traced block) and the training must describe the run (per-token
+        integer or float activations, one process, Llama-style pre-norm layers, the float model fitting in memory)."""
         from qcompiler.algorithms import spinquant
         from qcompiler.passes.rotation.rotate import Rotate
 
         cfg = self.cfg
-        for i, p in enumerate(self.plan.passes):
-            if not isinstance(p, Rotate) or not p.learn:
-                continue
+        found = [(i, p) for i, p in enumerate(self.plan.passes) if isinstance(p, Rotate) and p.learn]
+        for _, rotate in found:
             if cfg.calib_images is not None:
                 raise PipelineError("rotate{learn=...}: calibration images: a vision-language model's projector "
                                     "writes into the residual stream unrotated")
             prefix, blocks = find_blocks(self.model)
             tracer = self.block_tracer()
             traced = ((f"{prefix}.{j}", tracer(j, block, f"{prefix}.{j}")) for j, block in enumerate(blocks))
-            if (reason := p.refusal(self.model, traced)) is not None:
+            if (reason := rotate.refusal(self.model, traced)) is not None:
                 raise PipelineError(f"rotate{{learn=...}}: {reason}")
+            if (reason := spinquant.layout_refusal(self.model, blocks)) is not None:
+                raise PipelineError(f"rotate{{learn=...}}: {reason}; use rotate without learn")
             acts = cfg.scheme.activations
             if acts is not None and not (acts.dynamic and acts.granularity == "token" and not acts.is_float):
                 raise SchemeError(f"rotate{{learn=...}} learns under per-token integer activations; '{cfg.scheme.name}'"
@@ -270,9 +271,26 @@ class HFRun:
             if dist.world_size() > 1:
                 raise PipelineError("rotate{learn=...} learns on the whole model in one process; run it without "
                                     "data-parallel ranks")
+            need = spinquant.training_bytes(self.model)
+            if (avail := spinquant.available_bytes()) is not None and need > avail:
+                raise PipelineError(f"rotate{{learn=...}} trains on the whole model in float32 (about "
+                                    f"{need / 2**30:.1f} GiB with its activations) but {avail / 2**30:.1f} GiB are "
+                                    "available; use rotate without learn, which runs block by block")
+        return [i for i, _ in found]
+
+    def learn_rotations(self, positions: list[int]) -> None:
+        """rotate{learn=N}: the residual rotation learned on the whole float model over the calibration tokens
+        (algorithms/spinquant.py) before any block is quantized, kept in the work folder (a --resume reads it back
+        instead of learning again), and handed to the pass."""
+        from qcompiler.algorithms import spinquant
+        from qcompiler.passes.rotation.rotate import Rotate
+
+        for i in positions:
+            p = self.plan.passes[i]
+            assert isinstance(p, Rotate)
             stored = self.writer.state_dir / "learned-rotation.safetensors"
             d = self.model.get_input_embeddings().weight.shape[1]
-            if cfg.resume and stored.is_file():
+            if self.cfg.resume and stored.is_file():
                 r = spinquant.read_rotation(stored, d)
                 self.log(f"learned rotation: read back from '{stored}'")
             else:
@@ -287,16 +305,9 @@ class HFRun:
         from qcompiler.eval.report import load_float
 
         cfg = self.cfg
-        need = spinquant.training_bytes(self.model)
-        if (avail := spinquant.available_bytes()) is not None and need > avail:
-            raise PipelineError(f"rotate{{learn=...}} trains on the whole model in float32 (about {need / 2**30:.1f} "
-                                f"GiB with its activations) but {avail / 2**30:.1f} GiB are available; use rotate "
-                                "without learn, which runs block by block")
         model = load_float(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
         model.requires_grad_(False)
         prefix, layers = find_blocks(model)
-        if (reason := spinquant.layout_refusal(model, layers)) is not None:
-            raise PipelineError(f"rotate{{learn=...}}: {reason}; use rotate without learn")
         # SpinQuant: a rotation learned for GPTQ is trained with float weights (GPTQ compensates weight rounding
         # itself); for round-to-nearest weights it is trained on the grid (and clipping) they will use
         gptq = any(q.name == "gptq" for q in self.plan.passes)
