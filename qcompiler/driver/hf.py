@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import fx
@@ -71,9 +71,6 @@ from qcompiler.numerics import sqnr_db
 from qcompiler.pm.base import Pass, PassContext
 from qcompiler.pm.manager import PassManager
 from qcompiler.targets.base import refuse_oversized_groups
-
-if TYPE_CHECKING:
-    from qcompiler.passes.rotation.rotate import Rotate
 
 Log = Callable[[str], None]
 
@@ -249,10 +246,10 @@ class HFRun:
         rotation must admit the model (every traced block) and the training must describe the run (per-token
         integer or float activations, one process, Llama-style pre-norm layers, the float model fitting in memory)."""
         from qcompiler.algorithms import spinquant
-        from qcompiler.passes.rotation.rotate import Rotate
 
         cfg = self.cfg
-        found = [(i, p) for i, p in enumerate(self.plan.passes) if isinstance(p, Rotate) and p.learn]
+        # (the rotate pass by name and its options: the driver reaches passes through the registry only)
+        found = [(i, p) for i, p in enumerate(self.plan.passes) if p.name == "rotate" and getattr(p, "learn", 0)]
         for _, rotate in found:
             if cfg.calib_images is not None:
                 raise PipelineError("rotate{learn=...}: calibration images: a vision-language model's projector "
@@ -283,11 +280,9 @@ class HFRun:
         (algorithms/spinquant.py) before any block is quantized, kept in the work folder (a --resume reads it back
         instead of learning again), and handed to the pass."""
         from qcompiler.algorithms import spinquant
-        from qcompiler.passes.rotation.rotate import Rotate
 
         for i in positions:
             p = self.plan.passes[i]
-            assert isinstance(p, Rotate)
             stored = self.writer.state_dir / "learned-rotation.safetensors"
             d = self.model.get_input_embeddings().weight.shape[1]
             if self.cfg.resume and stored.is_file():
@@ -298,14 +293,17 @@ class HFRun:
                 spinquant.write_rotation(stored, r)
             self.plan.passes[i] = dataclasses.replace(p, learned=r)
 
-    def _learn_rotation(self, rotate: Rotate, d: int) -> torch.Tensor:
+    def _learn_rotation(self, rotate: Any, d: int) -> torch.Tensor:
         """Learn R on a float copy of the model (read whole: the training needs every weight at once)."""
+        from transformers import AutoModelForCausalLM
+
         from qcompiler.algorithms import spinquant
         from qcompiler.algorithms.hadamard import random_hadamard
-        from qcompiler.eval.report import load_float
 
         cfg = self.cfg
-        model = load_float(Path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        # (the checkpoint was checked when opened: remote code only with --trust-remote-code, names, weight files)
+        model = AutoModelForCausalLM.from_pretrained(str(cfg.model), dtype=torch.float32, attn_implementation="sdpa",
+                                                     trust_remote_code=cfg.trust_remote_code).eval()
         model.requires_grad_(False)
         prefix, layers = find_blocks(model)
         # SpinQuant: a rotation learned for GPTQ is trained with float weights (GPTQ compensates weight rounding
