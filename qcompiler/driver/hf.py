@@ -291,7 +291,7 @@ class HFRun:
             else:
                 r = self._learn_rotation(p, d)
                 spinquant.write_rotation(stored, r)
-            self.plan.passes[i] = dataclasses.replace(p, learned=r)
+            self.plan.passes[i] = dataclasses.replace(p, learned=r)  # type: ignore[call-arg]  # (rotate's own field)
 
     def _learn_rotation(self, rotate: Any, d: int) -> torch.Tensor:
         """Learn R on a float copy of the model (read whole: the training needs every weight at once)."""
