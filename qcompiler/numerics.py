@@ -299,6 +299,14 @@ def smooth_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float
     return s.clamp(1e-5, 1e5)
 
 
+def module_norm_multiplier(norm: torch.nn.Module, d: int) -> torch.Tensor:
+    """The per-channel multiplier m of an RMSNorm module (γ, or 1 + γ for Gemma), float64, measured rather than
+    assumed: on a constant input c·1 (rms = c, so eps is negligible for a large c) the norm returns m."""
+    x = torch.full((1, d), 1e4, dtype=norm.weight.dtype)
+    with torch.no_grad():
+        return norm(x)[0].double()
+
+
 # ---------------------------------------------------------------- error metrics
 
 

@@ -55,6 +55,7 @@ from qcompiler.ir.graph import (
     is_call,
     set_tensor,
 )
+from qcompiler.numerics import module_norm_multiplier
 from qcompiler.passes.fusion.fold_norm import check_norm_group, scale_linear_inputs, scale_norm
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
@@ -259,7 +260,7 @@ class Rotate(Pass):
         # (float32 products: the vocabulary-sized matrices are the largest of the model; float64 copies of them
         # doubled the run's peak memory for no accuracy a float32 model keeps)
         d = embed.weight.shape[1]
-        gamma = norm_multiplier(norm, d).float()
+        gamma = module_norm_multiplier(norm, d).float()
         r = self.rotation(d)[0].float()
         w_head = (head.weight.detach().float() * gamma[None, :]) @ r  # (before the embedding: they may be tied)
         e = embed.weight.detach().float() @ r
@@ -270,14 +271,6 @@ class Rotate(Pass):
         untied = bool(getattr(model.config, "tie_word_embeddings", False))
         model.config.tie_word_embeddings = False
         return {"untied_head": untied}
-
-
-def norm_multiplier(norm: torch.nn.Module, d: int) -> torch.Tensor:
-    """The per-channel multiplier m of an RMSNorm (γ, or 1 + γ for Gemma), measured rather than assumed: on a
-    constant input c·1 (rms = c, so eps is negligible for a large c) the norm returns m."""
-    x = torch.full((1, d), 1e4, dtype=norm.weight.dtype)
-    with torch.no_grad():
-        return norm(x)[0].double()
 
 
 def _reads_stream(mul: fx.Node, stream: set[fx.Node], depth: int = 8) -> bool:

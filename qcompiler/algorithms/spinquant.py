@@ -42,7 +42,12 @@ from torch import nn
 
 from qcompiler.algorithms.hadamard import normalized_hadamard
 from qcompiler.errors import ArtifactError
-from qcompiler.numerics import fake_quant_act_per_token, fake_quant_weight, mse_clip_search
+from qcompiler.numerics import (
+    fake_quant_act_per_token,
+    fake_quant_weight,
+    module_norm_multiplier,
+    mse_clip_search,
+)
 from qcompiler.schemes import QuantArgs
 
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
@@ -88,18 +93,11 @@ def layer_linears(layer: nn.Module) -> LayerLinears | str:
         if not names:
             return f"its '{owner}' has no linear reading '{norm}'"
         readers[norm] = names
+    modules = dict(layer.named_modules())
     for w in WRITERS:
-        if not isinstance(layer.get_submodule(w) if _has(layer, w) else None, nn.Linear):
+        if not isinstance(modules.get(w), nn.Linear):
             return f"it has no linear '{w}'"
     return LayerLinears(readers, list(WRITERS))
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def layout_refusal(model: nn.Module, layers: Sequence[nn.Module]) -> str | None:
@@ -113,13 +111,6 @@ def layout_refusal(model: nn.Module, layers: Sequence[nn.Module]) -> str | None:
     if base is None or not isinstance(getattr(base, "norm", None), nn.Module):
         return "learning the rotation needs the decoder's final norm named 'norm'"
     return None
-
-
-def _norm_multiplier(norm: nn.Module, d: int) -> torch.Tensor:
-    """The norm's per-channel multiplier (γ, or 1 + γ for Gemma), measured on a constant input (rms = c)."""
-    x = torch.full((1, d), 1e4, dtype=torch.float32)
-    with torch.no_grad():
-        return norm(x)[0].float()
 
 
 @contextmanager
@@ -150,7 +141,7 @@ class QuantizedRotatedModel:
             base = f"{prefix}.{i}"
             for norm_path, names in lay.readers.items():
                 norm = layer.get_submodule(norm_path)
-                gamma = _norm_multiplier(norm, d)
+                gamma = module_norm_multiplier(norm, d).float()
                 # the norm computes n(h) (multiplier 1): weight − (γ − 1) is 1 for γ and 0 for Gemma's 1 + γ
                 self.fixed[f"{base}.{norm_path}.weight"] = (norm.weight.detach().float() - (gamma - 1.0)).to(
                     norm.weight.dtype)

@@ -254,12 +254,9 @@ class HFRun:
             if cfg.calib_images is not None:
                 raise PipelineError("rotate{learn=...}: calibration images: a vision-language model's projector "
                                     "writes into the residual stream unrotated")
-            prefix, blocks = find_blocks(self.model)
-            tracer = self.block_tracer()
-            traced = ((f"{prefix}.{j}", tracer(j, block, f"{prefix}.{j}")) for j, block in enumerate(blocks))
-            if (reason := rotate.refusal(self.model, traced)) is not None:
+            if (reason := self.rotation_refusal(rotate)) is not None:
                 raise PipelineError(f"rotate{{learn=...}}: {reason}")
-            if (reason := spinquant.layout_refusal(self.model, blocks)) is not None:
+            if (reason := spinquant.layout_refusal(self.model, find_blocks(self.model)[1])) is not None:
                 raise PipelineError(f"rotate{{learn=...}}: {reason}; use rotate without learn")
             acts = cfg.scheme.activations
             if acts is not None and not (acts.dynamic and acts.granularity == "token" and not acts.is_float):
@@ -320,8 +317,7 @@ class HFRun:
         self.log(f"learned rotation: {rotate.learn} steps of one calibration sequence each, "
                  f"{'float' if weights is None else 'round-to-nearest'} weights, bfloat16 autocast")
         with torch.autocast("cpu", torch.bfloat16):
-            r, losses = spinquant.learn_rotation(qmodel, sequences, r0, rotate.learn,
-                                                 rotate.lr, log=self.log)
+            r, _ = spinquant.learn_rotation(qmodel, sequences, r0, rotate.learn, rotate.lr, log=self.log)
         self.lap("learn rotation")
         del model, qmodel
         release_free_memory()
@@ -360,16 +356,20 @@ class HFRun:
             ref = PassManager(rotations).run(ref, PassContext(block=name, scheme=self.cfg.scheme, target=self.plan.target))
         return ref
 
+    def rotation_refusal(self, rotate: Any) -> str | None:
+        """Why the rotate pass cannot rotate this model (None: it can), asked of every block as traced."""
+        prefix, blocks = find_blocks(self.model)
+        tracer = self.block_tracer()
+        traced = ((f"{prefix}.{i}", tracer(i, block, f"{prefix}.{i}")) for i, block in enumerate(blocks))
+        return rotate.refusal(self.model, traced)
+
     def choose_outlier_pass(self) -> None:
         """The default pipeline rotates the residual stream before static activations; a model the rotation does
         not admit (post-norms, LayerNorms, MoE mixtures, a VLM) is quantized with SmoothQuant instead, said once."""
         if not self.plan.rotation_fallback:
             return
         rotate = next(p for p in self.plan.passes if p.name == "rotate")
-        prefix, blocks = find_blocks(self.model)
-        tracer = self.block_tracer()
-        traced = ((f"{prefix}.{i}", tracer(i, block, f"{prefix}.{i}")) for i, block in enumerate(blocks))
-        reason = rotate.refusal(self.model, traced)
+        reason = self.rotation_refusal(rotate)
         if reason is None:
             return
         self.log(f"outliers: SmoothQuant, not the residual rotation ({reason})")
