@@ -9,10 +9,13 @@
   s_w [1, N], what Hopper's cuBLASLt takes); e4m3 × e4m3 products are exact in float32, so only the summation
   order differs from the oracle.
 
-Where each is worth calling (shape limits, M buckets) is kernels/cuda/table.py's business.
+Where each is worth calling (shape limits, M buckets) is kernels/cuda/table.py's business. `quantize` is the
+activation prologue: the oracle's torch ops by default, the one-launch Triton quantizer on CUDA (bit-equal).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -21,10 +24,11 @@ from qcompiler.kernels import reference
 
 
 def linear_w8a8_int_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, x_zero: Tensor | None,
-                       bias: Tensor | None) -> Tensor:
+                       bias: Tensor | None,
+                       quantize: Callable[..., tuple[Tensor, Tensor]] = reference.quantize_act_w8a8) -> Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    qx, sx = reference.quantize_act_w8a8(x2, x_scale, x_zero)
+    qx, sx = quantize(x2, x_scale, x_zero)
     acc = torch._int_mm(qx, qweight.t())
     if x_zero is not None and x_scale is not None:
         acc = acc - x_zero.to(torch.int32) * qweight.to(torch.int32).sum(dim=1)
@@ -35,11 +39,12 @@ def linear_w8a8_int_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Ten
 
 
 def linear_fp8_scaled_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, bias: Tensor | None,
-                         out_dtype: torch.dtype = torch.float32) -> Tensor:
+                         out_dtype: torch.dtype = torch.float32,
+                         quantize: Callable[..., tuple[Tensor, Tensor]] = reference.quantize_act_fp8) -> Tensor:
     """`out_dtype`: what the GEMM writes (Hopper's row-wise scaled GEMM writes bf16; float32 on the CPU)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x8, sx = reference.quantize_act_fp8(x2, x_scale)
+    x8, sx = quantize(x2, x_scale)
     m, n = x8.shape[0], qweight.shape[0]
     sx, sw = sx.float(), w_scale.float()
     if sx.numel() == 1 and sw.numel() == 1:  # both per tensor
@@ -54,13 +59,19 @@ def linear_fp8_scaled_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: T
 
 
 def linear_woq_dequant_mm(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None,
-                          bits: int, group_size: int, in_features: int) -> Tensor:
+                          bits: int, group_size: int, in_features: int,
+                          dequantize: Callable[..., Tensor] | None = None) -> Tensor:
     """Weight-only linear as the oracle's dequantized weight, rounded once to the activations' dtype, into the
     library GEMM of that dtype (cuBLAS for bf16 / fp16 on CUDA). In float32 it is the oracle itself; in half
     precision ŵ is rounded to it (one rounding, as a half-precision model's own weights are) and the GEMM
     accumulates in float32. The dequantization reads N·K/2 (int4) or N·K (int8) bytes and writes N·K halves:
-    at prefill sizes negligible beside the GEMM, at decode about 2.25× the weight bytes of a plain half GEMM."""
+    at prefill sizes negligible beside the GEMM, at decode about 2.25× the weight bytes of a plain half GEMM.
+    `dequantize(qweight, scale, zero, bits, group, K, dtype)`: ŵ in x's dtype (one Triton launch on CUDA); by
+    default the oracle's torch ops."""
     if x.dtype == torch.float32:
         return reference.linear_woq(x, qweight, scale, zero, bias, bits, group_size, in_features)
-    w = reference.dequantize(qweight, scale, zero, bits, group_size, in_features).to(x.dtype)
+    if dequantize is not None:
+        w = dequantize(qweight, scale, zero, bits, group_size, in_features, x.dtype)
+    else:
+        w = reference.dequantize(qweight, scale, zero, bits, group_size, in_features).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -102,7 +102,7 @@ def linear_int_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     qx, sx = quantize_act_per_token(x2, act_bits)
     sw = w_scale.float().reshape(qweight.shape[0], -1)
     g = group_size if group_size > 0 else k
-    y = torch.zeros(x2.shape[0], qweight.shape[0], dtype=torch.float32)
+    y = torch.zeros(x2.shape[0], qweight.shape[0], dtype=torch.float32, device=x2.device)
     for j, start in enumerate(range(0, k, g)):
         acc = qx[:, start:start + g].double() @ qweight[:, start:start + g].double().t()
         y += acc.float() * sw[:, j]

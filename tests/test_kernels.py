@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import qcompiler.kernels  # noqa: F401
@@ -131,13 +132,15 @@ def test_gated_delta_rule_op_equals_the_token_by_token_recurrence():
         assert float((got - expect).norm() / expect.norm()) < 1e-5, l2norm
 
 
-def test_cuda_dispatch_table_sends_each_shape_to_a_kernel_that_takes_it():
-    """kernels/cuda/table.py: cuBLASLt's int8 GEMM only for M > 16 and K, N multiples of 8; its fp8 GEMM only for
-    M > 16, K, N multiples of 16 and half-precision output; tinygemm for decode sizes with bf16 activations;
-    weight-only otherwise dequantized into cuBLAS; everything else on Triton."""
-    from qcompiler.kernels.cuda.table import choose
+def test_cuda_dispatch_table_sends_each_shape_to_a_kernel_that_takes_it(monkeypatch):
+    """kernels/cuda/table.py: a call goes to its M bucket's kernel (the prior, or the measured table) when that
+    kernel can take it — cuBLASLt's int8 GEMM only for M > 16 and K, N multiples of 8, its fp8 GEMM for K, N
+    multiples of 16 and half-precision output, tinygemm for bf16 — else to the op's fallback, which takes all."""
+    from qcompiler.kernels.cuda import table
 
     bf16 = torch.bfloat16
+    monkeypatch.setattr(table, "measured", lambda: {})  # the prior
+    choose = table.choose
     assert choose("linear_w8a8", 1, 4096, 4096, bf16).kernel == "triton"
     assert choose("linear_w8a8", 16, 4096, 4096, bf16).kernel == "triton"
     assert choose("linear_w8a8", 17, 4096, 14336, bf16).kernel == "int_mm"
@@ -145,13 +148,41 @@ def test_cuda_dispatch_table_sends_each_shape_to_a_kernel_that_takes_it():
     assert choose("linear_fp8", 2048, 4096, 4096, bf16).kernel == "scaled_mm"
     assert choose("linear_fp8", 2048, 4096, 4096, torch.float32).kernel == "triton"
     assert choose("linear_fp8", 2048, 4104, 4096, bf16).kernel == "triton"  # (K not a multiple of 16)
-    assert choose("linear_fp8", 8, 4096, 4096, bf16).kernel == "triton"
     assert choose("linear_woq", 2048, 4096, 4096, bf16).kernel == "dequant_mm"
-    assert choose("linear_woq", 1, 4096, 4096, bf16).kernel == "dequant_mm"
-    assert choose("linear_woq_tinygemm", 1, 4096, 4096, bf16).kernel == "tinygemm"
     assert choose("linear_woq_tinygemm", 16, 4096, 14336, bf16).kernel == "tinygemm"
     assert choose("linear_woq_tinygemm", 17, 4096, 4096, bf16).kernel == "dequant_mm"
     assert choose("linear_woq_tinygemm", 1, 4096, 4096, torch.float16).kernel == "dequant_mm"
+    measured = {"device": "a test GPU", "ops": {
+        "linear_w8a8": ["int_mm", "triton", "triton", "int_mm"],
+        "linear_woq_tinygemm": ["tinygemm", "triton", "triton", "dequant_mm"]}}
+    monkeypatch.setattr(table, "measured", lambda: measured)
+    assert choose("linear_w8a8", 1, 4096, 4096, bf16).kernel == "triton"  # (int_mm measured, but M ≤ 16)
+    assert choose("linear_w8a8", 100, 4096, 4096, bf16).kernel == "triton"
+    assert choose("linear_w8a8", 2048, 4096, 4096, bf16).kernel == "int_mm"
+    assert "a test GPU" in choose("linear_w8a8", 2048, 4096, 4096, bf16).reason
+    assert choose("linear_woq_tinygemm", 8, 4096, 4096, bf16).kernel == "triton"
+    assert choose("linear_woq_tinygemm", 1, 4096, 4096, torch.float16).kernel == "dequant_mm"
+    assert choose("linear_fp8", 1, 4096, 4096, bf16).kernel == "triton"  # (not measured: the prior)
+    assert [table.bucket(m) for m in (1, 2, 16, 17, 128, 129, 4096)] == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_measured_table_file_names_only_kernels_of_each_op(tmp_path, monkeypatch):
+    """The committed table (when there is one) is well formed, and a damaged one is refused by name."""
+    import json
+
+    from qcompiler.kernels.cuda import table
+
+    table.measured.cache_clear()
+    data = table.measured()
+    for op, kernels in data.get("ops", {}).items():
+        assert len(kernels) == 4 and set(kernels) <= set(table.KERNELS[op])
+    bad = tmp_path / "measured_table.json"
+    bad.write_text(json.dumps({"ops": {"linear_w8a8": ["tinygemm"] * 4}}))
+    monkeypatch.setattr(table, "MEASURED", bad)
+    table.measured.cache_clear()
+    with pytest.raises(ValueError, match="linear_w8a8"):
+        table.measured()
+    table.measured.cache_clear()
 
 
 def test_library_int8_gemm_is_bit_equal_to_the_oracle_static_and_dynamic():

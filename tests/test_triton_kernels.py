@@ -105,3 +105,51 @@ def test_group_scaled_gemm_matches_oracle(act_bits, group):
     wrong = s.clone()
     wrong[:, -1] *= 2  # negative control: the last (ragged) group's scale matters
     assert not torch.allclose(triton_linear.linear_int_dynamic(x, qw, wrong, bias, act_bits, group), want, atol=1e-3)
+
+
+def test_quantize_rows_is_bit_equal_to_the_oracles_quantizers():
+    """One Triton launch per activation tensor: int8 dynamic per token, int8 static with a zero point, int4 per
+    token and e4m3 dynamic / static give torch's codes and scales exactly — including ties (x / s = k + ½), values
+    that round up into the next e4m3 binade (124.3 → 128), saturation (±448, and int8's −128 with a zero point) and
+    e4m3's subnormals."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 300, generator=g) * 3
+    x[0, :8] = torch.tensor([0.5, 1.5, -2.5, 127.0, -127.0, 0.0, 1e-9, -3.5]) * (x[0].abs().max() / 127)
+    edges = torch.tensor([448.0, -448.0, 124.3, 31.4, 2.0**-7, 2.0**-9 * 1.5, 3e-3, 500.0]).repeat(2, 1)
+    for xs, xz in [(None, None), (torch.tensor(0.02), torch.tensor(-7.0)), (torch.tensor(0.02), None)]:
+        q, s = triton_linear.quantize_act_w8a8(x, xs, xz)
+        q_ref, s_ref = reference.quantize_act_w8a8(x, xs, xz)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    q, s = triton_linear.quantize_rows(x, 4)
+    assert torch.equal(q, nm.quantize_act_per_token(x, 4)[0]) and torch.equal(s, nm.quantize_act_per_token(x, 4)[1])
+    for rows in (x, edges):
+        for xs in (None, torch.tensor(1.0), torch.tensor(0.013)):
+            q8, s8 = triton_linear.quantize_act_fp8(rows, xs)
+            q8_ref, s8_ref = reference.quantize_act_fp8(rows, xs)
+            assert torch.equal(q8.float(), q8_ref.float()) and torch.equal(s8, s8_ref)
+
+
+def test_woq_gemm_in_half_precision_rounds_w_hat_once():
+    """Half-precision activations: the tensor-core path computes x · round_half(ŵ)ᵀ with float32 accumulation and
+    writes fp16 — within one output rounding (2⁻¹¹ relative) of that product in float32 (a wrong scale or nibble
+    would be off by far more), while the float32 oracle (ŵ unrounded) differs by ~2⁻¹² (fp16's rounding of ŵ).
+    (fp16 here: the interpreter's bfloat16 casts are not faithful.)"""
+    args = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=32)
+    qw, s, z, gs = _weights(args, n=96, k=128)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(4)).half()
+    got = triton_linear.linear_woq(x, qw, s, z, None, 4, gs, 128).float()
+    w_half = reference.dequantize(qw, s, z, 4, gs, 128).half().float()
+    want = x.float() @ w_half.t()
+    torch.testing.assert_close(got, want, rtol=2.0**-10, atol=1e-3)
+    oracle = reference.linear_woq(x.float(), qw, s, z, None, 4, gs, 128)
+    assert 1e-5 < float((want - oracle).norm() / oracle.norm()) < 2e-3
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "group"), [(4, True, 32), (4, False, 48), (8, True, None)])
+def test_dequantize_kernel_is_the_oracles_w_hat_rounded_once(bits, symmetric, group):
+    """The dequantize + cuBLAS path's prologue: ŵ in float32 exactly as reference.dequantize, then one rounding."""
+    args = QuantArgs(bits=bits, symmetric=symmetric, granularity="group" if group else "channel", group_size=group)
+    qw, s, z, gs = _weights(args, n=40, k=300)
+    for dtype in (torch.float32, torch.float16):
+        got = triton_linear.dequantize(qw, s, z, bits, gs, 300, dtype)
+        assert torch.equal(got, reference.dequantize(qw, s, z, bits, gs, 300).to(dtype))

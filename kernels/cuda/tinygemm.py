@@ -10,7 +10,7 @@ that arithmetic in pure torch; torch's CPU int4pack kernel reads the same table,
 and the nibble order against a real torch kernel, and the tiled layout's shapes through torch's meta kernels.
 
 The op keeps the portable storage beside the tiled one: calls the table (kernels/cuda/table.py) does not send to
-tinygemm — prefill sizes, or a device without tinygemm — run the dequantizing path on it. That holds the int4
+tinygemm — prefill sizes, fp16 activations — run our Triton GEMM or the dequantizing path on it. That holds the int4
 weight twice (one byte per weight in all, half of bf16's).
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from qcompiler.kernels import library_gemm, reference
-from qcompiler.kernels.cuda.table import choose
+from qcompiler.kernels import reference
+from qcompiler.kernels.cuda.dispatch import kernel_for, linear_woq_cuda
 from qcompiler.kernels.packing import int4pack_group, int4pack_operands, tinygemm_nibbles
 
 INNER_K_TILES = (8, 4, 2)  # the kernel's choices, largest first (K' must be a multiple of 16·t)
@@ -92,10 +92,10 @@ def linear_woq_tinygemm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, qwe
 def _linear_woq_tinygemm_cuda(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, qweight: Tensor, scale: Tensor,
                               zero: Tensor | None, bias: Tensor | None, group_size: int, in_features: int,
                               kernel_group: int, k_pad: int) -> Tensor:
-    m = x.numel() // max(x.shape[-1], 1)
-    if choose("linear_woq_tinygemm", m, in_features, qweight.shape[0], x.dtype).kernel == "tinygemm":
+    kernel = kernel_for("linear_woq_tinygemm", x, qweight, in_features)
+    if kernel == "tinygemm":
         return run_tinygemm(x, packed, scales_and_zeros, bias, kernel_group, k_pad)
-    return library_gemm.linear_woq_dequant_mm(x, qweight, scale, zero, bias, 4, group_size, in_features)
+    return linear_woq_cuda(x, qweight, scale, zero, bias, 4, group_size, in_features, kernel)
 
 
 @linear_woq_tinygemm.register_fake
