@@ -47,21 +47,35 @@ REL_ERR_OK = 2.0**-6
 _FLUSH: dict[str, torch.Tensor] = {}
 
 
-def timed_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2) -> float:
+def timed_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 2, graph: bool = False) -> float:
     """Median milliseconds of `fn` after `warmup` calls (CUDA events with the L2 flushed before each call on a
-    GPU, the wall clock elsewhere)."""
-    for _ in range(warmup):
-        fn()
+    GPU, the wall clock elsewhere). graph=True: `fn` captured once in a CUDA graph and each replay timed — the
+    GPU's time alone, as a serving engine's graphs run it (no Python or launch gaps between its kernels)."""
     if device.type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # (warm-up off the default stream, as graph capture wants)
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        call = fn
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            call = g.replay
         flush = _FLUSH.setdefault("l2", torch.empty(256 * 2**20, dtype=torch.int8, device=device))
+    else:
+        for _ in range(warmup):
+            fn()
     times = []
     for _ in range(reps):
         if device.type == "cuda":
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            call()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
@@ -79,16 +93,17 @@ def operands(k: int, n: int, device: torch.device, seed: int = 0) -> dict[str, A
     from qcompiler.schemes import QuantArgs
 
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=g) / k**0.5).to(device)
+    w = torch.randn(n, k, generator=g) / k**0.5  # (quantized on the CPU: the packing helpers make CPU tensors)
     g128 = QuantArgs(bits=4, granularity="group", group_size=128)
     s4, _ = nm.weight_qparams(w, g128)
     q4 = nm.quantize_weight(w, s4, None, g128)
     a8 = QuantArgs(bits=8)
     s8, _ = nm.weight_qparams(w, a8)
     s_fp8 = (w.abs().amax(dim=1) / 448.0).clamp_min(1e-12)
-    return {"w": w, "w4": store_weight_codes(q4, 4, True), "s4": s4.float(), "w4i8": q4.to(torch.int8),
-            "w8": nm.quantize_weight(w, s8, None, a8).to(torch.int8), "s8": s8.reshape(-1).float(),
-            "wf8": (w / s_fp8[:, None]).to(torch.float8_e4m3fn), "sf8": s_fp8}
+    ops = {"w": w, "w4": store_weight_codes(q4, 4, True), "s4": s4.float(), "w4i8": q4.to(torch.int8),
+           "w8": nm.quantize_weight(w, s8, None, a8).to(torch.int8), "s8": s8.reshape(-1).float(),
+           "wf8": (w / s_fp8[:, None]).to(torch.float8_e4m3fn), "sf8": s_fp8}
+    return {key: v.to(device) for key, v in ops.items()}
 
 
 def candidates(case: str, ops: dict[str, Any], x: torch.Tensor, k: int) -> dict[str, tuple[Callable[[], Any],
@@ -150,19 +165,23 @@ def measure(name: str, m: int, k: int, n: int, device: torch.device, dtype: torc
     ops = operands(k, n, device)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     wd = ops["w"].to(dtype)
-    baseline = timed_ms(lambda: torch.nn.functional.linear(x, wd), device, reps)
+    gpu = device.type == "cuda"
+    baseline = timed_ms(lambda: torch.nn.functional.linear(x, wd), device, reps, graph=gpu)
+    baseline_eager = timed_ms(lambda: torch.nn.functional.linear(x, wd), device, reps) if gpu else baseline
     rows = []
     for case in cases:
         for kernel, (run, oracle) in candidates(case, ops, x, k).items():
             row = {"layer": name, "case": case, "op": CASE_OP[case], "kernel": kernel, "m": m, "k": k, "n": n,
                    "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   "f_linear_ms": round(baseline, 4)}
+                   "f_linear_ms": round(baseline, 4), "f_linear_eager_ms": round(baseline_eager, 4)}
             try:
                 got, want = run().float(), oracle().float()
                 err = float((got - want).norm() / want.norm())
-                ms = timed_ms(run, device, reps)
-                row.update(rel_err_vs_oracle=err, ok=err < REL_ERR_OK, ms=round(ms, 4),
-                           speedup_vs_f_linear=round(baseline / ms, 3))
+                row.update(rel_err_vs_oracle=err, ok=err < REL_ERR_OK)
+                eager = timed_ms(run, device, reps)
+                ms = timed_ms(run, device, reps, graph=gpu) if gpu else eager
+                row.update(ms=round(ms, 4), speedup_vs_f_linear=round(baseline / ms, 3), eager_ms=round(eager, 4),
+                           eager_speedup=round(baseline_eager / eager, 3))
             except Exception as e:  # (one kernel failing must not cost the other rows of a GPU lease)
                 row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
             rows.append(row)
@@ -180,14 +199,23 @@ def self_check(device: torch.device) -> list[dict]:
     x = (torch.randn(64, 4096, generator=torch.Generator().manual_seed(2)) * 3).to(device)
     rows = []
     for xs, xz in [(None, None), (torch.tensor(0.02, device=device), torch.tensor(-7.0, device=device))]:
+        mode = "static" if xs is not None else "dynamic"
         q, s = triton_linear.quantize_act_w8a8(x, xs, xz)
-        q_ref, s_ref = reference.quantize_act_w8a8(x, xs, xz)
-        rows.append({"check": f"int8 quantizer {'static' if xs is not None else 'dynamic'} bit-equal",
-                     "ok": bool(torch.equal(q, q_ref) and torch.equal(s, s_ref))})
         q8, s8 = triton_linear.quantize_act_fp8(x, xs)
-        q8_ref, s8_ref = reference.quantize_act_fp8(x, xs)
-        rows.append({"check": f"e4m3 quantizer {'static' if xs is not None else 'dynamic'} bit-equal",
-                     "ok": bool(torch.equal(q8.float(), q8_ref.float()) and torch.equal(s8, s8_ref))})
+        # the oracle on the CPU and on this GPU (torch's CUDA division by a Python number multiplies by its
+        # reciprocal: the dynamic scale absmax / 127 can differ from the CPU's in the last bit)
+        for where in ("cpu", "cuda"):
+            xo = x.to(where)
+            xso, xzo = (xs.to(where), xz.to(where)) if xs is not None else (None, None)
+            q_ref, s_ref = reference.quantize_act_w8a8(xo, xso, xzo)
+            q8_ref, s8_ref = reference.quantize_act_fp8(xo, xso)
+            rows.append({"check": f"int8 quantizer {mode} bit-equal to the oracle on {where}",
+                         "ok": bool(torch.equal(q.cpu(), q_ref.cpu()) and torch.equal(s.cpu(), s_ref.cpu())),
+                         "codes_differing": int((q.cpu() != q_ref.cpu()).sum())})
+            rows.append({"check": f"e4m3 quantizer {mode} bit-equal to the oracle on {where}",
+                         "ok": bool(torch.equal(q8.float().cpu(), q8_ref.float().cpu())
+                                    and torch.equal(s8.cpu(), s8_ref.cpu())),
+                         "codes_differing": int((q8.float().cpu() != q8_ref.float().cpu()).sum())})
     ops = operands(4096, 1024, device)
     xb = x[:8].bfloat16()
     tg = tinygemm_weight(ops["w4"], ops["s4"], None, 128, 4096)
@@ -214,22 +242,24 @@ def decode_loop(device: torch.device, new_tokens: int = 64) -> list[dict]:
                       max_position_embeddings=8192)
 
     class QcLinear(torch.nn.Module):
-        def __init__(self, w: torch.Tensor, scheme: str):
+        def __init__(self, w_device: torch.Tensor, scheme: str):
             super().__init__()
             self.scheme = scheme
+            w = w_device.float().cpu()
             if scheme == "w4a16 g64":
                 args = QuantArgs(bits=4, granularity="group", group_size=64)
-                s, _ = nm.weight_qparams(w.float(), args)
-                self.q = store_weight_codes(nm.quantize_weight(w.float(), s, None, args), 4, True)
-                self.s = s.float()
+                s, _ = nm.weight_qparams(w, args)
+                self.q = store_weight_codes(nm.quantize_weight(w, s, None, args), 4, True).to(device)
+                self.s = s.float().to(device)
                 self.tg = tinygemm_weight(self.q, self.s, None, 64, w.shape[1])
             elif scheme == "w8a8 dynamic":
                 args = QuantArgs(bits=8)
-                s, _ = nm.weight_qparams(w.float(), args)
-                self.q, self.s = nm.quantize_weight(w.float(), s, None, args).to(torch.int8), s.reshape(-1).float()
+                s, _ = nm.weight_qparams(w, args)
+                self.q = nm.quantize_weight(w, s, None, args).to(torch.int8).to(device)
+                self.s = s.reshape(-1).float().to(device)
             else:  # fp8 dynamic
-                self.s = (w.float().abs().amax(dim=1) / 448.0).clamp_min(1e-12)
-                self.q = (w.float() / self.s[:, None]).to(torch.float8_e4m3fn)
+                s = (w.abs().amax(dim=1) / 448.0).clamp_min(1e-12)
+                self.q, self.s = (w / s[:, None]).to(torch.float8_e4m3fn).to(device), s.to(device)
             self.k = w.shape[1]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,16 +293,63 @@ def decode_loop(device: torch.device, new_tokens: int = 64) -> list[dict]:
                 best = min(best, time.perf_counter() - t0)
         return new_tokens / best
 
-    float_tps = tokens_per_s(model)
-    rows = [{"decode": "bf16 (transformers)", "tokens_per_s": round(float_tps, 1), "vs_float": 1.0}]
+    def graph_tokens_per_s(m: torch.nn.Module) -> float:
+        """One decode step (a token against transformers' static cache) captured in a CUDA graph and replayed per
+        token, the greedy choice made outside the graph — how serving engines run decode."""
+        from transformers import StaticCache
+
+        length = ids.shape[1]
+        with torch.inference_mode():
+            cache = StaticCache(config=m.config, max_cache_len=length + new_tokens + 8)
+            out = m(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length, device=device))
+            tok = out.logits[:, -1:].argmax(-1)
+            pos = torch.tensor([length], device=device)
+
+            def step() -> torch.Tensor:
+                return m(input_ids=tok, past_key_values=cache, cache_position=pos).logits
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                logits = step()
+            best = math.inf
+            for _ in range(3):
+                pos.fill_(length)
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(new_tokens):
+                    g.replay()
+                    tok.copy_(logits[:, -1:].argmax(-1))
+                    pos.add_(1)
+                sync()
+                best = min(best, time.perf_counter() - t0)
+        return new_tokens / best
+
+    def both(label: str, m: torch.nn.Module, float_rates: tuple[float, float] | None) -> list[dict]:
+        out = []
+        for mode, rate in (("eager generate", tokens_per_s), ("CUDA graph", graph_tokens_per_s)):
+            try:
+                tps = rate(m)
+                base = float_rates[0 if mode == "eager generate" else 1] if float_rates else tps
+                out.append({"decode": f"{label}, {mode}", "tokens_per_s": round(tps, 1),
+                            "vs_float": round(tps / base, 3) if base else None})
+            except Exception as e:  # (a failing mode must not cost the other rows of a GPU lease)
+                out.append({"decode": f"{label}, {mode}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        return out
+
+    rows = both("bf16 (transformers)", model, None)
+    float_rates = (rows[0].get("tokens_per_s", 0.0), rows[1].get("tokens_per_s", 0.0))
     originals = {name: mod for name, mod in model.model.layers.named_modules() if isinstance(mod, torch.nn.Linear)}
     for scheme in ("w4a16 g64", "w8a8 dynamic", "fp8 dynamic"):
         try:
             for name, lin in originals.items():
                 model.model.layers.set_submodule(name, QcLinear(lin.weight.data, scheme))
-            tps = tokens_per_s(model)
-            rows.append({"decode": f"{scheme} (qc:: ops)", "tokens_per_s": round(tps, 1),
-                         "vs_float": round(tps / float_tps, 3)})
+            rows += both(f"{scheme} (qc:: ops)", model, float_rates)
         except Exception as e:
             rows.append({"decode": f"{scheme} (qc:: ops)", "error": f"{type(e).__name__}: {str(e)[:300]}"})
         finally:
@@ -319,8 +396,9 @@ def markdown(rows: list[dict], torch_version: str) -> str:
     from qcompiler.kernels.cuda.table import refusal
 
     lines = [f"{table['device']}, torch {torch_version}; bf16 activations on a GPU; median CUDA-event time with the L2 "
-             "flushed before each call; × = F.linear ms / kernel ms (above 1: faster than half precision); "
-             "**bold** = the kernel the measured table dispatches to", "",
+             "flushed before each call; × = F.linear ms / kernel ms (above 1: faster than half precision), each call "
+             "replayed from a CUDA graph (eager: called from Python, launch gaps included); **bold** = the kernel the "
+             "measured table dispatches to", "",
              "| layer | case | M × K × N | F.linear ms | kernels (× F.linear, rel. error vs oracle) |", "|---|---|---|---:|---|"]
     keys = []
     for r in kernel_rows:
@@ -333,8 +411,8 @@ def markdown(rows: list[dict], torch_version: str) -> str:
             pick = None
         cells = []
         for r in sorted(mine, key=lambda r: -r.get("speedup_vs_f_linear", 0)):
-            text = (f"{r['kernel']} {r['speedup_vs_f_linear']}× ({r['rel_err_vs_oracle']:.0e})" if "ms" in r
-                    else f"{r['kernel']} failed")
+            text = (f"{r['kernel']} {r['speedup_vs_f_linear']}× (eager {r.get('eager_speedup', '?')}×; "
+                    f"{r['rel_err_vs_oracle']:.0e})" if "ms" in r else f"{r['kernel']} failed")
             cells.append(f"**{text}**" if r["kernel"] == pick else text)
         lines.append(f"| {layer} | {case} | {m}×{mine[0]['k']}×{mine[0]['n']} | {mine[0]['f_linear_ms']} | "
                      + ", ".join(cells) + " |")

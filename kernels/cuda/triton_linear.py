@@ -55,6 +55,9 @@ def _configs(tiles: list[tuple[int, int, int, int, int]], bk_free: bool = True) 
 # Decode-sized tiles (BM = 16: a GEMV's rows, many programs over N) and prefill tiles (Hopper's 128 × 128-256).
 GEMM_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 256, 4, 3), (32, 64, 128, 4, 4),
               (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3)]
+# int8 / e4m3 operands are half the bytes: deeper K tiles and 256-wide tiles for the prefill sizes.
+SCALED_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (64, 128, 128, 4, 4),
+                (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 64, 4, 4)]
 GROUP_TILES = [(16, 64, 0, 4, 4), (16, 128, 0, 4, 4), (64, 128, 0, 4, 4), (128, 128, 0, 8, 3), (128, 256, 0, 8, 3)]
 
 
@@ -132,7 +135,7 @@ def _woq_gemm_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.autotune(configs=_configs([t for t in GEMM_TILES if t[2] >= 32]), key=["M_BUCKET", "N", "K", "INT_ACC"],
+@triton.autotune(configs=_configs(SCALED_TILES), key=["M_BUCKET", "N", "K", "INT_ACC"],
                  do_bench=_bench)
 @triton.jit
 def _scaled_gemm_kernel(
