@@ -153,3 +153,14 @@ def test_dequantize_kernel_is_the_oracles_w_hat_rounded_once(bits, symmetric, gr
     for dtype in (torch.float32, torch.float16):
         got = triton_linear.dequantize(qw, s, z, bits, gs, 300, dtype)
         assert torch.equal(got, reference.dequantize(qw, s, z, bits, gs, 300).to(dtype))
+
+
+def test_woq_gemv_split_k_adds_the_bias_once():
+    """Decode sizes (M ≤ 16) take the split-K GEMV: partial sums over interleaved K tiles added into a float32
+    buffer (two splits under the interpreter) — the bias only by the first split."""
+    args = QuantArgs(bits=4, symmetric=True, granularity="group", group_size=32)
+    qw, s, z, gs = _weights(args)
+    x = torch.randn(1, 4, K, generator=torch.Generator().manual_seed(8))
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(9))
+    got = triton_linear.linear_woq(x, qw, s, z, bias, 4, gs, K)
+    torch.testing.assert_close(got, reference.linear_woq(x, qw, s, z, bias, 4, gs, K), rtol=1e-5, atol=1e-4)

@@ -44,12 +44,15 @@ from qcompiler.schemes import FP8_E4M3_MAX
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(tiles: list[tuple[int, int, int, int, int]], bk_free: bool = True) -> list[triton.Config]:
-    """(BM, BN, BK, warps, stages) → autotuner configs; one small tile under the interpreter."""
+def _configs(tiles: list[tuple[int, int, int, int, int]], bk_free: bool = True,
+             split_k: tuple[int, ...] | None = None) -> list[triton.Config]:
+    """(BM, BN, BK, warps, stages) → autotuner configs (× SPLIT_K choices when given); one small tile under the
+    interpreter (split in two when split-K is tuned, so that the tests run the split path)."""
     if INTERPRETING:
-        tiles = [(16, 32, 32, 4, 1)]
-    return [triton.Config({"BM": bm, "BN": bn, **({"BK": bk} if bk_free else {})}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in tiles]
+        tiles, split_k = [(16, 32, 32, 4, 1)], (2,) if split_k and max(split_k) > 1 else split_k
+    return [triton.Config({"BM": bm, "BN": bn, **({"BK": bk} if bk_free else {}),
+                           **({"SPLIT_K": sk} if split_k else {})}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in tiles for sk in (split_k or (1,))]
 
 
 # Decode-sized tiles (BM = 16: a GEMV's rows, many programs over N) and prefill tiles (Hopper's 128 × 128-256).
@@ -58,6 +61,10 @@ GEMM_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 32, 256, 4, 3), (3
 # int8 / e4m3 operands are half the bytes: deeper K tiles and 256-wide tiles for the prefill sizes.
 SCALED_TILES = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (64, 128, 128, 4, 4),
                 (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 64, 4, 4)]
+# Decode (M ≤ 16): a GEMV's few rows; K split over SPLIT_K programs (float32 partial sums added atomically) so that
+# layers with few output tiles (down projections: N = 4096) still fill the GPU's 132 multiprocessors.
+GEMV_TILES = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3)]
+GEMV_SPLITS = (1, 2, 4)
 GROUP_TILES = [(16, 64, 0, 4, 4), (16, 128, 0, 4, 4), (64, 128, 0, 4, 4), (128, 128, 0, 8, 3), (128, 256, 0, 8, 3)]
 
 
@@ -85,28 +92,29 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_configs(GEMM_TILES), key=["M_BUCKET", "N", "K", "BITS"], do_bench=_bench)
 @triton.jit
 def _woq_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, G, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, DEFAULT_ZERO: tl.constexpr,
     HAS_BIAS: tl.constexpr, HALF_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
+    """SPLIT_K > 1: program (tile, j) sums K tiles j, j + SPLIT_K, … and adds its float32 partial into y
+    atomically (y a zeroed float32 buffer)."""
     pid_m, pid_n = _tile_ids(M, N, BM, BN, 8)
+    pid_k = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(pid_k * BK, K, BK * SPLIT_K):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                     other=0.0)
         wmask = (rn[:, None] < N) & (rk[None, :] < K)
-        if BITS == 4:  # one byte per two columns: load the bytes once, split the nibbles, interleave them back
-            rb = k0 // 2 + tl.arange(0, BK // 2)
-            byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
-                           mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
-            q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
+        if BITS == 4:  # two columns per byte (low nibble = even k): each byte read for both of its columns
+            byte = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] // 2, mask=wmask, other=0).to(tl.int32)
+            q = ((byte >> ((rk[None, :] % 2) * 4)) & 0xF).to(tl.float32)
         else:
             q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0).to(tl.float32)
         if GROUP % BK == 0:  # the whole tile lies in one group: one scale (and zero) per output channel
@@ -129,10 +137,22 @@ def _woq_gemm_kernel(
             acc += tl.dot(x, tl.trans(w.to(x.dtype)), out_dtype=tl.float32)
         else:
             acc += tl.dot(x.to(tl.float32), tl.trans(w), out_dtype=tl.float32, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    if HAS_BIAS:  # noqa: SIM102  (a compile-time test around a run-time one)
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
+_WOQ_KEY = ["M_BUCKET", "N", "K", "BITS"]
+_woq_gemm = triton.autotune(configs=_configs(GEMM_TILES, split_k=(1,)), key=_WOQ_KEY, do_bench=_bench)(
+    _woq_gemm_kernel)
+_woq_gemv = triton.autotune(configs=_configs(GEMV_TILES, split_k=GEMV_SPLITS), key=_WOQ_KEY, do_bench=_bench,
+                            reset_to_zero=["y_ptr"])(_woq_gemm_kernel)
 
 
 @triton.autotune(configs=_configs(SCALED_TILES), key=["M_BUCKET", "N", "K", "INT_ACC"],
@@ -218,10 +238,8 @@ def _dequantize_kernel(
     rk = k0 + tl.arange(0, BK)
     mask = (rn[:, None] < N) & (rk[None, :] < K)
     if BITS == 4:
-        rb = k0 // 2 + tl.arange(0, BK // 2)
-        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
-                       mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
-        q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
+        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] // 2, mask=mask, other=0).to(tl.int32)
+        q = ((byte >> ((rk[None, :] % 2) * 4)) & 0xF).to(tl.float32)
     else:
         q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
     g = rk[None, :] // GROUP
@@ -318,23 +336,30 @@ def _grid(m: int, n: int) -> object:
 
 def linear_woq(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | None, bias: Tensor | None,
                bits: int, group_size: int, in_features: int) -> Tensor:
-    """qc::linear_woq on a GPU (semantics: reference.linear_woq; half-precision x: ŵ rounded once to x's dtype)."""
+    """qc::linear_woq on a GPU (semantics: reference.linear_woq; half-precision x: ŵ rounded once to x's dtype).
+    M ≤ 16: the split-K GEMV configurations into a float32 buffer; larger M: the tiled GEMM."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     m, k, n = x2.shape[0], in_features, qweight.shape[0]
     scale = scale.float().contiguous()
     zero_t = zero.contiguous() if zero is not None else scale  # (unused pointer when HAS_ZERO is False)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    decode = m <= 16
+    y = (torch.zeros if decode else torch.empty)((m, n), dtype=torch.float32 if decode else x.dtype, device=x.device)
+    kernel = _woq_gemv if decode else _woq_gemm
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]
+
     # one group per channel: a power of two larger than any K (every k in group 0), so that each K does not
     # compile its own kernel and the tile-wide scale path applies
     group = 1 << 30 if scale.shape[1] == 1 else group_size
-    _woq_gemm_kernel[_grid(m, n)](
+    kernel[grid](
         x2, qweight.contiguous(), scale, zero_t, bias if bias is not None else scale, y,
         m, n, k, scale.shape[1], m_bucket(m), x2.stride(0), qweight.stride(0), scale.stride(0), zero_t.stride(0),
         y.stride(0), GROUP=group, BITS=bits, HAS_ZERO=zero is not None, DEFAULT_ZERO=default_zero(bits),
         HAS_BIAS=bias is not None, HALF_DOT=x.dtype in (torch.bfloat16, torch.float16),
     )
-    return y.reshape(*shape[:-1], n)
+    return y.to(x.dtype).reshape(*shape[:-1], n)
 
 
 def _scaled_gemm(qx: Tensor, qweight: Tensor, sx: Tensor, sw: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
