@@ -391,6 +391,31 @@ def table_from(rows: list[dict]) -> dict[str, Any]:
     return {"device": device, "ops": ops}
 
 
+def summary(rows: list[dict]) -> str:
+    """The README's table: per case and M, the dispatched kernel's speed against F.linear over the four layer
+    shapes (min–max; CUDA-graph replay, then called eagerly from Python)."""
+    from qcompiler.kernels.cuda.table import refusal
+
+    kernel_rows = [r for r in rows if "case" in r and "ms" in r]
+    table = table_from(kernel_rows)
+    lines = [f"| {table['device']}: × bf16 `F.linear` | " + " | ".join(f"M = {m}" for m in TOKENS) + " |",
+             "|---|" + "---|" * len(TOKENS)]
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.2f}–{max(values):.2f}×" if values else "–"
+
+    for case, op in CASE_OP.items():
+        cells = []
+        for m in TOKENS:
+            mine = [r for r in kernel_rows if r["case"] == case and r["m"] == m]
+            pick = table["ops"].get(op, [None] * 4)[bucket_of(m)]
+            chosen = [r for r in mine if r["kernel"] == pick and refusal(pick, m, r["k"], r["n"], torch.bfloat16) is None]
+            cells.append(f"{pick} {span([r['speedup_vs_f_linear'] for r in chosen])} "
+                         f"(eager {span([r['eager_speedup'] for r in chosen])})" if chosen else "–")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], torch_version: str) -> str:
     kernel_rows = [r for r in rows if "case" in r]
     table = table_from(kernel_rows)
@@ -453,6 +478,7 @@ def main() -> None:
         print(json.dumps(table))
         if a.out is not None:
             a.out.write_text(markdown(rows, "(see the rows)") + "\n")
+        print(summary(rows))
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

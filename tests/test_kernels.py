@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -177,12 +179,41 @@ def test_measured_table_file_names_only_kernels_of_each_op(tmp_path, monkeypatch
     for op, kernels in data.get("ops", {}).items():
         assert len(kernels) == 4 and set(kernels) <= set(table.KERNELS[op])
     bad = tmp_path / "measured_table.json"
+    bad.write_text(json.dumps({"ops": {"linear_w8a8": ["triton"] * 3}}))  # (three buckets: one missing)
+    monkeypatch.setattr(table, "MEASURED", bad)
+    table.measured.cache_clear()
+    with pytest.raises(ValueError, match="linear_w8a8"):
+        table.measured()
     bad.write_text(json.dumps({"ops": {"linear_w8a8": ["tinygemm"] * 4}}))
     monkeypatch.setattr(table, "MEASURED", bad)
     table.measured.cache_clear()
     with pytest.raises(ValueError, match="linear_w8a8"):
         table.measured()
     table.measured.cache_clear()
+
+
+def test_measured_table_and_readme_figures_are_derived_from_the_committed_gpu_rows():
+    """kernels/cuda/measured_table.json is what `benchmarks/cuda_kernels.py --table-from` derives from the GPU rows
+    it names (fastest correct kernel per op and M bucket), and the README's CUDA table is that script's summary of
+    the same rows: neither is edited by hand."""
+    import importlib.util
+    import json
+
+    from qcompiler.kernels.cuda import table
+
+    root = Path(__file__).parent.parent
+    table.measured.cache_clear()
+    data = table.measured()
+    if not data:
+        pytest.skip("no measured table committed")
+    spec = importlib.util.spec_from_file_location("cuda_kernels_bench", root / "benchmarks" / "cuda_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [json.loads(line) for line in (root / data["source"]).read_text().splitlines() if line.strip()]
+    assert bench.table_from([r for r in rows if "case" in r])["ops"] == data["ops"]
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- cuda-kernels:begin -->")[1].split("<!-- cuda-kernels:end -->")[0]
+    assert block.strip() == bench.summary(rows).strip()
 
 
 def test_library_int8_gemm_is_bit_equal_to_the_oracle_static_and_dynamic():
@@ -218,11 +249,14 @@ def test_library_fp8_gemm_equals_the_oracle_up_to_summation_order():
             (reference.linear_fp8(x, qweight, w_scale * 1.01, x_scale, bias) - expect).norm() / expect.norm())
 
 
-def test_cuda_registrations_route_prefill_shapes_to_the_library_gemms():
+def test_cuda_registrations_route_prefill_shapes_to_the_library_gemms(monkeypatch):
     """The functions registered for CUDA, called on the CPU (where the library GEMMs also run): a prefill-sized call
     goes to torch._int_mm / torch._scaled_mm and returns the oracle's numbers (a decode-sized one would go to
-    Triton, which needs a GPU or TRITON_INTERPRET: tests/test_triton_kernels.py)."""
-    from qcompiler.kernels.cuda import dispatch
+    Triton, which needs a GPU or TRITON_INTERPRET: tests/test_triton_kernels.py). The prior table: the measured one
+    sends M = 40 int8 calls to Triton."""
+    from qcompiler.kernels.cuda import dispatch, table
+
+    monkeypatch.setattr(table, "measured", lambda: {})
 
     g = torch.Generator().manual_seed(7)
     x = torch.randn(40, 64, generator=g)
@@ -345,11 +379,13 @@ def test_cuda_prepack_rewrites_int4_layers_and_keeps_the_rest():
     assert torch.equal(got, reference.linear_woq(x, q4, s4, None, None, 4, 64, 128))
 
 
-def test_cuda_weight_only_prefill_path_is_the_oracle_in_float32():
-    """The CUDA registrations' dequantize + GEMM path (every weight-only call tinygemm does not take), called on the
+def test_cuda_weight_only_prefill_path_is_the_oracle_in_float32(monkeypatch):
+    """The CUDA registrations' dequantize + GEMM path (weight-only calls the table sends to cuBLAS), called on the
     CPU: in float32 it is the oracle exactly; in bf16 ŵ is rounded once, the error of a bf16 model's own weights
     (bound 2⁻⁷ relative with bf16 activations and output)."""
-    from qcompiler.kernels.cuda import dispatch, tinygemm
+    from qcompiler.kernels.cuda import dispatch, table, tinygemm
+
+    monkeypatch.setattr(table, "measured", lambda: {})  # (the prior: dequantize + GEMM at M = 40 for both ops)
 
     qweight, s, z = _int4_layer(64, 128, 64, False, seed=9)
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(2))

@@ -112,9 +112,12 @@ def _woq_gemm_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                     other=0.0)
         wmask = (rn[:, None] < N) & (rk[None, :] < K)
-        if BITS == 4:  # two columns per byte (low nibble = even k): each byte read for both of its columns
-            byte = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] // 2, mask=wmask, other=0).to(tl.int32)
-            q = ((byte >> ((rk[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+        if BITS == 4:  # one byte per two columns: load the bytes once, split the nibbles, interleave them back
+            # (measured on the H200: reading each byte once per column instead made this kernel 2.5× slower)
+            rb = k0 // 2 + tl.arange(0, BK // 2)
+            byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                           mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+            q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
         else:
             q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0).to(tl.float32)
         if GROUP % BK == 0:  # the whole tile lies in one group: one scale (and zero) per output channel
@@ -238,8 +241,10 @@ def _dequantize_kernel(
     rk = k0 + tl.arange(0, BK)
     mask = (rn[:, None] < N) & (rk[None, :] < K)
     if BITS == 4:
-        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :] // 2, mask=mask, other=0).to(tl.int32)
-        q = ((byte >> ((rk[None, :] % 2) * 4)) & 0xF).to(tl.float32)
+        rb = k0 // 2 + tl.arange(0, BK // 2)
+        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                       mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+        q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
     else:
         q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
     g = rk[None, :] // GROUP
