@@ -208,3 +208,17 @@ def test_a_poor_result_is_warned_about_from_its_weakest_block():
     rotated = {**static, "pipeline": "rotate,fuse_linears,rtn,act_quant,lower"}
     assert "residual rotation" not in (poor_result_warning(rotated) or "")
     assert poor_result_warning({}) is None
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_evaluation_load_dequantizes_once_with_bit_equal_logits(tiny_llama, tmp_path, calib_text, scheme):
+    """`qcompile eval` loads weight-only layers dequantized once (runtime/cpu_prepack.dequantize_once): the graph
+    calls F.linear on the oracle's ŵ instead of qc::linear_woq, and the logits are bit-equal to the exact load."""
+    _quantize(tiny_llama, tmp_path / "out", get_scheme(scheme, group_size=32), calib_text, passes="fuse_linears,rtn")
+    exact = load_quantized(tmp_path / "out")
+    once = load_quantized(tmp_path / "out", dequantize_weights=True)
+    ops = [n.target for blk in once.model.layers for n in blk.gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.qc.linear_woq.default not in ops and ops.count(torch.nn.functional.linear) >= 4
+    ids = torch.randint(3, 250, (2, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(exact(ids).logits, once(ids).logits)

@@ -160,7 +160,7 @@ def evaluate(
                                 "evaluate with --runtime reference")
         qm = SERVING_RUNTIMES[runtime](folder, dtype)
     else:
-        qm = load_quantized(out, dtype=dtype, trust_remote_code=trust_remote_code)
+        qm = load_quantized(out, dtype=dtype, trust_remote_code=trust_remote_code, dequantize_weights=True)
     result["quantized"] = perplexity(qm, ids, tok_name, batch_size, progress, "quantized").to_dict()
     if compare_float:
         f, q = result["float"]["perplexity"], result["quantized"]["perplexity"]

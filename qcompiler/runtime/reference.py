@@ -64,11 +64,13 @@ class CompiledBlock(torch.nn.Module):
 
 
 def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_for: str | None = None,
-                   trust_remote_code: bool = False) -> torch.nn.Module:
+                   trust_remote_code: bool = False, dequantize_weights: bool = False) -> torch.nn.Module:
     """The quantized causal LM in `out`, ready to call like any transformers model (`model(ids).logits`).
 
     lower_for="npu": every quantized linear runs as the torch_npu calls Ascend uses (emulated off an NPU);
-    lower_for="cuda": the model on the first CUDA device, int4 layers on tinygemm (bf16 activations for it)."""
+    lower_for="cuda": the model on the first CUDA device, int4 layers on tinygemm (bf16 activations for it).
+    dequantize_weights (float32 only): weight-only layers dequantized once at load (bit-equal outputs, float32
+    weights in memory) — how `qcompile eval` measures perplexity."""
     if lower_for not in (None, "npu", "cuda"):
         raise ArtifactError(f"unknown runtime lowering '{lower_for}'; use None, 'npu' or 'cuda'")
     if lower_for == "cuda" and not torch.cuda.is_available():
@@ -126,6 +128,10 @@ def load_quantized(out: str | Path, dtype: torch.dtype = torch.float32, lower_fo
             from qcompiler.runtime.cpu_prepack import prepack_for_cpu
 
             prepack_for_cpu(gm)
+        elif dequantize_weights and dtype == torch.float32:
+            from qcompiler.runtime.cpu_prepack import dequantize_once
+
+            dequantize_once(gm)
         blocks[i] = CompiledBlock(gm, probe.calls[i], block)
     if lower_for == "cuda":
         model.to("cuda")
