@@ -93,6 +93,23 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_codes(w_ptr, rn, k0, stride_wn, N, K, BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The weight codes of rows rn, columns k0 … k0 + BK − 1 as float32 [BN, BK] (0 outside the matrix), from the
+    canonical storage: int8 / uint8 [N, K], or int4 two per byte [N, ceil(K/2)] with the even column low."""
+    if BITS == 4:  # load the bytes once, split the nibbles, interleave them back (measured on the H200: reading
+        # each byte once per column instead made the GEMM 2.5× slower)
+        rb = k0 // 2 + tl.arange(0, BK // 2)
+        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
+                       mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
+        q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
+    else:
+        rk = k0 + tl.arange(0, BK)
+        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
+                    other=0).to(tl.float32)
+    return q
+
+
+@triton.jit
 def _woq_gemm_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K, G, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
@@ -112,14 +129,7 @@ def _woq_gemm_kernel(
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                     other=0.0)
         wmask = (rn[:, None] < N) & (rk[None, :] < K)
-        if BITS == 4:  # one byte per two columns: load the bytes once, split the nibbles, interleave them back
-            # (measured on the H200: reading each byte once per column instead made this kernel 2.5× slower)
-            rb = k0 // 2 + tl.arange(0, BK // 2)
-            byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
-                           mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
-            q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
-        else:
-            q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0).to(tl.float32)
+        q = _load_codes(w_ptr, rn, k0, stride_wn, N, K, BITS, BN, BK)
         if GROUP % BK == 0:  # the whole tile lies in one group: one scale (and zero) per output channel
             g1 = k0 // GROUP
             s = tl.load(s_ptr + rn * stride_sn + g1, mask=rn < N, other=0.0)[:, None]
@@ -240,13 +250,7 @@ def _dequantize_kernel(
     k0 = tl.program_id(1) * BK
     rk = k0 + tl.arange(0, BK)
     mask = (rn[:, None] < N) & (rk[None, :] < K)
-    if BITS == 4:
-        rb = k0 // 2 + tl.arange(0, BK // 2)
-        byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
-                       mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
-        q = tl.reshape(tl.join(byte & 0xF, (byte >> 4) & 0xF), (BN, BK)).to(tl.float32)
-    else:
-        q = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=mask, other=0).to(tl.float32)
+    q = _load_codes(w_ptr, rn, k0, stride_wn, N, K, BITS, BN, BK)
     g = rk[None, :] // GROUP
     s = tl.load(s_ptr + rn[:, None] * stride_sn + g, mask=mask, other=0.0)
     if HAS_ZERO:
