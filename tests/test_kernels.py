@@ -10,6 +10,8 @@ from qcompiler.kernels.cpu.linear import prepack_int4
 from qcompiler.kernels.packing import pack_int4, store_weight_codes, unpack_int4
 from qcompiler.schemes import QuantArgs
 
+ROOT = Path(__file__).parent.parent
+
 qc = torch.ops.qc
 
 
@@ -192,26 +194,48 @@ def test_measured_table_file_names_only_kernels_of_each_op(tmp_path, monkeypatch
     table.measured.cache_clear()
 
 
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cuda_kernels_bench", ROOT / "benchmarks" / "cuda_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_benchmarks_static_cache_decode_loop_rewinds_and_decodes_what_generate_does():
+    """benchmarks/cuda_kernels.py's decode loop (a CUDA graph on a GPU; the same steps eagerly here): three timed
+    loops over transformers' static cache — whose layers count their own length, so each loop rewinds it (the H200
+    run indexed past the cache without) — each giving generate's greedy tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=100)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(1))
+    tokens_per_s, tokens = _bench_module().static_cache_decode(model, ids, 12, graph=False, loops=3)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=13, min_new_tokens=13, do_sample=False)[0, 9:].tolist()
+    assert tokens == want[:12] and tokens_per_s > 0
+
+
 def test_measured_table_and_readme_figures_are_derived_from_the_committed_gpu_rows():
     """kernels/cuda/measured_table.json is what `benchmarks/cuda_kernels.py --table-from` derives from the GPU rows
     it names (fastest correct kernel per op and M bucket), and the README's CUDA table is that script's summary of
     the same rows: neither is edited by hand."""
-    import importlib.util
     import json
 
     from qcompiler.kernels.cuda import table
 
-    root = Path(__file__).parent.parent
     table.measured.cache_clear()
     data = table.measured()
     if not data:
         pytest.skip("no measured table committed")
-    spec = importlib.util.spec_from_file_location("cuda_kernels_bench", root / "benchmarks" / "cuda_kernels.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = [json.loads(line) for line in (root / data["source"]).read_text().splitlines() if line.strip()]
+    bench = _bench_module()
+    rows = [json.loads(line) for line in (ROOT / data["source"]).read_text().splitlines() if line.strip()]
     assert bench.table_from([r for r in rows if "case" in r])["ops"] == data["ops"]
-    readme = (root / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- cuda-kernels:begin -->")[1].split("<!-- cuda-kernels:end -->")[0]
     assert block.strip() == bench.summary(rows).strip()
 
