@@ -97,7 +97,7 @@ def _load_codes(w_ptr, rn, k0, stride_wn, N, K, BITS: tl.constexpr, BN: tl.const
     """The weight codes of rows rn, columns k0 … k0 + BK − 1 as float32 [BN, BK] (0 outside the matrix), from the
     canonical storage: int8 / uint8 [N, K], or int4 two per byte [N, ceil(K/2)] with the even column low."""
     if BITS == 4:  # load the bytes once, split the nibbles, interleave them back (measured on the H200: reading
-        # each byte once per column instead made the GEMM 2.5× slower)
+        # each byte once per column instead made the GEMM up to 2.5× slower)
         rb = k0 // 2 + tl.arange(0, BK // 2)
         byte = tl.load(w_ptr + rn[:, None] * stride_wn + rb[None, :],
                        mask=(rn[:, None] < N) & (rb[None, :] < (K + 1) // 2), other=0).to(tl.int32)
