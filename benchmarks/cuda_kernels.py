@@ -86,24 +86,29 @@ def timed_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int
     return sorted(times)[len(times) // 2]
 
 
-def operands(k: int, n: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    """A random layer's weights quantized for every case (on `device`)."""
+def quantized_weights(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """One float weight [N, K] (CPU) in every stored form the cases read: int4 codes packed with g-group scales
+    (w4, s4; w4i8 the same codes unpacked), int8 per channel (w8, s8), e4m3 per channel (wf8, sf8)."""
     from qcompiler import numerics as nm
     from qcompiler.kernels.packing import store_weight_codes
     from qcompiler.schemes import QuantArgs
 
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) / k**0.5  # (quantized on the CPU: the packing helpers make CPU tensors)
-    g128 = QuantArgs(bits=4, granularity="group", group_size=128)
-    s4, _ = nm.weight_qparams(w, g128)
-    q4 = nm.quantize_weight(w, s4, None, g128)
+    groups = QuantArgs(bits=4, granularity="group", group_size=group_size)
+    s4, _ = nm.weight_qparams(w, groups)
+    q4 = nm.quantize_weight(w, s4, None, groups)
     a8 = QuantArgs(bits=8)
     s8, _ = nm.weight_qparams(w, a8)
     s_fp8 = (w.abs().amax(dim=1) / 448.0).clamp_min(1e-12)
-    ops = {"w": w, "w4": store_weight_codes(q4, 4, True), "s4": s4.float(), "w4i8": q4.to(torch.int8),
-           "w8": nm.quantize_weight(w, s8, None, a8).to(torch.int8), "s8": s8.reshape(-1).float(),
-           "wf8": (w / s_fp8[:, None]).to(torch.float8_e4m3fn), "sf8": s_fp8}
-    return {key: v.to(device) for key, v in ops.items()}
+    return {"w": w, "w4": store_weight_codes(q4, 4, True), "s4": s4.float(), "w4i8": q4.to(torch.int8),
+            "w8": nm.quantize_weight(w, s8, None, a8).to(torch.int8), "s8": s8.reshape(-1).float(),
+            "wf8": (w / s_fp8[:, None]).to(torch.float8_e4m3fn), "sf8": s_fp8}
+
+
+def operands(k: int, n: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """A random layer's weights quantized for every case (on `device`)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5  # (quantized on the CPU: the packing helpers make CPU tensors)
+    return {key: v.to(device) for key, v in quantized_weights(w, 128).items()}
 
 
 def candidates(case: str, ops: dict[str, Any], x: torch.Tensor, k: int) -> dict[str, tuple[Callable[[], Any],
@@ -143,14 +148,14 @@ def _candidates(case: str, d: dict[str, Any], x: torch.Tensor, xf: torch.Tensor,
         out = {"triton": lambda: triton_linear.linear_w8a8(x, d["w8"], d["s8"], None, None, None)}
         if x.shape[0] > 16:
             out["int_mm"] = lambda: library_gemm.linear_w8a8_int_mm(
-                x, d["w8"], d["s8"], None, None, None, quantize=dispatch._quantizer("quantize_act_w8a8"))
+                x, d["w8"], d["s8"], None, None, None, quantize=dispatch.prologue("quantize_act_w8a8"))
         return {kern: (run, oracle) for kern, run in out.items()}
     if case == "fp8 dynamic":
         oracle = lambda: reference.linear_fp8(xf, d["wf8"], d["sf8"], None, None)  # noqa: E731
         out = {"triton": lambda: triton_linear.linear_fp8(x, d["wf8"], d["sf8"], None, None)}
         if gpu:
             out["scaled_mm"] = lambda: library_gemm.linear_fp8_scaled_mm(
-                x, d["wf8"], d["sf8"], None, None, out_dtype=x.dtype, quantize=dispatch._quantizer("quantize_act_fp8"))
+                x, d["wf8"], d["sf8"], None, None, out_dtype=x.dtype, quantize=dispatch.prologue("quantize_act_fp8"))
         return {kern: (run, oracle) for kern, run in out.items()}
     if case == "w4a8 g128":
         oracle = lambda: reference.linear_int_dynamic(xf, d["w4i8"], d["s4"], None, 8, 128)  # noqa: E731
@@ -297,10 +302,7 @@ def decode_loop(device: torch.device, new_tokens: int = 64, graph: bool = False)
     linears on the cuda target's qc:: ops (RTN weights; speed is what is measured here, not quality)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qcompiler import numerics as nm
     from qcompiler.kernels.cuda.tinygemm import tinygemm_weight
-    from qcompiler.kernels.packing import store_weight_codes
-    from qcompiler.schemes import QuantArgs
 
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
@@ -311,20 +313,14 @@ def decode_loop(device: torch.device, new_tokens: int = 64, graph: bool = False)
             super().__init__()
             self.scheme = scheme
             w = w_device.float().cpu()
+            forms = {key: v.to(device) for key, v in quantized_weights(w, 64).items()}
             if scheme == "w4a16 g64":
-                args = QuantArgs(bits=4, granularity="group", group_size=64)
-                s, _ = nm.weight_qparams(w, args)
-                self.q = store_weight_codes(nm.quantize_weight(w, s, None, args), 4, True).to(device)
-                self.s = s.float().to(device)
+                self.q, self.s = forms["w4"], forms["s4"]
                 self.tg = tinygemm_weight(self.q, self.s, None, 64, w.shape[1])
             elif scheme == "w8a8 dynamic":
-                args = QuantArgs(bits=8)
-                s, _ = nm.weight_qparams(w, args)
-                self.q = nm.quantize_weight(w, s, None, args).to(torch.int8).to(device)
-                self.s = s.reshape(-1).float().to(device)
+                self.q, self.s = forms["w8"], forms["s8"]
             else:  # fp8 dynamic
-                s = (w.abs().amax(dim=1) / 448.0).clamp_min(1e-12)
-                self.q, self.s = (w / s[:, None]).to(torch.float8_e4m3fn).to(device), s.to(device)
+                self.q, self.s = forms["wf8"], forms["sf8"]
             self.k = w.shape[1]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _triton() -> ModuleType:
     return triton_linear
 
 
-def _quantizer(name: str) -> Callable[..., Any]:
+def prologue(name: str) -> Callable[..., Any]:
     """The prologue of a library GEMM — activation quantizer or weight dequantizer — as one Triton launch on CUDA,
     the oracle's torch ops elsewhere (the tests call these registrations on the CPU)."""
     if not torch.cuda.is_available():
@@ -47,7 +47,7 @@ def linear_woq_cuda(x: Tensor, qweight: Tensor, scale: Tensor, zero: Tensor | No
     if kernel == "triton":
         return _triton().linear_woq(x, qweight, scale, zero, bias, bits, group_size, in_features)
     return library_gemm.linear_woq_dequant_mm(x, qweight, scale, zero, bias, bits, group_size, in_features,
-                                              dequantize=_quantizer("dequantize") if x.is_cuda else None)
+                                              dequantize=prologue("dequantize") if x.is_cuda else None)
 
 
 @torch.library.register_kernel("qc::linear_woq", "cuda")
@@ -63,7 +63,7 @@ def _linear_w8a8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tens
                       x_zero: Tensor | None, bias: Tensor | None) -> Tensor:
     if kernel_for("linear_w8a8", x, qweight) == "int_mm":
         return library_gemm.linear_w8a8_int_mm(x, qweight, w_scale, x_scale, x_zero, bias,
-                                               quantize=_quantizer("quantize_act_w8a8"))
+                                               quantize=prologue("quantize_act_w8a8"))
     return _triton().linear_w8a8(x, qweight, w_scale, x_scale, x_zero, bias)
 
 
@@ -72,7 +72,7 @@ def _linear_fp8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tenso
                      bias: Tensor | None) -> Tensor:
     if kernel_for("linear_fp8", x, qweight) == "scaled_mm":
         return library_gemm.linear_fp8_scaled_mm(x, qweight, w_scale, x_scale, bias, out_dtype=x.dtype,
-                                                 quantize=_quantizer("quantize_act_fp8"))
+                                                 quantize=prologue("quantize_act_fp8"))
     return _triton().linear_fp8(x, qweight, w_scale, x_scale, bias)
 
 
