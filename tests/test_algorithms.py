@@ -9,12 +9,13 @@ from qcompiler.algorithms.awq import (
     awq_search_scales,
     output_error,
 )
-from qcompiler.algorithms.gptq import gptq_quantize
+from qcompiler.algorithms.gptq import fit_to_quantized_input, gptq_quantize
 from qcompiler.calib.observers import hist_kl, hist_minmax, hist_mse, hist_percentile, threshold
 from qcompiler.calib.stats import Hist
 from qcompiler.errors import CalibrationError
 from qcompiler.numerics import (
     dequantize_weight,
+    fake_quant_act_per_token,
     fake_quant_weight,
     mse_clip_search,
     quantize_weight,
@@ -51,6 +52,38 @@ def on_grid(w_hat, scale, zero, args, k):
 
 
 # ------------------------------------------------------------------------------------------ GPTQ
+
+
+def test_the_weight_fitted_to_quantized_inputs_turns_their_error_into_gptqs_objective():
+    """W* = W·Cᵀ·H̃⁻¹ is the least-squares map from quantized inputs to the float outputs, and for any Ŵ
+    ‖XWᵀ − X̃Ŵᵀ‖² = tr((W* − Ŵ)H̃(W* − Ŵ)ᵀ) + ‖XWᵀ − X̃W*ᵀ‖²: the identity GPTQ relies on (exact without damping,
+    checked in float64 to its rounding)."""
+    x = correlated_inputs().double()
+    xq = fake_quant_act_per_token(x, 4)
+    w = weight().double()
+    h, cross = xq.t() @ xq, xq.t() @ x
+    w_star = fit_to_quantized_input(w, h, cross, damp=0.0)
+    assert torch.allclose(w_star, torch.linalg.lstsq(xq, x @ w.t()).solution.t(), rtol=1e-6, atol=1e-9)
+    floor = float(((x @ w.t() - xq @ w_star.t()) ** 2).sum())
+    for seed in range(3):
+        w_hat = w + 0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        d = w_star - w_hat
+        total = float(((x @ w.t() - xq @ w_hat.t()) ** 2).sum())
+        assert total == pytest.approx(float((d @ h * d).sum()) + floor, rel=1e-9)
+    # int4 per-token inputs: the fitted weight maps them closer to the float outputs than W itself
+    assert floor < 0.9 * float(((x @ w.t() - xq @ w.t()) ** 2).sum())
+    # GPTQ on W* under H̃ beats GPTQ on W under H, measured on what the layer computes: Ŵ·x̃ against W·x
+    fitted = gptq_quantize(w_star.float(), h.float(), ARGS[2], tokens=x.shape[0], act_order=True).w_hat.double()
+    plain = gptq_quantize(w.float(), (x.t() @ x).float(), ARGS[2], tokens=x.shape[0], act_order=True).w_hat.double()
+    err = lambda wq: float(((x @ w.t() - xq @ wq.t()) ** 2).sum())  # noqa: E731
+    assert err(fitted) < 0.9 * err(plain)
+
+
+def test_the_fit_to_quantized_inputs_damps_a_singular_gram():
+    x = correlated_inputs(t=64, k=96)  # fewer tokens than channels: H̃ is singular
+    xq = fake_quant_act_per_token(x, 8)
+    w_star = fit_to_quantized_input(weight(), xq.t() @ xq, xq.t() @ x, damp=0.0)
+    assert torch.isfinite(w_star).all() and w_star.shape == weight().shape
 
 
 @pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())

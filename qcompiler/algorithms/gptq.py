@@ -22,6 +22,14 @@ Options:
                 their whole value is the error pushed onward, so the kept weights compensate and stay the
                 only non-zeros.
 Dead inputs (diag H = 0: the channel never fired in calibration) get W[:, j] = 0, as in the reference code.
+
+Quantized activations (`fit_to_quantized_input`): a layer whose integer GEMM reads x̃ = Q(x) (dynamic per-token
+activations) computes Ŵx̃, not Ŵx. The error to minimise is Σ_t ‖W x_t − Ŵ x̃_t‖²; with H̃ = Σ x̃ᵀx̃ and
+C = Σ x̃ᵀx (the rows of X are tokens) its continuous minimiser is the least-squares W* = W·Cᵀ·H̃⁻¹, and because
+the residual X·Wᵀ − X̃·W*ᵀ is orthogonal to X̃,
+    Σ_t ‖W x_t − Ŵ x̃_t‖² = tr((W* − Ŵ) H̃ (W* − Ŵ)ᵀ) + const,
+so GPTQ on W* with the Hessian H̃ minimises exactly the layer's error with its activations quantized (the
+activation-error compensation of GPTAQ, Li et al. 2025, for the layer's own input grid).
 """
 
 from __future__ import annotations
@@ -107,6 +115,23 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
             if int(info) == 0:
                 return U, d
     raise CalibrationError(f"GPTQ: the Hessian is not positive definite even with damping {d:g}")
+
+
+def fit_to_quantized_input(w: torch.Tensor, h_quantized: torch.Tensor, cross: torch.Tensor,
+                           damp: float = 0.01) -> torch.Tensor:
+    """W* = W·Cᵀ·(H̃ + λI)⁻¹ for w [N, K], H̃ = Σ x̃ᵀx̃ and C = Σ x̃ᵀx [K, K] (λ = damp·mean(diag H̃), GPTQ's own
+    damping): the float weight that best maps the quantized inputs x̃ to the float outputs W·x. Solved in float64
+    by Cholesky; damping grows ×10 while H̃ is singular."""
+    h = h_quantized.double()
+    mean_diag = float(torch.diag(h).mean())
+    eye = torch.eye(h.shape[0], dtype=torch.float64)
+    rhs = cross.double() @ w.double().t()  # C·Wᵀ [K, N]
+    for attempt in range(6):
+        d = damp if attempt == 0 else max(damp, 1e-4) * (10**attempt)
+        L, info = torch.linalg.cholesky_ex(h + d * mean_diag * eye)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, L).t().to(w.dtype).contiguous()
+    raise CalibrationError(f"GPTQ: the quantized inputs' Gram matrix is singular even with damping {d:g}")
 
 
 def gptq_quantize(

@@ -13,6 +13,9 @@ Statistics (x is the node's output, channels on the last axis, flattened over to
   percentile      q-th percentile of |x| (subsampled)  0-d      outlier-robust observers
   histogram       counts of |x| in 2048 bins on [0, R] Hist     MSE / KL observers (calib/observers.py)
   hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ, AWQ, activation-aware clipping
+  hessian_quantized  with x̃_t = Q(x_t) the dynamic per-token quantization at `bits` (what the layer's integer
+                  GEMM reads): Σ_t x̃_tᵀ x̃_t, Σ_t x̃_tᵀ x_t and the token count
+                                                       2 × [C, C] GPTQ fitted to quantized activations
 
 The histogram's range R is a power of two and grows by powers of two as larger values arrive, so old bins merge into new ones
 without re-binning error (2^k old bins become one new bin; only values within float rounding of an
@@ -42,10 +45,10 @@ from qcompiler.distributed import active as dist_active
 from qcompiler.distributed import all_gather_objects, all_reduce, global_batch_index
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.routing import ROUTED
-from qcompiler.numerics import gram
+from qcompiler.numerics import fake_quant_act_per_token, gram
 
 StatKind = Literal["absmax_channel", "absmean_channel", "sqsum_channel", "minmax", "minmax_head_dim", "percentile", "histogram",
-                   "hessian"]
+                   "hessian", "hessian_quantized"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
 HIST_BINS = 2048
 CACHE_VERSION = "2"  # bump when a statistic's definition or the entry format changes
@@ -91,6 +94,7 @@ class StatRequest:
     node: str
     kind: StatKind
     percentile: float = 99.99
+    bits: int = 8  # hessian_quantized: the bits of the per-token activation grid
 
 
 @dataclass
@@ -176,6 +180,11 @@ class Accumulator:
             h = gram(x2).double()
             prev = self.acc.get(req)
             self.acc[req] = h if prev is None else prev + h
+        elif req.kind == "hessian_quantized":
+            xq = fake_quant_act_per_token(x2, req.bits)
+            pair = (gram(xq).double(), (xq.t() @ x2).double())
+            prev = self.acc.get(req)
+            self.acc[req] = pair if prev is None else (prev[0] + pair[0], prev[1] + pair[1])
         else:  # pragma: no cover - Literal guards this
             raise ValueError(req.kind)
 
@@ -194,6 +203,9 @@ class Accumulator:
                 all_reduce(v, "max")
             elif r.kind in ("absmean_channel", "sqsum_channel", "hessian"):
                 all_reduce(v, "sum")
+            elif r.kind == "hessian_quantized":
+                all_reduce(v[0], "sum")
+                all_reduce(v[1], "sum")
             elif r.kind in ("minmax", "minmax_head_dim"):
                 self.acc[r] = (all_reduce(v[0].clone(), "min"), all_reduce(v[1].clone(), "max"))
             elif r.kind == "histogram":
@@ -223,6 +235,8 @@ class Accumulator:
                 out[req] = (self.acc[req] / self.tokens[req]).float()
             elif req.kind == "hessian":
                 out[req] = (self.acc[req], self.tokens[req])
+            elif req.kind == "hessian_quantized":
+                out[req] = (*self.acc[req], self.tokens[req])
             else:
                 out[req] = self.acc[req]
         return Stats(out, empty=empty)
@@ -454,6 +468,8 @@ def _encode_stat(req: StatRequest, value: Any, slot: str, tensors: dict[str, tor
         parts, entry["upper"] = {"counts": value.counts}, value.upper
     elif req.kind == "hessian":
         parts, entry["tokens"] = {"h": value[0]}, int(value[1])
+    elif req.kind == "hessian_quantized":
+        parts, entry["tokens"] = {"h": value[0], "cross": value[1]}, int(value[2])
     elif isinstance(value, tuple):  # (min, max)
         parts = {"lo": value[0], "hi": value[1]}
     else:
@@ -471,6 +487,8 @@ def _decode_stat(req: StatRequest, entry: dict[str, Any], tensors: dict[str, tor
         return Hist(tensors[f"{slot}.counts"].double(), float(entry["upper"]))
     if req.kind == "hessian":
         return (tensors[f"{slot}.h"], int(entry["tokens"]))
+    if req.kind == "hessian_quantized":
+        return (tensors[f"{slot}.h"], tensors[f"{slot}.cross"], int(entry["tokens"]))
     if req.kind in ("minmax", "minmax_head_dim"):
         return (tensors[f"{slot}.lo"], tensors[f"{slot}.hi"])
     return tensors[f"{slot}.value"]
