@@ -13,13 +13,12 @@ GPTQ treats rows independently, so a fused q/k/v linear gives exactly what quant
 would.
 
 quantized_input (opt-in, `gptq{quantized_input=true}`): a layer with dynamic per-token integer activations
-(w8a8_dynamic, w4a8, w4a4) reads x̃ = Q(x) at run time; its statistic is then H̃ = Σ x̃ᵀx̃ with the cross term C = Σ x̃ᵀx, and GPTQ quantizes the
-least-squares weight W* = W·Cᵀ·H̃⁻¹ under H̃ (algorithms/gptq.fit_to_quantized_input): the weights absorb
+(w8a8_dynamic, w4a8, w4a4) reads x̃ = Q(x) at run time; its statistic is then H̃ = Σ x̃ᵀx̃ with the cross
+term C = Σ x̃ᵀx, and GPTQ quantizes the least-squares weight W* = W·Cᵀ·H̃⁻¹ under H̃ (algorithms/gptq.fit_to_quantized_input): the weights absorb
 what they can of the activations' rounding. Static activations are calibrated after GPTQ, so their grid is not
 known here; those layers use H. Off by default: it lowers each layer's own error (tests/test_algorithm_passes.py)
-but on the demo model at w4a4 (QuaRot + GPTQ) perplexity went from 49.2 to 77.9 (benchmarks/results/
-quality-gptq-quantized-input-2026-12-05.txt). Not yet understood; the suspects, unmeasured: the least-squares W*
-widening the rows' range that one int4 scale per channel must cover, and each layer fitting its own error only.
+but not the demo model's perplexity (w4a4 QuaRot + GPTQ 49.8 against 49.2, w8a8_dynamic +0.74 % against +0.75 %;
+docs/benchmarks.md). The fit takes a trace of damping only (FIT_DAMP): with GPTQ's 1 % it went to 77.9.
 
 Like rtn, the graph afterwards holds ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass
 and lowering is the same as after rtn.
@@ -43,7 +42,6 @@ from qcompiler.numerics import sqnr_db
 from qcompiler.passes.weight.rtn import grid_options, weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
-
 
 # The least-squares fit's ridge, relative to mean(diag H̃): GPTQ's own 1 % zeroed the weights' components along
 # the Gram's weak directions (measured: +8.7 % at w8a8_dynamic instead of +0.75 %); a trace of damping only keeps
