@@ -14,11 +14,12 @@ would.
 
 quantized_input (opt-in, `gptq{quantized_input=true}`): a layer with dynamic per-token integer activations
 (w8a8_dynamic, w4a8, w4a4) reads x̃ = Q(x) at run time; its statistic is then H̃ = Σ x̃ᵀx̃ with the cross
-term C = Σ x̃ᵀx, and GPTQ quantizes the least-squares weight W* = W·Cᵀ·H̃⁻¹ under H̃ (algorithms/gptq.fit_to_quantized_input): the weights absorb
-what they can of the activations' rounding. Static activations are calibrated after GPTQ, so their grid is not
-known here; those layers use H. Off by default: it lowers each layer's own error (tests/test_algorithm_passes.py)
-but not the demo model's perplexity (w4a4 QuaRot + GPTQ 49.8 against 49.2, w8a8_dynamic +0.74 % against +0.75 %;
-docs/benchmarks.md). The fit takes a trace of damping only (FIT_DAMP): with GPTQ's 1 % it went to 77.9.
+term C = Σ x̃ᵀx, and GPTQ quantizes the least-squares weight W* = W·Cᵀ·H̃⁻¹ under H̃
+(algorithms/gptq.fit_to_quantized_input): the weights absorb what they can of the activations' rounding.
+Static activations are calibrated after GPTQ, so their grid is not known here; those layers use H. Off by
+default: it lowers each layer's own error (tests/test_algorithm_passes.py) but not the demo model's perplexity
+(w4a4 QuaRot + GPTQ 49.8 against 49.2, w8a8_dynamic +0.74 % against +0.75 %; docs/benchmarks.md). The fit
+takes a trace of damping only (fit_to_quantized_input's default): with GPTQ's 1 % it went to 77.9.
 
 Like rtn, the graph afterwards holds ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass
 and lowering is the same as after rtn.
@@ -42,11 +43,6 @@ from qcompiler.numerics import sqnr_db
 from qcompiler.passes.weight.rtn import grid_options, weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
-
-# The least-squares fit's ridge, relative to mean(diag H̃): GPTQ's own 1 % zeroed the weights' components along
-# the Gram's weak directions (measured: +8.7 % at w8a8_dynamic instead of +0.75 %); a trace of damping only keeps
-# the solve defined.
-FIT_DAMP = 1e-6
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ class GPTQ(Pass):
                 target = w
                 if req.kind == "hessian_quantized":
                     h, cross, tokens = hessians[req]
-                    target = fit_to_quantized_input(w.float(), h, cross, FIT_DAMP)
+                    target = fit_to_quantized_input(w.float(), h, cross)
                 else:
                     h, tokens = hessians[req]
                 r = gptq_quantize(
