@@ -10,7 +10,8 @@ Ops:
   qc::linear_w8a8       int8 × int8 → int32 linear, per-token (dynamic) or per-tensor (static) activation
                         scale × per-channel weight scale epilogue
   qc::linear_int_dynamic  integer GEMM with dynamic per-token activations of 8 or 4 bits and integer weight codes
-                        with per-channel or per-group scales: w4a8 with group scales, w4a4
+                        with per-channel or per-group scales: w4a8 with group scales, w4a4 (a clip ratio
+                        below 1 shrinks the per-token activation scale: FlatQuant)
   qc::linear_fp8        fp8 e4m3 × e4m3 linear, per-tensor or per-channel weight scale, static per-tensor or
                         dynamic per-token activation scale
   qc::linear_int4pack_cpu / qc::linear_int8pack_cpu
@@ -19,7 +20,8 @@ Ops:
   qc::linear_woq_tinygemm  int4 weight-only with CUDA tinygemm's tiled copy beside the portable storage (made by
                         the cuda runtime lowering at load time; kernels/cuda/tinygemm.py); never stored on disk
   qc::fake_quant_act    per-tensor static activation fake-quantization (simulation in the fake-quant graph)
-  qc::fake_quant_act_per_token   dynamic symmetric per-token fake-quantization
+  qc::fake_quant_act_per_token   dynamic symmetric per-token fake-quantization (optionally clipped: scale
+                        clip_ratio·max|x_t|/qmax)
   qc::fake_quant_act_fp8 / qc::fake_quant_act_fp8_per_token
                         fp8 e4m3 activation fake-quantization (static per-tensor scale / dynamic absmax/448
                         per token), the same rounding as reference.quantize_act_fp8
@@ -33,6 +35,8 @@ Ops:
                         from a zero state: one node for a loop over blocks of the sequence, as gated_delta_rule
   qc::hadamard_transform  y = x·H_K/√K over the last axis (QuaRot's online Hadamard before down_proj; nothing
                         stored: fast Walsh–Hadamard kernels compute the same on accelerators)
+  qc::kronecker_transform  y = x·(L ⊗ R) over the last axis, as vec(Lᵀ·X·R) of each row's [a, b] view (FlatQuant's
+                        learned online transform; L, R stored beside the layer)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qcompiler import numerics
 from qcompiler.kernels import reference
 
 
@@ -81,12 +86,12 @@ def _linear_w8a8_fake(x, qweight, w_scale, x_scale, x_zero, bias):
 
 @torch.library.custom_op("qc::linear_int_dynamic", mutates_args=())
 def linear_int_dynamic(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int,
-                       group_size: int) -> Tensor:
-    return reference.linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size)
+                       group_size: int, clip_ratio: float = 1.0) -> Tensor:
+    return reference.linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size, clip_ratio)
 
 
 @linear_int_dynamic.register_fake
-def _linear_int_dynamic_fake(x, qweight, w_scale, bias, act_bits, group_size):
+def _linear_int_dynamic_fake(x, qweight, w_scale, bias, act_bits, group_size, clip_ratio=1.0):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -112,15 +117,12 @@ def _fake_quant_act_fake(x, scale, zero, qmin, qmax):
 
 
 @torch.library.custom_op("qc::fake_quant_act_per_token", mutates_args=())
-def fake_quant_act_per_token(x: Tensor, bits: int) -> Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
-    q = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax)
-    return (q * scale).to(x.dtype)
+def fake_quant_act_per_token(x: Tensor, bits: int, clip_ratio: float = 1.0) -> Tensor:
+    return numerics.fake_quant_act_per_token(x, bits, clip_ratio)
 
 
 @fake_quant_act_per_token.register_fake
-def _fake_quant_act_per_token_fake(x, bits):
+def _fake_quant_act_per_token_fake(x, bits, clip_ratio=1.0):
     return torch.empty_like(x)
 
 
@@ -153,6 +155,23 @@ def hadamard_transform(x: Tensor) -> Tensor:
 
 @hadamard_transform.register_fake
 def _hadamard_transform_fake(x):
+    return torch.empty_like(x)
+
+
+def _hadamard_transform_backward(ctx, grad):  # y = x·H  ⇒  ∂L/∂x = ∂L/∂y·Hᵀ (flatquant trains through it)
+    return reference.hadamard_transform_transposed(grad)
+
+
+hadamard_transform.register_autograd(_hadamard_transform_backward)
+
+
+@torch.library.custom_op("qc::kronecker_transform", mutates_args=())
+def kronecker_transform(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    return reference.kronecker_transform(x, left, right)
+
+
+@kronecker_transform.register_fake
+def _kronecker_transform_fake(x, left, right):
     return torch.empty_like(x)
 
 

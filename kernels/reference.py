@@ -88,18 +88,19 @@ def linear_w8a8(
 
 
 def linear_int_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                       act_bits: int, group_size: int) -> torch.Tensor:
+                       act_bits: int, group_size: int, clip_ratio: float = 1.0) -> torch.Tensor:
     """Integer GEMM with dynamic per-token activations of `act_bits` (8: w4a8, 4: w4a4) and symmetric integer
     weight codes [N, K] (int4 values held in int8) with scales per output channel (w_scale [N, 1], group_size 0)
     or per group of `group_size` inputs (w_scale [N, G], the last group may be shorter):
 
         y[m, n] = s_x[m] · Σ_g s_w[n, g] · Σ_{k ∈ g} q_x[m, k] · q_w[n, k]  + b[n]
 
-    Each group's integer dot product is exact (emulated in float64 here); the scales are applied per group."""
+    Each group's integer dot product is exact (emulated in float64 here); the scales are applied per group.
+    s_x[m] = clip_ratio·max_k |x[m, k]| / qmax (values beyond the clipped range clamp to the grid's ends)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     k = x2.shape[1]
-    qx, sx = quantize_act_per_token(x2, act_bits)
+    qx, sx = quantize_act_per_token(x2, act_bits, clip_ratio)
     sw = w_scale.float().reshape(qweight.shape[0], -1)
     g = group_size if group_size > 0 else k
     y = torch.zeros(x2.shape[0], qweight.shape[0], dtype=torch.float32, device=x2.device)
@@ -174,18 +175,39 @@ def fake_quant_kv_dynamic(x: torch.Tensor, bits: int, symmetric: bool) -> torch.
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """y = x·H_K/√K over the last axis (K = x.shape[-1]; algorithms/hadamard.py builds H_K), in float32, returned
-    in x's dtype. Deterministic: nothing is stored, fast Walsh–Hadamard kernels compute the same on accelerators."""
-    return (x.float() @ _normalized_hadamard(x.shape[-1], x.device)).to(x.dtype)
+    in x's dtype. Deterministic: nothing is stored, fast Walsh–Hadamard kernels compute the same on accelerators.
+    Computed through H_K = A ⊗ B as two small products per token (K·(a + b) instead of K² multiply-adds)."""
+    a, b = _normalized_hadamard_factors(x.shape[-1], x.device)
+    return kronecker_transform(x, a, b)
+
+
+def hadamard_transform_transposed(x: torch.Tensor) -> torch.Tensor:
+    """x·(H_K/√K)ᵀ over the last axis: the gradient of hadamard_transform ((A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ)."""
+    a, b = _normalized_hadamard_factors(x.shape[-1], x.device)
+    return kronecker_transform(x, a.t(), b.t())
+
+
+def kronecker_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """y = x·(L ⊗ R) over the last axis (K = a·b, L [a, a], R [b, b]): each row viewed row-major as X [a, b] becomes
+    Lᵀ·X·R (row-major vec(A·X·B) = (A ⊗ Bᵀ)·vec(X)). In float32, returned in x's dtype."""
+    a, b = left.shape[0], right.shape[0]
+    if a * b != x.shape[-1]:
+        raise ValueError(f"kronecker_transform: L [{a}, {a}] ⊗ R [{b}, {b}] does not match the input size {x.shape[-1]}")
+    n = x.numel() // (a * b)
+    # two plain GEMMs over all tokens (X·R, then Lᵀ·(X·R) as ((X·R)ᵀ·L)ᵀ), not n small batched products
+    xr = x.float().reshape(n * a, b) @ right.float()
+    y = xr.reshape(n, a, b).transpose(1, 2).reshape(n * b, a) @ left.float()
+    return y.reshape(n, b, a).transpose(1, 2).reshape(x.shape).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=16)
-def _normalized_hadamard(k: int, device: torch.device) -> torch.Tensor:
-    from qcompiler.algorithms.hadamard import normalized_hadamard
+def _normalized_hadamard_factors(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from qcompiler.algorithms.hadamard import normalized_hadamard_factors
 
-    h = normalized_hadamard(k)
-    if h is None:
+    f = normalized_hadamard_factors(k)
+    if f is None:
         raise ValueError(f"no Hadamard matrix of order {k} is built here (algorithms/hadamard.py)")
-    return h.float().to(device)
+    return f[0].float().to(device), f[1].float().to(device)
 
 
 def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,

@@ -271,16 +271,20 @@ def fake_quant_act_per_tensor(
     return ((q - zero) * scale).to(x.dtype)
 
 
-def quantize_act_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric dynamic per-token quantization of x [..., K]: int8 codes and fp32 scales [..., 1]."""
+def quantize_act_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic per-token quantization of x [..., K]: int8 codes and fp32 scales [..., 1],
+    s_t = clip_ratio·max_k |x_tk| / qmax (a clip ratio below 1 clamps each token's largest values: FlatQuant's
+    learned activation clip, passes/rotation/flatquant.py)."""
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.float().abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(_EPS)
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    scale = ((amax * clip_ratio if clip_ratio != 1.0 else amax) / qmax).clamp_min(_EPS)
     q = torch.clamp(torch.round(x.float() / scale), -qmax - 1, qmax).to(torch.int8)
     return q, scale
 
 
-def fake_quant_act_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    q, scale = quantize_act_per_token(x, bits)
+def fake_quant_act_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> torch.Tensor:
+    q, scale = quantize_act_per_token(x, bits, clip_ratio)
     return (q.float() * scale).to(x.dtype)
 
 

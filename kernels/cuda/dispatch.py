@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qcompiler.kernels import library_gemm
+from qcompiler.kernels import library_gemm, reference
 from qcompiler.kernels.cuda.table import choose
 
 
@@ -78,5 +78,7 @@ def _linear_fp8_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tenso
 
 @torch.library.register_kernel("qc::linear_int_dynamic", "cuda")
 def _linear_int_dynamic_cuda(x: Tensor, qweight: Tensor, w_scale: Tensor, bias: Tensor | None, act_bits: int,
-                             group_size: int) -> Tensor:
+                             group_size: int, clip_ratio: float = 1.0) -> Tensor:
+    if clip_ratio != 1.0:  # (the Triton prologue quantizes with the full range: a clipped grid runs the oracle)
+        return reference.linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size, clip_ratio)
     return _triton().linear_int_dynamic(x, qweight, w_scale, bias, act_bits, group_size)

@@ -46,9 +46,12 @@ def paley(q: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _hadamard(n: int) -> torch.Tensor | None:
+def _factors(n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) with H_n = A ⊗ B, both Hadamard: a power of two splits into two Sylvester halves (H_2 ⊗ … ⊗ H_2
+    regrouped), any other order into its Paley factor and the cofactor's matrix."""
     if n & (n - 1) == 0:
-        return sylvester(n)
+        half = 1 << (n.bit_length() - 1) // 2
+        return sylvester(half), sylvester(n // half)
     if n % 4:
         return None
     # a Paley factor m = q + 1 dividing n (largest first: fewer factors), times a buildable cofactor
@@ -56,8 +59,21 @@ def _hadamard(n: int) -> torch.Tensor | None:
         if n % m == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
             rest = _hadamard(n // m)
             if rest is not None:
-                return torch.kron(paley(m - 1), rest)
+                return paley(m - 1), rest
     return None
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard(n: int) -> torch.Tensor | None:
+    f = _factors(n)
+    return None if f is None else torch.kron(*f)
+
+
+def normalized_hadamard_factors(n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A/√a, B/√b) with H_n/√n = (A/√a) ⊗ (B/√b): the online transform as two small products per token
+    (x·(A ⊗ B) = vec(Aᵀ·X·B), n·(a + b) multiply-adds instead of n²); None when no H_n is built."""
+    f = _factors(n)
+    return None if f is None else (f[0] / f[0].shape[0] ** 0.5, f[1] / f[1].shape[0] ** 0.5)
 
 
 def hadamard(n: int) -> torch.Tensor | None:
