@@ -318,8 +318,8 @@ def test_npu_lowering_refuses_what_it_cannot_run(tiny_llama, tmp_path):
     from qcompiler.errors import ArtifactError
     from qcompiler.kernels.ascend import layout
 
-    with pytest.raises(ValueError, match="'W4A4_DYNAMIC' has no NPU lowering here.*W4A8_DYNAMIC"):
-        layout.prepare("W4A4_DYNAMIC", {}, 0)
+    with pytest.raises(ValueError, match="'WFP8AFP8_DYNAMIC' has no NPU lowering here.*W4A4_FLATQUANT_DYNAMIC"):
+        layout.prepare("WFP8AFP8_DYNAMIC", {}, 0)
     out = tmp_path / "q"
     _quantize(tiny_llama, out, "w8a16")
     with pytest.raises(ArtifactError, match="unknown runtime lowering 'gpu'"):

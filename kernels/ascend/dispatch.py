@@ -35,6 +35,28 @@ def _(x):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
+@torch.library.custom_op("qc_npu::npu_dynamic_quant_int4", mutates_args=())
+def npu_dynamic_quant_int4(x: Tensor) -> tuple[Tensor, Tensor]:
+    return npu_ops.npu_dynamic_quant_int4(x)
+
+
+@npu_dynamic_quant_int4.register_fake
+def _(x):
+    return (x.new_empty((*x.shape[:-1], x.shape[-1] // 8), dtype=torch.int32),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("qc_npu::npu_kronecker_quant", mutates_args=())
+def npu_kronecker_quant(x: Tensor, left: Tensor, right: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    return npu_ops.npu_kronecker_quant(x, left, right, clip_ratio)
+
+
+@npu_kronecker_quant.register_fake
+def _(x, left, right, clip_ratio):
+    return (x.new_empty((x.shape[0], x.shape[1] * x.shape[2] // 8), dtype=torch.int32),
+            x.new_empty(x.shape[0], dtype=torch.float32))
+
+
 @torch.library.custom_op("qc_npu::npu_quant_matmul", mutates_args=())
 def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, pertoken_scale: Tensor | None, bias: Tensor | None,
                      output_dtype: torch.dtype) -> Tensor:
@@ -70,6 +92,15 @@ def _register_torch_npu() -> None:
     @torch.library.register_kernel("qc_npu::npu_dynamic_quant", "npu")
     def _dynamic_quant(x):
         return torch_npu.npu_dynamic_quant(x)
+
+    @torch.library.register_kernel("qc_npu::npu_dynamic_quant_int4", "npu")
+    def _dynamic_quant_int4(x):
+        return torch_npu.npu_dynamic_quant(x, dst_type=torch.quint4x2)
+
+    @torch.library.register_kernel("qc_npu::npu_kronecker_quant", "npu")
+    def _kronecker_quant(x, left, right, clip_ratio):
+        q, s = torch_npu.npu_kronecker_quant(x, left, right, clip_ratio=clip_ratio, dst_dtype=torch.int32)
+        return q.view(x.shape[0], -1), s.view(-1).float()
 
     @torch.library.register_kernel("qc_npu::npu_quant_matmul", "npu")
     def _quant_matmul(x1, x2, scale, pertoken_scale, bias, output_dtype):

@@ -3,8 +3,14 @@ written from their documented semantics so that a graph lowered for the NPU can 
 
   npu_quantize(x, scales, zero_points, div_mode)       q = clamp(round(x / s + z)) (div_mode) or round(x · s + z)
   npu_dynamic_quant(x, smooth_scales)                  per-token symmetric int8: s = absmax(x ⊙ smooth) / 127
+  npu_dynamic_quant_int4(x)                            npu_dynamic_quant(x, dst_type=quint4x2): s = absmax(x) / 7,
+                                                       codes in [−8, 7] packed 8 per int32 along K [M, K/8]
+  npu_kronecker_quant(x [M, a, b], P1, P2, clip_ratio)  X' = P1·X·P2 per token, then per-token int4 with
+                                                       s = clip_ratio·absmax(X') / 7, packed as above
+                                                       (vllm-ascend passes P1 = left_transᵀ, P2 = right_trans)
   npu_quant_matmul(x1, x2, scale, offset, pertoken_scale, bias, output_dtype)
-      acc = x1 (int8 [M, K]) · x2 (int8 [K, N], or int4 packed int32 [K, N/8]) in int32; an int32 bias is added; then
+      acc = x1 (int8 [M, K]) · x2 (int8 [K, N], or int4 packed int32 [K, N/8]) in int32 — or, int4 × int4 (W4A4),
+      x1 int32 [M, K/8] · x2 int32 [K/8, N] (the transposed int4pack of [N, K]: both packed along K); an int32 bias is added; then
       y = acc · scale[n] (· pertoken_scale[m]); a float bias is added after scaling. `scale` int64 carries the
       fp32 bit pattern in its low 32 bits (what npu_trans_quant_param makes for fp16 outputs)
   npu_weight_quant_batchmatmul(x, weight, antiquant_scale, antiquant_offset, bias, antiquant_group_size)
@@ -55,10 +61,37 @@ def npu_dynamic_quant(x: Tensor, smooth_scales: Tensor | None = None) -> tuple[T
     return q, scale
 
 
+def npu_dynamic_quant_int4(x: Tensor) -> tuple[Tensor, Tensor]:
+    return _quant_int4_per_token(x.float(), 1.0)
+
+
+def npu_kronecker_quant(x: Tensor, left: Tensor, right: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    if x.dim() != 3 or x.shape[1] != left.shape[0] or x.shape[2] != right.shape[0]:
+        raise ValueError(f"npu_kronecker_quant takes x [M, a, b] with P1 [a, a], P2 [b, b]; got {tuple(x.shape)}, "
+                         f"{tuple(left.shape)}, {tuple(right.shape)}")
+    transformed = left.float() @ x.float() @ right.float()  # (batched over tokens)
+    return _quant_int4_per_token(transformed.reshape(x.shape[0], -1), clip_ratio)
+
+
+def _quant_int4_per_token(v: Tensor, clip_ratio: float) -> tuple[Tensor, Tensor]:
+    """[M, K] float -> (int4 codes packed 8 per int32 along K [M, K/8], fp32 scales [M])."""
+    if v.shape[-1] % 8:
+        raise ValueError(f"int4 activations pack 8 per int32: K = {v.shape[-1]} is not a multiple of 8")
+    scale = (clip_ratio * v.abs().amax(dim=-1) / 7.0).clamp_min(1e-12)
+    q = torch.clamp(torch.round(v / scale.unsqueeze(-1)), -8, 7).to(torch.int32)
+    return pack_int32(q & 0xF, 4), scale
+
+
 def npu_quant_matmul(x1: Tensor, x2: Tensor, scale: Tensor, offset: Tensor | None = None,
                      pertoken_scale: Tensor | None = None, bias: Tensor | None = None,
                      output_dtype: torch.dtype | None = None) -> Tensor:
-    if x2.dtype == torch.int32:  # int4 weights packed by npu_convert_weight_to_int4pack: [K, N/8]
+    if x1.dtype == torch.int32:  # int4 × int4: both operands packed along K
+        if x2.dtype != torch.int32 or x2.shape[0] != x1.shape[-1]:
+            raise TypeError("npu_quant_matmul int4 × int4 takes x1 int32 [M, K/8] and x2 int32 [K/8, N]")
+        k = x1.shape[-1] * 8
+        x1 = unpack_int4pack(x1, k).to(torch.int8)
+        x2 = unpack_int4pack(x2.t().contiguous(), k).t().to(torch.int8)
+    elif x2.dtype == torch.int32:  # int4 weights packed by npu_convert_weight_to_int4pack: [K, N/8]
         x2 = unpack_int4pack(x2, x2.shape[-1] * 8).to(torch.int8)
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
         raise TypeError(f"npu_quant_matmul takes int8 × int8 (or int4-packed int32) operands, got {x1.dtype} × {x2.dtype}")
