@@ -7,6 +7,7 @@ from qcompiler.passes.fusion.fold_norm import FoldNormWeight
 from qcompiler.passes.fusion.fuse_linears import FuseSharedInputLinears
 from qcompiler.passes.kv_cache.kv_quant import InsertKVQuant
 from qcompiler.passes.lowering.lower import LowerLinears
+from qcompiler.passes.rotation.flatquant import FlatQuant
 from qcompiler.passes.rotation.rotate import Rotate
 from qcompiler.passes.smoothing.awq import AWQ
 from qcompiler.passes.smoothing.smoothquant import SmoothQuant
@@ -32,6 +33,6 @@ def get_pass_class(name: str) -> type[Pass]:
 
 
 __all__ = [
-    "AWQ", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
+    "AWQ", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
     "QuantizeHead", "RTN", "get_pass_class", "registered_passes",
 ]

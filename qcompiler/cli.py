@@ -224,6 +224,11 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         if algo == "gptq":
             print("weights: GPTQ, the default for 4-bit weights (--algo rtn is several times faster and "
                   "worse; --algo awq+gptq is slower and a little better)")
+    acts = scheme.activations
+    if passes is None and acts is not None and acts.bits == 4 and not onnx_input:
+        # (demo: QuaRot + GPTQ +84.9 %, flatquant + GPTQ +47.2 % in 4–5× the time; docs/kv-rotation-sparsity.md)
+        print("activations: int4 per token after QuaRot's rotations; FlatQuant's learned transforms are much better "
+              "and several times slower: --passes 'rotate,fuse_linears,flatquant,gptq' (targets reference, ascend)")
     cfg = QuantizeConfig(
         model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,

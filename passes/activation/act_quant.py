@@ -5,7 +5,8 @@ Static (per-tensor, calibrated): observe the linear input X over the calibration
     X̂ = (clamp(round(X / s) + z, qmin, qmax) − z)·s                           [qc::fake_quant_act]
 with observer `minmax` (the full range), `percentile` (|X| range clipped at the p-th percentile, which
 ignores rare outliers), `mse` or `kl` (thresholds searched on a histogram of |X|, calib/observers.py;
-symmetric grids only). Dynamic (per token): s_t = max_k |X_tk| / 127 at run time
+symmetric grids only). Dynamic (per token): s_t = c·max_k |X_tk| / 127 at run time (c = 1, or the clip ratio
+the flatquant pass learned for this input)
                                                                               [qc::fake_quant_act_per_token]
 fp8 activations: s = max |X| / 448 (static, minmax or percentile) or per token at run time, X̂ = e4m3(X / s)·s
                                                        [qc::fake_quant_act_fp8, qc::fake_quant_act_fp8_per_token]
@@ -95,8 +96,13 @@ class InsertActQuant(Pass):
                     fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_fp8_per_token.default, (x,))
                     fq.meta[qmeta.ACT_FQ] = {"dynamic": True, "bits": 8, "type": "float"}
                 elif acts.dynamic:
-                    fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_per_token.default, (x, acts.bits))
+                    # (flatquant's learned clip ratio of this input, when it ran)
+                    clip = float(lin.meta.get(qmeta.TRANSFORM, {}).get("clip_ratio", 1.0))
+                    fq = gm.graph.call_function(torch.ops.qc.fake_quant_act_per_token.default,
+                                                (x, acts.bits) if clip == 1.0 else (x, acts.bits, clip))
                     fq.meta[qmeta.ACT_FQ] = {"dynamic": True, "bits": acts.bits}
+                    if clip != 1.0:
+                        fq.meta[qmeta.ACT_FQ]["clip_ratio"] = clip
                 else:
                     request = StatRequest(x.name, self._kind(), self.percentile)  # type: ignore[arg-type]
                     scale, zero = self._grid(stats[request], acts)

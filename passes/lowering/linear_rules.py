@@ -5,8 +5,8 @@
   (int4 channel grids with per-token activations, w4a8, take the same op: their codes are held in int8)
   linear(fake_quant_act_per_token(x), ŵ)              → qc::linear_w8a8(x, qweight, w_scale, None, None, bias)
   linear(fake_quant_act_fp8[_per_token](x), ŵ) fp8    → qc::linear_fp8(x, w8 (e4m3), w_scale, x_scale|None, bias)
-  linear(fake_quant_act_per_token(x, b), ŵ) with int4 group scales (w4a8 g) or b = 4 activations (w4a4)
-                                                      → qc::linear_int_dynamic(x, qweight, w_scale [N, G], bias, b, g)
+  linear(fake_quant_act_per_token(x, b[, c]), ŵ) with int4 group scales (w4a8 g), b = 4 activations (w4a4) or a
+  clip ratio c < 1 (flatquant)                        → qc::linear_int_dynamic(x, qweight, w_scale [N, G], bias, b, g[, c])
 
 Each rewrite writes the integer tensors into the graph module and a RECORD (op, scheme, tensor names)
 in the new node's meta; `emit_linear_op` rebuilds the same node from a record when a saved model loads.
@@ -70,8 +70,18 @@ def _record(node: fx.Node, op: str, wq: qmeta.WeightQuant | None, w: torch.Tenso
         sparsity=node.meta[qmeta.SPARSE]["pattern"] if qmeta.SPARSE in node.meta else None,
         input_rotation=node.meta.get(qmeta.ROTATION),  # "hadamard": qc::hadamard_transform(x) feeds the layer
         activations=activations,
-        tensors=tensors,
+        tensors={**tensors, **transform_tensors(node)},
     )
+
+
+def transform_tensors(node: fx.Node) -> dict[str, str]:
+    """The learned transform's tensors of a layer flatquant transformed (read by qc::kronecker_transform)."""
+    t = node.meta.get(qmeta.TRANSFORM)
+    return {"left_trans": t["left"], "right_trans": t["right"]} if t else {}
+
+
+def _clip_ratio(fq: fx.Node) -> float:
+    return float(fq.meta.get(qmeta.ACT_FQ, {}).get("clip_ratio", 1.0))
 
 
 def _store_scaled_weight(gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype
@@ -129,6 +139,8 @@ class W8A8LinearRule:
         fq = x.meta.get(qmeta.ACT_FQ, {})  # type: ignore[union-attr]
         if fq.get("bits", 8) != 8:
             return fail("int8 GEMM needs 8-bit activations")
+        if fq.get("clip_ratio", 1.0) != 1.0:
+            return fail("clipped per-token activations run in the dynamic integer GEMM")
         if args.bits == 4 and not fq.get("dynamic"):
             return fail("int4 weights run in the int8 GEMM with dynamic per-token activations only (w4a8)")
         return MATCH
@@ -166,7 +178,8 @@ class DynamicIntLinearRule:
         x = node.args[0] if is_call(node, LINEAR) else None
         if qmeta.WQ not in node.meta or not isinstance(x, fx.Node) or not is_call(x, FQ_DYNAMIC):
             return False
-        return node.meta[qmeta.WQ].args.granularity == "group" or x.meta.get(qmeta.ACT_FQ, {}).get("bits") == 4
+        return (node.meta[qmeta.WQ].args.granularity == "group" or x.meta.get(qmeta.ACT_FQ, {}).get("bits") == 4
+                or _clip_ratio(x) != 1.0)
 
     def check(self, gm: fx.GraphModule, node: fx.Node) -> MatchResult:
         args = node.meta[qmeta.WQ].args
@@ -187,9 +200,11 @@ class DynamicIntLinearRule:
         set_tensor(gm, base + ".qweight", quantize_weight(w, wq.scale, None, wq.args).to(torch.int8).contiguous())
         set_tensor(gm, base + ".weight_scale", wq.scale.float().reshape(w.shape[0], -1).contiguous())
         fq: fx.Node = node.args[0]  # type: ignore[assignment]
-        record = _record(node, "linear_int_dynamic", wq, w,
-                         {"bits": fq.meta[qmeta.ACT_FQ]["bits"], "dynamic": True, "granularity": "token",
-                          "symmetric": True},
+        activations: dict[str, Any] = {"bits": fq.meta[qmeta.ACT_FQ]["bits"], "dynamic": True, "granularity": "token",
+                                       "symmetric": True}
+        if _clip_ratio(fq) != 1.0:
+            activations["clip_ratio"] = _clip_ratio(fq)
+        record = _record(node, "linear_int_dynamic", wq, w, activations,
                          {"qweight": base + ".qweight", "weight_scale": base + ".weight_scale"})
         emit_linear_op(gm, node, fq.args[0], record)  # type: ignore[arg-type]
         if not fq.users:

@@ -200,9 +200,15 @@ def plan_run(cfg: Any, imported: bool = False, rotation: bool = True) -> RunPlan
               else default_pipeline(cfg.scheme, target, cfg.algo, options, rotation))
     scheme = stored_scheme(cfg.scheme, passes)
     target.check(scheme, cfg.target_options)
-    if not target.online_rotation and any(getattr(p, "online", False) for p in passes):
+    # (flatquant folds rotate's online Hadamard into its own transform, which a learned-transform format holds)
+    absorbs = target.learned_transforms and any(p.name == "flatquant" and getattr(p, "absorb_hadamard", False)
+                                                for p in passes)
+    if not target.online_rotation and not absorbs and any(getattr(p, "online", False) for p in passes):
         raise PipelineError(f"target '{target.name}': its formats have no online Hadamard transform before a linear; "
                             "use rotate{online=false} (the residual rotation alone is all in the weights)")
+    transform_reason = target.learned_transform_reason(scheme)
+    if transform_reason is not None and any(p.name == "flatquant" for p in passes):
+        raise PipelineError(f"target '{target.name}': {transform_reason}")
     # (the default's rotation before static activations gives way to SmoothQuant where the model does not admit it)
     fallback = (cfg.passes is None and not imported
                 and Traits.of(cfg.scheme, target, cfg.algo, options, rotation).rotates_static)

@@ -60,6 +60,7 @@ class AwqFormat:
     shard_prefix = "model"
     consumers = "LMDeploy TurboMind, vLLM, SGLang"
     unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
+    learned_transforms = False
     expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
@@ -105,6 +106,7 @@ class GptqFormat:
     shard_prefix = "model"
     consumers = "vLLM, SGLang, LMDeploy TurboMind (int4)"
     unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
+    learned_transforms = False
     expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:

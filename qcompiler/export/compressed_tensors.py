@@ -75,6 +75,7 @@ class CompressedTensorsFormat:
     # transformers reads these families' experts stacked, so it is no client of such a folder.
     unstacked_experts: bool | frozenset[str] = frozenset({"llama4", "llama4_text", "gpt_oss", "qwen3_vl_moe",
                                                           "granitemoe"})
+    learned_transforms = False
     expert_leaves: Mapping[str, Mapping[str, str]] = {
         "granitemoe": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}
 

@@ -37,6 +37,7 @@ class WrittenLayer:
     per_tensor: bool = False  # one weight scale for the whole matrix
     act_bits: int = 8
     sparse: bool = False  # 2:4 sparse weights
+    transform: bool = False  # a learned online transform before the layer (FlatQuant's L ⊗ R and clip ratio)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WrittenLayer:
@@ -49,7 +50,7 @@ class WrittenLayer:
     def scheme_key(self) -> tuple[Any, ...]:
         """Layers with equal keys share one scheme (one config group, one description type)."""
         return (self.bits, self.symmetric, self.group_size, self.act, self.static_zero, self.type, self.per_tensor,
-                self.act_bits, self.sparse)
+                self.act_bits, self.sparse, self.transform)
 
 
 @dataclass
@@ -72,12 +73,17 @@ class ExportLayer:
     per_tensor: bool = False  # one weight scale for the matrix (repeated per row in `scale`)
     act_bits: int = 8  # dynamic activations: 8 or 4 (w4a4)
     sparse: bool = False  # 2:4 sparse weights (every 4 consecutive inputs hold at most 2 non-zeros)
+    # FlatQuant (passes/rotation/flatquant.py): the layer reads x·(L ⊗ R), per-token activations scaled by
+    # clip_ratio·max|x'|/qmax; L [a, a], R [b, b] float32, clip_ratio a float (None: no transform)
+    left_trans: torch.Tensor | None = None
+    right_trans: torch.Tensor | None = None
+    clip_ratio: float | None = None
 
     def written(self, tensors: list[str]) -> WrittenLayer:
         """What stays in memory once the layer's tensors are on disk."""
         return WrittenLayer(self.name, self.bits, self.symmetric, self.group_size, self.act,
                             self.act == "static" and self.input_zero is not None, tuple(tensors), self.type,
-                            self.per_tensor, self.act_bits, self.sparse)
+                            self.per_tensor, self.act_bits, self.sparse, self.left_trans is not None)
 
     def dequantized(self) -> torch.Tensor:
         """ŵ in float32 [N, K] (for checks and float fallbacks)."""
@@ -146,6 +152,12 @@ def from_record(record: LayerRecord, tensors: dict[str, torch.Tensor], split: bo
         if act == "static":
             input_scale = tensors[names["input_scale"]].float().reshape(())
             input_zero = tensors[names["input_zero"]].float().reshape(()) if names.get("input_zero") else None
+    left = tensors[names["left_trans"]].float() if names.get("left_trans") else None
+    right = tensors[names["right_trans"]].float() if names.get("right_trans") else None
+    if (left is None) != (right is None) or (left is not None and op != "linear_int_dynamic"):
+        raise ExportError(f"layer '{record.path}': a learned input transform needs both left_trans and right_trans "
+                          "and dynamic per-token activations")
+    clip = float(acts.get("clip_ratio", 1.0)) if left is not None else None
     for p, q, s, z, b in zip(parts, _split(codes, sizes), _split(scale, sizes), _split(zero, sizes),
                              _split(bias, sizes), strict=True):
         # (shared activation qparams are cloned: every member owns its tensors in the written files)
@@ -153,4 +165,6 @@ def from_record(record: LayerRecord, tensors: dict[str, torch.Tensor], split: bo
                           None if z is None else z.contiguous(), act,
                           None if input_scale is None else input_scale.clone(),
                           None if input_zero is None else input_zero.clone(), b, type=number_type,
-                          per_tensor=w["granularity"] == "tensor", act_bits=act_bits, sparse=sparse)
+                          per_tensor=w["granularity"] == "tensor", act_bits=act_bits, sparse=sparse,
+                          left_trans=None if left is None else left.clone(),
+                          right_trans=None if right is None else right.clone(), clip_ratio=clip)

@@ -60,6 +60,7 @@ class LmdeployFormat:
     shard_prefix = "model"
     consumers = "LMDeploy PyTorch engine (w8a8_dynamic, fp8), TurboMind (w4a16 g64/g128)"
     unstacked_experts: bool | frozenset[str] = False  # (its clients read a stacked checkpoint's experts stacked)
+    learned_transforms = False
     expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:

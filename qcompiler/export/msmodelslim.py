@@ -20,6 +20,10 @@ Per layer type (signed codes q, signed zero point z, ŵ = (q − z)·s; weight i
                 weight_offset_second zeros [N, G]; the global group_size
   W4A4_DYNAMIC  weight int8 [N, K] holding int4 codes (the loader packs them); weight_scale, weight_offset (zeros)
                 [N, 1]; per-token int4 activations (absmax / 7)
+  W4A4_FLATQUANT_DYNAMIC  W4A4_DYNAMIC's tensors plus left_trans [a, a] and right_trans [b, b] (the model's dtype)
+                and clip_ratio fp32 [1]: the layer reads X' = left_transᵀ·X·right_trans of each token's [a, b]
+                view (x·(L ⊗ R)), quantized per token with s = clip_ratio·absmax(X')/7 (vllm-ascend's
+                npu_kronecker_quant; passes/rotation/flatquant.py learns them, a = K's split of kronecker_factors)
   W8A8S         W8A8 of a 2:4-sparse weight (every 4 consecutive inputs of a row hold ≤ 2 non-zero codes)
   W16A16S       a float 2:4-sparse weight (the model's dtype), `weight` only
   C8 (KV cache)  <attn>.k_proj.kv_cache_scale, <attn>.k_proj.kv_cache_offset fp32 [H_kv·D] (one value per channel
@@ -53,10 +57,17 @@ VERSION = "1.0.0"
 # model_quant_type of a mixed model: the lowest-bit type present (msModelSlim's priority, lowest first).
 # W4A8_DYNAMIC is left out on purpose, as msModelSlim 26.1 does: a W4A8_DYNAMIC model is described as FLOAT
 # globally and by its per-tensor types (what its consumers are tested with).
-PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S", "W4A16", "W4A4_DYNAMIC")
+PRIORITY = ("FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "W8A8S", "W4A16", "W4A4_DYNAMIC",
+            "W4A4_FLATQUANT_DYNAMIC")
 
 
-def layer_type(bits: int | None, act: str | None, act_bits: int = 8, sparse: bool = False) -> str:
+def layer_type(bits: int | None, act: str | None, act_bits: int = 8, sparse: bool = False,
+               transform: bool = False) -> str:
+    if transform:
+        if (bits, act, act_bits) != (4, "dynamic", 4):
+            raise ExportError("a learned input transform (FlatQuant) is written as W4A4_FLATQUANT_DYNAMIC only: "
+                              "int4 weights with dynamic int4 activations")
+        return "W4A4_FLATQUANT_DYNAMIC"
     if bits is None:
         return "W16A16S" if sparse else "FLOAT"
     if act == "static":
@@ -67,7 +78,7 @@ def layer_type(bits: int | None, act: str | None, act_bits: int = 8, sparse: boo
 
 
 def written_type(layer: WrittenLayer) -> str:
-    return layer_type(layer.bits, layer.act, layer.act_bits, layer.sparse)
+    return layer_type(layer.bits, layer.act, layer.act_bits, layer.sparse, layer.transform)
 
 
 # Row-parallel linears (their input dimension is split across tensor-parallel ranks)
@@ -88,8 +99,10 @@ def w4a8_scale_bias(name: str, w_hat: torch.Tensor) -> torch.Tensor:
     return 8 * w_hat.sum(dim=1, keepdim=True)
 
 
-def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict[str, torch.Tensor]]:
-    """(type, tensor suffix -> tensor) of one quantized layer in the ascend v1 layout."""
+def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool, model_dtype: torch.dtype | None = None
+                        ) -> tuple[str, dict[str, torch.Tensor]]:
+    """(type, tensor suffix -> tensor) of one quantized layer in the ascend v1 layout (model_dtype: the model's
+    float dtype, bf16 or fp32 by default)."""
     if layer.bits is None:  # W16A16S: the sparse float weight as it is
         assert layer.weight is not None
         out = {"weight": layer.weight}
@@ -99,7 +112,7 @@ def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict
     assert layer.codes is not None and layer.scale is not None
     if layer.type != "int":
         raise ExportError("fp8 layers have no ascend v1 type written here (WFP8AFP8_DYNAMIC is not implemented)")
-    kind = layer_type(layer.bits, layer.act, layer.act_bits, layer.sparse)
+    kind = layer_type(layer.bits, layer.act, layer.act_bits, layer.sparse, layer.left_trans is not None)
     out = {}
     if kind in ("W8A8", "W8A8S"):
         assert layer.input_scale is not None
@@ -110,7 +123,7 @@ def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict
         quant_bias = torch.round(bias.double() / deq.double() - w.double().sum(dim=1) * x_zero.double())
         out.update(weight=w, quant_bias=quant_bias.to(torch.int32), input_scale=layer.input_scale.reshape(1).float(),
                    input_offset=x_zero.reshape(1).float(), deq_scale=deq if bf16_model else npu_trans_quant_param(deq))
-    elif kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A4_DYNAMIC"):
+    elif kind in ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A4_DYNAMIC", "W4A4_FLATQUANT_DYNAMIC"):
         grouped = kind == "W4A8_DYNAMIC" and layer.group_size is not None
         if not layer.symmetric or (layer.group_size is not None and not grouped):
             raise ExportError(f"{kind} needs symmetric per-channel weights" + (" (or int4 group scales)" if
@@ -124,6 +137,12 @@ def msmodelslim_tensors(layer: ExportLayer, bf16_model: bool) -> tuple[str, dict
             out["weight_offset_second"] = torch.zeros_like(layer.scale, dtype=torch.float32)
         if kind == "W4A8_DYNAMIC":
             out["scale_bias"] = w4a8_scale_bias(layer.name, layer.dequantized())
+        if kind == "W4A4_FLATQUANT_DYNAMIC":
+            assert layer.left_trans is not None and layer.right_trans is not None and layer.clip_ratio is not None
+            dtype = model_dtype or (torch.bfloat16 if bf16_model else torch.float32)  # (the loader's params_dtype)
+            out.update(left_trans=layer.left_trans.to(dtype).contiguous(),
+                       right_trans=layer.right_trans.to(dtype).contiguous(),
+                       clip_ratio=torch.tensor([layer.clip_ratio], dtype=torch.float32))
     else:
         zero = layer.zero if layer.zero is not None else torch.zeros_like(layer.scale)
         if layer.bits == 4:
@@ -142,6 +161,7 @@ class MsModelSlimFormat:
     shard_prefix = "quant_model_weights"
     consumers = "vllm-ascend, MindIE"
     unstacked_experts: bool | frozenset[str] = True
+    learned_transforms = True  # (W4A4_FLATQUANT_DYNAMIC: left_trans, right_trans, clip_ratio per layer)
     expert_leaves: Mapping[str, Mapping[str, str]] = {}  # (per-expert linears keep our names)
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None:
@@ -162,7 +182,7 @@ class MsModelSlimFormat:
         return None
 
     def layer_tensors(self, layer: ExportLayer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return msmodelslim_tensors(layer, dtype == torch.bfloat16)[1]
+        return msmodelslim_tensors(layer, dtype == torch.bfloat16, dtype)[1]
 
     def kv_cache_tensors(self, records: Sequence[KVRecord], tensors: dict[str, torch.Tensor],
                          dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -47,6 +47,9 @@ class ServingFormat(Protocol):
     # model_type -> {our per-expert linear's leaf name: the one its clients read} (GraniteMoE on compressed-tensors:
     # vLLM reads experts.<e>.w1 / w3 / w2); families not listed keep our names (experts.<e>.gate_proj / ...)
     expert_leaves: Mapping[str, Mapping[str, str]]
+    # whether a layer can read its input through a learned Kronecker transform with a clip ratio (FlatQuant's
+    # left_trans / right_trans / clip_ratio: msModelSlim's W4A4_FLATQUANT_DYNAMIC); no format holds an online Hadamard
+    learned_transforms: bool
 
     def unsupported_reason(self, scheme: QuantScheme) -> str | None: ...
 
@@ -188,9 +191,12 @@ class FormatExporter:
                   kv: Sequence[KVRecord]) -> None:
         self.blocks.append(name)
         for rec in layers.values():
-            if rec.input_rotation:
-                raise ExportError(f"{self.fmt.name}: layer '{rec.path}' reads its input through an online Hadamard "
-                                  "transform, which this format cannot express; rotate{online=false}")
+            if rec.input_rotation and not (rec.input_rotation == "kronecker" and self.fmt.learned_transforms):
+                hint = ("flatquant absorbs rotate's online Hadamard only where both Kronecker factors of the "
+                        "input size have a Hadamard matrix: rotate{online=false}" if self.fmt.learned_transforms
+                        else "rotate{online=false}, no flatquant")
+                raise ExportError(f"{self.fmt.name}: layer '{rec.path}' reads its input through an online transform "
+                                  f"({rec.input_rotation}), which this format cannot express; {hint}")
         block = split_block(self.fmt.name, name, gm, layers, kv, self.state_names)
         out: dict[str, torch.Tensor] = {}
         for layer in block.layers:

@@ -19,7 +19,9 @@ PATH = "qc.path"  # module path override (fused linears)
 FUSED_FROM = "qc.fused_from"  # list of {"path", "out_features", "role"}
 RECORD = "qc.record"  # dict describing a lowered linear (written to the artefact description)
 ACT_FQ = "qc.act_fq"  # on a fake-quant node: {"dynamic": bool, "scale": attr, "zero": attr, ...}
-ROTATION = "qc.rotation"  # "hadamard" on a linear whose input passes qc::hadamard_transform
+ROTATION = "qc.rotation"  # "hadamard" on a linear whose input passes qc::hadamard_transform; "kronecker" (or
+# "hadamard+kronecker") where qc::kronecker_transform follows (FlatQuant)
+TRANSFORM = "qc.transform"  # on a linear after flatquant: {"left": attr, "right": attr, "clip_ratio": float}
 SPARSE = "qc.sparse"  # on a pruned linear: {"pattern": "2:4", "method": ..., "sparsity": fraction of zeros}
 KV_FQ = "qc.kv_fq"  # on a KV-cache fake-quant node: {"kind", "attention", "module", "args", "scale", "zero", ...}
 

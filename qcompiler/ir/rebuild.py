@@ -118,10 +118,12 @@ def emit_linear_op(gm: fx.GraphModule, node: fx.Node, x: fx.Node, record: LayerR
                 (x, attr("qweight"), attr("weight_scale"), attr("input_scale"), attr("input_zero"), bias),
             )
         elif record.op == "linear_int_dynamic":
+            acts = record.activations or {}
+            clip = float(acts.get("clip_ratio", 1.0))
             new = graph.call_function(
                 torch.ops.qc.linear_int_dynamic.default,
-                (x, attr("qweight"), attr("weight_scale"), bias, (record.activations or {})["bits"],
-                 record.group_size if w["granularity"] == "group" else 0),
+                (x, attr("qweight"), attr("weight_scale"), bias, acts["bits"],
+                 record.group_size if w["granularity"] == "group" else 0, *((clip,) if clip != 1.0 else ())),
             )
         elif record.op == "linear_fp8":
             new = graph.call_function(
@@ -205,8 +207,19 @@ def rebuild_block(gm: fx.GraphModule, records: list[LayerRecord], block: str) ->
         for target in rec.tensors.values():  # placeholders until fill_block reads the artefact
             set_tensor(gm, target, torch.empty(0, device="meta"))
         x = node.args[0]
-        if rec.input_rotation == "hadamard":  # QuaRot's online Hadamard before the layer
-            with gm.graph.inserting_before(node):
+        rotations = rec.input_rotation.split("+") if rec.input_rotation else []
+        if set(rotations) - {"hadamard", "kronecker"}:
+            raise ArtifactError(f"block '{block}': layer '{rec.path}' names an unknown input rotation "
+                                f"'{rec.input_rotation}'")
+        with gm.graph.inserting_before(node):
+            if "hadamard" in rotations:  # QuaRot's online Hadamard before the layer
                 x = gm.graph.call_function(torch.ops.qc.hadamard_transform.default, (x,))
+            if "kronecker" in rotations:  # FlatQuant's learned transform after it
+                if not (rec.tensors.get("left_trans") and rec.tensors.get("right_trans")):
+                    raise ArtifactError(f"block '{block}': layer '{rec.path}' has a Kronecker input transform but "
+                                        "no left_trans / right_trans tensors")
+                x = gm.graph.call_function(torch.ops.qc.kronecker_transform.default, (
+                    x, get_attr_node(gm, rec.tensors["left_trans"], node),
+                    get_attr_node(gm, rec.tensors["right_trans"], node)))
         emit_linear_op(gm, node, x, rec)  # type: ignore[arg-type]
     gm.graph.eliminate_dead_code()

@@ -54,6 +54,8 @@ class Target:
     consumer: str = ""  # what loads the output (README matrix); targets writing several formats override consumers()
     # whether the target's runtime and formats hold qc::online_rotation (QuaRot's online Hadamard before down_proj)
     online_rotation: bool = True
+    # whether they hold a learned transform before a linear (flatquant's qc::kronecker_transform + clip ratio)
+    learned_transforms: bool = False
     # whether the default pipeline rotates the residual stream (QuaRot, online Hadamard included) before static int8
     # activations, where the model admits it (else SmoothQuant): the targets whose exports are checked rotated
     rotates_static_activations: bool = False
@@ -66,6 +68,13 @@ class Target:
             if feature in self.refuses:
                 return self.refuses[feature]
         return int_gemm_reason(scheme) or self.kernel_reason(scheme)
+
+    def learned_transform_reason(self, scheme: QuantScheme) -> str | None:
+        """Why this target cannot hold flatquant's learned transforms for `scheme` (None: it can)."""
+        if not self.learned_transforms:
+            return ("its formats hold no learned transform before a linear (flatquant's Kronecker transform and clip "
+                    "ratio); use --target reference, or drop flatquant")
+        return None
 
     def kernel_reason(self, scheme: QuantScheme) -> str | None:
         """A constraint of this target's kernels or formats that no feature names (default: none)."""

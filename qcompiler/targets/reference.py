@@ -20,5 +20,6 @@ class ReferenceTarget(Target):
     consumer = "qcompiler runtime (torch CPU)"
     # static w8a8 on the demo: +8.2 % rotated (MSE observer) against +93 % smoothed (docs/benchmarks.md)
     rotates_static_activations = True
+    learned_transforms = True  # (flatquant: qc::kronecker_transform and clipped per-token grids run here)
 
     # refuses nothing: every feature runs (fp8 in qc::linear_fp8, emulated in float32 on the CPU)

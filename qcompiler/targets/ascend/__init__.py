@@ -3,7 +3,8 @@
 Quantization and the artefact use the portable `qc::` ops (like every target); the Ascend specifics are
   - the export OUT/msmodelslim/ (export/msmodelslim.py), which vllm-ascend (`--quantization ascend`) and MindIE
     load: W8A8 (static), W8A8_DYNAMIC, W8A16, W4A16, W4A8_DYNAMIC (per channel or two-level groups),
-    W4A4_DYNAMIC, W8A8S / W16A16S (2:4), C8 KV cache, FLOAT fallbacks;
+    W4A4_DYNAMIC, W4A4_FLATQUANT_DYNAMIC (the flatquant pass), W8A8S / W16A16S (2:4), C8 KV cache, FLOAT
+    fallbacks;
   - the NPU lowering (runtime/npu.py): qc:: linears → npu_quantize / npu_dynamic_quant /
     npu_quant_matmul / npu_weight_quant_batchmatmul, run by `load_quantized(out, lower_for="npu")`, on torch_npu
     when present and on the emulation (kernels/ascend/npu_ops.py) elsewhere (qc::linear_int_dynamic — W4A4,
@@ -15,7 +16,8 @@ Quantization and the artefact use the portable `qc::` ops (like every target); t
 
 What loads where (vllm-ascend at its 2026-08 head): W8A8, W8A8_DYNAMIC, W8A16 dense in vllm-ascend and MindIE;
 dense W4A16 and W4A8_DYNAMIC in MindIE only (vllm-ascend registers them for MoE experts only); W8A8S / W16A16S
-MindIE only; W4A4_DYNAMIC in both. msModelSlim has no online transform: rotations here are residual-only.
+MindIE only; W4A4_DYNAMIC and W4A4_FLATQUANT_DYNAMIC in both. msModelSlim has no online Hadamard: rotations
+here are residual-only, or folded into flatquant's per-layer Kronecker transform.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class AscendTarget(Target):
     description = ("Huawei Ascend NPU: npu_quant_matmul (int8×int8, static or per-token), "
                    "npu_weight_quant_batchmatmul (int8/int4 weight-only); exports msModelSlim ascend v1")
     fuse_shared_input_linears = True
-    online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online transform before a linear)
+    online_rotation = False  # (compressed-tensors / msModelSlim layouts have no online Hadamard before a linear)
+    learned_transforms = True  # (msModelSlim's W4A4_FLATQUANT_DYNAMIC: flatquant's L, R and clip ratio per layer)
 
     refuses = {
         "fp8": "the msModelSlim fp8 layout (WFP8AFP8_DYNAMIC) is not written yet",
@@ -76,11 +79,21 @@ class AscendTarget(Target):
         if scheme.sparsity:  # W8A8S / W16A16S: MindIE only
             return "msmodelslim: MindIE (W8A8S / W16A16S)"
         if scheme.activations is not None and scheme.activations.bits == 4:
-            return "msmodelslim: vllm-ascend, MindIE (W4A4_DYNAMIC)"
+            return "msmodelslim: vllm-ascend, MindIE (W4A4_DYNAMIC; W4A4_FLATQUANT_DYNAMIC with flatquant)"
         if scheme.weight_bits == 4:  # vllm-ascend (2026-08 head) registers its int4 types for MoE experts only
             kind = "W4A16" if scheme.weight_only else "W4A8_DYNAMIC"
             return f"msmodelslim: MindIE (vllm-ascend: {kind} for MoE experts only)"
         return "msmodelslim: vllm-ascend, MindIE"
+
+    def learned_transform_reason(self, scheme: QuantScheme) -> str | None:
+        for s in scheme.all_schemes():
+            w, a = s.weights, s.activations
+            if a is None or not a.dynamic or a.is_float:
+                continue  # (flatquant leaves these layers alone)
+            if w is None or w.bits != 4 or w.granularity != "channel" or not w.symmetric or a.bits != 4:
+                return ("msModelSlim holds a learned transform as W4A4_FLATQUANT_DYNAMIC only (symmetric per-channel "
+                        "int4 weights, int4 per-token activations): --scheme w4a4, or drop flatquant")
+        return None
 
     def check_options(self, options: dict[str, str]) -> None:
         unknown = set(options) - {"format"}

@@ -1,0 +1,236 @@
+"""FlatQuant-style learned affine transforms: for every linear input x that is quantized per token at run time, an
+invertible P = L ⊗ R (Kronecker, L [a, a], R [b, b], a·b = K) and an activation clip ratio c, fitted block by block
+so that the quantized block reproduces the float block's output.
+
+The transform and its inverse cancel exactly in float:
+
+    y = x·Wᵀ = (x·P)·(W·P⁻ᵀ)ᵀ,    P = L ⊗ R,  P⁻ᵀ = L⁻ᵀ ⊗ R⁻ᵀ
+
+and neither needs the [K, K] product: with X the row-major [a, b] view of one token x (vec(X) = x),
+
+    x·(L ⊗ R) = vec(Lᵀ·X·R),    a row w of W:  w·(L ⊗ R)⁻ᵀ = vec(L⁻¹·W_r·R⁻ᵀ)
+
+(row-major vec(A·X·B) = (A ⊗ Bᵀ)·vec(X)). At run time the block computes x' = x·P online (qc::kronecker_transform,
+two small GEMMs per token), quantizes x' per token with the scale s_t = c·max|x'_t|/qmax (values beyond clamped),
+and multiplies by the quantized W·P⁻ᵀ. The weights absorb P⁻ᵀ offline, so only L, R and c are stored.
+
+Fitting (`learn_block_transforms`): L = R = I (or the site's starting point, e.g. a Hadamard pair) and
+c = σ(4) ≈ 0.98 at the start, then Adam on the mean squared error between the block's float output and its output with every
+site transformed and quantized — per-token activations with the clip, weights on the scheme's grid — through
+straight-through rounding (∂round(u)/∂u = 1; the clamp keeps its true gradient, which is how c learns). Each step
+runs a few calibration sequences (micro-batches) through the block, as FlatQuant does with its per-layer
+calibration; the float targets are the unmodified block's outputs on the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from qcompiler.numerics import fake_quant_weight
+from qcompiler.schemes import QuantArgs
+
+CLIP_INIT_LOGIT = 4.0  # σ(4) ≈ 0.982: FlatQuant's starting activation clip
+
+
+def kronecker_factors(k: int) -> tuple[int, int]:
+    """(a, b) with a·b = k and a ≤ b as balanced as a difference of squares allows: the smallest m ≥ √k with
+    m² − k = n² a square gives a = m − n, b = m + n. This is the split vllm-ascend's W4A4_FLATQUANT_DYNAMIC layer
+    derives from the input size (so stored L, R have the shapes it allocates); k = 576 → (24, 24), 1536 → (32, 48)."""
+    if k <= 0:
+        raise ValueError(f"kronecker_factors: size must be positive, got {k}")
+    m = math.isqrt(k)
+    if m * m < k:
+        m += 1
+    while True:
+        n = math.isqrt(m * m - k)
+        if n * n == m * m - k:
+            return m - n, m + n
+        m += 1
+
+
+def kronecker_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """x·(L ⊗ R) over the last axis: vec(Lᵀ·X·R) for X the [a, b] view of each row. Computed in x's dtype."""
+    a, b = left.shape[0], right.shape[0]
+    shape = x.shape
+    xs = x.reshape(-1, a, b)
+    y = torch.matmul(torch.matmul(left.t().to(x.dtype), xs), right.to(x.dtype))
+    return y.reshape(shape)
+
+
+def kronecker_weight(w: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """W·(L ⊗ R)⁻ᵀ for W [N, K]: row by row vec(L⁻¹·W_r·R⁻ᵀ), so that (x·P)·(W·P⁻ᵀ)ᵀ = x·Wᵀ."""
+    a, b = left.shape[0], right.shape[0]
+    wr = w.reshape(-1, a, b)
+    # (one inverse per factor, not a solve per row: a batched solve would factorize L once for each of the N rows)
+    y = torch.matmul(torch.matmul(torch.linalg.inv(left), wr), torch.linalg.inv(right).t())
+    return y.reshape(w.shape)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_act_clipped(x: torch.Tensor, bits: int, clip_ratio: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric per-token fake quantization with the scale c·max|x_t|/qmax, differentiable in x (straight-through
+    rounding) and in c (through the scale and the clamp): the training twin of numerics.quantize_act_per_token."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(dim=-1, keepdim=True).detach() * clip_ratio / qmax).clamp_min(1e-12)
+    return torch.clamp(round_ste(x / scale), -qmax - 1, qmax) * scale
+
+
+@dataclass
+class Site:
+    """Linears (node names) that read one input node and quantize it per token with `act_bits`; the transform
+    starts at `init` (L₀, R₀), the identity when None."""
+
+    input: str
+    linears: list[str]
+    k: int
+    act_bits: int
+    init: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class SiteTransform:
+    left: torch.Tensor  # [a, a] float32
+    right: torch.Tensor  # [b, b] float32
+    clip_ratio: float
+
+
+class _Params(torch.nn.Module):
+    def __init__(self, sites: Sequence[Site]):
+        super().__init__()
+        self.left = torch.nn.ParameterList()
+        self.right = torch.nn.ParameterList()
+        self.clip = torch.nn.ParameterList()
+        for s in sites:
+            a, b = kronecker_factors(s.k)
+            left, right = s.init if s.init is not None else (torch.eye(a), torch.eye(b))
+            self.left.append(torch.nn.Parameter(left.float().clone()))
+            self.right.append(torch.nn.Parameter(right.float().clone()))
+            self.clip.append(torch.nn.Parameter(torch.tensor(CLIP_INIT_LOGIT)))
+
+
+class _QuantizedRun(fx.Interpreter):
+    """Runs the block with every site's linears computing Q_a(x·P)·Q_w(W·P⁻ᵀ)ᵀ + b (straight-through)."""
+
+    def __init__(self, gm: fx.GraphModule, sites: Sequence[Site], params: _Params,
+                 weight_args: dict[str, QuantArgs | None]):
+        super().__init__(gm)
+        self.site_of = {lin: i for i, s in enumerate(sites) for lin in s.linears}
+        self.sites, self.params, self.weight_args = sites, params, weight_args
+        self._x: dict[int, torch.Tensor] = {}
+
+    def run_block(self, *args: torch.Tensor) -> Any:
+        self._x = {}
+        return self.run(*args)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n
+        return super().run_node(n)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        node = self._node
+        i = self.site_of.get(node.name)
+        if i is None:
+            return super().call_function(target, args, kwargs)
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else None
+        left, right = self.params.left[i], self.params.right[i]
+        if i not in self._x:  # (linears sharing the input share its transformed, quantized value)
+            xt = kronecker_apply(x.float(), left, right)
+            self._x[i] = fake_quant_act_clipped(xt, self.sites[i].act_bits, torch.sigmoid(self.params.clip[i]))
+        wt = kronecker_weight(w.float(), left, right)
+        wargs = self.weight_args.get(node.name)
+        if wargs is not None:
+            wt = wt + (fake_quant_weight(wt.detach(), wargs) - wt).detach()
+        return F.linear(self._x[i], wt, None if bias is None else bias.float()).to(x.dtype)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for o in out:
+        if isinstance(o, torch.Tensor):
+            return o
+    raise ValueError("the block returns no tensor")
+
+
+def micro_batches(batches: Sequence[tuple[Any, ...]], size: int) -> list[tuple[Any, ...]]:
+    """Each calibration batch split into `size` sequences at a time along its first axis: the tensors whose first
+    axis is the batch's (the hidden states' first axis) are sliced, the rest (shared position tables) kept."""
+    out = []
+    for batch in batches:
+        n = batch[0].shape[0]
+        for start in range(0, n, size):
+            out.append(tuple(t[start:start + size] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n
+                             and n > 1 else t for t in batch))
+    return out
+
+
+def learn_block_transforms(
+    gm: fx.GraphModule,
+    sites: Sequence[Site],
+    batches: Sequence[tuple[Any, ...]],
+    weight_args: dict[str, QuantArgs | None],
+    steps: int,
+    lr: float = 5e-3,
+    clip_lr: float = 5e-2,
+    micro_batch: int = 2,
+    seed: int = 0,
+    log: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, SiteTransform], dict[str, float]]:
+    """Fit every site's L, R and clip ratio to `gm`'s float outputs on `batches` (see the module docstring).
+    Returns the transforms by site input name and {"loss_start", "loss_end"} (mean squared error of the block
+    output, over the last pass of micro-batches at the start and at the end)."""
+    params = _Params(sites)
+    runner = _QuantizedRun(gm, sites, params, weight_args)
+    data = micro_batches(batches, micro_batch)
+    with torch.no_grad():
+        targets = [_first_tensor(gm(*b)).float() for b in data]
+    opt = torch.optim.AdamW([
+        {"params": [*params.left, *params.right], "lr": lr},
+        {"params": list(params.clip), "lr": clip_lr},
+    ], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=0.0)
+    order = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    perm: list[int] = []
+    for step in range(steps):
+        if not perm:
+            perm = torch.randperm(len(data), generator=order).tolist()
+        j = perm.pop()
+        out = _first_tensor(runner.run_block(*data[j])).float()
+        loss = F.mse_loss(out, targets[j])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log is not None:
+            log(step, losses[-1])
+    window = max(1, min(len(data), len(losses) // 2 or 1))
+    with torch.no_grad():
+        start = _mean_loss(gm, sites, _Params(sites), weight_args, data[:window], targets[:window])
+        end = _mean_loss(gm, sites, params, weight_args, data[:window], targets[:window])
+    out = {s.input: SiteTransform(params.left[i].detach().clone(), params.right[i].detach().clone(),
+                                  float(torch.sigmoid(params.clip[i].detach())))
+           for i, s in enumerate(sites)}
+    return out, {"loss_start": start, "loss_end": end}
+
+
+def _mean_loss(gm: fx.GraphModule, sites: Sequence[Site], params: _Params, weight_args: dict[str, QuantArgs | None],
+               data: Sequence[tuple[Any, ...]], targets: Sequence[torch.Tensor]) -> float:
+    runner = _QuantizedRun(gm, sites, params, weight_args)
+    total = 0.0
+    for b, t in zip(data, targets, strict=True):
+        total += float(F.mse_loss(_first_tensor(runner.run_block(*b)).float(), t))
+    return total / max(len(data), 1)

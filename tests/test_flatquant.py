@@ -1,0 +1,247 @@
+"""flatquant: the Kronecker transform's maths and kernels, the clipped per-token grid, the pass on a traced block
+(structure, the float block unchanged, the fit lowering its error, lowering and reloading from records exactly),
+the layers it leaves alone, and a whole model through the artefact."""
+
+import copy
+
+import pytest
+import torch
+from blocks import context, rel_err, run, traced_block
+
+import qcompiler.kernels  # noqa: F401
+from qcompiler.algorithms.flatquant import (
+    fake_quant_act_clipped,
+    kronecker_apply,
+    kronecker_factors,
+    kronecker_weight,
+)
+from qcompiler.driver import QuantizeConfig, quantize
+from qcompiler.errors import PassError, PipelineError
+from qcompiler.ir import qmeta
+from qcompiler.ir.graph import LINEAR, get_tensor, is_call, set_tensor
+from qcompiler.ir.rebuild import rebuild_block
+from qcompiler.kernels import reference
+from qcompiler.numerics import fake_quant_act_per_token, quantize_act_per_token
+from qcompiler.pm.manager import PassManager
+from qcompiler.pm.pipeline import parse_pipeline
+from qcompiler.runtime import load_quantized
+from qcompiler.schemes import get_scheme
+
+KRON = torch.ops.qc.kronecker_transform.default
+
+
+def _apply(gm, ctx, text):
+    return PassManager(parse_pipeline(text)).run(gm, ctx)
+
+
+@pytest.mark.parametrize(("k", "ab"), [(576, (24, 24)), (1536, (32, 48)), (4096, (64, 64)), (14336, (112, 128)),
+                                       (12, (2, 6)), (7, (1, 7))])
+def test_kronecker_factors_are_vllm_ascends_split(k, ab):
+    # the smallest m ≥ √k with m² − k a square n²: (m − n, m + n), the shapes W4A4_FLATQUANT_DYNAMIC allocates
+    a, b = kronecker_factors(k)
+    assert (a, b) == ab and a * b == k
+
+
+def test_kronecker_transform_is_the_kronecker_product_and_the_weights_undo_it():
+    g = torch.Generator().manual_seed(0)
+    left = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    right = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(8, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 5, 48, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 48, generator=g, dtype=torch.float64)
+    p = torch.kron(left, right)
+    assert torch.allclose(kronecker_apply(x, left, right), x @ p, rtol=0, atol=1e-12)
+    assert torch.allclose(kronecker_weight(w, left, right), w @ torch.linalg.inv(p).t(), rtol=0, atol=1e-10)
+    y = kronecker_apply(x, left, right) @ kronecker_weight(w, left, right).t()
+    assert torch.allclose(y, x @ w.t(), rtol=0, atol=1e-10)
+    # the op (float32 in, float32 out) computes the same product; a mismatched size is refused by name
+    out = torch.ops.qc.kronecker_transform(x.float(), left.float(), right.float())
+    assert out.dtype == torch.float32 and rel_err(out.double(), x @ p) < 1e-6
+    with pytest.raises(ValueError, match="does not match the input size 48"):
+        reference.kronecker_transform(x, left[:5, :5], right)
+
+
+def test_clipped_per_token_grid_and_its_training_twin():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 64, generator=g)
+    q, s = quantize_act_per_token(x, 4, 0.5)
+    assert torch.equal(s, x.abs().amax(-1, keepdim=True) * 0.5 / 7)
+    assert int(q.max()) == 7 and int(q.min()) == -8  # half the range: every token's peaks clamp to the ends
+    assert torch.equal(quantize_act_per_token(x, 4, 1.0)[0], quantize_act_per_token(x, 4)[0])
+    # the differentiable twin computes the same values and passes a gradient to the clip ratio
+    clip = torch.tensor(0.5, requires_grad=True)
+    y = fake_quant_act_clipped(x, 4, clip)
+    assert torch.equal(y, fake_quant_act_per_token(x, 4, 0.5))
+    y.square().sum().backward()
+    assert clip.grad is not None and float(clip.grad) != 0.0
+    # the op and the integer GEMM take the same grid
+    assert torch.equal(torch.ops.qc.fake_quant_act_per_token(x, 4, 0.5), y.detach())
+    qw = torch.randint(-8, 8, (5, 64), generator=g, dtype=torch.int8)
+    sw = torch.rand(5, 1, generator=g) + 0.5
+    out = reference.linear_int_dynamic(x, qw, sw, None, 4, 0, 0.5)
+    assert rel_err(out, y.detach() @ (qw.float() * sw).t()) < 1e-6
+
+
+@pytest.mark.slow
+def test_flatquant_pass_on_a_block_lowers_and_reloads_exactly(tiny_llama):
+    gm, inputs = traced_block(tiny_llama, seq=32, n_batches=2)
+    ctx = context(inputs, "w4a4")
+    gm = _apply(gm, ctx, "rotate,fuse_linears")
+    ref = run(gm, inputs)
+    kept = _apply(copy.deepcopy(gm), context(inputs, "w4a4"), "flatquant{steps=2,absorb_hadamard=false}")
+    assert sorted(n.meta[qmeta.ROTATION] for n in kept.graph.nodes if is_call(n, LINEAR)) == (
+        ["hadamard+kronecker"] * 2 + ["kronecker"] * 2)  # (the online Hadamards stay, the transforms follow them)
+    gm = _apply(gm, ctx, "flatquant{steps=30,micro_batch=1}")
+    rep = ctx.report["flatquant"]
+    # structure: one transform per input (q/k/v, o, gate/up, down). o_proj's online Hadamard (96 = 8·12: H_8 ⊗ H_12)
+    # is absorbed into its transform's starting point; down_proj's stays (160 = 10·16 and there is no H_10)
+    krons = [n for n in gm.graph.nodes if n.target == KRON]
+    assert len(krons) == 4 and len(rep["sites"]) == 4 and rep["absorbed_hadamards"] == 1
+    assert rep["sites"]["mlp.down_proj"]["kronecker"] == [10, 16]
+    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    assert all(n.args[0].target == KRON for n in linears)
+    assert {n.meta[qmeta.PATH] if qmeta.PATH in n.meta else str(n.args[1].target): n.meta[qmeta.ROTATION]
+            for n in linears}["block.mlp.down_proj.weight"] == "hadamard+kronecker"
+    assert sorted(n.meta[qmeta.ROTATION] for n in linears) == ["hadamard+kronecker"] + ["kronecker"] * 3
+    assert all(0.5 < s["clip_ratio"] < 1.0 for s in rep["sites"].values())
+    # numerics: the float block computes what it computed (P and W·P⁻ᵀ cancel); the fit lowered the block's error
+    assert rel_err(run(gm, inputs), ref) < 1e-4
+    assert rep["block_mse"]["loss_end"] < rep["block_mse"]["loss_start"]
+    gm = _apply(gm, ctx, "rtn,act_quant")
+    fq = run(gm, inputs)
+    clips = [n.args[2] for n in gm.graph.nodes if n.target == torch.ops.qc.fake_quant_act_per_token.default]
+    assert len(clips) == 4 and all(c < 1.0 for c in clips)
+    lowered = _apply(gm, ctx, "lower")
+    assert rel_err(run(lowered, inputs), fq) < 1e-5
+    records = [n.meta[qmeta.RECORD] for n in lowered.graph.nodes if qmeta.RECORD in n.meta]
+    assert all(r.activations["clip_ratio"] < 1.0 and {"left_trans", "right_trans"} <= set(r.tensors) for r in records)
+    # a fresh float block rebuilt from the records (what loading an artefact does) computes the same
+    fresh, _ = traced_block(tiny_llama, seq=32, n_batches=2)
+    rebuild_block(fresh, records, "model.layers.0")
+    fresh.recompile()
+    for r in records:
+        for name in [*r.tensors.values(), *([r.bias] if r.bias else [])]:
+            set_tensor(fresh, name, get_tensor(lowered, name))
+    for t in ("block.input_layernorm.weight", "block.post_attention_layernorm.weight"):
+        set_tensor(fresh, t, get_tensor(lowered, t))  # (the rotation folded the norms)
+    assert rel_err(run(fresh, inputs), fq) < 1e-5
+
+
+def test_flatquant_leaves_layers_without_per_token_activations_alone(tiny_llama):
+    for scheme in ("w4a16", "w8a8"):
+        gm, inputs = traced_block(tiny_llama, seq=16, n_batches=1)
+        ctx = context(inputs, scheme)
+        gm = _apply(gm, ctx, "flatquant{steps=2}")
+        assert "no linear of this block quantizes activations per token" in ctx.report["flatquant"]["skipped"]
+        assert not any(n.target == KRON for n in gm.graph.nodes)
+    with pytest.raises(PipelineError, match="micro_batch ≥ 1"):
+        parse_pipeline("flatquant{micro_batch=0}")
+
+
+@pytest.mark.slow
+def test_flatquant_model_through_the_artefact(tiny_llama, tmp_path, calib_text):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fq"
+    cfg = QuantizeConfig(model=tiny_llama, scheme=get_scheme("w4a4"), out=out, calib_texts=[calib_text],
+                         num_samples=4, seq_len=48, batch_size=2, progress=False,
+                         passes=parse_pipeline("rotate,fuse_linears,flatquant{steps=10},rtn"))
+    desc = quantize(cfg, log=lambda s: None)
+    layers = desc["layers"].values()
+    assert all("kronecker" in rec["input_rotation"] and rec["activations"]["clip_ratio"] < 1.0 for rec in layers)
+    model = load_quantized(out)
+    graph = model.model.layers[0].gm.graph
+    assert sum(n.target == KRON for n in graph.nodes) == 4
+    assert sum(n.target == torch.ops.qc.hadamard_transform.default for n in graph.nodes) == 1  # (down_proj's)
+    ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
+        assert rel_err(model(ids).logits, ref) < 1.0
+
+
+# ---------------------------------------------------------------- msModelSlim W4A4_FLATQUANT_DYNAMIC (ascend)
+
+
+@pytest.fixture(scope="module")
+def llama_192(tmp_path_factory):
+    """A tiny Llama whose MLP width 192 = 12·16 has Hadamard Kronecker factors (H_12 Paley, H_16 Sylvester), so
+    flatquant can fold rotate's online Hadamard before down_proj into its transform."""
+    from tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("llama192") / "m", "llama", intermediate_size=192)
+
+
+def _ascend(model, out, calib_text, passes):
+    return quantize(QuantizeConfig(model=model, scheme=get_scheme("w4a4"), out=out, target="ascend",
+                                   calib_texts=[calib_text], num_samples=4, seq_len=32, batch_size=2, progress=False,
+                                   passes=parse_pipeline(passes)), log=lambda s: None)
+
+
+def test_ascend_export_holds_the_learned_transforms_and_runs_as_vllm_ascend_would(llama_192, tmp_path, calib_text):
+    """rotate (online) + flatquant on the ascend target: every Hadamard folds into L ⊗ R, the msModelSlim folder
+    describes W4A4_FLATQUANT_DYNAMIC layers with left_trans [a, a], right_trans [b, b], clip_ratio [1], and the
+    emulated vllm-ascend call sequence (npu_kronecker_quant → int4 × int4 npu_quant_matmul) on those tensors
+    computes what our artefact computes."""
+    from qcompiler.runtime.msmodelslim import load_msmodelslim, read_folder
+
+    out = tmp_path / "fq"
+    _ascend(llama_192, out, calib_text, "rotate,fuse_linears,flatquant{steps=5},rtn")
+    desc, tensors = read_folder(out / "msmodelslim")
+    assert desc["model_quant_type"] == "W4A4_FLATQUANT_DYNAMIC"
+    assert tensors["model.layers.1.mlp.down_proj.weight"].shape[1] == 192
+    for leaf in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"):
+        base = f"model.layers.1.{leaf}."
+        a, b = kronecker_factors(tensors[base + "weight"].shape[1])
+        assert desc[base + "weight"] == desc[base + "left_trans"] == "W4A4_FLATQUANT_DYNAMIC"
+        assert tensors[base + "weight"].dtype == torch.int8
+        assert int(tensors[base + "weight"].min()) >= -8 and int(tensors[base + "weight"].max()) <= 7
+        assert tensors[base + "left_trans"].shape == (a, a) and tensors[base + "right_trans"].shape == (b, b)
+        assert tensors[base + "clip_ratio"].dtype == torch.float32 and tensors[base + "clip_ratio"].shape == (1,)
+        assert 0.0 < float(tensors[base + "clip_ratio"]) <= 1.0
+        assert tensors[base + "weight_scale"].shape == tensors[base + "weight_offset"].shape == (
+            tensors[base + "weight"].shape[0], 1)
+    # q/k/v share one input, so one transform: what vLLM's fused qkv_proj loads from any of them
+    q, v = "model.layers.0.self_attn.q_proj.", "model.layers.0.self_attn.v_proj."
+    assert torch.equal(tensors[q + "left_trans"], tensors[v + "left_trans"])
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = load_quantized(out)(ids).logits
+        npu = load_msmodelslim(out / "msmodelslim")(ids).logits
+    # the same int4 codes on both sides; float32 sums in another order may move a rounding tie by one code
+    assert rel_err(npu, ours) < 2e-3
+
+
+def test_ascend_w4a4_dynamic_runs_as_vllm_ascend_would(tiny_llama, tmp_path, calib_text):
+    from qcompiler.runtime.msmodelslim import load_msmodelslim, read_folder
+
+    out = tmp_path / "w4a4"
+    _ascend(tiny_llama, out, calib_text, "rotate{online=false},fuse_linears,rtn")
+    desc, tensors = read_folder(out / "msmodelslim")
+    assert desc["model.layers.0.mlp.down_proj.weight"] == "W4A4_DYNAMIC"
+    assert not any(name.endswith("left_trans") for name in tensors)
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert rel_err(load_msmodelslim(out / "msmodelslim")(ids).logits, load_quantized(out)(ids).logits) < 2e-3
+
+
+def test_ascend_refuses_a_hadamard_flatquant_cannot_fold(tiny_llama, tmp_path, calib_text):
+    # the tiny Llama's MLP width 160 = 10·16: no H_10, so down_proj's online Hadamard would stay, and msModelSlim
+    # has none; refused by the pass, naming the layer, before anything is written
+    out = tmp_path / "refused"
+    with pytest.raises(PassError, match=r"online Hadamard before .*down_proj.*\(160 inputs\).*rotate\{online=false\}"):
+        _ascend(tiny_llama, out, calib_text, "rotate,fuse_linears,flatquant{steps=1},rtn")
+    assert not out.exists()
+
+
+def test_targets_refuse_flatquant_they_cannot_hold(tiny_llama, tmp_path, calib_text):
+    # cuda / onnxruntime formats hold no learned transform; msModelSlim holds it for W4A4 only; refused at planning,
+    # before anything is written
+    for target, scheme, match in (("cuda", "w4a8", "hold no learned transform"),
+                                  ("onnxruntime", "w8a8_dynamic", "hold no learned transform"),
+                                  ("ascend", "w8a8_dynamic", "W4A4_FLATQUANT_DYNAMIC only")):
+        out = tmp_path / target
+        cfg = QuantizeConfig(model=tiny_llama, scheme=get_scheme(scheme), out=out, target=target,
+                             calib_texts=[calib_text], num_samples=2, seq_len=16, progress=False,
+                             passes=parse_pipeline("fuse_linears,flatquant{steps=1},rtn"))
+        with pytest.raises(PipelineError, match=f"target '{target}': .*{match}"):
+            quantize(cfg, log=lambda s: None)
+        assert not out.exists()
