@@ -80,6 +80,12 @@ CONFIGS: dict[str, dict] = {
         "scheme": "w4a4", "passes": "rotate{learn=40},fuse_linears,rtn{clip=mse},act_quant"},
     "w4a4 + learned rotation + gptq (SpinQuant R1, 40 steps)": {
         "scheme": "w4a4", "passes": "rotate{learn=40},fuse_linears,gptq,act_quant"},
+    "w4a4 + rotation + flatquant + gptq (FlatQuant, 100 steps)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant,gptq,act_quant"},
+    "w4a4 + rotation + flatquant + gptq (FlatQuant, 50 steps)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{steps=50},gptq,act_quant"},
+    "w4a4 + rotation + flatquant + rtn (FlatQuant, 100 steps, weights in the loop)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{weights_in_loop=true},rtn,act_quant"},
     "fp8 (dynamic per-token acts)": {"scheme": "fp8"},
     "fp8_static": {"scheme": "fp8_static"},
     "w8a8c8 (w8a8 static + smoothquant, int8 KV)": {"scheme": "w8a8c8"},

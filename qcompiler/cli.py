@@ -226,7 +226,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
                   "worse; --algo awq+gptq is slower and a little better)")
     acts = scheme.activations
     if passes is None and acts is not None and acts.bits == 4 and not onnx_input:
-        # (demo: QuaRot + GPTQ +84.9 %, flatquant + GPTQ +47.2 % in 4–5× the time; docs/kv-rotation-sparsity.md)
+        # (demo: QuaRot + GPTQ +88 % in 137 s, flatquant + GPTQ +47 % in 646 s; docs/kv-rotation-sparsity.md run 6)
         print("activations: int4 per token after QuaRot's rotations; FlatQuant's learned transforms are much better "
               "and several times slower: --passes 'rotate,fuse_linears,flatquant,gptq' (targets reference, ascend)")
     cfg = QuantizeConfig(

@@ -16,7 +16,8 @@ and multiplies by the quantized W·P⁻ᵀ. The weights absorb P⁻ᵀ offline, 
 
 Fitting (`learn_block_transforms`): L = R = I (or the site's starting point, e.g. a Hadamard pair) and
 c = σ(4) ≈ 0.98 at the start, then Adam on the mean squared error between the block's float output and its output with every
-site transformed and quantized — per-token activations with the clip, weights on the scheme's grid — through
+site transformed and quantized — per-token activations with the clip, and the weights on the scheme's grid
+where `weight_args` names one (float otherwise: the pass's default when GPTQ follows) — through
 straight-through rounding (∂round(u)/∂u = 1; the clamp keeps its true gradient, which is how c learns). Each step
 runs a few calibration sequences (micro-batches) through the block, as FlatQuant does with its per-layer
 calibration; the float targets are the unmodified block's outputs on the same inputs.
