@@ -245,3 +245,17 @@ def test_targets_refuse_flatquant_they_cannot_hold(tiny_llama, tmp_path, calib_t
         with pytest.raises(PipelineError, match=f"target '{target}': .*{match}"):
             quantize(cfg, log=lambda s: None)
         assert not out.exists()
+
+
+def test_moe_blocks_are_refused_by_name(tmp_path, calib_text):
+    # expert routing (qc::routed) has no gradient: one clear line naming the block, not an autograd error
+    from family_configs import FAMILIES, make_family_model
+
+    family = next(f for f in FAMILIES if f.model_type == "qwen3_moe")
+    model = make_family_model(tmp_path / "moe", family)
+    cfg = QuantizeConfig(model=model, scheme=get_scheme("w4a4"), out=tmp_path / "q", calib_texts=[calib_text],
+                         num_samples=2, seq_len=16, progress=False,
+                         passes=parse_pipeline("fuse_linears,flatquant{steps=1},rtn"))
+    with pytest.raises(PassError, match=r"block 'model.layers.0' routes tokens to experts.*drop it"):
+        quantize(cfg, log=lambda s: None)
+    assert not (tmp_path / "q").exists()

@@ -49,6 +49,7 @@ from qcompiler.schemes import QuantArgs
 
 KRONECKER = torch.ops.qc.kronecker_transform.default
 HADAMARD = torch.ops.qc.hadamard_transform.default
+ROUTED = torch.ops.qc.routed.default
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class FlatQuant(Pass):
         return True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        if any(n.target == ROUTED for n in gm.graph.nodes):
+            raise PassError(f"flatquant: block '{ctx.block}' routes tokens to experts (qc::routed), which has no "
+                            "gradient to fit the transforms through; MoE models are not supported by flatquant yet: "
+                            "drop it (rotate + gptq)")
         sites, weights, skipped = self._sites(gm, ctx)
         if not sites:
             return PassResult(gm, False, {"skipped": "no linear of this block quantizes activations per token"})
