@@ -103,6 +103,10 @@ def test_flatquant_pass_on_a_block_lowers_and_reloads_exactly(tiny_llama):
             for n in linears}["block.mlp.down_proj.weight"] == "hadamard+kronecker"
     assert sorted(n.meta[qmeta.ROTATION] for n in linears) == ["hadamard+kronecker"] + ["kronecker"] * 3
     assert all(0.5 < s["clip_ratio"] < 1.0 for s in rep["sites"].values())
+    # per-channel scaling: folded into the norms before q/k/v and gate/up and into v's rows before o_proj (its
+    # Hadamard absorbed, o reads attention's output); none before down_proj (it reads the online Hadamard's output)
+    assert {k: v["diag_scale"] for k, v in rep["sites"].items()} == {
+        "self_attn.qkv_proj": "norm", "mlp.gate_up_proj": "norm", "self_attn.o_proj": "rows", "mlp.down_proj": None}
     # numerics: the float block computes what it computed (P and W·P⁻ᵀ cancel); the fit lowered the block's error
     assert rel_err(run(gm, inputs), ref) < 1e-4
     assert rep["block_mse"]["loss_end"] < rep["block_mse"]["loss_start"]
@@ -124,6 +128,62 @@ def test_flatquant_pass_on_a_block_lowers_and_reloads_exactly(tiny_llama):
     for t in ("block.input_layernorm.weight", "block.post_attention_layernorm.weight"):
         set_tensor(fresh, t, get_tensor(lowered, t))  # (the rotation folded the norms)
     assert rel_err(run(fresh, inputs), fq) < 1e-5
+
+
+def test_flatquant_diagonal_scaling_folds_into_norms_and_producer_rows(tiny_llama):
+    """Without rotations, down_proj reads act(gate)·up: its divisor d goes into up's rows inside the fused gate_up;
+    o_proj's into v's rows inside the fused qkv (one entry per kv channel); the others into the norms. The float
+    block is unchanged; the fit with d ends lower than without."""
+    gm, inputs = traced_block(tiny_llama, seq=32, n_batches=2)
+    ctx = context(inputs, "w4a4")
+    gm = _apply(gm, ctx, "fuse_linears")
+    ref = run(gm, inputs)
+    before = {name: get_tensor(gm, name).clone() for name in (
+        "block.input_layernorm.weight", "block.post_attention_layernorm.weight")}
+    float_gm = copy.deepcopy(gm)
+    ctx_plain = context(inputs, "w4a4")
+    plain = _apply(copy.deepcopy(gm), ctx_plain, "flatquant{steps=20,diag_scale=false}")
+    gm = _apply(gm, ctx, "flatquant{steps=20}")
+    rep = ctx.report["flatquant"]
+    assert {k: v["diag_scale"] for k, v in rep["sites"].items()} == {
+        "self_attn.qkv_proj": "norm", "self_attn.o_proj": "rows", "mlp.gate_up_proj": "norm", "mlp.down_proj": "rows"}
+    assert rel_err(run(gm, inputs), ref) < 1e-5
+    assert rel_err(run(plain, inputs), ref) < 1e-5
+    for name in ("block.input_layernorm.weight", "block.post_attention_layernorm.weight"):
+        assert not torch.equal(get_tensor(gm, name), before[name])
+        assert torch.equal(get_tensor(plain, name), before[name])
+    # down_proj's input is now x/d: divided channel by channel, the same d for every token
+    down = next(n for n in gm.graph.nodes if is_call(n, LINEAR) and "down_proj" in str(n.args[1].target))
+    site_input = down.args[0].args[0].name  # (down reads qc::kronecker_transform(act(gate)·up, L, R))
+    scaled, unscaled = _node_value(gm, site_input, inputs), _node_value(float_gm, site_input, inputs)
+    d = (unscaled * scaled).sum(0) / scaled.square().sum(0)  # (least squares per channel)
+    assert rel_err(scaled * d, unscaled) < 1e-5
+    assert float(d.std() / d.mean()) > 1e-2  # (and d is not a constant: it differs channel by channel)
+    # o_proj's input under grouped-query attention (4 query heads, 2 kv heads of 24): divided by one d per kv
+    # channel, the two query heads of a group by the same entries
+    o = next(n for n in gm.graph.nodes if is_call(n, LINEAR) and "o_proj" in str(n.args[1].target))
+    site_input = o.args[0].args[0].name
+    scaled, unscaled = _node_value(gm, site_input, inputs), _node_value(float_gm, site_input, inputs)
+    d = ((unscaled * scaled).sum(0) / scaled.square().sum(0)).reshape(2, 2, 24)  # [kv head, group, head_dim]
+    assert rel_err(scaled * d.reshape(-1), unscaled) < 1e-5
+    assert torch.allclose(d[:, 0], d[:, 1], rtol=1e-5) and not torch.allclose(d[0, 0], d[1, 0], rtol=1e-2)
+    assert rep["block_mse"]["loss_end"] < ctx_plain.report["flatquant"]["block_mse"]["loss_end"]
+
+
+def _node_value(gm, name, inputs):
+    """The value of node `name` on the first calibration batch, every token as a row."""
+    seen = {}
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name == name:
+                seen["x"] = out.detach().reshape(-1, out.shape[-1])
+            return out
+
+    with torch.no_grad():
+        Capture(gm).run(*inputs[0])
+    return seen["x"].double()
 
 
 def test_flatquant_leaves_layers_without_per_token_activations_alone(tiny_llama):

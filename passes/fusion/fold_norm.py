@@ -46,6 +46,16 @@ def scale_norm(gm: fx.GraphModule, group: NormGroup, divide_by: torch.Tensor) ->
     set_tensor(gm, group.weight, (m - group.offset).to(gamma.dtype))
 
 
+def scale_linear_outputs(gm: fx.GraphModule, weight_attr: str, bias_attr: str | None, divide_by: torch.Tensor) -> None:
+    """W' = diag(s)⁻¹·W, b' = b / s: the linear's output channel j divided by s_j (its consumer multiplies back)."""
+    for attr in (weight_attr, bias_attr):
+        if attr is None:
+            continue
+        t = get_tensor(gm, attr)
+        s = divide_by if t.dim() == 1 else divide_by[:, None]
+        set_tensor(gm, attr, (t.float() / s).to(t.dtype))
+
+
 def scale_linear_inputs(gm: fx.GraphModule, weight_attr: str, multiply_by: torch.Tensor) -> None:
     w = get_tensor(gm, weight_attr)
     set_tensor(gm, weight_attr, (w.float() * multiply_by[None, :]).to(w.dtype))

@@ -10,7 +10,16 @@ with K = a·b its size (algorithms/flatquant.kronecker_factors, vllm-ascend's sp
                                                        writes it into the per-token fake-quant, lowering into
                                                        qc::linear_int_dynamic)
 
-L, R and c minimise ‖block(x) − block_q(x)‖² on the calibration inputs of the block, the quantized block computing
+Per-channel scaling (diag_scale, default true; FlatQuant's "PS"): where the site's input comes from a producer that
+can absorb a per-channel division exactly — a norm's multiplier (q/k/v, gate/up), up_proj's rows (down_proj's
+input act(gate)·up, fused gate_up included) or v_proj's rows (o_proj's input, when v maps 1:1 onto o: not under
+GQA) — the site also learns d ∈ ℝᴷ, started at d_j = max|x_j|^α / max|W_:,j|^(1−α) (α = diag_alpha, 0.3):
+
+  x' = (x / d)·P,   W ← W·diag(d)·P⁻ᵀ,   producer: norm multiplier m ← m / d, or rows W_p ← diag(d)⁻¹·W_p
+
+so nothing is added at run time (d lives in weights every format already stores).
+
+L, R, c (and d) minimise ‖block(x) − block_q(x)‖² on the calibration inputs of the block, the quantized block computing
 every site as Q_a(x·P)·Q_w(W·P⁻ᵀ)ᵀ with straight-through rounding (algorithms/flatquant.learn_block_transforms:
 `steps` Adam steps of `micro_batch` sequences, cosine schedule). It runs after `rotate` and `fuse_linears`, before
 the weight quantizer (GPTQ then sees x' in its Hessian and quantizes W·P⁻ᵀ). P starts at the identity, so step 0 is
@@ -29,6 +38,7 @@ float activations are left alone (reported).
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,13 +53,70 @@ from qcompiler.calib.stats import Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block
-from qcompiler.ir.graph import get_tensor, linear_module_attr, set_tensor
+from qcompiler.ir.graph import (
+    ACTIVATION_OPS,
+    LINEAR,
+    PASSTHROUGH,
+    get_tensor,
+    is_call,
+    linear_module_attr,
+    set_tensor,
+    skip_passthrough,
+)
+from qcompiler.passes.fusion.fold_norm import (
+    check_norm_group,
+    scale_linear_inputs,
+    scale_linear_outputs,
+    scale_norm,
+)
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
 
 KRONECKER = torch.ops.qc.kronecker_transform.default
 HADAMARD = torch.ops.qc.hadamard_transform.default
 ROUTED = torch.ops.qc.routed.default
+aten = torch.ops.aten
+
+
+Producer = tuple[str, str, int, torch.Tensor | None]  # (kind, node, first row, index): see _scale_producers
+
+VIEW_OPS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.unsqueeze.default, aten.slice.Tensor,
+            aten.expand.default, aten.contiguous.default, aten._unsafe_view.default, aten.clone.default}
+
+
+def _value_rows(gm: fx.GraphModule, v: fx.Node) -> tuple[fx.Node, int, int, int] | None:
+    """Attention's value operand traced back through views (heads split, repeat_kv's expand) to the linear rows
+    it reads: (linear, first row, rows, head size), where every node on the way feeds the next alone; or None."""
+    val = v.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return None
+    head_dim = int(val.shape[-1])
+    node = v
+    while is_call(node, VIEW_OPS) or is_call(node, PASSTHROUGH):
+        prev = node.args[0]
+        if not isinstance(prev, fx.Node) or len(prev.users) != 1:
+            return None
+        if is_call(node, aten.slice.Tensor) and node.args[2:4] not in ((0, 9223372036854775807), (0,)):
+            return None  # (a slice that drops channels)
+        node = prev
+    rows = _rows_of(gm, node)
+    return None if rows is None else (*rows, head_dim)
+
+
+def _rows_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int, int] | None:
+    """The linear whose output rows `node` is, the first row and how many: the linear itself, or one output of a
+    fused linear's split (fuse_linears: getitem(split_with_sizes(linear, sizes, -1), i))."""
+    node = skip_passthrough(node)
+    if is_call(node, LINEAR) and isinstance(node.args[1], fx.Node):
+        return node, 0, int(get_tensor(gm, str(node.args[1].target)).shape[0])
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        split = node.args[0]
+        if (is_call(split, aten.split_with_sizes.default) and isinstance(split.args[0], fx.Node)
+                and is_call(split.args[0], LINEAR) and len(split.args) > 2 and split.args[2] == -1):
+            i = int(node.args[1])  # type: ignore[arg-type]
+            sizes = [int(t) for t in split.args[1]]  # type: ignore[union-attr]
+            return split.args[0], sum(sizes[:i]), sizes[i]
+    return None
 
 
 @dataclass(frozen=True)
@@ -63,11 +130,15 @@ class FlatQuant(Pass):
     micro_batch: int = 1
     weights_in_loop: bool = False
     absorb_hadamard: bool = True
+    diag_scale: bool = True
+    diag_alpha: float = 0.3
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.micro_batch < 1 or self.lr <= 0 or self.clip_lr < 0:
             raise ValueError("flatquant: steps ≥ 0, micro_batch ≥ 1, lr > 0 and clip_lr ≥ 0")
+        if not 0.0 <= self.diag_alpha <= 1.0:
+            raise ValueError(f"flatquant: diag_alpha must be in [0, 1], got {self.diag_alpha}")
 
     def _sites(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list[Site], dict[str, QuantArgs | None],
                                                                         list[str]]:
@@ -123,6 +194,55 @@ class FlatQuant(Pass):
         site.input, site.init = x.name, (left.float(), right.float())
         return True
 
+    @staticmethod
+    def _scale_producers(gm: fx.GraphModule, sites: list[Site]) -> dict[str, Producer]:
+        """For each site whose input can absorb a per-channel division exactly, (kind, producer, first row, index):
+        ("norm", the norm's multiplier node, 0, None) when the input is a norm output read by the site's linears
+        alone; ("rows", the producing linear, its first row, None) when the input is act(gate)·up with up's output
+        read by nothing else (up's rows, also inside a fused gate_up); ("rows", v's linear, its first row, index)
+        when the input is attention's output over values read from v alone: under grouped-query attention the query
+        heads of a group read one kv head's channels, so `index` ties o_proj's input channels to v's rows."""
+        analysis = analyze_block(gm)
+        nodes = {n.name: n for n in gm.graph.nodes}
+        out: dict[str, tuple[str, str, int]] = {}
+        for site in sites:
+            for ng in analysis.norm_groups:
+                if ng.mul_node == site.input and set(ng.linears) == set(site.linears) and check_norm_group(gm, ng):
+                    out[site.input] = ("norm", ng.mul_node, 0, None)
+            x = nodes[site.input]
+            if len(site.linears) != 1 or set(x.users) != {nodes[site.linears[0]]}:
+                continue
+            if is_call(x, aten.mul.Tensor):  # act(gate) ⊙ up
+                for act, other in (x.args[:2], x.args[1::-1]):
+                    if isinstance(act, fx.Node) and is_call(act, ACTIVATION_OPS) and isinstance(other, fx.Node):
+                        rows = _rows_of(gm, other)
+                        if rows is not None and len(other.users) == 1:
+                            out[site.input] = ("rows", rows[0].name, rows[1], None)
+        for att in analysis.attention:
+            site = next((s for s in sites if len(s.linears) == 1 and s.linears[0] in att.o), None)
+            if site is None or set(nodes[site.input].users) != {nodes[site.linears[0]]} or not att.operands[2]:
+                continue
+            x = nodes[site.input]
+            while x.name != att.node and (is_call(x, VIEW_OPS) or is_call(x, PASSTHROUGH)) and isinstance(
+                    x.args[0], fx.Node):
+                x = x.args[0]
+            if x.name != att.node:  # (o_proj reads something else than attention's output, e.g. a Hadamard of it)
+                continue
+            found = _value_rows(gm, nodes[att.operands[2]])
+            if found is None:
+                continue
+            v_rows, offset, v_size, head_dim = found
+            if site.k % v_size or v_size % head_dim:
+                continue
+            # o_proj's input channel h·head_dim + j comes from v's channel (h // group)·head_dim + j (repeat_kv)
+            group = site.k // v_size
+            c = torch.arange(site.k)
+            index = (c // head_dim // group) * head_dim + c % head_dim
+            out[site.input] = ("rows", v_rows.name, offset, None if group == 1 else index)
+        return out
+
+        return out
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         if any(n.target == ROUTED for n in gm.graph.nodes):
             raise PassError(f"flatquant: block '{ctx.block}' routes tokens to experts (qc::routed), which has no "
@@ -145,15 +265,35 @@ class FlatQuant(Pass):
                                     f"'{ctx.target.name}' has no online Hadamard; use rotate{{online=false}}")
         if absorbed:
             gm.recompile()
+        analysis = analyze_block(gm)
+        producers = self._scale_producers(gm, sites) if self.diag_scale else {}
+        for site in sites:
+            if site.input in producers:
+                site.scale_index = producers[site.input][3]
+                site.weight_absmax = torch.stack([get_tensor(gm, analysis.linears[n].weight).abs().amax(dim=0).float()
+                                                  for n in site.linears]).amax(dim=0)
         t0 = time.perf_counter()
         transforms, losses = learn_block_transforms(
             gm, sites, ctx.calib, weights if self.weights_in_loop else {}, self.steps, lr=self.lr,
-            clip_lr=self.clip_lr, micro_batch=self.micro_batch, seed=self.seed)
+            clip_lr=self.clip_lr, micro_batch=self.micro_batch, seed=self.seed,
+            diag_alpha=self.diag_alpha if producers else None)
         ctx.forward_seconds += time.perf_counter() - t0  # (all of it is forward/backward runs of the block)
         nodes = {n.name: n for n in gm.graph.nodes}
         report: dict[str, Any] = {}
         for site in sites:
             t = transforms[site.input]
+            if t.scale is not None:  # x/d: the producer divides, the site's weights multiply (before P⁻ᵀ)
+                kind, producer, offset, _ = producers[site.input]
+                if kind == "norm":
+                    scale_norm(gm, next(ng for ng in analysis.norm_groups if ng.mul_node == producer), t.scale)
+                else:
+                    assert t.producer_scale is not None
+                    prod = analysis.linears[producer]
+                    divisor = torch.ones(prod.out_features)
+                    divisor[offset:offset + t.producer_scale.numel()] = t.producer_scale
+                    scale_linear_outputs(gm, prod.weight, prod.bias, divisor)
+                for name in site.linears:
+                    scale_linear_inputs(gm, analysis.linears[name].weight, t.scale)
             linears = [nodes[name] for name in site.linears]
             base = linear_module_attr(linears[0])
             left, right = base + ".left_trans", base + ".right_trans"
@@ -171,8 +311,9 @@ class FlatQuant(Pass):
                 rotation = lin.meta.get(qmeta.ROTATION)
                 lin.meta[qmeta.ROTATION] = f"{rotation}+kronecker" if rotation else "kronecker"
                 lin.meta[qmeta.TRANSFORM] = {"left": left, "right": right, "clip_ratio": t.clip_ratio}
-            report[base.removeprefix("block.")] = {"clip_ratio": round(t.clip_ratio, 4),
-                                                   "kronecker": [t.left.shape[0], t.right.shape[0]]}
+            report[base.removeprefix("block.")] = {
+                "clip_ratio": round(t.clip_ratio, 4), "kronecker": [t.left.shape[0], t.right.shape[0]],
+                "diag_scale": None if t.scale is None else producers[site.input][0]}
         gm.graph.lint()
         gm.recompile()
         details: dict[str, Any] = {"sites": report, "steps": self.steps, "absorbed_hadamards": len(absorbed),

@@ -28,8 +28,13 @@ from torch import fx
 from qcompiler.algorithms.awq import awq_search_scales
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir.analysis import analyze_block, up_down_pairs
-from qcompiler.ir.graph import get_tensor, set_tensor
-from qcompiler.passes.fusion.fold_norm import check_norm_group, scale_linear_inputs, scale_norm
+from qcompiler.ir.graph import get_tensor
+from qcompiler.passes.fusion.fold_norm import (
+    check_norm_group,
+    scale_linear_inputs,
+    scale_linear_outputs,
+    scale_norm,
+)
 from qcompiler.passes.weight.rtn import layer_weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 
@@ -41,14 +46,6 @@ class _Group:
     input_node: str  # the consumers' input (statistics)
     consumers: list[str]  # linear node names whose input columns are multiplied by s
     producer: str  # norm mul node (norm) or the producing linear (v / up)
-
-
-def _scale_rows(gm: fx.GraphModule, attr: str | None, divide_by: torch.Tensor) -> None:
-    if attr is None:
-        return
-    t = get_tensor(gm, attr)
-    s = divide_by if t.dim() == 1 else divide_by[:, None]
-    set_tensor(gm, attr, (t.float() / s).to(t.dtype))
 
 
 @dataclass(frozen=True)
@@ -146,8 +143,7 @@ class AWQ(Pass):
                 scale_norm(gm, ng, s)
             else:
                 prod = analysis.linears[g.producer]
-                _scale_rows(gm, prod.weight, s)
-                _scale_rows(gm, prod.bias, s)
+                scale_linear_outputs(gm, prod.weight, prod.bias, s)
         # every input Hessian measured, as the rewritten graph computes it: X·diag(s)⁻¹ for a scaled group's input
         known = {r.node: stats[r] for r in stats.values if r.kind == "hessian"}
         for node, s in scaled_inputs.items():

@@ -14,6 +14,9 @@ and neither needs the [K, K] product: with X the row-major [a, b] view of one to
 two small GEMMs per token), quantizes x' per token with the scale s_t = c·max|x'_t|/qmax (values beyond clamped),
 and multiplies by the quantized W·P⁻ᵀ. The weights absorb P⁻ᵀ offline, so only L, R and c are stored.
 
+A site whose producer can absorb a per-channel division (see passes/rotation/flatquant.py) also learns d ∈ ℝᴷ:
+it reads (x/d)·P and its weights are W·diag(d)·P⁻ᵀ, equal in float; d starts at diag_init (SmoothQuant-style).
+
 Fitting (`learn_block_transforms`): L = R = I (or the site's starting point, e.g. a Hadamard pair) and
 c = σ(4) ≈ 0.98 at the start, then Adam on the mean squared error between the block's float output and its output with every
 site transformed and quantized — per-token activations with the clip, and the weights on the scheme's grid
@@ -90,13 +93,19 @@ def fake_quant_act_clipped(x: torch.Tensor, bits: int, clip_ratio: torch.Tensor 
 @dataclass
 class Site:
     """Linears (node names) that read one input node and quantize it per token with `act_bits`; the transform
-    starts at `init` (L₀, R₀), the identity when None."""
+    starts at `init` (L₀, R₀), the identity when None. `weight_absmax` ([K], max |W[:, j]| over the site's linears) is
+    set where the input's producer (a norm's multiplier, up_proj's or v_proj's rows) can absorb a per-channel
+    division: such a site also learns a diagonal d (it reads x/d·P). `scale_index` ([K] int64) ties channels to one
+    entry of d where the producer holds fewer channels than the site reads (grouped-query attention: o_proj's input
+    channel of query head h reads v's channel of kv head h // group); None: one entry per channel."""
 
     input: str
     linears: list[str]
     k: int
     act_bits: int
     init: tuple[torch.Tensor, torch.Tensor] | None = None
+    weight_absmax: torch.Tensor | None = None
+    scale_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,20 +113,42 @@ class SiteTransform:
     left: torch.Tensor  # [a, a] float32
     right: torch.Tensor  # [b, b] float32
     clip_ratio: float
+    scale: torch.Tensor | None = None  # [K] float32: the site reads x/d (d folded into the producer), None: no d
+    producer_scale: torch.Tensor | None = None  # d as the producer divides it (its entries, before scale_index)
+
+
+def diag_init(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """FlatQuant's SmoothQuant-style start for the per-channel divisor: d_j = max|x_j|^α / max|W_:,j|^(1−α),
+    normalised to geometric mean 1 (a common factor is the per-token scale's business, not d's)."""
+    d = x_absmax.float().clamp_min(1e-5) ** alpha / w_absmax.float().clamp_min(1e-5) ** (1 - alpha)
+    return d / d.log().mean().exp()
 
 
 class _Params(torch.nn.Module):
-    def __init__(self, sites: Sequence[Site]):
+    def __init__(self, sites: Sequence[Site], scale_init: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.left = torch.nn.ParameterList()
         self.right = torch.nn.ParameterList()
         self.clip = torch.nn.ParameterList()
-        for s in sites:
+        self.scale = torch.nn.ParameterList()
+        self.scale_index: dict[int, int] = {}  # site index → index in self.scale (scalable sites only)
+        for i, s in enumerate(sites):
             a, b = kronecker_factors(s.k)
             left, right = s.init if s.init is not None else (torch.eye(a), torch.eye(b))
             self.left.append(torch.nn.Parameter(left.float().clone()))
             self.right.append(torch.nn.Parameter(right.float().clone()))
             self.clip.append(torch.nn.Parameter(torch.tensor(CLIP_INIT_LOGIT)))
+            if scale_init is not None and s.input in scale_init:
+                self.scale_index[i] = len(self.scale)
+                self.scale.append(torch.nn.Parameter(scale_init[s.input].float().clone()))
+
+    def site_scale(self, i: int, sites: Sequence[Site]) -> torch.Tensor | None:
+        """The site's [K] divisor (the learned entries spread by its scale_index), None without one."""
+        j = self.scale_index.get(i)
+        if j is None:
+            return None
+        index = sites[i].scale_index
+        return self.scale[j] if index is None else self.scale[j][index]
 
 
 class _QuantizedRun(fx.Interpreter):
@@ -146,10 +177,12 @@ class _QuantizedRun(fx.Interpreter):
         x, w = args[0], args[1]
         bias = args[2] if len(args) > 2 else None
         left, right = self.params.left[i], self.params.right[i]
+        d = self.params.site_scale(i, self.sites)
         if i not in self._x:  # (linears sharing the input share its transformed, quantized value)
-            xt = kronecker_apply(x.float(), left, right)
+            xs = x.float() if d is None else x.float() / d
+            xt = kronecker_apply(xs, left, right)
             self._x[i] = fake_quant_act_clipped(xt, self.sites[i].act_bits, torch.sigmoid(self.params.clip[i]))
-        wt = kronecker_weight(w.float(), left, right)
+        wt = kronecker_weight(w.float() if d is None else w.float() * d, left, right)
         wargs = self.weight_args.get(node.name)
         if wargs is not None:
             wt = wt + (fake_quant_weight(wt.detach(), wargs) - wt).detach()
@@ -188,17 +221,27 @@ def learn_block_transforms(
     micro_batch: int = 2,
     seed: int = 0,
     log: Callable[[int, float], None] | None = None,
+    diag_alpha: float | None = None,
 ) -> tuple[dict[str, SiteTransform], dict[str, float]]:
-    """Fit every site's L, R and clip ratio to `gm`'s float outputs on `batches` (see the module docstring).
+    """Fit every site's L, R and clip ratio to `gm`'s float outputs on `batches` (see the module docstring), and,
+    where `diag_alpha` is given, a per-channel divisor d for every site with `weight_absmax`, started at diag_init(α).
     Returns the transforms by site input name and {"loss_start", "loss_end"} (mean squared error of the block
-    output, over the last pass of micro-batches at the start and at the end)."""
-    params = _Params(sites)
-    runner = _QuantizedRun(gm, sites, params, weight_args)
+    output, over the first micro-batches, at the start and at the end)."""
     data = micro_batches(batches, micro_batch)
+    scalable = {s.input for s in sites if s.weight_absmax is not None} if diag_alpha is not None else set()
     with torch.no_grad():
-        targets = [_first_tensor(gm(*b)).float() for b in data]
+        recorder = _AbsmaxRecorder(gm, scalable)
+        targets = [_first_tensor(recorder.run(*b)).float() for b in data]
+    scale_init = None
+    if scalable:
+        assert diag_alpha is not None
+        scale_init = {s.input: diag_init(_tied_max(recorder.absmax[s.input], s.scale_index),
+                                         _tied_max(s.weight_absmax, s.scale_index), diag_alpha)
+                      for s in sites if s.weight_absmax is not None}
+    params = _Params(sites, scale_init)
+    runner = _QuantizedRun(gm, sites, params, weight_args)
     opt = torch.optim.AdamW([
-        {"params": [*params.left, *params.right], "lr": lr},
+        {"params": [*params.left, *params.right, *params.scale], "lr": lr},
         {"params": list(params.clip), "lr": clip_lr},
     ], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=0.0)
@@ -222,10 +265,39 @@ def learn_block_transforms(
     with torch.no_grad():
         start = _mean_loss(gm, sites, _Params(sites), weight_args, data[:window], targets[:window])
         end = _mean_loss(gm, sites, params, weight_args, data[:window], targets[:window])
-    out = {s.input: SiteTransform(params.left[i].detach().clone(), params.right[i].detach().clone(),
-                                  float(torch.sigmoid(params.clip[i].detach())))
-           for i, s in enumerate(sites)}
+    out = {}
+    for i, s in enumerate(sites):
+        d = params.site_scale(i, sites)
+        j = params.scale_index.get(i)
+        out[s.input] = SiteTransform(params.left[i].detach().clone(), params.right[i].detach().clone(),
+                                     float(torch.sigmoid(params.clip[i].detach())),
+                                     None if d is None else d.detach().clone(),
+                                     None if j is None else params.scale[j].detach().clone())
     return out, {"loss_start": start, "loss_end": end}
+
+
+def _tied_max(v: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """max of v over the channels each entry ties together (v itself without an index)."""
+    if index is None:
+        return v
+    out = torch.zeros(int(index.max()) + 1, dtype=v.dtype)
+    return out.scatter_reduce(0, index, v, reduce="amax", include_self=False)
+
+
+class _AbsmaxRecorder(fx.Interpreter):
+    """Runs the block in float and keeps max|x_j| over all tokens of the named nodes' outputs."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            m = out.detach().abs().float().reshape(-1, out.shape[-1]).amax(dim=0)
+            self.absmax[n.name] = torch.maximum(self.absmax[n.name], m) if n.name in self.absmax else m
+        return out
 
 
 def _mean_loss(gm: fx.GraphModule, sites: Sequence[Site], params: _Params, weight_args: dict[str, QuantArgs | None],
