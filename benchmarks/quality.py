@@ -82,6 +82,10 @@ CONFIGS: dict[str, dict] = {
         "scheme": "w4a4", "passes": "rotate{learn=40},fuse_linears,gptq,act_quant"},
     "w4a4 + rotation + flatquant + gptq (FlatQuant, 100 steps)": {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant,gptq,act_quant"},
+    "w4a4 + rotation + flatquant + gptq (FlatQuant, 100 steps, float-model targets)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{targets=model},gptq,act_quant"},
+    "w4a4 + rotation + flatquant + gptq (FlatQuant, 100 steps, no per-channel scaling)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{diag_scale=false},gptq,act_quant"},
     "w4a4 + rotation + flatquant + gptq (FlatQuant, 50 steps)": {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{steps=50},gptq,act_quant"},
     "w4a4 + rotation + flatquant + rtn (FlatQuant, 100 steps, weights in the loop)": {

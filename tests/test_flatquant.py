@@ -3,6 +3,7 @@
 the layers it leaves alone, and a whole model through the artefact."""
 
 import copy
+from typing import ClassVar
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from qcompiler.ir.graph import LINEAR, get_tensor, is_call, set_tensor
 from qcompiler.ir.rebuild import rebuild_block
 from qcompiler.kernels import reference
 from qcompiler.numerics import fake_quant_act_per_token, quantize_act_per_token
+from qcompiler.pm.base import Pass, PassResult
 from qcompiler.pm.manager import PassManager
 from qcompiler.pm.pipeline import parse_pipeline
 from qcompiler.runtime import load_quantized
@@ -319,3 +321,76 @@ def test_moe_blocks_are_refused_by_name(tmp_path, calib_text):
     with pytest.raises(PassError, match=r"block 'model.layers.0' routes tokens to experts.*drop it"):
         quantize(cfg, log=lambda s: None)
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------- targets=model: the float model's stream
+
+
+class _RecordFloatStream(Pass):
+    """A test pass that reads the float stream and keeps what each block got."""
+
+    name = "test_record_float_stream"
+    seen: ClassVar[dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def uses_float_stream(self) -> bool:
+        return True
+
+    def run(self, gm, ctx, stats):
+        assert ctx.float_calib is not None
+        self.seen[ctx.block] = (ctx.calib[0][0].clone(), ctx.float_calib[0][0].clone())
+        return PassResult(gm, False, {})
+
+
+def test_driver_carries_the_float_models_block_inputs_beside_the_quantized_ones(tiny_llama, tmp_path, calib_text):
+    """With a pass that asks for it, each block sees the float model's own hidden states (transformers' hidden
+    states of the same batch) beside the quantized model's: equal at block 0, apart after quantized blocks."""
+    from transformers import AutoModelForCausalLM
+
+    _RecordFloatStream.seen.clear()
+    quantize(QuantizeConfig(model=tiny_llama, scheme=get_scheme("w4a4"), out=tmp_path / "q", calib_texts=[calib_text],
+                            num_samples=2, seq_len=16, batch_size=2, progress=False,
+                            passes=parse_pipeline("test_record_float_stream,rtn,act_quant")), log=lambda s: None)
+    seen = _RecordFloatStream.seen
+    assert sorted(seen) == [f"model.layers.{i}" for i in range(len(seen))] and len(seen) >= 2
+    quant0, float0 = seen["model.layers.0"]
+    assert torch.equal(quant0, float0)
+    ids = _calibration_ids(tiny_llama, calib_text)
+    with torch.no_grad():
+        hidden = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(
+            ids, output_hidden_states=True).hidden_states
+    for i in range(1, len(seen)):
+        quant, flt = seen[f"model.layers.{i}"]
+        assert rel_err(flt, hidden[i]) < 1e-5
+        assert rel_err(quant, hidden[i]) > 1e-3  # (the quantized stream carries the w4a4 error)
+
+
+def _calibration_ids(model_dir, text):
+    from transformers import AutoTokenizer
+
+    from qcompiler.calib.data import calibration_batches
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return calibration_batches(tok, [text], num_samples=2, seq_len=16, batch_size=2)[0]
+
+
+def test_flatquant_model_targets(tiny_llama, tmp_path, calib_text):
+    """targets=model fits to the float model's outputs: given the block's own inputs as the float stream it is
+    the default fit exactly; without a float stream it is refused by name; through the driver it quantizes."""
+    gm, inputs = traced_block(tiny_llama, seq=32, n_batches=2)
+    ctx = context(inputs, "w4a4")
+    gm = _apply(gm, ctx, "rotate,fuse_linears")
+    block = _apply(copy.deepcopy(gm), context(inputs, "w4a4"), "flatquant{steps=5}")
+    same = context(inputs, "w4a4")
+    same.float_calib = inputs
+    model = _apply(copy.deepcopy(gm), same, "flatquant{steps=5,targets=model}")
+    assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), model.state_dict().values(), strict=True))
+    with pytest.raises(PassError, match="targets=model needs the float model's inputs"):
+        _apply(copy.deepcopy(gm), context(inputs, "w4a4"), "flatquant{steps=1,targets=model}")
+    with pytest.raises(PipelineError):
+        parse_pipeline("flatquant{targets=other}")
+    desc = quantize(QuantizeConfig(model=tiny_llama, scheme=get_scheme("w4a4"), out=tmp_path / "q",
+                                   calib_texts=[calib_text], num_samples=4, seq_len=32, batch_size=2, progress=False,
+                                   passes=parse_pipeline("rotate,fuse_linears,flatquant{steps=5,targets=model},rtn")),
+                    log=lambda s: None)
+    reports = desc["block_report"].values()
+    assert len(reports) >= 2 and all(r["passes"]["flatquant"]["block_mse"]["loss_end"] > 0 for r in reports)

@@ -132,13 +132,19 @@ class FlatQuant(Pass):
     absorb_hadamard: bool = True
     diag_scale: bool = True
     diag_alpha: float = 0.3
+    targets: str = "block"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.micro_batch < 1 or self.lr <= 0 or self.clip_lr < 0:
             raise ValueError("flatquant: steps ≥ 0, micro_batch ≥ 1, lr > 0 and clip_lr ≥ 0")
+        if self.targets not in ("block", "model"):
+            raise ValueError(f"flatquant: targets is 'block' or 'model', got '{self.targets}'")
         if not 0.0 <= self.diag_alpha <= 1.0:
             raise ValueError(f"flatquant: diag_alpha must be in [0, 1], got {self.diag_alpha}")
+
+    def uses_float_stream(self) -> bool:
+        return self.targets == "model"
 
     def _sites(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list[Site], dict[str, QuantArgs | None],
                                                                         list[str]]:
@@ -165,6 +171,14 @@ class FlatQuant(Pass):
             site.linears.append(name)
             weights[name] = scheme.weights
         return sorted(by_input.values(), key=lambda s: order[s.input]), weights, skipped
+
+    def _target_batches(self, ctx: PassContext) -> Any:
+        if self.targets == "block":
+            return None
+        if ctx.float_calib is None or len(ctx.float_calib) != len(ctx.calib):
+            raise PassError(f"flatquant: block '{ctx.block}': targets=model needs the float model's inputs of the "
+                            "block beside the calibration inputs (the HF driver carries them); use targets=block")
+        return ctx.float_calib
 
     @staticmethod
     def _absorb_hadamard(gm: fx.GraphModule, site: Site) -> bool:
@@ -276,7 +290,7 @@ class FlatQuant(Pass):
         transforms, losses = learn_block_transforms(
             gm, sites, ctx.calib, weights if self.weights_in_loop else {}, self.steps, lr=self.lr,
             clip_lr=self.clip_lr, micro_batch=self.micro_batch, seed=self.seed,
-            diag_alpha=self.diag_alpha if producers else None)
+            diag_alpha=self.diag_alpha if producers else None, target_batches=self._target_batches(ctx))
         ctx.forward_seconds += time.perf_counter() - t0  # (all of it is forward/backward runs of the block)
         nodes = {n.name: n for n in gm.graph.nodes}
         report: dict[str, Any] = {}

@@ -222,16 +222,28 @@ def learn_block_transforms(
     seed: int = 0,
     log: Callable[[int, float], None] | None = None,
     diag_alpha: float | None = None,
+    target_batches: Sequence[tuple[Any, ...]] | None = None,
 ) -> tuple[dict[str, SiteTransform], dict[str, float]]:
     """Fit every site's L, R and clip ratio to `gm`'s float outputs on `batches` (see the module docstring), and,
     where `diag_alpha` is given, a per-channel divisor d for every site with `weight_absmax`, started at diag_init(α).
+    The targets are the float block's outputs on `batches`, or on `target_batches` where given (the float model's
+    own inputs of the block, batch for batch: the fit then also pulls back the error of the blocks before it).
     Returns the transforms by site input name and {"loss_start", "loss_end"} (mean squared error of the block
     output, over the first micro-batches, at the start and at the end)."""
     data = micro_batches(batches, micro_batch)
     scalable = {s.input for s in sites if s.weight_absmax is not None} if diag_alpha is not None else set()
     with torch.no_grad():
         recorder = _AbsmaxRecorder(gm, scalable)
-        targets = [_first_tensor(recorder.run(*b)).float() for b in data]
+        outputs = [_first_tensor(recorder.run(*b)).float() if scalable or target_batches is None else None
+                   for b in data]
+        if target_batches is not None:
+            float_data = micro_batches(target_batches, micro_batch)
+            if len(float_data) != len(data):
+                raise ValueError(f"{len(target_batches)} target batches for {len(batches)} input batches")
+            targets = [_first_tensor(gm(*b)).float() for b in float_data]
+        else:
+            targets = [t for t in outputs if t is not None]
+        del outputs
     scale_init = None
     if scalable:
         assert diag_alpha is not None

@@ -398,11 +398,19 @@ class HFRun:
                                 f"keeps {min(bounds)} keys (index_topk) and is traced for at most that many tokens; "
                                 f"use --seq-len {min(bounds)} or less")
         captured = self.block_inputs.of_block(0)
+        # a pass that fits to the float model's outputs (Pass.uses_float_stream) gets the float model's inputs of
+        # each block too, carried beside the quantized model's (with --propagate float they are the same)
+        self.float_stream = (self.calibrated and cfg.propagate == "quantized"
+                             and any(p.uses_float_stream() for p in self.plan.passes))
+        self.float_inputs: ActivationStore | None = None
         if state and start == n:
             self.inputs = ActivationStore.in_memory([])  # (every block is done: only the end of the run is left)
         elif state:
             try:
                 self.inputs = ActivationStore.load(self.acts_dir / f"acts-{start:05d}", len(own), cfg.spill_activations)
+                if self.float_stream:
+                    self.float_inputs = ActivationStore.load(self.acts_dir / f"float-{start:05d}", len(own),
+                                                             cfg.spill_activations)
             except Exception as e:  # missing or damaged files of the unfinished run
                 raise ArtifactError(f"the unfinished run's saved activations for block {start} cannot be read "
                                     f"({' '.join(str(e).split())[:200]}); run without --resume to start over") from None
@@ -410,6 +418,8 @@ class HFRun:
             if not self.calibrated:  # nothing reads calibration data: only the windows the error report uses
                 captured = [first_windows(captured[0], 2)]
             self.inputs = _store(captured, self.acts_dir / "acts-00000" if cfg.spill_activations else None)
+            if self.float_stream:
+                self.float_inputs = self.inputs  # (block 0: both models' inputs are the prologue's)
         self.tracer = self.block_tracer()
         world = dist.world_size()
         self.log(f"quantizing {cfg.model} ({n} blocks) as {cfg.scheme.describe()} for target '{self.plan.target.name}'")
@@ -468,6 +478,7 @@ class HFRun:
             # (not with a rotation: the float reference propagated is the rotated block, the first pass sees the
             # block before the rotation)
             keep_float_outputs=cfg.propagate == "float" and not any(p.name == "rotate" for p in self.plan.passes),
+            float_calib=self.float_inputs if self.float_stream else inputs if cfg.propagate == "float" else None,
         )
         experts = _expert_tokens(gm, inputs) if self.calibrated else {}
         self.lap("trace and read weights")
@@ -498,6 +509,14 @@ class HFRun:
             for b, args in enumerate(inputs):
                 y = ready[b] if ready is not None else source(*args)
                 following.append((y, *first_windows((captured.hidden[b], *following_kwargs[b]), y.shape[0])[1:]))
+            float_following = None
+            if self.float_inputs is not None:  # (the float model's own stream: the float block on its inputs)
+                float_following = ActivationStore(self.acts_dir / f"float-{i + 1:05d}" if cfg.spill_activations
+                                                  else None)
+                for b, args in enumerate(self.float_inputs):
+                    y = float_gm(*args)
+                    float_following.append((y, *first_windows((captured.hidden[b], *following_kwargs[b]),
+                                                              y.shape[0])[1:]))
         drop_tensors(float_gm)
         del float_gm
         self.lap("propagate to the next block")
@@ -512,17 +531,20 @@ class HFRun:
             self.progress.kv_cache[name] = [rec.to_dict() for rec in kv]
         if self.owner:
             self.writer.add_tensors(f"block-{i:05d}.safetensors", {checkpoint_name(name, t): v for t, v in tensor_attrs(gm)})
-        self.checkpoint(i, following)
-        self.inputs = following
+        self.checkpoint(i, following, float_following)
+        self.inputs, self.float_inputs = following, float_following
         drop_tensors(gm)
         del gm
         release_free_memory(trim=cfg.low_memory)  # (trimming every block costs page faults: memory.py)
 
-    def checkpoint(self, i: int, following: ActivationStore) -> None:
-        """The next block's inputs (every rank its own), then the exporter's state and the state file that points at
-        both; the previous block's files go only once the new state is in place."""
+    def checkpoint(self, i: int, following: ActivationStore, float_following: ActivationStore | None = None) -> None:
+        """The next block's inputs (every rank its own; the float model's too where carried), then the exporter's
+        state and the state file that points at both; the previous block's files go only once the new state is in
+        place."""
         writer = self.writer
         following.save(self.acts_dir / f"acts-{i + 1:05d}")
+        if float_following is not None:
+            float_following.save(self.acts_dir / f"float-{i + 1:05d}")
         dist.barrier()
         if self.owner:
             self.progress.next_block = i + 1
@@ -538,6 +560,7 @@ class HFRun:
                 old.unlink()
         dist.barrier()
         shutil.rmtree(self.acts_dir / f"acts-{i:05d}", ignore_errors=True)
+        shutil.rmtree(self.acts_dir / f"float-{i:05d}", ignore_errors=True)
 
     def finish(self) -> dict[str, Any]:
         """The outer weights, the exporter's finish, the description and the publish (each repeatable after a kill)."""

@@ -32,6 +32,9 @@ class PassContext:
     scheme: QuantScheme
     target: Target
     calib: Sequence[tuple[torch.Tensor, ...]] = ()  # flat block inputs, one tuple per batch
+    # the float model's inputs of this block, batch for batch as `calib` (which, propagated through the quantized
+    # blocks before, carries their error): given when a pass of the pipeline asks (Pass.uses_float_stream)
+    float_calib: Sequence[tuple[torch.Tensor, ...]] | None = None
     report: dict[str, Any] = field(default_factory=dict)  # per-pass facts for the user-facing report
     stats_cache: StatsCache | None = None  # statistics on disk, reused when graph + inputs are unchanged
     calib_digest: str | None = None  # digest of `calib` (computed once per block by the driver)
@@ -126,6 +129,11 @@ class Pass:
         does, the driver propagates only the few windows its error report needs (weight-only RTN is ~2×
         faster). Conservative default: True."""
         return True
+
+    def uses_float_stream(self) -> bool:
+        """Whether this pass reads ctx.float_calib: the float model's own inputs of the block (the driver then
+        carries them beside the quantized model's, one extra float forward of each block)."""
+        return False
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         raise NotImplementedError
