@@ -27,6 +27,11 @@ QuaRot — except where rotate put an online Hadamard H_K = H_a ⊗ H_b before t
 factors are built: there the Hadamard is folded in (absorb_hadamard, default true: W ← W·H_Kᵀ back, P₀ = H_a/√a ⊗
 H_b/√b), so the layer reads one online transform L ⊗ R, which msModelSlim's W4A4_FLATQUANT_DYNAMIC holds.
 
+targets: "block" (default) fits the quantized block to the float block on the same inputs — the quantized model's
+hidden states, which carry the error of the blocks before; "model" fits it to the float model's own outputs of the
+block (the driver carries the float model's inputs beside the quantized ones: Pass.uses_float_stream), so each block
+also learns to pull back the error it inherited, as OmniQuant's float targets do.
+
 weights_in_loop (default false): false trains against float weights, the choice SpinQuant makes when GPTQ follows —
 on the demo with GPTQ after it, 39.18 ppl against 51.0 with the weights fake-quantized (RTN) in the loop, as
 FlatQuant trains; true suits an RTN weight pass.
