@@ -43,7 +43,7 @@ CONFIGS: dict[str, dict] = {
     "w4a16 g64 awq": {"scheme": "w4a16", "group_size": 64, "algo": "awq"},
     "w4a16 g64 awq+gptq": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq"},
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},
-    "w8a8 static + smoothquant": {"scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant"},
+    "w8a8 static + smoothquant": {"scheme": "w8a8", "passes": "smoothquant,fuse_linears,rtn,act_quant"},
     "w8a8 static + smoothquant + gptq": {"scheme": "w8a8",
                                          "passes": "smoothquant{alpha=0.5},fuse_linears,gptq,act_quant"},
     "w8a8 static + rotate": {"scheme": "w8a8", "passes": "rotate,fuse_linears,rtn,act_quant"},
@@ -60,6 +60,14 @@ CONFIGS: dict[str, dict] = {
     "w8a8_dynamic (no smoothing)": {"scheme": "w8a8_dynamic", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant": {"scheme": "w8a8_dynamic", "passes": None},
     "w8a8_dynamic + smoothquant + gptq": {"scheme": "w8a8_dynamic", "algo": "gptq"},
+    "w8a8_dynamic + smoothquant (paper: α 0.5, norms only)": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant{alpha=0.5,producers=false},fuse_linears,rtn"},
+    "w8a8_dynamic + smoothquant (α searched per layer, norms only)": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant{producers=false},fuse_linears,rtn"},
+    "w8a8_dynamic + smoothquant (also o_proj / down_proj inputs, α 0.5)": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn"},
+    "w8a8 static + smoothquant (paper: α 0.5, norms only)": {
+        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5,producers=false},fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant, fallback auto ≤1%": {"scheme": "w8a8_dynamic", "fallback": 0.01},
     "w8a8_dynamic + smoothquant, fallback auto ≤1%, ranked by own SQNR": {
         "scheme": "w8a8_dynamic", "fallback": 0.01, "ranking": "sqnr"},

@@ -71,7 +71,7 @@ def test_smoothquant_leaves_the_float_block_unchanged(tiny_models, family):
     before = run(gm, inputs)
     norms_before = {g.weight: get_tensor(gm, g.weight).clone() for g in analyze_block(gm).norm_groups}
     ctx = context(inputs, "w8a8")
-    gm = apply(gm, ctx, "smoothquant{alpha=0.5}")
+    gm = apply(gm, ctx, "smoothquant{alpha=0.5,producers=false}")
     assert sorted(ctx.report["smoothquant"]["smoothed"]) == sorted(norms_before)
     assert all(not torch.equal(get_tensor(gm, k), v) for k, v in norms_before.items())
     assert len(linear_nodes(gm)) == 7  # weights change, the structure does not
@@ -91,6 +91,100 @@ def test_smoothquant_flattens_activation_outliers(tiny_llama):
     for r in reqs:  # max/median channel ratio (how hard per-tensor quantization is) must shrink
         ratio = lambda v: float(v.max() / v.median())  # noqa: E731
         assert ratio(after[r]) < ratio(before[r])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # (grouped-query attention; qwen2: v has a bias)
+def test_smoothquant_producers_fold_into_up_and_v_rows_exactly(tiny_models, family):
+    """By default smoothquant also smooths down_proj's input through up's rows and o_proj's input through v's rows, tied
+    over the query heads of a kv group; the float block is unchanged and o_proj's input channel maxima flatten."""
+    from qcompiler.calib.stats import StatRequest
+    from qcompiler.driver.probe import compare_layers
+    from qcompiler.ir.producers import row_producers
+
+    gm, inputs = traced_block(tiny_models[family])
+    before = run(gm, inputs)
+    infos = analyze_block(gm).linears
+    found = {infos[rp.consumer].role: rp for rp in row_producers(gm).values()}
+    assert set(found) == {"o", "down"}
+    assert infos[found["o"].producer].role == "v" and infos[found["down"].producer].role == "up"
+    o = found["o"]
+    assert o.index is not None and o.rows == infos[o.producer].out_features < infos[o.consumer].in_features
+    reqs = [StatRequest(rp.input, "absmax_channel") for rp in found.values()]
+    ratio_before = {r.node: float(v.max() / v.median()) for r, v in collect_stats(gm, reqs, inputs).values.items()}
+    v_before = get_tensor(gm, infos[o.producer].weight).clone()
+
+    ctx = context(inputs, "w8a8_dynamic")
+    float_gm, _ = traced_block(tiny_models[family])
+    gm = apply(gm, ctx, "smoothquant{alpha=0.5}")
+    report = ctx.report["smoothquant"]
+    assert {"self_attn.o_proj", "mlp.down_proj"} <= set(report["smoothed"])
+    assert rel_err(run(gm, inputs), before) < 1e-5  # exact folds (fp32 rounding only)
+    # the error report compares up and v in the float block's basis: the divisors are recorded and multiplied back
+    assert set(ctx.output_divisors) == {infos[o.producer].path, infos[found["down"].producer].path}
+    _, _, sqnr = compare_layers(float_gm, gm, inputs[0], ctx.output_divisors)
+    _, _, sqnr_unaligned = compare_layers(float_gm, gm, inputs[0])
+    assert min(sqnr.values()) > 80  # float against float (fp32 rounding: ~130 dB)
+    assert sqnr_unaligned[infos[found["down"].producer].path] < 40
+    # v's row r is divided by s_v[r] (its columns also scaled by the norm's s: a common factor s_n[0] in column 0)
+    # and o_proj's column c multiplied by s_v[index[c]]: the query heads of a group share their kv channel's divisor
+    v_ratio = v_before[:, 0] / get_tensor(gm, infos[o.producer].weight)[:, 0]  # s_v / s_n[0]
+    o_ratio = get_tensor(gm, infos[o.consumer].weight)[0] / apply_none(tiny_models[family], o.consumer)[0]  # s_v[idx]
+    common = o_ratio / v_ratio[o.index]  # = s_n[0] for every channel
+    torch.testing.assert_close(common, common[:1].expand_as(common), rtol=1e-4, atol=0)
+    assert float(o_ratio.max() / o_ratio.min()) > 1.01  # (a real per-channel scaling, not a constant)
+    after = collect_stats(gm, reqs, inputs)
+    for r, v in after.values.items():  # max/median channel ratio (per-token quantization's difficulty) shrinks
+        assert float(v.max() / v.median()) < ratio_before[r.node]
+
+
+def apply_none(model_dir, node):
+    """The untouched weight of `node` in a fresh trace of the same block."""
+    gm, _ = traced_block(model_dir)
+    return get_tensor(gm, analyze_block(gm).linears[node].weight)
+
+
+def test_smoothquant_alpha_search_minimises_the_quantized_output_error(tiny_llama):
+    """Unset α (the default): each input's α is the argmin of E(α) over the coarse-to-fine grid, E computed on the token
+    sample with the scheme's grids; α = 0.5 is among the points tried, so the chosen α is never worse than it."""
+    from qcompiler.algorithms.smoothquant import search_alpha, smoothing_error
+    from qcompiler.calib.stats import StatRequest
+    from qcompiler.numerics import smooth_scales
+
+    gm, inputs = traced_block(tiny_llama)
+    before = run(gm, inputs)
+    group = analyze_block(gm).norm_groups[0]
+    infos = analyze_block(gm).linears
+    w = torch.cat([get_tensor(gm, infos[lin].weight).float() for lin in group.linears])
+    st = collect_stats(gm, [StatRequest(group.mul_node, "absmax_channel"),
+                            StatRequest(group.mul_node, "token_sample")], inputs)
+    x, amax = st[StatRequest(group.mul_node, "token_sample")], st[StatRequest(group.mul_node, "absmax_channel")]
+    tokens = sum(a[0].shape[0] * a[0].shape[1] for a in inputs)
+    assert x.shape[1] == w.shape[1] and 8 <= x.shape[0] <= tokens
+    scheme = get_scheme("w8a8_dynamic")
+    alpha, s, tried = search_alpha(x, w, amax, scheme.weights, scheme.activations)
+    assert {0.0, 0.25, 0.5, 0.75, 1.0} <= set(tried) and len(tried) <= 9
+    assert tried[alpha] == min(tried.values()) <= tried[0.5]
+    ref = x.float() @ w.t()
+    by_hand = smoothing_error(x.float(), w, smooth_scales(amax, w.abs().amax(dim=0), alpha), ref,
+                              scheme.weights, scheme.activations, amax)
+    assert by_hand == pytest.approx(tried[alpha], rel=1e-6)
+    torch.testing.assert_close(s, smooth_scales(amax, w.abs().amax(dim=0), alpha))
+
+    ctx = context(inputs, "w8a8_dynamic")
+    gm = apply(gm, ctx, "smoothquant")
+    alphas = ctx.report["smoothquant"]["alpha"]
+    assert set(alphas) >= {"self_attn.o_proj", "mlp.down_proj"} and alphas[
+        "+".join(infos[lin].path for lin in group.linears)] == alpha
+    assert rel_err(run(gm, inputs), before) < 1e-5
+
+
+def test_smoothquant_producers_leave_v_alone_when_the_kv_cache_is_quantized(tiny_llama):
+    gm, inputs = traced_block(tiny_llama)
+    ctx = context(inputs, get_scheme("w8a8_dynamic", kv_cache="int8-tensor"))
+    apply(gm, ctx, "smoothquant")
+    report = ctx.report["smoothquant"]
+    assert "KV cache is quantized" in report["producers_skipped"]
+    assert "self_attn.o_proj" not in report["smoothed"] and "mlp.down_proj" in report["smoothed"]
 
 
 def test_statistics_run_can_keep_the_block_outputs(tiny_llama):

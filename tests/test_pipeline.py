@@ -8,7 +8,7 @@ def test_parse_and_format_roundtrip():
     passes = parse_pipeline("smoothquant{alpha=0.5}, rtn{bits=4,group_size=64,clip=mse},lower")
     assert [p.name for p in passes] == ["smoothquant", "rtn", "lower"]
     assert passes[1].bits == 4 and passes[1].group_size == 64 and passes[1].clip == "mse"
-    assert format_pipeline(passes) == "smoothquant,rtn{bits=4,group_size=64,clip=mse},lower"
+    assert format_pipeline(passes) == "smoothquant{alpha=0.5},rtn{bits=4,group_size=64,clip=mse},lower"
 
 
 @pytest.mark.parametrize(

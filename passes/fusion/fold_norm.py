@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from qcompiler.calib.stats import Stats
-from qcompiler.ir.analysis import NormGroup, analyze_block, norm_multiplier_value
+from qcompiler.ir.analysis import LinearInfo, NormGroup, analyze_block, norm_multiplier_value
 from qcompiler.ir.graph import PASSTHROUGH, get_tensor, is_call, set_tensor
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.pm.rewrite import MATCH, MatchResult, fail
@@ -54,6 +54,19 @@ def scale_linear_outputs(gm: fx.GraphModule, weight_attr: str, bias_attr: str | 
         t = get_tensor(gm, attr)
         s = divide_by if t.dim() == 1 else divide_by[:, None]
         set_tensor(gm, attr, (t.float() / s).to(t.dtype))
+
+
+def divide_linear_outputs(gm: fx.GraphModule, ctx: PassContext, info: LinearInfo, divide_by: torch.Tensor) -> None:
+    """scale_linear_outputs on `info`'s linear, recorded in ctx.output_divisors by module path (each member of a
+    fused linear its own rows), so that the error report compares the layer in the float block's basis."""
+    scale_linear_outputs(gm, info.weight, info.bias, divide_by)
+    members = info.fused_from or [{"path": info.path, "out_features": info.out_features}]
+    start = 0
+    for m in members:
+        rows = divide_by[start:start + int(m["out_features"])].float()
+        start += int(m["out_features"])
+        prev = ctx.output_divisors.get(m["path"])
+        ctx.output_divisors[m["path"]] = rows if prev is None else prev * rows
 
 
 def scale_linear_inputs(gm: fx.GraphModule, weight_attr: str, multiply_by: torch.Tensor) -> None:

@@ -43,7 +43,6 @@ float activations are left alone (reported).
 
 from __future__ import annotations
 
-import operator
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -59,19 +58,15 @@ from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block
 from qcompiler.ir.graph import (
-    ACTIVATION_OPS,
-    LINEAR,
-    PASSTHROUGH,
     get_tensor,
-    is_call,
     linear_module_attr,
     set_tensor,
-    skip_passthrough,
 )
+from qcompiler.ir.producers import row_producers
 from qcompiler.passes.fusion.fold_norm import (
     check_norm_group,
+    divide_linear_outputs,
     scale_linear_inputs,
-    scale_linear_outputs,
     scale_norm,
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
@@ -84,44 +79,6 @@ aten = torch.ops.aten
 
 
 Producer = tuple[str, str, int, torch.Tensor | None]  # (kind, node, first row, index): see _scale_producers
-
-VIEW_OPS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.unsqueeze.default, aten.slice.Tensor,
-            aten.expand.default, aten.contiguous.default, aten._unsafe_view.default, aten.clone.default}
-
-
-def _value_rows(gm: fx.GraphModule, v: fx.Node) -> tuple[fx.Node, int, int, int] | None:
-    """Attention's value operand traced back through views (heads split, repeat_kv's expand) to the linear rows
-    it reads: (linear, first row, rows, head size), where every node on the way feeds the next alone; or None."""
-    val = v.meta.get("val")
-    if not isinstance(val, torch.Tensor) or val.dim() != 4:
-        return None
-    head_dim = int(val.shape[-1])
-    node = v
-    while is_call(node, VIEW_OPS) or is_call(node, PASSTHROUGH):
-        prev = node.args[0]
-        if not isinstance(prev, fx.Node) or len(prev.users) != 1:
-            return None
-        if is_call(node, aten.slice.Tensor) and node.args[2:4] not in ((0, 9223372036854775807), (0,)):
-            return None  # (a slice that drops channels)
-        node = prev
-    rows = _rows_of(gm, node)
-    return None if rows is None else (*rows, head_dim)
-
-
-def _rows_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """The linear whose output rows `node` is, the first row and how many: the linear itself, or one output of a
-    fused linear's split (fuse_linears: getitem(split_with_sizes(linear, sizes, -1), i))."""
-    node = skip_passthrough(node)
-    if is_call(node, LINEAR) and isinstance(node.args[1], fx.Node):
-        return node, 0, int(get_tensor(gm, str(node.args[1].target)).shape[0])
-    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        split = node.args[0]
-        if (is_call(split, aten.split_with_sizes.default) and isinstance(split.args[0], fx.Node)
-                and is_call(split.args[0], LINEAR) and len(split.args) > 2 and split.args[2] == -1):
-            i = int(node.args[1])  # type: ignore[arg-type]
-            sizes = [int(t) for t in split.args[1]]  # type: ignore[union-attr]
-            return split.args[0], sum(sizes[:i]), sizes[i]
-    return None
 
 
 @dataclass(frozen=True)
@@ -222,44 +179,15 @@ class FlatQuant(Pass):
         when the input is attention's output over values read from v alone: under grouped-query attention the query
         heads of a group read one kv head's channels, so `index` ties o_proj's input channels to v's rows."""
         analysis = analyze_block(gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        out: dict[str, tuple[str, str, int]] = {}
+        rows = row_producers(gm)  # (qcompiler/ir/producers.py)
+        out: dict[str, Producer] = {}
         for site in sites:
             for ng in analysis.norm_groups:
                 if ng.mul_node == site.input and set(ng.linears) == set(site.linears) and check_norm_group(gm, ng):
                     out[site.input] = ("norm", ng.mul_node, 0, None)
-            x = nodes[site.input]
-            if len(site.linears) != 1 or set(x.users) != {nodes[site.linears[0]]}:
-                continue
-            if is_call(x, aten.mul.Tensor):  # act(gate) ⊙ up
-                for act, other in (x.args[:2], x.args[1::-1]):
-                    if isinstance(act, fx.Node) and is_call(act, ACTIVATION_OPS) and isinstance(other, fx.Node):
-                        rows = _rows_of(gm, other)
-                        if rows is not None and len(other.users) == 1:
-                            out[site.input] = ("rows", rows[0].name, rows[1], None)
-        for att in analysis.attention:
-            site = next((s for s in sites if len(s.linears) == 1 and s.linears[0] in att.o), None)
-            if site is None or set(nodes[site.input].users) != {nodes[site.linears[0]]} or not att.operands[2]:
-                continue
-            x = nodes[site.input]
-            while x.name != att.node and (is_call(x, VIEW_OPS) or is_call(x, PASSTHROUGH)) and isinstance(
-                    x.args[0], fx.Node):
-                x = x.args[0]
-            if x.name != att.node:  # (o_proj reads something else than attention's output, e.g. a Hadamard of it)
-                continue
-            found = _value_rows(gm, nodes[att.operands[2]])
-            if found is None:
-                continue
-            v_rows, offset, v_size, head_dim = found
-            if site.k % v_size or v_size % head_dim:
-                continue
-            # o_proj's input channel h·head_dim + j comes from v's channel (h // group)·head_dim + j (repeat_kv)
-            group = site.k // v_size
-            c = torch.arange(site.k)
-            index = (c // head_dim // group) * head_dim + c % head_dim
-            out[site.input] = ("rows", v_rows.name, offset, None if group == 1 else index)
-        return out
-
+            rp = rows.get(site.input)
+            if rp is not None and site.linears == [rp.consumer]:
+                out[site.input] = ("rows", rp.producer, rp.offset, rp.index)
         return out
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
@@ -310,7 +238,7 @@ class FlatQuant(Pass):
                     prod = analysis.linears[producer]
                     divisor = torch.ones(prod.out_features)
                     divisor[offset:offset + t.producer_scale.numel()] = t.producer_scale
-                    scale_linear_outputs(gm, prod.weight, prod.bias, divisor)
+                    divide_linear_outputs(gm, ctx, prod, divisor)
                 for name in site.linears:
                     scale_linear_inputs(gm, analysis.linears[name].weight, t.scale)
             linears = [nodes[name] for name in site.linears]

@@ -13,6 +13,8 @@ Statistics (x is the node's output, channels on the last axis, flattened over to
   percentile      q-th percentile of |x| (subsampled)  0-d      outlier-robust observers
   histogram       counts of |x| in 2048 bins on [0, R] Hist     MSE / KL observers (calib/observers.py)
   hessian         Σ_t x_tᵀ x_t and the token count    [C, C]   GPTQ, AWQ, activation-aware clipping
+  token_sample    every TOKEN_SAMPLE_STRIDE-th token's x (at least 8 per batch, evenly spaced)
+                                                       [T', C]  SmoothQuant's α search (scored on real tokens)
   hessian_quantized  with x̃_t = Q(x_t) the dynamic per-token quantization at `bits` (what the layer's integer
                   GEMM reads): Σ_t x̃_tᵀ x̃_t, Σ_t x̃_tᵀ x_t and the token count
                                                        2 × [C, C] GPTQ fitted to quantized activations
@@ -48,9 +50,10 @@ from qcompiler.ir.routing import ROUTED
 from qcompiler.numerics import fake_quant_act_per_token, gram
 
 StatKind = Literal["absmax_channel", "absmean_channel", "sqsum_channel", "minmax", "minmax_head_dim", "percentile", "histogram",
-                   "hessian", "hessian_quantized"]
+                   "hessian", "hessian_quantized", "token_sample"]
 _PERCENTILE_SAMPLE = 1 << 18  # values kept per batch for percentile estimates
 HIST_BINS = 2048
+TOKEN_SAMPLE_STRIDE = 32  # token_sample keeps 1 token in 32 (512 of a 32 × 512 calibration set)
 CACHE_VERSION = "2"  # bump when a statistic's definition or the entry format changes
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,11 @@ class Accumulator:
                 gen = torch.Generator().manual_seed(self.batch_index)
                 flat = flat[torch.randint(0, flat.numel(), (_PERCENTILE_SAMPLE,), generator=gen)]
             self._samples.setdefault(req, []).append((self.batch_index, flat))
+        elif req.kind == "token_sample":
+            n = x2.shape[0]
+            keep = min(n, max(8, n // TOKEN_SAMPLE_STRIDE))
+            picked = x2[torch.linspace(0, n - 1, keep).round().long()] if keep else x2
+            self._samples.setdefault(req, []).append((self.batch_index, picked.clone()))
         elif req.kind == "hessian":
             # float32 batch products summed in float64: exact for the few batches of a calibration set, so
             # the sum does not depend on the order (or the rank) the batches arrive in
@@ -215,7 +223,7 @@ class Accumulator:
                 elif v.upper <= 0 and upper > 0:  # no values here yet: all counts (zeros) sit in bin 0
                     v.upper = upper
                 all_reduce(v.counts, "sum")
-            elif r.kind == "percentile":
+            elif r.kind in ("percentile", "token_sample"):
                 # (finish puts them in global batch order)
                 self._samples[r] = [s for part in all_gather_objects(self._samples.get(r, [])) for s in part]
 
@@ -231,6 +239,8 @@ class Accumulator:
                 allv = torch.cat([t for _, t in sorted(self._samples[req], key=lambda s: s[0])])
                 k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
                 out[req] = allv.kthvalue(k).values
+            elif req.kind == "token_sample":
+                out[req] = torch.cat([t for _, t in sorted(self._samples[req], key=lambda s: s[0])])
             elif req.kind == "absmean_channel":
                 out[req] = (self.acc[req] / self.tokens[req]).float()
             elif req.kind == "hessian":

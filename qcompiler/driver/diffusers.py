@@ -115,7 +115,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             ctx = PassContext(block=name, scheme=scheme, target=plan.target, calib=calib,
                               calib_groups=groups if len(groups) > 1 else None)
             gm = transform.run(gm, ctx)
-            y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])
+            y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0], ctx.output_divisors)
             flat = (lambda ys: torch.cat([y.reshape(-1) for y in ys if y is not None]))  # noqa: E731
             grids = ctx.report.get("act_quant", {}).pop("timestep_grids", {})
             timestep_grids.update({checkpoint_name(name, t): values for t, values in grids.items()})

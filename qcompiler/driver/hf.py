@@ -489,7 +489,8 @@ class HFRun:
             self.phases.get("passes: calibration forwards and statistics", 0.0) + ctx.forward_seconds)
         # Per-layer output error on two calibration windows (enough to rank layers; the fallback search uses it),
         # then propagate every batch through the quantized (or float) block.
-        y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, first_windows(inputs[0], 2))
+        y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, first_windows(inputs[0], 2),
+                                                     ctx.output_divisors)
         report: dict[str, Any] = {"output_sqnr_db": round(sqnr_db(y_float, y_quant), 2), "passes": ctx.report}
         if experts:
             report["expert_tokens"] = experts

@@ -206,7 +206,7 @@ def compile_imported(imported: ImportedModel, scheme: QuantScheme, target: Targe
     transform = PassManager(passes[:-1], dump_dir=dump_dir)
     lowering = PassManager(passes[-1:], dump_dir=dump_dir)
     gm = transform.run(gm, ctx)
-    y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0])  # (the float graph ran: checked before)
+    y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0], ctx.output_divisors)  # (the float graph ran: checked before)
     outs_f = y_float if isinstance(y_float, tuple | list) else [y_float]
     outs_q = y_quant if isinstance(y_quant, tuple | list) else [y_quant]
     out_sqnr = {vi.name: round(sqnr_db(f.float(), q.float()), 2)

@@ -89,7 +89,7 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("outliers", "static int8 activations on the reference target, where the model admits the rotation",
         lambda t: t.rotates_static, lambda t: ("rotate", {})),
     Row("outliers", "static activations, or int8 weights under dynamic ones", lambda t: t.smooths,
-        lambda t: ("smoothquant", {"alpha": 0.5})),
+        lambda t: ("smoothquant", {})),  # (α searched per input, o_proj / down_proj smoothed from their producers)
     Row("scales", "--algo awq or awq+gptq", lambda t: t.algo.startswith("awq"), lambda t: ("awq", {})),
     Row("fusion", "always (the target decides whether linears sharing an input fuse)", _always,
         lambda t: ("fuse_linears", {})),

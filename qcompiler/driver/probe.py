@@ -37,13 +37,16 @@ def layer_outputs(gm: fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple[A
     return y, outputs
 
 
-def compare_layers(float_gm: fx.GraphModule, gm: fx.GraphModule, args: tuple[torch.Tensor, ...]
-                   ) -> tuple[Any, Any, dict[str, float]]:
+def compare_layers(float_gm: fx.GraphModule, gm: fx.GraphModule, args: tuple[torch.Tensor, ...],
+                   output_divisors: dict[str, torch.Tensor] | None = None) -> tuple[Any, Any, dict[str, float]]:
     """Run the float and the transformed graph on `args`: (float output, transformed output, SQNR in dB of
-    each weight layer's output, by module path)."""
+    each weight layer's output, by module path). `output_divisors` (PassContext.output_divisors): layers whose
+    output channels a pass divided, multiplied back before the comparison."""
     y_float, float_outs = layer_outputs(float_gm, args)
     y_quant, quant_outs = layer_outputs(gm, args)
-    return y_float, y_quant, {p: sqnr_db(float_outs[p], quant_outs[p]) for p in float_outs.keys() & quant_outs.keys()}
+    divisors = output_divisors or {}
+    return y_float, y_quant, {p: sqnr_db(float_outs[p], quant_outs[p] * divisors[p] if p in divisors else quant_outs[p])
+                              for p in float_outs.keys() & quant_outs.keys()}
 
 
 def first_windows(args: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tensor, ...]:

@@ -60,6 +60,10 @@ class PassContext:
     # asking for them does not run the calibration data through the block again. The manager drops them after
     # every pass that neither published them nor keeps every node's value (Pass.keeps_values).
     known_hessians: dict[str, tuple[torch.Tensor, int]] = field(default_factory=dict)
+    # Linears whose output channels a pass divided (by module path: [out_features] divisors), compensated exactly
+    # downstream (SmoothQuant / FlatQuant folding an input's scale into its producer's rows): the per-layer error
+    # report multiplies them back before comparing the layer with the float block's
+    output_divisors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None,

@@ -1,0 +1,96 @@
+"""SmoothQuant's migration strength α, searched per linear input on sampled calibration tokens.
+
+For an input X [T, K] read by linears W_i (stacked: W [N, K]) and per-channel scales
+    s(α)_j = max_t|X_tj|^α / max_n|W_nj|^(1−α)
+the smoothed layer computes Q_a(X·diag(s)⁻¹)·Q_w(W·diag(s))ᵀ, which equals X·Wᵀ without quantization. The search
+picks the α of a grid that minimises the relative output error
+
+    E(α) = ‖X·Wᵀ − Q_a(X/s)·Q_w(W·s)ᵀ‖² / ‖X·Wᵀ‖²
+
+with Q_a the scheme's activation grid (dynamic per token, or one static scale per tensor on the range of X/s over
+every calibration token)
+and Q_w its weight grid (fake-quant, min-max). One α for the whole input, as the paper's, but chosen per layer
+instead of one value for every model (α = 0.5 is poor where a layer's outliers are mild, e.g. o_proj and down_proj
+inputs once smoothed from their producers). Coarse to fine: every `coarse` step of [0, 1], then the two points a
+half-step either side of the best, then a quarter-step.
+
+Tied scales (grouped-query attention, see qcompiler/ir/producers.py): s is chosen over the producer's rows and the
+input's channel c is divided by s[index[c]]; the statistics are reduced to the producer rows by a max over the
+channels that share one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompiler.numerics import (
+    act_qparams_from_range,
+    fake_quant_act_per_tensor,
+    fake_quant_act_per_token,
+    fake_quant_weight,
+    smooth_scales,
+    to_fp8,
+)
+from qcompiler.schemes import QuantArgs
+
+
+def fake_quant_activations(x: torch.Tensor, args: QuantArgs, peak: torch.Tensor) -> torch.Tensor:
+    """x [T, K] through the scheme's activation grid: dynamic per token (int or fp8), or static per tensor on the
+    range ±peak (peak = max |x| over every calibration token, which a sample of them can miss: a min-max observer's
+    range, taken symmetric)."""
+    if args.dynamic:
+        if args.is_float:
+            scale = (x.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-12)
+            return to_fp8(x / scale).float() * scale
+        return fake_quant_act_per_token(x, args.bits)
+    if args.is_float:
+        scale = (peak / 448.0).clamp_min(1e-12)
+        return to_fp8(x / scale).float() * scale
+    scale, zero = act_qparams_from_range(-peak, peak, args)
+    return fake_quant_act_per_tensor(x, scale, zero, args.qmin, args.qmax)
+
+
+def reduce_tied(values: torch.Tensor, index: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Per-channel maxima [K] reduced to the `size` tied scales (max over the channels c with index[c] = r)."""
+    if index is None:
+        return values
+    return torch.full((size,), float("-inf")).scatter_reduce(0, index, values.float(), "amax")
+
+
+def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, reference: torch.Tensor,
+                    weight_args: QuantArgs, act_args: QuantArgs, act_absmax: torch.Tensor) -> float:
+    """E = ‖reference − Q_a(X/s)·Q_w(W·s)ᵀ‖² / ‖reference‖², reference = X·Wᵀ; act_absmax [K] over every token."""
+    peak = (act_absmax.float() / s).amax()
+    y = fake_quant_activations(x / s, act_args, peak) @ fake_quant_weight(w * s, weight_args).t()
+    return float((reference - y).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
+
+
+def search_alpha(x: torch.Tensor, w: torch.Tensor, act_absmax: torch.Tensor, weight_args: QuantArgs,
+                 act_args: QuantArgs, index: torch.Tensor | None = None, coarse: float = 0.25
+                 ) -> tuple[float, torch.Tensor, dict[float, float]]:
+    """(best α, its scales over the tied rows, E by α tried). x [T, K] sampled inputs, w [N, K] the stacked weights,
+    act_absmax [K] over every calibration token; index [K] ties input channels to rows (None: untied)."""
+    x, w = x.float(), w.float()
+    size = int(index.max()) + 1 if index is not None else x.shape[1]
+    a = reduce_tied(act_absmax.float(), index, size)
+    wmax = reduce_tied(w.abs().amax(dim=0), index, size)
+    reference = x @ w.t()
+    tried: dict[float, float] = {}
+
+    def score(alpha: float) -> float:
+        alpha = round(min(max(alpha, 0.0), 1.0), 6)
+        if alpha not in tried:
+            s = smooth_scales(a, wmax, alpha)
+            tried[alpha] = smoothing_error(x, w, s if index is None else s[index], reference, weight_args, act_args,
+                                           act_absmax)
+        return tried[alpha]
+
+    steps = round(1.0 / coarse)
+    for i in range(steps + 1):
+        score(i * coarse)
+    best = min(tried, key=tried.__getitem__)
+    for step in (coarse / 2, coarse / 4):
+        for cand in (best - step, best + step):
+            score(cand)
+        best = min(tried, key=tried.__getitem__)
+    return best, smooth_scales(a, wmax, best), tried
