@@ -45,7 +45,9 @@ CONFIGS: dict[str, dict] = {
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8 static + smoothquant": {"scheme": "w8a8", "passes": "smoothquant,fuse_linears,rtn,act_quant"},
     "w8a8 static + smoothquant + gptq": {"scheme": "w8a8",
-                                         "passes": "smoothquant{alpha=0.5},fuse_linears,gptq,act_quant"},
+                                         "passes": "smoothquant{alpha=0.5,producers=false},fuse_linears,gptq,act_quant"},
+    "w8a8 static + smoothquant + mse observer": {
+        "scheme": "w8a8", "passes": "smoothquant,fuse_linears,rtn,act_quant{observer=mse}"},
     "w8a8 static + rotate": {"scheme": "w8a8", "passes": "rotate,fuse_linears,rtn,act_quant"},
     "w8a8 static + rotate + mse observer": {"scheme": "w8a8",
                                             "passes": "rotate,fuse_linears,rtn,act_quant{observer=mse}"},
@@ -53,10 +55,11 @@ CONFIGS: dict[str, dict] = {
         "scheme": "w8a8", "passes": "rotate{online=False},fuse_linears,rtn,act_quant{observer=mse}"},
     "w8a8 static (default: rotation), fallback auto ≤10%": {"scheme": "w8a8", "fallback": 0.10},
     "w8a8 static + smoothquant, fallback auto ≤10%": {
-        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant", "fallback": 0.10},
+        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5,producers=false},fuse_linears,rtn,act_quant",
+        "fallback": 0.10},
     "w8a8 static + smoothquant, fallback auto ≤10%, ranked by own SQNR": {
-        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5},fuse_linears,rtn,act_quant", "fallback": 0.10,
-        "ranking": "sqnr"},
+        "scheme": "w8a8", "passes": "smoothquant{alpha=0.5,producers=false},fuse_linears,rtn,act_quant",
+        "fallback": 0.10, "ranking": "sqnr"},
     "w8a8_dynamic (no smoothing)": {"scheme": "w8a8_dynamic", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant": {"scheme": "w8a8_dynamic", "passes": None},
     "w8a8_dynamic + smoothquant + gptq": {"scheme": "w8a8_dynamic", "algo": "gptq"},

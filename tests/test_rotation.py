@@ -123,12 +123,27 @@ def test_rotation_refuses_moe_blocks_and_formats_without_an_online_rotation(tmp_
     assert (out / "ok" / "compressed-tensors" / "config.json").is_file()
 
 
-def test_static_w8a8_default_rotates_where_the_model_admits_it_and_smooths_elsewhere(tiny_models, tmp_path, calib_text):
-    """The default pipeline for static int8 activations on the reference target rotates the residual stream (and
+def format_pipeline_of(scheme: str, target: str) -> str:
+    from qcompiler.driver import default_pipeline
+    from qcompiler.pm.pipeline import format_pipeline
+    from qcompiler.targets import get_target
+
+    return format_pipeline(default_pipeline(get_scheme(scheme), get_target(target)))
+
+
+def test_static_w8a8_default_rotates_where_the_model_admits_it_and_smooths_elsewhere(tiny_models, tmp_path, calib_text,
+                                                                                     monkeypatch):
+    """A target that asks for it (Target.rotates_static_activations; none does by default since SmoothQuant with
+    producers and a searched α measured better) rotates the residual stream before static int8 activations (and
     fits the activation grids by MSE); a model the rotation refuses (Gemma 2's post-norms) gets SmoothQuant instead,
     with the reason said once; other targets and dynamic activations keep SmoothQuant. (The numerics of each family's
     default are cells of the support matrix.)"""
     from family_configs import BY_TYPE, make_family_model
+
+    from qcompiler.targets.reference import ReferenceTarget
+
+    assert format_pipeline_of("w8a8", "reference") == "smoothquant,fuse_linears,rtn,act_quant,lower"
+    monkeypatch.setattr(ReferenceTarget, "rotates_static_activations", True)
 
     from qcompiler.driver import default_pipeline
     from qcompiler.pm.pipeline import format_pipeline

@@ -6,8 +6,8 @@ checks three cells against transformers' own model:
 - reference: our artefact (`load_quantized`) equals `transformers_twin` — transformers' model with the artefact's
   dequantized weights and activation grids (tests/twin.py). The artefact is target independent (the two runs'
   block files are asserted equal), so the cuda run's artefact stands for the reference target's — except where the
-  reference target's default pipeline differs (static w8a8: the residual rotation, online Hadamard included), which
-  is quantized for the reference target itself.
+  reference target's default pipeline differs (a target that rotates the residual stream before static activations,
+  Target.rotates_static_activations; none does by default), which is then quantized for the reference target itself.
 - cuda: transformers loads the compressed-tensors folder (the client decompresses it) and its logits equal ours.
   Where transformers cannot build the client model on the CPU (it cannot stack int8 per-expert tensors), the cell
   records why, prefixed "weights:" (◐ in the table) when the compressed-tensors package's own compressor
@@ -223,7 +223,7 @@ def _cells(family: Family, model: Path, scheme: str, tmp: Path) -> dict[str, str
         return {**cells, **{t: r or "ok" for t, r in runs.items()}, "onnxruntime": onnx_refusal}
 
     weight_only = "a16" in scheme
-    # the reference target's own artefact where its default pipeline differs (static w8a8: the residual rotation)
+    # the reference target's own artefact where its default pipeline differs (e.g. static w8a8 rotated)
     ref_artefact = artefact
     if "reference" not in cells and _default_pipeline(scheme, "reference") != _default_pipeline(scheme, "cuda"):
         refusal = _quantize(model, tmp / "reference", scheme, "reference")
