@@ -79,6 +79,8 @@ CONFIGS: dict[str, dict] = {
     "w4a8 g64 + smoothquant": {"scheme": "w4a8", "group_size": 64,
                                "passes": "smoothquant,fuse_linears,rtn{clip=mse}"},
     "w4a8 g64 + smoothquant + gptq": {"scheme": "w4a8", "group_size": 64, "passes": "smoothquant,fuse_linears,gptq"},
+    "w4a8 per-channel + smoothquant + gptq": {"scheme": "w4a8", "passes": "smoothquant,fuse_linears,gptq"},
+    "w4a8 per-channel + gptq (no smoothing)": {"scheme": "w4a8", "passes": "fuse_linears,gptq"},
     "w4a8 per-channel (default: no smoothing)": {"scheme": "w4a8"},
     "w4a8 g64 (default: no smoothing)": {"scheme": "w4a8", "group_size": 64},
     "w4a8 g64 + gptq (no smoothing)": {"scheme": "w4a8", "group_size": 64, "algo": "gptq"},

@@ -170,6 +170,16 @@ def test_smoothquant_alpha_search_minimises_the_quantized_output_error(tiny_llam
     assert by_hand == pytest.approx(tried[alpha], rel=1e-6)
     torch.testing.assert_close(s, smooth_scales(amax, w.abs().amax(dim=0), alpha))
 
+    unsmoothed = smoothing_error(x.float(), w, torch.ones(w.shape[1]), ref, scheme.weights, scheme.activations, amax)
+    assert alpha is not None and tried[alpha] < unsmoothed  # (smoothing this norm's outliers pays)
+    # ±1 activations and weights are exact on both int8 grids: nothing to gain, so the input is left alone (α None,
+    # unit scales) rather than rescaled
+    signs = [torch.sign(torch.randn(*shape, generator=torch.Generator().manual_seed(i)))
+             for i, shape in enumerate([(64, 16), (8, 16)])]
+    none_alpha, ones, tried_flat = search_alpha(signs[0], signs[1], signs[0].abs().amax(dim=0), scheme.weights,
+                                                scheme.activations)
+    assert none_alpha is None and torch.equal(ones, torch.ones(16)) and min(tried_flat.values()) == 0.0
+
     ctx = context(inputs, "w8a8_dynamic")
     gm = apply(gm, ctx, "smoothquant")
     alphas = ctx.report["smoothquant"]["alpha"]

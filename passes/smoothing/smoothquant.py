@@ -14,7 +14,8 @@ moves. The division is folded into X's producer, where it is exact:
 α: unset (the default), searched per input on a coarse-to-fine grid on [0, 1] by the output error under the
 scheme's own grids on sampled calibration tokens (qcompiler/algorithms/smoothquant.py); a number fixes it for every
 input (0.5 is the paper's default; `smoothquant{alpha=0.5,producers=false}` is the paper's method). Layers without
-quantized activations use 0.5. Needs per-channel absmax of X and a token sample: one calibration run.
+quantized activations use 0.5. The search also scores leaving the input alone and keeps it where no α beats it.
+Needs per-channel absmax of X and a token sample: one calibration run.
 Measured on the demo (w8a8_dynamic + RTN, 16k held-out tokens): the paper's +1.26 %, α searched +0.96 %, producers
 +0.99 %, both +0.61 % (docs/benchmarks.md).
 """
@@ -79,7 +80,7 @@ class SmoothQuant(Pass):
         return scheme.weights, scheme.activations
 
     def _scales(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats, x: str, linears: list[str],
-                index: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                index: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
         """(s over the input's channels — over the tied rows when `index` is given — and the α used)."""
         infos = analyze_block(gm).linears
         weights = [get_tensor(gm, infos[lin].weight).float() for lin in linears]
@@ -105,23 +106,27 @@ class SmoothQuant(Pass):
                 rejected[group.weight] = m.reason
                 continue
             s, alpha = self._scales(gm, ctx, stats, group.mul_node, group.linears)
+            alphas["+".join(analysis.linears[lin].path for lin in group.linears)] = alpha
+            if alpha is None:  # (searched: leaving the input alone scored best)
+                continue
             for lin in group.linears:
                 scale_linear_inputs(gm, analysis.linears[lin].weight, s)
             scale_norm(gm, group, s)
             smoothed.append(group.weight)
-            alphas["+".join(analysis.linears[lin].path for lin in group.linears)] = alpha
         row_sites, skipped = self._row_sites(gm, ctx)
         for rp in row_sites:
             s, alpha = self._scales(gm, ctx, stats, rp.input, [rp.consumer], rp.index)
+            alphas[analysis.linears[rp.consumer].path] = alpha
+            if alpha is None:
+                continue
             producer = analysis.linears[rp.producer]
             divisor = torch.ones(producer.out_features)
             divisor[rp.offset:rp.offset + rp.rows] = s
             divide_linear_outputs(gm, ctx, producer, divisor)
             scale_linear_inputs(gm, analysis.linears[rp.consumer].weight, s if rp.index is None else s[rp.index])
             smoothed.append(analysis.linears[rp.consumer].path)
-            alphas[analysis.linears[rp.consumer].path] = alpha
-        details = {"smoothed": smoothed, "rejected": rejected}
-        details["alpha"] = alphas
+        # α by input (None: searched, and leaving the input alone scored best)
+        details: dict[str, object] = {"smoothed": smoothed, "rejected": rejected, "alpha": alphas}
         if skipped:
             details["producers_skipped"] = skipped
         return PassResult(gm, bool(smoothed), details)

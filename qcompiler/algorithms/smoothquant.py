@@ -12,7 +12,8 @@ every calibration token)
 and Q_w its weight grid (fake-quant, min-max). One α for the whole input, as the paper's, but chosen per layer
 instead of one value for every model (α = 0.5 is poor where a layer's outliers are mild, e.g. o_proj and down_proj
 inputs once smoothed from their producers). Coarse to fine: every `coarse` step of [0, 1], then the two points a
-half-step either side of the best, then a quarter-step.
+half-step either side of the best, then a quarter-step. The family s(α) does not contain s = 1 (α = 0 gives
+1/max|W|), so leaving X alone is scored too and kept where it wins.
 
 Tied scales (grouped-query attention, see qcompiler/ir/producers.py): s is chosen over the producer's rows and the
 input's channel c is divided by s[index[c]]; the statistics are reduced to the producer rows by a max over the
@@ -67,8 +68,8 @@ def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, reference
 
 def search_alpha(x: torch.Tensor, w: torch.Tensor, act_absmax: torch.Tensor, weight_args: QuantArgs,
                  act_args: QuantArgs, index: torch.Tensor | None = None, coarse: float = 0.25
-                 ) -> tuple[float, torch.Tensor, dict[float, float]]:
-    """(best α, its scales over the tied rows, E by α tried). x [T, K] sampled inputs, w [N, K] the stacked weights,
+                 ) -> tuple[float | None, torch.Tensor, dict[float, float]]:
+    """(best α, its scales over the tied rows, E by α tried); α None and scales 1 when no α beats leaving X alone. x [T, K] sampled inputs, w [N, K] the stacked weights,
     act_absmax [K] over every calibration token; index [K] ties input channels to rows (None: untied)."""
     x, w = x.float(), w.float()
     size = int(index.max()) + 1 if index is not None else x.shape[1]
@@ -93,4 +94,9 @@ def search_alpha(x: torch.Tensor, w: torch.Tensor, act_absmax: torch.Tensor, wei
         for cand in (best - step, best + step):
             score(cand)
         best = min(tried, key=tried.__getitem__)
+    # no α of the family may beat leaving the input alone (s = 1; e.g. int4 weights under per-token activations):
+    # then it stays unsmoothed, α reported as None
+    unsmoothed = smoothing_error(x, w, torch.ones(x.shape[1]), reference, weight_args, act_args, act_absmax)
+    if unsmoothed <= tried[best]:
+        return None, torch.ones(size), tried
     return best, smooth_scales(a, wmax, best), tried
