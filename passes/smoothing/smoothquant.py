@@ -27,12 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompiler.algorithms.smoothquant import reduce_tied, search_alpha
+from qcompiler.algorithms.smoothquant import search_alpha, tied_smooth_scales
 from qcompiler.calib.stats import StatRequest, Stats
-from qcompiler.ir.analysis import analyze_block
+from qcompiler.ir.analysis import BlockAnalysis, analyze_block
 from qcompiler.ir.graph import get_tensor
 from qcompiler.ir.producers import RowProducer, row_producers
-from qcompiler.numerics import smooth_scales
 from qcompiler.passes.fusion.fold_norm import (
     check_norm_group,
     divide_linear_outputs,
@@ -71,31 +70,26 @@ class SmoothQuant(Pass):
             reqs += [StatRequest(x, "token_sample") for x in inputs]
         return reqs
 
-    def _grids(self, ctx: PassContext, linears: list[str], gm: fx.GraphModule) -> tuple[QuantArgs, QuantArgs] | None:
+    def _grids(self, ctx: PassContext, analysis: BlockAnalysis, linears: list[str]
+               ) -> tuple[QuantArgs, QuantArgs] | None:
         """The (weight, activation) grids the search scores with: the first linear's; None when it has no
         quantized activations (then the fixed α is used)."""
-        scheme = ctx.layer_scheme(analyze_block(gm).linears[linears[0]])
+        scheme = ctx.layer_scheme(analysis.linears[linears[0]])
         if scheme is None or scheme.weights is None or scheme.activations is None:
             return None
         return scheme.weights, scheme.activations
 
-    def _scales(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats, x: str, linears: list[str],
-                index: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
+    def _scales(self, gm: fx.GraphModule, ctx: PassContext, analysis: BlockAnalysis, stats: Stats, x: str,
+                linears: list[str], index: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
         """(s over the input's channels — over the tied rows when `index` is given — and the α used)."""
-        infos = analyze_block(gm).linears
-        weights = [get_tensor(gm, infos[lin].weight).float() for lin in linears]
+        w = torch.cat([get_tensor(gm, analysis.linears[lin].weight).float() for lin in linears])
         act_absmax = stats[StatRequest(x, "absmax_channel")]
-        grids = self._grids(ctx, linears, gm) if self.alpha is None else None
+        grids = self._grids(ctx, analysis, linears) if self.alpha is None else None
         if grids is not None:
-            alpha, s, _ = search_alpha(stats[StatRequest(x, "token_sample")], torch.cat(weights), act_absmax,
-                                       grids[0], grids[1], index)
+            alpha, s, _ = search_alpha(stats[StatRequest(x, "token_sample")], w, act_absmax, grids[0], grids[1], index)
             return s, alpha
-        w_absmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
-        if index is not None:
-            size = int(index.max()) + 1
-            act_absmax, w_absmax = reduce_tied(act_absmax, index, size), reduce_tied(w_absmax, index, size)
         alpha = 0.5 if self.alpha is None else self.alpha
-        return smooth_scales(act_absmax, w_absmax, alpha), alpha
+        return tied_smooth_scales(act_absmax, w, alpha, index), alpha
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         analysis = analyze_block(gm)
@@ -105,7 +99,7 @@ class SmoothQuant(Pass):
             if not m:
                 rejected[group.weight] = m.reason
                 continue
-            s, alpha = self._scales(gm, ctx, stats, group.mul_node, group.linears)
+            s, alpha = self._scales(gm, ctx, analysis, stats, group.mul_node, group.linears)
             alphas["+".join(analysis.linears[lin].path for lin in group.linears)] = alpha
             if alpha is None:  # (searched: leaving the input alone scored best)
                 continue
@@ -115,7 +109,7 @@ class SmoothQuant(Pass):
             smoothed.append(group.weight)
         row_sites, skipped = self._row_sites(gm, ctx)
         for rp in row_sites:
-            s, alpha = self._scales(gm, ctx, stats, rp.input, [rp.consumer], rp.index)
+            s, alpha = self._scales(gm, ctx, analysis, stats, rp.input, [rp.consumer], rp.index)
             alphas[analysis.linears[rp.consumer].path] = alpha
             if alpha is None:
                 continue

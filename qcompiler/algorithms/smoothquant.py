@@ -24,29 +24,26 @@ from __future__ import annotations
 
 import torch
 
+from qcompiler.kernels import reference as kernel_reference
 from qcompiler.numerics import (
     act_qparams_from_range,
     fake_quant_act_per_tensor,
     fake_quant_act_per_token,
     fake_quant_weight,
     smooth_scales,
-    to_fp8,
 )
-from qcompiler.schemes import QuantArgs
+from qcompiler.schemes import FP8_E4M3_MAX, QuantArgs
 
 
 def fake_quant_activations(x: torch.Tensor, args: QuantArgs, peak: torch.Tensor) -> torch.Tensor:
     """x [T, K] through the scheme's activation grid: dynamic per token (int or fp8), or static per tensor on the
     range ±peak (peak = max |x| over every calibration token, which a sample of them can miss: a min-max observer's
     range, taken symmetric)."""
+    if args.is_float:  # (the fp8 oracle: per token when the scale is None)
+        x8, scale = kernel_reference.quantize_act_fp8(x, None if args.dynamic else (peak / FP8_E4M3_MAX).clamp_min(1e-12))
+        return x8.float() * scale
     if args.dynamic:
-        if args.is_float:
-            scale = (x.abs().amax(dim=-1, keepdim=True) / 448.0).clamp_min(1e-12)
-            return to_fp8(x / scale).float() * scale
         return fake_quant_act_per_token(x, args.bits)
-    if args.is_float:
-        scale = (peak / 448.0).clamp_min(1e-12)
-        return to_fp8(x / scale).float() * scale
     scale, zero = act_qparams_from_range(-peak, peak, args)
     return fake_quant_act_per_tensor(x, scale, zero, args.qmin, args.qmax)
 
@@ -56,6 +53,14 @@ def reduce_tied(values: torch.Tensor, index: torch.Tensor | None, size: int) -> 
     if index is None:
         return values
     return torch.full((size,), float("-inf")).scatter_reduce(0, index, values.float(), "amax")
+
+
+def tied_smooth_scales(act_absmax: torch.Tensor, w: torch.Tensor, alpha: float, index: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """SmoothQuant's s(α) for an input read by w [N, K] — over the tied rows when `index` ties the K channels."""
+    size = int(index.max()) + 1 if index is not None else w.shape[1]
+    return smooth_scales(reduce_tied(act_absmax.float(), index, size), reduce_tied(w.abs().amax(dim=0), index, size),
+                         alpha)
 
 
 def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, reference: torch.Tensor,
@@ -69,19 +74,17 @@ def smoothing_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, reference
 def search_alpha(x: torch.Tensor, w: torch.Tensor, act_absmax: torch.Tensor, weight_args: QuantArgs,
                  act_args: QuantArgs, index: torch.Tensor | None = None, coarse: float = 0.25
                  ) -> tuple[float | None, torch.Tensor, dict[float, float]]:
-    """(best α, its scales over the tied rows, E by α tried); α None and scales 1 when no α beats leaving X alone. x [T, K] sampled inputs, w [N, K] the stacked weights,
-    act_absmax [K] over every calibration token; index [K] ties input channels to rows (None: untied)."""
+    """(best α, its scales over the tied rows, E by α tried); α None and scales 1 when no α beats leaving X alone.
+    x [T, K] sampled inputs, w [N, K] the stacked weights, act_absmax [K] over every calibration token; index [K]
+    ties input channels to rows (None: untied)."""
     x, w = x.float(), w.float()
-    size = int(index.max()) + 1 if index is not None else x.shape[1]
-    a = reduce_tied(act_absmax.float(), index, size)
-    wmax = reduce_tied(w.abs().amax(dim=0), index, size)
     reference = x @ w.t()
     tried: dict[float, float] = {}
 
     def score(alpha: float) -> float:
         alpha = round(min(max(alpha, 0.0), 1.0), 6)
         if alpha not in tried:
-            s = smooth_scales(a, wmax, alpha)
+            s = tied_smooth_scales(act_absmax, w, alpha, index)
             tried[alpha] = smoothing_error(x, w, s if index is None else s[index], reference, weight_args, act_args,
                                            act_absmax)
         return tried[alpha]
@@ -98,5 +101,5 @@ def search_alpha(x: torch.Tensor, w: torch.Tensor, act_absmax: torch.Tensor, wei
     # then it stays unsmoothed, α reported as None
     unsmoothed = smoothing_error(x, w, torch.ones(x.shape[1]), reference, weight_args, act_args, act_absmax)
     if unsmoothed <= tried[best]:
-        return None, torch.ones(size), tried
-    return best, smooth_scales(a, wmax, best), tried
+        return None, torch.ones(int(index.max()) + 1 if index is not None else x.shape[1]), tried
+    return best, tied_smooth_scales(act_absmax, w, best, index), tried

@@ -227,6 +227,10 @@ class Accumulator:
                 # (finish puts them in global batch order)
                 self._samples[r] = [s for part in all_gather_objects(self._samples.get(r, [])) for s in part]
 
+    def _in_batch_order(self, req: StatRequest) -> torch.Tensor:
+        """A sampled statistic's pieces concatenated in global batch order (whichever rank held each batch)."""
+        return torch.cat([t for _, t in sorted(self._samples[req], key=lambda s: s[0])])
+
     def finish(self) -> Stats:
         """The statistics; requests that saw no token are left out (see `Stats.empty`)."""
         self._reduce_across_ranks()
@@ -236,11 +240,11 @@ class Accumulator:
             if req in empty:
                 continue
             if req.kind == "percentile":
-                allv = torch.cat([t for _, t in sorted(self._samples[req], key=lambda s: s[0])])
+                allv = self._in_batch_order(req)
                 k = max(1, min(allv.numel(), round(req.percentile / 100.0 * allv.numel())))
                 out[req] = allv.kthvalue(k).values
             elif req.kind == "token_sample":
-                out[req] = torch.cat([t for _, t in sorted(self._samples[req], key=lambda s: s[0])])
+                out[req] = self._in_batch_order(req)
             elif req.kind == "absmean_channel":
                 out[req] = (self.acc[req] / self.tokens[req]).float()
             elif req.kind == "hessian":
