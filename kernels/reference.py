@@ -10,8 +10,7 @@ import math
 import torch
 
 from qcompiler.kernels.packing import default_zero, load_weight_codes
-from qcompiler.numerics import quantize_act_per_token, to_fp8
-from qcompiler.schemes import FP8_E4M3_MAX
+from qcompiler.numerics import quantize_act_fp8, quantize_act_per_token
 
 
 def dequantize(
@@ -111,15 +110,6 @@ def linear_int_dynamic(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*shape[:-1], -1).to(x.dtype)
-
-
-def quantize_act_fp8(x: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 codes of x [M, K] and their scale: static per-tensor `x_scale`, or (None) dynamic per token
-    with s = absmax / 448 [M, 1]. Values are saturated to ±448 before the (round-to-nearest-even) cast."""
-    if x_scale is None:
-        x_scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(1e-12)
-    x8 = to_fp8(x.float() / x_scale.float())
-    return x8, x_scale
 
 
 def linear_fp8(

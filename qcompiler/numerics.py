@@ -283,6 +283,16 @@ def quantize_act_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1
     return q, scale
 
 
+def quantize_act_fp8(x: torch.Tensor, x_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes of x [M, K] and their scale: static per-tensor `x_scale`, or (None) dynamic per token
+    with s = absmax / 448 [M, 1]. Values are saturated to ±448 before the (round-to-nearest-even) cast.
+    (The fp8 kernels' oracle, kernels/reference.py, and SmoothQuant's α search share it.)"""
+    if x_scale is None:
+        x_scale = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX).clamp_min(_EPS)
+    x8 = to_fp8(x.float() / x_scale.float())
+    return x8, x_scale
+
+
 def fake_quant_act_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0) -> torch.Tensor:
     q, scale = quantize_act_per_token(x, bits, clip_ratio)
     return (q.float() * scale).to(x.dtype)

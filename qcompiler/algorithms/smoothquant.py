@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from qcompiler.kernels import reference as kernel_reference
 from qcompiler.numerics import (
     act_qparams_from_range,
     fake_quant_act_per_tensor,
     fake_quant_act_per_token,
     fake_quant_weight,
+    quantize_act_fp8,
     smooth_scales,
 )
 from qcompiler.schemes import FP8_E4M3_MAX, QuantArgs
@@ -39,8 +39,8 @@ def fake_quant_activations(x: torch.Tensor, args: QuantArgs, peak: torch.Tensor)
     """x [T, K] through the scheme's activation grid: dynamic per token (int or fp8), or static per tensor on the
     range ±peak (peak = max |x| over every calibration token, which a sample of them can miss: a min-max observer's
     range, taken symmetric)."""
-    if args.is_float:  # (the fp8 oracle: per token when the scale is None)
-        x8, scale = kernel_reference.quantize_act_fp8(x, None if args.dynamic else (peak / FP8_E4M3_MAX).clamp_min(1e-12))
+    if args.is_float:  # (the fp8 kernels' grid: per token when the scale is None)
+        x8, scale = quantize_act_fp8(x, None if args.dynamic else (peak / FP8_E4M3_MAX).clamp_min(1e-12))
         return x8.float() * scale
     if args.dynamic:
         return fake_quant_act_per_token(x, args.bits)
