@@ -99,6 +99,11 @@ CONFIGS: dict[str, dict] = {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{targets=model},gptq,act_quant"},
     "w4a4 + rotation + flatquant + gptq (FlatQuant, 100 steps, no per-channel scaling)": {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{diag_scale=false},gptq,act_quant"},
+    "w4a4 + rotation + flatquant + gptq on quantized inputs (FlatQuant, 100 steps)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant,gptq{quantized_input=true},act_quant"},
+    "w4a4 + rotation + flatquant + gptq on quantized inputs (FlatQuant, 100 steps, 64 calibration windows)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant,gptq{quantized_input=true},act_quant",
+        "num_samples": 64},
     "w4a4 + rotation + flatquant + gptq (FlatQuant, 50 steps)": {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{steps=50},gptq,act_quant"},
     "w4a4 + rotation + flatquant + rtn (FlatQuant, 100 steps, weights in the loop)": {
@@ -149,7 +154,8 @@ def quantize_one(name: str, out: Path) -> dict:
     c = CONFIGS[name]
     scheme = get_scheme(c["scheme"], group_size=c.get("group_size"), kv_cache=c.get("kv"))
     cfg = QuantizeConfig(model=demo_model_dir(), scheme=scheme, out=out, algo=c.get("algo", "rtn"),
-                         passes=parse_pipeline(c["passes"]) if c.get("passes") else None, progress=False)
+                         passes=parse_pipeline(c["passes"]) if c.get("passes") else None, progress=False,
+                         num_samples=c.get("num_samples", 32))
     t0 = time.perf_counter()
     extra = {}
     if "fallback" in c:

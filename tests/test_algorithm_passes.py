@@ -128,8 +128,10 @@ def test_quantized_input_statistics_match_their_definition_and_survive_the_cache
     gm, inputs = traced_block(tiny_llama, seq=24, n_batches=2)
     node = next(n for n in gm.graph.nodes if is_call(n, LINEAR)).args[0]
     req = StatRequest(node.name, "hessian_quantized", bits=4)
+    clipped = StatRequest(node.name, "hessian_quantized", bits=4, clip_ratio=0.7)  # (flatquant's learned clip)
     cache = StatsCache(tmp_path)
-    h, cross, tokens = collect_stats(gm, [req], inputs, cache=cache, calib_digest="d")[req]
+    stats = collect_stats(gm, [req, clipped], inputs, cache=cache, calib_digest="d")
+    h, cross, tokens = stats[req]
     class Recorder(torch.fx.Interpreter):  # (the node's values, as a plain run computes them)
         value = None
 
@@ -150,8 +152,15 @@ def test_quantized_input_statistics_match_their_definition_and_survive_the_cache
     assert tokens == x.shape[0]
     assert torch.allclose(h, (xq.t() @ xq).double(), rtol=1e-5, atol=1e-4)
     assert torch.allclose(cross, (xq.t() @ x).double(), rtol=1e-5, atol=1e-4)
-    h2, cross2, tokens2 = collect_stats(gm, [req], inputs, cache=cache, calib_digest="d")[req]
+    xc = fake_quant_act_per_token(x, 4, 0.7)
+    hc, crossc, _ = stats[clipped]
+    assert torch.allclose(hc, (xc.t() @ xc).double(), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(crossc, (xc.t() @ x).double(), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(hc, h, rtol=1e-3)  # (the clipped grid is a different statistic)
+    stats2 = collect_stats(gm, [req, clipped], inputs, cache=cache, calib_digest="d")
+    h2, cross2, tokens2 = stats2[req]
     assert cache.hits == 1 and torch.equal(h2, h) and torch.equal(cross2, cross) and tokens2 == tokens
+    assert torch.equal(stats2[clipped][0], hc)
 
 
 # ------------------------------------------------------------------------------------------ awq

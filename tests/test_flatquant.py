@@ -188,6 +188,27 @@ def _node_value(gm, name, inputs):
     return seen["x"].double()
 
 
+def test_gptq_on_quantized_inputs_reads_each_sites_learned_clip(tiny_llama, monkeypatch):
+    """gptq{quantized_input=true} after flatquant measures H̃ on the grid the layer runs: c·max|x'_t|/7."""
+    import qcompiler.pm.base as base
+
+    seen = []
+
+    def spy(gm, requests, *args, **kwargs):
+        seen.extend(requests)
+        return collect(gm, requests, *args, **kwargs)
+
+    collect = base.collect_stats
+    monkeypatch.setattr(base, "collect_stats", spy)
+    gm, inputs = traced_block(tiny_llama, seq=16, n_batches=1)
+    ctx = context(inputs, "w4a4")
+    gm = _apply(gm, ctx, "rotate,fuse_linears,flatquant{steps=3},gptq{quantized_input=true}")
+    clips = {n.args[0].name: n.meta[qmeta.TRANSFORM]["clip_ratio"] for n in gm.graph.nodes if is_call(n, LINEAR)}
+    quantized = {r.node: r.clip_ratio for r in seen if r.kind == "hessian_quantized"}
+    assert quantized == clips and len(clips) == 4 and all(c != 1.0 for c in clips.values())
+    assert all(v["quantized_input"] for v in ctx.report["gptq"]["layers"].values())
+
+
 def test_flatquant_leaves_layers_without_per_token_activations_alone(tiny_llama):
     for scheme in ("w4a16", "w8a8"):
         gm, inputs = traced_block(tiny_llama, seq=16, n_batches=1)

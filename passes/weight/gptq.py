@@ -94,7 +94,9 @@ class GPTQ(Pass):
         acts = scheme.activations if scheme is not None else None
         if (self.quantized_input and acts is not None and acts.dynamic and not acts.is_float
                 and acts.granularity == "token"):
-            return StatRequest(x, "hessian_quantized", bits=acts.bits)
+            # (the grid the layer runs with: flatquant's learned clip ratio where it set one)
+            clip = float(node.meta.get(qmeta.TRANSFORM, {}).get("clip_ratio", 1.0))
+            return StatRequest(x, "hessian_quantized", bits=acts.bits, clip_ratio=clip)
         return StatRequest(x, "hessian")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:

@@ -98,6 +98,7 @@ class StatRequest:
     kind: StatKind
     percentile: float = 99.99
     bits: int = 8  # hessian_quantized: the bits of the per-token activation grid
+    clip_ratio: float = 1.0  # hessian_quantized: the grid's scale is clip_ratio·max|x_t|/qmax (flatquant's clip)
 
 
 @dataclass
@@ -189,7 +190,7 @@ class Accumulator:
             prev = self.acc.get(req)
             self.acc[req] = h if prev is None else prev + h
         elif req.kind == "hessian_quantized":
-            xq = fake_quant_act_per_token(x2, req.bits)
+            xq = fake_quant_act_per_token(x2, req.bits, req.clip_ratio)
             pair = (gram(xq).double(), (xq.t() @ x2).double())
             prev = self.acc.get(req)
             self.acc[req] = pair if prev is None else (prev[0] + pair[0], prev[1] + pair[1])
