@@ -104,6 +104,9 @@ CONFIGS: dict[str, dict] = {
     "w4a4 + rotation + flatquant + gptq on quantized inputs (FlatQuant, 100 steps, 64 calibration windows)": {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant,gptq{quantized_input=true},act_quant",
         "num_samples": 64},
+    "w4a4 + rotation + flatquant + gptq on quantized inputs + tuned grids (FlatQuant, 100 steps)": {
+        "scheme": "w4a4",
+        "passes": "rotate,fuse_linears,flatquant,gptq{quantized_input=true},tune_grids,act_quant"},
     "w4a4 + rotation + flatquant + gptq (FlatQuant, 50 steps)": {
         "scheme": "w4a4", "passes": "rotate,fuse_linears,flatquant{steps=50},gptq,act_quant"},
     "w4a4 + rotation + flatquant + rtn (FlatQuant, 100 steps, weights in the loop)": {

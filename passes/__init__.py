@@ -17,6 +17,7 @@ from qcompiler.passes.sparsity.sparsegpt import SparseGPT
 from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.quantize_head import QuantizeHead
 from qcompiler.passes.weight.rtn import RTN
+from qcompiler.passes.weight.tune_grids import TuneGrids
 from qcompiler.pm.base import _REGISTRY, Pass
 
 
@@ -34,5 +35,5 @@ def get_pass_class(name: str) -> type[Pass]:
 
 __all__ = [
     "AWQ", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
-    "QuantizeHead", "RTN", "get_pass_class", "registered_passes",
+    "QuantizeHead", "RTN", "TuneGrids", "get_pass_class", "registered_passes",
 ]

@@ -259,15 +259,17 @@ def _ascend(model, out, calib_text, passes):
                                    passes=parse_pipeline(passes)), log=lambda s: None)
 
 
-def test_ascend_export_holds_the_learned_transforms_and_runs_as_vllm_ascend_would(llama_192, tmp_path, calib_text):
+@pytest.mark.parametrize("weights", ["rtn", "gptq{quantized_input=true},tune_grids{steps=5}"])
+def test_ascend_export_holds_the_learned_transforms_and_runs_as_vllm_ascend_would(llama_192, tmp_path, calib_text,
+                                                                                   weights):
     """rotate (online) + flatquant on the ascend target: every Hadamard folds into L ⊗ R, the msModelSlim folder
     describes W4A4_FLATQUANT_DYNAMIC layers with left_trans [a, a], right_trans [b, b], clip_ratio [1], and the
     emulated vllm-ascend call sequence (npu_kronecker_quant → int4 × int4 npu_quant_matmul) on those tensors
-    computes what our artefact computes."""
+    computes what our artefact computes — also with the clips and scales tune_grids re-fitted."""
     from qcompiler.runtime.msmodelslim import load_msmodelslim, read_folder
 
     out = tmp_path / "fq"
-    _ascend(llama_192, out, calib_text, "rotate,fuse_linears,flatquant{steps=5},rtn")
+    _ascend(llama_192, out, calib_text, f"rotate,fuse_linears,flatquant{{steps=5}},{weights}")
     desc, tensors = read_folder(out / "msmodelslim")
     assert desc["model_quant_type"] == "W4A4_FLATQUANT_DYNAMIC"
     assert tensors["model.layers.1.mlp.down_proj.weight"].shape[1] == 192

@@ -64,6 +64,10 @@ class PassContext:
     # downstream (SmoothQuant / FlatQuant folding an input's scale into its producer's rows): the per-layer error
     # report multiplies them back before comparing the layer with the float block's
     output_divisors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The block's outputs on `calib` (one per batch) as the graph computed them just before the pipeline's first
+    # weight quantizer: the float block, in the basis the float-exact passes before it left (rotated, transformed).
+    # Computed by the manager only when a later pass reads them (Pass.reads_reference_outputs).
+    reference_outputs: list[Any] | None = None
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None,
@@ -116,6 +120,8 @@ class Pass:
     summary: ClassVar[str] = ""
     quantizes_weights: ClassVar[bool] = False  # it writes weight grids (a pipeline without one keeps weights float)
     keeps_values: ClassVar[bool] = False  # every node value the graph computed before, it computes after (fusion)
+    # it reads ctx.reference_outputs: the block's outputs before the first weight quantizer (tune_grids)
+    reads_reference_outputs: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

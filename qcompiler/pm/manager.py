@@ -6,7 +6,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import fx
 
 from qcompiler.errors import PassError
@@ -23,6 +25,9 @@ class PassManager:
         for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
             ctx.block_outputs = None  # (computed by an earlier pass: this one may change the graph)
+            if (p.quantizes_weights and ctx.reference_outputs is None
+                    and any(q.reads_reference_outputs for q in self.passes[i + 1:])):
+                ctx.reference_outputs = self._outputs(gm, ctx)
             requests = p.stat_requests(gm, ctx)
             # the first pass sees the float block: its statistics run may as well give the float outputs
             float_outputs = i == 0 and ctx.keep_float_outputs and bool(requests)
@@ -48,6 +53,15 @@ class PassManager:
                 ctx.report.setdefault(p.name, {}).update(result.details)
             self.timings[p.name] = self.timings.get(p.name, 0.0) + time.perf_counter() - t0
         return gm
+
+    @staticmethod
+    def _outputs(gm: fx.GraphModule, ctx: PassContext) -> list[Any]:
+        """The block's outputs on every calibration batch, as the graph computes them now."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            outputs = [gm(*args) for args in ctx.calib]
+        ctx.forward_seconds += time.perf_counter() - t0
+        return outputs
 
     def _dump(self, gm: fx.GraphModule, ctx: PassContext, i: int, p: Pass, when: str) -> None:
         if self.dump_dir is None:
