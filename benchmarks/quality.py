@@ -89,6 +89,8 @@ CONFIGS: dict[str, dict] = {
         "scheme": "w4a4", "passes": "rotate{online=False},fuse_linears,rtn{clip=mse}"},
     "w4a4 + rotation (QuaRot)": {"scheme": "w4a4"},
     "w4a4 + rotation + gptq (QuaRot)": {"scheme": "w4a4", "algo": "gptq"},
+    "w4a4 + rotation + gptq + tuned grids (QuaRot)": {
+        "scheme": "w4a4", "passes": "rotate,fuse_linears,gptq,tune_grids,act_quant"},
     "w4a4 + learned rotation (SpinQuant R1, 40 steps)": {
         "scheme": "w4a4", "passes": "rotate{learn=40},fuse_linears,rtn{clip=mse},act_quant"},
     "w4a4 + learned rotation + gptq (SpinQuant R1, 40 steps)": {

@@ -16,10 +16,12 @@ quantized_input (opt-in, `gptq{quantized_input=true}`): a layer with dynamic per
 (w8a8_dynamic, w4a8, w4a4) reads x̃ = Q(x) at run time; its statistic is then H̃ = Σ x̃ᵀx̃ with the cross
 term C = Σ x̃ᵀx, and GPTQ quantizes the least-squares weight W* = W·Cᵀ·H̃⁻¹ under H̃
 (algorithms/gptq.fit_to_quantized_input): the weights absorb what they can of the activations' rounding.
-Static activations are calibrated after GPTQ, so their grid is not known here; those layers use H. Off by
-default: it lowers each layer's own error (tests/test_algorithm_passes.py) but not the demo model's perplexity
-(w4a4 QuaRot + GPTQ 49.8 against 49.2, w8a8_dynamic +0.74 % against +0.75 %; docs/benchmarks.md). The fit
-takes a trace of damping only (fit_to_quantized_input's default): with GPTQ's 1 % it went to 77.9.
+Static activations are calibrated after GPTQ, so their grid is not known here; those layers use H. A layer
+FlatQuant gave a learned clip is measured on that clipped grid. Off by default: it lowers each layer's own error
+(tests/test_algorithm_passes.py) but not the demo model's perplexity with the plain max grid (w4a4 QuaRot + GPTQ
+49.8 against 49.2, w8a8_dynamic +0.74 % against +0.75 %; docs/benchmarks.md); after flatquant it pays (w4a4
+37.7 against 39.1; docs/kv-rotation-sparsity.md, run 8). The fit takes a trace of damping only
+(fit_to_quantized_input's default): with GPTQ's 1 % it went to 77.9.
 
 Like rtn, the graph afterwards holds ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass
 and lowering is the same as after rtn.
@@ -61,7 +63,7 @@ class GPTQ(Pass):
     static_groups: bool = False
     clip: Literal["minmax", "mse", "awq"] = "awq"
     true_sequential: bool = True
-    quantized_input: bool = False  # (measured worse at model level: see the docstring)
+    quantized_input: bool = False  # (pays after flatquant only: see the docstring)
 
     def weight_grid(self) -> dict[str, object]:
         return grid_options(self)
