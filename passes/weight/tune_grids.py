@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
-from qcompiler.algorithms.flatquant import kronecker_apply
+from qcompiler.algorithms.flatquant import first_tensor, kronecker_apply
 from qcompiler.algorithms.tune_grids import TunedLayer, tune_block_grids
 from qcompiler.calib.stats import Stats
 from qcompiler.errors import PassError
@@ -38,12 +38,6 @@ from qcompiler.pm.base import Pass, PassContext, PassResult
 
 KRONECKER = torch.ops.qc.kronecker_transform.default
 ROUTED = torch.ops.qc.routed.default
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    return next(o for o in out if isinstance(o, torch.Tensor))
 
 
 @dataclass(frozen=True)
@@ -90,7 +84,7 @@ class TuneGrids(Pass):
             return PassResult(gm, False, {"skipped": "no quantized linear in this block"})
         t0 = time.perf_counter()
         tuned = tune_block_grids(
-            gm, layers, ctx.calib, [_first_tensor(o) for o in ctx.reference_outputs], self.steps, lr=self.lr,
+            gm, layers, ctx.calib, [first_tensor(o) for o in ctx.reference_outputs], self.steps, lr=self.lr,
             clip_lr=self.clip_lr, micro_batch=self.micro_batch, seed=self.seed, pure_ops={KRONECKER: kronecker_apply})
         ctx.forward_seconds += time.perf_counter() - t0  # (all of it is forward/backward runs of the block)
         for layer in layers:

@@ -189,7 +189,8 @@ class _QuantizedRun(fx.Interpreter):
         return F.linear(self._x[i], wt, None if bias is None else bias.float()).to(x.dtype)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
+def first_tensor(out: Any) -> torch.Tensor:
+    """A block's output tensor (the first, when it returns several)."""
     if isinstance(out, torch.Tensor):
         return out
     for o in out:
@@ -234,13 +235,13 @@ def learn_block_transforms(
     scalable = {s.input for s in sites if s.weight_absmax is not None} if diag_alpha is not None else set()
     with torch.no_grad():
         recorder = _AbsmaxRecorder(gm, scalable)
-        outputs = [_first_tensor(recorder.run(*b)).float() if scalable or target_batches is None else None
+        outputs = [first_tensor(recorder.run(*b)).float() if scalable or target_batches is None else None
                    for b in data]
         if target_batches is not None:
             float_data = micro_batches(target_batches, micro_batch)
             if len(float_data) != len(data):
                 raise ValueError(f"{len(target_batches)} target batches for {len(batches)} input batches")
-            targets = [_first_tensor(gm(*b)).float() for b in float_data]
+            targets = [first_tensor(gm(*b)).float() for b in float_data]
         else:
             targets = [t for t in outputs if t is not None]
         del outputs
@@ -264,7 +265,7 @@ def learn_block_transforms(
         if not perm:
             perm = torch.randperm(len(data), generator=order).tolist()
         j = perm.pop()
-        out = _first_tensor(runner.run_block(*data[j])).float()
+        out = first_tensor(runner.run_block(*data[j])).float()
         loss = F.mse_loss(out, targets[j])
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
@@ -317,5 +318,5 @@ def _mean_loss(gm: fx.GraphModule, sites: Sequence[Site], params: _Params, weigh
     runner = _QuantizedRun(gm, sites, params, weight_args)
     total = 0.0
     for b, t in zip(data, targets, strict=True):
-        total += float(F.mse_loss(_first_tensor(runner.run_block(*b)).float(), t))
+        total += float(F.mse_loss(first_tensor(runner.run_block(*b)).float(), t))
     return total / max(len(data), 1)

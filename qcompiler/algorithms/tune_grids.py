@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qcompiler.algorithms.flatquant import fake_quant_act_clipped, micro_batches
+from qcompiler.algorithms.flatquant import fake_quant_act_clipped, first_tensor, micro_batches
 
 
 @dataclass
@@ -98,12 +98,6 @@ class _TunedRun(fx.Interpreter):
         return F.linear(xq, w, None if bias is None else bias.float()).to(x.dtype)
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    return next(o for o in out if isinstance(o, torch.Tensor))
-
-
 def tune_block_grids(
     gm: fx.GraphModule,
     layers: Sequence[TunedLayer],
@@ -129,6 +123,7 @@ def tune_block_grids(
         src = nodes[lay.node].args[0].name  # type: ignore[union-attr]
         if lay.act_bits is not None and lay.clip is not None and src not in clip_logit:
             clip_logit[src] = torch.tensor(_logit(lay.clip), requires_grad=True)
+    clip_start = {src: p.detach().clone() for src, p in clip_logit.items()}
     data = micro_batches(batches, micro_batch)
     goal = micro_batches([(t,) for t in targets], micro_batch)
     goals = [g[0].float() for g in goal]
@@ -136,7 +131,7 @@ def tune_block_grids(
 
     def mean_loss(count: int) -> float:
         with torch.no_grad():
-            return sum(float(F.mse_loss(_first_tensor(runner.run_block(*data[j])).float(), goals[j]))
+            return sum(float(F.mse_loss(first_tensor(runner.run_block(*data[j])).float(), goals[j]))
                        for j in range(count)) / max(count, 1)
 
     window = max(1, min(len(data), 4))
@@ -152,7 +147,7 @@ def tune_block_grids(
         if not perm:
             perm = torch.randperm(len(data), generator=order).tolist()
         j = perm.pop()
-        loss = F.mse_loss(_first_tensor(runner.run_block(*data[j])).float(), goals[j])
+        loss = F.mse_loss(first_tensor(runner.run_block(*data[j])).float(), goals[j])
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -163,8 +158,7 @@ def tune_block_grids(
             for t in theta.values():
                 t.zero_()
             for src, p in clip_logit.items():
-                lay = next(lay for lay in layers if nodes[lay.node].args[0].name == src)  # type: ignore[union-attr]
-                p.fill_(_logit(lay.clip or 1.0))
+                p.copy_(clip_start[src])
         end = start
     return TunedGrids(
         gains={k: torch.exp(t.detach()).clone() for k, t in theta.items()},
