@@ -40,6 +40,19 @@ CONFIGS: dict[str, dict] = {
     "w4a16 g64 gptq": {"scheme": "w4a16", "group_size": 64, "algo": "gptq"},
     "w4a16 g64 gptq, llm-compressor's settings": {
         "scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,gptq{clip=minmax,true_sequential=false}"},
+    "w4a16 g64 gptq, bf16 forwards": {"scheme": "w4a16", "group_size": 64, "algo": "gptq",
+                                      "calib_precision": "bfloat16"},
+    "w4a16 g64 gptq, llm-compressor's settings, bf16 forwards": {
+        "scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,gptq{clip=minmax,true_sequential=false}",
+        "calib_precision": "bfloat16"},
+    # (as `qcompile` runs them: float32 GEMMs through the CPU's bf16 units, qcompiler/kernels/cpu; the other rows
+    # run plain IEEE float32 GEMMs, as the tables before 2026-12-06 did)
+    "w4a16 g64 gptq, cli gemms": {"scheme": "w4a16", "group_size": 64, "algo": "gptq", "cli_gemms": True},
+    "w4a16 g64 gptq, cli gemms, bf16 forwards": {"scheme": "w4a16", "group_size": 64, "algo": "gptq",
+                                                 "cli_gemms": True, "calib_precision": "bfloat16"},
+    "w4a16 g64 gptq, llm-compressor's settings, cli gemms, bf16 forwards": {
+        "scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,gptq{clip=minmax,true_sequential=false}",
+        "cli_gemms": True, "calib_precision": "bfloat16"},
     "w4a16 g64 awq": {"scheme": "w4a16", "group_size": 64, "algo": "awq"},
     "w4a16 g64 awq+gptq": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq"},
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},
@@ -160,7 +173,7 @@ def quantize_one(name: str, out: Path) -> dict:
     scheme = get_scheme(c["scheme"], group_size=c.get("group_size"), kv_cache=c.get("kv"))
     cfg = QuantizeConfig(model=demo_model_dir(), scheme=scheme, out=out, algo=c.get("algo", "rtn"),
                          passes=parse_pipeline(c["passes"]) if c.get("passes") else None, progress=False,
-                         num_samples=c.get("num_samples", 32))
+                         num_samples=c.get("num_samples", 32), calib_precision=c.get("calib_precision", "float32"))
     t0 = time.perf_counter()
     extra = {}
     if "fallback" in c:
@@ -176,15 +189,21 @@ def quantize_one(name: str, out: Path) -> dict:
                  + len(fb["chosen_float_layers"]),
                  "fallback_validation": [(t["float_layers"], t["increase"]) for t in fb["trials"]]}
     else:
-        desc = quantize(cfg, log=lambda s: None)
+        from qcompiler.kernels.cpu import fast_fp32_matmul
+
+        with fast_fp32_matmul(enabled=c.get("cli_gemms", False)):
+            desc = quantize(cfg, log=lambda s: None)
     sparse = [rec for rec in desc["layers"].values() if rec.get("sparsity") == "2:4"]
     if sparse:
         extra["sparse_layers"] = len(sparse)
         extra["sparse_saved_mb"] = round(sum(sparse_saving(rec) for rec in sparse) / 1e6, 2)
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
     return {
         "quantize_s": round(time.perf_counter() - t0, 2),
         "peak_rss_mb": peak_rss_mb(),
-        "pipeline": desc["pipeline"],
+        "pipeline": desc["pipeline"] + ("" if cfg.calib_precision == "float32" else f" ({cfg.calib_precision} forwards)")
+        + (", bf16-unit float32 GEMMs" if c.get("cli_gemms") else ""),
+        "phase_seconds": run.get("phase_seconds", {}),
         **extra,
     }
 

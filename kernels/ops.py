@@ -107,8 +107,9 @@ def _linear_fp8_fake(x, qweight, w_scale, x_scale, bias):
 
 @torch.library.custom_op("qc::fake_quant_act", mutates_args=())
 def fake_quant_act(x: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
-    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
-    return ((q - zero) * scale).to(x.dtype)
+    # (the grid in float32 whatever x's dtype: a bfloat16 x / scale would round before the rounding to codes)
+    q = torch.clamp(torch.round(x.float() / scale.float()) + zero.float(), qmin, qmax)
+    return ((q - zero.float()) * scale.float()).to(x.dtype)
 
 
 @fake_quant_act.register_fake

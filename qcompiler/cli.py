@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibrate each block on the quantized (default) or float outputs of the previous block "
                         "(float: one block forward less, the first pass's statistics run gives them; AWQ on the demo "
                         "56 s instead of 68 s, +11.1 %% instead of +10.2 %% perplexity)")
+    q.add_argument("--calib-precision", choices=["float32", "bfloat16"], default="float32",
+                   help="precision of the calibration forwards (statistics and propagation; a pass's own arithmetic "
+                        "and the statistics' sums stay float32): bfloat16 runs the blocks' GEMMs and attention under "
+                        "autocast, ≈ 1.3-1.4× faster calibration on CPUs with bf16 hardware, for ≈ 0.3-1.3 points of "
+                        "perplexity on the demo (qcompiler/calib/precision.py; checkpoints and diffusion "
+                        "transformers, ONNX graphs calibrate in float32)")
     q.add_argument("--timestep-groups", type=int, default=1, metavar="G",
                    help="a diffusion transformer with static activations (w8a8): one activation grid per group of "
                         "sampling steps (G groups, early to late), switched by the timestep at run time; --target "
@@ -226,15 +232,17 @@ def _cmd_quant(a: argparse.Namespace) -> int:
                   "worse; --algo awq+gptq is slower and a little better)")
     acts = scheme.activations
     if passes is None and acts is not None and acts.bits == 4 and not onnx_input:
-        # (demo: QuaRot + GPTQ +88 % in 137 s, flatquant + GPTQ +47 % in 646 s; docs/kv-rotation-sparsity.md run 6)
+        # (demo: QuaRot + GPTQ +88 %; FlatQuant + GPTQ on quantized inputs + tune_grids +33.6 % at ≈4.6× the time:
+        # docs/kv-rotation-sparsity.md run 8)
         print("activations: int4 per token after QuaRot's rotations; FlatQuant's learned transforms are much better "
-              "and several times slower: --passes 'rotate,fuse_linears,flatquant,gptq' (targets reference, ascend)")
+              "and several times slower: --passes 'rotate,fuse_linears,flatquant,gptq{quantized_input=true},tune_grids' "
+              "(targets reference, ascend)")
     cfg = QuantizeConfig(
         model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,
         calib_images=a.calib_images, vision_scheme=a.vision_scheme,
         num_samples=a.num_samples, seq_len=a.seq_len, batch_size=a.batch_size, propagate=a.propagate,
-        timestep_groups=a.timestep_groups,
+        calib_precision=a.calib_precision, timestep_groups=a.timestep_groups,
         chat_template=a.chat_template, stats_cache=a.stats_cache, dump_dir=a.dump_ir, progress=not a.no_progress,
         target_options=_key_values(a.target_option),
         extra={"calib_inputs": a.calib_inputs} if a.calib_inputs else {},

@@ -136,7 +136,8 @@ class GPTQ(Pass):
             # the runs are paused at the last stage's input: finishing them gives the block's outputs with every
             # stage quantized, which the driver would otherwise compute in one more run over all batches
             t0 = time.perf_counter()
-            ctx.block_outputs = staged.outputs()
+            with ctx.forwards():
+                ctx.block_outputs = staged.outputs()
             ctx.forward_seconds += time.perf_counter() - t0
         default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
         details = {"quantized": len(layers), "weights": default.describe(), "stages": len(stages), "layers": layers}

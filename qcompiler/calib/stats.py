@@ -132,6 +132,12 @@ class Accumulator:
         self.batch_index = 0  # global index of the batch being accumulated (seeds percentile subsampling)
 
     def update(self, req: StatRequest, x: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        # (statistics run inside the calibration forward, which may be under bfloat16 autocast: calib/precision.py;
+        # their own products — the Hessians' xᵀx — stay float32)
+        with torch.autocast(x.device.type, enabled=False):
+            self._update(req, x, rows)
+
+    def _update(self, req: StatRequest, x: torch.Tensor, rows: torch.Tensor | None) -> None:
         x = x.detach().float()
         if req.kind == "minmax_head_dim":
             if x.dim() != 4:

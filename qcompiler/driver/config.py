@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qcompiler.calib.data import Sample
+from qcompiler.calib.precision import CalibPrecision
 from qcompiler.pm.base import Pass
 from qcompiler.schemes import QuantScheme
 
@@ -27,6 +28,8 @@ class QuantizeConfig:
     seq_len: int = 512
     batch_size: int = 8
     propagate: Literal["quantized", "float"] = "quantized"
+    # the calibration forwards' precision (calib/precision.py); the CLI's default is bfloat16 on bf16 hardware
+    calib_precision: CalibPrecision = "float32"
     chat_template: bool = False  # format calibration samples with the tokenizer's chat template
     stats_cache: Path | None = None  # reuse calibration statistics across runs (see calib.stats.StatsCache)
     target_options: dict[str, str] = field(default_factory=dict)  # e.g. onnxruntime accuracy_level=0

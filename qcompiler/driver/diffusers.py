@@ -97,7 +97,8 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
     assert passes[-1].name == "lower"
     transform, lowering = PassManager(passes[:-1]), PassManager(passes[-1:])
     fingerprint = {"model": str(Path(cfg.model).absolute()), "scheme": str(plan.scheme.to_dict()),
-                   "pipeline": plan.pipeline, "seed": cfg.seed}
+                   "pipeline": plan.pipeline, "seed": cfg.seed,
+                   "calib_precision": cfg.calib_precision}
     writer = ArtifactWriter(cfg.out, fingerprint, resume=False, owner=True, log=log)
     exporter = (plan.target.exporter(writer.tmp, model, cfg.target_options, Path(cfg.model))
                 if plan.target.name == "ascend" else None)
@@ -113,7 +114,7 @@ def quantize_dit(cfg: QuantizeConfig, plan: RunPlan, log: Log = print) -> dict[s
             float_gm = copy_graph(gm, share_tensors=True)
             calib = [tensors for _, tensors in calls[name]]
             ctx = PassContext(block=name, scheme=scheme, target=plan.target, calib=calib,
-                              calib_groups=groups if len(groups) > 1 else None)
+                              calib_groups=groups if len(groups) > 1 else None, forward_precision=cfg.calib_precision)
             gm = transform.run(gm, ctx)
             y_float, y_quant, layer_sqnr = compare_layers(float_gm, gm, calib[0], ctx.output_divisors)
             flat = (lambda ys: torch.cat([y.reshape(-1) for y in ys if y is not None]))  # noqa: E731

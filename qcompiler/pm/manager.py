@@ -58,7 +58,7 @@ class PassManager:
     def _outputs(gm: fx.GraphModule, ctx: PassContext) -> list[Any]:
         """The block's outputs on every calibration batch, as the graph computes them now."""
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), ctx.forwards():
             outputs = [gm(*args) for args in ctx.calib]
         ctx.forward_seconds += time.perf_counter() - t0
         return outputs
