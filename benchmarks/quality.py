@@ -53,6 +53,12 @@ CONFIGS: dict[str, dict] = {
     "w4a16 g64 gptq, llm-compressor's settings, cli gemms, bf16 forwards": {
         "scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,gptq{clip=minmax,true_sequential=false}",
         "cli_gemms": True, "calib_precision": "bfloat16"},
+    "w4a16 g64 awq, cli gemms": {"scheme": "w4a16", "group_size": 64, "algo": "awq", "cli_gemms": True},
+    "w4a16 g64 awq, cli gemms, bf16 forwards": {"scheme": "w4a16", "group_size": 64, "algo": "awq", "cli_gemms": True,
+                                                "calib_precision": "bfloat16"},
+    "w8a8_dynamic + smoothquant + gptq, cli gemms": {"scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True},
+    "w8a8_dynamic + smoothquant + gptq, cli gemms, bf16 forwards": {
+        "scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True, "calib_precision": "bfloat16"},
     "w4a16 g64 awq": {"scheme": "w4a16", "group_size": 64, "algo": "awq"},
     "w4a16 g64 awq+gptq": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq"},
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},
