@@ -7,7 +7,8 @@ Runs `qcompile quant --model demo --scheme w4a16 --algo gptq --group-size 64 --o
 as fresh processes (the demo model already converted from its GGUF, a one-time step timed apart), the eval with
 the float perplexity computed (a fresh machine's first run) rather than read from the cache. Reported: wall seconds
 of each command, perplexities, and where the quantization's time went (run.json's phase_seconds); with --ieee-too
-the same commands again with plain IEEE float32 GEMMs (`qcompile --ieee-fp32`), for the ratio in one run. This machine's
+the same commands again with plain IEEE float32 GEMMs (`qcompile --ieee-fp32`), with --bf16-forwards-too with
+`--calib-precision bfloat16`, for the ratios in one run. This machine's
 speed varies by 2x from day to day, so the time is also given as a ratio to one float perplexity pass over the
 same evaluation text, measured in the same run: a figure that travels between machines and days.
 JSON lines on stdout; the Markdown table goes to benchmarks/results/main-command-latest.txt.
@@ -35,13 +36,14 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def run_command(args: argparse.Namespace, ieee: bool) -> tuple[dict, dict]:
+def run_command(args: argparse.Namespace, ieee: bool, bf16_forwards: bool = False) -> tuple[dict, dict]:
     """The quant command and the eval command as fresh processes: (row, run.json)."""
+    precision = ["--calib-precision", "bfloat16"] if bf16_forwards else []
     qcompile = [sys.executable, "-m", "qcompiler.cli", *(["--ieee-fp32"] if ieee else [])]
     with tempfile.TemporaryDirectory(prefix="qc-main-") as tmp:
         out = Path(tmp) / "out"
         quant_cmd = [*qcompile, "quant", "--model", "demo", "--scheme", args.scheme, "--algo", args.algo,
-                     "--group-size", args.group_size, "--out", str(out), "--no-progress"]
+                     "--group-size", args.group_size, *precision, "--out", str(out), "--no-progress"]
         quant_s, _ = _timed(quant_cmd)
         run = json.loads((out / "run.json").read_text())
         eval_s, stdout = _timed([*qcompile, "eval", str(out), "--json", "--no-float-cache"])
@@ -49,7 +51,9 @@ def run_command(args: argparse.Namespace, ieee: bool) -> tuple[dict, dict]:
     f, q = result["float"], result["quantized"]
     row = {
         "command": f"qcompile {'--ieee-fp32 ' if ieee else ''}quant --model demo --scheme {args.scheme} --algo "
-                   f"{args.algo} --group-size {args.group_size} --out out/ && qcompile eval out/",
+                   f"{args.algo} --group-size {args.group_size} {' '.join(precision) + ' ' if precision else ''}"
+                   "--out out/ && qcompile eval out/",
+        "calibration_forwards": "bfloat16" if bf16_forwards else "float32",
         "fp32_matmul": "ieee" if ieee else "default (bf16 units where the CPU has them)",
         "quant_s": round(quant_s, 1), "eval_s": round(eval_s, 1), "total_s": round(quant_s + eval_s, 1),
         "total_float_cached_s": round(quant_s + eval_s - f["seconds"], 1),
@@ -70,6 +74,8 @@ def main() -> None:
     ap.add_argument("--group-size", default="64")
     ap.add_argument("--ieee-too", action="store_true",
                     help="also time the same commands with --ieee-fp32 (plain float32 GEMMs), in the same run")
+    ap.add_argument("--bf16-forwards-too", action="store_true",
+                    help="also time the commands with --calib-precision bfloat16 (calibration forwards in bf16)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -83,16 +89,19 @@ def main() -> None:
     if args.ieee_too:
         rows.append(run_command(args, ieee=True)[0])
         print(json.dumps(rows[-1]))
+    if args.bf16_forwards_too:
+        rows.append(run_command(args, ieee=False, bf16_forwards=True)[0])
+        print(json.dumps(rows[-1]))
     print(json.dumps(row))
     lines = [
         f"`{row['command']}` — one run, {time.strftime('%Y-%m-%d')}",
         "",
         "| quant s | eval s (float + quantized) | total s | total, float ppl cached | float ppl pass s "
-        "| total / float pass | Δ ppl | peak RSS MB | float32 GEMMs |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| total / float pass | Δ ppl | peak RSS MB | float32 GEMMs | calibration forwards |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *(f"| {r['quant_s']} | {r['eval_s']} | {r['total_s']} | {r['total_float_cached_s']} "
           f"| {r['float_ppl_pass_s']} | {r['total_in_float_passes']}× | {r['delta_pct']:+.2f} % | {r['peak_rss_mb']} "
-          f"| {r['fp32_matmul']} |" for r in rows),
+          f"| {r['fp32_matmul']} | {r['calibration_forwards']} |" for r in rows),
         "",
         "Where the quantization's time went (run.json phase_seconds):",
         "",
