@@ -11,7 +11,7 @@ from blocks import context, traced_block
 from torch import fx
 
 from qcompiler.calib.precision import calibration_forward
-from qcompiler.calib.stats import StatRequest
+from qcompiler.calib.stats import StatRequest, StatsCache
 from qcompiler.driver import QuantizeConfig, quantize
 from qcompiler.pm.base import PassContext
 from qcompiler.schemes import get_scheme
@@ -35,7 +35,8 @@ class TwoLinears(torch.nn.Module):
 
 
 def test_the_context_runs_gemms_in_bfloat16_and_nothing_else():
-    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 8, generator=g), torch.randn(3, 8, generator=g)
     with calibration_forward("bfloat16"):
         assert torch.nn.functional.linear(x, w).dtype == torch.bfloat16
         assert (x * 2).dtype == torch.float32  # elementwise ops keep their inputs' dtype
@@ -59,7 +60,7 @@ def test_static_activation_grid_is_computed_in_float32_for_a_bfloat16_input():
     assert not torch.equal(naive.to(torch.bfloat16), expect)  # (so the check above can fail)
 
 
-def test_statistics_accumulate_in_float_from_the_bfloat16_forward():
+def test_statistics_accumulate_in_float_from_the_bfloat16_forward(tmp_path):
     """The Hessian of the second linear's input is Σ xᵀx of the values the bf16 forward produced, accumulated in
     float32 (to float32's rounding, not bf16's), and differs from the float32 forward's by about bf16's rounding."""
     gm = fx.symbolic_trace(TwoLinears())
@@ -68,9 +69,11 @@ def test_statistics_accumulate_in_float_from_the_bfloat16_forward():
     node = next(n.name for n in gm.graph.nodes if n.target is torch.relu)
     req = StatRequest(node, "hessian")
 
+    cache = StatsCache(tmp_path / "stats")  # (one cache for both runs: a float32 entry must not answer a bf16 run)
+
     def hessian(precision: str) -> torch.Tensor:
         ctx = PassContext(block="toy", scheme=get_scheme("w4a16"), target=get_target("reference"), calib=batches,
-                          forward_precision=precision)  # type: ignore[arg-type]
+                          forward_precision=precision, stats_cache=cache)  # type: ignore[arg-type]
         h, tokens = ctx.statistics(gm, [req])[req]
         assert tokens == 3 * 2 * 64
         return h.double()
@@ -79,7 +82,8 @@ def test_statistics_accumulate_in_float_from_the_bfloat16_forward():
         xs = [torch.relu(gm.up(b[0])).reshape(-1, 48) for b in batches]
     assert all(x.dtype == torch.bfloat16 for x in xs)
     exact_of_bf16 = sum(x.double().t() @ x.double() for x in xs)
-    h_bf16, h_fp32 = hessian("bfloat16"), hessian("float32")
+    h_fp32, h_bf16 = hessian("float32"), hessian("bfloat16")
+    assert torch.equal(hessian("bfloat16"), h_bf16) and torch.equal(hessian("float32"), h_fp32)  # (cache hits)
     scale = float(exact_of_bf16.abs().max())
     assert float((h_bf16 - exact_of_bf16).abs().max()) <= 64 * 2.0**-24 * scale  # float32 accumulation of 384 tokens
     gap = float((h_bf16 - h_fp32).abs().max()) / scale

@@ -538,8 +538,10 @@ def collect_stats(
     requests = list(dict.fromkeys(requests))
     key = None
     if cache is not None and requests:
+        # (statistics of a forward under bf16 autocast, calib/precision.py, are not those of a float32 one)
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         key = cache.key(gm, requests, (calib_digest or digest_tensors([t for b in batches for t in b]))
-                        + f"|routed_only={routed_only}")
+                        + f"|routed_only={routed_only}" + (f"|autocast={autocast}" if autocast is not None else ""))
         hit = cache.load(key, requests)
         if hit is not None:
             return hit

@@ -28,7 +28,7 @@ class QuantizeConfig:
     seq_len: int = 512
     batch_size: int = 8
     propagate: Literal["quantized", "float"] = "quantized"
-    # the calibration forwards' precision (calib/precision.py); the CLI's default is bfloat16 on bf16 hardware
+    # the calibration forwards' precision (calib/precision.py; the CLI's --calib-precision, float32 unless asked)
     calib_precision: CalibPrecision = "float32"
     chat_template: bool = False  # format calibration samples with the tokenizer's chat template
     stats_cache: Path | None = None  # reuse calibration statistics across runs (see calib.stats.StatsCache)
