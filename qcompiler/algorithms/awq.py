@@ -15,6 +15,11 @@ so the search is one Gram matrix ΔᵀΔ [K, K] per candidate.
 Activation-aware clipping. For each group of K (columns J) and output row n, find the range shrink r that
 minimises the output error of that group's partial product, δ_nJ H_JJ δ_nJᵀ (δ = w − Q_r(w)): the block-
 diagonal part of tr(ΔHΔᵀ), the same criterion as AutoAWQ's auto_clip, computed from H instead of samples.
+Groups of ≥ 256 columns (per-channel grids: an N·K² product per candidate, most of an 8-bit GPTQ's arithmetic)
+score their candidates with a bfloat16 product where the CPU multiplies bf16 in hardware (2.5× faster): the
+score's error is at most 3u·|δ|·|H_JJ|·|δ|ᵀ (u = 2⁻⁸: δ, H and δH rounded once, float32 sums), so it can only swap
+candidates that close; on the demo's w8a8 layers the chosen grids' error is 1e-6 (relative) above the float32
+search's.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompiler.kernels.cpu import native_bf16
 from qcompiler.numerics import (
     fake_quant_weight,
     gram,
@@ -128,6 +134,8 @@ def activation_aware_clip(
     hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad))
     h_blocks = torch.stack([hp[j * gs : (j + 1) * gs, j * gs : (j + 1) * gs] for j in range(g)])  # [G, g, g]
     ratios = [1.0 - (1.0 - min_ratio) * i / grid for i in range(grid + 1)]
+    if bf16_scores(gs):
+        h_blocks = h_blocks.bfloat16()
     if args.is_float or args.granularity == "tensor":
         # fp8 grids round onto e4m3 and a per-tensor grid is one scale for all rows: the whole [N, K] weight
         candidates = (to_groups(fake_quant_weight(w, args, r), gs).transpose(0, 1) for r in ratios)
@@ -143,16 +151,24 @@ def activation_aware_clip(
     return best.t().contiguous()
 
 
+BF16_SCORES_MIN_GROUP = 256
+
+
+def bf16_scores(group_size: int) -> bool:
+    """Whether the clip search scores a group of this size in bfloat16 (see the module docstring)."""
+    return group_size >= BF16_SCORES_MIN_GROUP and native_bf16()
+
+
 def _best_ratio(
     wg: torch.Tensor, candidates: Iterator[torch.Tensor], h_blocks: torch.Tensor, ratios: list[float]
 ) -> torch.Tensor:
     """[G, rows]: the ratio whose candidate ŵ (one per ratio, [G, rows, g]) has the least error δ H_JJ δᵀ (the
-    first one on ties)."""
+    first one on ties). `h_blocks` in bfloat16: the products run in bf16 (bf16_scores)."""
     best_err: torch.Tensor | None = None
     best = torch.ones(wg.shape[:2])
     for ratio, w_hat in zip(ratios, candidates, strict=True):
         d = wg - w_hat
-        err = (torch.bmm(d, h_blocks) * d).sum(-1)
+        err = (torch.bmm(d.to(h_blocks.dtype), h_blocks).float() * d).sum(-1)
         if best_err is None:
             best_err = err
             continue

@@ -98,6 +98,15 @@ def _quant_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, args
     return torch.clamp(q, args.qmin, args.qmax) * s
 
 
+def _quant_column_into(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+                       args: QuantArgs) -> torch.Tensor:
+    """_quant_column written into `out` (the same operations in the same order, so the same bits)."""
+    torch.div(w, s, out=out).round_()
+    if z is not None:
+        return out.add_(z).clamp_(args.qmin, args.qmax).sub_(z).mul_(s)
+    return out.clamp_(args.qmin, args.qmax).mul_(s)
+
+
 def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, tokens: int) -> float:
     d = (w.float() - w_hat.float())
     return float(((d @ hessian.float()) * d).sum() / max(tokens, 1))
@@ -194,13 +203,13 @@ def gptq_quantize(
     Wt = W.t().contiguous()
     St = scale.t().contiguous()  # [G, N]
     Zt = None if zero is None else zero.t().contiguous()
-    keep_t = None if keep is None else keep.t().contiguous()
+    drop_t = None if keep is None else ~keep.t().contiguous()
     Qt = torch.zeros_like(Wt)
+    E1 = torch.empty(block_size, n)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = Wt[i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        E1 = torch.zeros_like(W1)
+        Q1 = Qt[i1:i2]  # (a view: each quantized column is written in place)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -210,16 +219,16 @@ def gptq_quantize(
                 St[g] = s[:, 0]
                 if Zt is not None and z is not None:
                     Zt[g] = z[:, 0]
-            w_col = W1[i]
-            q_col = _quant_column(w_col, St[g], None if Zt is None else Zt[g], args)
-            if keep_t is not None:
-                q_col = torch.where(keep_t[col], q_col, torch.zeros_like(q_col))
-            Q1[i] = q_col
-            e = (w_col - q_col) / U1[i, i]
-            W1[i:] -= U1[i, i:][:, None] * e[None, :]
-            E1[i] = e
-        Qt[i1:i2] = Q1
-        Wt[i2:] -= U[i1:i2, i2:].t() @ E1
+            # (in place, into preallocated rows: the sweep is ~10 small ops per column, their count is its cost)
+            w_col, q_col, e = W1[i], Q1[i], E1[i]
+            _quant_column_into(q_col, w_col, St[g], None if Zt is None else Zt[g], args)
+            if drop_t is not None:
+                q_col.masked_fill_(drop_t[col], 0.0)
+            torch.sub(w_col, q_col, out=e).div_(U1[i, i])
+            # (row i itself is done: only the columns after it take the update; product then difference, not addr_,
+            # whose fused rounding moved the demo's perplexity by 0.4 % on no change of method)
+            W1[i + 1 :] -= U1[i, i + 1 :][:, None] * e[None, :]
+        Wt[i2:] -= U[i1:i2, i2:].t() @ E1[: i2 - i1]
     Q = Qt.t()
     scale = St.t().contiguous()
     zero = None if Zt is None else Zt.t().contiguous()
