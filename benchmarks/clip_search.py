@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    from qcompiler.kernels.cpu import native_bf16
+    from qcompiler.cpu_features import native_bf16
 
     cases = capture(a.blocks)
     real = awq.bf16_scores

@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from qcompiler.cpu_features import native_bf16
 
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+__all__ = ["fast_fp32_matmul", "fp32_matmul_precision", "native_bf16"]
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompiler.kernels.cpu import native_bf16
+from qcompiler.cpu_features import native_bf16
 from qcompiler.numerics import (
     fake_quant_weight,
     gram,
