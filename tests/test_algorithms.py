@@ -353,12 +353,17 @@ def test_calibration_refuses_a_non_finite_activation_and_accepts_a_huge_finite_o
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_gptq_sweep_quantizes_each_column_in_place_to_the_same_bits(symmetric):
     """The sweep writes each quantized column into its preallocated row (_quant_column_into): the same operations
-    in the same order as _quant_column, so GPTQ's result is bit-identical to the allocating form's."""
+    in the same order as the project's fake-quantization (numerics.grouped_fake_quant, one group per row), so the
+    same bits; _quant_column (sparsity's sweep) gives them too."""
+    from qcompiler.numerics import grouped_fake_quant
+
     g = torch.Generator().manual_seed(5)
     args = QuantArgs(bits=4, symmetric=symmetric, granularity="channel")
     w = torch.randn(300, generator=g)
     s = torch.rand(300, generator=g) * 0.1 + 0.01
     z = None if symmetric else torch.randint(0, 16, (300,), generator=g).float()
+    expect = grouped_fake_quant(w[:, None, None], s[:, None], None if z is None else z[:, None], args).reshape(300)
     out = torch.empty(300)
     assert _quant_column_into(out, w, s, z, args) is out
-    assert torch.equal(out, _quant_column(w, s, z, args))
+    assert torch.equal(out, expect)
+    assert torch.equal(_quant_column(w, s, z, args), expect)

@@ -92,15 +92,14 @@ def _fit_grids(
 
 
 def _quant_column(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, args: QuantArgs) -> torch.Tensor:
-    q = torch.round(w / s)
-    if z is not None:
-        return (torch.clamp(q + z, args.qmin, args.qmax) - z) * s
-    return torch.clamp(q, args.qmin, args.qmax) * s
+    """ŵ of one column w [N] on its grid (scales s, zero points z: [N])."""
+    return _quant_column_into(torch.empty_like(w), w, s, z, args)
 
 
 def _quant_column_into(out: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
                        args: QuantArgs) -> torch.Tensor:
-    """_quant_column written into `out` (the same operations in the same order, so the same bits)."""
+    """_quant_column written into `out` (GPTQ's sweep: no allocation per column); numerics.grouped_fake_quant's
+    operations in the same order, so the same bits."""
     torch.div(w, s, out=out).round_()
     if z is not None:
         return out.add_(z).clamp_(args.qmin, args.qmax).sub_(z).mul_(s)
