@@ -41,7 +41,7 @@ from qcompiler.numerics import fake_quant_weight
 from qcompiler.schemes import QuantArgs
 
 CLIP_INIT_LOGIT = 4.0  # σ(4) ≈ 0.982: FlatQuant's starting activation clip
-REPORT_SEQUENCES = 4  # micro-batches the reported block losses (start, end) are measured on
+REPORT_SEQUENCES = 4  # micro-batches the block losses at the start and end of a fit are measured on (tune_grids too)
 
 
 def kronecker_factors(k: int) -> tuple[int, int]:
@@ -275,8 +275,7 @@ def learn_block_transforms(
         losses.append(float(loss.detach()))
         if log is not None:
             log(step, losses[-1])
-    # (the reported losses only: REPORT_SEQUENCES micro-batches, as tune_grids reports; with 100 steps this was all 32
-    # calibration sequences twice, 64 quantized block runs per block, ≈ 10 % of a FlatQuant + GPTQ run)
+    # (the reported losses only, so a few micro-batches: at 100 steps this had been all 32 sequences, twice, per block)
     window = max(1, min(len(data), REPORT_SEQUENCES))
     with torch.no_grad():
         start = _mean_loss(gm, sites, _Params(sites), weight_args, data[:window], targets[:window])

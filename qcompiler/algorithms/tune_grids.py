@@ -31,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from qcompiler.algorithms.flatquant import fake_quant_act_clipped, first_tensor, micro_batches
+from qcompiler.algorithms.flatquant import (
+    REPORT_SEQUENCES,
+    fake_quant_act_clipped,
+    first_tensor,
+    micro_batches,
+)
 
 
 @dataclass
@@ -134,7 +139,7 @@ def tune_block_grids(
             return sum(float(F.mse_loss(first_tensor(runner.run_block(*data[j])).float(), goals[j]))
                        for j in range(count)) / max(count, 1)
 
-    window = max(1, min(len(data), 4))
+    window = max(1, min(len(data), REPORT_SEQUENCES))
     start = mean_loss(window)
     groups = [{"params": list(theta.values()), "lr": lr}]
     if clip_logit:
