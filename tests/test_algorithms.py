@@ -98,7 +98,7 @@ def test_gptq_beats_rtn_on_the_output_error_and_stays_on_its_grid(args, act_orde
     # The stored grid reproduces ŵ exactly: the kernels compute what the pass measured (no g_idx needed,
     # even with act_order, because groups stay contiguous in the original column order).
     assert on_grid(r.w_hat, r.scale, r.zero, args, w.shape[1])
-    # and the reported loss is the real output error on the calibration tokens
+    # and the reported loss (from the sweep's errors, ‖E‖² − λ‖Δ‖²) is the real output error on the calibration tokens
     direct = float(((x @ (w - r.w_hat).T) ** 2).sum() / x.shape[0])
     assert r.proxy_loss == pytest.approx(direct, rel=1e-3)
 
@@ -125,12 +125,14 @@ def textbook_gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, damp: float
     return Q.float()
 
 
-@pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("args", [*ARGS, QuantArgs(bits=4, granularity="group", group_size=24)],
+                         ids=lambda a: a.describe())
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_gptq_blocked_sweep_is_the_textbook_recurrence(args, block_size):
-    """The lazy block updates and the float32 arithmetic reorder the same updates: ŵ is the
+    """The lazy block and sub-block updates and the float32 arithmetic reorder the same updates: ŵ is the
     column-by-column recurrence's, up to the few weights whose w/s lands within float32 rounding of a tie (whose
-    flip then moves the error feedback a little)."""
+    flip then moves the error feedback a little). Groups of 24 start inside a sub-block of 16 columns, which must
+    then end there (the group's grid is fitted on columns that have taken every earlier update)."""
     x = correlated_inputs()
     w = weight()
     h = x.T.double() @ x.double()
