@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(float: one block forward less, the first pass's statistics run gives them; AWQ on the demo "
                         "56 s instead of 68 s, +11.1 %% instead of +10.2 %% perplexity)")
     q.add_argument("--calib-precision", choices=["float32", "bfloat16"], default="float32",
-                   help="precision of the calibration forwards (statistics and propagation; a pass's own arithmetic "
-                        "and the statistics' sums stay float32): bfloat16 runs the blocks' GEMMs and attention under "
+                   help="precision of the calibration forwards (statistics, the Hessians' products and propagation; a "
+                        "pass's own arithmetic and the statistics' sums stay float32): bfloat16 runs the blocks' GEMMs and attention under "
                         "autocast: on CPUs with bf16 hardware GPTQ on the demo runs 1.25× faster end to end (its forwards "
                         "1.4×) for 0.3-1.3 points of perplexity (qcompiler/calib/precision.py; checkpoints and "
                         "diffusion transformers, ONNX graphs calibrate in float32)")
