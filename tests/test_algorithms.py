@@ -129,10 +129,10 @@ def textbook_gptq(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, damp: float
                          ids=lambda a: a.describe())
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_gptq_blocked_sweep_is_the_textbook_recurrence(args, block_size):
-    """The lazy block and sub-block updates and the float32 arithmetic reorder the same updates: ŵ is the
+    """The lazy block updates and the float32 arithmetic reorder the same updates: ŵ is the
     column-by-column recurrence's, up to the few weights whose w/s lands within float32 rounding of a tie (whose
-    flip then moves the error feedback a little). Groups of 24 start inside a sub-block of 16 columns, which must
-    then end there (the group's grid is fitted on columns that have taken every earlier update)."""
+    flip then moves the error feedback a little). (Groups of 24: blocks of 128 become 120, a whole number of groups,
+    so each group's grid is fitted on columns that have taken every earlier update.)"""
     x = correlated_inputs()
     w = weight()
     h = x.T.double() @ x.double()

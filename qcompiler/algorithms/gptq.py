@@ -6,8 +6,7 @@ GPTQ minimises it greedily (Optimal Brain Quantization): with U the upper Choles
 (H⁻¹ = UᵀU), for column j in order
     ŵ_j = Q(w_j),   e_j = (w_j − ŵ_j) / U_jj,   w_{j'} ← w_{j'} − e_j·U_{j j'}   for every j' > j.
 Columns are processed in blocks of B (lazy batch updates: the update of the columns after a block is one
-matrix product E·U[block, rest]), and inside a block in sub-blocks of 16 the same way, so the per-column rank-1
-updates touch at most 15 columns. The reported loss tr(ΔHΔᵀ) comes from the sweep's errors (Δ = E·U, so
+matrix product E·U[block, rest]). The reported loss tr(ΔHΔᵀ) comes from the sweep's errors (Δ = E·U, so
 tr(Δ(H + λI)Δᵀ) = ‖E‖²), without another N·K² product.
 
 Options:
@@ -53,10 +52,6 @@ from qcompiler.numerics import (
     weight_qparams,
 )
 from qcompiler.schemes import QuantArgs
-
-# columns per sub-block of the sweep (gptq_quantize): its rank-1 updates stay inside one; measured fastest on the
-# demo's layers among 8, 16 and 32
-SUB_BLOCK = 16
 
 
 @dataclass
@@ -218,37 +213,23 @@ def gptq_quantize(
         W1 = Wt[i1:i2].clone()
         Q1 = Qt[i1:i2]  # (a view: each quantized column is written in place)
         U1 = U[i1:i2, i1:i2]
-        j1 = 0
-        while j1 < i2 - i1:
-            # A sub-block of SUB_BLOCK columns takes its own rank-1 updates column by column; the block's columns
-            # after it take the sub-block's at once (one product), before any of them is quantized or a group's
-            # grid is fitted on them. The same updates as applying each column's to every later column of the
-            # block, with ~1/8 of the per-column vector work (it was most of the sweep for wide layers).
-            j2 = min(j1 + SUB_BLOCK, i2 - i1)
-            if not static:
-                j2 = min(j2, (j1 // gs + 1) * gs)  # (i1 is a multiple of gs here) a group starts a sub-block
-            for i in range(j1, j2):
-                col = i1 + i
-                g = col_group[col]
-                if not static and col % gs == 0:  # no act_order here: processing order = original order
-                    s, z = _fit_grid(W1[i : i + gs].t(), args, clip, h_float[col : col + gs, col : col + gs])
-                    St[g] = s[:, 0]
-                    if Zt is not None and z is not None:
-                        Zt[g] = z[:, 0]
-                # (in place, into preallocated rows: the sweep is ~10 small ops per column, their count is its cost)
-                w_col, q_col, e = W1[i], Q1[i], E1[i]
-                _quant_column_into(q_col, w_col, St[g], None if Zt is None else Zt[g], args)
-                if drop_t is not None:
-                    q_col.masked_fill_(drop_t[col], 0.0)
-                torch.sub(w_col, q_col, out=e).div_(U1[i, i])
-                # (row i itself is done: only the sub-block's columns after it take the update; product then
-                # difference, not addr_, whose fused rounding moved the demo's perplexity by 0.4 % on no change of
-                # method)
-                if i + 1 < j2:
-                    W1[i + 1 : j2] -= U1[i, i + 1 : j2][:, None] * e[None, :]
-            if j2 < i2 - i1:
-                W1[j2:] -= U1[j1:j2, j2:].t() @ E1[j1:j2]
-            j1 = j2
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col_group[col]
+            if not static and col % gs == 0:  # no act_order here: processing order = original order
+                s, z = _fit_grid(W1[i : i + gs].t(), args, clip, h_float[col : col + gs, col : col + gs])
+                St[g] = s[:, 0]
+                if Zt is not None and z is not None:
+                    Zt[g] = z[:, 0]
+            # (in place, into preallocated rows: the sweep is ~10 small ops per column, their count is its cost)
+            w_col, q_col, e = W1[i], Q1[i], E1[i]
+            _quant_column_into(q_col, w_col, St[g], None if Zt is None else Zt[g], args)
+            if drop_t is not None:
+                q_col.masked_fill_(drop_t[col], 0.0)
+            torch.sub(w_col, q_col, out=e).div_(U1[i, i])
+            # (row i itself is done: only the columns after it take the update; product then difference, not addr_,
+            # whose fused rounding moved the demo's perplexity by 0.4 % on no change of method)
+            W1[i + 1 :] -= U1[i, i + 1 :][:, None] * e[None, :]
         Wt[i2:] -= U[i1:i2, i2:].t() @ E1[: i2 - i1]
         err_sq += float(E1[: i2 - i1].double().square().sum())
     Q = Qt.t()
