@@ -79,7 +79,8 @@ def test_artefact_description_and_determinism(tiny_llama, tmp_path, calib_text):
     # run.json says where the time went: every phase of the block loop, summing to the run's time (the laps cover it)
     run = json.loads((tmp_path / "a" / "run.json").read_text())
     phases = run["phase_seconds"]
-    assert {"prologue: load, tokenize, first block inputs", "trace and read weights", "passes: own arithmetic",
+    assert {"open: tokenizer, outer weights, tokenize the calibration text", "prologue: first block inputs",
+            "trace and read weights", "passes: own arithmetic",
             "passes: calibration forwards and statistics", "per-layer error report", "propagate to the next block",
             "lower", "write: export, block files, checkpoint"} == set(phases)
     assert all(v >= 0 for v in phases.values()) and phases["passes: calibration forwards and statistics"] > 0

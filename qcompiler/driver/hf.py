@@ -178,6 +178,10 @@ class Progress:
                    resumed_from=state["next_block"])
 
 
+OPEN_PHASE = "open: tokenizer, outer weights, tokenize the calibration text"
+PROLOGUE_PHASE = "prologue: first block inputs"
+
+
 class HFRun:
     """One run of the HF driver: the steps of the module docstring over the run's state."""
 
@@ -191,6 +195,7 @@ class HFRun:
         self.calibrated = any(p.uses_calibration() for p in plan.passes)
         self.resumable = True  # False: a failure that a --resume cannot mend removes the work folder
         self._tracer: BlockTracer | None = None  # (block_tracer)
+        self.blocks_started = False  # (block(): the first block's lap is the prologue's)
 
     # ------------------------------------------------------------------ steps
     def execute(self) -> dict[str, Any]:
@@ -225,6 +230,8 @@ class HFRun:
             texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
             self.batches = calib_data.calibration_batches(self.tokenizer, texts, cfg.num_samples, cfg.seq_len,
                                                           cfg.batch_size, chat_template=cfg.chat_template)
+        # (what a peer's timing usually leaves out: it is handed a loaded model and token ids)
+        self.lap(OPEN_PHASE)
         self.vision = self.quantize_vision_tower()
         world = dist.world_size()
         if world > 1 and cfg.stats_cache is not None:
@@ -314,7 +321,7 @@ class HFRun:
                                                  online=rotate.online, clip_grid=clip)
         sequences = [b[j:j + 1] for b in self.batches for j in range(b.shape[0])]  # type: ignore[union-attr]
         r0, _ = random_hadamard(d, rotate.seed)
-        self.lap("prologue: load, tokenize, first block inputs")
+        self.lap(PROLOGUE_PHASE)
         self.log(f"learned rotation: {rotate.learn} steps of one calibration sequence each, "
                  f"{'float' if weights is None else 'round-to-nearest'} weights, bfloat16 autocast")
         with torch.autocast("cpu", torch.bfloat16):
@@ -464,8 +471,9 @@ class HFRun:
         """Trace, fill, transform, measure, propagate, lower, write and checkpoint block i."""
         cfg, inputs = self.cfg, self.inputs
         name = f"{self.prefix}.{i}"
-        self.lap("prologue: load, tokenize, first block inputs" if not self.phases else
-                 "write: export, block files, checkpoint")  # (since the previous block's lowering)
+        # (since the previous block's lowering, or for the first block this process runs, since the prologue began)
+        self.lap("write: export, block files, checkpoint" if self.blocks_started else PROLOGUE_PHASE)
+        self.blocks_started = True
         gm = self.tracer(i, block, name)
         if cfg.scheme.weights is not None and (other := weight_products_not_linear(gm)):
             raise PipelineError(f"block '{name}': layers {other} multiply a stored weight without aten.linear (e.g. "
