@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="precision of the calibration forwards (statistics, the Hessians' products and propagation; a "
                         "pass's own arithmetic and the statistics' sums stay float32): bfloat16 runs the blocks' GEMMs and attention under "
                         "autocast: on CPUs with bf16 hardware GPTQ on the demo runs 1.25× faster end to end (its forwards "
-                        "1.4×) for 0.3-1.3 points of perplexity (qcompiler/calib/precision.py; checkpoints and "
+                        "1.4×) for 0.3-1.6 points of perplexity (qcompiler/calib/precision.py; checkpoints and "
                         "diffusion transformers, ONNX graphs calibrate in float32)")
     q.add_argument("--timestep-groups", type=int, default=1, metavar="G",
                    help="a diffusion transformer with static activations (w8a8): one activation grid per group of "
