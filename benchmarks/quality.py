@@ -59,6 +59,12 @@ CONFIGS: dict[str, dict] = {
     "w8a8_dynamic + smoothquant + gptq, cli gemms": {"scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True},
     "w8a8_dynamic + smoothquant + gptq, cli gemms, bf16 forwards": {
         "scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True, "calib_precision": "bfloat16"},
+    # (the default until 2026-12-07: act_quant after GPTQ, so every block ran once more for its outputs)
+    "w8a8_dynamic + smoothquant + gptq, act_quant after gptq, cli gemms, bf16 forwards": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant,fuse_linears,gptq,act_quant", "cli_gemms": True,
+        "calib_precision": "bfloat16"},
+    "w8a8_dynamic + smoothquant + gptq, act_quant after gptq, cli gemms": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant,fuse_linears,gptq,act_quant", "cli_gemms": True},
     "w4a16 g64 awq": {"scheme": "w4a16", "group_size": 64, "algo": "awq"},
     "w4a16 g64 awq+gptq": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq"},
     "w8a8 static (no smoothing)": {"scheme": "w8a8", "passes": "fuse_linears,rtn,act_quant"},

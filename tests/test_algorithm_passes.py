@@ -74,6 +74,47 @@ def test_gptq_hands_the_driver_its_final_outputs_and_a_later_pass_withdraws_them
     assert one_stage.block_outputs is None  # (one stage: no staged runs to finish)
 
 
+def test_int8_per_token_activations_before_gptq_give_the_final_outputs_without_another_forward(tiny_llama):
+    """w8a8_dynamic with --algo gptq puts act_quant before GPTQ (it needs no statistics): every linear reads a
+    fake-quantized input and is weight-quantized; GPTQ fits each weight on its input before the activation rounding
+    (the first stage, which no earlier rounding reaches, gets the very weights of act_quant after GPTQ), its staged
+    runs carry the rounding to the later stages, and their finished runs are the final block's outputs bit for bit.
+    Static and 4-bit activations keep act_quant after the weights (refusal reason: the plan's condition)."""
+    from qcompiler.driver.plan import default_pipeline
+    from qcompiler.targets import get_target
+
+    def names(scheme: str, algo: str) -> list[str]:
+        return [p.name for p in default_pipeline(get_scheme(scheme), get_target("reference"), algo)]
+
+    assert names("w8a8_dynamic", "gptq")[-3:] == ["act_quant", "gptq", "lower"]
+    assert names("w4a8", "awq+gptq")[-3:] == ["act_quant", "gptq", "lower"]
+    for scheme, algo in (("w8a8_dynamic", "rtn"), ("w8a8", "gptq"), ("w4a4", "gptq")):
+        assert names(scheme, algo)[-2:] == ["act_quant", "lower"], (scheme, algo)
+    # a user pipeline without act_quant gets it in the same place
+    from qcompiler.driver.plan import complete_pipeline
+
+    user = parse_pipeline("smoothquant,fuse_linears,gptq")
+    assert [p.name for p in complete_pipeline(user, get_scheme("w8a8_dynamic"))][-3:] == ["act_quant", "gptq", "lower"]
+    assert [p.name for p in complete_pipeline(user, get_scheme("w8a8"))][-3:] == ["gptq", "act_quant", "lower"]
+
+    scheme = get_scheme("w8a8_dynamic")
+    gm, inputs = traced_block(tiny_llama, seq=24, n_batches=2)
+    ctx = context(inputs, scheme)
+    gm = apply(gm, ctx, "fuse_linears,act_quant,gptq")
+    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    assert linears and all(qmeta.WQ in n.meta and qmeta.ACT_FQ in n.args[0].meta for n in linears)
+    assert ctx.report["gptq"]["stages"] == 4
+    assert ctx.block_outputs is not None
+    with torch.no_grad():
+        for y, args in zip(ctx.block_outputs, inputs, strict=True):
+            assert torch.equal(y, gm(*args))
+    after, _ = traced_block(tiny_llama, seq=24, n_batches=2)
+    after = apply(after, context(inputs, scheme), "fuse_linears,gptq,act_quant")
+    first = [n for n in linears if n.args[0].args[0] is linears[0].args[0].args[0]]  # (the q/k/v stage)
+    same = [torch.equal(get_tensor(gm, n.args[1].target), get_tensor(after, n.args[1].target)) for n in linears]
+    assert all(same[: len(first)]) and not all(same)  # first stage identical; later stages see the rounding
+
+
 @pytest.mark.slow
 def test_gptq_act_order_and_one_shot_variants(tiny_llama):
     err_rtn, _, _ = block_error(tiny_llama, "rtn")

@@ -10,7 +10,10 @@ the flatquant pass learned for this input)
                                                                               [qc::fake_quant_act_per_token]
 fp8 activations: s = max |X| / 448 (static, minmax or percentile) or per token at run time, X̂ = e4m3(X / s)·s
                                                        [qc::fake_quant_act_fp8, qc::fake_quant_act_fp8_per_token]
-The graph stays a runnable fake-quantized model; lowering fuses each pair into an int8 GEMM.
+The graph stays a runnable fake-quantized model; lowering fuses each pair into an int8 GEMM. Dynamic activations
+need no statistics, so the pass may also run before the weight pass (the default pipeline puts it before GPTQ for
+int8 per-token activations, driver/plan.dynamic_int8_acts): it then marks every linear whose scheme quantizes its
+weights.
 
 Timestep groups (a diffusion transformer's --timestep-groups, ctx.calib_groups): activation ranges move with the
 denoising step (Q-Diffusion, PTQ4DiT), so besides the grid over every step the pass fits each static grid again on
@@ -42,16 +45,25 @@ from qcompiler.schemes import QuantArgs
 
 def _targets(gm: fx.GraphModule, ctx: PassContext) -> list[tuple[fx.Node, QuantArgs]]:
     """Weight-quantized linears (and convolutions, static activations only: per-token scales have no meaning
-    on an NCHW input) whose layer scheme quantizes activations, with those activation args."""
+    on an NCHW input) whose layer scheme quantizes activations, with those activation args. Dynamic activations
+    need no statistics, so they may also go in before the weight pass (the default pipeline does so before GPTQ,
+    whose staged runs then give the final block's outputs): a linear counts once its scheme quantizes its weights.
+    A linear that already reads a fake-quantized input is left alone."""
     infos = analyze_block(gm).linears
     out = []
     for n in gm.graph.nodes:
-        if is_call(n, {LINEAR, CONV}) and qmeta.WQ in n.meta and n.name in infos:
-            scheme = ctx.layer_scheme(infos[n.name])
-            if scheme is not None and scheme.activations is not None:
-                if is_call(n, CONV) and scheme.activations.dynamic:
-                    continue
-                out.append((n, scheme.activations))
+        if not (is_call(n, {LINEAR, CONV}) and n.name in infos):
+            continue
+        scheme = ctx.layer_scheme(infos[n.name])
+        if scheme is None or scheme.activations is None:
+            continue
+        if is_call(n, CONV) and scheme.activations.dynamic:
+            continue
+        x = n.args[0]
+        if isinstance(x, fx.Node) and qmeta.ACT_FQ in x.meta:
+            continue
+        if qmeta.WQ in n.meta or (scheme.activations.dynamic and scheme.weights is not None):
+            out.append((n, scheme.activations))
     return out
 
 

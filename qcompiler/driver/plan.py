@@ -24,6 +24,18 @@ from qcompiler.targets.base import Target
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
+def dynamic_int8_acts(scheme: QuantScheme) -> bool:
+    """Every quantized activation of the scheme (its overrides too) is int8 per token, on integer weights in channels
+    or groups, and nothing is 2:4 sparse: act_quant may then go before GPTQ (it needs no statistics, and GPTQ fits
+    each weight on its input before the rounding), whose staged runs give the final block's outputs."""
+    all_ = scheme.all_schemes()
+    acts = [s.activations for s in all_ if s.activations is not None]
+    return (bool(acts) and all(a.dynamic and not a.is_float and a.bits == 8 for a in acts)
+            and all(s.weights is not None and not s.weights.is_float and s.weights.granularity != "tensor"
+                    for s in all_ if s.activations is not None)
+            and not any(s.sparsity for s in all_))
+
+
 @dataclass(frozen=True)
 class Traits:
     """What the default pipeline asks of a scheme (over its per-layer overrides too), the algorithm and the target."""
@@ -35,6 +47,9 @@ class Traits:
     four_bit_acts: bool
     smooths: bool  # static activation grids, or 8-bit weights under dynamic ones
     rotates_static: bool  # static int8 activations, dense weights, no KV cache, on a target that rotates them
+    # every quantized activation is int8 per token, on integer weights in channels or groups, dense: act_quant may go
+    # before GPTQ (it needs no statistics), whose staged runs then give the final block's outputs
+    dynamic_int8_acts: bool
     sparse: bool
     kv_cache: bool
     online_rotation: bool  # the target's formats hold an online Hadamard transform
@@ -60,6 +75,7 @@ class Traits:
             rotates_static=(rotation and target.rotates_static_activations and bool(acts)
                             and all(not a.dynamic and a.bits == 8 and not a.is_float for a in acts)
                             and not any(s.sparsity for s in all_) and scheme.kv_cache is None),
+            dynamic_int8_acts=dynamic_int8_acts(scheme),
             sparse=any(s.sparsity for s in all_),
             kv_cache=scheme.kv_cache is not None,
             online_rotation=target.online_rotation,
@@ -98,6 +114,11 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("sparsity", "2:4 scheme", lambda t: t.sparse, lambda t: ("prune_wanda", {})),
     # (min-max: on the signed int4 grid the peak sits exactly on −8, and MSE-searched clipping, which shrinks it,
     # measured worse on held-out perplexity: demo g64 +29.1 % vs +20.7 %, per channel +134 % vs +94 %)
+    # int8 per-token activations before GPTQ: its staged runs then compute the final block's outputs, which saves the
+    # extra forward of every block that act_quant after it costs (demo w8a8_dynamic SmoothQuant + GPTQ: docs/benchmarks.md)
+    Row("activations", "int8 per-token activations with --algo gptq or awq+gptq (before the weights: GPTQ's staged runs "
+        "then give the block's outputs)", lambda t: t.dynamic_int8_acts and t.algo.endswith("gptq"),
+        lambda t: ("act_quant", {})),
     Row("weights", "--algo rtn", lambda t: t.quantizes_weights and t.algo == "rtn", lambda t: ("rtn", {})),
     Row("weights", "--algo awq (activation-aware clipping)", lambda t: t.quantizes_weights and t.algo == "awq",
         lambda t: ("rtn", {"clip": "awq"})),
@@ -133,14 +154,18 @@ def default_pipeline(scheme: QuantScheme, target: Target, algo: str = "rtn", opt
 
 def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme, target: Target | None = None,
                       options: dict[str, str] | None = None) -> list[Pass]:
-    """A user pipeline gets `act_quant` (if the scheme quantizes activations), `kv_quant` (if it quantizes the
-    KV cache), `quantize_head` (if the target's format stores a quantized head) and `lower` appended."""
+    """A user pipeline gets `act_quant` (if the scheme quantizes activations: before GPTQ for int8 per-token
+    activations, else at the end), `kv_quant` (if it quantizes the KV cache), `quantize_head` (if the target's format
+    stores a quantized head) and `lower` appended."""
     out = list(passes)
     names = [p.name for p in out]
     if "lower" in names and names[-1] != "lower":
         raise PipelineError("'lower' must be the last pass of a pipeline")
     if any(s.activations is not None for s in scheme.all_schemes()) and "act_quant" not in names:
-        out.insert(len(out) - (1 if "lower" in names else 0), make_pass("act_quant", {}))
+        # (before GPTQ where the default pipeline puts it: int8 per-token activations, see dynamic_int8_acts)
+        at = names.index("gptq") if "gptq" in names and dynamic_int8_acts(scheme) else \
+            len(out) - (1 if "lower" in names else 0)
+        out.insert(at, make_pass("act_quant", {}))
     if scheme.kv_cache is not None and "kv_quant" not in names:
         out.insert(len(out) - (1 if "lower" in names else 0), make_pass("kv_quant", {}))
     head = target.head_bits(options) if target is not None and options is not None else None
