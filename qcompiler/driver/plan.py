@@ -112,13 +112,13 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("sparsity", "2:4 scheme with --algo gptq or awq+gptq (prunes and quantizes in one sweep)",
         lambda t: t.sparse and t.algo.endswith("gptq"), lambda t: ("sparsegpt", {})),
     Row("sparsity", "2:4 scheme", lambda t: t.sparse, lambda t: ("prune_wanda", {})),
-    # (min-max: on the signed int4 grid the peak sits exactly on −8, and MSE-searched clipping, which shrinks it,
-    # measured worse on held-out perplexity: demo g64 +29.1 % vs +20.7 %, per channel +134 % vs +94 %)
     # int8 per-token activations before GPTQ: its staged runs then compute the final block's outputs, which saves the
     # extra forward of every block that act_quant after it costs (demo w8a8_dynamic SmoothQuant + GPTQ: docs/benchmarks.md)
     Row("activations", "int8 per-token activations with --algo gptq or awq+gptq (before the weights: GPTQ's staged runs "
         "then give the block's outputs)", lambda t: t.dynamic_int8_acts and t.algo.endswith("gptq"),
         lambda t: ("act_quant", {})),
+    # (min-max: on the signed int4 grid the peak sits exactly on −8, and MSE-searched clipping, which shrinks it,
+    # measured worse on held-out perplexity: demo g64 +29.1 % vs +20.7 %, per channel +134 % vs +94 %)
     Row("weights", "--algo rtn", lambda t: t.quantizes_weights and t.algo == "rtn", lambda t: ("rtn", {})),
     Row("weights", "--algo awq (activation-aware clipping)", lambda t: t.quantizes_weights and t.algo == "awq",
         lambda t: ("rtn", {"clip": "awq"})),
