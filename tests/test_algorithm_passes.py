@@ -80,7 +80,7 @@ def test_int8_per_token_activations_before_gptq_give_the_final_outputs_without_a
     (the first stage, which no earlier rounding reaches, gets the very weights of act_quant after GPTQ), its staged
     runs carry the rounding to the later stages, and their finished runs are the final block's outputs bit for bit.
     Static and 4-bit activations keep act_quant after the weights (refusal reason: the plan's condition)."""
-    from qcompiler.driver.plan import default_pipeline
+    from qcompiler.driver.plan import complete_pipeline, default_pipeline
     from qcompiler.targets import get_target
 
     def names(scheme: str, algo: str) -> list[str]:
@@ -91,8 +91,6 @@ def test_int8_per_token_activations_before_gptq_give_the_final_outputs_without_a
     for scheme, algo in (("w8a8_dynamic", "rtn"), ("w8a8", "gptq"), ("w4a4", "gptq")):
         assert names(scheme, algo)[-2:] == ["act_quant", "lower"], (scheme, algo)
     # a user pipeline without act_quant gets it in the same place
-    from qcompiler.driver.plan import complete_pipeline
-
     user = parse_pipeline("smoothquant,fuse_linears,gptq")
     assert [p.name for p in complete_pipeline(user, get_scheme("w8a8_dynamic"))][-3:] == ["act_quant", "gptq", "lower"]
     assert [p.name for p in complete_pipeline(user, get_scheme("w8a8"))][-3:] == ["gptq", "act_quant", "lower"]

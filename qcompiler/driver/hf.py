@@ -195,7 +195,6 @@ class HFRun:
         self.calibrated = any(p.uses_calibration() for p in plan.passes)
         self.resumable = True  # False: a failure that a --resume cannot mend removes the work folder
         self._tracer: BlockTracer | None = None  # (block_tracer)
-        self.blocks_started = False  # (block(): the first block's lap is the prologue's)
 
     # ------------------------------------------------------------------ steps
     def execute(self) -> dict[str, Any]:
@@ -453,6 +452,7 @@ class HFRun:
         drop_outer_weights(self.model)  # read again from the checkpoint for the end (the blocks never use them)
         release_free_memory()
         self.rss_before_blocks = rss_bytes()
+        self.lap(PROLOGUE_PHASE)
 
     def blocks(self) -> None:
         todo = list(enumerate(self.block_modules))[self.progress.next_block:]
@@ -471,9 +471,7 @@ class HFRun:
         """Trace, fill, transform, measure, propagate, lower, write and checkpoint block i."""
         cfg, inputs = self.cfg, self.inputs
         name = f"{self.prefix}.{i}"
-        # (since the previous block's lowering, or for the first block this process runs, since the prologue began)
-        self.lap("write: export, block files, checkpoint" if self.blocks_started else PROLOGUE_PHASE)
-        self.blocks_started = True
+        self.lap("write: export, block files, checkpoint")  # (since the previous block's lowering, or the prologue)
         gm = self.tracer(i, block, name)
         if cfg.scheme.weights is not None and (other := weight_products_not_linear(gm)):
             raise PipelineError(f"block '{name}': layers {other} multiply a stored weight without aten.linear (e.g. "
