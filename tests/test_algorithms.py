@@ -190,17 +190,40 @@ def test_gptq_refuses_bad_input():
 # ------------------------------------------------------------------------------------------ AWQ
 
 
-def test_awq_scales_reduce_the_exact_output_error():
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32-scores", "bf16-scores"])
+def test_awq_scales_reduce_the_exact_output_error(bf16):
     x = correlated_inputs()
     ws = [weight(seed=2), weight(n=24, seed=3)]
     h = (x.T @ x) / x.shape[0]
-    r = awq_search_scales(ws, x.abs().mean(0), h, G32)
+    r = awq_search_scales(ws, x.abs().mean(0), h, G32, bf16=bf16)
     assert r.alpha is not None and r.loss < 0.9 * r.loss_unscaled
-    # the loss is the real output error of the scaled-and-quantized weights on the calibration tokens
-    direct = sum(
-        float(((x @ (w - fake_quant_weight(w * r.scales, G32) / r.scales).T) ** 2).sum()) / x.shape[0] for w in ws
-    )
-    assert r.loss == pytest.approx(direct, rel=1e-3)
+    # the loss is the real output error of the scaled-and-quantized weights on the calibration tokens; a bf16 score
+    # is off by at most 3u·⟨|H|, |Δ|ᵀ|Δ|⟩ (u = 2⁻⁸: Δ and the Gram rounded once each, float32 sums)
+    deltas = [w - fake_quant_weight(w * r.scales, G32) / r.scales for w in ws]
+    direct = sum(float(((x @ d.T) ** 2).sum()) / x.shape[0] for d in deltas)
+    bound = 3 * 2**-8 * sum(float((d.abs().T @ d.abs() * h.abs()).sum()) for d in deltas) if bf16 else 0.0
+    assert abs(r.loss - direct) <= 1e-3 * direct + bound
+
+
+def _awq_error_and_bound(ws: list[torch.Tensor], h: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
+    """The exact Σ tr(ΔHΔᵀ) at scales s (float64), and the bf16 scores' rounding bound 3u·Σ⟨|H|, |Δ|ᵀ|Δ|⟩ there."""
+    ds = [(w - fake_quant_weight(w * s, G32) / s).double() for w in ws]
+    hd = h.double()
+    return (sum(float((d @ hd * d).sum()) for d in ds),
+            3 * 2**-8 * sum(float((d.abs().T @ d.abs() * hd.abs()).sum()) for d in ds))
+
+
+def test_awq_bf16_scores_pick_scales_within_their_rounding_of_the_float32_search():
+    """Scored in bf16, the chosen scales' exact error is within twice the scores' rounding bound of the float32
+    search's choice (a swap can only happen between candidates that close); on these seeded inputs the same α."""
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(512, 128, generator=g) * (1 + 10 * (torch.rand(128, generator=g) > 0.95))
+        ws, h = [torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g)], x.T @ x / 512
+        exact, low = (awq_search_scales(ws, x.abs().mean(0), h, G32, bf16=b) for b in (False, True))
+        (e32, b32), (e16, b16) = (_awq_error_and_bound(ws, h, r.scales) for r in (exact, low))
+        assert e16 <= e32 + b32 + b16
+        assert low.alpha == exact.alpha
 
 
 def test_awq_coarse_to_fine_search_finds_the_exhaustive_grids_choice():

@@ -7,7 +7,8 @@ Three kinds of scale group, each an exact float identity X·Wᵀ = (X·diag(s)�
   up → down        (down = linear(act(gate) ⊙ up)): up rows and bias / s, down columns · s
 For each group the scales come from algorithms/awq.awq_search_scales: a grid over α of
 s = mean|X|^α / mean|Ŵ|^(1−α), scored by the exact calibration output error tr(ΔHΔᵀ) with the layers'
-own weight grids (H = XᵀX/T, Δ = W − Q(W·s)/s), keeping s = 1 when nothing beats it. Statistics
+own weight grids (H = XᵀX/T, Δ = W − Q(W·s)/s; its Gram in bf16 on bf16 hardware, within 3u of it), keeping s = 1
+when nothing beats it. Statistics
 (mean |X| and H per group input) are collected once on the float block, like AutoAWQ.
 
 The Hessian of every quantized linear's input is collected in the same run and published after the rewrite

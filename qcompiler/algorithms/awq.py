@@ -10,7 +10,10 @@ minimises the output error over the calibration tokens (searched coarse to fine:
 around the best; on the demo model every group's choice equals the exhaustive search's, in 11 products of 21). That error is exact and needs no replay of the
 tokens: with H = XᵀX / T and Δ_i = W_i − Q(W_i·diag(s))·diag(s)⁻¹,
     (1/T)·Σ_t ‖x_t·Δ_iᵀ‖² = tr(Δ_i H Δ_iᵀ),
-so the search is one Gram matrix ΔᵀΔ [K, K] per candidate.
+so the search is one Gram matrix ΔᵀΔ [K, K] per candidate. Where the CPU multiplies bfloat16 in hardware the Gram
+runs in bf16 (Δ rounded once, float32 sums, the [K, K] result rounded once): each score is then off by at most
+3u·⟨|H|, |Δ|ᵀ|Δ|⟩ (u = 2⁻⁸), so only candidates that close can swap (benchmarks/clip_search.py --awq measures the
+choices and the chosen scales' exact error against float32 scores on the demo's layers).
 
 Activation-aware clipping. For each group of K (columns J) and output row n, find the range shrink r that
 minimises the output error of that group's partial product, δ_nJ H_JJ δ_nJᵀ (δ = w − Q_r(w)): the block-
@@ -51,10 +54,13 @@ class AWQResult:
     loss_unscaled: float  # the same at s = 1
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor, bf16: bool = False) -> float:
     """tr((W − Ŵ)·H·(W − Ŵ)ᵀ) = ⟨H, ΔᵀΔ⟩: mean squared output error for inputs with second moment H. ΔᵀΔ is
-    symmetric, so numerics.gram computes it in 5/8 of the N·K² products that Δ·H would take."""
+    symmetric, so numerics.gram computes it in 5/8 of the N·K² products that Δ·H would take. `bf16`: the Gram from
+    Δ rounded to bfloat16 (a score within 3u·⟨|H|, |Δ|ᵀ|Δ|⟩, u = 2⁻⁸; the module docstring)."""
     d = w.float() - w_hat.float()
+    if bf16:
+        return float((gram(d.bfloat16()).float() * h).sum())
     return float((gram(d) * h).sum())
 
 
@@ -79,20 +85,23 @@ def awq_search_scales(
     args: QuantArgs,
     grid: int = 20,
     coarse_step: int = 4,
+    bf16: bool | None = None,
 ) -> AWQResult:
     """Best per-input-channel scales for the linears `ws` ([N_i, K]) reading inputs with mean |x| `x_absmean`
-    [K] and second moment `h` [K, K] (= XᵀX / T)."""
+    [K] and second moment `h` [K, K] (= XᵀX / T). `bf16`: score the candidates with bfloat16 Grams (None: where the
+    CPU multiplies bf16 in hardware); the losses returned are then those scores."""
     h = h.float()
     w_mean = normalized_weight_mean(ws, args)
+    low = native_bf16() if bf16 is None else bf16
 
     def loss(s: torch.Tensor | None) -> float:
         total = 0.0
         for w in ws:
             wf = w.float()
             if s is None:
-                total += output_error(wf, fake_quant_weight(wf, args), h)
+                total += output_error(wf, fake_quant_weight(wf, args), h, low)
             else:
-                total += output_error(wf, fake_quant_weight(wf * s[None, :], args) / s[None, :], h)
+                total += output_error(wf, fake_quant_weight(wf * s[None, :], args) / s[None, :], h, low)
         return total
 
     base = loss(None)
