@@ -309,6 +309,44 @@ def test_activation_aware_clip_searched_in_row_chunks_equals_the_search_on_the_w
     assert bool((picked <= err.min(0).values + slack + 1e-9).all())
 
 
+# ------------------------------------------------------------------------------------------ SmoothQuant
+
+
+INT8_TOKEN = QuantArgs(bits=8, granularity="token", dynamic=True)
+
+
+@pytest.mark.parametrize("weight_args,act_args,int8", [
+    (QuantArgs(bits=8), INT8_TOKEN, True),
+    (QuantArgs(bits=8, granularity="tensor"), QuantArgs(bits=8, granularity="tensor"), True),
+    (QuantArgs(bits=4), INT8_TOKEN, True),
+    (QuantArgs(bits=8), QuantArgs(bits=8, granularity="tensor", symmetric=False), False),
+    (QuantArgs(bits=4, granularity="group", group_size=32), INT8_TOKEN, False),
+], ids=["w8-channel-a8-token", "w8-tensor-a8-static", "w4-channel-a8-token", "a8-asymmetric", "w4-g32"])
+def test_smoothquant_product_of_integer_codes_is_the_fake_quantized_product(weight_args, act_args, int8):
+    """SmoothQuant's search multiplies Q_a(x)·Q_w(w)ᵀ as σ ⊙ (a·bᵀ) ⊙ ωᵀ over the integer codes (an exact int32 GEMM,
+    then two float32 roundings) where both grids allow it; otherwise the fake-quantized operands in float32 (then
+    bit-equal to that). Against float64 over the fake-quantized float32 operands, which are themselves rounded
+    once: |y − y₆₄| ≤ 2⁻²⁴·(3|y₆₄| + 2·Σ_k|Q_a||Q_w|) elementwise."""
+    from unittest import mock
+
+    from qcompiler.algorithms.smoothquant import fake_quant_activations, quantized_product
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 200, generator=g) * (1 + 5 * (torch.rand(200, generator=g) > 0.9).float())
+    w = torch.randn(96, 200, generator=g)
+    peak = x.abs().amax()
+    with mock.patch.object(torch, "_int_mm", wraps=torch._int_mm) as int_mm:
+        y = quantized_product(x, w, weight_args, act_args, peak)
+    assert int_mm.called == int8
+    qa, qw = fake_quant_activations(x, act_args, peak), fake_quant_weight(w, weight_args)
+    if not int8:
+        assert torch.equal(y, qa @ qw.t())
+        return
+    y64 = qa.double() @ qw.double().t()
+    bound = 2**-24 * (3 * y64.abs() + 2 * qa.double().abs() @ qw.double().abs().t())
+    assert bool(((y.double() - y64).abs() <= bound).all())
+
+
 # ------------------------------------------------------------------------------------------ observers
 
 
