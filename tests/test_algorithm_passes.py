@@ -533,6 +533,41 @@ def test_encoding_without_offsets_gives_transformers_ids_and_keeps_stored_trunca
     assert encode_texts(tok, texts) == want and len(want[3]) > 8
 
 
+def test_default_corpus_ids_are_cached_under_the_tokenizers_key_and_checked_when_read(tmp_path, monkeypatch):
+    """The default calibration corpus's token ids are kept in the cache folder: read back instead of encoded, keyed
+    by the tokenizer's definition (another tokenizer: another entry), and an entry that is not one int32 vector of
+    ids below the vocabulary size is encoded again and replaced; an unwritable cache folder is skipped."""
+    from unittest import mock
+
+    from tiny import byte_tokenizer
+
+    from qcompiler.calib import data
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "default_texts", lambda split: ["The quick brown fox.", "ünïcödé\n\nsecond"])
+    tok = byte_tokenizer()
+    want = token_stream(tok, data.default_texts("calib"))
+    assert torch.equal(data.default_corpus_stream(tok), want)
+    (entry,) = (tmp_path / "cache" / "qcompiler" / "calib-tokens").iterdir()
+    with mock.patch.object(data, "token_stream", side_effect=AssertionError("encoded again")):
+        assert torch.equal(data.default_corpus_stream(tok), want)  # (read from the entry)
+    for bad in (b"not a safetensors file", None):
+        if bad is None:  # a well-formed file whose ids leave the vocabulary
+            from safetensors.torch import save_file
+            save_file({"ids": torch.tensor([0, len(tok)], dtype=torch.int32)}, str(entry))
+        else:
+            entry.write_bytes(bad)
+        assert torch.equal(data.default_corpus_stream(tok), want)
+        assert torch.equal(data._read_stream(entry, len(tok)).long(), want)  # (replaced)
+    other = byte_tokenizer()
+    other.backend_tokenizer.enable_truncation(max_length=4)  # (part of the tokenizer's definition)
+    data.default_corpus_stream(other)
+    assert len(list(entry.parent.iterdir())) == 2
+    assert torch.equal(data.calibration_batches(tok, None, 1, 8, 1)[0][0], want[:8])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(entry))  # (a file: the cache folder cannot be made)
+    assert torch.equal(data.default_corpus_stream(tok), want)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

@@ -226,9 +226,9 @@ class HFRun:
         if cfg.calib_images is not None:
             self.batches = _image_batches(cfg, self.model)
         else:
-            texts = cfg.calib_texts if cfg.calib_texts is not None else calib_data.default_texts("calib")
-            self.batches = calib_data.calibration_batches(self.tokenizer, texts, cfg.num_samples, cfg.seq_len,
-                                                          cfg.batch_size, chat_template=cfg.chat_template)
+            # (texts None: the default corpus, whose token ids are cached)
+            self.batches = calib_data.calibration_batches(self.tokenizer, cfg.calib_texts, cfg.num_samples,
+                                                          cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template)
         # (what a peer's timing usually leaves out: it is handed a loaded model and token ids)
         self.lap(OPEN_PHASE)
         self.vision = self.quantize_vision_tower()

@@ -80,7 +80,7 @@ def calibration_inputs(model: onnx.ModelProto, imported: ImportedModel, path: Pa
         from qcompiler.calib import data as calib_data
 
         tok = AutoTokenizer.from_pretrained(str(path.parent), trust_remote_code=False)
-        tokens = calib_data.calibration_batches(tok, calib_data.default_texts("calib"), num_samples, seq_len, batch_size)
+        tokens = calib_data.calibration_batches(tok, None, num_samples, seq_len, batch_size)
     g = torch.Generator().manual_seed(0)
     batches = []
     for bi in range(-(-num_samples // batch_size)):
