@@ -5,11 +5,12 @@
 
 Runs `qcompile quant --model demo --scheme w4a16 --algo gptq --group-size 64 --out <tmp>` and `qcompile eval <tmp>`
 as fresh processes (the demo model already converted from its GGUF, a one-time step timed apart), the eval with
-the float perplexity computed (a fresh machine's first run) rather than read from the cache. Reported: wall seconds
-of each command, perplexities, and where the quantization's time went (run.json's phase_seconds); with --ieee-too
-the same commands again with plain IEEE float32 GEMMs (`qcompile --ieee-fp32`), with --bf16-forwards-too with
-`--calib-precision bfloat16`, for the ratios in one run. This machine's
-speed varies by 2x from day to day, so the time is also given as a ratio to one float perplexity pass over the
+the float perplexity computed (a fresh machine's first run) rather than read from the cache, and both with a cache
+folder of their own (only the converted demo model in it), so the calibration text is encoded as on a first run.
+Reported: wall seconds of each command, perplexities, and where the quantization's time went (run.json's
+phase_seconds); with --ieee-too the same commands again with plain IEEE float32 GEMMs (`qcompile --ieee-fp32`), with
+--bf16-forwards-too with `--calib-precision bfloat16`, for the ratios in one run. This machine's speed varies by 2x
+from day to day, so the time is also given as a ratio to one float perplexity pass over the
 same evaluation text, measured in the same run: a figure that travels between machines and days.
 JSON lines on stdout; the Markdown table goes to benchmarks/results/main-command-latest.txt.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,9 +29,9 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results" / "main-command-latest.txt"
 
 
-def _timed(cmd: list[str]) -> tuple[float, str]:
+def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -40,13 +42,21 @@ def run_command(args: argparse.Namespace, ieee: bool, bf16_forwards: bool = Fals
     """The quant command and the eval command as fresh processes: (row, run.json)."""
     precision = ["--calib-precision", "bfloat16"] if bf16_forwards else []
     qcompile = [sys.executable, "-m", "qcompiler.cli", *(["--ieee-fp32"] if ieee else [])]
+    from qcompiler.demo import demo_model_dir
+
     with tempfile.TemporaryDirectory(prefix="qc-main-") as tmp:
         out = Path(tmp) / "out"
+        # a cache folder of its own with only the converted demo model in it: the run is a first run, with the
+        # calibration text's token ids encoded, not read from calib-tokens/
+        cache = Path(tmp) / "cache"
+        (cache / "qcompiler").mkdir(parents=True)
+        (cache / "qcompiler" / demo_model_dir().name).symlink_to(demo_model_dir(), target_is_directory=True)
+        env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
         quant_cmd = [*qcompile, "quant", "--model", "demo", "--scheme", args.scheme, "--algo", args.algo,
                      "--group-size", args.group_size, *precision, "--out", str(out), "--no-progress"]
-        quant_s, _ = _timed(quant_cmd)
+        quant_s, _ = _timed(quant_cmd, env)
         run = json.loads((out / "run.json").read_text())
-        eval_s, stdout = _timed([*qcompile, "eval", str(out), "--json", "--no-float-cache"])
+        eval_s, stdout = _timed([*qcompile, "eval", str(out), "--json", "--no-float-cache"], env)
         result = json.loads(stdout)
     f, q = result["float"], result["quantized"]
     row = {
