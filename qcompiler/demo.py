@@ -23,6 +23,12 @@ def cache_dir() -> Path:
     return Path(base) / "qcompiler"
 
 
+def is_demo_model(path: str | Path) -> bool:
+    """Whether `path` is the converted demo model's folder (as demo_model_dir names it: a run on it may keep data
+    derived from the demo's own files, e.g. its calibration token ids, in the same cache folder)."""
+    return Path(path).absolute() == (cache_dir() / DEMO_DIRNAME).absolute()
+
+
 def demo_model_dir() -> Path:
     """The float safetensors folder of the demo model, converting the GGUF on first use."""
     out = cache_dir() / DEMO_DIRNAME

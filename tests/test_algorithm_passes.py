@@ -534,9 +534,10 @@ def test_encoding_without_offsets_gives_transformers_ids_and_keeps_stored_trunca
 
 
 def test_default_corpus_ids_are_cached_under_the_tokenizers_key_and_checked_when_read(tmp_path, monkeypatch):
-    """The default calibration corpus's token ids are kept in the cache folder: read back instead of encoded, keyed
-    by the tokenizer's definition (another tokenizer: another entry), and an entry that is not one int32 vector of
-    ids below the vocabulary size is encoded again and replaced; an unwritable cache folder is skipped."""
+    """The default calibration corpus's token ids are kept in the demo's cache folder: read back instead of encoded,
+    keyed by the tokenizer's definition (another tokenizer: another entry), and an entry that is not one int32 vector
+    of ids below the vocabulary size is encoded again and replaced; an unwritable cache folder is skipped; only with
+    cache_ids, which the driver sets for the demo model alone."""
     from unittest import mock
 
     from tiny import byte_tokenizer
@@ -563,7 +564,13 @@ def test_default_corpus_ids_are_cached_under_the_tokenizers_key_and_checked_when
     other.backend_tokenizer.enable_truncation(max_length=4)  # (part of the tokenizer's definition)
     data.default_corpus_stream(other)
     assert len(list(entry.parent.iterdir())) == 2
-    assert torch.equal(data.calibration_batches(tok, None, 1, 8, 1)[0][0], want[:8])
+    assert torch.equal(data.calibration_batches(tok, None, 1, 8, 1, cache_ids=True)[0][0], want[:8])
+    with mock.patch.object(data, "default_corpus_stream", side_effect=AssertionError("cached")):
+        assert torch.equal(data.calibration_batches(tok, None, 1, 8, 1)[0][0], want[:8])  # (without cache_ids)
+    # the driver keeps them only for the demo model (its own cache folder): a user's model writes nothing there
+    from qcompiler.demo import DEMO_DIRNAME, is_demo_model
+
+    assert is_demo_model(tmp_path / "cache" / "qcompiler" / DEMO_DIRNAME) and not is_demo_model(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(entry))  # (a file: the cache folder cannot be made)
     assert torch.equal(data.default_corpus_stream(tok), want)
 

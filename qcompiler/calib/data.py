@@ -153,8 +153,9 @@ def windows(stream: torch.Tensor, seq_len: int, max_windows: int | None = None) 
 
 
 def default_corpus_stream(tokenizer, chat_template: bool = False) -> torch.Tensor:
-    """token_stream of the default calibration corpus, kept in the cache folder (~/.cache/qcompiler/calib-tokens)
-    under a key of everything the ids depend on: the tokenizer's whole definition (a fast tokenizer's JSON: model,
+    """token_stream of the default calibration corpus, kept in the cache folder that holds the converted demo model
+    (~/.cache/qcompiler/calib-tokens; the driver asks for it only when quantizing the demo model, so a run on a
+    user's model writes nothing outside --out) under a key of everything the ids depend on: the tokenizer's whole definition (a fast tokenizer's JSON: model,
     normalizer, pre-tokenizer, added tokens), its end-of-text id and chat template, the tokenizers and transformers
     versions, and the texts. Encoding the 2.2 M tokens takes ≈ 2.5 s a run on this project's CPU; the cached ids
     load in milliseconds. Only the default corpus is cached (a user's own calibration text is never copied out of
@@ -235,16 +236,19 @@ def _write_stream(path: Path, stream: torch.Tensor) -> None:
 
 def calibration_batches(
     tokenizer, texts: list[Sample] | None, num_samples: int, seq_len: int, batch_size: int,
-    chat_template: bool = False
+    chat_template: bool = False, cache_ids: bool = False
 ) -> list[torch.Tensor]:
-    """`num_samples` windows spread evenly over the calibration text (None: the default corpus, its ids cached),
-    grouped into batches."""
+    """`num_samples` windows spread evenly over the calibration text (None: the default corpus; its ids read from
+    and kept in the cache with `cache_ids`: default_corpus_stream), grouped into batches."""
     if num_samples <= 0 or seq_len <= 0 or batch_size <= 0:
         raise CalibrationError(
             f"num_samples, seq_len and batch_size must be positive (got {num_samples}, {seq_len}, {batch_size})"
         )
-    stream = (default_corpus_stream(tokenizer, chat_template) if texts is None
-              else token_stream(tokenizer, texts, chat_template))
+    if texts is None:
+        stream = (default_corpus_stream(tokenizer, chat_template) if cache_ids
+                  else token_stream(tokenizer, default_texts("calib"), chat_template))
+    else:
+        stream = token_stream(tokenizer, texts, chat_template)
     all_windows = windows(stream, seq_len)
     if all_windows.shape[0] < num_samples:
         raise CalibrationError(

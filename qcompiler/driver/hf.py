@@ -36,6 +36,7 @@ from qcompiler import distributed as dist
 from qcompiler.calib import data as calib_data
 from qcompiler.calib.activations import ActivationStore
 from qcompiler.calib.stats import StatsCache, digest_tensors
+from qcompiler.demo import is_demo_model
 from qcompiler.driver.config import QuantizeConfig
 from qcompiler.driver.plan import RunPlan, description_head, plan_run
 from qcompiler.driver.probe import compare_layers, first_windows
@@ -226,9 +227,10 @@ class HFRun:
         if cfg.calib_images is not None:
             self.batches = _image_batches(cfg, self.model)
         else:
-            # (texts None: the default corpus, whose token ids are cached)
+            # (texts None: the default corpus, its token ids kept beside the demo model when that is the model)
             self.batches = calib_data.calibration_batches(self.tokenizer, cfg.calib_texts, cfg.num_samples,
-                                                          cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template)
+                                                          cfg.seq_len, cfg.batch_size, chat_template=cfg.chat_template,
+                                                          cache_ids=is_demo_model(cfg.model))
         # (what a peer's timing usually leaves out: it is handed a loaded model and token ids)
         self.lap(OPEN_PHASE)
         self.vision = self.quantize_vision_tower()
