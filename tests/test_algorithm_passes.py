@@ -276,6 +276,100 @@ def test_awq_skips_float_and_quantized_layers(tiny_llama):
     assert not ctx2.report["awq"]["groups"]
 
 
+def test_awq_rtn_quantizes_stage_by_stage_and_hands_the_driver_its_outputs(tiny_llama):
+    """awq_rtn (the default --algo awq on dense weights): every linear quantized; the first group searched on the float
+    block exactly as awq's (its stage sees no quantized layer yet), the later ones on the block with the earlier
+    layers quantized; the paused runs, their scaled input divided by s, finish as the quantized block's outputs (what
+    the driver would run the block again for: equal up to float32 rounding of that division); the producer of a later
+    group (up, quantized before its scales were known) still lies exactly on its stored grid, and the block beats
+    plain RTN."""
+    from qcompiler.numerics import dequantize_weight, quantize_weight
+
+    err_rtn, _, _ = block_error(tiny_llama, "rtn")
+    err, gm, ctx = block_error(tiny_llama, "awq_rtn")
+    _, _, ctx_awq = block_error(tiny_llama, "awq,rtn{clip=awq}")
+    assert err < err_rtn
+    rep, rep_awq = ctx.report["awq_rtn"], ctx_awq.report["awq"]
+    assert set(rep["groups"]) == set(rep_awq["groups"]) and rep["skipped"] == rep_awq["skipped"]
+    first = "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"
+    assert rep["groups"][first] == rep_awq["groups"][first]
+    assert rep["groups"]["mlp.up_proj->mlp.down_proj"]["alpha"] is not None  # (up's rows were divided after RTN)
+    assert rep["quantized"] == 7 and rep["restarts"] == 0
+    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    assert len(linears) == 7 and all(qmeta.WQ in n.meta for n in linears)
+    for n in linears:
+        wq, w_hat = n.meta[qmeta.WQ], get_tensor(gm, str(n.args[1].target))
+        on_grid = dequantize_weight(quantize_weight(w_hat, wq.scale, wq.zero, wq.args), wq.scale, wq.zero, wq.group_size)
+        assert rel_err(on_grid, w_hat) < 1e-6, n.name
+    _, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    assert ctx.block_outputs is not None and len(ctx.block_outputs) == len(inputs)
+    with torch.no_grad():
+        for y, args in zip(ctx.block_outputs, inputs, strict=True):
+            assert rel_err(y, gm(*args)) < 1e-5
+    # fusion keeps them (equal values); the plan: dense --algo awq is awq_rtn, 2:4 weights are pruned before RTN
+    gm = apply(gm, ctx, "fuse_linears{force=true}")
+    assert ctx.block_outputs is not None and ctx.report["fuse_linears"]["fused"]
+    from qcompiler.driver.plan import default_pipeline
+    from qcompiler.targets import get_target
+
+    def names(scheme: str) -> list[str]:
+        return [p.name for p in default_pipeline(get_scheme(scheme), get_target("reference"), "awq")]
+
+    assert names("w4a16") == ["awq_rtn", "fuse_linears", "lower"]
+    assert names("w8a8s")[1:5] == ["awq", "fuse_linears", "prune_wanda", "rtn"]
+
+
+def test_awq_rtn_restarts_its_runs_when_a_held_value_moved(tiny_llama):
+    """StagedCollector.divide_value divides a paused value only when no run holds another value the rewrite moved
+    (else it changes nothing and says so: the pass restarts the runs on the rewritten graph)."""
+    from qcompiler.calib.stats import StagedCollector, StatRequest
+
+    gm, inputs = traced_block(tiny_llama, seq=24, n_batches=2)
+    x = next(n for n in gm.graph.nodes if is_call(n, LINEAR)).args[0]
+    staged = StagedCollector(gm, inputs)
+    staged.collect([StatRequest(x.name, "hessian")])
+    held = [dict(run.env) for run in staged.runs]
+    width = held[0][x].shape[-1]
+    s = torch.linspace(0.5, 2.0, width)
+    live = next(n.name for n in held[0] if n is not x and n.op != "get_attr")
+    assert not staged.divide_value(x.name, s, {x.name, live})
+    assert all(torch.equal(r.env[x], h[x]) for r, h in zip(staged.runs, held, strict=True))
+    assert staged.divide_value(x.name, s, {x.name})
+    for r, h in zip(staged.runs, held, strict=True):
+        assert torch.equal(r.env[x], (h[x].float() / s).to(h[x].dtype))
+    staged.restart()
+    assert all(not r.env and r.pos == 0 for r in staged.runs)
+
+
+def test_fuse_linears_joins_members_quantized_on_one_grid_and_refuses_a_mixed_group(tiny_llama):
+    """Members quantized on one grid with a scale per group fuse: the fused grid is their scales stacked, and the
+    lowered fused block computes the fake-quantized one. A group mixing quantized and float members is refused
+    with the reason."""
+    from qcompiler.ir.analysis import analyze_block
+
+    gm, inputs = traced_block(tiny_llama, seq=24, n_batches=2)
+    ctx = context(inputs, W4G32)
+    gm = apply(gm, ctx, "rtn")
+    paths = {name: info.path for name, info in analyze_block(gm).linears.items()}
+    scales = {paths[n.name]: n.meta[qmeta.WQ].scale for n in gm.graph.nodes if qmeta.WQ in n.meta}
+    sqnrs = [n.meta[qmeta.WQ].weight_sqnr_db for n in gm.graph.nodes if paths.get(n.name, "")[-6:] in
+             ("q_proj", "k_proj", "v_proj")]
+    expect = run(gm, inputs)
+    gm = apply(gm, ctx, "fuse_linears{force=true}")
+    assert set(ctx.report["fuse_linears"]["fused"]) == {"self_attn.qkv_proj", "mlp.gate_up_proj"}
+    qkv = next(n for n in gm.graph.nodes if n.meta.get(qmeta.PATH) == "self_attn.qkv_proj")
+    assert torch.equal(qkv.meta[qmeta.WQ].scale, torch.cat([scales[f"self_attn.{p}_proj"] for p in "qkv"]))
+    assert len(sqnrs) == 3 and min(sqnrs) <= qkv.meta[qmeta.WQ].weight_sqnr_db <= max(sqnrs)  # (energy-weighted)
+    assert rel_err(run(gm, inputs), expect) < 1e-5
+    lowered = apply(gm, ctx, "lower")
+    assert rel_err(run(lowered, inputs), expect) < 1e-5 and not any(is_call(n, LINEAR) for n in lowered.graph.nodes)
+    gm2, inputs2 = traced_block(tiny_llama, seq=24, n_batches=2)
+    ctx2 = context(inputs2, W4G32.with_overrides([parse_override("q=float")]))
+    apply(gm2, ctx2, "rtn,fuse_linears{force=true}")
+    reasons = ctx2.report["fuse_linears"]["rejected"]
+    assert any("already quantized and other members are not" in r for r in reasons.values()), reasons
+
+
 # ------------------------------------------------------------------------------------------ act observers
 
 
@@ -372,10 +466,18 @@ def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tm
     for f in ("block-00000.safetensors", "block-00001.safetensors"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     # a different pipeline whose first statistics are the same reuses them, and only them
-    d3 = _q(tiny_llama, tmp_path / "c", calib_text, **{**kw, "algo": "awq"})
+    d3 = _q(tiny_llama, tmp_path / "c", calib_text, **{**kw, "passes": parse_pipeline("awq,fuse_linears,rtn{clip=awq}")})
     assert d3["run"]["stats_cache"]["hits"] == 2  # awq's, per block
     # (rtn{clip=awq} reads the Hessians awq published for the graph it left: nothing more to measure or cache)
     assert d3["run"]["stats_cache"]["misses"] == 0
+    # awq_rtn (--algo awq) caches each stage's statistics: a second run reads every one (its paused runs never
+    # start; finishing them computes the block's outputs from its inputs) and writes the same files
+    d4 = _q(tiny_llama, tmp_path / "d", calib_text, **{**kw, "algo": "awq"})
+    d5 = _q(tiny_llama, tmp_path / "e", calib_text, **{**kw, "algo": "awq"})
+    assert d4["pipeline"].startswith("awq_rtn") and d4["run"]["stats_cache"]["misses"] == 8  # 4 stages × 2 blocks
+    assert d5["run"]["stats_cache"] == {"hits": 8, "misses": 0}
+    for f in ("block-00000.safetensors", "block-00001.safetensors"):
+        assert (tmp_path / "d" / f).read_bytes() == (tmp_path / "e" / f).read_bytes()
 
 
 def test_statistics_cache_key_depends_on_weights_and_inputs(tiny_llama, tmp_path):

@@ -430,3 +430,31 @@ def test_gptq_sweep_quantizes_each_column_in_place_to_the_same_bits(symmetric):
     assert _quant_column_into(out, w, s, z, args) is out
     assert torch.equal(out, expect)
     assert torch.equal(_quant_column(w, s, z, args), expect)
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: a.describe())
+@pytest.mark.parametrize("clip", ["minmax", "awq"])
+def test_a_grid_with_a_scale_per_row_is_homogeneous_so_a_quantized_producer_can_take_awqs_scales(args, clip):
+    """What awq_rtn relies on: quantizing diag(s)⁻¹·W gives diag(s)⁻¹·Q(W), the same integer codes (and zero points)
+    with every row's scales divided by s_i, for min-max and the activation-aware clip (its per-row errors all scale
+    by 1/s_i²). Exact for powers of two; for any s > 0 up to float rounding, which may move an element lying within
+    an ulp of a rounding boundary (a handful of a 3840-element matrix at most)."""
+    from qcompiler.passes.weight.rtn import quantize_rows
+
+    w, x = weight(), correlated_inputs()
+    h = (x.T @ x / x.shape[0]).float()
+    g = torch.Generator().manual_seed(3)
+    scale, zero, w_hat, _ = quantize_rows(w, args, clip, h)
+    codes = quantize_weight(w_hat, scale, zero, args)
+    for s, exact in ((2.0 ** torch.randint(-3, 4, (w.shape[0],), generator=g).float(), True),
+                     (torch.rand(w.shape[0], generator=g) * 4 + 0.25, False)):
+        scale_s, zero_s, w_hat_s, _ = quantize_rows(w / s[:, None], args, clip, h)
+        codes_s = quantize_weight(w_hat_s, scale_s, zero_s, args)
+        if exact:
+            assert torch.equal(codes_s, codes) and torch.equal(scale_s, scale / s[:, None])
+            assert torch.equal(w_hat_s, w_hat / s[:, None]) and (zero is None or torch.equal(zero_s, zero))
+        else:
+            assert int((codes_s != codes).sum()) <= 4
+            assert torch.allclose(scale_s, scale / s[:, None], rtol=1e-6)
+            q = quantize_weight(w_hat / s[:, None], scale / s[:, None], zero, args)
+            assert torch.equal(q, codes)  # the divided ŵ is still exactly its codes on the divided grid

@@ -24,10 +24,10 @@ ct = pytest.importorskip("compressed_tensors", reason="the `export` extra (compr
 
 
 def _quantize(model: Path, out: Path, scheme: str, group: int | None = 32, symmetric: bool | None = None,
-              **opts: str) -> dict:
+              algo: str = "rtn", **opts: str) -> dict:
     s = get_scheme(scheme, group_size=group if scheme.startswith("w4") else None, symmetric=symmetric)
     return quantize(QuantizeConfig(model=model, scheme=s, out=out, target="cuda", calib_texts=[TEXT], num_samples=4,
-                                   seq_len=32, batch_size=2, progress=False, target_options=opts),
+                                   seq_len=32, batch_size=2, progress=False, target_options=opts, algo=algo),
                     log=lambda _: None)
 
 
@@ -234,10 +234,12 @@ def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_awq_and_gptq_exports_unpack_to_our_weights(tiny_llama, tmp_path, symmetric):
+@pytest.mark.parametrize(("symmetric", "algo"), [(True, "rtn"), (False, "rtn"), (False, "awq")])
+def test_awq_and_gptq_exports_unpack_to_our_weights(tiny_llama, tmp_path, symmetric, algo):
+    """(--algo awq: awq_rtn quantizes before fusion, the fused q/k/v and gate/up are written from the stacked grids)"""
     out = tmp_path / "q"
-    _quantize(tiny_llama, out, "w4a16", 32, symmetric, format="compressed-tensors,awq,gptq")
+    desc = _quantize(tiny_llama, out, "w4a16", 32, symmetric, algo, format="compressed-tensors,awq,gptq")
+    assert desc["pipeline"].startswith("awq_rtn,fuse_linears" if algo == "awq" else "fuse_linears,rtn")
     ours = _our_layers(out)
     awq, gptq = _files(out / "awq"), _files(out / "gptq")
     awq_cfg = json.loads((out / "awq" / "config.json").read_text())["quantization_config"]

@@ -16,7 +16,8 @@ The Hessian of every quantized linear's input is collected in the same run and p
 unchanged); the weight pass that follows (rtn{clip=awq}, gptq's first stage) reads them instead of running the
 calibration data through the block a second time.
 
-The weights stay float: a weight pass follows (`rtn{clip=awq}` for AWQ proper, or `gptq`).
+The weights stay float: a weight pass follows (`gptq` for --algo awq+gptq, or `rtn{clip=awq}`). --algo awq on dense
+weights runs passes/weight/awq_rtn.py instead: the same search and fold with RTN, stage by stage, in one paused run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import fx
 
 from qcompiler.algorithms.awq import awq_search_scales
 from qcompiler.calib.stats import StatRequest, Stats
-from qcompiler.ir.analysis import analyze_block, up_down_pairs
+from qcompiler.ir.analysis import BlockAnalysis, analyze_block, up_down_pairs
 from qcompiler.ir.graph import get_tensor
 from qcompiler.passes.fusion.fold_norm import (
     check_norm_group,
@@ -116,40 +117,56 @@ class AWQ(Pass):
         inputs = dict.fromkeys(node.args[0].name for node, _, _ in targets)  # type: ignore[union-attr]
         return requests + [StatRequest(x, "hessian") for x in inputs]
 
+    def search_and_scale(self, gm: fx.GraphModule, ctx: PassContext, analysis: BlockAnalysis, g: _Group,
+                         hessian: tuple[torch.Tensor, int], x_mean: torch.Tensor
+                         ) -> tuple[dict[str, float | None], torch.Tensor | None]:
+        """Search group g's scales on its input statistics (Σ xᵀx and tokens, mean |x|) and fold them into the graph
+        (consumers' input columns · s, the norm or producer's outputs / s). Returns the report entry and s (None:
+        nothing beat s = 1, the graph is unchanged)."""
+        infos = [analysis.linears[c] for c in g.consumers]
+        args = layer_weight_args(ctx, infos[0], self.bits, self.group_size, self.symmetric)
+        assert args is not None
+        h, tokens = hessian
+        weights = [get_tensor(gm, i.weight) for i in infos]
+        r = awq_search_scales(weights, x_mean, (h / tokens).float(), args, grid=self.grid)
+        entry = {
+            "alpha": r.alpha,
+            "output_error_vs_unscaled": round(r.loss / r.loss_unscaled, 4) if r.loss_unscaled > 0 else None,
+        }
+        if r.alpha is None:
+            return entry, None
+        s = r.scales
+        for i in infos:
+            scale_linear_inputs(gm, i.weight, s)
+        if g.kind == "norm":
+            ng = next(n for n in analysis.norm_groups if n.mul_node == g.producer)
+            scale_norm(gm, ng, s)
+        else:
+            prod = analysis.linears[g.producer]
+            scale_linear_outputs(gm, prod.weight, prod.bias, s)
+        return entry, s
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         analysis = analyze_block(gm)
         groups, skipped = self._groups(gm, ctx)
         applied: dict[str, dict[str, float | None]] = {}
         scaled_inputs: dict[str, torch.Tensor] = {}
         for g in groups:
-            infos = [analysis.linears[c] for c in g.consumers]
-            args = layer_weight_args(ctx, infos[0], self.bits, self.group_size, self.symmetric)
-            assert args is not None
-            h, tokens = stats[StatRequest(g.input_node, "hessian")]
-            x_mean = stats[StatRequest(g.input_node, "absmean_channel")]
-            weights = [get_tensor(gm, i.weight) for i in infos]
-            r = awq_search_scales(weights, x_mean, (h / tokens).float(), args, grid=self.grid)
-            applied[g.label] = {
-                "alpha": r.alpha,
-                "output_error_vs_unscaled": round(r.loss / r.loss_unscaled, 4) if r.loss_unscaled > 0 else None,
-            }
-            if r.alpha is None:
-                continue
-            s = r.scales
-            scaled_inputs[g.input_node] = s
-            for i in infos:
-                scale_linear_inputs(gm, i.weight, s)
-            if g.kind == "norm":
-                ng = next(n for n in analysis.norm_groups if n.mul_node == g.producer)
-                scale_norm(gm, ng, s)
-            else:
-                prod = analysis.linears[g.producer]
-                scale_linear_outputs(gm, prod.weight, prod.bias, s)
+            applied[g.label], s = self.search_and_scale(
+                gm, ctx, analysis, g, stats[StatRequest(g.input_node, "hessian")],
+                stats[StatRequest(g.input_node, "absmean_channel")])
+            if s is not None:
+                scaled_inputs[g.input_node] = s
         # every input Hessian measured, as the rewritten graph computes it: X·diag(s)⁻¹ for a scaled group's input
         known = {r.node: stats[r] for r in stats.values if r.kind == "hessian"}
         for node, s in scaled_inputs.items():
-            h, tokens = known[node]
-            known[node] = (h / (s.double()[:, None] * s.double()[None, :]), tokens)
+            known[node] = scaled_hessian(known[node], s)
         ctx.known_hessians = known
         return PassResult(gm, any(v["alpha"] is not None for v in applied.values()),
                           {"groups": applied, "skipped": skipped})
+
+
+def scaled_hessian(hessian: tuple[torch.Tensor, int], s: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Σ xᵀx, tokens) of X·diag(s)⁻¹ from X's: S⁻¹HS⁻¹."""
+    h, tokens = hessian
+    return h / (s.double()[:, None] * s.double()[None, :]), tokens

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import fx
@@ -34,9 +34,6 @@ from qcompiler.numerics import (
 )
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs, QuantScheme, with_grid
-
-if TYPE_CHECKING:
-    from qcompiler.passes.weight.gptq import GPTQ
 
 
 def layer_weight_args(
@@ -114,7 +111,7 @@ def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor |
     return scale, zero, w_hat, sqnr_from_sums(signal, noise)
 
 
-def grid_options(p: RTN | GPTQ) -> dict[str, object]:
+def grid_options(p: Pass) -> dict[str, object]:
     """A weight pass's grid options that are set (see Pass.weight_grid)."""
     return {k: getattr(p, k) for k in ("bits", "group_size", "symmetric") if getattr(p, k) is not None}
 

@@ -386,6 +386,7 @@ class StagedCollector:
         if not batches:
             raise CalibrationError("no calibration batches")
         self.gm = gm
+        self.batches = batches
         self.runs = [_Resumable(gm, args) for args in batches]
         self.routed_only = routed_only
 
@@ -403,6 +404,26 @@ class StagedCollector:
                 acc.batch_index = global_batch_index(j)
                 run.advance(set(by_node), on_value)
         return acc.finish()
+
+    def divide_value(self, node: str, divisor: torch.Tensor, moved: set[str]) -> bool:
+        """Divide the paused runs' value of `node` by `divisor` (along its last axis), after a pass rewrote the graph
+        so that `node` now computes value / divisor and every node in `moved` computes something else too (AWQ's
+        scales: a norm or producer divided, its consumers multiplied). Exact only if no run holds a value of `moved`
+        besides `node`: then nothing is changed and False is returned (call `restart`). A run not yet at `node`
+        computes it from the rewritten graph when it gets there."""
+        for run in self.runs:
+            if any(n.name in moved and n.name != node for n in run.env):
+                return False
+        for run in self.runs:
+            held = next((n for n in run.env if n.name == node), None)
+            if held is not None:
+                value = run.env[held]
+                run.env[held] = (value.float() / divisor.float()).to(value.dtype)
+        return True
+
+    def restart(self) -> None:
+        """Every run back to the start: it reads the graph as it is now."""
+        self.runs = [_Resumable(self.gm, args) for args in self.batches]
 
     def outputs(self) -> list[Any]:
         """Every batch's run finished: the graph's outputs for the graph as the pass left it (one per batch) —

@@ -315,8 +315,9 @@ class HFRun:
         # SpinQuant: a rotation learned for GPTQ is trained with float weights (GPTQ compensates weight rounding
         # itself); for round-to-nearest weights it is trained on the grid (and clipping) they will use
         gptq = any(q.name == "gptq" for q in self.plan.passes)
-        rtn = next((q for q in self.plan.passes if q.name == "rtn"), None)
-        clip = 10 if rtn is not None and getattr(rtn, "clip", "minmax") != "minmax" else 0
+        clipped = any(q.name == "awq_rtn" or (q.name == "rtn" and getattr(q, "clip", "minmax") != "minmax")
+                      for q in self.plan.passes)
+        clip = 10 if clipped else 0
         weights = None if gptq or not any(q.quantizes_weights for q in self.plan.passes) else cfg.scheme.weights
         qmodel = spinquant.QuantizedRotatedModel(model, prefix, layers, weights, cfg.scheme.activations,
                                                  online=rotate.online, clip_grid=clip)

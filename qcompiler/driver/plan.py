@@ -106,6 +106,10 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
         lambda t: t.rotates_static, lambda t: ("rotate", {})),
     Row("outliers", "static activations, or int8 weights under dynamic ones", lambda t: t.smooths,
         lambda t: ("smoothquant", {})),  # (α searched per input, o_proj / down_proj smoothed from their producers)
+    # (dense AWQ quantizes in its own stages: each group searched with the layers before it quantized, and the
+    # block's outputs from the same runs, one block forward fewer than awq + rtn; 2:4 weights are pruned first)
+    Row("scales", "--algo awq, dense weights: scales and round-to-nearest weights (activation-aware clip), stage by "
+        "stage", lambda t: t.algo == "awq" and t.quantizes_weights and not t.sparse, lambda t: ("awq_rtn", {})),
     Row("scales", "--algo awq or awq+gptq", lambda t: t.algo.startswith("awq"), lambda t: ("awq", {})),
     Row("fusion", "always (the target decides whether linears sharing an input fuse)", _always,
         lambda t: ("fuse_linears", {})),
@@ -120,9 +124,9 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     # (min-max: on the signed int4 grid the peak sits exactly on −8, and MSE-searched clipping, which shrinks it,
     # measured worse on held-out perplexity: demo g64 +29.1 % vs +20.7 %, per channel +134 % vs +94 %)
     Row("weights", "--algo rtn", lambda t: t.quantizes_weights and t.algo == "rtn", lambda t: ("rtn", {})),
-    Row("weights", "--algo awq (activation-aware clipping)", lambda t: t.quantizes_weights and t.algo == "awq",
-        lambda t: ("rtn", {"clip": "awq"})),
-    Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights, lambda t: ("gptq", {})),
+    Row("weights", "--algo awq with 2:4 sparsity (activation-aware clipping, after pruning)",
+        lambda t: t.quantizes_weights and t.algo == "awq" and t.sparse, lambda t: ("rtn", {"clip": "awq"})),
+    Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights and t.algo != "awq", lambda t: ("gptq", {})),
     Row("activations", "the scheme quantizes activations (rotated static grids: MSE-fitted, +8.2 % vs +9.4 % min-max)",
         lambda t: t.quantizes_acts, lambda t: ("act_quant", {"observer": "mse"} if t.rotates_static else {})),
     Row("kv cache", "the scheme quantizes the KV cache", lambda t: t.kv_cache, lambda t: ("kv_quant", {})),

@@ -44,7 +44,8 @@ class PassContext:
     calibrate_all_experts: bool = False
     # The block's outputs on `calib` (one per batch) for the graph as the last pass left it, when that pass ran the
     # whole graph anyway (GPTQ's staged runs); the driver propagates them instead of running the block again.
-    # The manager clears them before every pass, so only the last pass's outputs survive.
+    # The manager clears them before every pass that may change a value (all but Pass.keeps_values: fusion), so only
+    # the outputs of the last pass that computes values survive.
     block_outputs: list[torch.Tensor] | None = None
     # --propagate float: the float block's outputs on `calib`, kept from the first pass's statistics run (the graph
     # is still the float block then; that run goes on to the end when `keep_float_outputs` asks for it), so that the

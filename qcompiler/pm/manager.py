@@ -24,7 +24,8 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for i, p in enumerate(self.passes):
             t0 = time.perf_counter()
-            ctx.block_outputs = None  # (computed by an earlier pass: this one may change the graph)
+            if not p.keeps_values:
+                ctx.block_outputs = None  # (computed by an earlier pass: this one may change the graph)
             if (p.quantizes_weights and ctx.reference_outputs is None
                     and any(q.reads_reference_outputs for q in self.passes[i + 1:])):
                 ctx.reference_outputs = self._outputs(gm, ctx)
