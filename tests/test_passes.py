@@ -40,12 +40,16 @@ def test_fuse_linears_structure_numerics_and_refusals(tiny_llama):
     assert roles == ["down", "gate_up", "o", "qkv"]
     torch.testing.assert_close(run(gm, inputs), before, rtol=1e-5, atol=1e-5)
 
+    # members quantized on one grid fuse (their scales stacked: tests/test_algorithm_passes.py); members quantized on
+    # different grids are refused with the reason
+    from qcompiler.schemes import get_scheme, parse_override
+
     gm2, inputs2 = traced_block(tiny_llama)
-    ctx2 = context(inputs2)
+    ctx2 = context(inputs2, get_scheme("w4a16", group_size=32).with_overrides([parse_override("q=w8a16")]))
     gm2 = apply(gm2, ctx2, "rtn,fuse_linears{force=true}")
     rejected = ctx2.report["fuse_linears"]["rejected"]
-    assert len(linear_nodes(gm2)) == 7 and len(rejected) == 2
-    assert all("already quantized" in r for r in rejected.values())
+    assert len(linear_nodes(gm2)) == 6 and ctx2.report["fuse_linears"]["fused"] == ["mlp.gate_up_proj"]
+    assert len(rejected) == 1 and all("quantized on different grids" in r for r in rejected.values()), rejected
 
 
 def test_fuse_linears_skipped_when_the_target_does_not_fuse(tiny_llama):
