@@ -25,7 +25,19 @@ from pathlib import Path
 
 # the CLI in-process, so that the process's own peak RSS is read at its exit (RUSAGE_CHILDREN keeps only the largest
 # child so far)
-_WRAPPER = ("import resource, runpy, sys\n"
+# qcompiler.passes and qcompiler.kernels are the tree's top-level passes/ and kernels/ (pyproject's package-dir): an
+# editable install maps them to the installed checkout whatever PYTHONPATH says, so the wrapper loads them from the tree
+_WRAPPER = ("import importlib.util, os, resource, runpy, sys\n"
+            "import qcompiler\n"
+            "for name in ('kernels', 'passes'):\n"
+            "    path = os.path.join(os.getcwd(), name)\n"
+            "    spec = importlib.util.spec_from_file_location('qcompiler.' + name, os.path.join(path, '__init__.py'),\n"
+            "                                                  submodule_search_locations=[path])\n"
+            "    module = importlib.util.module_from_spec(spec)\n"
+            "    sys.modules['qcompiler.' + name] = module\n"
+            "    setattr(qcompiler, name, module)\n"
+            "    spec.loader.exec_module(module)\n"
+            "print('passes_from=' + sys.modules['qcompiler.passes'].__file__, file=sys.stderr)\n"
             "sys.argv = ['qcompile', *sys.argv[1:]]\n"
             "try:\n"
             "    runpy.run_module('qcompiler.cli', run_name='__main__')\n"
@@ -43,6 +55,9 @@ def _quant(tree: Path, args: list[str], out: Path) -> dict:
     run = json.loads((out / "run.json").read_text())
     pipeline = re.search(r"pipeline: (\S+)", done.stdout + done.stderr)
     rss = re.search(r"peak_rss_kb=(\d+)", done.stderr)
+    passes_from = re.search(r"passes_from=(\S+)", done.stderr)
+    if passes_from is None or not Path(passes_from.group(1)).resolve().is_relative_to(tree):
+        sys.exit(f"{tree}: the run did not load this tree's passes ({passes_from and passes_from.group(1)})")
     return {"tree": str(tree), "pipeline": pipeline.group(1) if pipeline else None,
             "quantize_s": run["quantize_seconds"], "phases": run["phase_seconds"],
             "peak_rss_mb": round(int(rss.group(1)) / 1024) if rss else None}
@@ -56,7 +71,7 @@ def _same_files(a: Path, b: Path) -> bool:
 
 def _eval(tree: Path, out: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree), "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, "-m", "qcompiler.cli", "eval", str(out)], cwd=tree, env=env,
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, "eval", str(out)], cwd=tree, env=env,
                           capture_output=True, text=True)
     line = re.search(r"perplexity [+-][^\n]*", done.stdout)
     return line.group(0) if line else done.stderr.strip()[-300:]

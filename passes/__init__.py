@@ -14,6 +14,7 @@ from qcompiler.passes.smoothing.smoothquant import SmoothQuant
 from qcompiler.passes.sparsity.prune_magnitude import PruneMagnitude
 from qcompiler.passes.sparsity.prune_wanda import PruneWanda
 from qcompiler.passes.sparsity.sparsegpt import SparseGPT
+from qcompiler.passes.weight.awq_gptq import AWQGPTQ
 from qcompiler.passes.weight.awq_rtn import AWQRTN
 from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.quantize_head import QuantizeHead
@@ -35,6 +36,6 @@ def get_pass_class(name: str) -> type[Pass]:
 
 
 __all__ = [
-    "AWQ", "AWQRTN", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
+    "AWQ", "AWQGPTQ", "AWQRTN", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
     "QuantizeHead", "RTN", "TuneGrids", "get_pass_class", "registered_passes",
 ]

@@ -229,7 +229,7 @@ def _cmd_quant(a: argparse.Namespace) -> int:
         algo = "gptq" if scheme.weight_bits == 4 and passes is None and not onnx_input else "rtn"
         if algo == "gptq":
             print("weights: GPTQ, the default for 4-bit weights (--algo rtn is several times faster and "
-                  "worse; --algo awq+gptq is slower and a little better)")
+                  "worse; --algo awq+gptq adds AWQ's scales: slower, within half a point of it on the demo)")
     acts = scheme.activations
     if passes is None and acts is not None and acts.bits == 4 and not onnx_input:
         # (demo: QuaRot + GPTQ +88 %; FlatQuant + GPTQ on quantized inputs + tune_grids +33.6 % at ≈4.6× the time:

@@ -319,6 +319,39 @@ def test_awq_rtn_quantizes_stage_by_stage_and_hands_the_driver_its_outputs(tiny_
     assert names("w8a8s")[1:5] == ["awq", "fuse_linears", "prune_wanda", "rtn"]
 
 
+def test_awq_gptq_runs_awqs_stages_with_gptqs_weights(tiny_llama):
+    """awq_gptq (--algo awq+gptq on dense weight-only schemes): awq_rtn's stages with GPTQ's weights. The first group is
+    searched on the float block exactly as awq's; the block error is GPTQ's class (under 0.75× RTN's, as
+    awq,gptq), every weight lies on its stored grid, and the finished runs are the block's outputs. Dynamic int8
+    activations keep awq, ..., act_quant, gptq (act_quant goes before GPTQ; refusal reason: the plan's condition)."""
+    from qcompiler.driver.plan import default_pipeline
+    from qcompiler.numerics import dequantize_weight, quantize_weight
+    from qcompiler.targets import get_target
+
+    err_rtn, _, _ = block_error(tiny_llama, "rtn")
+    err, gm, ctx = block_error(tiny_llama, "awq_gptq")
+    _, _, ctx_awq = block_error(tiny_llama, "awq,gptq")
+    assert err < 0.75 * err_rtn
+    first = "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"
+    assert ctx.report["awq_gptq"]["groups"][first] == ctx_awq.report["awq"]["groups"][first]
+    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    assert len(linears) == 7 and all(qmeta.WQ in n.meta for n in linears)
+    for n in linears:
+        wq, w_hat = n.meta[qmeta.WQ], get_tensor(gm, str(n.args[1].target))
+        on_grid = dequantize_weight(quantize_weight(w_hat, wq.scale, wq.zero, wq.args), wq.scale, wq.zero, wq.group_size)
+        assert rel_err(on_grid, w_hat) < 1e-6, n.name
+    _, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    with torch.no_grad():
+        for y, args in zip(ctx.block_outputs, inputs, strict=True):
+            assert rel_err(y, gm(*args)) < 1e-5
+
+    def names(scheme: str) -> list[str]:
+        return [p.name for p in default_pipeline(get_scheme(scheme), get_target("reference"), "awq+gptq")]
+
+    assert names("w4a16") == ["awq_gptq", "fuse_linears", "lower"]
+    assert names("w4a8") == ["awq", "fuse_linears", "act_quant", "gptq", "lower"]
+
+
 def test_awq_rtn_restarts_its_runs_when_a_held_value_moved(tiny_llama):
     """StagedCollector.divide_value divides a paused value only when no run holds another value the rewrite moved
     (else it changes nothing and says so: the pass restarts the runs on the rewritten graph)."""
@@ -458,7 +491,7 @@ def test_override_and_recipe_errors(tmp_path):
 
 @pytest.mark.slow
 def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tmp_path, calib_text):
-    kw = {"algo": "awq+gptq", "stats_cache": tmp_path / "cache", "propagate": "float"}
+    kw = {"passes": parse_pipeline("awq,fuse_linears,gptq"), "stats_cache": tmp_path / "cache", "propagate": "float"}
     d1 = _q(tiny_llama, tmp_path / "a", calib_text, **kw)
     d2 = _q(tiny_llama, tmp_path / "b", calib_text, **kw)
     assert d1["run"]["stats_cache"]["misses"] > 0 and d1["run"]["stats_cache"]["hits"] == 0
@@ -472,8 +505,8 @@ def test_statistics_cache_skips_recalibration_and_changes_nothing(tiny_llama, tm
     assert d3["run"]["stats_cache"]["misses"] == 0
     # awq_rtn (--algo awq) caches each stage's statistics: a second run reads every one (its paused runs never
     # start; finishing them computes the block's outputs from its inputs) and writes the same files
-    d4 = _q(tiny_llama, tmp_path / "d", calib_text, **{**kw, "algo": "awq"})
-    d5 = _q(tiny_llama, tmp_path / "e", calib_text, **{**kw, "algo": "awq"})
+    d4 = _q(tiny_llama, tmp_path / "d", calib_text, **{**kw, "passes": None, "algo": "awq"})
+    d5 = _q(tiny_llama, tmp_path / "e", calib_text, **{**kw, "passes": None, "algo": "awq"})
     assert d4["pipeline"].startswith("awq_rtn") and d4["run"]["stats_cache"]["misses"] == 8  # 4 stages × 2 blocks
     assert d5["run"]["stats_cache"] == {"hits": 8, "misses": 0}
     for f in ("block-00000.safetensors", "block-00001.safetensors"):
@@ -688,7 +721,7 @@ def test_cli_algo_override_and_errors(tiny_llama, tmp_path, calib_text, capsys):
     assert main(base + ["--scheme", "w4a16", "--group-size", "32", "--algo", "awq+gptq", "--override",
                         "down=w8a16", "--out", str(tmp_path / "o")]) == 0
     d = json.loads((tmp_path / "o" / "qcompiler.json").read_text())
-    assert d["pipeline"] == "awq,fuse_linears,gptq,lower"
+    assert d["pipeline"] == "awq_gptq,fuse_linears,lower"  # (AWQ and GPTQ in one staged run)
     assert d["layers"]["model.layers.0.mlp.down_proj"]["weights"]["bits"] == 8
     assert main(base + ["--scheme", "w4a16", "--override", "down", "--out", str(tmp_path / "p")]) == 2
     assert main(base + ["--scheme", "w4a16", "--fallback", "auto", "--max-ppl-increase", "lots",

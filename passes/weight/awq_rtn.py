@@ -68,6 +68,11 @@ class AWQRTN(AWQ):
     def stat_requests(self, gm: fx.GraphModule, ctx: PassContext) -> list[StatRequest]:
         return []  # (measured stage by stage in run)
 
+    def quantize_layer(self, gm: fx.GraphModule, node: fx.Node, weight: str, args: QuantArgs,
+                       hessian: tuple[torch.Tensor, int]) -> None:
+        """Quantize one linear of a stage on its input's (Σ xᵀx, tokens), as the rewritten graph computes it."""
+        self._quantize(gm, node, weight, args, "awq", hessian)
+
     def _quantize(self, gm: fx.GraphModule, node: fx.Node, weight: str, args: QuantArgs, clip: str,
                   hessian: tuple[torch.Tensor, int] | None) -> None:
         w_orig = get_tensor(gm, weight)
@@ -121,16 +126,16 @@ class AWQRTN(AWQ):
                         restarts += 1
                 if g.producer in waiting:
                     node, weight, args, h_prod = waiting.pop(g.producer)
-                    self._quantize(gm, node, weight, args, "awq", h_prod)
+                    self.quantize_layer(gm, node, weight, args, h_prod)
             for node, weight, args in by_input.get(x, []):
                 if node.name in producer_of and args.granularity == "tensor":
                     waiting[node.name] = (node, weight, args, hessian)
                 else:
                     if node.name in producer_of:  # (its SQNR is measured again once its rows are divided)
                         producer_float[node.name] = get_tensor(gm, weight).float().clone()
-                    self._quantize(gm, node, weight, args, "awq", hessian)
+                    self.quantize_layer(gm, node, weight, args, hessian)
         for node, weight, args, h_prod in waiting.values():  # (a group that was skipped)
-            self._quantize(gm, node, weight, args, "awq", h_prod)
+            self.quantize_layer(gm, node, weight, args, h_prod)
         # the runs are paused at the last linear input: finished, they are the quantized block's outputs
         t0 = time.perf_counter()
         with ctx.forwards():

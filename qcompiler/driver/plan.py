@@ -83,6 +83,13 @@ class Traits:
         )
 
 
+def staged_awq(t: Traits) -> bool:
+    """AWQ quantizes the weights in its own stages (awq_rtn / awq_gptq): dense weights, and for GPTQ no int8 per-token
+    activations (act_quant goes before GPTQ there, which AWQ's groups on the unfused graph do not see through)."""
+    return (t.algo.startswith("awq") and t.quantizes_weights and not t.sparse
+            and not (t.algo == "awq+gptq" and t.dynamic_int8_acts))
+
+
 @dataclass(frozen=True)
 class Row:
     step: str
@@ -106,10 +113,13 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
         lambda t: t.rotates_static, lambda t: ("rotate", {})),
     Row("outliers", "static activations, or int8 weights under dynamic ones", lambda t: t.smooths,
         lambda t: ("smoothquant", {})),  # (α searched per input, o_proj / down_proj smoothed from their producers)
-    # (dense AWQ quantizes in its own stages: each group searched with the layers before it quantized, and the
-    # block's outputs from the same runs, one block forward fewer than awq + rtn; 2:4 weights are pruned first)
+    # (AWQ on dense weights quantizes in its own stages: each group searched with the layers before it quantized, and
+    # the block's outputs from the same runs, one block forward fewer; 2:4 weights are pruned first, and int8 per-token
+    # activations go before GPTQ, so those keep awq, ..., gptq)
     Row("scales", "--algo awq, dense weights: scales and round-to-nearest weights (activation-aware clip), stage by "
-        "stage", lambda t: t.algo == "awq" and t.quantizes_weights and not t.sparse, lambda t: ("awq_rtn", {})),
+        "stage", lambda t: t.algo == "awq" and staged_awq(t), lambda t: ("awq_rtn", {})),
+    Row("scales", "--algo awq+gptq, dense weights without int8 per-token activations: scales and GPTQ weights, stage "
+        "by stage", lambda t: t.algo == "awq+gptq" and staged_awq(t), lambda t: ("awq_gptq", {})),
     Row("scales", "--algo awq or awq+gptq", lambda t: t.algo.startswith("awq"), lambda t: ("awq", {})),
     Row("fusion", "always (the target decides whether linears sharing an input fuse)", _always,
         lambda t: ("fuse_linears", {})),
@@ -126,7 +136,8 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("weights", "--algo rtn", lambda t: t.quantizes_weights and t.algo == "rtn", lambda t: ("rtn", {})),
     Row("weights", "--algo awq with 2:4 sparsity (activation-aware clipping, after pruning)",
         lambda t: t.quantizes_weights and t.algo == "awq" and t.sparse, lambda t: ("rtn", {"clip": "awq"})),
-    Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights and t.algo != "awq", lambda t: ("gptq", {})),
+    Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights and t.algo != "awq" and not staged_awq(t),
+        lambda t: ("gptq", {})),
     Row("activations", "the scheme quantizes activations (rotated static grids: MSE-fitted, +8.2 % vs +9.4 % min-max)",
         lambda t: t.quantizes_acts, lambda t: ("act_quant", {"observer": "mse"} if t.rotates_static else {})),
     Row("kv cache", "the scheme quantizes the KV cache", lambda t: t.kv_cache, lambda t: ("kv_quant", {})),
