@@ -87,16 +87,19 @@ def test_moe_quantized_model_matches_fake_quantized_float_model(moe_models, fami
 
 
 @pytest.mark.slow
-def test_every_expert_reports_its_tokens_and_an_unrouted_expert_falls_back_to_all_tokens(tmp_path, calib_text):
+@pytest.mark.parametrize("algo", ["gptq", "awq+gptq"])
+def test_every_expert_reports_its_tokens_and_an_unrouted_expert_falls_back_to_all_tokens(tmp_path, calib_text, algo):
     """DeepSeek-V3 with expert 3's router bias at -1e4: no token is routed to it. GPTQ's Hessian for its
-    linears is then taken over all tokens (reported), never left empty."""
+    linears is then taken over all tokens (reported), never left empty — also inside awq_gptq's paused runs (AWQ's
+    statistics of the expert's down input included)."""
     model = make_tiny_model(tmp_path / "ds3", "deepseek_v3")
     f = next(model.glob("*.safetensors"))
     tensors = load_file(str(f))
     tensors["model.layers.1.mlp.gate.e_score_correction_bias"][3] = -1e4
     save_file(tensors, str(f), metadata={"format": "pt"})
 
-    desc = _quantize(model, tmp_path / "q", get_scheme("w4a16", group_size=32), calib_text, algo="gptq")
+    desc = _quantize(model, tmp_path / "q", get_scheme("w4a16", group_size=32), calib_text, algo=algo)
+    assert desc["pipeline"].startswith("awq_gptq" if algo == "awq+gptq" else "fuse_linears,gptq")
     report = desc["block_report"]["model.layers.1"]
     tokens = report["expert_tokens"]
     assert set(tokens) == {f"mlp.experts.{e}" for e in range(4)}
