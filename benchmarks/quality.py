@@ -56,6 +56,8 @@ CONFIGS: dict[str, dict] = {
     "w4a16 g64 awq, cli gemms": {"scheme": "w4a16", "group_size": 64, "algo": "awq", "cli_gemms": True},
     "w4a16 g64 awq, cli gemms, bf16 forwards": {"scheme": "w4a16", "group_size": 64, "algo": "awq", "cli_gemms": True,
                                                 "calib_precision": "bfloat16"},
+    "w4a16 g64 awq+gptq, cli gemms, bf16 forwards": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq",
+                                                     "cli_gemms": True, "calib_precision": "bfloat16"},
     "w8a8_dynamic + smoothquant + gptq, cli gemms": {"scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True},
     "w8a8_dynamic + smoothquant + gptq, cli gemms, bf16 forwards": {
         "scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True, "calib_precision": "bfloat16"},
