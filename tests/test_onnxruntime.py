@@ -109,7 +109,7 @@ def tiny32(tmp_path_factory) -> dict[str, Path]:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _quantize(model: Path, out: Path, scheme: str, **opts: str) -> dict:

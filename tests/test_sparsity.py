@@ -196,7 +196,8 @@ def test_onnx_export_of_a_2_4_model_computes_the_reference(tmp_path_factory, cal
     _quantize(model, out, get_scheme("w16a16s"), calib_text, target="onnxruntime",
               target_options={"lm_head_bits": "float", "accuracy_level": "0"})
     proto = onnx.load(str(out / "model.onnx"))
-    weights = [numpy_helper.to_array(t) for t in proto.graph.initializer if "down_proj" in t.name]
+    # (copies: numpy_helper's arrays can be read-only views of the protobuf's bytes, which torch warns about)
+    weights = [np.array(numpy_helper.to_array(t)) for t in proto.graph.initializer if "down_proj" in t.name]
     assert weights and all(is_2_4(torch.from_numpy(np.ascontiguousarray(w)).reshape(-1, w.shape[-1]).t())
                            or is_2_4(torch.from_numpy(np.ascontiguousarray(w)).reshape(w.shape[0], -1))
                            for w in weights)
