@@ -45,4 +45,4 @@ def run(gm, inputs) -> torch.Tensor:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())

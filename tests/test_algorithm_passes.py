@@ -276,6 +276,18 @@ def test_awq_skips_float_and_quantized_layers(tiny_llama):
     assert not ctx2.report["awq"]["groups"]
 
 
+def assert_every_linear_on_its_stored_grid(gm, count: int) -> None:
+    """`count` linears, each quantized, whose ŵ is exactly its codes on its stored grid (what the exports write)."""
+    from qcompiler.numerics import dequantize_weight, quantize_weight
+
+    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
+    assert len(linears) == count and all(qmeta.WQ in n.meta for n in linears)
+    for n in linears:
+        wq, w_hat = n.meta[qmeta.WQ], get_tensor(gm, str(n.args[1].target))
+        on_grid = dequantize_weight(quantize_weight(w_hat, wq.scale, wq.zero, wq.args), wq.scale, wq.zero, wq.group_size)
+        assert rel_err(on_grid, w_hat) < 1e-6, n.name
+
+
 def test_awq_rtn_quantizes_stage_by_stage_and_hands_the_driver_its_outputs(tiny_llama):
     """awq_rtn (the default --algo awq on dense weights): every linear quantized; the first group searched on the float
     block exactly as awq's (its stage sees no quantized layer yet), the later ones on the block with the earlier
@@ -283,8 +295,6 @@ def test_awq_rtn_quantizes_stage_by_stage_and_hands_the_driver_its_outputs(tiny_
     the driver would run the block again for: equal up to float32 rounding of that division); the producer of a later
     group (up, quantized before its scales were known) still lies exactly on its stored grid, and the block beats
     plain RTN."""
-    from qcompiler.numerics import dequantize_weight, quantize_weight
-
     err_rtn, _, _ = block_error(tiny_llama, "rtn")
     err, gm, ctx = block_error(tiny_llama, "awq_rtn")
     _, _, ctx_awq = block_error(tiny_llama, "awq,rtn{clip=awq}")
@@ -295,12 +305,7 @@ def test_awq_rtn_quantizes_stage_by_stage_and_hands_the_driver_its_outputs(tiny_
     assert rep["groups"][first] == rep_awq["groups"][first]
     assert rep["groups"]["mlp.up_proj->mlp.down_proj"]["alpha"] is not None  # (up's rows were divided after RTN)
     assert rep["quantized"] == 7 and rep["restarts"] == 0
-    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
-    assert len(linears) == 7 and all(qmeta.WQ in n.meta for n in linears)
-    for n in linears:
-        wq, w_hat = n.meta[qmeta.WQ], get_tensor(gm, str(n.args[1].target))
-        on_grid = dequantize_weight(quantize_weight(w_hat, wq.scale, wq.zero, wq.args), wq.scale, wq.zero, wq.group_size)
-        assert rel_err(on_grid, w_hat) < 1e-6, n.name
+    assert_every_linear_on_its_stored_grid(gm, count=7)
     _, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
     assert ctx.block_outputs is not None and len(ctx.block_outputs) == len(inputs)
     with torch.no_grad():
@@ -325,7 +330,6 @@ def test_awq_gptq_runs_awqs_stages_with_gptqs_weights(tiny_llama):
     awq,gptq), every weight lies on its stored grid, and the finished runs are the block's outputs. Dynamic int8
     activations keep awq, ..., act_quant, gptq (act_quant goes before GPTQ; refusal reason: the plan's condition)."""
     from qcompiler.driver.plan import default_pipeline
-    from qcompiler.numerics import dequantize_weight, quantize_weight
     from qcompiler.targets import get_target
 
     err_rtn, _, _ = block_error(tiny_llama, "rtn")
@@ -334,12 +338,7 @@ def test_awq_gptq_runs_awqs_stages_with_gptqs_weights(tiny_llama):
     assert err < 0.75 * err_rtn
     first = "self_attn.q_proj,self_attn.k_proj,self_attn.v_proj"
     assert ctx.report["awq_gptq"]["groups"][first] == ctx_awq.report["awq"]["groups"][first]
-    linears = [n for n in gm.graph.nodes if is_call(n, LINEAR)]
-    assert len(linears) == 7 and all(qmeta.WQ in n.meta for n in linears)
-    for n in linears:
-        wq, w_hat = n.meta[qmeta.WQ], get_tensor(gm, str(n.args[1].target))
-        on_grid = dequantize_weight(quantize_weight(w_hat, wq.scale, wq.zero, wq.args), wq.scale, wq.zero, wq.group_size)
-        assert rel_err(on_grid, w_hat) < 1e-6, n.name
+    assert_every_linear_on_its_stored_grid(gm, count=7)
     _, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
     with torch.no_grad():
         for y, args in zip(ctx.block_outputs, inputs, strict=True):
