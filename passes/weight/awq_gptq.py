@@ -23,10 +23,9 @@ import torch
 from torch import fx
 
 from qcompiler.algorithms.gptq import gptq_quantize
-from qcompiler.ir import qmeta
-from qcompiler.ir.graph import get_tensor, set_tensor
-from qcompiler.numerics import sqnr_db
+from qcompiler.ir.graph import get_tensor
 from qcompiler.passes.weight.awq_rtn import AWQRTN
+from qcompiler.passes.weight.gptq import check_gptq_options, store_result
 from qcompiler.schemes import QuantArgs
 
 
@@ -40,10 +39,7 @@ class AWQGPTQ(AWQRTN):
     block_size: int = 128
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.damp < 1.0:
-            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        check_gptq_options(self.damp, self.block_size)
 
     def quantize_layer(self, gm: fx.GraphModule, node: fx.Node, weight: str, args: QuantArgs,
                        hessian: tuple[torch.Tensor, int]) -> None:
@@ -54,6 +50,4 @@ class AWQGPTQ(AWQRTN):
         h, tokens = hessian
         r = gptq_quantize(w, h, args, tokens=tokens, block_size=self.block_size, damp=self.damp,
                           act_order=self.act_order, clip=self.clip)
-        set_tensor(gm, weight, r.w_hat.to(w.dtype))
-        node.meta[qmeta.WQ] = qmeta.WeightQuant(args=args, scale=r.scale, zero=r.zero, group_size=r.group_size,
-                                                weight_sqnr_db=sqnr_db(w, r.w_hat))
+        store_result(gm, node, weight, w, args, r)

@@ -37,10 +37,11 @@ from torch import fx
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import analyze_block
-from qcompiler.ir.graph import get_tensor, set_tensor
-from qcompiler.numerics import group_size_of, sqnr_db
+from qcompiler.ir.graph import get_tensor
+from qcompiler.numerics import sqnr_db
 from qcompiler.passes.smoothing.awq import AWQ, scaled_hessian
-from qcompiler.passes.weight.rtn import grid_options, quantize_rows, weight_args, weight_targets
+from qcompiler.passes.weight.rtn import grid_options, weight_args, weight_targets
+from qcompiler.passes.weight.rtn import quantize_layer as rtn_quantize_layer
 from qcompiler.pm.base import PassContext, PassResult
 from qcompiler.schemes import QuantArgs
 
@@ -71,17 +72,7 @@ class AWQRTN(AWQ):
     def quantize_layer(self, gm: fx.GraphModule, node: fx.Node, weight: str, args: QuantArgs,
                        hessian: tuple[torch.Tensor, int]) -> None:
         """Quantize one linear of a stage on its input's (Σ xᵀx, tokens), as the rewritten graph computes it."""
-        self._quantize(gm, node, weight, args, "awq", hessian)
-
-    def _quantize(self, gm: fx.GraphModule, node: fx.Node, weight: str, args: QuantArgs, clip: str,
-                  hessian: tuple[torch.Tensor, int] | None) -> None:
-        w_orig = get_tensor(gm, weight)
-        w = w_orig.reshape(w_orig.shape[0], -1)  # (a conv kernel as [O, I/groups · kh · kw])
-        h = None if hessian is None else (hessian[0] / hessian[1]).float()
-        scale, zero, w_hat, sqnr = quantize_rows(w, args, clip, h)
-        set_tensor(gm, weight, w_hat.reshape(w_orig.shape))
-        node.meta[qmeta.WQ] = qmeta.WeightQuant(args=args, scale=scale, zero=zero,
-                                                group_size=group_size_of(args, w.shape[1]), weight_sqnr_db=sqnr)
+        rtn_quantize_layer(gm, node, weight, args, "awq", hessian)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         analysis = analyze_block(gm)
@@ -93,13 +84,13 @@ class AWQRTN(AWQ):
         # convolutions (MSE clip, no statistics, as rtn quantizes them) first: every stage then sees them quantized
         for node, info, args in targets:
             if info.kind == "conv":
-                self._quantize(gm, node, info.weight, args, "mse", None)
+                rtn_quantize_layer(gm, node, info.weight, args, "mse", None)
         by_input: dict[str, list[tuple[fx.Node, str, QuantArgs]]] = {}
         for node, info, args in targets:
             if info.kind != "conv":
                 by_input.setdefault(node.args[0].name, []).append((node, info.weight, args))  # type: ignore[union-attr]
         # producers (v, up) with one scale per tensor wait for their group's scales (not homogeneous row by row)
-        producer_of = {g.producer: g.input_node for g in groups if g.kind != "norm"}
+        producers = {g.producer for g in groups if g.kind != "norm"}
         waiting: dict[str, tuple[fx.Node, str, QuantArgs, tuple[torch.Tensor, int]]] = {}
         producer_float: dict[str, torch.Tensor] = {}
 
@@ -128,10 +119,10 @@ class AWQRTN(AWQ):
                     node, weight, args, h_prod = waiting.pop(g.producer)
                     self.quantize_layer(gm, node, weight, args, h_prod)
             for node, weight, args in by_input.get(x, []):
-                if node.name in producer_of and args.granularity == "tensor":
+                if node.name in producers and args.granularity == "tensor":
                     waiting[node.name] = (node, weight, args, hessian)
                 else:
-                    if node.name in producer_of:  # (its SQNR is measured again once its rows are divided)
+                    if node.name in producers:  # (its SQNR is measured again once its rows are divided)
                         producer_float[node.name] = get_tensor(gm, weight).float().clone()
                     self.quantize_layer(gm, node, weight, args, hessian)
         for node, weight, args, h_prod in waiting.values():  # (a group that was skipped)

@@ -38,9 +38,10 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import fx
 
-from qcompiler.algorithms.gptq import fit_to_quantized_input, gptq_quantize
+from qcompiler.algorithms.gptq import GPTQResult, fit_to_quantized_input, gptq_quantize
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
@@ -61,6 +62,22 @@ def layer_input(node: fx.Node) -> fx.Node:
     if qmeta.ACT_FQ in x.meta and isinstance(x.args[0], fx.Node):
         return x.args[0]
     return x
+
+
+def check_gptq_options(damp: float, block_size: int) -> None:
+    if not 0.0 <= damp < 1.0:
+        raise ValueError(f"damp must be in [0, 1), got {damp}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+
+def store_result(gm: fx.GraphModule, node: fx.Node, weight: str, w: torch.Tensor, args: QuantArgs,
+                 r: GPTQResult) -> None:
+    """GPTQ's ŵ into the graph in place of `w` (the layer's float weight) and its grid into node.meta[WQ]."""
+    set_tensor(gm, weight, r.w_hat.to(w.dtype))
+    node.meta[qmeta.WQ] = qmeta.WeightQuant(
+        args=args, scale=r.scale, zero=r.zero, group_size=r.group_size, weight_sqnr_db=sqnr_db(w, r.w_hat),
+    )
 
 
 @dataclass(frozen=True)
@@ -85,10 +102,7 @@ class GPTQ(Pass):
         return grid_options(self)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.damp < 1.0:
-            raise ValueError(f"damp must be in [0, 1), got {self.damp}")
-        if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        check_gptq_options(self.damp, self.block_size)
 
     def _stages(self, gm: fx.GraphModule, ctx: PassContext) -> list[list[tuple[fx.Node, LinearInfo, QuantArgs]]]:
         """Linears to quantize, grouped by input node, in graph order of that input."""
@@ -138,11 +152,7 @@ class GPTQ(Pass):
                     act_order=self.act_order, static_groups=self.static_groups, clip=self.clip,
                     mask=(w != 0) if qmeta.SPARSE in node.meta else None,  # a pruned layer stays 2:4 sparse
                 )
-                set_tensor(gm, info.weight, r.w_hat.to(w.dtype))
-                node.meta[qmeta.WQ] = qmeta.WeightQuant(
-                    args=args, scale=r.scale, zero=r.zero, group_size=r.group_size,
-                    weight_sqnr_db=sqnr_db(w, r.w_hat),
-                )
+                store_result(gm, node, info.weight, w, args, r)
                 layers[info.path] = {
                     "output_error_vs_rtn": round(r.proxy_loss / max(r.rtn_proxy_loss, 1e-30), 4),
                     "damp": r.damp_used,

@@ -111,6 +111,20 @@ def quantize_rows(w: torch.Tensor, args: QuantArgs, clip: str, h: torch.Tensor |
     return scale, zero, w_hat, sqnr_from_sums(signal, noise)
 
 
+def quantize_layer(gm: fx.GraphModule, node: fx.Node, weight: str, args: QuantArgs, clip: str,
+                   hessian: tuple[torch.Tensor, int] | None) -> None:
+    """RTN of one layer in the graph: ŵ replaces its weight and node.meta[WQ] records the grid. `hessian` (Σ xᵀx and
+    the token count of its input) is read by the activation-aware clip."""
+    w_orig = get_tensor(gm, weight)
+    w = w_orig.reshape(w_orig.shape[0], -1)  # a conv kernel as [O, I/groups · kh · kw]
+    h = None if hessian is None else (hessian[0] / hessian[1]).float()
+    scale, zero, w_hat, sqnr = quantize_rows(w, args, clip, h)
+    set_tensor(gm, weight, w_hat.reshape(w_orig.shape))
+    node.meta[qmeta.WQ] = qmeta.WeightQuant(
+        args=args, scale=scale, zero=zero, group_size=group_size_of(args, w.shape[1]), weight_sqnr_db=sqnr
+    )
+
+
 def grid_options(p: Pass) -> dict[str, object]:
     """A weight pass's grid options that are set (see Pass.weight_grid)."""
     return {k: getattr(p, k) for k in ("bits", "group_size", "symmetric") if getattr(p, k) is not None}
@@ -148,19 +162,10 @@ class RTN(Pass):
         targets, skipped = weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric, ("linear", "conv"))
         done = []
         for node, info, args in targets:
-            w_orig = get_tensor(gm, info.weight)
-            w = w_orig.reshape(w_orig.shape[0], -1)  # a conv kernel as [O, I/groups · kh · kw]
             # (the activation-aware clip needs the linear's input Hessian: convolutions use MSE clipping)
             clip = "mse" if info.kind == "conv" and self.clip == "awq" else self.clip
-            h = None
-            if clip == "awq":
-                h2, tokens = stats[StatRequest(node.args[0].name, "hessian")]  # type: ignore[union-attr]
-                h = (h2 / tokens).float()
-            scale, zero, w_hat, sqnr = quantize_rows(w, args, clip, h)
-            set_tensor(gm, info.weight, w_hat.reshape(w_orig.shape))
-            node.meta[qmeta.WQ] = qmeta.WeightQuant(
-                args=args, scale=scale, zero=zero, group_size=group_size_of(args, w.shape[1]), weight_sqnr_db=sqnr
-            )
+            hessian = stats[StatRequest(node.args[0].name, "hessian")] if clip == "awq" else None  # type: ignore[union-attr]
+            quantize_layer(gm, node, info.weight, args, clip, hessian)
             done.append(info.path)
         default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
         return PassResult(gm, bool(done), {"quantized": len(done), "weights": default.describe(), "skipped": skipped})
