@@ -349,6 +349,10 @@ def test_awq_gptq_runs_awqs_stages_with_gptqs_weights(tiny_llama):
 
     assert names("w4a16") == ["awq_gptq", "fuse_linears", "lower"]
     assert names("w4a8") == ["awq", "fuse_linears", "act_quant", "gptq", "lower"]
+    # GPTQ's options are checked as gptq checks them
+    for bad in ("awq_gptq{damp=1.5}", "awq_gptq{block_size=0}"):
+        with pytest.raises(PipelineError, match="damp must be in|block_size must be positive"):
+            parse_pipeline(bad)
 
 
 def test_awq_rtn_restarts_its_runs_when_a_held_value_moved(tiny_llama):
