@@ -61,6 +61,12 @@ CONFIGS: dict[str, dict] = {
     "w8a8_dynamic + smoothquant + gptq, cli gemms": {"scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True},
     "w8a8_dynamic + smoothquant + gptq, cli gemms, bf16 forwards": {
         "scheme": "w8a8_dynamic", "algo": "gptq", "cli_gemms": True, "calib_precision": "bfloat16"},
+    # (the default until 2026-12-07 evening: SmoothQuant's statistics in a run of their own before GPTQ's stages)
+    "w8a8_dynamic + smoothquant + gptq, smoothquant's own run, cli gemms": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant,fuse_linears,act_quant,gptq", "cli_gemms": True},
+    "w8a8_dynamic + smoothquant + gptq, smoothquant's own run, cli gemms, bf16 forwards": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant,fuse_linears,act_quant,gptq", "cli_gemms": True,
+        "calib_precision": "bfloat16"},
     # (the default until 2026-12-07: act_quant after GPTQ, so every block ran once more for its outputs)
     "w8a8_dynamic + smoothquant + gptq, act_quant after gptq, cli gemms, bf16 forwards": {
         "scheme": "w8a8_dynamic", "passes": "smoothquant,fuse_linears,gptq,act_quant", "cli_gemms": True,

@@ -19,6 +19,7 @@ from qcompiler.passes.weight.awq_rtn import AWQRTN
 from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.quantize_head import QuantizeHead
 from qcompiler.passes.weight.rtn import RTN
+from qcompiler.passes.weight.sq_gptq import SQGPTQ
 from qcompiler.passes.weight.tune_grids import TuneGrids
 from qcompiler.pm.base import _REGISTRY, Pass
 
@@ -36,6 +37,6 @@ def get_pass_class(name: str) -> type[Pass]:
 
 
 __all__ = [
-    "AWQ", "AWQGPTQ", "AWQRTN", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT",
+    "AWQ", "AWQGPTQ", "AWQRTN", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT", "SQGPTQ",
     "QuantizeHead", "RTN", "TuneGrids", "get_pass_class", "registered_passes",
 ]

@@ -86,7 +86,8 @@ def test_int8_per_token_activations_before_gptq_give_the_final_outputs_without_a
     def names(scheme: str, algo: str) -> list[str]:
         return [p.name for p in default_pipeline(get_scheme(scheme), get_target("reference"), algo)]
 
-    assert names("w8a8_dynamic", "gptq")[-3:] == ["act_quant", "gptq", "lower"]
+    assert names("w8a8_dynamic", "gptq")[-3:] == ["act_quant", "sq_gptq", "lower"]  # (SmoothQuant inside its stages)
+    assert names("w4a8", "gptq")[-3:] == ["act_quant", "gptq", "lower"]  # (int4 weights: no smoothing)
     assert names("w4a8", "awq+gptq")[-3:] == ["act_quant", "gptq", "lower"]
     for scheme, algo in (("w8a8_dynamic", "rtn"), ("w8a8", "gptq"), ("w4a4", "gptq")):
         assert names(scheme, algo)[-2:] == ["act_quant", "lower"], (scheme, algo)
@@ -111,6 +112,42 @@ def test_int8_per_token_activations_before_gptq_give_the_final_outputs_without_a
     first = [n for n in linears if n.args[0].args[0] is linears[0].args[0].args[0]]  # (the q/k/v stage)
     same = [torch.equal(get_tensor(gm, n.args[1].target), get_tensor(after, n.args[1].target)) for n in linears]
     assert all(same[: len(first)]) and not all(same)  # first stage identical; later stages see the rounding
+
+
+def test_sq_gptq_smooths_inside_gptqs_stages(tiny_llama):
+    """sq_gptq (--algo gptq under int8 per-token activations on int8 weights): SmoothQuant's groups, searched and
+    folded at their inputs inside GPTQ's paused runs. The first group sees the float block, so its α is smoothquant's;
+    every weight (the producers v and up too, divided after GPTQ quantized them) lies on its stored grid; the finished
+    runs are the block's outputs — to float32 rounding without activation quantization, and within a few int8 steps
+    with it (the paused value x/s and the graph's act(gate)·(up/s) differ by one rounding, which can move a per-token
+    code by one); the block beats SmoothQuant + RTN. Refused: true_sequential=false and quantized_input=true."""
+    from qcompiler.driver.plan import complete_pipeline
+
+    scheme = get_scheme("w8a8_dynamic")
+    err_sq_rtn, _, _ = block_error(tiny_llama, "smoothquant,fuse_linears{force=true},act_quant,rtn", scheme)
+    _, _, ctx_sq = block_error(tiny_llama, "smoothquant,act_quant,gptq", scheme)
+    _, inputs = traced_block(tiny_llama, seq=48, n_batches=3)
+    for pipeline, fused, outputs_tol in (("act_quant,sq_gptq", False, 1e-3),
+                                         ("fuse_linears{force=true},act_quant,sq_gptq", True, 1e-3),
+                                         ("fuse_linears{force=true},sq_gptq", True, 1e-5)):
+        err, gm, ctx = block_error(tiny_llama, pipeline, scheme)
+        rep = ctx.report["sq_gptq"]
+        assert len(rep["smoothquant"]["smoothed"]) == 4 and rep["restarts"] == 0, pipeline  # q/k/v, o, gate/up, down
+        if not fused:
+            first = "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"
+            assert rep["smoothquant"]["alpha"][first] == ctx_sq.report["smoothquant"]["alpha"][first]
+        assert_every_linear_on_its_stored_grid(gm, count=4 if fused else 7)
+        if "act_quant" in pipeline:
+            assert err < err_sq_rtn, pipeline
+        with torch.no_grad():
+            for y, args in zip(ctx.block_outputs, inputs, strict=True):
+                assert rel_err(y, gm(*args)) < outputs_tol, pipeline
+    user = parse_pipeline("fuse_linears,sq_gptq")  # (a user pipeline gets act_quant before it)
+    assert [p.name for p in complete_pipeline(user, scheme)] == ["fuse_linears", "act_quant", "sq_gptq", "lower"]
+    for bad, reason in (("sq_gptq{true_sequential=false}", "true_sequential must stay true"),
+                        ("sq_gptq{quantized_input=true}", "does not commute"), ("sq_gptq{alpha=2}", "alpha must be")):
+        with pytest.raises(PipelineError, match=reason):
+            parse_pipeline(bad)
 
 
 @pytest.mark.slow

@@ -26,7 +26,9 @@ FlatQuant gave a learned clip is measured on that clipped grid. Off by default: 
 Int8 per-token activations go in before GPTQ in the default pipeline (act_quant needs no statistics): each weight is
 still fitted on its input before the activation rounding (layer_input), the staged runs carry that rounding to the
 later stages as the quantized block computes it, and their finished runs are the final block's outputs, so the
-driver runs no block again (w8a8_dynamic SmoothQuant + GPTQ on the demo: 112 s instead of 142 s).
+driver runs no block again (w8a8_dynamic SmoothQuant + GPTQ on the demo: 112 s instead of 142 s). There, SmoothQuant
+itself goes inside these stages by default (sq_gptq, passes/weight/sq_gptq.py): `quantize_stages` takes its groups'
+inputs as extra pause points (a StageSmoothing) and quantizes a smoothed stage on S⁻¹HS⁻¹.
 
 Like rtn, the graph afterwards holds ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass
 and lowering is the same as after rtn.
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import fx
@@ -48,6 +50,7 @@ from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.numerics import sqnr_db
+from qcompiler.passes.smoothing.awq import scaled_hessian
 from qcompiler.passes.weight.rtn import grid_options, weight_args, weight_targets
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
@@ -132,13 +135,30 @@ class GPTQ(Pass):
         return StatRequest(x, "hessian")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        return self.quantize_stages(gm, ctx, None)
+
+    def quantize_stages(self, gm: fx.GraphModule, ctx: PassContext, smoothing: StageSmoothing | None) -> PassResult:
+        """GPTQ's stages in one paused run per batch. `smoothing` (sq_gptq) adds points of its own (its groups'
+        inputs), measures its statistics there in the same runs, rewrites the graph and divides the paused value;
+        a stage at such a point is then quantized on S⁻¹HS⁻¹, the Hessian of the smoothed input."""
         layers: dict[str, dict[str, float]] = {}
         stages = self._stages(gm, ctx)
+        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+        stage_at = {layer_input(stage[0][0]).name: stage for stage in stages} if self.true_sequential else {}
+        extra_points = smoothing.points() if smoothing is not None else []
+        points = sorted(set(stage_at) | set(extra_points), key=order.__getitem__)
+        plan = [(x, stage_at.get(x, [])) for x in points] if self.true_sequential else [("", s) for s in stages]
         # One run per batch through the block, paused at each stage (instead of one run per stage).
-        staged = StagedCollector(gm, ctx.calib) if len(stages) > 1 else None
-        for stage in stages:
+        staged = StagedCollector(gm, ctx.calib) if len(plan) > 1 else None
+        for x, stage in plan:
             requests = [self._request(node, info, ctx) for node, info, _ in stage]
-            hessians = ctx.statistics(gm, requests, staged)
+            smoothing_requests = smoothing.requests(x) if smoothing is not None else []
+            hessians = ctx.statistics(gm, requests + smoothing_requests, staged)
+            if smoothing is not None and smoothing_requests:
+                s = smoothing.smooth(gm, ctx, x, hessians, staged)
+                if s is not None:
+                    for req in dict.fromkeys(requests):  # (linears sharing the input share one request)
+                        hessians.values[req] = scaled_hessian(hessians[req], s)
             for (node, info, args), req in zip(stage, requests, strict=True):
                 w = get_tensor(gm, info.weight)
                 target = w
@@ -152,6 +172,8 @@ class GPTQ(Pass):
                     act_order=self.act_order, static_groups=self.static_groups, clip=self.clip,
                     mask=(w != 0) if qmeta.SPARSE in node.meta else None,  # a pruned layer stays 2:4 sparse
                 )
+                if smoothing is not None:
+                    smoothing.quantizing(node, w)
                 store_result(gm, node, info.weight, w, args, r)
                 layers[info.path] = {
                     "output_error_vs_rtn": round(r.proxy_loss / max(r.rtn_proxy_loss, 1e-30), 4),
@@ -167,4 +189,31 @@ class GPTQ(Pass):
             ctx.forward_seconds += time.perf_counter() - t0
         default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
         details = {"quantized": len(layers), "weights": default.describe(), "stages": len(stages), "layers": layers}
+        if smoothing is not None:
+            details.update(smoothing.report())
         return PassResult(gm, bool(layers), details)
+
+
+class StageSmoothing(Protocol):
+    """Smoothing done inside GPTQ's staged runs (sq_gptq): at each of its points, statistics measured with every
+    earlier stage quantized, the graph rewritten, the paused runs' value divided by s."""
+
+    def points(self) -> list[str]:
+        """The nodes (group inputs) where it measures and rewrites."""
+        ...
+
+    def requests(self, x: str) -> list[StatRequest]:
+        """What it measures at `x` ([] where x is not one of its points)."""
+        ...
+
+    def smooth(self, gm: fx.GraphModule, ctx: PassContext, x: str, measured: Stats,
+               staged: StagedCollector | None) -> torch.Tensor | None:
+        """Rewrite the graph for the group at `x`; the divisor s of x's channels (None: x left alone)."""
+        ...
+
+    def quantizing(self, node: fx.Node, w_float: torch.Tensor) -> None:
+        """`node` is about to be quantized from `w_float`."""
+        ...
+
+    def report(self) -> dict[str, object]:
+        ...
