@@ -95,6 +95,10 @@ CONFIGS: dict[str, dict] = {
         "fallback": 0.10, "ranking": "sqnr"},
     "w8a8_dynamic (no smoothing)": {"scheme": "w8a8_dynamic", "passes": "fuse_linears,rtn,act_quant"},
     "w8a8_dynamic + smoothquant": {"scheme": "w8a8_dynamic", "passes": None},
+    "w8a8_dynamic + smoothquant, cli gemms": {"scheme": "w8a8_dynamic", "passes": None, "cli_gemms": True},
+    # (the default until 2026-12-07 evening: SmoothQuant's statistics in a run of their own, the block run again after)
+    "w8a8_dynamic + smoothquant, smoothquant's own run, cli gemms": {
+        "scheme": "w8a8_dynamic", "passes": "smoothquant,fuse_linears,rtn,act_quant", "cli_gemms": True},
     "w8a8_dynamic + smoothquant + gptq": {"scheme": "w8a8_dynamic", "algo": "gptq"},
     "w8a8_dynamic + smoothquant (paper: α 0.5, norms only)": {
         "scheme": "w8a8_dynamic", "passes": "smoothquant{alpha=0.5,producers=false},fuse_linears,rtn"},

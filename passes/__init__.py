@@ -20,6 +20,7 @@ from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.passes.weight.quantize_head import QuantizeHead
 from qcompiler.passes.weight.rtn import RTN
 from qcompiler.passes.weight.sq_gptq import SQGPTQ
+from qcompiler.passes.weight.sq_rtn import SQRTN
 from qcompiler.passes.weight.tune_grids import TuneGrids
 from qcompiler.pm.base import _REGISTRY, Pass
 
@@ -37,6 +38,6 @@ def get_pass_class(name: str) -> type[Pass]:
 
 
 __all__ = [
-    "AWQ", "AWQGPTQ", "AWQRTN", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT", "SQGPTQ",
+    "AWQ", "AWQGPTQ", "AWQRTN", "FlatQuant", "GPTQ", "InsertActQuant", "FoldNormWeight", "FuseSharedInputLinears", "InsertKVQuant", "LowerLinears", "PruneMagnitude", "PruneWanda", "Rotate", "SmoothQuant", "SparseGPT", "SQGPTQ", "SQRTN",
     "QuantizeHead", "RTN", "TuneGrids", "get_pass_class", "registered_passes",
 ]

@@ -89,7 +89,7 @@ def test_int8_per_token_activations_before_gptq_give_the_final_outputs_without_a
     assert names("w8a8_dynamic", "gptq")[-3:] == ["act_quant", "sq_gptq", "lower"]  # (SmoothQuant inside its stages)
     assert names("w4a8", "gptq")[-3:] == ["act_quant", "gptq", "lower"]  # (int4 weights: no smoothing)
     assert names("w4a8", "awq+gptq")[-3:] == ["act_quant", "gptq", "lower"]
-    for scheme, algo in (("w8a8_dynamic", "rtn"), ("w8a8", "gptq"), ("w4a4", "gptq")):
+    for scheme, algo in (("w8a8", "gptq"), ("w4a4", "gptq"), ("w8a8_dynamic", "awq")):
         assert names(scheme, algo)[-2:] == ["act_quant", "lower"], (scheme, algo)
     # a user pipeline without act_quant gets it in the same place
     user = parse_pipeline("smoothquant,fuse_linears,gptq")
@@ -120,7 +120,8 @@ def test_sq_gptq_smooths_inside_gptqs_stages(tiny_llama):
     every weight (the producers v and up too, divided after GPTQ quantized them) lies on its stored grid; the finished
     runs are the block's outputs — to float32 rounding without activation quantization, and within a few int8 steps
     with it (the paused value x/s and the graph's act(gate)·(up/s) differ by one rounding, which can move a per-token
-    code by one); the block beats SmoothQuant + RTN. Refused: true_sequential=false and quantized_input=true."""
+    code by one); the block beats SmoothQuant + RTN. sq_rtn, the same with RTN weights, stays in SmoothQuant + RTN's
+    class. Refused: true_sequential=false and quantized_input=true."""
     from qcompiler.driver.plan import complete_pipeline
 
     scheme = get_scheme("w8a8_dynamic")
@@ -142,6 +143,26 @@ def test_sq_gptq_smooths_inside_gptqs_stages(tiny_llama):
         with torch.no_grad():
             for y, args in zip(ctx.block_outputs, inputs, strict=True):
                 assert rel_err(y, gm(*args)) < outputs_tol, pipeline
+    # sq_rtn (the default --algo rtn there): the same stages with RTN weights, one run, SmoothQuant + RTN's class
+    err_sq_rtn_staged, gm, ctx = block_error(tiny_llama, "fuse_linears{force=true},act_quant,sq_rtn", scheme)
+    rep = ctx.report["sq_rtn"]
+    assert len(rep["smoothquant"]["smoothed"]) == 4 and rep["restarts"] == 0
+    assert rep["smoothquant"]["alpha"]["self_attn.qkv_proj"] == ctx_sq.report["smoothquant"]["alpha"][
+        "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"]
+    assert_every_linear_on_its_stored_grid(gm, count=4)
+    assert err_sq_rtn_staged < 1.25 * err_sq_rtn
+    with torch.no_grad():
+        for y, args in zip(ctx.block_outputs, inputs, strict=True):
+            assert rel_err(y, gm(*args)) < 1e-3
+    from qcompiler.driver.plan import default_pipeline
+    from qcompiler.targets import get_target
+
+    def names(algo: str, scheme_name: str = "w8a8_dynamic") -> list[str]:
+        return [p.name for p in default_pipeline(get_scheme(scheme_name), get_target("reference"), algo)]
+
+    assert names("rtn") == ["fuse_linears", "act_quant", "sq_rtn", "lower"]
+    assert names("gptq") == ["fuse_linears", "act_quant", "sq_gptq", "lower"]
+    assert names("rtn", "w8a8")[:3] == ["smoothquant", "fuse_linears", "rtn"]  # (static grids: calibrated after)
     user = parse_pipeline("fuse_linears,sq_gptq")  # (a user pipeline gets act_quant before it)
     assert [p.name for p in complete_pipeline(user, scheme)] == ["fuse_linears", "act_quant", "sq_gptq", "lower"]
     for bad, reason in (("sq_gptq{true_sequential=false}", "true_sequential must stay true"),

@@ -27,8 +27,9 @@ Int8 per-token activations go in before GPTQ in the default pipeline (act_quant 
 still fitted on its input before the activation rounding (layer_input), the staged runs carry that rounding to the
 later stages as the quantized block computes it, and their finished runs are the final block's outputs, so the
 driver runs no block again (w8a8_dynamic SmoothQuant + GPTQ on the demo: 112 s instead of 142 s). There, SmoothQuant
-itself goes inside these stages by default (sq_gptq, passes/weight/sq_gptq.py): `quantize_stages` takes its groups'
-inputs as extra pause points (a StageSmoothing) and quantizes a smoothed stage on S⁻¹HS⁻¹.
+itself goes inside these stages by default (sq_gptq, passes/weight/sq_gptq.py): the staged loop
+(passes/weight/staged.py) takes its groups' inputs as extra pause points (a StageSmoothing) and quantizes a smoothed
+stage on S⁻¹HS⁻¹.
 
 Like rtn, the graph afterwards holds ŵ = (q − z)·s and node.meta[WQ] the grid, so every later pass
 and lowering is the same as after rtn.
@@ -36,35 +37,29 @@ and lowering is the same as after rtn.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from torch import fx
 
 from qcompiler.algorithms.gptq import GPTQResult, fit_to_quantized_input, gptq_quantize
-from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
+from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo
 from qcompiler.ir.graph import get_tensor, set_tensor
 from qcompiler.numerics import sqnr_db
-from qcompiler.passes.smoothing.awq import scaled_hessian
 from qcompiler.passes.weight.rtn import grid_options, weight_args, weight_targets
+from qcompiler.passes.weight.staged import (
+    Stage,
+    StageSmoothing,
+    layer_input,
+    quantize_in_stages,
+    stages_by_input,
+)
 from qcompiler.pm.base import Pass, PassContext, PassResult
 from qcompiler.schemes import QuantArgs
-
-
-def layer_input(node: fx.Node) -> fx.Node:
-    """The value a linear's weights are fitted on: its input, or where act_quant went first (dynamic activations,
-    before GPTQ in the default pipeline) the input of its activation fake-quant. The staged runs then carry the
-    activations' rounding to the later stages, as the quantized block computes them."""
-    x = node.args[0]
-    assert isinstance(x, fx.Node)
-    if qmeta.ACT_FQ in x.meta and isinstance(x.args[0], fx.Node):
-        return x.args[0]
-    return x
 
 
 def check_gptq_options(damp: float, block_size: int) -> None:
@@ -107,21 +102,19 @@ class GPTQ(Pass):
     def __post_init__(self) -> None:
         check_gptq_options(self.damp, self.block_size)
 
-    def _stages(self, gm: fx.GraphModule, ctx: PassContext) -> list[list[tuple[fx.Node, LinearInfo, QuantArgs]]]:
+    def _stages(self, gm: fx.GraphModule, ctx: PassContext) -> list[Stage]:
         """Linears to quantize, grouped by input node, in graph order of that input."""
-        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        by_input: dict[str, list[tuple[fx.Node, LinearInfo, QuantArgs]]] = {}
+        targets = []
         for node, info, args in weight_targets(gm, ctx, self.bits, self.group_size, self.symmetric)[0]:
             if args.granularity == "tensor":
                 continue  # per-tensor weights are left to rtn
             if args.is_float:
                 raise PassError(f"gptq: block '{ctx.block}', layer '{info.path}' has fp8 weights; GPTQ's error feedback is written for "
                                 "integer grids here: use rtn for fp8 (--algo rtn)")
-            by_input.setdefault(layer_input(node).name, []).append((node, info, args))
-        stages = [by_input[k] for k in sorted(by_input, key=order.__getitem__)]
-        return stages if self.true_sequential else [[x for s in stages for x in s]]
+            targets.append((node, info, args))
+        return stages_by_input(gm, targets)
 
-    def _request(self, node: fx.Node, info: LinearInfo, ctx: PassContext) -> StatRequest:
+    def request(self, node: fx.Node, info: LinearInfo, ctx: PassContext) -> StatRequest:
         """The input statistic a layer is quantized with: H, or H̃ and C where its activations are quantized
         per token at run time."""
         x = layer_input(node).name
@@ -134,86 +127,38 @@ class GPTQ(Pass):
             return StatRequest(x, "hessian_quantized", bits=acts.bits, clip_ratio=clip)
         return StatRequest(x, "hessian")
 
+    def quantize_layer(self, gm: fx.GraphModule, node: fx.Node, info: LinearInfo, args: QuantArgs,
+                       req: StatRequest | None, stats: Stats) -> dict[str, Any]:
+        assert req is not None
+        w = get_tensor(gm, info.weight)
+        target = w
+        if req.kind == "hessian_quantized":
+            h, cross, tokens = stats[req]
+            target = fit_to_quantized_input(w.float(), h, cross)
+        else:
+            h, tokens = stats[req]
+        r = gptq_quantize(
+            target, h, args, tokens=tokens, block_size=self.block_size, damp=self.damp,
+            act_order=self.act_order, static_groups=self.static_groups, clip=self.clip,
+            mask=(w != 0) if qmeta.SPARSE in node.meta else None,  # a pruned layer stays 2:4 sparse
+        )
+        store_result(gm, node, info.weight, w, args, r)
+        return {
+            "output_error_vs_rtn": round(r.proxy_loss / max(r.rtn_proxy_loss, 1e-30), 4),
+            "damp": r.damp_used,
+            "quantized_input": req.kind == "hessian_quantized",
+        }
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
         return self.quantize_stages(gm, ctx, None)
 
     def quantize_stages(self, gm: fx.GraphModule, ctx: PassContext, smoothing: StageSmoothing | None) -> PassResult:
-        """GPTQ's stages in one paused run per batch. `smoothing` (sq_gptq) adds points of its own (its groups'
-        inputs), measures its statistics there in the same runs, rewrites the graph and divides the paused value;
-        a stage at such a point is then quantized on S⁻¹HS⁻¹, the Hessian of the smoothed input."""
-        layers: dict[str, dict[str, float]] = {}
+        """The stages in one paused run per batch (passes/weight/staged.py), with `smoothing`'s points among them."""
         stages = self._stages(gm, ctx)
-        order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-        stage_at = {layer_input(stage[0][0]).name: stage for stage in stages} if self.true_sequential else {}
-        extra_points = smoothing.points() if smoothing is not None else []
-        points = sorted(set(stage_at) | set(extra_points), key=order.__getitem__)
-        plan = [(x, stage_at.get(x, [])) for x in points] if self.true_sequential else [("", s) for s in stages]
-        # One run per batch through the block, paused at each stage (instead of one run per stage).
-        staged = StagedCollector(gm, ctx.calib) if len(plan) > 1 else None
-        for x, stage in plan:
-            requests = [self._request(node, info, ctx) for node, info, _ in stage]
-            smoothing_requests = smoothing.requests(x) if smoothing is not None else []
-            hessians = ctx.statistics(gm, requests + smoothing_requests, staged)
-            if smoothing is not None and smoothing_requests:
-                s = smoothing.smooth(gm, ctx, x, hessians, staged)
-                if s is not None:
-                    for req in dict.fromkeys(requests):  # (linears sharing the input share one request)
-                        hessians.values[req] = scaled_hessian(hessians[req], s)
-            for (node, info, args), req in zip(stage, requests, strict=True):
-                w = get_tensor(gm, info.weight)
-                target = w
-                if req.kind == "hessian_quantized":
-                    h, cross, tokens = hessians[req]
-                    target = fit_to_quantized_input(w.float(), h, cross)
-                else:
-                    h, tokens = hessians[req]
-                r = gptq_quantize(
-                    target, h, args, tokens=tokens, block_size=self.block_size, damp=self.damp,
-                    act_order=self.act_order, static_groups=self.static_groups, clip=self.clip,
-                    mask=(w != 0) if qmeta.SPARSE in node.meta else None,  # a pruned layer stays 2:4 sparse
-                )
-                if smoothing is not None:
-                    smoothing.quantizing(node, w)
-                store_result(gm, node, info.weight, w, args, r)
-                layers[info.path] = {
-                    "output_error_vs_rtn": round(r.proxy_loss / max(r.rtn_proxy_loss, 1e-30), 4),
-                    "damp": r.damp_used,
-                    "quantized_input": req.kind == "hessian_quantized",
-                }
-        if staged is not None:
-            # the runs are paused at the last stage's input: finishing them gives the block's outputs with every
-            # stage quantized, which the driver would otherwise compute in one more run over all batches
-            t0 = time.perf_counter()
-            with ctx.forwards():
-                ctx.block_outputs = staged.outputs()
-            ctx.forward_seconds += time.perf_counter() - t0
+        layers = quantize_in_stages(gm, ctx, stages, self, smoothing, self.true_sequential)
         default = weight_args(ctx.scheme, self.bits, self.group_size, self.symmetric)
-        details = {"quantized": len(layers), "weights": default.describe(), "stages": len(stages), "layers": layers}
+        details = {"quantized": len(layers), "weights": default.describe(),
+                   "stages": len(stages) if self.true_sequential else 1, "layers": layers}
         if smoothing is not None:
             details.update(smoothing.report())
         return PassResult(gm, bool(layers), details)
-
-
-class StageSmoothing(Protocol):
-    """Smoothing done inside GPTQ's staged runs (sq_gptq): at each of its points, statistics measured with every
-    earlier stage quantized, the graph rewritten, the paused runs' value divided by s."""
-
-    def points(self) -> list[str]:
-        """The nodes (group inputs) where it measures and rewrites."""
-        ...
-
-    def requests(self, x: str) -> list[StatRequest]:
-        """What it measures at `x` ([] where x is not one of its points)."""
-        ...
-
-    def smooth(self, gm: fx.GraphModule, ctx: PassContext, x: str, measured: Stats,
-               staged: StagedCollector | None) -> torch.Tensor | None:
-        """Rewrite the graph for the group at `x`; the divisor s of x's channels (None: x left alone)."""
-        ...
-
-    def quantizing(self, node: fx.Node, w_float: torch.Tensor) -> None:
-        """`node` is about to be quantized from `w_float`."""
-        ...
-
-    def report(self) -> dict[str, object]:
-        ...

@@ -2,7 +2,7 @@
 int8 per-token activations (w8a8_dynamic and its overrides), where act_quant goes in before the weights.
 
 `smoothquant,fuse_linears,act_quant,gptq` runs every block once for SmoothQuant's statistics (per-channel max |x| and a
-token sample at each group input) and once more through GPTQ's stages. Here GPTQ's stages (passes/weight/gptq.py)
+token sample at each group input) and once more through GPTQ's stages. Here GPTQ's stages (passes/weight/staged.py)
 carry SmoothQuant's groups too: at each group input X, in graph order, with every earlier stage already quantized,
 
   1. max_t |X_tj| and a token sample of X (and Σ xᵀx where X is also a stage's input);
@@ -23,6 +23,7 @@ not homogeneous row by row: its group is left unsmoothed (reported).
 What differs from `smoothquant,…,gptq`: the statistics of every group after the first see the earlier stages quantized
 (as GPTQ's own Hessians do), and each block runs once instead of twice. The groups are found on the block without
 its activation fake-quant nodes (which act_quant put before every linear), so they are SmoothQuant's own.
+sq_rtn (passes/weight/sq_rtn.py) is the same with RTN weights: the default for w8a8_dynamic.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class _Group:
 
 @dataclass
 class StagedSmoothQuant:
-    """SmoothQuant's groups as points of GPTQ's staged runs (gptq.StageSmoothing)."""
+    """SmoothQuant's groups as points of the weight pass's staged runs (a staged.StageSmoothing)."""
 
     sq: SmoothQuant
     analysis: BlockAnalysis

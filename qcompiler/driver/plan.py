@@ -91,9 +91,10 @@ def staged_awq(t: Traits) -> bool:
 
 
 def staged_smoothquant(t: Traits) -> bool:
-    """SmoothQuant goes inside GPTQ's stages (sq_gptq): --algo gptq where SmoothQuant is the default smoother and
-    act_quant goes before the weights (int8 per-token activations on int8 weights)."""
-    return t.algo == "gptq" and t.smooths and t.dynamic_int8_acts and t.quantizes_weights
+    """SmoothQuant goes inside the weight pass's stages (sq_rtn, sq_gptq): --algo rtn or gptq where SmoothQuant is the
+    default smoother and act_quant may go before the weights (int8 per-token activations on int8 weights), so that the
+    stages' finished runs are the block's outputs."""
+    return t.algo in ("rtn", "gptq") and t.smooths and t.dynamic_int8_acts and t.quantizes_weights
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,9 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     # without this row (SmoothQuant)
     Row("outliers", "static int8 activations on the reference target, where the model admits the rotation",
         lambda t: t.rotates_static, lambda t: ("rotate", {})),
-    Row("outliers", "static activations, or int8 weights under dynamic ones (with --algo gptq under int8 per-token "
-        "activations: inside GPTQ's stages, sq_gptq below)", lambda t: t.smooths and not staged_smoothquant(t),
+    Row("outliers", "static activations, or int8 weights under dynamic ones (under int8 per-token "
+        "activations with --algo rtn or gptq: inside the weights' stages, sq_rtn / sq_gptq below)",
+        lambda t: t.smooths and not staged_smoothquant(t),
         lambda t: ("smoothquant", {})),  # (α searched per input, o_proj / down_proj smoothed from their producers)
     # (AWQ on dense weights quantizes in its own stages: each group searched with the layers before it quantized, and
     # the block's outputs from the same runs, one block forward fewer; 2:4 weights are pruned first, and int8 per-token
@@ -135,17 +137,20 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("sparsity", "2:4 scheme", lambda t: t.sparse, lambda t: ("prune_wanda", {})),
     # int8 per-token activations before GPTQ: its staged runs then compute the final block's outputs, which saves the
     # extra forward of every block that act_quant after it costs (demo w8a8_dynamic SmoothQuant + GPTQ: docs/benchmarks.md)
-    Row("activations", "int8 per-token activations with --algo gptq or awq+gptq (before the weights: GPTQ's staged runs "
-        "then give the block's outputs)", lambda t: t.dynamic_int8_acts and t.algo.endswith("gptq"),
+    Row("activations", "int8 per-token activations with --algo gptq or awq+gptq, or smoothed inside the weights' stages "
+        "(before the weights: the staged runs then give the block's outputs)",
+        lambda t: t.dynamic_int8_acts and (t.algo.endswith("gptq") or staged_smoothquant(t)),
         lambda t: ("act_quant", {})),
     # (min-max: on the signed int4 grid the peak sits exactly on −8, and MSE-searched clipping, which shrinks it,
     # measured worse on held-out perplexity: demo g64 +29.1 % vs +20.7 %, per channel +134 % vs +94 %)
+    Row("weights", "--algo rtn with int8 per-token activations on int8 weights: SmoothQuant's scales and RTN weights, "
+        "stage by stage", lambda t: t.algo == "rtn" and staged_smoothquant(t), lambda t: ("sq_rtn", {})),
     Row("weights", "--algo rtn", lambda t: t.quantizes_weights and t.algo == "rtn", lambda t: ("rtn", {})),
     Row("weights", "--algo awq with 2:4 sparsity (activation-aware clipping, after pruning)",
         lambda t: t.quantizes_weights and t.algo == "awq" and t.sparse, lambda t: ("rtn", {"clip": "awq"})),
     # (SmoothQuant's statistics measured in GPTQ's paused runs: one block forward fewer, docs/benchmarks.md)
     Row("weights", "--algo gptq with int8 per-token activations on int8 weights: SmoothQuant's scales and GPTQ's "
-        "weights, stage by stage", staged_smoothquant, lambda t: ("sq_gptq", {})),
+        "weights, stage by stage", lambda t: t.algo == "gptq" and staged_smoothquant(t), lambda t: ("sq_gptq", {})),
     Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights and t.algo != "awq" and not staged_awq(t),
         lambda t: ("gptq", {})),
     Row("activations", "the scheme quantizes activations (rotated static grids: MSE-fitted, +8.2 % vs +9.4 % min-max)",
@@ -188,7 +193,7 @@ def complete_pipeline(passes: Sequence[Pass], scheme: QuantScheme, target: Targe
         raise PipelineError("'lower' must be the last pass of a pipeline")
     if any(s.activations is not None for s in scheme.all_schemes()) and "act_quant" not in names:
         # (before GPTQ where the default pipeline puts it: int8 per-token activations, see dynamic_int8_acts)
-        gptq = [i for i, name in enumerate(names) if name in ("gptq", "sq_gptq")]
+        gptq = [i for i, name in enumerate(names) if name in ("gptq", "sq_gptq", "sq_rtn")]
         at = gptq[0] if gptq and dynamic_int8_acts(scheme) else len(out) - (1 if "lower" in names else 0)
         out.insert(at, make_pass("act_quant", {}))
     if scheme.kv_cache is not None and "kv_quant" not in names:
