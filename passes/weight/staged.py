@@ -22,6 +22,7 @@ from torch import fx
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import LinearInfo
+from qcompiler.ir.graph import get_tensor
 from qcompiler.passes.smoothing.awq import scaled_hessian
 from qcompiler.pm.base import PassContext
 from qcompiler.schemes import QuantArgs
@@ -91,8 +92,6 @@ def quantize_in_stages(gm: fx.GraphModule, ctx: PassContext, stages: list[Stage]
                        smoothing: StageSmoothing | None = None, sequential: bool = True) -> dict[str, dict[str, Any]]:
     """Quantize `stages` in order (see the module docstring); the layers' report entries by path. `sequential` False:
     every layer on statistics of the block as it is (one stage, no smoothing points)."""
-    from qcompiler.ir.graph import get_tensor
-
     layers: dict[str, dict[str, Any]] = {}
     if sequential:
         stage_at = {layer_input(stage[0][0]).name: stage for stage in stages}
