@@ -29,7 +29,7 @@ from torch import fx
 
 from qcompiler.algorithms.smoothquant import search_alpha, tied_smooth_scales
 from qcompiler.calib.stats import StatRequest, Stats
-from qcompiler.ir.analysis import BlockAnalysis, analyze_block
+from qcompiler.ir.analysis import BlockAnalysis, NormGroup, analyze_block
 from qcompiler.ir.graph import get_tensor
 from qcompiler.ir.producers import RowProducer, row_producers
 from qcompiler.passes.fusion.fold_norm import (
@@ -91,36 +91,69 @@ class SmoothQuant(Pass):
         alpha = 0.5 if self.alpha is None else self.alpha
         return tied_smooth_scales(act_absmax, w, alpha, index), alpha
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+    def groups(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list[SmoothGroup], dict[str, str], str | None]:
+        """The inputs this pass smooths, in order (norm groups, then producer rows), the norm groups it rejects (by
+        norm weight, with the reason) and the note on producers it skips (None: none)."""
         analysis = analyze_block(gm)
-        smoothed, rejected, alphas = [], {}, {}
-        for group in analysis.norm_groups:
-            m = check_norm_group(gm, group)
+        groups, rejected = [], {}
+        for ng in analysis.norm_groups:
+            m = check_norm_group(gm, ng)
             if not m:
-                rejected[group.weight] = m.reason
+                rejected[ng.weight] = m.reason
                 continue
-            s, alpha = self._scales(gm, ctx, analysis, stats, group.mul_node, group.linears)
-            alphas["+".join(analysis.linears[lin].path for lin in group.linears)] = alpha
-            if alpha is None:  # (searched: leaving the input alone scored best)
-                continue
-            for lin in group.linears:
-                scale_linear_inputs(gm, analysis.linears[lin].weight, s)
-            scale_norm(gm, group, s)
-            smoothed.append(group.weight)
+            groups.append(SmoothGroup("+".join(analysis.linears[lin].path for lin in ng.linears), ng.mul_node,
+                                      list(ng.linears), norm=ng))
         row_sites, skipped = self._row_sites(gm, ctx)
         for rp in row_sites:
-            s, alpha = self._scales(gm, ctx, analysis, stats, rp.input, [rp.consumer], rp.index)
-            alphas[analysis.linears[rp.consumer].path] = alpha
-            if alpha is None:
+            groups.append(SmoothGroup(analysis.linears[rp.consumer].path, rp.input, [rp.consumer], producer=rp.producer,
+                                      offset=rp.offset, rows=rp.rows, index=rp.index))
+        return groups, rejected, skipped
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, stats: Stats) -> PassResult:
+        analysis = analyze_block(gm)
+        groups, rejected, skipped = self.groups(gm, ctx)
+        smoothed, alphas = [], {}
+        for g in groups:
+            s, alpha = self._scales(gm, ctx, analysis, stats, g.input, g.consumers, g.index)
+            alphas[g.label] = alpha
+            if alpha is None:  # (searched: leaving the input alone scored best)
                 continue
-            producer = analysis.linears[rp.producer]
-            divisor = torch.ones(producer.out_features)
-            divisor[rp.offset:rp.offset + rp.rows] = s
-            divide_linear_outputs(gm, ctx, producer, divisor)
-            scale_linear_inputs(gm, analysis.linears[rp.consumer].weight, s if rp.index is None else s[rp.index])
-            smoothed.append(analysis.linears[rp.consumer].path)
+            fold_smoothing(gm, ctx, analysis, g, s)
+            smoothed.append(g.norm.weight if g.norm is not None else g.label)
         # α by input (None: searched, and leaving the input alone scored best)
         details: dict[str, object] = {"smoothed": smoothed, "rejected": rejected, "alpha": alphas}
         if skipped:
             details["producers_skipped"] = skipped
         return PassResult(gm, bool(smoothed), details)
+
+
+@dataclass
+class SmoothGroup:
+    """One smoothed input: its consumers' columns are multiplied by s, and what produces it is divided by s."""
+
+    label: str
+    input: str  # the node whose channels s divides (the statistics are measured there)
+    consumers: list[str]  # linear nodes whose input columns are multiplied by s
+    norm: NormGroup | None = None  # a norm group: its multiplier is divided by s
+    producer: str | None = None  # a row group: the linear whose rows [offset, offset + rows) are divided by s
+    offset: int = 0
+    rows: int = 0
+    index: torch.Tensor | None = None  # input channel → producer row (tied scales under grouped-query attention)
+
+
+def fold_smoothing(gm: fx.GraphModule, ctx: PassContext, analysis: BlockAnalysis, g: SmoothGroup, s: torch.Tensor
+                   ) -> torch.Tensor:
+    """X·diag(s)⁻¹ folded into g's producer (the norm's multiplier, or the producer's rows) and W·diag(s) into its
+    consumers; s over the producer's rows (tied), returned over the input's channels."""
+    s_in = s if g.index is None else s[g.index]
+    for lin in g.consumers:
+        scale_linear_inputs(gm, analysis.linears[lin].weight, s_in)
+    if g.norm is not None:
+        scale_norm(gm, g.norm, s)
+    else:
+        assert g.producer is not None
+        producer = analysis.linears[g.producer]
+        divisor = torch.ones(producer.out_features)
+        divisor[g.offset:g.offset + g.rows] = s
+        divide_linear_outputs(gm, ctx, producer, divisor)
+    return s_in

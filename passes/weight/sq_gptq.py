@@ -35,16 +35,10 @@ from torch import fx
 
 from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.ir import qmeta
-from qcompiler.ir.analysis import BlockAnalysis, NormGroup, analyze_block
+from qcompiler.ir.analysis import BlockAnalysis, analyze_block
 from qcompiler.ir.graph import get_tensor
 from qcompiler.numerics import sqnr_db
-from qcompiler.passes.fusion.fold_norm import (
-    check_norm_group,
-    divide_linear_outputs,
-    scale_linear_inputs,
-    scale_norm,
-)
-from qcompiler.passes.smoothing.smoothquant import SmoothQuant
+from qcompiler.passes.smoothing.smoothquant import SmoothGroup, SmoothQuant, fold_smoothing
 from qcompiler.passes.weight.awq_rtn import descendants
 from qcompiler.passes.weight.gptq import GPTQ
 from qcompiler.pm.base import PassContext, PassResult
@@ -63,24 +57,12 @@ def without_activation_fake_quant(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 @dataclass
-class _Group:
-    label: str
-    input: str  # the node whose channels s divides (SmoothQuant's statistics)
-    consumers: list[str]  # linear nodes whose input columns are multiplied by s
-    norm: NormGroup | None = None  # a norm group: its multiplier is divided by s
-    producer: str | None = None  # a row group: the linear whose rows [offset, offset + rows) are divided by s
-    offset: int = 0
-    rows: int = 0
-    index: torch.Tensor | None = None  # input channel → producer row (tied scales under grouped-query attention)
-
-
-@dataclass
 class StagedSmoothQuant:
     """SmoothQuant's groups as points of the weight pass's staged runs (a staged.StageSmoothing)."""
 
     sq: SmoothQuant
     analysis: BlockAnalysis
-    groups: dict[str, _Group]
+    groups: dict[str, SmoothGroup]  # by input node
     skipped: dict[str, str]
     alphas: dict[str, float | None] = field(default_factory=dict)
     smoothed: list[str] = field(default_factory=list)
@@ -89,25 +71,10 @@ class StagedSmoothQuant:
 
     @classmethod
     def of(cls, gm: fx.GraphModule, ctx: PassContext, sq: SmoothQuant) -> StagedSmoothQuant:
-        view = without_activation_fake_quant(gm)
-        analysis = analyze_block(gm)
-        groups: dict[str, _Group] = {}
-        skipped: dict[str, str] = {}
-        for ng in analyze_block(view).norm_groups:
-            m = check_norm_group(view, ng)
-            if not m:
-                skipped[ng.weight] = m.reason
-                continue
-            label = "+".join(analysis.linears[lin].path for lin in ng.linears)
-            groups[ng.mul_node] = _Group(label, ng.mul_node, list(ng.linears), norm=ng)
-        row_sites, note = sq._row_sites(view, ctx)
+        groups, skipped, note = sq.groups(without_activation_fake_quant(gm), ctx)
         if note:
             skipped["o_proj"] = note
-        for rp in row_sites:
-            label = analysis.linears[rp.consumer].path
-            groups[rp.input] = _Group(label, rp.input, [rp.consumer], producer=rp.producer, offset=rp.offset,
-                                      rows=rp.rows, index=rp.index)
-        return cls(sq, analysis, groups, skipped)
+        return cls(sq, analyze_block(gm), {g.input: g for g in groups}, skipped)
 
     def points(self) -> list[str]:
         return list(self.groups)
@@ -130,24 +97,19 @@ class StagedSmoothQuant:
         self.alphas[g.label] = alpha
         if alpha is None:  # (searched: leaving the input alone scored best)
             return None
-        s_in = s if g.index is None else s[g.index]
-        for lin in g.consumers:
-            scale_linear_inputs(gm, self.analysis.linears[lin].weight, s_in)
+        s_in = fold_smoothing(gm, ctx, self.analysis, g, s)
         if g.norm is not None:
-            scale_norm(gm, g.norm, s)
             moved = descendants(nodes[g.norm.mul_node])
         else:
             assert g.producer is not None
-            info = self.analysis.linears[g.producer]
-            divisor = torch.ones(info.out_features)
-            divisor[g.offset:g.offset + g.rows] = s
-            divide_linear_outputs(gm, ctx, info, divisor)
             wq = nodes[g.producer].meta.get(qmeta.WQ)
             if wq is not None:  # (quantized at an earlier stage: the same codes, the rows' scales divided)
-                wq.scale = wq.scale / divisor.float()[:, None]
-                w_float = self.producer_float[g.producer] / divisor.float()[:, None]
+                divisor = torch.ones(wq.scale.shape[0])
+                divisor[g.offset:g.offset + g.rows] = s
+                wq.scale = wq.scale / divisor[:, None]
+                w_float = self.producer_float[g.producer] / divisor[:, None]
                 self.producer_float[g.producer] = w_float
-                wq.weight_sqnr_db = sqnr_db(w_float, get_tensor(gm, info.weight))
+                wq.weight_sqnr_db = sqnr_db(w_float, get_tensor(gm, self.analysis.linears[g.producer].weight))
             moved = descendants(nodes[g.producer])
         self.smoothed.append(g.label)
         if staged is not None and not staged.divide_value(x, s_in, moved):
