@@ -166,7 +166,8 @@ def test_sq_gptq_smooths_inside_gptqs_stages(tiny_llama):
     user = parse_pipeline("fuse_linears,sq_gptq")  # (a user pipeline gets act_quant before it)
     assert [p.name for p in complete_pipeline(user, scheme)] == ["fuse_linears", "act_quant", "sq_gptq", "lower"]
     for bad, reason in (("sq_gptq{true_sequential=false}", "true_sequential must stay true"),
-                        ("sq_gptq{quantized_input=true}", "does not commute"), ("sq_gptq{alpha=2}", "alpha must be")):
+                        ("sq_gptq{quantized_input=true}", "does not commute"), ("sq_gptq{alpha=2}", "alpha must be"),
+                        ("sq_rtn{alpha=-1}", "alpha must be")):
         with pytest.raises(PipelineError, match=reason):
             parse_pipeline(bad)
 
