@@ -48,6 +48,11 @@ CONFIGS: dict[str, dict] = {
     # (as `qcompile` runs them: float32 GEMMs through the CPU's bf16 units, qcompiler/kernels/cpu; the other rows
     # run plain IEEE float32 GEMMs, as the tables before 2026-12-06 did)
     "w4a16 g64 gptq, cli gemms": {"scheme": "w4a16", "group_size": 64, "algo": "gptq", "cli_gemms": True},
+    # (the README's table: each row as `qcompile quant` runs it by default, float32 calibration forwards)
+    "w8a16 rtn, cli gemms": {"scheme": "w8a16", "passes": None, "cli_gemms": True},
+    "w4a16 per-channel gptq, cli gemms": {"scheme": "w4a16", "group_size": 0, "algo": "gptq", "cli_gemms": True},
+    "w4a16 g64 rtn, cli gemms": {"scheme": "w4a16", "group_size": 64, "passes": "fuse_linears,rtn", "cli_gemms": True},
+    "w4a16 g64 awq+gptq, cli gemms": {"scheme": "w4a16", "group_size": 64, "algo": "awq+gptq", "cli_gemms": True},
     "w4a16 g64 gptq, cli gemms, bf16 forwards": {"scheme": "w4a16", "group_size": 64, "algo": "gptq",
                                                  "cli_gemms": True, "calib_precision": "bfloat16"},
     "w4a16 g64 gptq, llm-compressor's settings, cli gemms, bf16 forwards": {
