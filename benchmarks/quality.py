@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -253,8 +254,11 @@ def sparse_saving(rec: dict) -> float:
 def run_peer(name: str, python: str, ids_file: Path, model_dir: Path, float_ppl: float) -> dict:
     tool, config = PEERS[name]
     script = Path(__file__).parent / "peers" / f"{tool}_run.py"
+    # (without PYTHONPATH: where it names this repository, our top-level `kernels/` shadows Hugging Face's `kernels`
+    # package, which transformers imports in the peer's environment)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([python, str(script), str(model_dir), str(ids_file), config],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"config": name, "tool": tool, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
