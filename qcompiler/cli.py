@@ -72,9 +72,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(dynamic) and -asym, e.g. int8-head or int4-token-asym; 'none' drops a preset's (w8a8c8)")
     q.add_argument("--asymmetric-activations", action="store_true",
                    help="static activations on an asymmetric grid with a zero point (w8a8; msModelSlim's default)")
-    q.add_argument("--algo", default="auto", choices=["auto", "rtn", "gptq", "awq", "awq+gptq"],
+    q.add_argument("--algo", default="auto", choices=["auto", "rtn", "gptq", "awq", "awq+gptq", "flatquant"],
                    help="weight algorithm of the default pipeline (ignored with --passes/--recipe); auto: GPTQ for "
-                   "4-bit weights (calibrated, activation-aware grids), RTN for 8-bit ones")
+                   "4-bit weights (calibrated, activation-aware grids), RTN for 8-bit ones; flatquant (w4a4): "
+                   "learned transforms before GPTQ, several times slower and much better")
     q.add_argument("--override", action="append", default=[], metavar="PATTERN=SCHEME",
                    help="per-layer scheme by role or checkpoint-name glob, e.g. down=w8a16 or 'model.layers.0.*=float' (repeatable)")
     q.add_argument("--fallback", choices=["none", "auto"], default="none",
@@ -224,19 +225,18 @@ def _cmd_quant(a: argparse.Namespace) -> int:
                             "it cannot be combined with an .onnx model or --calib-text")
     algo = a.algo
     if algo == "auto":
-        # 4-bit weights lose a lot to round-to-nearest (demo, g64: RTN +20.7 %, GPTQ +6.7 %), 8-bit ones almost
+        # 4-bit weights lose a lot to round-to-nearest (demo, g64: RTN +20.7 %, GPTQ +6.2 %), 8-bit ones almost
         # nothing; the ONNX importer runs RTN only
         algo = "gptq" if scheme.weight_bits == 4 and passes is None and not onnx_input else "rtn"
         if algo == "gptq":
             print("weights: GPTQ, the default for 4-bit weights (--algo rtn is several times faster and "
-                  "worse; --algo awq+gptq adds AWQ's scales: slower, within half a point of it on the demo)")
+                  "worse; --algo awq+gptq adds AWQ's scales: slower, within a point of it on the demo, either way)")
     acts = scheme.activations
-    if passes is None and acts is not None and acts.bits == 4 and not onnx_input:
-        # (demo: QuaRot + GPTQ +88 %; FlatQuant + GPTQ on quantized inputs + tune_grids +33.6 % at ≈4.6× the time:
-        # docs/kv-rotation-sparsity.md run 8)
+    if passes is None and acts is not None and acts.bits == 4 and not onnx_input and algo != "flatquant":
+        # (demo: QuaRot + GPTQ +90 %; FlatQuant + GPTQ on quantized inputs + tune_grids +34 % at 7.5× the time:
+        # docs/kv-rotation-sparsity.md run 9)
         print("activations: int4 per token after QuaRot's rotations; FlatQuant's learned transforms are much better "
-              "and several times slower: --passes 'rotate,fuse_linears,flatquant,gptq{quantized_input=true},tune_grids' "
-              "(targets reference, ascend)")
+              "and several times slower: --algo flatquant (targets reference, ascend)")
     cfg = QuantizeConfig(
         model=Path(a.model), scheme=scheme, out=a.out, target=a.target, algo=algo, passes=passes,
         calib_texts=read_texts(a.calib_text) if a.calib_text else None,

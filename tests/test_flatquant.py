@@ -3,6 +3,7 @@
 the layers it leaves alone, and a whole model through the artefact."""
 
 import copy
+import json
 from typing import ClassVar
 
 import pytest
@@ -417,3 +418,38 @@ def test_flatquant_model_targets(tiny_llama, tmp_path, calib_text):
                     log=lambda s: None)
     reports = desc["block_report"].values()
     assert len(reports) >= 2 and all(r["passes"]["flatquant"]["block_mse"]["loss_end"] > 0 for r in reports)
+
+
+def test_algo_flatquant_is_the_documented_pipeline(tiny_llama, tmp_path, calib_text, capsys):
+    """`--algo flatquant` (w4a4) plans docs/kv-rotation-sparsity.md run 9's pipeline — rotate, fuse_linears, flatquant,
+    gptq{quantized_input=true}, tune_grids — and writes what that pipeline written out with --passes writes, tensor
+    for tensor; the default w4a4 run names it; a scheme without int4 per-token activations is refused by name, before
+    anything is written."""
+    from safetensors.torch import load_file
+
+    from qcompiler.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(calib_text)
+    base = ["quant", "--model", str(tiny_llama), "--calib-text", str(text), "--num-samples", "4", "--seq-len", "32",
+            "--batch-size", "2", "--no-progress"]
+    assert main([*base, "--scheme", "w4a4", "--dry-run", "--out", str(tmp_path / "d")]) == 0
+    assert "--algo flatquant" in capsys.readouterr().out
+    torch.manual_seed(0)
+    assert main([*base, "--scheme", "w4a4", "--algo", "flatquant", "--out", str(tmp_path / "a")]) == 0
+    torch.manual_seed(0)
+    assert main([*base, "--scheme", "w4a4", "--out", str(tmp_path / "b"),
+                 "--passes", "rotate,fuse_linears,flatquant,gptq{quantized_input=true},tune_grids"]) == 0
+    pipelines = [json.loads((tmp_path / o / "qcompiler.json").read_text())["pipeline"] for o in "ab"]
+    assert pipelines[0] == pipelines[1] == ("rotate,fuse_linears,flatquant,gptq{quantized_input=True},tune_grids,"
+                                            "act_quant,lower")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.safetensors"))
+    for f in files:
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    assert any(k.endswith("left_trans") or "kronecker" in k for f in files for k in load_file(tmp_path / "a" / f))
+    capsys.readouterr()
+    assert main([*base, "--scheme", "w8a8_dynamic", "--algo", "flatquant", "--out", str(tmp_path / "e")]) == 2
+    assert "--algo flatquant learns transforms for int4 per-token activations" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

@@ -21,7 +21,7 @@ from qcompiler.schemes import QuantScheme, with_grid
 from qcompiler.targets import get_target
 from qcompiler.targets.base import Target
 
-ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq", "flatquant")
 
 
 def dynamic_int8_acts(scheme: QuantScheme) -> bool:
@@ -132,6 +132,10 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     Row("scales", "--algo awq or awq+gptq", lambda t: t.algo.startswith("awq"), lambda t: ("awq", {})),
     Row("fusion", "always (the target decides whether linears sharing an input fuse)", _always,
         lambda t: ("fuse_linears", {})),
+    # (FlatQuant after QuaRot: demo w4a4 +34 % against QuaRot + GPTQ's +90 %, at 7.5× the time; the three rows of
+    # --algo flatquant are docs/kv-rotation-sparsity.md's run 9 pipeline)
+    Row("transforms", "--algo flatquant (4-bit activations): learned Kronecker transforms and clip ratios per layer "
+        "input, fitted to each block's output", lambda t: t.algo == "flatquant", lambda t: ("flatquant", {})),
     Row("sparsity", "2:4 scheme with --algo gptq or awq+gptq (prunes and quantizes in one sweep)",
         lambda t: t.sparse and t.algo.endswith("gptq"), lambda t: ("sparsegpt", {})),
     Row("sparsity", "2:4 scheme", lambda t: t.sparse, lambda t: ("prune_wanda", {})),
@@ -151,8 +155,12 @@ DEFAULT_PIPELINE: tuple[Row, ...] = (
     # (SmoothQuant's statistics measured in GPTQ's paused runs: one block forward fewer, docs/benchmarks.md)
     Row("weights", "--algo gptq with int8 per-token activations on int8 weights: SmoothQuant's scales and GPTQ's "
         "weights, stage by stage", lambda t: t.algo == "gptq" and staged_smoothquant(t), lambda t: ("sq_gptq", {})),
+    Row("weights", "--algo flatquant: GPTQ fitted to the transformed, quantized inputs the layer will read",
+        lambda t: t.quantizes_weights and t.algo == "flatquant", lambda t: ("gptq", {"quantized_input": True})),
     Row("weights", "--algo gptq or awq+gptq", lambda t: t.quantizes_weights and t.algo != "awq" and not staged_awq(t),
         lambda t: ("gptq", {})),
+    Row("grids", "--algo flatquant: weight scales and clip ratios tuned on the block's output, codes fixed",
+        lambda t: t.algo == "flatquant", lambda t: ("tune_grids", {})),
     Row("activations", "the scheme quantizes activations (rotated static grids: MSE-fitted, +8.2 % vs +9.4 % min-max)",
         lambda t: t.quantizes_acts, lambda t: ("act_quant", {"observer": "mse"} if t.rotates_static else {})),
     Row("kv cache", "the scheme quantizes the KV cache", lambda t: t.kv_cache, lambda t: ("kv_quant", {})),
@@ -169,6 +177,9 @@ def default_rows(scheme: QuantScheme, target: Target, algo: str = "rtn", options
     if algo not in ALGORITHMS:
         raise PipelineError(f"unknown algorithm '{algo}'; use one of {', '.join(ALGORITHMS)}")
     traits = Traits.of(scheme, target, algo, options, rotation)
+    if algo == "flatquant" and not (traits.four_bit_acts and traits.quantizes_weights):
+        raise PipelineError(f"--algo flatquant learns transforms for int4 per-token activations on int4 weights "
+                            f"(w4a4); scheme '{scheme.name}' has none: use --algo gptq")
     fired: list[Row] = []
     for row in DEFAULT_PIPELINE:
         if row.applies(traits) and not any(f.step == row.step for f in fired):
