@@ -317,6 +317,12 @@ def poor_result_warning(desc: dict) -> str | None:
                   "activations (--passes 'rotate,fuse_linears,rtn,act_quant{observer=mse}' on the reference target; "
                   "demo static w8a8 +8.3 % rotated vs +3.1 % by the default SmoothQuant, but it spreads outliers "
                   "that smoothing cannot move)")
+    elif acts and acts.get("bits") == 4 and "flatquant" not in str(desc.get("pipeline", "")):
+        # (demo w4a4: QuaRot + GPTQ +90 %, --algo flatquant +34–35 %, docs/kv-rotation-sparsity.md runs 9–10)
+        remedy = ("--algo flatquant (learned transforms: demo w4a4 +35 % against +90 %, many times slower), "
+                  "8-bit activations (w4a8, w8a8_dynamic), or --fallback auto")
+    elif acts and acts.get("bits") == 4:
+        remedy = "8-bit activations (w4a8, w8a8_dynamic), or --fallback auto"
     else:
         remedy = "--algo gptq, w8a8_dynamic instead of static activations, or --fallback auto"
     return (f"warning: block '{block}' keeps only {worst:.1f} dB output SQNR (below {POOR_BLOCK_SQNR_DB:.0f} dB the "

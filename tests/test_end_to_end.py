@@ -208,6 +208,12 @@ def test_a_poor_result_is_warned_about_from_its_weakest_block():
     assert "residual rotation" in (poor_result_warning(static) or "")  # static activations: the rotation is
     rotated = {**static, "pipeline": "rotate,fuse_linears,rtn,act_quant,lower"}
     assert "residual rotation" not in (poor_result_warning(rotated) or "")
+    # int4 activations: the learned transforms are the remedy, until they ran; then 8-bit activations
+    w4a4 = {**poor, "scheme": get_scheme("w4a4").to_dict(), "pipeline": "rotate,fuse_linears,gptq,act_quant,lower"}
+    assert "--algo flatquant" in (poor_result_warning(w4a4) or "")
+    learned = {**w4a4, "pipeline": "rotate,fuse_linears,flatquant,gptq{quantized_input=True},tune_grids,act_quant,lower"}
+    warning = poor_result_warning(learned)
+    assert warning is not None and "--algo flatquant" not in warning and "w4a8" in warning
     assert poor_result_warning({}) is None
 
 

@@ -428,6 +428,9 @@ def test_algo_flatquant_is_the_documented_pipeline(tiny_llama, tmp_path, calib_t
     from safetensors.torch import load_file
 
     from qcompiler.cli import main
+    from qcompiler.driver.plan import default_pipeline
+    from qcompiler.pm.pipeline import format_pipeline
+    from qcompiler.targets import get_target
 
     text = tmp_path / "t.txt"
     text.write_text(calib_text)
@@ -440,6 +443,8 @@ def test_algo_flatquant_is_the_documented_pipeline(tiny_llama, tmp_path, calib_t
     torch.manual_seed(0)
     assert main([*base, "--scheme", "w4a4", "--out", str(tmp_path / "b"),
                  "--passes", "rotate,fuse_linears,flatquant,gptq{quantized_input=true},tune_grids"]) == 0
+    ascend = format_pipeline(default_pipeline(get_scheme("w4a4"), get_target("ascend"), "flatquant"))
+    assert ascend == "rotate{online=False},fuse_linears,flatquant,gptq{quantized_input=True},tune_grids,act_quant,lower"
     pipelines = [json.loads((tmp_path / o / "qcompiler.json").read_text())["pipeline"] for o in "ab"]
     assert pipelines[0] == pipelines[1] == ("rotate,fuse_linears,flatquant,gptq{quantized_input=True},tune_grids,"
                                             "act_quant,lower")

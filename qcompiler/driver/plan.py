@@ -112,6 +112,8 @@ def _always(_: Traits) -> bool:
 DEFAULT_PIPELINE: tuple[Row, ...] = (
     # QuaRot: a 4-bit activation grid needs rotations, smoothing cannot save it
     Row("outliers", "4-bit activations", lambda t: t.four_bit_acts,
+        # (with --algo flatquant too: flatquant could fold the online Hadamard into its transform on ascend, but only
+        # where the width has Hadamard Kronecker factors, which the plan cannot know before reading the model)
         lambda t: ("rotate", {} if t.online_rotation else {"online": False})),
     # QuaRot before one static scale per tensor: the rotation spreads every outlier channel over all channels
     # (demo static w8a8: +8.2 % against +93 % smoothed); where the model admits no rotation, the driver re-plans
