@@ -458,3 +458,27 @@ def test_algo_flatquant_is_the_documented_pipeline(tiny_llama, tmp_path, calib_t
     assert main([*base, "--scheme", "w8a8_dynamic", "--algo", "flatquant", "--out", str(tmp_path / "e")]) == 2
     assert "--algo flatquant learns transforms for int4 per-token activations" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_flatquant_fits_under_bfloat16_autocast_too(tiny_llama):
+    """fit_precision=bfloat16: each fitting step's block run is under bfloat16 autocast. The fit still lowers the
+    block's error; the reported losses stay float32 measurements (the start loss, before any step, is the float32
+    fit's exactly); the transforms differ from the float32 fit's (the runs really were rounded), and the float block
+    is unchanged by them all the same; a precision without a fitting path is refused by name."""
+    gm, inputs = traced_block(tiny_llama, seq=32, n_batches=2)
+    gm = _apply(gm, context(inputs, "w4a4"), "rotate,fuse_linears")
+    ref = run(gm, inputs)
+    fits = {}
+    for precision in ("float32", "bfloat16"):
+        ctx = context(inputs, "w4a4")
+        fitted = _apply(copy.deepcopy(gm), ctx, f"flatquant{{steps=30,fit_precision={precision}}}")
+        losses = ctx.report["flatquant"]["block_mse"]
+        assert losses["loss_end"] < losses["loss_start"]
+        assert rel_err(run(fitted, inputs), ref) < 1e-4
+        lefts = [get_tensor(fitted, str(n.args[1].target)) for n in fitted.graph.nodes if n.target == KRON]
+        fits[precision] = losses, lefts
+    assert fits["float32"][0]["loss_start"] == fits["bfloat16"][0]["loss_start"]
+    assert len(fits["bfloat16"][1]) == 4
+    assert any(not torch.equal(a, b) for a, b in zip(fits["float32"][1], fits["bfloat16"][1], strict=True))
+    with pytest.raises(PipelineError, match="fit_precision"):
+        parse_pipeline("flatquant{fit_precision=float16}")

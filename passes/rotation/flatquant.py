@@ -36,6 +36,11 @@ weights_in_loop (default false): false trains against float weights, the choice 
 on the demo with GPTQ after it, 39.18 ppl against 51.0 with the weights fake-quantized (RTN) in the loop, as
 FlatQuant trains; true suits an RTN weight pass.
 
+fit_precision (default "float32"): "bfloat16" runs each fitting step's quantized block under bfloat16 autocast, as
+`--calib-precision bfloat16` runs calibration forwards (GEMMs and attention on bfloat16-rounded inputs, float32
+accumulation; parameters, loss and Adam in float32). On one demo block (40 steps) 1.4–1.55× faster, block loss 4.67
+against 4.75.
+
 Stored per layer: `<layer>.left_trans` [a, a], `<layer>.right_trans` [b, b] (float32) and the clip ratio in the
 layer's record; msModelSlim's W4A4_FLATQUANT_DYNAMIC layout has the same three per layer. Layers with static or
 float activations are left alone (reported).
@@ -45,7 +50,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import fx
@@ -96,6 +101,7 @@ class FlatQuant(Pass):
     diag_alpha: float = 0.3
     targets: str = "block"
     seed: int = 0
+    fit_precision: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.micro_batch < 1 or self.lr <= 0 or self.clip_lr < 0:
@@ -223,7 +229,8 @@ class FlatQuant(Pass):
         transforms, losses = learn_block_transforms(
             gm, sites, ctx.calib, weights if self.weights_in_loop else {}, self.steps, lr=self.lr,
             clip_lr=self.clip_lr, micro_batch=self.micro_batch, seed=self.seed,
-            diag_alpha=self.diag_alpha if producers else None, target_batches=self._target_batches(ctx))
+            diag_alpha=self.diag_alpha if producers else None, target_batches=self._target_batches(ctx),
+            precision=self.fit_precision)
         ctx.forward_seconds += time.perf_counter() - t0  # (all of it is forward/backward runs of the block)
         nodes = {n.name: n for n in gm.graph.nodes}
         report: dict[str, Any] = {}

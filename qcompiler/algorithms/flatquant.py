@@ -225,13 +225,19 @@ def learn_block_transforms(
     log: Callable[[int, float], None] | None = None,
     diag_alpha: float | None = None,
     target_batches: Sequence[tuple[Any, ...]] | None = None,
+    precision: str = "float32",
 ) -> tuple[dict[str, SiteTransform], dict[str, float]]:
     """Fit every site's L, R and clip ratio to `gm`'s float outputs on `batches` (see the module docstring), and,
     where `diag_alpha` is given, a per-channel divisor d for every site with `weight_absmax`, started at diag_init(α).
     The targets are the float block's outputs on `batches`, or on `target_batches` where given (the float model's
     own inputs of the block, batch for batch: the fit then also pulls back the error of the blocks before it).
+    `precision` "bfloat16": each step's quantized block run (and so its backward) under bfloat16 autocast — GEMMs
+    and attention read bfloat16-rounded inputs, accumulate in float32 — as `--calib-precision bfloat16` runs the
+    calibration forwards; the parameters, the loss and the optimizer stay float32.
     Returns the transforms by site input name and {"loss_start", "loss_end"} (mean squared error of the block
-    output, over the first REPORT_SEQUENCES micro-batches, at the start and at the end)."""
+    output, over the first REPORT_SEQUENCES micro-batches, at the start and at the end, in float32)."""
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"precision is 'float32' or 'bfloat16', got '{precision}'")
     data = micro_batches(batches, micro_batch)
     scalable = {s.input for s in sites if s.weight_absmax is not None} if diag_alpha is not None else set()
     with torch.no_grad():
@@ -266,7 +272,8 @@ def learn_block_transforms(
         if not perm:
             perm = torch.randperm(len(data), generator=order).tolist()
         j = perm.pop()
-        out = first_tensor(runner.run_block(*data[j])).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            out = first_tensor(runner.run_block(*data[j])).float()
         loss = F.mse_loss(out, targets[j])
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
