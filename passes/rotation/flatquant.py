@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import fx
@@ -58,6 +58,7 @@ from torch import fx
 import qcompiler.kernels  # noqa: F401  (registers torch.ops.qc.*)
 from qcompiler.algorithms.flatquant import Site, kronecker_factors, kronecker_weight, learn_block_transforms
 from qcompiler.algorithms.hadamard import normalized_hadamard
+from qcompiler.calib.precision import CalibPrecision
 from qcompiler.calib.stats import Stats
 from qcompiler.errors import PassError
 from qcompiler.ir import qmeta
@@ -67,7 +68,7 @@ from qcompiler.ir.graph import (
     linear_module_attr,
     set_tensor,
 )
-from qcompiler.ir.producers import row_producers
+from qcompiler.ir.producers import row_divisor, row_producers
 from qcompiler.passes.fusion.fold_norm import (
     check_norm_group,
     divide_linear_outputs,
@@ -101,7 +102,7 @@ class FlatQuant(Pass):
     diag_alpha: float = 0.3
     targets: str = "block"
     seed: int = 0
-    fit_precision: Literal["float32", "bfloat16"] = "float32"
+    fit_precision: CalibPrecision = "float32"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.micro_batch < 1 or self.lr <= 0 or self.clip_lr < 0:
@@ -243,9 +244,8 @@ class FlatQuant(Pass):
                 else:
                     assert t.producer_scale is not None
                     prod = analysis.linears[producer]
-                    divisor = torch.ones(prod.out_features)
-                    divisor[offset:offset + t.producer_scale.numel()] = t.producer_scale
-                    divide_linear_outputs(gm, ctx, prod, divisor)
+                    divide_linear_outputs(gm, ctx, prod, row_divisor(prod.out_features, offset,
+                                                                     t.producer_scale.numel(), t.producer_scale))
                 for name in site.linears:
                     scale_linear_inputs(gm, analysis.linears[name].weight, t.scale)
             linears = [nodes[name] for name in site.linears]

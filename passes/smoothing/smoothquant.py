@@ -31,7 +31,7 @@ from qcompiler.algorithms.smoothquant import search_alpha, tied_smooth_scales
 from qcompiler.calib.stats import StatRequest, Stats
 from qcompiler.ir.analysis import BlockAnalysis, NormGroup, analyze_block
 from qcompiler.ir.graph import get_tensor
-from qcompiler.ir.producers import RowProducer, row_producers
+from qcompiler.ir.producers import RowProducer, row_divisor, row_producers
 from qcompiler.passes.fusion.fold_norm import (
     check_norm_group,
     divide_linear_outputs,
@@ -153,7 +153,5 @@ def fold_smoothing(gm: fx.GraphModule, ctx: PassContext, analysis: BlockAnalysis
     else:
         assert g.producer is not None
         producer = analysis.linears[g.producer]
-        divisor = torch.ones(producer.out_features)
-        divisor[g.offset:g.offset + g.rows] = s
-        divide_linear_outputs(gm, ctx, producer, divisor)
+        divide_linear_outputs(gm, ctx, producer, row_divisor(producer.out_features, g.offset, g.rows, s))
     return s_in

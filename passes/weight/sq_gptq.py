@@ -37,6 +37,7 @@ from qcompiler.calib.stats import StagedCollector, StatRequest, Stats
 from qcompiler.ir import qmeta
 from qcompiler.ir.analysis import BlockAnalysis, analyze_block
 from qcompiler.ir.graph import get_tensor
+from qcompiler.ir.producers import row_divisor
 from qcompiler.numerics import sqnr_db
 from qcompiler.passes.smoothing.smoothquant import SmoothGroup, SmoothQuant, fold_smoothing
 from qcompiler.passes.weight.awq_rtn import descendants
@@ -104,8 +105,7 @@ class StagedSmoothQuant:
             assert g.producer is not None
             wq = nodes[g.producer].meta.get(qmeta.WQ)
             if wq is not None:  # (quantized at an earlier stage: the same codes, the rows' scales divided)
-                divisor = torch.ones(wq.scale.shape[0])
-                divisor[g.offset:g.offset + g.rows] = s
+                divisor = row_divisor(wq.scale.shape[0], g.offset, g.rows, s)
                 wq.scale = wq.scale / divisor[:, None]
                 w_float = self.producer_float[g.producer] / divisor[:, None]
                 self.producer_float[g.producer] = w_float

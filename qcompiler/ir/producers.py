@@ -44,6 +44,14 @@ class RowProducer:
     kind: str
 
 
+def row_divisor(out_features: int, offset: int, rows: int, s: torch.Tensor) -> torch.Tensor:
+    """The [out_features] divisor of a producer's rows that smooths one of its outputs: s on rows
+    [offset, offset + rows), 1 on the others (the rows other consumers read, e.g. q and k of a fused qkv)."""
+    divisor = torch.ones(out_features)
+    divisor[offset:offset + rows] = s
+    return divisor
+
+
 def rows_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int, int] | None:
     """The linear whose output rows `node` is, the first row and how many: the linear itself, or one output of a
     fused linear's split (fuse_linears: getitem(split_with_sizes(linear, sizes, -1), i))."""
