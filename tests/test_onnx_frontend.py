@@ -134,6 +134,22 @@ def test_imported_graph_computes_what_onnxruntime_computes(cnn_onnx, llm_onnx, k
     assert len(linears) == (2 if family == "cnn" else 2 * 7 + 1)  # Gemm/MatMul with weights → aten.linear
 
 
+def _eight_bit_operand_types(path: Path) -> set[int]:
+    """The element types of every 8-bit GEMM operand in the file: the zero points of QuantizeLinear /
+    DequantizeLinear and MatMulInteger's inputs that are initializers. They must be uint8 on both sides: onnxruntime's
+    u8×s8 kernels saturate on x86 CPUs without VNNI (AVX2: logits 10–30 % off), u8×u8 is exact on all of them."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    types = set()
+    for node in model.graph.node:
+        names = {"QuantizeLinear": node.input[2:3], "DequantizeLinear": node.input[2:3],
+                 "MatMulInteger": node.input[1:4]}.get(node.op_type, [])
+        types |= {inits[n] for n in names if n in inits}
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert len(node.input) == 3, f"{node.name}: no zero point (its type would be int8 for a weight)"
+    return types
+
+
 @pytest.mark.parametrize("scheme", ["w8a16", "w4a16", "w8a8", "w8a8_dynamic"])
 def test_quantized_transformer_export_runs_in_onnxruntime_exactly_as_the_lowered_graph(llm_onnx, tmp_path, scheme):
     path = llm_onnx["dynamo"]
@@ -151,6 +167,7 @@ def test_quantized_transformer_export_runs_in_onnxruntime_exactly_as_the_lowered
     # fused q|k|v, o, fused gate|up, down per block (the head matches the scheme's default ignore list: float)
     kernel = {"w8a16": "MatMulNBits", "w4a16": "MatMulNBits", "w8a8": "QuantizeLinear", "w8a8_dynamic": "MatMulInteger"}
     assert ops[kernel[scheme]] == 2 * 4 and ops["MatMul"] >= 1
+    assert _eight_bit_operand_types(out) == ({TensorProto.UINT8} if scheme.startswith("w8a8") else set())
     got = _ort(out, feeds)
     expect = gm(torch.from_numpy(feeds["input_ids"])).detach().numpy()
     np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-4)

@@ -79,9 +79,10 @@ class SmoothQuant(Pass):
             return None
         return scheme.weights, scheme.activations
 
-    def _scales(self, gm: fx.GraphModule, ctx: PassContext, analysis: BlockAnalysis, stats: Stats, x: str,
-                linears: list[str], index: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
-        """(s over the input's channels — over the tied rows when `index` is given — and the α used)."""
+    def smoothing_scales(self, gm: fx.GraphModule, ctx: PassContext, analysis: BlockAnalysis, stats: Stats, x: str,
+                         linears: list[str], index: torch.Tensor | None = None) -> tuple[torch.Tensor, float | None]:
+        """(s over the input's channels — over the tied rows when `index` is given — and the α used); also called by
+        sq_gptq's staged SmoothQuant, which measures each input after the earlier ones were smoothed and quantized."""
         w = torch.cat([get_tensor(gm, analysis.linears[lin].weight).float() for lin in linears])
         act_absmax = stats[StatRequest(x, "absmax_channel")]
         grids = self._grids(ctx, analysis, linears) if self.alpha is None else None
@@ -114,7 +115,7 @@ class SmoothQuant(Pass):
         groups, rejected, skipped = self.groups(gm, ctx)
         smoothed, alphas = [], {}
         for g in groups:
-            s, alpha = self._scales(gm, ctx, analysis, stats, g.input, g.consumers, g.index)
+            s, alpha = self.smoothing_scales(gm, ctx, analysis, stats, g.input, g.consumers, g.index)
             alphas[g.label] = alpha
             if alpha is None:  # (searched: leaving the input alone scored best)
                 continue

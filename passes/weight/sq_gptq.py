@@ -94,7 +94,7 @@ class StagedSmoothQuant:
             if wq is not None and wq.args.granularity == "tensor":
                 self.skipped[g.label] = "its producer was quantized with one scale per tensor, which a row scaling changes"
                 return None
-        s, alpha = self.sq._scales(gm, ctx, self.analysis, measured, x, g.consumers, g.index)
+        s, alpha = self.sq.smoothing_scales(gm, ctx, self.analysis, measured, x, g.consumers, g.index)
         self.alphas[g.label] = alpha
         if alpha is None:  # (searched: leaving the input alone scored best)
             return None

@@ -3,13 +3,15 @@
 The diffusers class with its float weights outside the blocks, every quantized linear of the blocks (fused q/k/v
 split back to the model's own layers, export/layers.py) replaced by its QDQ form, exported by torch's ONNX exporter:
 
-    x̂ = DequantizeLinear(QuantizeLinear(x, s_x, z_x))                 static per-tensor int8 activations (w8a8)
-    ŵ = DequantizeLinear(q_w, s_w, axis=0)                               int8 codes per output channel
+    x̂ = DequantizeLinear(QuantizeLinear(x, s_x, z_x + 128))           static per-tensor 8-bit activations (w8a8)
+    ŵ = DequantizeLinear(q_w + 128, s_w, 128, axis=0)                    8-bit codes per output channel
     y = x̂ · ŵᵀ + b                                                       (MatMul / Gemm on the dequantized operands)
 
 which onnxruntime's QDQ transformers fuse into integer GEMMs, and which computes, value for value, what our artefact
-computes (q = clamp(round(x / s) + z, −128, 127), round half to even on both sides). The weights are stored as int8
-initializers (each QuantizeLinear the exporter puts on a constant weight is folded into its codes).
+computes (q = clamp(round(x / s) + z, −128, 127), round half to even on both sides), written unsigned (u = q + 128,
+zero points + 128: onnxruntime's u8×s8 kernels saturate on x86 CPUs without VNNI, u8×u8 is exact everywhere). The
+weights are stored as uint8 initializers (each QuantizeLinear the exporter puts on a constant weight is folded into
+its codes).
 
 Weight-only layers (w8a16, w4a16: int8 / int4 codes per channel or in groups) are written as onnxruntime's
 MatMulNBits instead (com.microsoft, the op its own weight-only quantizer writes), accuracy_level 0:
@@ -105,12 +107,14 @@ class QdqLinear(nn.Module):
         self.x_zero = int(round(float(layer.input_zero))) if self.static and layer.input_zero is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # unsigned codes u = q + 128 with zero points z + 128: the same numbers, and the operand types every x86
+        # kernel of onnxruntime computes exactly (export/onnx/emit.py's docstring: u8×s8 saturates without VNNI)
         qd = torch.ops.quantized_decomposed
         if self.static:
-            q = qd.quantize_per_tensor(x, self.x_scale, self.x_zero, -128, 127, torch.int8)
-            x = qd.dequantize_per_tensor(q, self.x_scale, self.x_zero, -128, 127, torch.int8)
-        codes = qd.quantize_per_channel(self.w_hat, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
-        w = qd.dequantize_per_channel(codes, self.w_scale, self.w_zero, 0, -128, 127, torch.int8)
+            q = qd.quantize_per_tensor(x, self.x_scale, self.x_zero + 128, 0, 255, torch.uint8)
+            x = qd.dequantize_per_tensor(q, self.x_scale, self.x_zero + 128, 0, 255, torch.uint8)
+        codes = qd.quantize_per_channel(self.w_hat, self.w_scale, self.w_zero + 128, 0, 0, 255, torch.uint8)
+        w = qd.dequantize_per_channel(codes, self.w_scale, self.w_zero + 128, 0, 0, 255, torch.uint8)
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -239,7 +243,7 @@ def _boolean_where_as_logic(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold every QuantizeLinear of a constant (a weight) into int8 codes: DequantizeLinear then reads the codes
+    """Fold every QuantizeLinear of a constant (a weight) into 8-bit codes (the zero point's type): DequantizeLinear then reads the codes
     directly (the QDQ layout onnxruntime's quantizer writes), and the float weights leave the file."""
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
@@ -264,7 +268,9 @@ def _int8_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
                 s = scale.reshape(shape) if scale.ndim else scale
                 z = (zero.astype(np.float32).reshape(shape) if zero is not None and zero.ndim
                      else np.float32(zero if zero is not None else 0))
-                codes = np.clip(np.rint(w / s) + z, -128, 127).astype(np.int8)
+                unsigned = zero is not None and zero.dtype == np.uint8
+                lo, hi, dtype = (0, 255, np.uint8) if unsigned else (-128, 127, np.int8)
+                codes = np.clip(np.rint(w / s) + z, lo, hi).astype(dtype)
                 graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
                 continue
         keep.append(node)

@@ -8,9 +8,15 @@ Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
   qc::linear_w8a8 dynamic per-token           → MatMulNBits(bits=8, accuracy_level=4): onnxruntime's int8 GEMM,
                                                 activations quantized per token per block of K (default), or
                                                 with w8a8_dynamic=exact: s_t = max|x_t|/127; q = round(x/s_t)+128;
-                                                MatMulInteger(q, W_int8, zp=128) · s_t · s_w (+ b)
+                                                MatMulInteger(q, W_int8 + 128, zp=128, zp=128) · s_t · s_w (+ b)
   qc::linear_w8a8 static per-tensor           → QuantizeLinear/DequantizeLinear on x and on W (QDQ), MatMul;
                                                 onnxruntime fuses the pattern into its int8 GEMM
+
+Every int8 GEMM is written with unsigned codes on both sides (u = q + 128, zero points shifted by 128: the same
+numbers). onnxruntime computes u8×u8 exactly on every x86 CPU, but on AVX2 CPUs without VNNI its u8×s8 kernels add
+pairs of products in 16 bits with saturation (vpmaddubsw: 2·255·127 > 32767), and its optimizer turns int8 QDQ
+activations into uint8 ones there (QDQS8ToU8): int8 weights gave logits 10–30 % off on such a CPU (AMD EPYC, AVX2,
+onnxruntime 1.32), in a default session.
   aten.linear (float)                         → MatMul(x, Wᵀ) (+ b)
   aten.convolution with an int8 record        → DequantizeLinear(W_int8, s_w per output channel) → Conv, its input's
                                                 qc::fake_quant_act → QuantizeLinear/DequantizeLinear (QDQ:
@@ -534,11 +540,13 @@ def _conv(em: GraphEmitter, n: fx.Node) -> str:
     if transposed:
         raise ExportError(f"{em.scope}: node '{n.name}' is a transposed convolution (not exported)")
     rec = n.meta.get(qmeta.RECORD)
-    if rec is not None:  # int8 kernel: DequantizeLinear(W_int8, per-output-channel scale) feeds Conv (QDQ)
+    if rec is not None:  # int8 kernel: DequantizeLinear(W_int8 + 128, per-output-channel scale, 128) feeds Conv
         t = rec.tensors
-        qw = em.b.initializer(t["qweight"], get_tensor(em.gm, t["qweight"]))
+        q_w = get_tensor(em.gm, t["qweight"])
+        qw = em.b.initializer(t["qweight"] + "_uint8", _unsigned(q_w))
         ws = em.b.initializer(t["weight_scale"], get_tensor(em.gm, t["weight_scale"]))
-        wv = em.b.op("DequantizeLinear", [qw, ws], em.name(n) + "/dequantize_w", axis=0)
+        wz = em.b.initializer(t["qweight"] + "_zero", torch.full((q_w.shape[0],), 128, dtype=torch.uint8))
+        wv = em.b.op("DequantizeLinear", [qw, ws, wz], em.name(n) + "/dequantize_w", axis=0)
     else:
         wv = em.v(w)
     inputs = [em.v(x), wv] + ([em.v(bias)] if bias is not None else [])
@@ -560,13 +568,15 @@ def _hadamard_transform(em: GraphEmitter, n: fx.Node) -> str:
 @rule(FQ_STATIC)
 def _fake_quant_act(em: GraphEmitter, n: fx.Node) -> str:
     """A static activation fake-quant left in the graph (before an int8 convolution): QuantizeLinear +
-    DequantizeLinear with the same scale and zero point (int8 for [−128, 127], uint8 for [0, 255])."""
+    DequantizeLinear with the same scale and zero point, uint8 (a grid of [−128, 127] shifted by 128: the same numbers,
+    unsigned as the module docstring says why)."""
     x, scale, zero, qmin, qmax = n.args
     if (qmin, qmax) not in ((-128, 127), (0, 255)):
         raise ExportError(f"{em.scope}: node '{n.name}' fake-quantizes to [{qmin}, {qmax}]; ONNX has 8-bit Q/DQ only")
-    dtype = torch.int8 if qmin < 0 else torch.uint8
+    shift = 128 if qmin < 0 else 0
     s = em.b.initializer(str(scale.target), get_tensor(em.gm, str(scale.target)).float().reshape(()))
-    z = em.b.initializer(str(zero.target), get_tensor(em.gm, str(zero.target)).reshape(()).to(dtype))
+    zero_u8 = (get_tensor(em.gm, str(zero.target)).reshape(()).float().round().to(torch.int32) + shift).to(torch.uint8)
+    z = em.b.initializer(str(zero.target), zero_u8)
     q = em.b.op("QuantizeLinear", [em.v(x), s, z], em.name(n) + "/quantize")
     return em.b.op("DequantizeLinear", [q, s, z], em.name(n))
 
@@ -612,7 +622,7 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
         return matmulnbits_node(b, name, xv, matmulnbits_initializers(b, base, bq, sq, None),
                                 "" if bias is None else em.v(bias), k, int(q_w.shape[0]), 8, block, accuracy_level=4)
     if x_scale is None:  # dynamic symmetric per-token
-        w_t = b.initializer(base + ".W_int8.T", q_w.t().contiguous())
+        w_t = b.initializer(base + ".W_uint8.T", _unsigned(q_w).t().contiguous())
         absx = b.op("Abs", [xv], name + "/abs")
         amax = (b.op("ReduceMax", [absx, b.const([-1], np.int64)], name + "/amax", keepdims=1) if b.opset >= 18
                 else b.op("ReduceMax", [absx], name + "/amax", keepdims=1, axes=[-1]))
@@ -621,7 +631,7 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
                          b.const(128.0)], name + "/shift")
         q = b.op("Cast", [b.op("Clip", [q, b.const(0.0), b.const(255.0)], name + "/clip")], name + "/u8",
                  to=TensorProto.UINT8)
-        acc = b.op("MatMulInteger", [q, w_t, b.const(128, np.uint8)], name + "/matmul_integer")
+        acc = b.op("MatMulInteger", [q, w_t, b.const(128, np.uint8), b.const(128, np.uint8)], name + "/matmul_integer")
         y = b.op("Cast", [acc], name + "/acc_f32", to=TensorProto.FLOAT)
         y = b.op("Mul", [y, b.op("Mul", [s_x, b.initializer(base + ".weight_scale", s_w)], name + "/s_xw")], name)
         if bias is None:
@@ -630,12 +640,18 @@ def _linear_w8a8(em: GraphEmitter, n: fx.Node) -> str:
         # MatMulIntegerToFloat and get per-token scales wrong there (logits off by ~50% with biased q/k/v, exact with
         # optimizations off); the bias-free chain is left alone (tests/test_support_matrix.py's qwen2 cells)
         return b.op("Sum", [y, em.v(bias)], name + "/bias")
-    # static per-tensor: QDQ on activation and weight
-    z = em.tensor(x_zero).to(torch.int8).reshape(()) if x_zero is not None else torch.zeros((), dtype=torch.int8)
+    # static per-tensor: QDQ on activation and weight, unsigned codes (see the module docstring)
+    z = em.tensor(x_zero).to(torch.int32).reshape(()) if x_zero is not None else torch.zeros((), dtype=torch.int32)
     s = em.tensor(x_scale).float().reshape(())
-    xs, xz = b.initializer(base + ".input_scale", s), b.initializer(base + ".input_zero", z)
+    xs, xz = b.initializer(base + ".input_scale", s), b.initializer(base + ".input_zero", (z + 128).to(torch.uint8))
     xq = b.op("QuantizeLinear", [xv, xs, xz], name + "/quantize_x")
     xd = b.op("DequantizeLinear", [xq, xs, xz], name + "/dequantize_x")
-    wd = b.op("DequantizeLinear", [b.initializer(base + ".W_int8.T", q_w.t().contiguous()),
-                                   b.initializer(base + ".weight_scale", s_w)], name + "/dequantize_w", axis=1)
+    w_zero = b.initializer(base + ".weight_zero", torch.full((q_w.shape[0],), 128, dtype=torch.uint8))
+    wd = b.op("DequantizeLinear", [b.initializer(base + ".W_uint8.T", _unsigned(q_w).t().contiguous()),
+                                   b.initializer(base + ".weight_scale", s_w), w_zero], name + "/dequantize_w", axis=1)
     return _bias(em, b.op("MatMul", [xd, wd], name), bias, name)
+
+
+def _unsigned(q_w: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 weight codes q → u = q + 128 (uint8; read with zero point 128)."""
+    return (q_w.to(torch.int32) + 128).to(torch.uint8)
