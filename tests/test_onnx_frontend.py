@@ -225,6 +225,7 @@ def test_int8_convolutions_export_as_the_lowered_graph_computes(cnn_onnx, tmp_pa
         export_graph(gm, imported, out, EmitOptions(accuracy_level=0), {})
         ops = Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
         assert ops["Conv"] == 2 and ops["QuantizeLinear"] == expect_q
+        assert _eight_bit_operand_types(out) == {TensorProto.UINT8}  # (int8 kernels of both schemes)
         assert ops["DequantizeLinear"] == 2 + (2 * expect_q if scheme == "w8a8" else 0) - (2 if scheme == "w8a8" else 0)
         expect = gm(torch.from_numpy(feeds["x"])).detach().numpy()
         np.testing.assert_allclose(_ort(out, feeds), expect, rtol=1e-3, atol=1e-3)
