@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from qcompiler.kernels import reference
+from qcompiler.numerics import int8_matmul
 
 
 def linear_w8a8_int_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Tensor | None, x_zero: Tensor | None,
@@ -29,7 +30,7 @@ def linear_w8a8_int_mm(x: Tensor, qweight: Tensor, w_scale: Tensor, x_scale: Ten
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     qx, sx = quantize(x2, x_scale, x_zero)
-    acc = torch._int_mm(qx, qweight.t())
+    acc = int8_matmul(qx, qweight.t())
     if x_zero is not None and x_scale is not None:
         acc = acc - x_zero.to(torch.int32) * qweight.to(torch.int32).sum(dim=1)
     y = acc.float() * sx.float() * w_scale.float()

@@ -19,7 +19,26 @@ from collections.abc import Callable
 
 import torch
 
+from qcompiler.cpu_features import native_int8
 from qcompiler.schemes import FP8_E4M3_MAX, QuantArgs
+
+# K per float32 GEMM in int8_matmul: |a·b| ≤ 128² = 2¹⁴ per product, so every partial sum of 1024 is an integer of
+# magnitude ≤ 2²⁴, which float32 holds exactly whatever the summation order
+_EXACT_FP32_K = 1024
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 · b [K, N] int8 → int32, exact. torch._int_mm where the device multiplies int8 fast (CUDA, or a
+    CPU with VNNI / AMX); elsewhere float32 GEMMs over slices of K ≤ 1024, each exact (_EXACT_FP32_K), summed in
+    int32 — the same integers at float32 GEMM speed (torch's CPU int8 GEMM without VNNI: cpu_features.native_int8)."""
+    if a.device.type != "cpu" or native_int8():
+        return torch._int_mm(a, b)
+    af, bf = a.float(), b.float()
+    k = a.shape[1]
+    acc = (af[:, :_EXACT_FP32_K] @ bf[:_EXACT_FP32_K]).to(torch.int32)
+    for s in range(_EXACT_FP32_K, k, _EXACT_FP32_K):
+        acc += (af[:, s:s + _EXACT_FP32_K] @ bf[s:s + _EXACT_FP32_K]).to(torch.int32)
+    return acc
 
 _EPS = 1e-12
 

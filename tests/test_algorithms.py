@@ -335,7 +335,9 @@ def test_smoothquant_product_of_integer_codes_is_the_fake_quantized_product(weig
     x = torch.randn(300, 200, generator=g) * (1 + 5 * (torch.rand(200, generator=g) > 0.9).float())
     w = torch.randn(96, 200, generator=g)
     peak = x.abs().amax()
-    with mock.patch.object(torch, "_int_mm", wraps=torch._int_mm) as int_mm:
+    from qcompiler.numerics import int8_matmul
+
+    with mock.patch("qcompiler.algorithms.smoothquant.int8_matmul", wraps=int8_matmul) as int_mm:
         y = quantized_product(x, w, weight_args, act_args, peak)
     assert int_mm.called == int8
     qa, qw = fake_quant_activations(x, act_args, peak), fake_quant_weight(w, weight_args)

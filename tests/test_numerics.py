@@ -124,3 +124,21 @@ def test_gram_computes_the_upper_blocks_and_mirrors_them(tokens, k, blocks):
     exact = x.double().t() @ x.double()
     bound = tokens * torch.finfo(torch.float32).eps * (x.abs().double().t() @ x.abs().double())
     assert h.shape == (k, k) and bool(((h.double() - exact).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_int8_matmul_is_exact_with_and_without_int8_dot_products(monkeypatch, native):
+    """numerics.int8_matmul: torch._int_mm where the CPU has VNNI / AMX, else float32 GEMMs over slices of K ≤ 1024
+    (each partial sum an integer ≤ 2²⁴, exact in float32). Both must give the int64 product exactly, including the
+    worst case (every code −128, K = 3000: a sum of 4.9·10⁷, past float32's exact integers if taken in one GEMM)."""
+    import qcompiler.numerics as numerics
+
+    monkeypatch.setattr(numerics, "native_int8", lambda: native)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (37, 3000), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (3000, 24), dtype=torch.int8, generator=g)
+    a[0], b[:, 0] = -128, -128
+    expect = a.long() @ b.long()
+    got = numerics.int8_matmul(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), expect)
+    assert int(got[0, 0]) == 3000 * 128 * 128

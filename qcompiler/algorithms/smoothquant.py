@@ -29,6 +29,7 @@ from qcompiler.numerics import (
     fake_quant_act_per_tensor,
     fake_quant_act_per_token,
     fake_quant_weight,
+    int8_matmul,
     quantize_act_fp8,
     quantize_act_per_token,
     quantize_weight,
@@ -72,7 +73,7 @@ def quantized_product(x: torch.Tensor, w: torch.Tensor, weight_args: QuantArgs, 
 
     Where both grids are symmetric integer grids of ≤ 8 bits with one scale per token (or tensor) and per output row
     (or tensor), Q_a(x) = a·σ and Q_w(w) = b·ω with integer codes a, b, so the product is σ ⊙ (a·bᵀ) ⊙ ωᵀ: one int8
-    GEMM (torch._int_mm, exact int32 sums, ≈ 3.7× a float32 GEMM on this project's CPU) and two scalings — the same
+    GEMM (numerics.int8_matmul, exact int32 sums; torch._int_mm ≈ 3.7× a float32 GEMM on a CPU with AMX) and two scalings — the same
     numbers as multiplying the fake-quantized operands, to float32 rounding. Otherwise those fake-quantized
     operands are multiplied in float32."""
     if _int8_codes(weight_args, act_args):
@@ -83,7 +84,7 @@ def quantized_product(x: torch.Tensor, w: torch.Tensor, weight_args: QuantArgs, 
             a = torch.clamp(torch.round(x.float() / sigma), act_args.qmin, act_args.qmax).to(torch.int8)
         omega, _ = weight_qparams(w, weight_args)
         b = quantize_weight(w, omega, None, weight_args).to(torch.int8)
-        return torch._int_mm(a, b.t()).float() * sigma * omega.reshape(1, -1)
+        return int8_matmul(a, b.t()).float() * sigma * omega.reshape(1, -1)
     return fake_quant_activations(x, act_args, peak) @ fake_quant_weight(w, weight_args).t()
 
 
