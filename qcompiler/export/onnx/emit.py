@@ -11,20 +11,20 @@ Kernel ops map to the ONNX Runtime CPU kernels that compute the same numbers:
                                                 MatMulInteger(q, W_int8 + 128, zp=128, zp=128) · s_t · s_w (+ b)
   qc::linear_w8a8 static per-tensor           → QuantizeLinear/DequantizeLinear on x and on W (QDQ), MatMul;
                                                 onnxruntime fuses the pattern into its int8 GEMM
-
-Every int8 GEMM is written with unsigned codes on both sides (u = q + 128, zero points shifted by 128: the same
-numbers). onnxruntime computes u8×u8 exactly on every x86 CPU, but on AVX2 CPUs without VNNI its u8×s8 kernels add
-pairs of products in 16 bits with saturation (vpmaddubsw: 2·255·127 > 32767), and its optimizer turns int8 QDQ
-activations into uint8 ones there (QDQS8ToU8): int8 weights gave logits 10–30 % off on such a CPU (AMD EPYC, AVX2,
-onnxruntime 1.32), in a default session.
   aten.linear (float)                         → MatMul(x, Wᵀ) (+ b)
-  aten.convolution with an int8 record        → DequantizeLinear(W_int8, s_w per output channel) → Conv, its input's
+  aten.convolution with an int8 record        → DequantizeLinear(W_int8 + 128, s_w per channel, 128) → Conv, its input's
                                                 qc::fake_quant_act → QuantizeLinear/DequantizeLinear (QDQ:
                                                 onnxruntime runs the pattern as QLinearConv)
   qc::hadamard_transform (QuaRot, before down) → MatMul with H_K/√K (one initializer per K)
   RMSNorm  γ ⊙ x·rsqrt(mean(x²) + ε)          → RMSNormalization(x, γ, ε) (ONNX opset 23), or with the residual
                                                 add feeding it, com.microsoft::SkipSimplifiedLayerNormalization
                                                 (normalized output and the sum, one pass over memory)
+
+Every int8 GEMM is written with unsigned codes on both sides (u = q + 128, zero points shifted by 128: the same
+numbers). onnxruntime computes u8×u8 exactly on every x86 CPU, but on AVX2 CPUs without VNNI its u8×s8 kernels add
+pairs of products in 16 bits with saturation (vpmaddubsw: 2·255·127 > 32767), and its optimizer turns int8 QDQ
+activations into uint8 ones there (QDQS8ToU8): int8 weights gave logits 10–30 % off on such a CPU (AMD EPYC, AVX2,
+onnxruntime 1.32), in a default session.
 
 Everything else is elementwise/reduction ATen ops with direct ONNX counterparts. Values are emitted on demand
 (only what the requested outputs need), so a caller can pre-bind nodes — the decoder exporter binds an
